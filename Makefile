@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv if it is missing, installs jnnex into it (editable) and runs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# One stamp per extra, rebuilt when pyproject.toml changes.
+$(VENV)/.stamp-base: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.stamp-test: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.stamp-base
+	$(VENV)/bin/jnnex train --model mlp --data census-first --steps 20000 --out runs/demo --seed 0
+	$(VENV)/bin/jnnex sample --from runs/demo -n 20 --seed 0
+
+test: $(VENV)/.stamp-test
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.stamp-test
+	$(PY) -m benchmarks --quick
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

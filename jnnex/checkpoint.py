@@ -1,0 +1,80 @@
+"""Checkpoints without pickle: pytrees of arrays as ``.npz``, configs as JSON, every file written atomically.
+
+A pytree is saved as one array per leaf, keyed by its path (``params.W1``, ``opt_state[0].count``…); loading needs a
+template pytree of the same structure (built by the model's ``init``) and checks every key, shape and dtype, so a
+checkpoint of another model fails loudly instead of loading garbage. Files are written to a temporary name in the same
+directory and renamed into place (``os.replace`` is atomic on POSIX), so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def read_json(path: str | os.PathLike):
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} does not exist")
+    return json.loads(path.read_text())
+
+
+def _flatten(tree) -> dict[str, np.ndarray]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def save_pytree(path: str | os.PathLike, tree) -> None:
+    """Save a pytree of arrays to ``path`` (``.npz``), atomically."""
+    arrays = _flatten(tree)
+    _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+
+
+def load_pytree(path: str | os.PathLike, like):
+    """Load a pytree saved by :func:`save_pytree` into the structure of ``like`` (``allow_pickle=False``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    with np.load(path, allow_pickle=False) as f:
+        stored = set(f.files)
+        out = []
+        for key_path, leaf in leaves:
+            key = jax.tree_util.keystr(key_path)
+            if key not in stored:
+                raise ValueError(f"checkpoint {str(path)!r} has no array {key!r}: it was saved from another model")
+            arr = f[key]
+            if arr.shape != np.shape(leaf) or arr.dtype != np.asarray(leaf).dtype:
+                raise ValueError(
+                    f"checkpoint {str(path)!r}: {key} is {arr.dtype}{list(arr.shape)}, "
+                    f"expected {np.asarray(leaf).dtype}{list(np.shape(leaf))}"
+                )
+            out.append(jax.numpy.asarray(arr))
+            stored.discard(key)
+        if stored:
+            raise ValueError(f"checkpoint {str(path)!r} has arrays this model does not: {sorted(stored)}")
+    return jax.tree_util.tree_unflatten(treedef, out)

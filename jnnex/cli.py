@@ -1,0 +1,250 @@
+"""The ``jnnex`` command: train, sample, evaluate and sweep learning rates from the shell.
+
+    jnnex train --model mlp --data census-first --out runs/mlp
+    jnnex sample --from runs/mlp -n 20
+    jnnex eval --from runs/mlp --data names.txt
+
+A run directory holds ``config.json`` (model, data, vocabulary, settings), ``model.npz`` (parameters and model state),
+``checkpoint.npz`` (everything needed to resume) and ``metrics.jsonl``. Every file is written atomically; arrays are
+loaded with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jnnex import checkpoint
+from jnnex.data import CORPORA, Vocab, build_windows, load_words, split_words
+from jnnex.lm import count_params, evaluate, sample_words
+from jnnex.models import REGISTRY, get_spec
+from jnnex.train import NonFiniteLossError, TrainConfig, fit, lr_find
+
+# Model-config flags: CLI name -> config field. Each applies only to models whose config has that field.
+MODEL_FLAGS = {"block_size": int, "n_embd": int, "n_hidden": int, "init": str, "l2": float, "smoothing": float}
+TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "optimizer": str, "eval_every": int, "seed": int}
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(f) for f in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions like 0.8,0.1,0.1, got {text!r}") from None
+
+
+def _add_data(p, default="census-first"):
+    p.add_argument("--data", default=default, metavar="PATH|" + "|".join(CORPORA),
+                   help=f"a UTF-8 text file with one word per line, or an embedded corpus (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jnnex", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model and save it to --out",
+                       description="Train a model. Unset flags take the model's defaults (or its --preset).")
+    t.add_argument("--model", default="mlp", choices=sorted(REGISTRY),
+                   help="; ".join(f"{k}: {v.summary}" for k, v in REGISTRY.items()))
+    _add_data(t)
+    t.add_argument("--preset", help="a named set of settings for the model (mlp: lecture)")
+    t.add_argument("--out", help="run directory for config, parameters, checkpoint and metrics")
+    t.add_argument("--resume", action="store_true", help="continue the run saved in --out (same result as unbroken)")
+    t.add_argument("--split", type=_fractions, help="word fractions, e.g. 0.8,0.1,0.1 (bigram models: 1 = all words)")
+    t.add_argument("--split-seed", type=int, default=42, help="seed of the word shuffle before splitting (default 42)")
+    t.add_argument("--seed", type=int, help="seed of initialisation and minibatches (default 0)")
+    t.add_argument("--steps", type=int, help="optimisation steps")
+    t.add_argument("--batch-size", type=int, help="minibatch size")
+    t.add_argument("--lr", type=float, help="initial learning rate (decays ×0.1 at half the steps for mlp)")
+    t.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"], help="optax optimiser")
+    t.add_argument("--eval-every", type=int, help="evaluate and checkpoint every N steps")
+    t.add_argument("--block-size", type=int, help="characters of context (mlp)")
+    t.add_argument("--n-embd", type=int, help="embedding size per character (mlp)")
+    t.add_argument("--n-hidden", type=int, help="hidden units (mlp)")
+    t.add_argument("--init", help="initialisation: lecture, softmax-fixed, tanh-fixed, kaiming (mlp)")
+    t.add_argument("--l2", type=float, help="L2 regularisation weight on W (neural-bigram)")
+    t.add_argument("--smoothing", type=float, help="add-k smoothing of the counts (bigram; default 1)")
+    t.add_argument("--json", action="store_true", help="print the final metrics as one JSON object on stdout")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("sample", help="generate words from a trained model")
+    s.add_argument("--from", dest="run", required=True, help="run directory written by `jnnex train --out`")
+    s.add_argument("-n", type=int, default=20, help="number of words (default 20)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (default 1)")
+    s.add_argument("--top-k", type=int, help="sample only among the k most likely characters")
+    s.add_argument("--max-len", type=int, default=32, help="longest word generated (default 32)")
+
+    e = sub.add_parser("eval", help="loss of a trained model on the train/dev/test splits of some data")
+    e.add_argument("--from", dest="run", required=True, help="run directory written by `jnnex train --out`")
+    _add_data(e, default=None)
+    e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+
+    f = sub.add_parser("lr-find", help="exponential learning-rate sweep (the lecture's 1e-3 … 1)")
+    f.add_argument("--model", default="mlp", choices=sorted(k for k, v in REGISTRY.items() if not v.fitted))
+    _add_data(f)
+    f.add_argument("--lo", type=float, default=1e-3)
+    f.add_argument("--hi", type=float, default=1.0)
+    f.add_argument("--steps", type=int, default=1000)
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--json", action="store_true", help="print {lrs, losses} as JSON")
+    return ap
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _configs(args):
+    spec = get_spec(args.model)
+    model_over, train_over = {}, {}
+    if args.preset:
+        if args.preset not in spec.presets:
+            raise ValueError(f"model {args.model!r} has no preset {args.preset!r}; it has {sorted(spec.presets)}")
+        model_over, train_over = (dict(d) for d in spec.presets[args.preset])
+    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    for name in MODEL_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            if name not in fields:
+                raise ValueError(f"--{name.replace('_', '-')} does not apply to model {args.model!r}")
+            model_over[name] = value
+    for name in TRAIN_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            train_over[name] = value
+    tcfg = dataclasses.replace(spec.train, **train_over)
+    if "steps" in train_over and "lr_boundaries" not in train_over and spec.train.lr_boundaries:
+        # the lecture decays at half the run; keep that proportion when --steps changes
+        tcfg = dataclasses.replace(tcfg, lr_boundaries=tuple(b * tcfg.steps // spec.train.steps
+                                                            for b in spec.train.lr_boundaries))
+    if tcfg.eval_every > tcfg.steps:
+        tcfg = dataclasses.replace(tcfg, eval_every=tcfg.steps)
+    return spec, model_over, tcfg
+
+
+def _data(source, vocab: Vocab | None, block_size: int, fractions, split_seed: int):
+    words = load_words(source)
+    vocab = vocab or Vocab.from_words(words)
+    parts = split_words(words, fractions, split_seed) if len(fractions) > 1 else (words,)
+    return vocab, [build_windows(p, vocab, block_size) for p in parts]
+
+
+SPLIT_NAMES = ("train", "dev", "test")
+
+
+def cmd_train(args) -> int:
+    spec, model_over, tcfg = _configs(args)
+    fractions = args.split or spec.split
+    words_vocab = Vocab.from_words(load_words(args.data))
+    model = spec.build(spec.config_cls(vocab_size=words_vocab.size, **model_over))
+    vocab, splits = _data(args.data, words_vocab, model.block_size, fractions, args.split_seed)
+    out = Path(args.out) if args.out else None
+    meta = {"data": str(args.data), "vocab": vocab.chars, "boundary": vocab.boundary, "split": list(fractions),
+            "split_seed": args.split_seed}
+    log = sys.stderr if args.json else sys.stdout
+    print(f"jnnex: {model.name} on {args.data} ({', '.join(f'{n} {len(s[1]):,}' for n, s in zip(SPLIT_NAMES, splits))}"
+          f" examples, V={vocab.size}), seed {tcfg.seed}", file=log)
+    t0 = time.perf_counter()
+    interrupted = False
+    if spec.fitted:
+        from jnnex.bigram import fit_counts
+
+        params, state = fit_counts(splits[0][0][:, 0], splits[0][1], vocab.size, model.cfg.smoothing), ()
+        steps = 0
+    else:
+        try:
+            res = fit(model, splits[0], tcfg, dev=splits[1] if len(splits) > 1 else None, out=out,
+                      resume=args.resume, progress=not (args.no_progress or args.json), meta=meta)
+        except NonFiniteLossError as e:
+            print(f"jnnex: error: {e}", file=sys.stderr)
+            return 1
+        params, state, steps, interrupted = res.ts.params, res.ts.state, int(res.ts.step), res.interrupted
+    seconds = time.perf_counter() - t0
+    metrics = {"model": model.name, "data": str(args.data), "steps": steps, "seed": tcfg.seed,
+               "params": count_params(params), "seconds": round(seconds, 3)}
+    for name, (X, Y) in zip(SPLIT_NAMES, splits):
+        metrics[f"{name}_loss"] = evaluate(model, params, state, X, Y)
+    if out is not None:
+        checkpoint.save_pytree(out / "model.npz", (params, state))
+        checkpoint.write_json(out / "config.json", {**meta, "model": model.name,
+                                                    "model_config": dataclasses.asdict(model.cfg),
+                                                    "train_config": dataclasses.asdict(tcfg), "step": steps})
+        checkpoint.write_json(out / "metrics.json", metrics)
+    if interrupted:
+        print(f"jnnex: interrupted at step {steps}; saved to {out} (continue with --resume)", file=sys.stderr)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("_loss"))
+              + f"  ({steps} steps, {seconds:.1f} s)")
+    return 130 if interrupted else 0
+
+
+def load_trained(run: str | Path):
+    """``(model, params, state, vocab, config)`` of a run directory written by ``jnnex train --out``."""
+    run = Path(run)
+    if not (run / "config.json").is_file() or not (run / "model.npz").is_file():
+        raise ValueError(f"{str(run)!r} is not a finished jnnex run (expected config.json and model.npz)")
+    cfg = checkpoint.read_json(run / "config.json")
+    spec = get_spec(cfg["model"])
+    model = spec.build(spec.config_cls(**cfg["model_config"]))
+    params, state = checkpoint.load_pytree(run / "model.npz", model.init(jax.random.key(0)))
+    return model, params, state, Vocab(cfg["vocab"], cfg["boundary"]), cfg
+
+
+def cmd_sample(args) -> int:
+    model, params, state, vocab, _ = load_trained(args.run)
+    for word in sample_words(model, params, state, vocab, jax.random.key(args.seed), args.n, max_len=args.max_len,
+                             temperature=args.temperature, top_k=args.top_k):
+        print(word)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    model, params, state, vocab, cfg = load_trained(args.run)
+    source = args.data or cfg["data"]
+    _, splits = _data(source, vocab, model.block_size, tuple(cfg["split"]), cfg["split_seed"])
+    metrics = {f"{n}_loss": evaluate(model, params, state, X, Y) for n, (X, Y) in zip(SPLIT_NAMES, splits)}
+    print(json.dumps({"model": model.name, "data": str(source), **metrics}) if args.json
+          else "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    spec = get_spec(args.model)
+    vocab, splits = _data(args.data, None, spec.config_cls().block_size, spec.split, 42)
+    model = spec.build(spec.config_cls(vocab_size=vocab.size))
+    lrs, losses = lr_find(model, splits[0], lo=args.lo, hi=args.hi, steps=args.steps, batch_size=args.batch_size,
+                          seed=args.seed)
+    if args.json:
+        print(json.dumps({"lrs": lrs.tolist(), "losses": losses.tolist()}))
+        return 0
+    window = max(1, args.steps // 20)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    best = int(np.argmin(smooth)) + window // 2
+    for i in np.linspace(0, args.steps - 1, 13).astype(int):
+        print(f"lr {lrs[i]:9.5f}  loss {losses[i]:.4f}")
+    print(f"lowest smoothed loss at lr ≈ {lrs[best]:.4g}; pick a rate somewhat below it")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "lr-find": cmd_lr_find}
+    try:
+        return commands[args.command](args)
+    except (ValueError, TypeError) as e:
+        print(f"jnnex: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

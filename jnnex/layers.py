@@ -1,0 +1,266 @@
+"""Layers as forward/backward pairs, each backward directly under its forward (llm.c style).
+
+Every ``<name>_forward(...)`` returns ``(out, cache)``: the output and only what the backward needs. Every
+``<name>_backward(dout, cache)`` takes the upstream gradient (same shape as ``out``) and returns the gradients of the
+forward's inputs, named and ordered as they are (``None`` for integer inputs). Models call the forwards in order and,
+for hand-written backprop, the backwards in exactly the reverse order. Autodiff models call the same forwards and drop
+the cache (XLA removes what nobody reads), so a model is written once.
+
+Shapes use one vocabulary: B batch, T context, C channels, V vocabulary, H hidden. ``...`` is any leading batch axes:
+``linear`` and ``batchnorm`` accept (B, C) and (B, T, C) alike.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_shape(name: str, arr: jax.Array, shape: tuple[int, ...]) -> None:
+    """Backwards rely on shapes; a wrong upstream gradient gets a clear error instead of silent broadcasting."""
+    if tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(arr.shape)}")
+
+
+def _per_channel(v, ndim: int):
+    """A (C,) vector shaped (1, …, 1, C) to broadcast explicitly against (..., C) (rank promotion stays strict)."""
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Linear: y = x @ W + b
+
+
+def linear_forward(x, W, b=None):
+    """``x (..., Cin) @ W (Cin, Cout) + b (Cout,) -> y (..., Cout)``."""
+    if x.shape[-1] != W.shape[0]:
+        raise ValueError(f"linear: x has {x.shape[-1]} input channels but W expects {W.shape[0]} (W is {W.shape})")
+    y = x @ W
+    if b is not None:
+        y = y + _per_channel(b, y.ndim)
+    return y, (x, W, b is not None)
+
+
+def linear_backward(dy, cache):
+    """``dx = dy @ Wᵀ``, ``dW = xᵀ @ dy`` (leading axes flattened), ``db = Σ dy`` over leading axes."""
+    x, W, has_bias = cache
+    _check_shape("linear_backward: dy", dy, x.shape[:-1] + (W.shape[1],))
+    dx = dy @ W.T  # (..., Cin)
+    dW = x.reshape(-1, x.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])  # (Cin, Cout)
+    db = dy.reshape(-1, dy.shape[-1]).sum(0) if has_bias else None  # (Cout,)
+    return dx, dW, db
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Nonlinearities
+
+
+def tanh_forward(x):
+    y = jnp.tanh(x)
+    return y, y
+
+
+def tanh_backward(dy, y):
+    """``dx = (1 - y²) · dy``: the derivative of tanh written in its output."""
+    _check_shape("tanh_backward: dy", dy, y.shape)
+    return (1.0 - y * y) * dy
+
+
+def relu_forward(x):
+    y = jnp.maximum(x, 0)
+    return y, y
+
+
+def relu_backward(dy, y):
+    """``dx = dy · [y > 0]`` (the subgradient 0 at 0, as PyTorch and micrograd)."""
+    _check_shape("relu_backward: dy", dy, y.shape)
+    return jnp.where(y > 0, dy, jnp.zeros_like(dy))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Embedding lookup: emb = C[ix]
+
+
+def embedding_forward(C, ix):
+    """``C (V, C) [ix (...)] -> emb (..., C)``. The row lookup is the one-hot product ``onehot(ix) @ C``."""
+    if not jnp.issubdtype(ix.dtype, jnp.integer):
+        raise TypeError(f"embedding: ix must be an integer array, got {ix.dtype}")
+    return C[ix], (ix, C.shape)
+
+
+def embedding_backward(demb, cache):
+    """``dC[v] = Σ_{i: ix_i = v} demb_i`` — a scatter-add, so a repeated index accumulates; unseen rows stay 0."""
+    ix, C_shape = cache
+    _check_shape("embedding_backward: demb", demb, ix.shape + (C_shape[1],))
+    dC = jnp.zeros(C_shape, demb.dtype).at[ix.reshape(-1)].add(demb.reshape(-1, C_shape[1]))
+    return dC, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Losses (each returns a scalar; its backward takes the scalar upstream gradient)
+
+
+def cross_entropy_forward(logits, y):
+    """Mean softmax cross-entropy ``-mean log softmax(logits)[y]`` via logsumexp. ``logits (B, V), y (B,) int``."""
+    if logits.ndim != 2 or y.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy: expected logits (B, V) and y (B,), got {logits.shape} and {y.shape}")
+    logprobs = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # (B, V)
+    loss = -jnp.take_along_axis(logprobs, y[:, None], axis=1).mean()
+    return loss, (logprobs, y)
+
+
+def cross_entropy_backward(dloss, cache):
+    """``dlogits = dloss · (softmax(logits) - onehot(y)) / B``."""
+    logprobs, y = cache
+    _check_shape("cross_entropy_backward: dloss", jnp.asarray(dloss), ())
+    B, V = logprobs.shape
+    dlogits = jnp.exp(logprobs) - jax.nn.one_hot(y, V, dtype=logprobs.dtype)  # (B, V)
+    return dlogits * (dloss / B), None
+
+
+def hinge_forward(scores, y):
+    """Max-margin loss ``mean(relu(1 - y·s))`` of micrograd's moons demo. ``scores (B,), y (B,) in {-1, +1}``."""
+    if scores.ndim != 1 or y.shape != scores.shape:
+        raise ValueError(f"hinge: expected scores (B,) and y (B,), got {scores.shape} and {y.shape}")
+    margins = 1.0 - y * scores  # (B,)
+    return jnp.maximum(margins, 0).mean(), (margins, y)
+
+
+def hinge_backward(dloss, cache):
+    """``dscores = -dloss · y · [1 - y·s > 0] / B``."""
+    margins, y = cache
+    _check_shape("hinge_backward: dloss", jnp.asarray(dloss), ())
+    return jnp.where(margins > 0, -y, jnp.zeros_like(y)) * (dloss / margins.shape[0]), None
+
+
+def mse_forward(pred, target):
+    """``mean((pred - target)²)`` over every element."""
+    if pred.shape != target.shape:
+        raise ValueError(f"mse: pred {pred.shape} and target {target.shape} must have the same shape")
+    diff = pred - target
+    return jnp.mean(diff * diff), diff
+
+
+def mse_backward(dloss, diff):
+    """``dpred = dloss · 2 (pred - target) / N``, ``dtarget = -dpred``."""
+    _check_shape("mse_backward: dloss", jnp.asarray(dloss), ())
+    dpred = diff * (2.0 * dloss / diff.size)
+    return dpred, -dpred
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# BatchNorm (Ioffe & Szegedy, 2015). Statistics over every axis but the last: (B, C) and (B, T, C) alike.
+#
+# Variance convention (PyTorch's): the *biased* batch variance (divide by n) normalises in training, and the
+# *unbiased* one (divide by n - 1) feeds the running estimate used in eval. The backward below matches this.
+
+
+class BatchNormParams(NamedTuple):
+    gamma: jax.Array  # (C,) gain
+    beta: jax.Array  # (C,) shift
+
+
+class BatchNormState(NamedTuple):
+    mean: jax.Array  # (C,) running mean
+    var: jax.Array  # (C,) running (unbiased) variance
+
+
+def batchnorm_init(C: int, dtype=jnp.float32) -> tuple[BatchNormParams, BatchNormState]:
+    return (
+        BatchNormParams(jnp.ones((C,), dtype), jnp.zeros((C,), dtype)),
+        BatchNormState(jnp.zeros((C,), dtype), jnp.ones((C,), dtype)),
+    )
+
+
+def _bn_rows(x) -> int:
+    n = 1
+    for d in x.shape[:-1]:
+        n *= d
+    return n
+
+
+def batchnorm_forward(x, gamma, beta, eps: float = 1e-5):
+    """Train-mode BatchNorm: ``y = γ · (x - mean) / sqrt(var + eps) + β`` with batch statistics.
+
+    Args:
+        x: (..., C) activations; the statistics run over all leading axes (n = their product rows).
+        gamma, beta: (C,) gain and shift.
+    Returns:
+        ``(y, cache)``; ``cache`` holds ``xhat``, ``rstd``, ``gamma`` and the batch ``mean``/biased ``var``.
+    """
+    C = x.shape[-1]
+    if gamma.shape != (C,) or beta.shape != (C,):
+        raise ValueError(f"batchnorm: x has {C} channels but gamma/beta have shapes {gamma.shape}/{beta.shape}")
+    if _bn_rows(x) < 2:
+        raise ValueError(f"batchnorm in train mode needs at least 2 rows to estimate statistics, got x {x.shape}")
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)  # (C,)
+    xc = x - _per_channel(mean, x.ndim)  # (..., C)
+    var = (xc * xc).mean(axes)  # (C,) biased
+    rstd = jax.lax.rsqrt(var + eps)  # (C,)
+    xhat = xc * _per_channel(rstd, x.ndim)  # (..., C)
+    y = xhat * _per_channel(gamma, x.ndim) + _per_channel(beta, x.ndim)
+    return y, (xhat, rstd, gamma, mean, var)
+
+
+def batchnorm_backward(dy, cache):
+    """``dx = rstd/n · (n·dxhat - Σdxhat - xhat·Σ(dxhat·xhat))`` with ``dxhat = γ·dy``; ``dγ = Σ dy·xhat``, ``dβ = Σ dy``."""
+    xhat, rstd, gamma, _, _ = cache
+    _check_shape("batchnorm_backward: dy", dy, xhat.shape)
+    axes = tuple(range(dy.ndim - 1))
+    n = _bn_rows(dy)
+    dgamma = (dy * xhat).sum(axes)  # (C,)
+    dbeta = dy.sum(axes)  # (C,)
+    d = dy.ndim
+    dxhat = dy * _per_channel(gamma, d)  # (..., C)
+    dx = _per_channel(rstd / n, d) * (
+        n * dxhat - _per_channel(dxhat.sum(axes), d) - xhat * _per_channel((dxhat * xhat).sum(axes), d)
+    )
+    return dx, dgamma, dbeta
+
+
+def batchnorm_update_state(state: BatchNormState, mean, var, n: int, momentum: float) -> BatchNormState:
+    """Exponential running averages; the biased batch ``var`` is turned unbiased (× n/(n-1)) first."""
+    unbiased = var * (n / (n - 1))
+    return BatchNormState(
+        (1 - momentum) * state.mean + momentum * jax.lax.stop_gradient(mean),
+        (1 - momentum) * state.var + momentum * jax.lax.stop_gradient(unbiased),
+    )
+
+
+def batchnorm_eval(x, gamma, beta, state: BatchNormState, eps: float = 1e-5):
+    """Eval-mode BatchNorm with the running statistics: an affine map per channel."""
+    C = x.shape[-1]
+    if state.mean.shape != (C,):
+        raise ValueError(f"batchnorm: x has {C} channels but the running statistics have {state.mean.shape[0]}")
+    scale = gamma * jax.lax.rsqrt(state.var + eps)  # (C,)
+    return (x - _per_channel(state.mean, x.ndim)) * _per_channel(scale, x.ndim) + _per_channel(beta, x.ndim)
+
+
+def batchnorm(
+    params: BatchNormParams,
+    state: BatchNormState,
+    x: jax.Array,
+    *,
+    train: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[jax.Array, BatchNormState]:
+    """BatchNorm as a stateful layer: ``(y, new_state) = batchnorm(params, state, x, train=...)``.
+
+    Train mode normalises with the batch statistics and returns updated running statistics; eval mode uses the running
+    statistics and returns ``state`` unchanged.
+
+    >>> p, s = batchnorm_init(2)
+    >>> y, s = batchnorm(p, s, jnp.array([[0., 1.], [2., 5.]]), train=True)
+    >>> y.round(3).tolist()
+    [[-1.0, -1.0], [1.0, 1.0]]
+    """
+    if not isinstance(train, bool):
+        raise TypeError(f"train must be a Python bool (it selects the code path), got {type(train).__name__}")
+    if not train:
+        return batchnorm_eval(x, params.gamma, params.beta, state, eps), state
+    y, (_, _, _, mean, var) = batchnorm_forward(x, params.gamma, params.beta, eps)
+    return y, batchnorm_update_state(state, mean, var, _bn_rows(x), momentum)

@@ -1,0 +1,24 @@
+"""Strict JAX for the whole suite (equinox-style): accidental broadcasting and dtype promotion fail loudly.
+
+float64 is enabled so hand-written backwards can be compared with autodiff to 1e-10; jnnex itself states every dtype
+it creates, so its float32 defaults are unaffected. Hypothesis profiles: ``ci`` (default; small, derandomised) and
+``thorough`` (local, deeper): ``JNNEX_HYPOTHESIS_PROFILE=thorough pytest``.
+"""
+
+import os
+
+import jax
+from hypothesis import HealthCheck, settings
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+settings.register_profile(
+    "ci", max_examples=15, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("JNNEX_HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pytest
+
+from jnnex.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_train_sample_eval_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run(capsys, "train", "--model", "mlp", "--data", "census-first", "--steps", "600",
+                          "--eval-every", "300", "--out", str(out), "--json", "--seed", "3")
+    assert code == 0
+    metrics = json.loads(stdout)
+    assert metrics["steps"] == 600 and metrics["params"] == 11897 and metrics["seed"] == 3
+    assert 1.5 < metrics["dev_loss"] < 3.2  # learned something from ln(27) = 3.30
+    for f in ("config.json", "model.npz", "checkpoint.npz", "metrics.jsonl", "metrics.json"):
+        assert (out / f).is_file()
+    assert not list(out.glob("*.tmp"))  # atomic writes leave no temporaries
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [300, 600]
+    with np.load(out / "model.npz", allow_pickle=False) as f:
+        assert len(f.files) == 5
+    code, stdout, _ = run(capsys, "sample", "--from", str(out), "-n", "7", "--seed", "1")
+    words = stdout.split()
+    assert code == 0 and len(stdout.splitlines()) == 7 and all(w.isalpha() and w.islower() for w in words if w)
+    assert run(capsys, "sample", "--from", str(out), "-n", "7", "--seed", "1")[1] == stdout  # deterministic
+    code, stdout, _ = run(capsys, "eval", "--from", str(out), "--json")
+    ev = json.loads(stdout)
+    assert code == 0 and ev["dev_loss"] == pytest.approx(metrics["dev_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("model", ["bigram", "neural-bigram"])
+def test_bigram_models_through_cli(tmp_path, capsys, model):
+    out = tmp_path / model
+    code, stdout, _ = run(capsys, "train", "--model", model, "--data", "census-first", "--steps", "50",
+                          "--out", str(out), "--json")
+    assert code == 0
+    m = json.loads(stdout)
+    assert set(m) >= {"train_loss"} and "dev_loss" not in m  # bigram models train on all words by default
+    assert 2.0 < m["train_loss"] < 3.3
+    code, stdout, _ = run(capsys, "sample", "--from", str(out), "-n", "3")
+    assert code == 0 and len(stdout.splitlines()) == 3
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00")
+    dotted = tmp_path / "dots.txt"
+    dotted.write_text("a.b\n")
+    cases = [
+        (["train", "--data", str(tmp_path / "nope.txt")], "does not exist"),
+        (["train", "--data", str(empty)], "no usable lines"),
+        (["train", "--data", str(binary)], "not valid UTF-8"),
+        (["train", "--data", str(dotted)], "boundary token"),
+        (["train", "--block-size", "0", "--steps", "5"], "block_size must be"),
+        (["train", "--split", "0.5,0.1", "--steps", "5"], "sum to 1"),
+        (["train", "--model", "bigram", "--n-hidden", "5"], "does not apply"),
+        (["train", "--preset", "nope"], "no preset"),
+        (["train", "--lr", "-1"], "lr must be"),
+        (["sample", "--from", str(tmp_path)], "not a finished jnnex run"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+
+
+def test_eval_rejects_characters_outside_the_vocabulary(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert run(capsys, "train", "--model", "bigram", "--out", str(out))[0] == 0
+    other = tmp_path / "other.txt"
+    other.write_text("zoë\n" * 30)
+    code, _, err = run(capsys, "eval", "--from", str(out), "--data", str(other))
+    assert code == 2 and "outside the vocabulary" in err
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--data", "--seed", "--steps", "--out", "--json", "--no-progress", "--resume", "--preset"):
+        assert flag in text

@@ -1,0 +1,134 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jnnex.data import Vocab, build_windows, load_words, make_splits
+from jnnex.lm import evaluate
+from jnnex.mlp_lm import MLPConfig, mlp_lm
+from jnnex.train import NonFiniteLossError, TrainConfig, fit, init_train_state, lr_find, make_optimizer, make_run, \
+    make_step
+
+WORDS = load_words("census-first")[:600]
+SPLITS = make_splits(WORDS, 3)
+V = SPLITS.vocab.size
+
+
+@given(st.integers(0, 10_000), st.sampled_from([1, 2, 4]), st.sampled_from([2, 5]), st.sampled_from([3, 16]),
+       st.sampled_from([1, 7, 32]))
+def test_step_gradients_equal_jax_grad(seed, T, n_embd, n_hidden, B):
+    """The machinery's step applies exactly -lr * jax.grad(loss) (plain SGD), in float64."""
+    cfg = MLPConfig(vocab_size=V, block_size=T, n_embd=n_embd, n_hidden=n_hidden)
+    model = mlp_lm(cfg)
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    params, state = model.init(k1)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    x = jax.random.randint(k2, (B, T), 0, V, dtype=jnp.int32)
+    y = jax.random.randint(k3, (B,), 0, V, dtype=jnp.int32)
+    lr = 0.37
+    optimizer = optax.sgd(lr)
+    step = make_step(model, optimizer)
+    from jnnex.train import TrainState
+
+    ts = TrainState(params, state, optimizer.init(params), jnp.zeros((), jnp.int32))
+    new_ts, metrics = jax.jit(step)(ts, (x, y), jax.random.key(0))
+
+    def loss(p):
+        logits = model.apply(p, state, x, train=True)[0]
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(B), y])
+
+    grads = jax.grad(loss)(params)
+    for p_new, p_old, g in zip(new_ts.params, params, grads):
+        np.testing.assert_allclose((p_old - p_new) / lr, g, rtol=1e-10, atol=1e-12)
+    assert float(metrics["loss"]) == pytest.approx(float(loss(params)), rel=1e-12)
+
+
+def test_second_call_does_not_recompile():
+    model = mlp_lm(MLPConfig(vocab_size=V))
+    tcfg = TrainConfig(steps=20)
+    opt = make_optimizer(tcfg)
+    run = make_run(make_step(model, opt), 8)
+    ts = init_train_state(model, opt, jax.random.key(0))
+    X, Y = (jnp.asarray(a) for a in SPLITS.train)
+    ts, m1 = run(ts, X, Y, jax.random.key(1), n_steps=10)
+    assert run._cache_size() == 1
+    ts, m2 = run(ts, X, Y, jax.random.key(1), n_steps=10)
+    assert run._cache_size() == 1
+    assert int(ts.step) == 20 and m2["loss"].shape == (10,)
+    assert not np.array_equal(m1["loss"], m2["loss"])  # different steps drew different batches
+
+
+def test_resume_is_bit_identical(tmp_path):
+    model = mlp_lm(MLPConfig(vocab_size=V, n_hidden=32))
+    tcfg = TrainConfig(steps=120, eval_every=40, chunk=20, batch_size=16, lr_boundaries=(60,), seed=5,
+                       optimizer="adam", lr=0.01)
+    full = fit(model, SPLITS.train, tcfg, dev=SPLITS.dev, out=tmp_path / "full", progress=False)
+    # An "interrupted" run: the first 40 steps, then a resume to the end.
+    part = tmp_path / "part"
+    fit(model, SPLITS.train, dataclasses.replace(tcfg, steps=40), out=part, progress=False)
+    resumed = fit(model, SPLITS.train, tcfg, dev=SPLITS.dev, out=part, resume=True, progress=False)
+    assert int(resumed.ts.step) == 120
+    for a, b in zip(jax.tree.leaves(full.ts), jax.tree.leaves(resumed.ts)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(full.losses[40:], resumed.losses)
+    # the resumed run's metric log has each evaluation step once
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [40, 80, 120]
+
+
+def test_chunking_does_not_change_the_result():
+    model = mlp_lm(MLPConfig(vocab_size=V, n_hidden=16))
+    a = fit(model, SPLITS.train, TrainConfig(steps=60, chunk=60, eval_every=60), progress=False, eval_train=False)
+    b = fit(model, SPLITS.train, TrainConfig(steps=60, chunk=7, eval_every=60), progress=False, eval_train=False)
+    np.testing.assert_array_equal(a.losses, b.losses)
+
+
+def test_non_finite_loss_names_the_step_and_keeps_checkpoint(tmp_path):
+    model = mlp_lm(MLPConfig(vocab_size=V))
+    good = TrainConfig(steps=20, eval_every=20, chunk=10, lr_boundaries=())
+    fit(model, SPLITS.train, good, out=tmp_path, progress=False, eval_train=False)
+    saved = (tmp_path / "checkpoint.npz").read_bytes()
+    # Resumed with a learning rate that overflows float32 after one update: step 20 is finite, step 21 is not.
+    bad = dataclasses.replace(good, steps=200, lr=1e38)
+    with pytest.raises(NonFiniteLossError, match=r"at step 21; the last good checkpoint \(step 20\) is kept") as info:
+        fit(model, SPLITS.train, bad, out=tmp_path, resume=True, progress=False, eval_train=False)
+    assert info.value.step == 21
+    assert (tmp_path / "checkpoint.npz").read_bytes() == saved
+
+
+def test_piecewise_schedule_matches_lecture():
+    from jnnex.train import lr_schedule
+
+    s = lr_schedule(TrainConfig())
+    assert float(s(0)) == pytest.approx(0.1) and float(s(99_999)) == pytest.approx(0.1)
+    assert float(s(100_000)) == pytest.approx(0.01)
+
+
+def test_lr_find_sweeps_exponentially():
+    model = mlp_lm(MLPConfig(vocab_size=V))
+    lrs, losses = lr_find(model, SPLITS.train, steps=50)
+    assert lrs.shape == losses.shape == (50,)
+    np.testing.assert_allclose(lrs[[0, -1]], [1e-3, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(np.diff(np.log(lrs)), np.log(1000) / 49, rtol=1e-4)
+    assert np.isfinite(losses).all()
+
+
+def test_evaluate_matches_direct_computation():
+    model = mlp_lm(MLPConfig(vocab_size=V))
+    params, state = model.init(jax.random.key(2))
+    X, Y = SPLITS.dev
+    logits = model.apply(params, state, jnp.asarray(X), train=False)[0]
+    direct = -np.mean(np.asarray(jax.nn.log_softmax(logits))[np.arange(len(Y)), Y])
+    assert evaluate(model, params, state, X, Y, chunk=1000) == pytest.approx(direct, rel=1e-5)
+
+
+def test_bad_train_config():
+    for kwargs, msg in [({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"), ({"lr": float("nan")}, "lr"),
+                        ({"optimizer": "lbfgs"}, "optimizer")]:
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig(**kwargs)
