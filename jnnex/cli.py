@@ -51,8 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model and save it to --out",
                        description="Train a model. Unset flags take the model's defaults (or its --preset).")
-    t.add_argument("--model", default="mlp", choices=sorted(REGISTRY),
-                   help="; ".join(f"{k}: {v.summary}" for k, v in REGISTRY.items()))
+    t.add_argument("--model", default="mlp", choices=sorted([*REGISTRY, "moons-mlp"]),
+                   help="; ".join(f"{k}: {v.summary}" for k, v in REGISTRY.items())
+                   + "; moons-mlp: MLP(2, [16, 16, 1]) on two moons, micrograd's demo (see --engine)")
+    t.add_argument("--engine", choices=["scalar", "tensor", "autodiff"], default="tensor",
+                   help="moons-mlp only: scalar Value engine, tensor hand-written backward, or jax.grad (default tensor)")
     _add_data(t)
     t.add_argument("--preset", help="a named set of settings for the model (mlp: lecture)")
     t.add_argument("--out", help="run directory for config, parameters, checkpoint and metrics")
@@ -140,7 +143,45 @@ def _data(source, vocab: Vocab | None, block_size: int, fractions, split_seed: i
 SPLIT_NAMES = ("train", "dev", "test")
 
 
+def cmd_train_moons(args) -> int:
+    """micrograd's demo: 100 points, noise 0.1, MLP(2, [16, 16, 1]), hinge + 1e-4 L2, lr 1.0 - 0.9 k/steps."""
+    import jax.numpy as jnp
+
+    from jnnex import mlp, nn
+    from jnnex.data import make_moons
+
+    seed = 0 if args.seed is None else args.seed
+    steps = 100 if args.steps is None else args.steps
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    key = jax.random.key(seed)
+    X, y01 = make_moons(100, 0.1, jax.random.fold_in(key, 0))
+    y = 2.0 * y01 - 1.0
+    params = mlp.init(jax.random.fold_in(key, 1), [2, 16, 16, 1])
+    t0 = time.perf_counter()
+    if args.engine == "scalar":
+        model = nn.MLP(2, [16, 16, 1], params=params)
+        losses, accs = nn.train_moons(model, X, y, steps=steps)
+        final_loss, final_acc = nn.moons_loss(model, X, y)
+        final_loss = final_loss.data
+    else:
+        x, yj = jnp.asarray(X, jnp.float32), jnp.asarray(y, jnp.float32)
+        trained, losses, accs = mlp.train_moons(params, x, yj, steps=steps,
+                                                engine="manual" if args.engine == "tensor" else "autodiff")
+        final_loss, final_acc = float(mlp.loss_fn(trained, x, yj)), float(mlp.accuracy(trained, x, yj))
+    seconds = time.perf_counter() - t0
+    metrics = {"model": "moons-mlp", "engine": args.engine, "steps": steps, "seed": seed, "loss": float(final_loss),
+               "accuracy": float(final_acc), "seconds": round(seconds, 3)}
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"moons-mlp ({args.engine}): loss {final_loss:.6f}  accuracy {final_acc:.0%}  ({steps} steps, {seconds:.2f} s)")
+    return 0
+
+
 def cmd_train(args) -> int:
+    if args.model == "moons-mlp":
+        return cmd_train_moons(args)
     spec, model_over, tcfg = _configs(args)
     fractions = args.split or spec.split
     words_vocab = Vocab.from_words(load_words(args.data))

@@ -88,3 +88,14 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--data", "--seed", "--steps", "--out", "--json", "--no-progress", "--resume", "--preset"):
         assert flag in text
+
+
+@pytest.mark.parametrize("engine", ["scalar", "tensor", "autodiff"])
+def test_moons_mlp_engines(capsys, engine):
+    steps = "12" if engine == "scalar" else "100"
+    code, stdout, _ = run(capsys, "train", "--model", "moons-mlp", "--engine", engine, "--steps", steps, "--json")
+    m = json.loads(stdout)
+    assert code == 0 and m["engine"] == engine and m["steps"] == int(steps)
+    assert 0.0 <= m["accuracy"] <= 1.0 and m["loss"] > 0
+    if engine != "scalar":
+        assert m["accuracy"] == 1.0
