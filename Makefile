@@ -10,13 +10,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# One stamp per extra, rebuilt when pyproject.toml changes.
+# One stamp per target's extras, rebuilt when pyproject.toml changes. Tests include the plot extra so plots are tested.
 $(VENV)/.stamp-base: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e .
 	touch $@
 
 $(VENV)/.stamp-test: pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,plot]"
 	touch $@
 
 demo: $(VENV)/.stamp-base

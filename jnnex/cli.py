@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--engine", choices=["scalar", "tensor", "autodiff"], default="tensor",
                    help="moons-mlp only: scalar Value engine, tensor hand-written backward, or jax.grad (default tensor)")
     _add_data(t)
-    t.add_argument("--preset", help="a named set of settings for the model (mlp: lecture)")
+    t.add_argument("--preset", help="a named set of settings for the model (mlp: lecture, improved)")
     t.add_argument("--out", help="run directory for config, parameters, checkpoint and metrics")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out (same result as unbroken)")
     t.add_argument("--split", type=_fractions, help="word fractions, e.g. 0.8,0.1,0.1 (bigram models: 1 = all words)")
@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--from", dest="run", required=True, help="run directory written by `jnnex train --out`")
     _add_data(e, default=None)
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+
+    g = sub.add_parser("plot", help="PNG pictures of a run: loss curve, and the embeddings (mlp)  [needs jnnex[plot]]")
+    g.add_argument("--from", dest="run", required=True, help="run directory written by `jnnex train --out`")
+    g.add_argument("--out", help="directory for the PNG files (default: the run directory)")
 
     f = sub.add_parser("lr-find", help="exponential learning-rate sweep (the lecture's 1e-3 … 1)")
     f.add_argument("--model", default="mlp", choices=sorted(k for k, v in REGISTRY.items() if not v.fitted))
@@ -259,6 +263,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from jnnex import plot
+
+    model, params, _, vocab, _ = load_trained(args.run)
+    out = Path(args.out or args.run)
+    written = []
+    if (Path(args.run) / "metrics.jsonl").is_file():
+        written.append(plot.plot_loss(Path(args.run) / "metrics.jsonl", out / "loss.png"))
+    if hasattr(params, "C"):
+        written.append(plot.plot_embeddings(params.C, vocab, out / "embeddings.png"))
+    for p in written:
+        print(p)
+    return 0
+
+
 def cmd_lr_find(args) -> int:
     spec = get_spec(args.model)
     vocab, splits = _data(args.data, None, spec.config_cls().block_size, spec.split, 42)
@@ -279,10 +298,10 @@ def cmd_lr_find(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "lr-find": cmd_lr_find}
+    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot, "lr-find": cmd_lr_find}
     try:
         return commands[args.command](args)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ImportError) as e:
         print(f"jnnex: error: {e}", file=sys.stderr)
         return 2
 

@@ -44,6 +44,9 @@ REGISTRY: dict[str, ModelSpec] = {
         presets={
             # makemore part 2 exactly: N(0, 1) init, 200k steps, batch 32, lr 0.1 -> 0.01 at 100k.
             "lecture": ({"init": "lecture"}, {}),
+            # Beats the lecture without BatchNorm in the same 200k steps (names.txt dev 2.046 vs 2.170): a longer
+            # context, wider embeddings and hidden layer, Kaiming init, batch 64 for less gradient noise.
+            "improved": ({"block_size": 4, "n_embd": 16, "n_hidden": 300, "init": "kaiming"}, {"batch_size": 64}),
         },
         summary="MLP language model over a window of characters (Bengio et al. 2003; makemore part 2)",
     ),

@@ -268,16 +268,12 @@ def fit(
         while step < tcfg.steps:
             # Chunks end on multiples of `chunk` and `eval_every`, so a resumed run makes the same calls.
             n = min(tcfg.chunk - step % tcfg.chunk, tcfg.eval_every - step % tcfg.eval_every, tcfg.steps - step)
-            try:
-                new_ts, metrics = run(ts, X, Y, k_train, n_steps=n)
-                chunk_losses = np.asarray(metrics["loss"])
-            except KeyboardInterrupt:
-                interrupted = True
-                break
+            new_ts, metrics = run(ts, X, Y, k_train, n_steps=n)
+            chunk_losses = np.asarray(metrics["loss"])
             bad = np.flatnonzero(~np.isfinite(chunk_losses))
             if bad.size:
                 raise NonFiniteLossError(step + int(bad[0]), float(chunk_losses[bad[0]]), ckpt_step)
-            ts, step = new_ts, step + n
+            ts, step = new_ts, step + n  # `ts` only ever holds a completed chunk: safe to save at any interrupt
             losses.append(chunk_losses)
             chunk_loss = float(chunk_losses.mean())
             if bar is not None:
@@ -288,6 +284,8 @@ def fit(
                 save(ts)
                 if bar is not None and "dev_loss" in row:
                     bar.set_postfix(loss=f"{chunk_loss:.4f}", dev=f"{row['dev_loss']:.4f}")
+    except KeyboardInterrupt:  # Ctrl-C anywhere in the loop: keep the last completed chunk
+        interrupted = True
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,63 @@
+"""Pictures of a run, through the optional ``plot`` extra (``pip install 'jnnex[plot]'``): the loss curve and the
+learned character embeddings (makemore part 2's picture of vowels clustering when ``n_embd = 2``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install 'jnnex[plot]'") from None
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(metrics_jsonl: str | Path, path: str | Path) -> Path:
+    """The training loss (mean over each logged chunk) and the train/dev evaluations against the step, as a PNG."""
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{str(metrics_jsonl)!r} has no metric rows")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], label="minibatch loss (chunk mean)")
+    for key in ("train_loss", "dev_loss"):
+        if key in rows[0]:
+            ax.plot(steps, [r[key] for r in rows], "o-", label=key.replace("_", " "))
+    ax.set(xlabel="step", ylabel="loss (nats/char)", title="training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path, plt)
+
+
+def plot_embeddings(C, vocab, path: str | Path, dims: tuple[int, int] = (0, 1)) -> Path:
+    """Each character at its learned embedding (two of its dimensions), labelled — the lecture's scatter plot."""
+    import numpy as np
+
+    C = np.asarray(C)
+    if C.ndim != 2 or C.shape[0] != vocab.size or C.shape[1] < 2:
+        raise ValueError(f"expected an embedding table (V={vocab.size}, ≥2), got shape {C.shape}")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    i, j = dims
+    ax.scatter(C[:, i], C[:, j], s=200, c="lightsteelblue")
+    for k, ch in enumerate(vocab.itos):
+        ax.text(C[k, i], C[k, j], ch, ha="center", va="center")
+    ax.set(xlabel=f"dim {i}", ylabel=f"dim {j}", title="learned character embeddings")
+    ax.grid(alpha=0.3)
+    return _save(fig, path, plt)
+
+
+def _save(fig, path, plt) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
