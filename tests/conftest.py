@@ -6,8 +6,10 @@ it creates, so its float32 defaults are unaffected. Hypothesis profiles: ``ci`` 
 """
 
 import os
+from pathlib import Path
 
 import jax
+import pytest
 from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", True)
@@ -22,3 +24,15 @@ settings.register_profile(
     "thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("JNNEX_HYPOTHESIS_PROFILE", "ci"))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def names_txt() -> Path:
+    """makemore's names.txt: $JNNEX_NAMES_TXT, else ../shared/data/names.txt beside the repository."""
+    path = Path(os.environ.get("JNNEX_NAMES_TXT", REPO.parent / "shared" / "data" / "names.txt"))
+    if not path.is_file():
+        pytest.skip(f"names.txt not found at {path} (set JNNEX_NAMES_TXT; get it from karpathy/makemore)")
+    return path

@@ -81,8 +81,8 @@ def test_l2_penalty_is_in_the_objective_only():
     assert float(obj - loss) == pytest.approx(0.01 * float(jnp.mean(params.W ** 2)), rel=1e-5)
 
 
-def test_neural_bigram_converges_to_counting_model():
-    words = read_words("../shared/data/names.txt")
+def test_neural_bigram_converges_to_counting_model(names_txt):
+    words = read_words(names_txt)
     v = Vocab.from_words(words)
     X, Y = build_windows(words, v, 1)
     counting = nll_from_counts(fit_counts(X[:, 0], Y, v.size, 1.0).W, count_matrix(X[:, 0], Y, v.size))

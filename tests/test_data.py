@@ -11,7 +11,6 @@ from jnnex.data import (
     read_words, split_words,
 )
 
-NAMES_TXT = "../shared/data/names.txt"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -107,8 +106,8 @@ def test_split_errors():
         split_words(["a", "b"], (0.8, 0.1, 0.1))
 
 
-def test_lecture_split_on_names_txt():
-    words = read_words(NAMES_TXT)
+def test_lecture_split_on_names_txt(names_txt):
+    words = read_words(names_txt)
     assert len(words) == 32033
     sp = make_splits(words, 3, seed=42)
     assert [len(s[1]) for s in (sp.train, sp.dev, sp.test)] == [182625, 22655, 22866]
