@@ -28,7 +28,8 @@ from jnnex.models import REGISTRY, get_spec
 from jnnex.train import NonFiniteLossError, TrainConfig, fit, lr_find
 
 # Model-config flags: CLI name -> config field. Each applies only to models whose config has that field.
-MODEL_FLAGS = {"block_size": int, "n_embd": int, "n_hidden": int, "init": str, "l2": float, "smoothing": float}
+MODEL_FLAGS = {"block_size": int, "n_embd": int, "n_hidden": int, "n_layers": int, "init": str, "l2": float,
+               "smoothing": float}
 TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "optimizer": str, "eval_every": int, "seed": int}
 
 
@@ -68,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="initial learning rate (decays ×0.1 at half the steps for mlp)")
     t.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"], help="optax optimiser")
     t.add_argument("--eval-every", type=int, help="evaluate and checkpoint every N steps")
-    t.add_argument("--block-size", type=int, help="characters of context (mlp)")
-    t.add_argument("--n-embd", type=int, help="embedding size per character (mlp)")
-    t.add_argument("--n-hidden", type=int, help="hidden units (mlp)")
+    t.add_argument("--block-size", type=int, help="characters of context (mlp, bn-mlp, deep-mlp)")
+    t.add_argument("--n-embd", type=int, help="embedding size per character (mlp, bn-mlp, deep-mlp)")
+    t.add_argument("--n-hidden", type=int, help="hidden units (mlp, bn-mlp, deep-mlp)")
+    t.add_argument("--n-layers", type=int, help="hidden layers (deep-mlp)")
     t.add_argument("--init", help="initialisation: lecture, softmax-fixed, tanh-fixed, kaiming (mlp)")
     t.add_argument("--l2", type=float, help="L2 regularisation weight on W (neural-bigram)")
     t.add_argument("--smoothing", type=float, help="add-k smoothing of the counts (bigram; default 1)")
@@ -189,7 +191,7 @@ def cmd_train(args) -> int:
     spec, model_over, tcfg = _configs(args)
     fractions = args.split or spec.split
     words_vocab = Vocab.from_words(load_words(args.data))
-    model = spec.build(spec.config_cls(vocab_size=words_vocab.size, **model_over))
+    model = spec.build(spec.config(vocab_size=words_vocab.size, **model_over))
     vocab, splits = _data(args.data, words_vocab, model.block_size, fractions, args.split_seed)
     out = Path(args.out) if args.out else None
     meta = {"data": str(args.data), "vocab": vocab.chars, "boundary": vocab.boundary, "split": list(fractions),
@@ -280,8 +282,8 @@ def cmd_plot(args) -> int:
 
 def cmd_lr_find(args) -> int:
     spec = get_spec(args.model)
-    vocab, splits = _data(args.data, None, spec.config_cls().block_size, spec.split, 42)
-    model = spec.build(spec.config_cls(vocab_size=vocab.size))
+    vocab, splits = _data(args.data, None, spec.config().block_size, spec.split, 42)
+    model = spec.build(spec.config(vocab_size=vocab.size))
     lrs, losses = lr_find(model, splits[0], lo=args.lo, hi=args.hi, steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed)
     if args.json:

@@ -7,10 +7,12 @@ benchmarks pick it up from here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from jnnex.bigram import BigramConfig, counting_bigram, neural_bigram
+from jnnex.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp
 from jnnex.lm import LanguageModel
 from jnnex.mlp_lm import MLPConfig, mlp_lm
 from jnnex.train import TrainConfig
@@ -25,6 +27,11 @@ class ModelSpec:
     fitted: bool = False  # True: fitted in closed form (counted), not trained by gradient steps
     presets: dict[str, tuple[dict, dict]] = dataclasses.field(default_factory=dict)  # name -> (model, train) overrides
     summary: str = ""
+    defaults: dict = dataclasses.field(default_factory=dict)  # config fields that differ from config_cls's defaults
+
+    def config(self, **overrides):
+        """The model config: ``config_cls`` defaults, then this entry's ``defaults``, then ``overrides``."""
+        return self.config_cls(**{**self.defaults, **overrides})
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -50,6 +57,14 @@ REGISTRY: dict[str, ModelSpec] = {
         },
         summary="MLP language model over a window of characters (Bengio et al. 2003; makemore part 2)",
     ),
+    "bn-mlp": ModelSpec(
+        functools.partial(bn_mlp, name="bn-mlp"), BNMLPConfig, TrainConfig(), defaults=BN_MLP_SMALL,
+        summary="one hidden layer (200) with BatchNorm, as in makemore parts 3-4",
+    ),
+    "deep-mlp": ModelSpec(
+        bn_mlp, BNMLPConfig, TrainConfig(),
+        summary="5 hidden layers of 100, Linear -> BatchNorm -> tanh, final BatchNorm (makemore part 3)",
+    ),
 }
 
 
@@ -66,4 +81,4 @@ def build(name: str, **config) -> LanguageModel:
     unknown = set(config) - fields
     if unknown:
         raise ValueError(f"model {name!r} has no config field(s) {sorted(unknown)}; it has {sorted(fields)}")
-    return spec.build(spec.config_cls(**config))
+    return spec.build(spec.config(**config))
