@@ -21,7 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from jnnex.init import OUTPUT_SCALE, kaiming_normal
-from jnnex.layers import embedding_forward, linear_forward, tanh_forward
+from jnnex.layers import (
+    cross_entropy_backward, cross_entropy_forward, embedding_backward, embedding_forward, linear_backward,
+    linear_forward, tanh_backward, tanh_forward,
+)
 from jnnex.lm import LanguageModel
 
 # The makemore part-3 ladder of initialisations, from the lecture's original to the principled one.
@@ -88,6 +91,19 @@ def forward(params: MLPParams, x):
     return logits, (c_emb, c_lin1, c_tanh, c_lin2)
 
 
+def value_and_grad_manual(cfg: MLPConfig, params: MLPParams, state, x, y):
+    """``(loss, grads, state)`` by hand: the layer backwards in reverse order of :func:`forward`. No autodiff."""
+    del cfg
+    logits, (c_emb, c_lin1, c_tanh, c_lin2) = forward(params, x)
+    loss, c_ce = cross_entropy_forward(logits, y)
+    dlogits, _ = cross_entropy_backward(jnp.ones((), logits.dtype), c_ce)  # (B, V)
+    dh, dW2, db2 = linear_backward(dlogits, c_lin2)  # (B, H)
+    dhpre = tanh_backward(dh, c_tanh)  # (B, H)
+    dembcat, dW1, db1 = linear_backward(dhpre, c_lin1)  # (B, T·n_embd)
+    dC, _ = embedding_backward(dembcat.reshape(x.shape + (params.C.shape[1],)), c_emb)  # (V, n_embd)
+    return loss, MLPParams(dC, dW1, db1, dW2, db2), state
+
+
 def apply(cfg: MLPConfig, params: MLPParams, state, x, train: bool):
     if x.ndim != 2 or x.shape[1] != cfg.block_size:
         raise ValueError(f"mlp: x must have shape (B, {cfg.block_size}), got {x.shape}")
@@ -105,6 +121,11 @@ def mlp_lm(cfg: MLPConfig = MLPConfig()) -> LanguageModel:
     11897
     """
     return LanguageModel("mlp", cfg, init, apply)
+
+
+def mlp_lm_manual(cfg: MLPConfig = MLPConfig()) -> LanguageModel:
+    """The same model trained on :func:`value_and_grad_manual` — the hand-written backward, ``jax.grad`` nowhere."""
+    return LanguageModel("mlp", cfg, init, apply, grad_fn=value_and_grad_manual)
 
 
 def expected_initial_loss(vocab_size: int) -> float:

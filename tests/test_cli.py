@@ -99,3 +99,11 @@ def test_moons_mlp_engines(capsys, engine):
     assert 0.0 <= m["accuracy"] <= 1.0 and m["loss"] > 0
     if engine != "scalar":
         assert m["accuracy"] == 1.0
+
+
+def test_lr_find_cli(capsys):
+    code, stdout, _ = run(capsys, "lr-find", "--model", "mlp", "--steps", "40", "--json")
+    data = json.loads(stdout)
+    assert code == 0 and len(data["lrs"]) == len(data["losses"]) == 40
+    code, stdout, _ = run(capsys, "lr-find", "--model", "mlp", "--steps", "40")
+    assert code == 0 and "lowest smoothed loss at lr" in stdout
