@@ -2,14 +2,19 @@
 
 Each stage of the curriculum is one module, readable top to bottom:
 
+* :mod:`jnnex.engine`   — a scalar reverse-mode autograd engine (``Value``)
+* :mod:`jnnex.nn`       — neurons, layers and MLPs of ``Value``\ s; micrograd's moons demo
+* :mod:`jnnex.mlp`      — the same MLP on tensors with a hand-written backward
 * :mod:`jnnex.data`     — corpora, vocabulary, context windows, splits, two-moons
 * :mod:`jnnex.bigram`   — the bigram language model, counted and learned
-* :mod:`jnnex.mlp_lm`   — the MLP language model (Bengio et al. 2003)
+* :mod:`jnnex.mlp_lm`   — the MLP language model (Bengio et al. 2003), autodiff or hand-written backward
+* :mod:`jnnex.bn_mlp`   — deep MLP language models with BatchNorm; calibration and folding
 * :mod:`jnnex.layers`   — layers as forward/backward pairs (linear, tanh, embedding, losses, BatchNorm)
 * :mod:`jnnex.init`     — principled (Kaiming) initialisation
 * :mod:`jnnex.lm`       — what every language model is; evaluation and sampling for all of them
 * :mod:`jnnex.train`    — the shared jitted training machinery (steps, scan, checkpoints, resume, lr finder)
 * :mod:`jnnex.models`   — the registry behind ``jnnex train --model``
+* :mod:`jnnex.plot`     — loss curves and embedding pictures (optional ``plot`` extra)
 """
 
 from jnnex.data import Vocab, build_windows, load_words, make_moons, make_splits, split_words

@@ -310,12 +310,6 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", unit_scale=True, dynamic_ncols=True, leave=False)
 
 
-def load_run(out: str | Path, model: LanguageModel, tcfg: TrainConfig) -> TrainState:
-    """The :class:`TrainState` saved in ``out/checkpoint.npz`` by :func:`fit`."""
-    ts = init_train_state(model, make_optimizer(tcfg), _keys(tcfg.seed)[0])
-    return checkpoint.load_pytree(Path(out) / "checkpoint.npz", ts)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Learning-rate finder
 
