@@ -3,7 +3,7 @@
 Each stage of the curriculum is one module, readable top to bottom:
 
 * :mod:`jnnex.engine`   — a scalar reverse-mode autograd engine (``Value``)
-* :mod:`jnnex.nn`       — neurons, layers and MLPs of ``Value``\ s; micrograd's moons demo
+* :mod:`jnnex.nn`       — neurons, layers and MLPs of ``Value`` nodes; micrograd's moons demo
 * :mod:`jnnex.mlp`      — the same MLP on tensors with a hand-written backward
 * :mod:`jnnex.data`     — corpora, vocabulary, context windows, splits, two-moons
 * :mod:`jnnex.bigram`   — the bigram language model, counted and learned
