@@ -106,9 +106,10 @@ def init(cfg: BNMLPConfig, key):
     return BNMLPParams(C, tuple(dense), tuple(bn)), tuple(state)
 
 
-def forward(cfg: BNMLPConfig, params: BNMLPParams, state, x, train: bool):
+def forward(cfg: BNMLPConfig, params: BNMLPParams, state, x, train: bool, probes=None):
     """``(logits (B, V), new_state, activations)``: ``activations`` holds each hidden layer's tanh output (B, H),
-    for diagnostics (unused outputs cost nothing under jit)."""
+    for diagnostics (unused outputs cost nothing under jit). ``probes`` (zeros of the activations' shapes) are added
+    to the activations so that their gradient is the activations' gradient."""
     if x.ndim != 2 or x.shape[1] != cfg.block_size:
         raise ValueError(f"bn-mlp: x must have shape (B, {cfg.block_size}), got {x.shape}")
     B = x.shape[0]
@@ -121,6 +122,8 @@ def forward(cfg: BNMLPConfig, params: BNMLPParams, state, x, train: bool):
             new_state.append(s)
         if i < cfg.n_layers:
             h = tanh_forward(h)[0]
+            if probes is not None:
+                h = h + probes[i]
             acts.append(h)
     return h, tuple(new_state), tuple(acts)
 
@@ -132,7 +135,7 @@ def apply(cfg: BNMLPConfig, params: BNMLPParams, state, x, train: bool):
 
 def bn_mlp(cfg: BNMLPConfig = BNMLPConfig(), name: str = "deep-mlp") -> LanguageModel:
     """A BatchNorm MLP language model (``deep-mlp`` defaults; :data:`BN_MLP_SMALL` gives ``bn-mlp``)."""
-    return LanguageModel(name, cfg, init, apply)
+    return LanguageModel(name, cfg, init, apply, forward_fn=forward)
 
 
 # The single-hidden-layer BatchNorm net of makemore parts 3-4.

@@ -96,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from", dest="run", required=True, help="run directory written by `jnnex train --out`")
     g.add_argument("--out", help="directory for the PNG files (default: the run directory)")
 
+    d = sub.add_parser("diagnose", help="train briefly with per-layer diagnostics; print them and draw the pictures",
+                       description="Activation, gradient and update statistics per layer, computed inside the "
+                                   "jitted step: a table at initialisation and at the end, and PNGs with --out.")
+    d.add_argument("--model", default="deep-mlp", choices=["mlp", "bn-mlp", "deep-mlp"])
+    _add_data(d)
+    d.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--gain", type=float, help="Kaiming gain of the hidden layers (bn-mlp, deep-mlp; default 5/3)")
+    d.add_argument("--no-batchnorm", action="store_true", help="the same net without BatchNorm (bn-mlp, deep-mlp)")
+    d.add_argument("--out", help="directory for activations.png, gradients.png, update_ratio.png [needs jnnex[plot]]")
+
     f = sub.add_parser("lr-find", help="exponential learning-rate sweep (the lecture's 1e-3 … 1)")
     f.add_argument("--model", default="mlp", choices=sorted(k for k, v in REGISTRY.items() if not v.fitted))
     _add_data(f)
@@ -280,6 +291,47 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    import jax.numpy as jnp
+
+    from jnnex import diagnostics
+
+    spec = get_spec(args.model)
+    overrides = {}
+    if args.gain is not None or args.no_batchnorm:
+        if args.model == "mlp":
+            raise ValueError("--gain and --no-batchnorm apply to bn-mlp and deep-mlp")
+        if args.gain is not None:
+            overrides["gain"] = args.gain
+        if args.no_batchnorm:
+            overrides.update(batchnorm=False, final_batchnorm=False)
+    vocab, splits = _data(args.data, None, spec.config().block_size, spec.split, 42)
+    model = spec.build(spec.config(vocab_size=vocab.size, **overrides))
+    tcfg = dataclasses.replace(spec.train, steps=args.steps, eval_every=args.steps, seed=args.seed,
+                               lr_boundaries=tuple(b * args.steps // spec.train.steps for b in spec.train.lr_boundaries))
+    res = fit(model, splits[0], tcfg, progress=False, eval_train=False, diagnostics=True)
+    names = diagnostics.weight_names(res.ts.params)
+    print(f"{model.name} {dict(overrides) or ''} on {args.data}: loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}")
+    print(f"\n-- step 0 (initialisation)\n{diagnostics.table(res.metrics, names, 0)}")
+    print(f"\n-- step {args.steps - 1}\n{diagnostics.table(res.metrics, names, -1)}")
+    if args.out:
+        from jnnex import plot
+
+        X, Y = (jnp.asarray(a[:512]) for a in splits[0])  # one batch of the training data, in train mode
+        probes = None
+        _, _, acts = model.forward_fn(model.cfg, res.ts.params, res.ts.state, X, True, probes)
+        zeros = tuple(jnp.zeros_like(a) for a in acts)
+
+        def loss_wrt_probes(p):
+            logits = model.forward_fn(model.cfg, res.ts.params, res.ts.state, X, True, p)[0]
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(X.shape[0]), Y])
+
+        act_grads = jax.grad(loss_wrt_probes)(zeros)
+        for p in plot.plot_diagnostics(res.metrics, names, acts, act_grads, args.out):
+            print(p)
+    return 0
+
+
 def cmd_lr_find(args) -> int:
     spec = get_spec(args.model)
     vocab, splits = _data(args.data, None, spec.config().block_size, spec.split, 42)
@@ -300,7 +352,8 @@ def cmd_lr_find(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot, "lr-find": cmd_lr_find}
+    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot, "diagnose": cmd_diagnose,
+                "lr-find": cmd_lr_find}
     try:
         return commands[args.command](args)
     except (ValueError, TypeError, ImportError) as e:

@@ -37,6 +37,10 @@ class LanguageModel:
             structure of ``params``. ``None`` means the machinery differentiates :meth:`objective` with ``jax.grad``.
         penalty_fn: optional ``(cfg, params) -> scalar`` added to the training objective (an L2 term, say); the
             reported cross-entropy never includes it.
+        forward_fn: optional ``(cfg, params, state, x, train, probes) -> (logits, new_state, acts)`` exposing the
+            hidden activations ``acts`` (a tuple of (B, H) arrays); ``probes`` (zeros, or ``None``) are added to them
+            so that differentiating w.r.t. the probes gives the activations' gradients. Used by
+            :mod:`jnnex.diagnostics`.
     """
 
     name: str
@@ -45,6 +49,7 @@ class LanguageModel:
     apply_fn: Callable
     grad_fn: Callable | None = None
     penalty_fn: Callable | None = None
+    forward_fn: Callable | None = None
 
     @property
     def vocab_size(self) -> int:

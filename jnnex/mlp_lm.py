@@ -104,6 +104,16 @@ def value_and_grad_manual(cfg: MLPConfig, params: MLPParams, state, x, y):
     return loss, MLPParams(dC, dW1, db1, dW2, db2), state
 
 
+def forward_with_activations(cfg: MLPConfig, params: MLPParams, state, x, train: bool, probes=None):
+    """``(logits, state, (h,))``: the forward exposing the hidden tanh output for diagnostics (see ``LanguageModel``)."""
+    del cfg, train
+    B = x.shape[0]
+    h = jnp.tanh(linear_forward(params.C[x].reshape(B, -1), params.W1, params.b1)[0])  # (B, H)
+    if probes is not None:
+        h = h + probes[0]
+    return linear_forward(h, params.W2, params.b2)[0], state, (h,)
+
+
 def apply(cfg: MLPConfig, params: MLPParams, state, x, train: bool):
     if x.ndim != 2 or x.shape[1] != cfg.block_size:
         raise ValueError(f"mlp: x must have shape (B, {cfg.block_size}), got {x.shape}")
@@ -120,7 +130,7 @@ def mlp_lm(cfg: MLPConfig = MLPConfig()) -> LanguageModel:
     >>> count_params(params)
     11897
     """
-    return LanguageModel("mlp", cfg, init, apply)
+    return LanguageModel("mlp", cfg, init, apply, forward_fn=forward_with_activations)
 
 
 def mlp_lm_manual(cfg: MLPConfig = MLPConfig()) -> LanguageModel:

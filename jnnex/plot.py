@@ -61,3 +61,32 @@ def _save(fig, path, plt) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_diagnostics(metrics: dict, names: list[str], acts, act_grads, out_dir: str | Path) -> list[Path]:
+    """The lecture's three pictures: histograms of each tanh layer's activations and of their gradients (from one
+    batch), and the update:data ratio of each weight over the steps with the 1e-3 guide line."""
+    import numpy as np
+
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    written = []
+    for title, arrays, fname in (("activations (tanh outputs)", acts, "activations.png"),
+                                 ("activation gradients", act_grads, "gradients.png")):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for i, a in enumerate(arrays):
+            a = np.asarray(a).ravel()
+            hist, edges = np.histogram(a, bins=50, density=True)
+            ax.plot((edges[:-1] + edges[1:]) / 2, hist, label=f"tanh {i}: mean {a.mean():+.2g}, std {a.std():.2g}")
+        ax.set(title=title)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out_dir / fname, plt))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ratios = np.asarray(metrics["update_data"])  # (steps, P)
+    for i, name in enumerate(names):
+        ax.plot(ratios[:, i], label=name, lw=0.8)
+    ax.axhline(-3, color="k", ls="--", lw=1, label="1e-3 guide")
+    ax.set(xlabel="step", ylabel="log10 update:data", title="update:data ratio")
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out_dir / "update_ratio.png", plt))
+    return written

@@ -188,6 +188,7 @@ class FitResult:
     ts: TrainState
     losses: np.ndarray  # (steps_run,) per-step training loss of this call (after a resume: from the resume point)
     evals: list[dict]  # the evaluation rows (also written to metrics.jsonl)
+    metrics: dict = dataclasses.field(default_factory=dict)  # every per-step metric, stacked: (steps_run, ...)
     interrupted: bool = False
     seconds: float = 0.0
 
@@ -203,6 +204,7 @@ def fit(
     progress: bool = True,
     meta: dict | None = None,
     eval_train: bool = True,
+    diagnostics: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``train = (X, Y)`` for ``tcfg.steps`` steps.
 
@@ -210,7 +212,8 @@ def fit(
     ``out/metrics.jsonl`` and a checkpoint (``out/checkpoint.npz`` + ``out/config.json``) is written atomically.
     With ``resume=True`` training continues from ``out``'s checkpoint and ends with exactly the parameters an
     uninterrupted run would have. Ctrl-C stops at the last completed chunk, saves it and returns with
-    ``interrupted=True``.
+    ``interrupted=True``. ``diagnostics=True`` adds the per-layer figures of :mod:`jnnex.diagnostics` to every step's
+    metrics (``FitResult.metrics``), computed inside the step.
 
     Raises:
         NonFiniteLossError: a step produced a NaN/inf loss (the last checkpoint is left as it was).
@@ -222,7 +225,13 @@ def fit(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(tcfg)
-    run = make_run(make_step(model, optimizer), tcfg.batch_size)
+    if diagnostics:
+        from jnnex.diagnostics import make_diagnostic_step
+
+        step_fn = make_diagnostic_step(model, optimizer)
+    else:
+        step_fn = make_step(model, optimizer)
+    run = make_run(step_fn, tcfg.batch_size)
     k_init, k_train = _keys(tcfg.seed)
     ts = init_train_state(model, optimizer, k_init)
     ckpt_step = None
@@ -260,7 +269,7 @@ def fit(
         return row
 
     start = int(ts.step)
-    losses, evals, interrupted = [], [], False
+    chunks, evals, interrupted = [], [], False
     bar = _progress(tcfg.steps, start, progress)
     t0 = time.perf_counter()
     step = start
@@ -269,12 +278,13 @@ def fit(
             # Chunks end on multiples of `chunk` and `eval_every`, so a resumed run makes the same calls.
             n = min(tcfg.chunk - step % tcfg.chunk, tcfg.eval_every - step % tcfg.eval_every, tcfg.steps - step)
             new_ts, metrics = run(ts, X, Y, k_train, n_steps=n)
-            chunk_losses = np.asarray(metrics["loss"])
+            metrics = {k: np.asarray(v) for k, v in metrics.items()}
+            chunk_losses = metrics["loss"]
             bad = np.flatnonzero(~np.isfinite(chunk_losses))
             if bad.size:
                 raise NonFiniteLossError(step + int(bad[0]), float(chunk_losses[bad[0]]), ckpt_step)
             ts, step = new_ts, step + n  # `ts` only ever holds a completed chunk: safe to save at any interrupt
-            losses.append(chunk_losses)
+            chunks.append(metrics)
             chunk_loss = float(chunk_losses.mean())
             if bar is not None:
                 bar.update(n)
@@ -291,8 +301,9 @@ def fit(
             bar.close()
     if interrupted:
         save(ts)
-    all_losses = np.concatenate(losses) if losses else np.zeros((0,), np.float32)
-    return FitResult(ts, all_losses, evals, interrupted, time.perf_counter() - t0)
+    stacked = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+    losses = stacked.get("loss", np.zeros((0,), np.float32))
+    return FitResult(ts, losses, evals, metrics=stacked, interrupted=interrupted, seconds=time.perf_counter() - t0)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -107,3 +107,14 @@ def test_lr_find_cli(capsys):
     assert code == 0 and len(data["lrs"]) == len(data["losses"]) == 40
     code, stdout, _ = run(capsys, "lr-find", "--model", "mlp", "--steps", "40")
     assert code == 0 and "lowest smoothed loss at lr" in stdout
+
+
+def test_diagnose_prints_tables_and_draws(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    code, stdout, _ = run(capsys, "diagnose", "--model", "deep-mlp", "--steps", "30", "--out", str(tmp_path))
+    assert code == 0
+    assert "-- step 0 (initialisation)" in stdout and "tanh 4" in stdout and "log10 update:data" in stdout
+    for name in ("activations.png", "gradients.png", "update_ratio.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    code, _, err = run(capsys, "diagnose", "--model", "mlp", "--gain", "1")
+    assert code == 2 and "--gain" in err
