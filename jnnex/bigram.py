@@ -30,6 +30,7 @@ class BigramConfig:
     vocab_size: int = 27  # V
     l2: float = 0.0  # neural model: weight of the regulariser l2 · mean(W²) added to the training loss
     smoothing: float = 1.0  # counting model: pseudo-count added to every cell
+    init: str = "zeros"  # neural model: "zeros" (uniform predictions, initial loss = ln V) or "normal" (lecture: N(0, 1))
 
     block_size = 1  # a bigram model sees one character (a class attribute: not a setting)
 
@@ -40,6 +41,8 @@ class BigramConfig:
             raise ValueError(f"l2 must be >= 0, got {self.l2!r}")
         if not self.smoothing >= 0:
             raise ValueError(f"smoothing must be >= 0, got {self.smoothing!r}")
+        if self.init not in ("zeros", "normal"):
+            raise ValueError(f"init must be 'zeros' or 'normal', got {self.init!r}")
 
 
 class BigramParams(NamedTuple):
@@ -95,8 +98,11 @@ def _apply(cfg: BigramConfig, params: BigramParams, state, x, train: bool):
 
 
 def _init_neural(cfg: BigramConfig, key):
-    """``W ~ N(0, 1)`` as in the lecture."""
-    return BigramParams(jax.random.normal(key, (cfg.vocab_size, cfg.vocab_size), jnp.float32)), ()
+    """``W = 0`` (every prediction uniform: the initial loss is exactly ln V), or ``W ~ N(0, 1)`` as in the lecture."""
+    shape = (cfg.vocab_size, cfg.vocab_size)
+    if cfg.init == "normal":
+        return BigramParams(jax.random.normal(key, shape, jnp.float32)), ()
+    return BigramParams(jnp.zeros(shape, jnp.float32)), ()
 
 
 def _init_counting(cfg: BigramConfig, key):

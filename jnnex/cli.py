@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-embd", type=int, help="embedding size per character (mlp, bn-mlp, deep-mlp)")
     t.add_argument("--n-hidden", type=int, help="hidden units (mlp, bn-mlp, deep-mlp)")
     t.add_argument("--n-layers", type=int, help="hidden layers (deep-mlp)")
-    t.add_argument("--init", help="initialisation: lecture, softmax-fixed, tanh-fixed, kaiming (mlp)")
+    t.add_argument("--init", help="initialisation: lecture, softmax-fixed, tanh-fixed, kaiming (mlp); zeros, normal "
+                                  "(neural-bigram)")
     t.add_argument("--l2", type=float, help="L2 regularisation weight on W (neural-bigram)")
     t.add_argument("--smoothing", type=float, help="add-k smoothing of the counts (bigram; default 1)")
     t.add_argument("--json", action="store_true", help="print the final metrics as one JSON object on stdout")
@@ -106,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gain", type=float, help="Kaiming gain of the hidden layers (bn-mlp, deep-mlp; default 5/3)")
     d.add_argument("--no-batchnorm", action="store_true", help="the same net without BatchNorm (bn-mlp, deep-mlp)")
     d.add_argument("--out", help="directory for activations.png, gradients.png, update_ratio.png [needs jnnex[plot]]")
+
+    r = sub.add_parser("ladder", help="makemore part 3's ladder: original -> softmax fixed -> tanh fixed -> Kaiming "
+                                      "-> + BatchNorm, each trained with the same budget")
+    _add_data(r)
+    r.add_argument("--steps", type=int, default=200_000, help="steps per rung (default 200000, the lecture's)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     f = sub.add_parser("lr-find", help="exponential learning-rate sweep (the lecture's 1e-3 … 1)")
     f.add_argument("--model", default="mlp", choices=sorted(k for k, v in REGISTRY.items() if not v.fitted))
@@ -332,6 +340,39 @@ def cmd_diagnose(args) -> int:
     return 0
 
 
+# (rung, model, model overrides, the lecture's train/val)
+LADDER = [
+    ("original", "mlp", {"init": "lecture"}, (2.1245, 2.1682)),
+    ("softmax fixed", "mlp", {"init": "softmax-fixed"}, (2.07, 2.13)),
+    ("tanh fixed", "mlp", {"init": "tanh-fixed"}, (2.0356, 2.1027)),
+    ("kaiming", "mlp", {"init": "kaiming"}, (2.0377, 2.1070)),
+    ("+ batchnorm", "bn-mlp", {}, (2.0668, 2.1048)),
+]
+
+
+def cmd_ladder(args) -> int:
+    rows = []
+    for rung, name, overrides, lecture in LADDER:
+        spec = get_spec(name)
+        vocab, splits = _data(args.data, None, spec.config().block_size, spec.split, 42)
+        model = spec.build(spec.config(vocab_size=vocab.size, **overrides))
+        tcfg = dataclasses.replace(spec.train, steps=args.steps, eval_every=args.steps, seed=args.seed,
+                                   lr_boundaries=tuple(b * args.steps // spec.train.steps
+                                                       for b in spec.train.lr_boundaries))
+        t0 = time.perf_counter()
+        res = fit(model, splits[0], tcfg, dev=splits[1], progress=False)
+        row = {"rung": rung, "model": name, **overrides, "train": res.evals[-1]["train_loss"],
+               "val": res.evals[-1]["dev_loss"], "lecture_train": lecture[0], "lecture_val": lecture[1],
+               "initial_loss": float(res.losses[0]), "seconds": round(time.perf_counter() - t0, 1)}
+        rows.append(row)
+        if not args.json:
+            print(f"{rung:<14} train {row['train']:.4f}  val {row['val']:.4f}   (lecture {lecture[0]:.4f} / "
+                  f"{lecture[1]:.4f})  initial loss {row['initial_loss']:.2f}  {row['seconds']:.0f} s", flush=True)
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
 def cmd_lr_find(args) -> int:
     spec = get_spec(args.model)
     vocab, splits = _data(args.data, None, spec.config().block_size, spec.split, 42)
@@ -352,7 +393,7 @@ def cmd_lr_find(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot, "diagnose": cmd_diagnose,
+    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot, "diagnose": cmd_diagnose, "ladder": cmd_ladder,
                 "lr-find": cmd_lr_find}
     try:
         return commands[args.command](args)

@@ -118,3 +118,12 @@ def test_diagnose_prints_tables_and_draws(tmp_path, capsys):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     code, _, err = run(capsys, "diagnose", "--model", "mlp", "--gain", "1")
     assert code == 2 and "--gain" in err
+
+
+def test_ladder_runs_every_rung(capsys):
+    code, stdout, _ = run(capsys, "ladder", "--steps", "200", "--json")
+    rows = json.loads(stdout)
+    assert code == 0 and [r["rung"] for r in rows] == ["original", "softmax fixed", "tanh fixed", "kaiming",
+                                                       "+ batchnorm"]
+    assert rows[0]["initial_loss"] > 2 * rows[3]["initial_loss"]  # the hockey stick the fixes remove
+    assert all(1.5 < r["val"] < 4.0 for r in rows[1:])

@@ -124,3 +124,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
                             text=True, timeout=120, env={**os.environ})
     assert resume.returncode == 0, resume.stderr
     assert json.loads(resume.stdout)["steps"] == target
+
+
+def test_every_registered_language_model_starts_near_ln_V():
+    """Built with its defaults, every language model's initial loss is within 0.05 of ln V."""
+    from jnnex.models import REGISTRY
+
+    V = 27
+    x1 = jax.random.randint(jax.random.key(1), (512, 8), 0, V, dtype=jnp.int32)
+    y = jax.random.randint(jax.random.key(2), (512,), 0, V, dtype=jnp.int32)
+    for name, spec in REGISTRY.items():
+        model = spec.build(spec.config(vocab_size=V))
+        params, state = model.init(jax.random.key(0))
+        loss, _ = model.loss(params, state, x1[:, : model.block_size], y)
+        assert abs(float(loss) - math.log(V)) < 0.05, name
