@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(neural-bigram)")
     t.add_argument("--l2", type=float, help="L2 regularisation weight on W (neural-bigram)")
     t.add_argument("--smoothing", type=float, help="add-k smoothing of the counts (bigram; default 1)")
+    t.add_argument("--backward", choices=["autodiff", "manual"], default="autodiff",
+                   help="gradients from jax.grad, or from the hand-written backward (mlp, bn-mlp, deep-mlp)")
     t.add_argument("--json", action="store_true", help="print the final metrics as one JSON object on stdout")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -204,6 +206,18 @@ def cmd_train_moons(args) -> int:
     return 0
 
 
+def _manual(model):
+    """The same model with its hand-written backward as the gradient (jax.grad nowhere in the training path)."""
+    from jnnex import backprop, mlp_lm
+
+    grad_fns = {"mlp": mlp_lm.value_and_grad_manual, "bn-mlp": backprop.value_and_grad,
+                "deep-mlp": backprop.value_and_grad}
+    if model.name not in grad_fns:
+        raise ValueError(f"--backward manual: model {model.name!r} has no hand-written backward "
+                         f"(available for {sorted(grad_fns)})")
+    return dataclasses.replace(model, grad_fn=grad_fns[model.name], forward_fn=None)
+
+
 def cmd_train(args) -> int:
     if args.model == "moons-mlp":
         return cmd_train_moons(args)
@@ -211,6 +225,8 @@ def cmd_train(args) -> int:
     fractions = args.split or spec.split
     words_vocab = Vocab.from_words(load_words(args.data))
     model = spec.build(spec.config(vocab_size=words_vocab.size, **model_over))
+    if args.backward == "manual":
+        model = _manual(model)
     vocab, splits = _data(args.data, words_vocab, model.block_size, fractions, args.split_seed)
     out = Path(args.out) if args.out else None
     meta = {"data": str(args.data), "vocab": vocab.chars, "boundary": vocab.boundary, "split": list(fractions),
@@ -234,7 +250,7 @@ def cmd_train(args) -> int:
             return 1
         params, state, steps, interrupted = res.ts.params, res.ts.state, int(res.ts.step), res.interrupted
     seconds = time.perf_counter() - t0
-    metrics = {"model": model.name, "data": str(args.data), "steps": steps, "seed": tcfg.seed,
+    metrics = {"model": model.name, "backward": args.backward, "data": str(args.data), "steps": steps, "seed": tcfg.seed,
                "params": count_params(params), "seconds": round(seconds, 3)}
     for name, (X, Y) in zip(SPLIT_NAMES, splits):
         metrics[f"{name}_loss"] = evaluate(model, params, state, X, Y)

@@ -127,3 +127,15 @@ def test_ladder_runs_every_rung(capsys):
                                                        "+ batchnorm"]
     assert rows[0]["initial_loss"] > 2 * rows[3]["initial_loss"]  # the hockey stick the fixes remove
     assert all(1.5 < r["val"] < 4.0 for r in rows[1:])
+
+
+def test_backward_manual_switch(capsys):
+    results = {}
+    for backward in ("autodiff", "manual"):
+        code, stdout, _ = run(capsys, "train", "--model", "bn-mlp", "--steps", "300", "--backward", backward, "--json")
+        assert code == 0
+        results[backward] = json.loads(stdout)
+    assert results["manual"]["backward"] == "manual"
+    assert results["manual"]["dev_loss"] == pytest.approx(results["autodiff"]["dev_loss"], abs=2e-3)
+    code, _, err = run(capsys, "train", "--model", "bigram", "--backward", "manual")
+    assert code == 2 and "no hand-written backward" in err
