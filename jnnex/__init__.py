@@ -10,6 +10,9 @@ Each stage of the curriculum is one module, readable top to bottom:
 * :mod:`jnnex.mlp_lm`   — the MLP language model (Bengio et al. 2003), autodiff or hand-written backward
 * :mod:`jnnex.bn_mlp`   — deep MLP language models with BatchNorm; calibration and folding
 * :mod:`jnnex.layers`   — layers as forward/backward pairs (linear, tanh, embedding, losses, BatchNorm)
+* :mod:`jnnex.backprop` — the BatchNorm nets' backward by hand, layer by layer (no autodiff in the path)
+* :mod:`jnnex.check`    — check any forward/backward pair against ``jax.vjp``; ``custom_vjp`` adapter
+* :mod:`jnnex.diagnostics` — activation, gradient and update statistics computed inside the training step
 * :mod:`jnnex.init`     — principled (Kaiming) initialisation
 * :mod:`jnnex.lm`       — what every language model is; evaluation and sampling for all of them
 * :mod:`jnnex.train`    — the shared jitted training machinery (steps, scan, checkpoints, resume, lr finder)

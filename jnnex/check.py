@@ -1,0 +1,101 @@
+"""Check any forward/backward pair against autodiff, and plug hand-written backwards into ``jax.grad``.
+
+* :func:`compare` — the lecture's ``cmp`` table as a library function: runs the pair on the given inputs with a
+  **random** upstream gradient (never all ones) and reports, per input, whether the hand-written gradient is exact,
+  approximately equal, and the largest difference from ``jax.vjp``. :func:`assert_backward` is the pytest-friendly
+  form. Use float64 inputs for a meaningful check.
+* :func:`custom_vjp` — turns a pair into a function whose ``jax.grad`` uses the hand-written backward.
+
+A pair follows :mod:`jnnex.layers`' convention: ``forward(*args) -> (out, cache)`` and
+``backward(dout, cache) -> grads`` with one entry per argument (``None`` for integer inputs; a single array when the
+forward has one argument).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    exact: bool
+    approx: bool
+    maxdiff: float
+
+
+def _as_tuple(grads) -> tuple:
+    """A backward returns a tuple (or list) of gradients, or one bare array for a one-argument forward."""
+    return tuple(grads) if isinstance(grads, tuple | list) else (grads,)
+
+
+def compare(forward: Callable, backward: Callable, *args, names: Sequence[str] | None = None, key=None,
+            rtol: float = 1e-10, atol: float = 1e-12) -> list[Row]:
+    """Per differentiable argument: does ``backward`` equal ``jax.vjp`` of ``forward``'s output?"""
+    key = jax.random.key(0) if key is None else key
+    out, cache = forward(*args)
+    dout = jax.random.normal(key, jnp.shape(out), jnp.result_type(out))  # random, never all ones
+    mine = _as_tuple(backward(dout, cache))
+    if len(mine) != len(args):
+        raise ValueError(f"backward returned {len(mine)} gradients for {len(args)} forward arguments")
+    float_idx = [i for i, a in enumerate(args) if jnp.issubdtype(jnp.result_type(a), jnp.floating)]
+    _, vjp = jax.vjp(lambda *fl: forward(*_merge(args, float_idx, fl))[0], *(args[i] for i in float_idx))
+    ref = vjp(dout)
+    names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]
+    rows = []
+    for i, r in zip(float_idx, ref):
+        m = mine[i]
+        if m is None or jnp.shape(m) != jnp.shape(r):
+            rows.append(Row(names[i], False, False, float("inf")))
+            continue
+        m, r = np.asarray(m), np.asarray(r)
+        rows.append(Row(names[i], bool(np.array_equal(m, r)), bool(np.allclose(m, r, rtol=rtol, atol=atol)),
+                        float(np.max(np.abs(m - r))) if m.size else 0.0))
+    return rows
+
+
+def _merge(args, float_idx, floats):
+    out = list(args)
+    for i, f in zip(float_idx, floats):
+        out[i] = f
+    return out
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """``name | exact: True | approximate: True | maxdiff: 1.1e-16`` per row, as in the lecture."""
+    width = max((len(r.name) for r in rows), default=4)
+    return "\n".join(f"{r.name:<{width}} | exact: {str(r.exact):5} | approximate: {str(r.approx):5} | "
+                     f"maxdiff: {r.maxdiff:.3g}" for r in rows)
+
+
+def assert_backward(forward: Callable, backward: Callable, *args, **kwargs) -> None:
+    """Raise ``AssertionError`` with the :func:`compare` table unless every gradient is approximately equal."""
+    rows = compare(forward, backward, *args, **kwargs)
+    if not all(r.approx for r in rows):
+        raise AssertionError("hand-written backward differs from jax.vjp:\n" + format_table(rows))
+
+
+def custom_vjp(forward: Callable, backward: Callable, nondiff: Sequence[int] = ()) -> Callable:
+    """``f(*args) = forward(*args)[0]`` whose derivatives come from ``backward`` (``jax.custom_vjp``).
+
+    ``nondiff`` lists positions of integer inputs (indices, labels); their cotangent is ``None``.
+    """
+
+    @jax.custom_vjp
+    def f(*args):
+        return forward(*args)[0]
+
+    def f_fwd(*args):
+        return forward(*args)
+
+    def f_bwd(cache, dout):
+        grads = _as_tuple(backward(dout, cache))
+        return tuple(None if i in nondiff else g for i, g in enumerate(grads))
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
