@@ -150,14 +150,16 @@ def _configs(args):
         value = getattr(args, name, None)
         if value is not None:
             train_over[name] = value
-    tcfg = dataclasses.replace(spec.train, **train_over)
-    if "steps" in train_over and "lr_boundaries" not in train_over and spec.train.lr_boundaries:
-        # the lecture decays at half the run; keep that proportion when --steps changes
-        tcfg = dataclasses.replace(tcfg, lr_boundaries=tuple(b * tcfg.steps // spec.train.steps
-                                                            for b in spec.train.lr_boundaries))
-    if tcfg.eval_every > tcfg.steps:
-        tcfg = dataclasses.replace(tcfg, eval_every=tcfg.steps)
+    steps = train_over.pop("steps", spec.train.steps)
+    tcfg = _with_steps(dataclasses.replace(spec.train, **train_over), spec.train.steps, steps)
     return spec, model_over, tcfg
+
+
+def _with_steps(tcfg: TrainConfig, default_steps: int, steps: int) -> TrainConfig:
+    """``tcfg`` for a run of ``steps`` steps: the learning-rate boundaries keep their place as a fraction of the run
+    (the lecture decays at half of it) and evaluation happens at least at the end."""
+    return dataclasses.replace(tcfg, steps=steps, eval_every=min(tcfg.eval_every, steps),
+                               lr_boundaries=tuple(b * steps // default_steps for b in tcfg.lr_boundaries))
 
 
 def _data(source, vocab: Vocab | None, block_size: int, fractions, split_seed: int):
@@ -210,12 +212,12 @@ def _manual(model):
     """The same model with its hand-written backward as the gradient (jax.grad nowhere in the training path)."""
     from jnnex import backprop, mlp_lm
 
-    grad_fns = {"mlp": mlp_lm.value_and_grad_manual, "bn-mlp": backprop.value_and_grad,
-                "deep-mlp": backprop.value_and_grad}
-    if model.name not in grad_fns:
+    manual = {"mlp": mlp_lm.mlp_lm_manual, "bn-mlp": lambda cfg: backprop.bn_mlp_manual(cfg, "bn-mlp"),
+              "deep-mlp": backprop.bn_mlp_manual}
+    if model.name not in manual:
         raise ValueError(f"--backward manual: model {model.name!r} has no hand-written backward "
-                         f"(available for {sorted(grad_fns)})")
-    return dataclasses.replace(model, grad_fn=grad_fns[model.name], forward_fn=None)
+                         f"(available for {sorted(manual)})")
+    return manual[model.name](model.cfg)
 
 
 def cmd_train(args) -> int:
@@ -331,8 +333,8 @@ def cmd_diagnose(args) -> int:
             overrides.update(batchnorm=False, final_batchnorm=False)
     vocab, splits = _data(args.data, None, spec.config().block_size, spec.split, 42)
     model = spec.build(spec.config(vocab_size=vocab.size, **overrides))
-    tcfg = dataclasses.replace(spec.train, steps=args.steps, eval_every=args.steps, seed=args.seed,
-                               lr_boundaries=tuple(b * args.steps // spec.train.steps for b in spec.train.lr_boundaries))
+    tcfg = dataclasses.replace(_with_steps(spec.train, spec.train.steps, args.steps), eval_every=args.steps,
+                               seed=args.seed)
     res = fit(model, splits[0], tcfg, progress=False, eval_train=False, diagnostics=True)
     names = diagnostics.weight_names(res.ts.params)
     print(f"{model.name} {dict(overrides) or ''} on {args.data}: loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}")
@@ -372,9 +374,8 @@ def cmd_ladder(args) -> int:
         spec = get_spec(name)
         vocab, splits = _data(args.data, None, spec.config().block_size, spec.split, 42)
         model = spec.build(spec.config(vocab_size=vocab.size, **overrides))
-        tcfg = dataclasses.replace(spec.train, steps=args.steps, eval_every=args.steps, seed=args.seed,
-                                   lr_boundaries=tuple(b * args.steps // spec.train.steps
-                                                       for b in spec.train.lr_boundaries))
+        tcfg = dataclasses.replace(_with_steps(spec.train, spec.train.steps, args.steps), eval_every=args.steps,
+                                   seed=args.seed)
         t0 = time.perf_counter()
         res = fit(model, splits[0], tcfg, dev=splits[1], progress=False)
         row = {"rung": rung, "model": name, **overrides, "train": res.evals[-1]["train_loss"],
