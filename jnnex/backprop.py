@@ -16,8 +16,8 @@ import dataclasses
 import jax.numpy as jnp
 
 from jnnex import layers
-from jnnex.bn_mlp import BNMLPConfig, BNMLPParams, Dense, bn_mlp
-from jnnex.layers import BatchNormParams
+from jnnex.bn_mlp import BNMLPConfig, BNMLPParams, bn_mlp
+from jnnex.layers import BatchNormParams, Linear
 from jnnex.lm import LanguageModel
 
 
@@ -54,7 +54,7 @@ def backward(dlogits, caches, params: BNMLPParams) -> BNMLPParams:
             dh, dgamma, dbeta = layers.batchnorm_backward(dh, c_bn)
             bn_grads.append(BatchNormParams(dgamma, dbeta))
         dh, dW, db = layers.linear_backward(dh, c_lin)
-        dense_grads.append(Dense(dW, db))
+        dense_grads.append(Linear(dW, db))
     ix = c_emb[0]
     dC, _ = layers.embedding_backward(dh.reshape(ix.shape + (params.C.shape[1],)), c_emb)  # (V, n_embd)
     return BNMLPParams(dC, tuple(reversed(dense_grads)), tuple(reversed(bn_grads)))

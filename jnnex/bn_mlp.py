@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from jnnex.init import GAINS, OUTPUT_SCALE, kaiming_normal
-from jnnex.layers import BatchNormParams, BatchNormState, batchnorm, embedding_forward, linear_forward, tanh_forward
+from jnnex.layers import (
+    BatchNormParams, BatchNormState, Linear, batchnorm, embedding_forward, linear_forward, tanh_forward,
+)
 from jnnex.lm import LanguageModel
 
 
@@ -57,14 +59,9 @@ class BNMLPConfig:
             raise ValueError("final_batchnorm needs batchnorm=True")
 
 
-class Dense(NamedTuple):
-    W: jax.Array  # (Cin, Cout)
-    b: jax.Array | None  # (Cout,) or None when a BatchNorm follows
-
-
 class BNMLPParams(NamedTuple):
     C: jax.Array  # (V, n_embd)
-    dense: tuple  # n_layers + 1 Dense layers, the last one to V logits
+    dense: tuple  # n_layers + 1 Linear layers, the last one to V logits
     bn: tuple  # BatchNormParams for each normalised layer (empty without BatchNorm)
 
 
@@ -95,7 +92,7 @@ def init(cfg: BNMLPConfig, key):
             b = jnp.zeros((nout,), jnp.float32)
         elif _has_bias(cfg, i):
             b = jax.random.normal(keys[2 * i + 1], (nout,), jnp.float32) * 0.01
-        dense.append(Dense(W, b))
+        dense.append(Linear(W, b))
     bn, state = [], []
     for i in range(_n_bn(cfg)):
         C = sizes[i + 1]
@@ -195,7 +192,7 @@ def fold_batchnorm(cfg: BNMLPConfig, params: BNMLPParams, state):
             g, beta = params.bn[i]
             s = g * jax.lax.rsqrt(state[i].var + cfg.eps)  # (C,)
             b = layer.b if layer.b is not None else jnp.zeros_like(beta)
-            dense.append(Dense(layer.W * s.reshape(1, -1), (b - state[i].mean) * s + beta))
+            dense.append(Linear(layer.W * s.reshape(1, -1), (b - state[i].mean) * s + beta))
         else:
             dense.append(layer)
     folded = dataclasses.replace(cfg, batchnorm=False, final_batchnorm=False)

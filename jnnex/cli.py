@@ -344,15 +344,7 @@ def cmd_diagnose(args) -> int:
         from jnnex import plot
 
         X, Y = (jnp.asarray(a[:512]) for a in splits[0])  # one batch of the training data, in train mode
-        probes = None
-        _, _, acts = model.forward_fn(model.cfg, res.ts.params, res.ts.state, X, True, probes)
-        zeros = tuple(jnp.zeros_like(a) for a in acts)
-
-        def loss_wrt_probes(p):
-            logits = model.forward_fn(model.cfg, res.ts.params, res.ts.state, X, True, p)[0]
-            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(X.shape[0]), Y])
-
-        act_grads = jax.grad(loss_wrt_probes)(zeros)
+        acts, act_grads = diagnostics.activation_gradients(model, res.ts.params, res.ts.state, X, Y)
         for p in plot.plot_diagnostics(res.metrics, names, acts, act_grads, args.out):
             print(p)
     return 0

@@ -17,6 +17,7 @@ Corpora:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 from collections.abc import Iterable, Sequence
@@ -121,7 +122,7 @@ class Vocab:
     def itos(self) -> str:
         return self.boundary + self.chars
 
-    @property
+    @functools.cached_property
     def stoi(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.itos)}
 

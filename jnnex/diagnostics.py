@@ -56,28 +56,47 @@ def step_diagnostics(acts, act_grads, params, grads, new_params) -> dict[str, ja
     }
 
 
-def make_diagnostic_step(model: LanguageModel, optimizer: optax.GradientTransformation) -> Callable:
-    """Like :func:`jnnex.train.make_step`, with :func:`step_diagnostics` in its metrics (needs ``model.forward_fn``)."""
-    from jnnex.train import TrainState
-
+def _check(model: LanguageModel) -> None:
     if model.forward_fn is None:
         raise ValueError(f"model {model.name!r} does not expose its activations (no forward_fn): no diagnostics")
 
-    def objective(params, probes, state, x, y):
+
+def _value_and_grads(model: LanguageModel, params, state, x, y):
+    """One train-mode forward and backward: ``((loss, (new_state, acts)), (grads, act_grads))``.
+
+    Zero probes added to the activations make ``act_grads = dloss/dacts`` come out of the same ``value_and_grad``.
+    """
+
+    def objective(params, probes):
         logits, new_state, acts = model.forward_fn(model.cfg, params, state, x, True, probes)
         loss = cross_entropy_forward(logits, y)[0]
         if model.penalty_fn is not None:
             loss = loss + model.penalty_fn(model.cfg, params)
         return loss, (new_state, acts)
 
+    shapes = jax.eval_shape(lambda: model.forward_fn(model.cfg, params, state, x, True, None))[2]
+    probes = tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+    return jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(params, probes)
+
+
+def activation_gradients(model: LanguageModel, params, state, x, y):
+    """``(acts, act_grads)``: each hidden layer's activations on the batch ``(x, y)`` and the loss gradient w.r.t.
+    them (train mode), e.g. for histograms."""
+    _check(model)
+    (_, (_, acts)), (_, act_grads) = _value_and_grads(model, params, state, x, y)
+    return acts, act_grads
+
+
+def make_diagnostic_step(model: LanguageModel, optimizer: optax.GradientTransformation) -> Callable:
+    """Like :func:`jnnex.train.make_step`, with :func:`step_diagnostics` in its metrics (needs ``model.forward_fn``)."""
+    from jnnex.train import TrainState
+
+    _check(model)
+
     def step(ts: TrainState, batch, key):
         del key
         x, y = batch
-        shapes = jax.eval_shape(lambda: model.forward_fn(model.cfg, ts.params, ts.state, x, True, None))[2]
-        probes = tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
-        (loss, (new_state, acts)), (grads, act_grads) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
-            ts.params, probes, ts.state, x, y
-        )
+        (loss, (new_state, acts)), (grads, act_grads) = _value_and_grads(model, ts.params, ts.state, x, y)
         with jax.numpy_dtype_promotion("standard"):  # optax's internals (see jnnex.train.make_step)
             updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)

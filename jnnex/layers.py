@@ -33,6 +33,13 @@ def _per_channel(v, ndim: int):
 # Linear: y = x @ W + b
 
 
+class Linear(NamedTuple):
+    """Parameters of a linear layer."""
+
+    W: jax.Array  # (Cin, Cout)
+    b: jax.Array | None  # (Cout,), or None for a bias-free layer (e.g. before BatchNorm)
+
+
 def linear_forward(x, W, b=None):
     """``x (..., Cin) @ W (Cin, Cout) + b (Cout,) -> y (..., Cout)``."""
     if x.shape[-1] != W.shape[0]:

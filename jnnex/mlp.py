@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
 
 from jnnex import layers
+from jnnex.layers import Linear
 
 ACTIVATIONS = {
     "relu": (layers.relu_forward, layers.relu_backward),
@@ -28,11 +27,6 @@ LOSSES = {
     "mse": (layers.mse_forward, layers.mse_backward),
     "cross_entropy": (layers.cross_entropy_forward, layers.cross_entropy_backward),
 }
-
-
-class Linear(NamedTuple):
-    W: jax.Array  # (Cin, Cout)
-    b: jax.Array  # (Cout,)
 
 
 def init(key, sizes: Sequence[int], dtype=jnp.float32) -> tuple[Linear, ...]:

@@ -80,13 +80,16 @@ def init(cfg: MLPConfig, key) -> tuple[MLPParams, tuple]:
     return MLPParams(C, W1, b1, W2, b2), ()
 
 
-def forward(params: MLPParams, x):
-    """``logits (B, V)`` and the layer caches, in forward order, for a hand-written backward."""
+def forward(params: MLPParams, x, probes=None):
+    """``logits (B, V)`` and the layer caches, in forward order, for a hand-written backward. ``probes`` (zeros, for
+    diagnostics) are added to the hidden activations so that their gradient is the activations' gradient."""
     B, T = x.shape
     emb, c_emb = embedding_forward(params.C, x)  # (B, T, n_embd)
     embcat = emb.reshape(B, -1)  # (B, T·n_embd)
     hpre, c_lin1 = linear_forward(embcat, params.W1, params.b1)  # (B, H)
     h, c_tanh = tanh_forward(hpre)  # (B, H)
+    if probes is not None:
+        h = h + probes[0]
     logits, c_lin2 = linear_forward(h, params.W2, params.b2)  # (B, V)
     return logits, (c_emb, c_lin1, c_tanh, c_lin2)
 
@@ -107,11 +110,8 @@ def value_and_grad_manual(cfg: MLPConfig, params: MLPParams, state, x, y):
 def forward_with_activations(cfg: MLPConfig, params: MLPParams, state, x, train: bool, probes=None):
     """``(logits, state, (h,))``: the forward exposing the hidden tanh output for diagnostics (see ``LanguageModel``)."""
     del cfg, train
-    B = x.shape[0]
-    h = jnp.tanh(linear_forward(params.C[x].reshape(B, -1), params.W1, params.b1)[0])  # (B, H)
-    if probes is not None:
-        h = h + probes[0]
-    return linear_forward(h, params.W2, params.b2)[0], state, (h,)
+    logits, (_, _, h, _) = forward(params, x, probes)  # h: the tanh output (B, H)
+    return logits, state, (h,)
 
 
 def apply(cfg: MLPConfig, params: MLPParams, state, x, train: bool):
