@@ -11,7 +11,10 @@ Each stage of the curriculum is one module, readable top to bottom:
 * :mod:`jnnex.bn_mlp`   — deep MLP language models with BatchNorm; calibration and folding
 * :mod:`jnnex.layers`   — layers as forward/backward pairs (linear, tanh, embedding, losses, BatchNorm)
 * :mod:`jnnex.backprop` — the BatchNorm nets' backward by hand, layer by layer (no autodiff in the path)
+* :mod:`jnnex.atomic`   — the same backward one elementary operation at a time, every intermediate gradient by name;
+  exercise mode
 * :mod:`jnnex.check`    — check any forward/backward pair against ``jax.vjp``; ``custom_vjp`` adapter
+* :mod:`jnnex.strategies` — Hypothesis strategies for property-testing backwards (needs the ``test`` extra)
 * :mod:`jnnex.diagnostics` — activation, gradient and update statistics computed inside the training step
 * :mod:`jnnex.init`     — principled (Kaiming) initialisation
 * :mod:`jnnex.lm`       — what every language model is; evaluation and sampling for all of them

@@ -3,7 +3,8 @@
 * :func:`compare` — the lecture's ``cmp`` table as a library function: runs the pair on the given inputs with a
   **random** upstream gradient (never all ones) and reports, per input, whether the hand-written gradient is exact,
   approximately equal, and the largest difference from ``jax.vjp``. :func:`assert_backward` is the pytest-friendly
-  form. Use float64 inputs for a meaningful check.
+  form; :func:`check_backward` runs it on every example a Hypothesis strategy draws (see :mod:`jnnex.strategies`).
+  Use float64 inputs for a meaningful check.
 * :func:`custom_vjp` — turns a pair into a function whose ``jax.grad`` uses the hand-written backward.
 
 A pair follows :mod:`jnnex.layers`' convention: ``forward(*args) -> (out, cache)`` and
@@ -47,16 +48,16 @@ def compare(forward: Callable, backward: Callable, *args, names: Sequence[str] |
     _, vjp = jax.vjp(lambda *fl: forward(*_merge(args, float_idx, fl))[0], *(args[i] for i in float_idx))
     ref = vjp(dout)
     names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]
-    rows = []
-    for i, r in zip(float_idx, ref):
-        m = mine[i]
-        if m is None or jnp.shape(m) != jnp.shape(r):
-            rows.append(Row(names[i], False, False, float("inf")))
-            continue
-        m, r = np.asarray(m), np.asarray(r)
-        rows.append(Row(names[i], bool(np.array_equal(m, r)), bool(np.allclose(m, r, rtol=rtol, atol=atol)),
-                        float(np.max(np.abs(m - r))) if m.size else 0.0))
-    return rows
+    return [compare_arrays(names[i], mine[i], r, rtol=rtol, atol=atol) for i, r in zip(float_idx, ref)]
+
+
+def compare_arrays(name: str, mine, ref, *, rtol: float = 1e-10, atol: float = 1e-12) -> Row:
+    """One row of the table: ``mine`` against the reference ``ref`` (a missing or misshapen ``mine`` fails)."""
+    if mine is None or jnp.shape(mine) != jnp.shape(ref):
+        return Row(name, False, False, float("inf"))
+    m, r = np.asarray(mine), np.asarray(ref)
+    return Row(name, bool(np.array_equal(m, r)), bool(np.allclose(m, r, rtol=rtol, atol=atol)),
+               float(np.max(np.abs(m - r))) if m.size else 0.0)
 
 
 def _merge(args, float_idx, floats):
@@ -99,3 +100,26 @@ def custom_vjp(forward: Callable, backward: Callable, nondiff: Sequence[int] = (
 
     f.defvjp(f_fwd, f_bwd)
     return f
+
+
+def check_backward(forward: Callable, backward: Callable, args_strategy, *, names: Sequence[str] | None = None,
+                   rtol: float = 1e-10, atol: float = 1e-12, settings=None) -> None:
+    """:func:`assert_backward` on every argument tuple Hypothesis draws from ``args_strategy`` (e.g.
+    :func:`jnnex.strategies.batchnorm_args`), each with its own random upstream gradient. Call it from a plain test
+    function; it runs under the active Hypothesis profile unless ``settings`` is given, and a failure shows the
+    table for the shrunk example.
+
+    Args:
+        forward, backward: the pair, in :mod:`jnnex.layers`' convention.
+        args_strategy: a strategy of argument tuples for ``forward`` (float64 arrays for a meaningful check).
+        names, rtol, atol: as :func:`compare`.
+        settings: a ``hypothesis.settings`` object to override the profile (``settings(max_examples=200)``).
+    """
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(args=args_strategy, seed=st.integers(0, 2**31 - 1))
+    def run(args, seed):
+        assert_backward(forward, backward, *args, names=names, key=jax.random.key(seed), rtol=rtol, atol=atol)
+
+    (settings(run) if settings is not None else run)()

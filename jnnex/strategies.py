@@ -1,0 +1,142 @@
+"""Hypothesis strategies for property-testing forward/backward pairs — jnnex's own suites use these; so can yours.
+
+Needs the ``test`` extra (``pip install "jnnex[test]"``, which brings Hypothesis). Everything follows the house rules
+for Hypothesis with JAX:
+
+* shapes are drawn from small fixed sets (every new shape is a new XLA compilation);
+* arrays are well conditioned — standard normal × ``scale`` from a drawn seed, no subnormals (XLA on CPU flushes them
+  to zero, numpy does not), no infinities or NaNs — and float64 by default (the dtype a meaningful check needs;
+  enable ``jax_enable_x64``);
+* parameters are random, never 0/1: biases and BatchNorm γ/β are perturbed (zeros hide a wrong backward).
+
+Each ``*_args`` strategy draws the argument tuple of one :mod:`jnnex.layers` forward, ready for
+:func:`jnnex.check.check_backward`::
+
+    from jnnex import layers, strategies
+    from jnnex.check import check_backward
+
+    def test_my_batchnorm_backward():
+        check_backward(layers.batchnorm_forward, my_batchnorm_backward, strategies.batchnorm_args())
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import strategies as st
+
+from jnnex.bn_mlp import BN_MLP_SMALL, BNMLPConfig, BNMLPParams, bn_mlp
+
+BATCH_SIZES = (2, 3, 8, 32, 64)  # 2 is the smallest batch BatchNorm accepts in train mode
+WIDTHS = (1, 3, 8)
+
+
+def seeds() -> st.SearchStrategy[int]:
+    return st.integers(0, 2**31 - 1)
+
+
+def arrays(shape, *, dtype=np.float64, scale: float = 1.0, offset: float = 0.0) -> st.SearchStrategy[jax.Array]:
+    """Arrays of ``shape``: ``offset + scale · N(0, 1)`` from a drawn seed, as ``dtype``; never subnormal."""
+    shape = tuple(shape)
+
+    def make(seed):
+        a = offset + scale * np.random.default_rng(seed).standard_normal(shape)
+        tiny = np.finfo(dtype).tiny
+        a = np.where(np.abs(a) < tiny, 0.0, a)  # flush subnormals the way XLA on CPU would
+        return jnp.asarray(a.astype(dtype))
+
+    return seeds().map(make)
+
+
+def indices(shape, n: int, *, repeat: bool = True) -> st.SearchStrategy[jax.Array]:
+    """int32 indices in ``[0, n)`` of ``shape``; with ``repeat`` the last one copies the first (a scatter-add must
+    accumulate repeated indices)."""
+    shape = tuple(shape)
+
+    def make(seed):
+        ix = np.random.default_rng(seed).integers(0, n, shape).astype(np.int32)
+        if repeat and ix.size > 1:
+            ix.reshape(-1)[-1] = ix.reshape(-1)[0]
+        return jnp.asarray(ix)
+
+    return seeds().map(make)
+
+
+def batch_sizes(min_size: int = 2, max_size: int = 64) -> st.SearchStrategy[int]:
+    return st.sampled_from([b for b in BATCH_SIZES if min_size <= b <= max_size])
+
+
+@st.composite
+def linear_args(draw, dtype=np.float64):
+    """``(x (B, [T,] Cin), W (Cin, Cout), b (Cout,))`` for :func:`jnnex.layers.linear_forward`."""
+    lead = draw(st.sampled_from([(draw(batch_sizes()),), (4, 3)]))
+    cin, cout = draw(st.sampled_from(WIDTHS)), draw(st.sampled_from(WIDTHS))
+    return (draw(arrays(lead + (cin,), dtype=dtype)), draw(arrays((cin, cout), dtype=dtype, scale=cin**-0.5)),
+            draw(arrays((cout,), dtype=dtype, scale=0.3)))
+
+
+@st.composite
+def tanh_args(draw, dtype=np.float64):
+    """``(x (B, C),)`` spread over tanh's curved and saturating range."""
+    return (draw(arrays((draw(batch_sizes()), draw(st.sampled_from(WIDTHS))), dtype=dtype, scale=2.0)),)
+
+
+@st.composite
+def batchnorm_args(draw, dtype=np.float64):
+    """``(x (B, C) or (B, T, C), γ (C,), β (C,))`` with γ around 1 and β around 0, never exactly."""
+    C = draw(st.sampled_from(WIDTHS))
+    lead = draw(st.sampled_from([(draw(batch_sizes()),), (draw(batch_sizes(max_size=8)), 3)]))
+    return (draw(arrays(lead + (C,), dtype=dtype, scale=draw(st.sampled_from([0.1, 1.0, 10.0])),
+                        offset=draw(st.sampled_from([0.0, 3.0])))),
+            draw(arrays((C,), dtype=dtype, scale=0.3, offset=1.0)), draw(arrays((C,), dtype=dtype, scale=0.3)))
+
+
+@st.composite
+def embedding_args(draw, dtype=np.float64):
+    """``(C (V, n_embd), ix (B, T))`` with a repeated index and (for V > B·T) rows never looked up."""
+    V, n_embd, B, T = (draw(st.sampled_from(s)) for s in ((5, 27), (2, 10), (2, 8), (1, 3)))
+    return draw(arrays((V, n_embd), dtype=dtype)), draw(indices((B, T), V))
+
+
+@st.composite
+def cross_entropy_args(draw, dtype=np.float64):
+    """``(logits (B, V), y (B,))``, logits of scale 0.1 … 10 (a near-uniform to a confident model)."""
+    B, V = draw(batch_sizes()), draw(st.sampled_from((5, 27)))
+    return (draw(arrays((B, V), dtype=dtype, scale=draw(st.sampled_from([0.1, 1.0, 10.0])))),
+            draw(indices((B,), V, repeat=False)))
+
+
+@st.composite
+def lm_configs(draw, shapes=("bn-mlp", "deep", "no-batchnorm")):
+    """Small :class:`~jnnex.bn_mlp.BNMLPConfig` s over T, n_embd, n_hidden and V: the lecture's single-BatchNorm
+    net (``bn-mlp``), a 3-layer BatchNorm stack (``deep``), and 2 layers without BatchNorm."""
+    shape = {"bn-mlp": dict(BN_MLP_SMALL), "deep": dict(n_layers=3),
+             "no-batchnorm": dict(n_layers=2, batchnorm=False, final_batchnorm=False)}[draw(st.sampled_from(shapes))]
+    return BNMLPConfig(**{**shape, "vocab_size": draw(st.sampled_from([5, 27])),
+                          "block_size": draw(st.sampled_from([1, 3])), "n_embd": draw(st.sampled_from([2, 5])),
+                          "n_hidden": draw(st.sampled_from([4, 12]))})
+
+
+def randomise(params, key, dtype=jnp.float64, scale: float = 0.3):
+    """``params`` cast to ``dtype`` with every vector (biases, γ, β) perturbed by ``scale · N(0, 1)``."""
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [p + scale * jax.random.normal(k, p.shape, dtype) if p.ndim == 1 else p for p, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@st.composite
+def lm_problems(draw, configs=None, batch=None, dtype=jnp.float64):
+    """``(cfg, params, state, x, y)``: a config, its random parameters (random biases and γ/β), its running state,
+    and a batch of windows ``x (B, T)`` with a repeated character and targets ``y (B,)``."""
+    cfg = draw(configs if configs is not None else lm_configs())
+    B = draw(batch if batch is not None else batch_sizes())
+    k1, k2 = jax.random.split(jax.random.key(draw(seeds())))
+    params, state = bn_mlp(cfg).init(k1)
+    params: BNMLPParams = randomise(params, k2, dtype)
+    state = jax.tree.map(lambda s: s.astype(dtype), state)
+    x = draw(indices((B, cfg.block_size), cfg.vocab_size))
+    y = draw(indices((B,), cfg.vocab_size, repeat=False))
+    return cfg, params, state, x, y

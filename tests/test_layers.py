@@ -1,0 +1,106 @@
+"""Every compact forward/backward pair of jnnex.layers against jax.vjp (float64, random upstream gradients, drawn by
+the exported strategies through the public checker), against finite differences, and at its edges."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import Phase, settings
+from jax.test_util import check_grads
+
+from jnnex import layers, strategies
+from jnnex.check import assert_backward, check_backward, custom_vjp
+
+PAIRS = {
+    "linear": (layers.linear_forward, layers.linear_backward, strategies.linear_args(), ["x", "W", "b"]),
+    "tanh": (layers.tanh_forward, layers.tanh_backward, strategies.tanh_args(), ["x"]),
+    "relu": (layers.relu_forward, layers.relu_backward, strategies.tanh_args(), ["x"]),
+    "batchnorm": (layers.batchnorm_forward, layers.batchnorm_backward, strategies.batchnorm_args(),
+                  ["x", "gamma", "beta"]),
+    "embedding": (layers.embedding_forward, layers.embedding_backward, strategies.embedding_args(), ["C", "ix"]),
+    "cross_entropy": (layers.cross_entropy_forward, layers.cross_entropy_backward, strategies.cross_entropy_args(),
+                      ["logits", "y"]),
+}
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_backward_equals_vjp_float64(name):
+    forward, backward, args, names = PAIRS[name]
+    check_backward(forward, backward, args, names=names, rtol=1e-10, atol=1e-12)
+
+
+def test_check_backward_finds_and_shows_a_wrong_backward():
+    def forgot_gamma(dy, cache):  # a classic: dxhat = dy instead of γ·dy
+        xhat, rstd, gamma, mean, var = cache
+        return layers.batchnorm_backward(dy, (xhat, rstd, jnp.ones_like(gamma), mean, var))
+
+    quick = settings(max_examples=5, phases=[Phase.generate], database=None)  # the failure, without shrinking it
+    with pytest.raises(AssertionError, match=r"x +\| exact: False \| approximate: False"):
+        check_backward(layers.batchnorm_forward, forgot_gamma, strategies.batchnorm_args(),
+                       names=["x", "gamma", "beta"], settings=quick)
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (16, 4), (4, 3, 2)])
+def test_finite_differences_batchnorm(shape):
+    k = jax.random.split(jax.random.key(sum(shape)), 3)
+    x = 0.5 + 2.0 * jax.random.normal(k[0], shape, jnp.float64)
+    gamma = 1.0 + 0.3 * jax.random.normal(k[1], shape[-1:], jnp.float64)
+    beta = 0.3 * jax.random.normal(k[2], shape[-1:], jnp.float64)
+    bn = custom_vjp(layers.batchnorm_forward, layers.batchnorm_backward)  # reverse mode = the hand-written backward
+    check_grads(bn, (x, gamma, beta), order=1, modes=("rev",))
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0])
+def test_finite_differences_cross_entropy(scale):
+    logits = scale * jax.random.normal(jax.random.key(3), (8, 5), jnp.float64)
+    y = jnp.array([0, 1, 4, 4, 2, 3, 0, 1], jnp.int32)
+    ce = custom_vjp(layers.cross_entropy_forward, layers.cross_entropy_backward, nondiff=(1,))
+    check_grads(lambda logits: ce(logits, y), (logits,), order=1, modes=("rev",))
+
+
+def test_a_wrong_backward_fails_finite_differences():
+    wrong = custom_vjp(layers.tanh_forward, lambda dy, y: (1.0 - y) * dy)  # forgot the square
+    x = jax.random.normal(jax.random.key(0), (4, 3), jnp.float64)
+    with pytest.raises(AssertionError):
+        check_grads(wrong, (x,), order=1, modes=("rev",))
+
+
+def test_batchnorm_constant_feature_column():
+    x = jax.random.normal(jax.random.key(1), (6, 3), jnp.float64).at[:, 1].set(7.0)  # zero variance in column 1
+    gamma, beta = jnp.array([1.3, 0.7, 0.9], jnp.float64), jnp.array([0.1, -0.2, 0.3], jnp.float64)
+    y, cache = layers.batchnorm_forward(x, gamma, beta)
+    np.testing.assert_allclose(y[:, 1], beta[1], rtol=1e-12)  # the column normalises to 0, leaving β
+    dx, dgamma, dbeta = layers.batchnorm_backward(jax.random.normal(jax.random.key(2), (6, 3), jnp.float64), cache)
+    assert np.isfinite(np.asarray(dx)).all()
+    assert_backward(layers.batchnorm_forward, layers.batchnorm_backward, x, gamma, beta)
+
+
+def test_cross_entropy_with_logits_of_plus_minus_1e4():
+    logits = jnp.where(jax.random.bernoulli(jax.random.key(0), 0.5, (6, 7)), 1e4, -1e4).astype(jnp.float64)
+    logits = logits.at[:, 0].set(1e4)  # every row has a maximum; targets below it have probability e^-20000 = 0
+    y = jnp.array([0, 1, 2, 3, 4, 5], jnp.int32)
+    loss, cache = layers.cross_entropy_forward(logits, y)
+    assert np.isfinite(float(loss)) and float(loss) > 1e3
+    dlogits, _ = layers.cross_entropy_backward(jnp.float64(1.0), cache)
+    p = np.asarray(logits == logits.max(1, keepdims=True), np.float64)
+    expected = (p / p.sum(1, keepdims=True) - np.eye(7)[np.asarray(y)]) / 6  # softmax is uniform over the maxima
+    np.testing.assert_allclose(dlogits, expected, rtol=1e-12, atol=1e-15)
+    assert_backward(layers.cross_entropy_forward, layers.cross_entropy_backward, logits, y)
+
+
+def _f64(*shape):
+    return jax.random.normal(jax.random.key(len(shape)), shape, jnp.float64)
+
+
+FIXED_ARGS = {"linear": (_f64(4, 3), _f64(3, 2), _f64(2)), "tanh": (_f64(4, 3),), "relu": (_f64(4, 3),),
+              "batchnorm": (_f64(4, 3), _f64(3), _f64(3)), "embedding": (_f64(5, 2), jnp.array([[1, 4]], jnp.int32)),
+              "cross_entropy": (_f64(4, 3), jnp.array([0, 2, 1, 1], jnp.int32))}
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_wrongly_shaped_upstream_gradient_is_a_clear_error(name):
+    forward, backward, _, _ = PAIRS[name]
+    out, cache = forward(*FIXED_ARGS[name])
+    bad = jnp.ones(jnp.shape(out) + (2,), jnp.result_type(out))
+    with pytest.raises(ValueError, match="must have shape"):
+        backward(bad, cache)
