@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick] [--only NAME ...] [--out DIR]``: run the benchmarks, print tables, write JSON."""
+"""``python -m benchmarks [--quick] [--only NAME ...] [--out DIR] [--png]`` (or ``jnnex bench …``): run the
+benchmarks, print tables, write JSON (and, with ``--png``, time-vs-batch pictures; needs matplotlib)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 from benchmarks.harness import RESULTS, write
 
-SUITES = ["moons"]
+SUITES = ["moons", "backward", "training"]
 
 
 def main(argv=None) -> int:
@@ -17,12 +18,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, one repetition (under a minute)")
     ap.add_argument("--only", nargs="+", choices=SUITES, help="run only these suites")
     ap.add_argument("--out", default=str(RESULTS), help=f"directory for the JSON results (default {RESULTS})")
+    ap.add_argument("--png", action="store_true", help="also draw <suite>.png where a suite has a picture")
     args = ap.parse_args(argv)
     for name in args.only or SUITES:
         t0 = time.perf_counter()
-        result = importlib.import_module(f"benchmarks.{name}").run(quick=args.quick)
+        module = importlib.import_module(f"benchmarks.{name}")
+        result = module.run(quick=args.quick)
         path = write(name + ("-quick" if args.quick else ""), {**result, "quick": args.quick}, args.out)
         print(f"\n## {name} ({time.perf_counter() - t0:.1f} s) -> {path}\n\n{result['table']}")
+        if args.png and hasattr(module, "plot"):
+            print(f"picture -> {module.plot(result, path.with_suffix('.png'))}")
     return 0
 
 

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--json", action="store_true", help="print {lrs, losses} as JSON")
+    sub.add_parser("bench", add_help=False,
+                   help="the benchmarks: hand-written backwards vs autodiff, training throughput (= python -m "
+                        "benchmarks; `jnnex bench --help`)")
     return ap
 
 
@@ -210,14 +213,11 @@ def cmd_train_moons(args) -> int:
 
 def _manual(model):
     """The same model with its hand-written backward as the gradient (jax.grad nowhere in the training path)."""
-    from jnnex import backprop, mlp_lm
-
-    manual = {"mlp": mlp_lm.mlp_lm_manual, "bn-mlp": lambda cfg: backprop.bn_mlp_manual(cfg, "bn-mlp"),
-              "deep-mlp": backprop.bn_mlp_manual}
-    if model.name not in manual:
+    spec = get_spec(model.name)
+    if spec.manual is None:
         raise ValueError(f"--backward manual: model {model.name!r} has no hand-written backward "
-                         f"(available for {sorted(manual)})")
-    return manual[model.name](model.cfg)
+                         f"(available for {sorted(n for n, s in REGISTRY.items() if s.manual)})")
+    return spec.manual(model.cfg)
 
 
 def cmd_train(args) -> int:
@@ -401,6 +401,11 @@ def cmd_lr_find(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser: every option after `bench` belongs to the benchmarks
+        from benchmarks.__main__ import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot, "diagnose": cmd_diagnose, "ladder": cmd_ladder,
                 "lr-find": cmd_lr_find}

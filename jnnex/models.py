@@ -1,7 +1,8 @@
 """The model registry behind ``jnnex train --model NAME``: each language model with its defaults and presets.
 
 A later model joins by adding one :class:`ModelSpec` to :data:`REGISTRY`; the CLI, evaluation, sampling and
-benchmarks pick it up from here.
+benchmarks pick it up from here (a model with a hand-written backward sets ``manual``: ``--backward manual`` and the
+manual-vs-autodiff benchmarks then include it).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from jnnex.backprop import bn_mlp_manual
 from jnnex.bigram import BigramConfig, counting_bigram, neural_bigram
 from jnnex.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp
 from jnnex.lm import LanguageModel
-from jnnex.mlp_lm import MLPConfig, mlp_lm
+from jnnex.mlp_lm import MLPConfig, mlp_lm, mlp_lm_manual
 from jnnex.train import TrainConfig
 
 
@@ -28,6 +30,7 @@ class ModelSpec:
     presets: dict[str, tuple[dict, dict]] = dataclasses.field(default_factory=dict)  # name -> (model, train) overrides
     summary: str = ""
     defaults: dict = dataclasses.field(default_factory=dict)  # config fields that differ from config_cls's defaults
+    manual: Callable[[Any], LanguageModel] | None = None  # config -> the model on its hand-written backward
 
     def config(self, **overrides):
         """The model config: ``config_cls`` defaults, then this entry's ``defaults``, then ``overrides``."""
@@ -47,7 +50,7 @@ REGISTRY: dict[str, ModelSpec] = {
         summary="neural bigram: logits = onehot(x) @ W, trained by gradient descent (makemore part 1)",
     ),
     "mlp": ModelSpec(
-        mlp_lm, MLPConfig, TrainConfig(),
+        mlp_lm, MLPConfig, TrainConfig(), manual=mlp_lm_manual,
         presets={
             # makemore part 2 exactly: N(0, 1) init, 200k steps, batch 32, lr 0.1 -> 0.01 at 100k.
             "lecture": ({"init": "lecture"}, {}),
@@ -59,10 +62,11 @@ REGISTRY: dict[str, ModelSpec] = {
     ),
     "bn-mlp": ModelSpec(
         functools.partial(bn_mlp, name="bn-mlp"), BNMLPConfig, TrainConfig(), defaults=BN_MLP_SMALL,
+        manual=functools.partial(bn_mlp_manual, name="bn-mlp"),
         summary="one hidden layer (200) with BatchNorm, as in makemore parts 3-4",
     ),
     "deep-mlp": ModelSpec(
-        bn_mlp, BNMLPConfig, TrainConfig(),
+        bn_mlp, BNMLPConfig, TrainConfig(), manual=bn_mlp_manual,
         summary="5 hidden layers of 100, Linear -> BatchNorm -> tanh, final BatchNorm (makemore part 3)",
     ),
 }

@@ -139,3 +139,9 @@ def test_backward_manual_switch(capsys):
     assert results["manual"]["dev_loss"] == pytest.approx(results["autodiff"]["dev_loss"], abs=2e-3)
     code, _, err = run(capsys, "train", "--model", "bigram", "--backward", "manual")
     assert code == 2 and "no hand-written backward" in err
+
+
+def test_bench_subcommand_forwards_to_the_benchmarks(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--only", "no-such-suite"])
+    assert e.value.code == 2 and "invalid choice: 'no-such-suite'" in capsys.readouterr().err

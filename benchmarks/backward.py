@@ -1,0 +1,270 @@
+"""Hand-derived gradients against autodiff, per layer and per model: time per gradient across batch sizes, compile
+time, XLA's memory accounting, and accuracy.
+
+Every case gives three jitted functions of the same inputs that return the same gradients:
+
+* ``manual`` — the hand-written backward (the layer's ``*_backward``, or the model's ``grad_fn``),
+* ``jax.grad`` — autodiff of the scalar objective (for a layer: ``Σ out · dout`` with a random ``dout``),
+* ``jax.vjp`` — autodiff's pullback applied to the same ``dout``.
+
+Each includes the forward pass (a backward needs its forward's cache). Models join from :data:`jnnex.models.REGISTRY`:
+every registered model with a ``manual`` twin is benchmarked at its default configuration (vocabulary 27, block 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.harness import interleaved, table
+from jnnex import layers, mlp
+from jnnex.models import REGISTRY
+
+V, T, N_EMBD, H = 27, 3, 10, 200  # the lecture's sizes: vocabulary, context, embedding, hidden width
+CONTENDERS = ("manual", "jax.grad", "jax.vjp")
+QUICK_SKIP = ("moons-mlp 2-16-16-1", "deep-mlp")  # --quick exercises the code paths; these add compile time only
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    kind: str  # "layer" or "model"
+    make: Callable  # (batch, dtype, seed) -> (args tuple, {contender: fn(*args) -> grads})
+
+
+def _normal(seed, shape, dtype, scale=1.0):
+    """numpy's generator (no XLA compilation per shape), drawn in float32 and cast, so the float32 and float64 runs of
+    a case see the same numbers."""
+    return jnp.asarray((scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32), dtype)
+
+
+def _ints(seed, shape, high):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, high, shape), jnp.int32)
+
+
+def _layer_case(name, forward, backward, make_args, diff_argnums):
+    """A layer: ``forward(*inputs) -> (out, cache)``; gradients of ``Σ out · dout`` w.r.t. ``diff_argnums``."""
+
+    def make(batch, dtype, seed):
+        inputs = make_args(batch, dtype, seed)
+        out = jax.eval_shape(lambda *a: forward(*a)[0], *inputs)
+        dout = _normal(seed + 99, out.shape, dtype)
+
+        def manual(dout, *inputs):
+            grads = backward(dout, forward(*inputs)[1])
+            grads = grads if isinstance(grads, tuple) else (grads,)
+            return tuple(grads[i] for i in diff_argnums)
+
+        def pick(*inputs):  # the differentiable inputs as positional arguments, the rest fixed
+            def f(*diff):
+                full = list(inputs)
+                for i, d in zip(diff_argnums, diff):
+                    full[i] = d
+                return forward(*full)[0]
+            return f, tuple(inputs[i] for i in diff_argnums)
+
+        def grad(dout, *inputs):
+            f, diff = pick(*inputs)
+            return jax.grad(lambda *d: jnp.sum(f(*d) * dout), argnums=tuple(range(len(diff))))(*diff)
+
+        def vjp(dout, *inputs):
+            f, diff = pick(*inputs)
+            return jax.vjp(f, *diff)[1](dout)
+
+        return (dout, *inputs), {"manual": manual, "jax.grad": grad, "jax.vjp": vjp}
+
+    return Case(name, "layer", make)
+
+
+def _model_case(name):
+    spec = REGISTRY[name]
+    cfg = spec.config(vocab_size=V)
+    auto, manual_model = spec.build(cfg), spec.manual(cfg)
+
+    init = jax.jit(auto.init)
+
+    def make(batch, dtype, seed):
+        params, state = jax.tree.map(lambda a: a.astype(dtype), init(jax.random.key(seed)))
+        x, y = _ints(seed + 1, (batch, auto.block_size), V), _ints(seed + 2, (batch,), V)
+
+        def manual(params, state, x, y):
+            return manual_model.grad_fn(cfg, params, state, x, y)[1]
+
+        def grad(params, state, x, y):
+            return jax.grad(lambda p: auto.objective(p, state, x, y)[0])(params)
+
+        def vjp(params, state, x, y):
+            loss, pullback = jax.vjp(lambda p: auto.objective(p, state, x, y)[0], params)
+            return pullback(jnp.ones_like(loss))[0]
+
+        return (params, state, x, y), {"manual": manual, "jax.grad": grad, "jax.vjp": vjp}
+
+    return Case(name, "model", make)
+
+
+def _moons_case():
+    sizes = [2, 16, 16, 1]
+
+    def make(batch, dtype, seed):
+        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), mlp.init(jax.random.key(seed), sizes))
+        x, y = _normal(seed + 1, (batch, 2), dtype), jnp.sign(_normal(seed + 2, (batch,), dtype))
+
+        def manual(params, x, y):
+            return mlp.loss_and_grads(params, x, y)[2]
+
+        def grad(params, x, y):
+            return jax.grad(mlp.loss_fn)(params, x, y)
+
+        def vjp(params, x, y):
+            loss, pullback = jax.vjp(lambda p: mlp.loss_fn(p, x, y), params)
+            return pullback(jnp.ones_like(loss))[0]
+
+        return (params, x, y), {"manual": manual, "jax.grad": grad, "jax.vjp": vjp}
+
+    return Case("moons-mlp 2-16-16-1", "model", make)
+
+
+def cases() -> list[Case]:
+    def linear_args(b, dt, seed):
+        return _normal(seed, (b, T * N_EMBD), dt), _normal(seed + 1, (T * N_EMBD, H), dt, 0.2), \
+            _normal(seed + 2, (H,), dt)
+
+    def bn_args(b, dt, seed):
+        return _normal(seed, (b, H), dt, 2.0), 1.0 + _normal(seed + 1, (H,), dt, 0.1), _normal(seed + 2, (H,), dt, 0.1)
+
+    def emb_args(b, dt, seed):
+        return _normal(seed, (V, N_EMBD), dt), _ints(seed + 1, (b, T), V)
+
+    def ce_args(b, dt, seed):
+        return _normal(seed, (b, V), dt, 2.0), _ints(seed + 1, (b,), V)
+
+    return [
+        _layer_case(f"linear {T * N_EMBD}->{H}", layers.linear_forward, layers.linear_backward, linear_args,
+                    (0, 1, 2)),
+        _layer_case(f"tanh ({H})", layers.tanh_forward, layers.tanh_backward,
+                    lambda b, dt, seed: (_normal(seed, (b, H), dt),), (0,)),
+        _layer_case(f"batchnorm ({H})", layers.batchnorm_forward, layers.batchnorm_backward, bn_args, (0, 1, 2)),
+        _layer_case(f"embedding ({V}x{N_EMBD}, T={T})", layers.embedding_forward, layers.embedding_backward,
+                    emb_args, (0,)),
+        _layer_case(f"cross-entropy (V={V})", layers.cross_entropy_forward, layers.cross_entropy_backward, ce_args,
+                    (0,)),
+        _moons_case(),
+        *(_model_case(name) for name, spec in REGISTRY.items() if spec.manual is not None),
+    ]
+
+
+def hlo_buffers(compiled) -> int:
+    """Top-level instructions of the optimised entry computation that produce an array (fusions, dots, reductions,
+    scatters, …): each is one materialised intermediate buffer. Parameters, constants, tuples and bitcasts excluded."""
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY"):]
+    entry = entry[: entry.index("\n}")]
+    skip = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
+    ops = re.findall(r"=\s*\S+\s+([a-z\-]+)\(", entry)
+    return sum(op not in skip for op in ops)
+
+
+def _compile(fn, args):
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    return compiled, {"compile_s": seconds, "temp_bytes": int(mem.temp_size_in_bytes),
+                      "output_bytes": int(mem.output_size_in_bytes), "buffers": hlo_buffers(compiled)}
+
+
+def _inner_repeats(fn, target_s: float = 0.01) -> int:
+    """Calls per timing sample so that one sample lasts ~``target_s`` (timer and dispatch noise amortised)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    once = max(time.perf_counter() - t0, 1e-6)
+    return max(1, min(1000, int(target_s / once)))
+
+
+def _max_diffs(a, b) -> tuple[float, float]:
+    a, b = (np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)]) for t in (a, b))
+    abs_diff = float(np.max(np.abs(a - b)))
+    return abs_diff, abs_diff / float(np.max(np.abs(b)))
+
+
+def run(quick: bool = False) -> dict:
+    batches = (64,) if quick else (32, 256, 1024, 4096, 8192)
+    repeats = 2 if quick else 7
+    accuracy_batch = 64 if quick else 256
+    seed = 0
+    rows, acc_rows = [], []
+    for case in cases():
+        if quick and case.name in QUICK_SKIP:
+            continue
+        for batch in batches:
+            args, fns = case.make(batch, jnp.float32, seed)
+            compiled, info = {}, {}
+            for name in CONTENDERS:
+                compiled[name], info[name] = _compile(fns[name], args)
+            calls = {name: (lambda c=compiled[name]: jax.block_until_ready(c(*args))) for name in CONTENDERS}
+            inner = _inner_repeats(calls["jax.grad"])
+            timed = {name: (lambda fn=fn: [fn() for _ in range(inner)]) for name, fn in calls.items()}
+            for fn in timed.values():
+                fn()  # warm-up: the first runs of a fresh executable allocate and spin up threads
+            timings = interleaved(timed, repeats)
+            base = timings["jax.grad"]["median"] / inner
+            for name in CONTENDERS:
+                t = timings[name]["median"] / inner
+                rows.append({"case": case.name, "kind": case.kind, "batch": batch, "backward": name,
+                             "us_per_grad": 1e6 * t, "spread": timings[name]["spread"], "vs_jax_grad": t / base,
+                             **info[name]})
+        acc_rows.append(_accuracy(case, accuracy_batch, seed))
+    speed_cols = ["case", "batch", "backward", "us_per_grad", "spread", "vs_jax_grad", "compile_s", "temp_bytes",
+                  "buffers"]
+    acc_cols = ["case", "f64 max abs", "f64 max rel", "f32 max abs", "f32 max rel", "f32 jax.grad vs f64"]
+    text = table(rows, speed_cols) + "\n\nAccuracy (batch %d): manual vs jax.grad\n\n" % accuracy_batch + \
+        table(acc_rows, acc_cols)
+    return {"name": "backward", "rows": rows, "accuracy": acc_rows, "table": text,
+            "settings": {"batches": list(batches), "repeats": repeats, "accuracy_batch": accuracy_batch,
+                         "sizes": {"V": V, "T": T, "n_embd": N_EMBD, "H": H}}}
+
+
+def _accuracy(case: Case, batch: int, seed: int) -> dict:
+    """Manual vs ``jax.grad`` in float64 and float32 (max abs, and relative to the largest gradient entry); and how far
+    float32 autodiff itself is from float64, for scale."""
+    row = {"case": case.name, "batch": batch}
+    results = {}
+    for dtype, tag in ((jnp.float64, "f64"), (jnp.float32, "f32")):
+        with jax.enable_x64(True):
+            args, fns = case.make(batch, dtype, seed)
+            results[tag] = {name: jax.jit(fns[name])(*args) for name in ("manual", "jax.grad")}
+        row[f"{tag} max abs"], row[f"{tag} max rel"] = _max_diffs(results[tag]["manual"], results[tag]["jax.grad"])
+    row["f32 jax.grad vs f64"] = _max_diffs(results["f32"]["jax.grad"], results["f64"]["jax.grad"])[1]
+    return row
+
+
+def plot(result: dict, path):
+    """Time per gradient against batch size, one panel per case: manual vs ``jax.grad`` vs ``jax.vjp`` (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["case"] for r in result["rows"]))
+    cols = 3
+    fig, axes = plt.subplots((len(names) + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((len(names) + 2) // 3)),
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for contender in CONTENDERS:
+            pts = [(r["batch"], r["us_per_grad"]) for r in result["rows"]
+                   if r["case"] == name and r["backward"] == contender]
+            ax.plot(*zip(*pts), marker="o", label=contender)
+        ax.set(xscale="log", yscale="log", title=name, xlabel="batch", ylabel="µs per gradient")
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

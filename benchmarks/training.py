@@ -1,0 +1,128 @@
+"""Training throughput against the machine's limit: steps/s and achieved GFLOP/s of the jitted, scanned training step
+of every trainable language model (on ``jax.grad`` and, where it has one, on its hand-written backward) at batch 32,
+256 and 4,096, next to the float32 matmul peak measured in the same run — and, only when PyTorch is installed, the same
+networks trained in PyTorch eager on the CPU, timed in the same rounds.
+
+FLOPs per step are XLA's own count for the compiled single step (``cost_analysis()["flops"]``), so GFLOP/s reads as
+"useful arithmetic per second"; the fraction of the matmul peak says how close a step comes to what the cores can do.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.harness import interleaved, table
+from jnnex.data import load_words, make_splits
+from jnnex.models import REGISTRY
+from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_run, make_step
+
+STEPS_PER_CALL = {32: 200, 256: 50, 4096: 5}  # one timing sample ≈ tens of milliseconds at every batch size
+
+
+def matmul_peak(quick: bool = False) -> dict:
+    """float32 matmul GFLOP/s, jitted ``jnp.dot`` and numpy side by side; the best median is the peak."""
+    sizes = (512,) if quick else (1024, 2048)
+    rng = np.random.default_rng(0)
+    contenders, flops = {}, {}
+    for n in sizes:
+        a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        dot = jax.jit(jnp.dot)
+        dot(ja, jb).block_until_ready()
+        contenders[f"jax n={n}"] = lambda dot=dot, ja=ja, jb=jb: dot(ja, jb).block_until_ready()
+        contenders[f"numpy n={n}"] = lambda a=a, b=b: a @ b
+        flops[f"jax n={n}"] = flops[f"numpy n={n}"] = 2.0 * n**3
+    timings = interleaved(contenders, 3 if quick else 7)
+    gflops = {k: flops[k] / v["median"] / 1e9 for k, v in timings.items()}
+    return {"gflops": gflops, "peak_gflops": max(gflops.values())}
+
+
+def _variants(name: str, spec, vocab_size: int):
+    cfg = spec.config(vocab_size=vocab_size)
+    yield "jax.grad", spec.build(cfg)
+    if spec.manual is not None:
+        yield "manual", spec.manual(cfg)
+
+
+def run(quick: bool = False) -> dict:
+    batches = (32,) if quick else (32, 256, 4096)
+    repeats = 1 if quick else 5
+    words = load_words("census-first")
+    peak = matmul_peak(quick)
+    torch_peer = _torch()
+    rows = []
+    for name, spec in REGISTRY.items():
+        if spec.fitted or spec.train.batch_size is None:
+            continue  # counted, or full-batch by design
+        if quick and name != "bn-mlp":
+            continue
+        splits = make_splits(words, spec.config().block_size)
+        X, Y = jnp.asarray(splits.train[0]), jnp.asarray(splits.train[1])
+        for batch in batches:
+            n_steps = 20 if quick else STEPS_PER_CALL[batch]
+            contenders, flops, models = {}, {}, {}
+            for variant, model in _variants(name, spec, splits.vocab.size):
+                opt = make_optimizer(TrainConfig())
+                step = make_step(model, opt)
+                run_fn = make_run(step, batch)
+                ts = init_train_state(model, opt, jax.random.key(0))
+                x, y = X[:batch], Y[:batch]
+                compiled = jax.jit(step).lower(ts, (x, y), jax.random.key(0)).compile()
+                flops[variant] = float(compiled.cost_analysis()["flops"])
+                t0 = time.perf_counter()
+                jax.block_until_ready(run_fn(ts, X, Y, jax.random.key(1), n_steps=n_steps))  # compile + warm
+                compile_s = time.perf_counter() - t0
+                contenders[variant] = (lambda run_fn=run_fn, ts=ts:
+                                       jax.block_until_ready(run_fn(ts, X, Y, jax.random.key(1), n_steps=n_steps)))
+                models[variant] = (model, compile_s)
+            if torch_peer is not None:
+                torch_step = torch_peer(REGISTRY[name].build(REGISTRY[name].config(vocab_size=splits.vocab.size)),
+                                        np.asarray(X), np.asarray(Y), batch)
+                torch_step(1)
+                contenders["torch eager"] = lambda torch_step=torch_step: torch_step(n_steps)
+            timings = interleaved(contenders, repeats)
+            base = timings["jax.grad"]["median"] / n_steps
+            for variant, t in timings.items():
+                per_step = t["median"] / n_steps
+                f = flops.get(variant, flops["jax.grad"])  # torch does the same arithmetic (its own count unknown)
+                rows.append({"model": name, "batch": batch, "step": variant, "us_per_step": 1e6 * per_step,
+                             "spread": t["spread"], "steps_per_s": 1.0 / per_step, "vs_jax_grad": per_step / base,
+                             "mflop_per_step": f / 1e6, "gflops": f / per_step / 1e9,
+                             "of_peak": f / per_step / 1e9 / peak["peak_gflops"],
+                             "compile_s": models[variant][1] if variant in models else None})
+    for r in rows:  # PyTorch as a ratio: how many times faster jnnex's step is
+        torch_row = next((t for t in rows if t["model"] == r["model"] and t["batch"] == r["batch"]
+                          and t["step"] == "torch eager"), None)
+        r["torch_over_this"] = torch_row["us_per_step"] / r["us_per_step"] if torch_row else None
+    cols = ["model", "batch", "step", "us_per_step", "spread", "steps_per_s", "vs_jax_grad", "mflop_per_step",
+            "gflops", "of_peak", "torch_over_this"]
+    peak_text = ", ".join(f"{k}: {v:.1f}" for k, v in peak["gflops"].items())
+    text = f"float32 matmul GFLOP/s ({peak_text}); peak {peak['peak_gflops']:.1f}\n" + \
+        ("torch: " + _torch_version() if torch_peer else "torch: not installed (peer skipped)") + "\n\n" + \
+        table(rows, cols)
+    return {"name": "training", "rows": rows, "matmul": peak, "torch": _torch_version() if torch_peer else None,
+            "table": text, "settings": {"batches": list(batches), "repeats": repeats,
+                                         "steps_per_call": {b: (20 if quick else STEPS_PER_CALL[b]) for b in batches},
+                                         "data": "census-first", "optimizer": "SGD, TrainConfig() defaults"}}
+
+
+def _torch_version():
+    import torch
+
+    return f"{torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def _torch():
+    """A builder of PyTorch-eager training steps, or None when torch is not installed (it is never a dependency)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from benchmarks.torch_peer import make_torch_step
+
+    del torch
+    return make_torch_step
