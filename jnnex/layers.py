@@ -195,7 +195,9 @@ def batchnorm_forward(x, gamma, beta, eps: float = 1e-5):
         x: (..., C) activations; the statistics run over all leading axes (n = their product rows).
         gamma, beta: (C,) gain and shift.
     Returns:
-        ``(y, cache)``; ``cache`` holds ``xhat``, ``rstd``, ``gamma`` and the batch ``mean``/biased ``var``.
+        ``(y, cache)``; ``cache`` holds ``x``, ``rstd``, ``gamma`` and the batch ``mean``/biased ``var`` (llm.c's
+        choice: the backward recomputes ``xhat`` from ``x``, ``mean`` and ``rstd`` inside its fused passes, which
+        measured faster than storing ``xhat`` — one (..., C) array less written per layer).
     """
     C = x.shape[-1]
     if gamma.shape != (C,) or beta.shape != (C,):
@@ -209,22 +211,24 @@ def batchnorm_forward(x, gamma, beta, eps: float = 1e-5):
     rstd = jax.lax.rsqrt(var + eps)  # (C,)
     xhat = xc * _per_channel(rstd, x.ndim)  # (..., C)
     y = xhat * _per_channel(gamma, x.ndim) + _per_channel(beta, x.ndim)
-    return y, (xhat, rstd, gamma, mean, var)
+    return y, (x, rstd, gamma, mean, var)
 
 
 def batchnorm_backward(dy, cache):
-    """``dx = rstd/n · (n·dxhat - Σdxhat - xhat·Σ(dxhat·xhat))`` with ``dxhat = γ·dy``; ``dγ = Σ dy·xhat``, ``dβ = Σ dy``."""
-    xhat, rstd, gamma, _, _ = cache
-    _check_shape("batchnorm_backward: dy", dy, xhat.shape)
+    """``dx = γ·rstd/n · (n·dy - Σdy - xhat·Σ(dy·xhat))``; ``dγ = Σ dy·xhat``, ``dβ = Σ dy``.
+
+    The lecture's form with ``dxhat = γ·dy`` and ``Σdxhat``, ``Σdxhat·xhat``, with γ taken out of the sums: they are
+    then ``dβ`` and ``dγ``, so the whole backward reads ``dy`` in two reductions (one fused pass) and one elementwise pass.
+    """
+    x, rstd, gamma, mean, _ = cache
+    _check_shape("batchnorm_backward: dy", dy, x.shape)
     axes = tuple(range(dy.ndim - 1))
     n = _bn_rows(dy)
+    d = dy.ndim
+    xhat = (x - _per_channel(mean, d)) * _per_channel(rstd, d)  # (..., C), recomputed (see batchnorm_forward)
     dgamma = (dy * xhat).sum(axes)  # (C,)
     dbeta = dy.sum(axes)  # (C,)
-    d = dy.ndim
-    dxhat = dy * _per_channel(gamma, d)  # (..., C)
-    dx = _per_channel(rstd / n, d) * (
-        n * dxhat - _per_channel(dxhat.sum(axes), d) - xhat * _per_channel((dxhat * xhat).sum(axes), d)
-    )
+    dx = _per_channel(gamma * rstd / n, d) * (n * dy - _per_channel(dbeta, d) - xhat * _per_channel(dgamma, d))
     return dx, dgamma, dbeta
 
 

@@ -31,8 +31,8 @@ def test_backward_equals_vjp_float64(name):
 
 def test_check_backward_finds_and_shows_a_wrong_backward():
     def forgot_gamma(dy, cache):  # a classic: dxhat = dy instead of γ·dy
-        xhat, rstd, gamma, mean, var = cache
-        return layers.batchnorm_backward(dy, (xhat, rstd, jnp.ones_like(gamma), mean, var))
+        x, rstd, gamma, mean, var = cache
+        return layers.batchnorm_backward(dy, (x, rstd, jnp.ones_like(gamma), mean, var))
 
     quick = settings(max_examples=5, phases=[Phase.generate], database=None)  # the failure, without shrinking it
     with pytest.raises(AssertionError, match=r"x +\| exact: False \| approximate: False"):
