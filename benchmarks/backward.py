@@ -195,7 +195,7 @@ def _max_diffs(a, b) -> tuple[float, float]:
 
 def run(quick: bool = False) -> dict:
     batches = (64,) if quick else (32, 256, 1024, 4096, 8192)
-    repeats = 2 if quick else 7
+    repeats = 2 if quick else 9
     accuracy_batch = 64 if quick else 256
     seed = 0
     rows, acc_rows = [], []

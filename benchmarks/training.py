@@ -50,7 +50,7 @@ def _variants(name: str, spec, vocab_size: int):
 
 def run(quick: bool = False) -> dict:
     batches = (32,) if quick else (32, 256, 4096)
-    repeats = 1 if quick else 5
+    repeats = 1 if quick else 7
     words = load_words("census-first")
     peak = matmul_peak(quick)
     torch_peer = _torch()
