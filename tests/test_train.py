@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,9 @@ from hypothesis import strategies as st
 from jnnex.data import Vocab, build_windows, load_words, make_splits
 from jnnex.lm import evaluate
 from jnnex.mlp_lm import MLPConfig, mlp_lm
-from jnnex.train import NonFiniteLossError, TrainConfig, fit, init_train_state, lr_find, make_optimizer, make_run, \
-    make_step
+from jnnex.train import (
+    NonFiniteLossError, TrainConfig, TrainState, fit, init_train_state, lr_find, make_optimizer, make_run, make_step,
+)
 
 WORDS = load_words("census-first")[:600]
 SPLITS = make_splits(WORDS, 3)
@@ -24,28 +26,33 @@ V = SPLITS.vocab.size
 def test_step_gradients_equal_jax_grad(seed, T, n_embd, n_hidden, B):
     """The machinery's step applies exactly -lr * jax.grad(loss) (plain SGD), in float64."""
     cfg = MLPConfig(vocab_size=V, block_size=T, n_embd=n_embd, n_hidden=n_hidden)
-    model = mlp_lm(cfg)
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    params, state = model.init(k1)
+    params, state = mlp_lm(cfg).init(k1)
     params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
     x = jax.random.randint(k2, (B, T), 0, V, dtype=jnp.int32)
     y = jax.random.randint(k3, (B,), 0, V, dtype=jnp.int32)
-    lr = 0.37
-    optimizer = optax.sgd(lr)
-    step = make_step(model, optimizer)
-    from jnnex.train import TrainState
+    new_ts, metrics, grads, ref_loss = step_and_reference(cfg, params, state, x, y)
+    for p_new, p_old, g in zip(new_ts.params, params, grads):
+        np.testing.assert_allclose((p_old - p_new) / LR, g, rtol=1e-10, atol=1e-12)
+    assert float(metrics["loss"]) == pytest.approx(float(ref_loss), rel=1e-12)
 
+
+LR = 0.37
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def step_and_reference(cfg, params, state, x, y):
+    """One compilation per shape: the machinery's SGD step, and jax.grad of the loss written out independently."""
+    model = mlp_lm(cfg)
+    optimizer = optax.sgd(LR)
     ts = TrainState(params, state, optimizer.init(params), jnp.zeros((), jnp.int32))
-    new_ts, metrics = jax.jit(step)(ts, (x, y), jax.random.key(0))
+    new_ts, metrics = make_step(model, optimizer)(ts, (x, y), jax.random.key(0))
 
     def loss(p):
         logits = model.apply(p, state, x, train=True)[0]
-        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(B), y])
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(x.shape[0]), y])
 
-    grads = jax.grad(loss)(params)
-    for p_new, p_old, g in zip(new_ts.params, params, grads):
-        np.testing.assert_allclose((p_old - p_new) / lr, g, rtol=1e-10, atol=1e-12)
-    assert float(metrics["loss"]) == pytest.approx(float(loss(params)), rel=1e-12)
+    return new_ts, metrics, jax.grad(loss)(params), loss(params)
 
 
 def test_second_call_does_not_recompile():
