@@ -26,7 +26,8 @@ from benchmarks.harness import interleaved, table
 from jnnex import layers, mlp
 from jnnex.models import REGISTRY
 
-V, T, N_EMBD, H = 27, 3, 10, 200  # the lecture's sizes: vocabulary, context, embedding, hidden width
+V, T, N_EMBD = 27, 3, 10  # the lecture's sizes: vocabulary, context, embedding per character
+WIDTHS = (200, 1000)  # hidden widths H of the layer cases: the lecture's, and a wide layer
 CONTENDERS = ("manual", "jax.grad", "jax.vjp")
 QUICK_SKIP = ("moons-mlp 2-16-16-1", "deep-mlp")  # --quick exercises the code paths; these add compile time only
 
@@ -130,7 +131,9 @@ def _moons_case():
     return Case("moons-mlp 2-16-16-1", "model", make)
 
 
-def cases() -> list[Case]:
+def _width_cases(H: int) -> list[Case]:
+    """The layers whose cost grows with the hidden width H: linear (T·n_embd -> H), tanh and BatchNorm over H."""
+
     def linear_args(b, dt, seed):
         return _normal(seed, (b, T * N_EMBD), dt), _normal(seed + 1, (T * N_EMBD, H), dt, 0.2), \
             _normal(seed + 2, (H,), dt)
@@ -138,6 +141,16 @@ def cases() -> list[Case]:
     def bn_args(b, dt, seed):
         return _normal(seed, (b, H), dt, 2.0), 1.0 + _normal(seed + 1, (H,), dt, 0.1), _normal(seed + 2, (H,), dt, 0.1)
 
+    return [
+        _layer_case(f"linear {T * N_EMBD}->{H}", layers.linear_forward, layers.linear_backward, linear_args,
+                    (0, 1, 2)),
+        _layer_case(f"tanh ({H})", layers.tanh_forward, layers.tanh_backward,
+                    lambda b, dt, seed: (_normal(seed, (b, H), dt),), (0,)),
+        _layer_case(f"batchnorm ({H})", layers.batchnorm_forward, layers.batchnorm_backward, bn_args, (0, 1, 2)),
+    ]
+
+
+def cases(widths=WIDTHS) -> list[Case]:
     def emb_args(b, dt, seed):
         return _normal(seed, (V, N_EMBD), dt), _ints(seed + 1, (b, T), V)
 
@@ -145,11 +158,7 @@ def cases() -> list[Case]:
         return _normal(seed, (b, V), dt, 2.0), _ints(seed + 1, (b,), V)
 
     return [
-        _layer_case(f"linear {T * N_EMBD}->{H}", layers.linear_forward, layers.linear_backward, linear_args,
-                    (0, 1, 2)),
-        _layer_case(f"tanh ({H})", layers.tanh_forward, layers.tanh_backward,
-                    lambda b, dt, seed: (_normal(seed, (b, H), dt),), (0,)),
-        _layer_case(f"batchnorm ({H})", layers.batchnorm_forward, layers.batchnorm_backward, bn_args, (0, 1, 2)),
+        *(case for H in widths for case in _width_cases(H)),
         _layer_case(f"embedding ({V}x{N_EMBD}, T={T})", layers.embedding_forward, layers.embedding_backward,
                     emb_args, (0,)),
         _layer_case(f"cross-entropy (V={V})", layers.cross_entropy_forward, layers.cross_entropy_backward, ce_args,
@@ -199,7 +208,7 @@ def run(quick: bool = False) -> dict:
     accuracy_batch = 64 if quick else 256
     seed = 0
     rows, acc_rows = [], []
-    for case in cases():
+    for case in cases(WIDTHS[:1] if quick else WIDTHS):
         if quick and case.name in QUICK_SKIP:
             continue
         for batch in batches:
@@ -227,7 +236,7 @@ def run(quick: bool = False) -> dict:
         table(acc_rows, acc_cols)
     return {"name": "backward", "rows": rows, "accuracy": acc_rows, "table": text,
             "settings": {"batches": list(batches), "repeats": repeats, "accuracy_batch": accuracy_batch,
-                         "sizes": {"V": V, "T": T, "n_embd": N_EMBD, "H": H}}}
+                         "sizes": {"V": V, "T": T, "n_embd": N_EMBD, "H": list(WIDTHS)}}}
 
 
 def _accuracy(case: Case, batch: int, seed: int) -> dict:

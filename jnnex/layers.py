@@ -70,9 +70,13 @@ def tanh_forward(x):
 
 
 def tanh_backward(dy, y):
-    """``dx = (1 - y²) · dy``: the derivative of tanh written in its output."""
+    """``dx = (1 - y²) · dy``: the derivative of tanh written in its output.
+
+    Computed as ``(1 - y)(1 + y)``: near saturation (|y| → 1) ``1 - y`` is exact where ``1 - y·y`` loses the digits
+    that matter (float32, y = 0.9999: relative error 3e-8 against 5e-5).
+    """
     _check_shape("tanh_backward: dy", dy, y.shape)
-    return (1.0 - y * y) * dy
+    return (1.0 - y) * (1.0 + y) * dy
 
 
 def relu_forward(x):

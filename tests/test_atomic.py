@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from jnnex import atomic, strategies
@@ -30,7 +30,13 @@ def atomic_and_reference(cfg, params, x, y):
 bn_mlp_problems = strategies.lm_problems(configs=strategies.lm_configs(shapes=("bn-mlp",)))
 
 
+def _batch_of_two():
+    cfg, params, x, y = atomic.example_problem(batch=2)
+    return cfg, params, jax.tree.map(lambda s: s.astype(jnp.float64), bn_mlp(cfg).init(jax.random.key(0))[1]), x, y
+
+
 @given(problem=bn_mlp_problems, dloss=st.sampled_from([1.0, -0.37, 2.5]))
+@example(problem=_batch_of_two(), dloss=-0.37)  # the smallest batch, always checked
 def test_every_atomic_gradient_equals_jax_grad_float64(problem, dloss):
     cfg, params, state, x, y = problem
     loss, mine, ref, (compact_loss, compact, _) = atomic_compact_and_reference(cfg, params, state, x, y,
@@ -67,6 +73,10 @@ def test_batch_of_two_and_a_constant_feature_column():
     for name in atomic.GRADIENTS:
         np.testing.assert_allclose(mine[name], ref[name], rtol=1e-10, atol=1e-12, err_msg=name)
         assert np.isfinite(np.asarray(mine[name])).all(), name
+    state = jax.tree.map(lambda s: s.astype(jnp.float64), bn_mlp(cfg).init(jax.random.key(0))[1])
+    _, compact, _ = value_and_grad(cfg, params, state, x, y)  # the compact path at the same edge
+    for d, p in zip(["dW1", "db1", "dbngain", "dbnbias"], [*compact.dense[0], *compact.bn[0]]):
+        np.testing.assert_allclose(p, ref[d], rtol=1e-10, atol=1e-12, err_msg=d)
 
 
 def test_logits_of_plus_minus_1e4():

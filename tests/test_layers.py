@@ -65,6 +65,12 @@ def test_a_wrong_backward_fails_finite_differences():
         check_grads(wrong, (x,), order=1, modes=("rev",))
 
 
+def test_tanh_backward_keeps_its_digits_near_saturation():
+    y = jnp.array([0.9999, -0.99999, 0.5], jnp.float32)
+    exact = (1.0 - np.asarray(y, np.float64)) * (1.0 + np.asarray(y, np.float64))
+    np.testing.assert_allclose(layers.tanh_backward(jnp.ones(3, jnp.float32), y), exact, rtol=1e-6)
+
+
 def test_batchnorm_constant_feature_column():
     x = jax.random.normal(jax.random.key(1), (6, 3), jnp.float64).at[:, 1].set(7.0)  # zero variance in column 1
     gamma, beta = jnp.array([1.3, 0.7, 0.9], jnp.float64), jnp.array([0.1, -0.2, 0.3], jnp.float64)
