@@ -170,17 +170,13 @@ def calibrate(cfg: BNMLPConfig, params: BNMLPParams, X, *, chunk: int = 32768):
 
 
 def _pre_bn(cfg, params, state, x, k):
-    """The input of BatchNorm ``k`` in eval mode."""
-    B = x.shape[0]
-    h = params.C[x].reshape(B, -1)
-    for i, layer in enumerate(params.dense):
-        h = linear_forward(h, layer.W, layer.b)[0]
-        if i == k:
-            return h
-        h = batchnorm(params.bn[i], state[i], h, train=False, eps=cfg.eps)[0]
-        if i < cfg.n_layers:
-            h = jnp.tanh(h)
-    raise ValueError(f"no BatchNorm layer {k}")
+    """The input of BatchNorm ``k`` in eval mode: layer ``k``'s linear applied to what :func:`forward` feeds it (the
+    embeddings for ``k = 0``, else hidden layer ``k - 1``'s activations)."""
+    if k == 0:
+        h = embedding_forward(params.C, x)[0].reshape(x.shape[0], -1)  # (B, T·n_embd)
+    else:
+        h = forward(cfg, params, state, x, train=False)[2][k - 1]  # (B, H)
+    return linear_forward(h, params.dense[k].W, params.dense[k].b)[0]
 
 
 def fold_batchnorm(cfg: BNMLPConfig, params: BNMLPParams, state):

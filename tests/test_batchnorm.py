@@ -109,6 +109,11 @@ def test_calibrate_and_fold():
     pre0 = params.C[X].reshape(3000, -1) @ params.dense[0].W
     np.testing.assert_allclose(state[0].mean, pre0.mean(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(state[0].var, pre0.var(0, ddof=1), rtol=1e-4)
+    # The second BatchNorm is calibrated on activations that went through the calibrated first one, as in eval mode.
+    h1 = jnp.tanh(batchnorm(params.bn[0], state[0], pre0, train=False)[0])
+    pre1 = h1 @ params.dense[1].W
+    np.testing.assert_allclose(state[1].mean, pre1.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(state[1].var, pre1.var(0, ddof=1), rtol=1e-4)
     logits, _ = model.apply(params, state, X[:100], train=False)
     folded_cfg, folded = fold_batchnorm(cfg, params, state)
     folded_logits, _ = bn_mlp(folded_cfg).apply(folded, (), X[:100], train=False)
