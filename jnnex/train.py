@@ -14,9 +14,12 @@ hand-written backward (``LanguageModel.grad_fn``). The pieces, from the inside o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -273,37 +276,67 @@ def fit(
     bar = _progress(tcfg.steps, start, progress)
     t0 = time.perf_counter()
     step = start
-    try:
-        while step < tcfg.steps:
-            # Chunks end on multiples of `chunk` and `eval_every`, so a resumed run makes the same calls.
-            n = min(tcfg.chunk - step % tcfg.chunk, tcfg.eval_every - step % tcfg.eval_every, tcfg.steps - step)
-            new_ts, metrics = run(ts, X, Y, k_train, n_steps=n)
-            metrics = {k: np.asarray(v) for k, v in metrics.items()}
-            chunk_losses = metrics["loss"]
-            bad = np.flatnonzero(~np.isfinite(chunk_losses))
-            if bad.size:
-                raise NonFiniteLossError(step + int(bad[0]), float(chunk_losses[bad[0]]), ckpt_step)
-            ts, step = new_ts, step + n  # `ts` only ever holds a completed chunk: safe to save at any interrupt
-            chunks.append(metrics)
-            chunk_loss = float(chunk_losses.mean())
+    with _ctrl_c_ends_the_chunk() as ctrl_c:  # the first Ctrl-C lets the running chunk finish
+        try:
+            while step < tcfg.steps and not ctrl_c.pressed:
+                # Chunks end on multiples of `chunk` and `eval_every`, so a resumed run makes the same calls.
+                n = min(tcfg.chunk - step % tcfg.chunk, tcfg.eval_every - step % tcfg.eval_every, tcfg.steps - step)
+                new_ts, metrics = run(ts, X, Y, k_train, n_steps=n)
+                metrics = {k: np.asarray(v) for k, v in metrics.items()}
+                chunk_losses = metrics["loss"]
+                bad = np.flatnonzero(~np.isfinite(chunk_losses))
+                if bad.size:
+                    raise NonFiniteLossError(step + int(bad[0]), float(chunk_losses[bad[0]]), ckpt_step)
+                ts, step = new_ts, step + n  # `ts` only ever holds a completed chunk: safe to save at any interrupt
+                chunks.append(metrics)
+                chunk_loss = float(chunk_losses.mean())
+                if bar is not None:
+                    bar.update(n)
+                    bar.set_postfix(loss=f"{chunk_loss:.4f}")
+                if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                    row = log_eval(ts, chunk_loss)
+                    save(ts)
+                    if bar is not None and "dev_loss" in row:
+                        bar.set_postfix(loss=f"{chunk_loss:.4f}", dev=f"{row['dev_loss']:.4f}")
+        except KeyboardInterrupt:  # a second Ctrl-C, or fit() outside the main thread: keep the last completed chunk
+            interrupted = True
+        finally:
             if bar is not None:
-                bar.update(n)
-                bar.set_postfix(loss=f"{chunk_loss:.4f}")
-            if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                row = log_eval(ts, chunk_loss)
-                save(ts)
-                if bar is not None and "dev_loss" in row:
-                    bar.set_postfix(loss=f"{chunk_loss:.4f}", dev=f"{row['dev_loss']:.4f}")
-    except KeyboardInterrupt:  # Ctrl-C anywhere in the loop: keep the last completed chunk
-        interrupted = True
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
+        interrupted = interrupted or (ctrl_c.pressed and step < tcfg.steps)
     if interrupted:
         save(ts)
     stacked = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
     losses = stacked.get("loss", np.zeros((0,), np.float32))
     return FitResult(ts, losses, evals, metrics=stacked, interrupted=interrupted, seconds=time.perf_counter() - t0)
+
+
+class _CtrlC:
+    pressed = False
+
+
+@contextlib.contextmanager
+def _ctrl_c_ends_the_chunk():
+    """The first Ctrl-C only sets a flag that :func:`fit` checks between chunks, so no ``KeyboardInterrupt`` lands
+    inside JAX's own code mid-dispatch (suspected in the one hang seen: under load, a SIGINT'd `jnnex train` did not
+    exit within 60 s); the chunk in flight (a fraction of a second) finishes and is saved. A second Ctrl-C raises at
+    once. Signal handlers belong to the main thread: elsewhere this does nothing and Ctrl-C raises as usual."""
+    flag = _CtrlC()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if flag.pressed:
+            raise KeyboardInterrupt
+        flag.pressed = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
