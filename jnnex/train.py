@@ -317,15 +317,16 @@ class _CtrlC:
 
 @contextlib.contextmanager
 def _ctrl_c_ends_the_chunk():
-    """The first Ctrl-C only sets a flag that :func:`fit` checks between chunks, so no ``KeyboardInterrupt`` lands
-    inside JAX's own code mid-dispatch (suspected in the one hang seen: under load, a SIGINT'd `jnnex train` did not
-    exit within 60 s); the chunk in flight (a fraction of a second) finishes and is saved. A second Ctrl-C raises at
-    once. Signal handlers belong to the main thread: elsewhere this does nothing and Ctrl-C raises as usual."""
+    """The first Ctrl-C only sets a flag that :func:`fit` checks between chunks, so no ``KeyboardInterrupt`` lands in
+    the middle of JAX's, numpy's or the checkpoint writer's code; the chunk in flight (a fraction of a second)
+    finishes and is saved. A second Ctrl-C raises at once. A process that ignores SIGINT (``nohup``, a background job
+    of a non-interactive shell) keeps ignoring it, and outside the main thread (signal handlers belong to it) Ctrl-C
+    raises as usual."""
     flag = _CtrlC()
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous in (None, signal.SIG_IGN):
         yield flag
         return
-    previous = signal.getsignal(signal.SIGINT)
 
     def handler(signum, frame):
         if flag.pressed:

@@ -104,8 +104,11 @@ def test_plots(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     """A real SIGINT to `jnnex train`: it saves the last completed chunk, exits 130, and --resume completes the run."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "jnnex.cli", "train", "--model", "mlp", "--steps", "2000000", "--eval-every",
-           "1000", "--out", str(out), "--no-progress"]
+    # The child handles SIGINT the Python way even when this suite runs as a background job of a non-interactive shell,
+    # which starts every process with SIGINT ignored (a run of the suite that way hung here for 60 s).
+    cmd = [sys.executable, "-c", "import signal, runpy, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "sys.argv[0] = 'jnnex'; runpy.run_module('jnnex.cli', run_name='__main__')",
+           "train", "--model", "mlp", "--steps", "2000000", "--eval-every", "1000", "--out", str(out), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").is_file() and time.time() < deadline:

@@ -172,7 +172,18 @@ def test_manual_and_autodiff_training_runs_agree():
     np.testing.assert_allclose(m.losses, a.losses, rtol=1e-4)  # float32, same key and batches
 
 
-def test_first_ctrl_c_finishes_the_chunk_and_returns(tmp_path):
+@pytest.fixture
+def sigint_default():
+    """SIGINT handled the Python way for the test, whatever the runner set (a background job of a non-interactive
+    shell starts with SIGINT ignored — found when the suite ran that way)."""
+    import signal
+
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, original)
+
+
+def test_first_ctrl_c_finishes_the_chunk_and_returns(tmp_path, sigint_default):
     """In-process: one SIGINT mid-run ends fit() after the chunk in flight, saved, with no KeyboardInterrupt."""
     import os
     import signal
@@ -192,7 +203,7 @@ def test_first_ctrl_c_finishes_the_chunk_and_returns(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
 
 
-def test_ctrl_c_guard_defers_the_first_and_raises_on_the_second():
+def test_ctrl_c_guard_defers_the_first_and_raises_on_the_second(sigint_default):
     import os
     import signal
     import time as _time
@@ -206,3 +217,7 @@ def test_ctrl_c_guard_defers_the_first_and_raises_on_the_second():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             _time.sleep(0.05)
+    # A process that ignores SIGINT keeps ignoring it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with _ctrl_c_ends_the_chunk():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
