@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jnnex.data import Vocab, build_windows, load_words, make_splits
+from jnnex.data import load_words, make_splits
 from jnnex.lm import evaluate
 from jnnex.mlp_lm import MLPConfig, mlp_lm
 from jnnex.train import (
