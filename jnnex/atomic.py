@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jnnex.bn_mlp import BN_MLP_SMALL, BNMLPConfig, BNMLPParams, bn_mlp
-from jnnex.check import Row, compare_arrays, format_table
+from jnnex.check import Row, compare_arrays, format_table, randomise
 from jnnex.layers import _check_shape
 
 # The forward's intermediates, in the order they are computed.
@@ -222,14 +222,10 @@ def example_problem(seed: int = 42, batch: int = 32, dtype=jnp.float64):
     (never 0/1, which hide wrong gradients), a batch of ``batch`` random windows. Returns ``(cfg, params, x, y)``."""
     cfg = BNMLPConfig(**{**BN_MLP_SMALL, "n_hidden": 64})
     keys = jax.random.split(jax.random.key(seed), 4)
-    params, _ = bn_mlp(cfg).init(keys[0])
-    params = jax.tree.map(lambda a: a.astype(dtype), params)
-    leaves, treedef = jax.tree.flatten(params)
-    subkeys = jax.random.split(keys[1], len(leaves))
-    leaves = [a + 0.1 * jax.random.normal(k, a.shape, dtype) if a.ndim == 1 else a for a, k in zip(leaves, subkeys)]
+    params = randomise(bn_mlp(cfg).init(keys[0])[0], keys[1], dtype, scale=0.1)
     x = jax.random.randint(keys[2], (batch, cfg.block_size), 0, cfg.vocab_size, dtype=jnp.int32)
     y = jax.random.randint(keys[3], (batch,), 0, cfg.vocab_size, dtype=jnp.int32)
-    return cfg, jax.tree.unflatten(treedef, leaves), x, y
+    return cfg, params, x, y
 
 
 def exercise(attempts: Mapping[str, Callable], problem=None) -> str:

@@ -60,6 +60,16 @@ def compare_arrays(name: str, mine, ref, *, rtol: float = 1e-10, atol: float = 1
                float(np.max(np.abs(m - r))) if m.size else 0.0)
 
 
+def randomise(params, key, dtype=jnp.float64, scale: float = 0.3):
+    """``params`` cast to ``dtype`` with every vector (biases, BatchNorm γ and β) perturbed by ``scale · N(0, 1)``:
+    zeros and ones hide a wrong backward (a forgotten ``γ`` or bias term), so checks run on random ones."""
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [p + scale * jax.random.normal(k, p.shape, dtype) if p.ndim == 1 else p for p, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
 def _merge(args, float_idx, floats):
     out = list(args)
     for i, f in zip(float_idx, floats):

@@ -27,6 +27,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from jnnex.bn_mlp import BN_MLP_SMALL, BNMLPConfig, BNMLPParams, bn_mlp
+from jnnex.check import randomise  # noqa: F401  (re-exported: random biases and γ/β for your own problems)
 
 BATCH_SIZES = (2, 3, 8, 32, 64)  # 2 is the smallest batch BatchNorm accepts in train mode
 WIDTHS = (1, 3, 8)
@@ -116,15 +117,6 @@ def lm_configs(draw, shapes=("bn-mlp", "deep", "no-batchnorm")):
     return BNMLPConfig(**{**shape, "vocab_size": draw(st.sampled_from([5, 27])),
                           "block_size": draw(st.sampled_from([1, 3])), "n_embd": draw(st.sampled_from([2, 5])),
                           "n_hidden": draw(st.sampled_from([4, 12]))})
-
-
-def randomise(params, key, dtype=jnp.float64, scale: float = 0.3):
-    """``params`` cast to ``dtype`` with every vector (biases, γ, β) perturbed by ``scale · N(0, 1)``."""
-    params = jax.tree.map(lambda p: p.astype(dtype), params)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    leaves = [p + scale * jax.random.normal(k, p.shape, dtype) if p.ndim == 1 else p for p, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, leaves)
 
 
 @st.composite
