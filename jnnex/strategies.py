@@ -27,7 +27,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from jnnex.bn_mlp import BN_MLP_SMALL, BNMLPConfig, BNMLPParams, bn_mlp
-from jnnex.check import randomise  # noqa: F401  (re-exported: random biases and γ/β for your own problems)
+from jnnex.check import randomise  # used below, and re-exported for users building their own problems
 
 BATCH_SIZES = (2, 3, 8, 32, 64)  # 2 is the smallest batch BatchNorm accepts in train mode
 WIDTHS = (1, 3, 8)
