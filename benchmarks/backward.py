@@ -24,6 +24,7 @@ import numpy as np
 
 from benchmarks.harness import interleaved, table
 from jnnex import layers, mlp
+from jnnex.check import _merge
 from jnnex.models import REGISTRY
 
 V, T, N_EMBD = 27, 3, 10  # the lecture's sizes: vocabulary, context, embedding per character
@@ -64,10 +65,7 @@ def _layer_case(name, forward, backward, make_args, diff_argnums):
 
         def pick(*inputs):  # the differentiable inputs as positional arguments, the rest fixed
             def f(*diff):
-                full = list(inputs)
-                for i, d in zip(diff_argnums, diff):
-                    full[i] = d
-                return forward(*full)[0]
+                return forward(*_merge(inputs, diff_argnums, diff))[0]
             return f, tuple(inputs[i] for i in diff_argnums)
 
         def grad(dout, *inputs):
@@ -216,6 +214,8 @@ def run(quick: bool = False) -> dict:
             compiled, info = {}, {}
             for name in CONTENDERS:
                 compiled[name], info[name] = _compile(fns[name], args)
+            if batch == accuracy_batch:  # the float32 side of the accuracy table, from these very programs
+                f32 = {name: compiled[name](*args) for name in ("manual", "jax.grad")}
             calls = {name: (lambda c=compiled[name]: jax.block_until_ready(c(*args))) for name in CONTENDERS}
             inner = _inner_repeats(calls["jax.grad"])
             timed = {name: (lambda fn=fn: [fn() for _ in range(inner)]) for name, fn in calls.items()}
@@ -228,7 +228,7 @@ def run(quick: bool = False) -> dict:
                 rows.append({"case": case.name, "kind": case.kind, "batch": batch, "backward": name,
                              "us_per_grad": 1e6 * t, "spread": timings[name]["spread"], "vs_jax_grad": t / base,
                              **info[name]})
-        acc_rows.append(_accuracy(case, accuracy_batch, seed))
+        acc_rows.append(_accuracy(case, accuracy_batch, seed, f32))
     speed_cols = ["case", "batch", "backward", "us_per_grad", "spread", "vs_jax_grad", "compile_s", "temp_bytes",
                   "buffers"]
     acc_cols = ["case", "f64 max abs", "f64 max rel", "f32 max abs", "f32 max rel", "f32 jax.grad vs f64"]
@@ -239,17 +239,16 @@ def run(quick: bool = False) -> dict:
                          "sizes": {"V": V, "T": T, "n_embd": N_EMBD, "H": list(WIDTHS)}}}
 
 
-def _accuracy(case: Case, batch: int, seed: int) -> dict:
+def _accuracy(case: Case, batch: int, seed: int, f32: dict) -> dict:
     """Manual vs ``jax.grad`` in float64 and float32 (max abs, and relative to the largest gradient entry); and how far
-    float32 autodiff itself is from float64, for scale."""
+    float32 autodiff itself is from float64, for scale. ``f32``: both float32 results, from the timed programs."""
+    with jax.enable_x64(True):
+        args, fns = case.make(batch, jnp.float64, seed)
+        f64 = {name: jax.jit(fns[name])(*args) for name in ("manual", "jax.grad")}
     row = {"case": case.name, "batch": batch}
-    results = {}
-    for dtype, tag in ((jnp.float64, "f64"), (jnp.float32, "f32")):
-        with jax.enable_x64(True):
-            args, fns = case.make(batch, dtype, seed)
-            results[tag] = {name: jax.jit(fns[name])(*args) for name in ("manual", "jax.grad")}
-        row[f"{tag} max abs"], row[f"{tag} max rel"] = _max_diffs(results[tag]["manual"], results[tag]["jax.grad"])
-    row["f32 jax.grad vs f64"] = _max_diffs(results["f32"]["jax.grad"], results["f64"]["jax.grad"])[1]
+    for tag, results in (("f64", f64), ("f32", f32)):
+        row[f"{tag} max abs"], row[f"{tag} max rel"] = _max_diffs(results["manual"], results["jax.grad"])
+    row["f32 jax.grad vs f64"] = _max_diffs(f32["jax.grad"], f64["jax.grad"])[1]
     return row
 
 
@@ -262,8 +261,8 @@ def plot(result: dict, path):
 
     names = list(dict.fromkeys(r["case"] for r in result["rows"]))
     cols = 3
-    fig, axes = plt.subplots((len(names) + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((len(names) + 2) // 3)),
-                             squeeze=False)
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         for contender in CONTENDERS:
             pts = [(r["batch"], r["us_per_grad"]) for r in result["rows"]

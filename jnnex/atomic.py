@@ -198,7 +198,7 @@ def backward(f: Mapping, dloss=1.0, overrides: Mapping[str, Callable] | None = N
 
 def reference(cfg: BNMLPConfig, params: BNMLPParams, x, y) -> dict:
     """The oracle: every gradient of :data:`GRADIENTS` by ``jax.grad`` (intermediates through zero probes)."""
-    loss0, f = forward(cfg, params, x, y)
+    _, f = forward(cfg, params, x, y)
     zeros = {name: jnp.zeros_like(f[name]) for name in INTERMEDIATES}
 
     def loss(params, probes):
@@ -206,7 +206,8 @@ def reference(cfg: BNMLPConfig, params: BNMLPParams, x, y) -> dict:
 
     dparams, dprobes = jax.grad(loss, argnums=(0, 1))(params, zeros)
     ref = {"d" + name: dprobes[name] for name in INTERMEDIATES}
-    ref.update({d: _unpack(dparams)[name] for d, name in PARAMETER_GRADIENTS.items()})
+    dparams = _unpack(dparams)
+    ref.update({d: dparams[name] for d, name in PARAMETER_GRADIENTS.items()})
     return {name: ref[name] for name in GRADIENTS}
 
 

@@ -30,9 +30,14 @@ def atomic_and_reference(cfg, params, x, y):
 bn_mlp_problems = strategies.lm_problems(configs=strategies.lm_configs(shapes=("bn-mlp",)))
 
 
+def state64(cfg):
+    """Fresh BatchNorm running statistics in float64 (the compact path takes and returns them)."""
+    return jax.tree.map(lambda s: s.astype(jnp.float64), bn_mlp(cfg).init(jax.random.key(0))[1])
+
+
 def _batch_of_two():
     cfg, params, x, y = atomic.example_problem(batch=2)
-    return cfg, params, jax.tree.map(lambda s: s.astype(jnp.float64), bn_mlp(cfg).init(jax.random.key(0))[1]), x, y
+    return cfg, params, state64(cfg), x, y
 
 
 @given(problem=bn_mlp_problems, dloss=st.sampled_from([1.0, -0.37, 2.5]))
@@ -73,7 +78,7 @@ def test_batch_of_two_and_a_constant_feature_column():
     for name in atomic.GRADIENTS:
         np.testing.assert_allclose(mine[name], ref[name], rtol=1e-10, atol=1e-12, err_msg=name)
         assert np.isfinite(np.asarray(mine[name])).all(), name
-    state = jax.tree.map(lambda s: s.astype(jnp.float64), bn_mlp(cfg).init(jax.random.key(0))[1])
+    state = state64(cfg)
     _, compact, _ = value_and_grad(cfg, params, state, x, y)  # the compact path at the same edge
     for d, p in zip(["dW1", "db1", "dbngain", "dbnbias"], [*compact.dense[0], *compact.bn[0]]):
         np.testing.assert_allclose(p, ref[d], rtol=1e-10, atol=1e-12, err_msg=d)
@@ -95,7 +100,7 @@ def test_logits_of_plus_minus_1e4():
     # the lecture's decomposition. The compact path (logsumexp) gives the finite loss and gradient.
     y_low = y_max + 1
     assert float(atomic_and_reference(cfg, params, x, y_low)[0]) == np.inf
-    state = jax.tree.map(lambda s: s.astype(jnp.float64), bn_mlp(cfg).init(jax.random.key(0))[1])
+    state = state64(cfg)
     loss, grads, _ = value_and_grad(cfg, params, state, x, y_low)
     assert 1e4 < float(loss) < 3e4
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
