@@ -35,9 +35,9 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from jnnex.bn_mlp import BN_MLP_SMALL, BNMLPConfig, BNMLPParams, bn_mlp
+from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, BNMLPParams, bn_mlp
 from jnnex.check import Row, compare_arrays, format_table, randomise
-from jnnex.layers import _check_shape
+from jnnex.layers import check_shape
 
 # The forward's intermediates, in the order they are computed.
 INTERMEDIATES = (
@@ -74,7 +74,7 @@ def forward(cfg: BNMLPConfig, params: BNMLPParams, x, y, probes: Mapping[str, ja
     Args:
         cfg: a ``bn-mlp`` configuration (one hidden layer with bias, BatchNorm, no final BatchNorm).
         params: its parameters.
-        x: (B, T) int context windows; y: (B,) int targets.
+        x: (B, T) int context windows; y: (B,) int targets (``-1``: ignored, as everywhere in jnnex).
         probes: optional zeros added to named intermediates, so that ``jax.grad`` with respect to a probe is the
             gradient of the loss with respect to that intermediate (how :func:`reference` gets its oracle).
 
@@ -117,7 +117,9 @@ def forward(cfg: BNMLPConfig, params: BNMLPParams, x, y, probes: Mapping[str, ja
     counts_sum_inv = keep("counts_sum_inv", counts_sum**-1)  # (B, 1)
     probs = keep("probs", counts * counts_sum_inv)  # (B, V)
     logprobs = keep("logprobs", jnp.log(probs))  # (B, V)
-    loss = -logprobs[jnp.arange(B), y].mean()
+    valid = y >= 0  # targets < 0 are ignored (the contract of jnnex.layers.cross_entropy_forward)
+    n = jnp.maximum(valid.sum(), 1).astype(logprobs.dtype)
+    loss = -jnp.where(valid, logprobs[jnp.arange(B), jnp.where(valid, y, 0)], 0.0).sum() / n
     return loss, f
 
 
@@ -138,7 +140,7 @@ def backward(f: Mapping, dloss=1.0, overrides: Mapping[str, Callable] | None = N
     unknown = set(overrides) - set(GRADIENTS)
     if unknown:
         raise ValueError(f"overrides: unknown gradient names {sorted(unknown)}; choose from {GRADIENTS}")
-    _check_shape("backward: dloss", jnp.asarray(dloss), ())
+    check_shape("backward: dloss", jnp.asarray(dloss), ())
     p = types.SimpleNamespace(**f)
     g: dict = {}
 
@@ -146,15 +148,17 @@ def backward(f: Mapping, dloss=1.0, overrides: Mapping[str, Callable] | None = N
         """Record gradient ``name`` (a learner's expression instead, if given), checking it has ``like``'s shape."""
         if name in overrides:
             value = overrides.pop(name)(p, types.SimpleNamespace(**g))
-        _check_shape(name, value, like.shape)
+        check_shape(name, value, like.shape)
         g[name] = value
         return value
 
     B, V = p.logits.shape
     n = B  # rows BatchNorm averages over
 
-    # Cross-entropy: loss = -mean_i logprobs[i, y_i]. Only the picked entries get gradient.
-    dlogprobs = put("dlogprobs", jax.nn.one_hot(p.y, V, dtype=p.logprobs.dtype) * (-dloss / B), p.logprobs)  # (B, V)
+    # Cross-entropy: loss = -Σ_i logprobs[i, y_i] / n over the n valid targets. Only the picked entries get gradient
+    # (one_hot of an ignored target, -1, is a row of zeros).
+    n_valid = jnp.maximum((p.y >= 0).sum(), 1).astype(p.logprobs.dtype)
+    dlogprobs = put("dlogprobs", jax.nn.one_hot(p.y, V, dtype=p.logprobs.dtype) * (-dloss / n_valid), p.logprobs)
     dprobs = put("dprobs", dlogprobs / p.probs, p.probs)  # d log(p) = dp / p
     # probs = counts * counts_sum_inv: counts_sum_inv (B, 1) was broadcast across V, so its gradient sums over V.
     dcounts_sum_inv = put("dcounts_sum_inv", (p.counts * dprobs).sum(1, keepdims=True), p.counts_sum_inv)  # (B, 1)

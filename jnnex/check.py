@@ -45,7 +45,7 @@ def compare(forward: Callable, backward: Callable, *args, names: Sequence[str] |
     if len(mine) != len(args):
         raise ValueError(f"backward returned {len(mine)} gradients for {len(args)} forward arguments")
     float_idx = [i for i, a in enumerate(args) if jnp.issubdtype(jnp.result_type(a), jnp.floating)]
-    _, vjp = jax.vjp(lambda *fl: forward(*_merge(args, float_idx, fl))[0], *(args[i] for i in float_idx))
+    _, vjp = jax.vjp(lambda *fl: forward(*merge_args(args, float_idx, fl))[0], *(args[i] for i in float_idx))
     ref = vjp(dout)
     names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]
     return [compare_arrays(names[i], mine[i], r, rtol=rtol, atol=atol) for i, r in zip(float_idx, ref)]
@@ -70,7 +70,8 @@ def randomise(params, key, dtype=jnp.float64, scale: float = 0.3):
     return jax.tree.unflatten(treedef, leaves)
 
 
-def _merge(args, float_idx, floats):
+def merge_args(args, float_idx, floats):
+    """``args`` with the entries at ``float_idx`` replaced by ``floats`` (the differentiable ones, in order)."""
     out = list(args)
     for i, f in zip(float_idx, floats):
         out[i] = f

@@ -27,9 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jnnex.settings import positive_int
+
 BOUNDARY = "."
 CORPORA = ("census-first", "census-last")
 NAMES_TXT_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
+SPLIT_NAMES = ("train", "dev", "test")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -160,8 +163,7 @@ def build_windows(words: Sequence[str], vocab: Vocab, block_size: int) -> tuple[
     >>> X.tolist(), Y.tolist()
     ([[0, 0], [0, 1], [1, 2]], [1, 2, 0])
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    positive_int("block_size", block_size)
     n = sum(len(w) + 1 for w in words)
     X = np.zeros((n, block_size), np.int32)  # (N, T)
     Y = np.zeros((n,), np.int32)  # (N,)
@@ -173,6 +175,31 @@ def build_windows(words: Sequence[str], vocab: Vocab, block_size: int) -> tuple[
             X[i] = padded[j : j + block_size]
             Y[i] = target
             i += 1
+    return X, Y
+
+
+def build_sequences(words: Sequence[str], vocab: Vocab, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One padded row per word for per-position models (makemore's ``CharDataset``): ``X, Y (N, T) int32``.
+
+    ``x = [0, c1 … cn, 0, …]`` and ``y = [c1 … cn, 0, -1, …]``: position t predicts the character after the first t,
+    the boundary token ends the word, and ``-1`` marks positions with nothing to predict (ignored by the loss).
+    ``block_size`` must be at least the longest word + 1.
+
+    >>> X, Y = build_sequences(["ab"], Vocab.from_words(["ab"]), block_size=4)
+    >>> X.tolist(), Y.tolist()
+    ([[0, 1, 2, 0]], [[1, 2, 0, -1]])
+    """
+    positive_int("block_size", block_size)
+    longest = max((len(w) for w in words), default=0)
+    if longest + 1 > block_size:
+        raise ValueError(f"block_size {block_size} is too short for a word of {longest} characters (need >= "
+                         f"{longest + 1})")
+    X = np.zeros((len(words), block_size), np.int32)  # (N, T)
+    Y = np.full((len(words), block_size), -1, np.int32)  # (N, T)
+    for i, w in enumerate(words):
+        ids = vocab.encode(w)
+        X[i, 1 : len(ids) + 1] = ids
+        Y[i, : len(ids) + 1] = ids + [0]
     return X, Y
 
 
@@ -211,26 +238,64 @@ def split_words(
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    """Train/dev/test context windows of one corpus, with its vocabulary."""
+    """The parts of one corpus as model inputs, with its vocabulary: ``parts[k] = (X, Y)`` for the k-th fraction.
+
+    ``train``, ``dev`` and ``test`` name the first three parts (``None`` where there are fewer).
+    """
 
     vocab: Vocab
     block_size: int
-    train: tuple[np.ndarray, np.ndarray]  # X (N, T), Y (N,)
-    dev: tuple[np.ndarray, np.ndarray]
-    test: tuple[np.ndarray, np.ndarray]
+    parts: tuple[tuple[np.ndarray, np.ndarray], ...]  # X (N, T); Y (N,) windows or (N, T) sequences
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return SPLIT_NAMES[: len(self.parts)] if len(self.parts) <= len(SPLIT_NAMES) else tuple(
+            f"part{k}" for k in range(len(self.parts)))
+
+    def _part(self, k: int):
+        return self.parts[k] if k < len(self.parts) else None
+
+    @property
+    def train(self):
+        return self.parts[0]
+
+    @property
+    def dev(self):
+        return self._part(1)
+
+    @property
+    def test(self):
+        return self._part(2)
 
 
 def make_splits(
     words: Sequence[str],
-    block_size: int,
+    block_size: int | None = None,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 42,
     vocab: Vocab | None = None,
+    *,
+    per_position: bool = False,
 ) -> Splits:
-    """Vocabulary from all ``words``, then the train/dev/test windows of :func:`split_words`."""
+    """Vocabulary from all ``words``, then the examples of each part of :func:`split_words`.
+
+    Window models (default) get :func:`build_windows` of ``block_size``; ``per_position=True`` gives
+    :func:`build_sequences`, with ``block_size`` defaulting to the longest word + 1 (makemore's). One fraction keeps
+    every word, unshuffled.
+    """
+    words = list(words)
     vocab = vocab or Vocab.from_words(words)
-    tr, dev, te = split_words(words, fractions, seed)
-    return Splits(vocab, block_size, *(build_windows(s, vocab, block_size) for s in (tr, dev, te)))
+    parts = split_words(words, fractions, seed)  # validates the fractions
+    if len(parts) == 1:
+        parts = (words,)  # one part: every word, in the corpus' order
+    if per_position:
+        block_size = block_size or max(len(w) for w in words) + 1
+        build = build_sequences
+    else:
+        if block_size is None:
+            raise ValueError("block_size is needed for window examples")
+        build = build_windows
+    return Splits(vocab, block_size, tuple(build(p, vocab, block_size) for p in parts))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -242,8 +307,7 @@ def make_moons(n: int, noise: float, key: jax.Array) -> tuple[np.ndarray, np.nda
 
     The points are shuffled and Gaussian noise of std ``noise`` is added, both from ``key``.
     """
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 2:
-        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+    positive_int("n", n, minimum=2)
     if not noise >= 0:
         raise ValueError(f"noise must be >= 0, got {noise!r}")
     n_out, n_in = n // 2, n - n // 2

@@ -11,20 +11,17 @@ Everything is computed **inside the jitted training step**, from the forward and
 What healthy looks like: saturation of a few percent (not 0 %, not 50 %); activation std steady across layers;
 update:data near ``-3`` (updates about 1/1000 of the weights). Far below, the net learns too slowly; far above, too fast.
 
-The activation gradients come from zero "probes" added to the activations: differentiating w.r.t. the probes gives
-``dloss/dact`` in the same ``jax.value_and_grad`` call, so no second forward pass is needed.
+The activations come from the model's one forward and their gradients from its hand-written backward, which computes
+``dloss/dact`` on its way to the parameters anyway: one forward and one backward per step, nothing added to the
+model's code. :func:`jnnex.train.make_step` with ``diagnostics=True`` puts these figures in every step's metrics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
-import optax
 
-from jnnex.layers import cross_entropy_forward
-from jnnex.lm import LanguageModel
+from jnnex.lm import LanguageModel, manual_gradients
 
 SATURATION = 0.97  # |tanh| above this counts as saturated: its gradient (1 - t²) is below 0.06
 
@@ -56,61 +53,18 @@ def step_diagnostics(acts, act_grads, params, grads, new_params) -> dict[str, ja
     }
 
 
-def _check(model: LanguageModel) -> None:
-    if model.forward_fn is None:
-        raise ValueError(f"model {model.name!r} does not expose its activations (no forward_fn): no diagnostics")
-
-
-def _value_and_grads(model: LanguageModel, params, state, x, y):
-    """One train-mode forward and backward: ``((loss, (new_state, acts)), (grads, act_grads))``.
-
-    Zero probes added to the activations make ``act_grads = dloss/dacts`` come out of the same ``value_and_grad``.
-    """
-
-    def objective(params, probes):
-        logits, new_state, acts = model.forward_fn(model.cfg, params, state, x, True, probes)
-        loss = cross_entropy_forward(logits, y)[0]
-        if model.penalty_fn is not None:
-            loss = loss + model.penalty_fn(model.cfg, params)
-        return loss, (new_state, acts)
-
-    shapes = jax.eval_shape(lambda: model.forward_fn(model.cfg, params, state, x, True, None))[2]
-    probes = tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
-    return jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(params, probes)
-
-
 def activation_gradients(model: LanguageModel, params, state, x, y):
-    """``(acts, act_grads)``: each hidden layer's activations on the batch ``(x, y)`` and the loss gradient w.r.t.
-    them (train mode), e.g. for histograms."""
-    _check(model)
-    (_, (_, acts)), (_, act_grads) = _value_and_grads(model, params, state, x, y)
-    return acts, act_grads
-
-
-def make_diagnostic_step(model: LanguageModel, optimizer: optax.GradientTransformation) -> Callable:
-    """Like :func:`jnnex.train.make_step`, with :func:`step_diagnostics` in its metrics (needs ``model.forward_fn``)."""
-    from jnnex.train import TrainState
-
-    _check(model)
-
-    def step(ts: TrainState, batch, key):
-        del key
-        x, y = batch
-        (loss, (new_state, acts)), (grads, act_grads) = _value_and_grads(model, ts.params, ts.state, x, y)
-        with jax.numpy_dtype_promotion("standard"):  # optax's internals (see jnnex.train.make_step)
-            updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-        params = optax.apply_updates(ts.params, updates)
-        metrics = {"loss": loss, **step_diagnostics(acts, act_grads, ts.params, grads, params)}
-        return TrainState(params, new_state, opt_state, ts.step + 1), metrics
-
-    return step
+    """``(acts, act_grads)``: each hidden layer's activations on the batch ``(x, y)`` (train mode) and the loss
+    gradient w.r.t. them, from one forward and the model's hand-written backward — e.g. for histograms."""
+    out = manual_gradients(model, params, state, x, y)
+    return out.acts, out.act_grads
 
 
 def table(metrics: dict, names: list[str], step: int = -1) -> str:
     """A text table of one step's diagnostics (default: the last)."""
     lines = ["layer   act mean   act std  saturated   grad mean   grad std"]
     for i in range(len(metrics["act_mean"][step])):
-        lines.append(f"tanh {i:<2} {float(metrics['act_mean'][step][i]):+9.4f} {float(metrics['act_std'][step][i]):9.4f}"
+        lines.append(f"act {i:<3} {float(metrics['act_mean'][step][i]):+9.4f} {float(metrics['act_std'][step][i]):9.4f}"
                      f" {100 * float(metrics['act_saturation'][step][i]):9.2f}% "
                      f"{float(metrics['act_grad_mean'][step][i]):+11.3e} {float(metrics['act_grad_std'][step][i]):10.3e}")
     lines.append("")

@@ -16,9 +16,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def _check_shape(name: str, arr: jax.Array, shape: tuple[int, ...]) -> None:
+def check_shape(name: str, arr: jax.Array, shape: tuple[int, ...]) -> None:
     """Backwards rely on shapes; a wrong upstream gradient gets a clear error instead of silent broadcasting."""
     if tuple(arr.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(arr.shape)}")
@@ -53,7 +54,7 @@ def linear_forward(x, W, b=None):
 def linear_backward(dy, cache):
     """``dx = dy @ Wᵀ``, ``dW = xᵀ @ dy`` (leading axes flattened), ``db = Σ dy`` over leading axes."""
     x, W, has_bias = cache
-    _check_shape("linear_backward: dy", dy, x.shape[:-1] + (W.shape[1],))
+    check_shape("linear_backward: dy", dy, x.shape[:-1] + (W.shape[1],))
     dx = dy @ W.T  # (..., Cin)
     dW = x.reshape(-1, x.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])  # (Cin, Cout)
     db = dy.reshape(-1, dy.shape[-1]).sum(0) if has_bias else None  # (Cout,)
@@ -75,7 +76,7 @@ def tanh_backward(dy, y):
     Computed as ``(1 - y)(1 + y)``: near saturation (|y| → 1) ``1 - y`` is exact where ``1 - y·y`` loses the digits
     that matter (float32, y = 0.9999: relative error 3e-8 against 5e-5).
     """
-    _check_shape("tanh_backward: dy", dy, y.shape)
+    check_shape("tanh_backward: dy", dy, y.shape)
     return (1.0 - y) * (1.0 + y) * dy
 
 
@@ -86,7 +87,7 @@ def relu_forward(x):
 
 def relu_backward(dy, y):
     """``dx = dy · [y > 0]`` (the subgradient 0 at 0, as PyTorch and micrograd)."""
-    _check_shape("relu_backward: dy", dy, y.shape)
+    check_shape("relu_backward: dy", dy, y.shape)
     return jnp.where(y > 0, dy, jnp.zeros_like(dy))
 
 
@@ -104,7 +105,7 @@ def embedding_forward(C, ix):
 def embedding_backward(demb, cache):
     """``dC[v] = Σ_{i: ix_i = v} demb_i`` — a scatter-add, so a repeated index accumulates; unseen rows stay 0."""
     ix, C_shape = cache
-    _check_shape("embedding_backward: demb", demb, ix.shape + (C_shape[1],))
+    check_shape("embedding_backward: demb", demb, ix.shape + (C_shape[1],))
     dC = jnp.zeros(C_shape, demb.dtype).at[ix.reshape(-1)].add(demb.reshape(-1, C_shape[1]))
     return dC, None
 
@@ -114,21 +115,43 @@ def embedding_backward(demb, cache):
 
 
 def cross_entropy_forward(logits, y):
-    """Mean softmax cross-entropy ``-mean log softmax(logits)[y]`` via logsumexp. ``logits (B, V), y (B,) int``."""
-    if logits.ndim != 2 or y.shape != logits.shape[:1]:
-        raise ValueError(f"cross_entropy: expected logits (B, V) and y (B,), got {logits.shape} and {y.shape}")
-    logprobs = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # (B, V)
-    loss = -jnp.take_along_axis(logprobs, y[:, None], axis=1).mean()
-    return loss, (logprobs, y)
+    """Mean softmax cross-entropy over the valid targets, via logsumexp: ``logits (..., V)``, ``y (...)`` int.
+
+    Targets ``< 0`` are ignored (makemore's ``-1`` padding of a word's tail): the loss is the mean over the ``n``
+    valid targets (0 when there are none). Window models pass ``(B, V)`` and ``(B,)``; sequence models ``(B, T, V)``
+    and ``(B, T)``. A concrete ``y`` with a target ``>= V`` is a ``ValueError`` (under ``jit`` the caller checks:
+    :func:`check_targets`).
+    """
+    if logits.ndim < 1 or y.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: expected logits (..., V) and y (...) with the same leading shape, got "
+                         f"{logits.shape} and {y.shape}")
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+        raise TypeError(f"cross_entropy: y must be an integer array, got {y.dtype}")
+    if not isinstance(y, jax.core.Tracer):
+        check_targets(y, logits.shape[-1], "cross_entropy: y")
+    valid = y >= 0  # (...)
+    n = jnp.maximum(valid.sum(), 1).astype(logits.dtype)  # the number of valid targets
+    logprobs = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # (..., V)
+    picked = jnp.take_along_axis(logprobs, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]  # (...)
+    loss = -jnp.where(valid, picked, 0.0).sum() / n
+    return loss, (logprobs, y, n)
 
 
 def cross_entropy_backward(dloss, cache):
-    """``dlogits = dloss · (softmax(logits) - onehot(y)) / B``."""
-    logprobs, y = cache
-    _check_shape("cross_entropy_backward: dloss", jnp.asarray(dloss), ())
-    B, V = logprobs.shape
-    dlogits = jnp.exp(logprobs) - jax.nn.one_hot(y, V, dtype=logprobs.dtype)  # (B, V)
-    return dlogits * (dloss / B), None
+    """``dlogits = dloss · (softmax(logits) - onehot(y)) / n`` at valid targets, exactly 0 where ``y < 0``."""
+    logprobs, y, n = cache
+    check_shape("cross_entropy_backward: dloss", jnp.asarray(dloss), ())
+    valid = (y >= 0)[..., None]  # (..., 1)
+    dlogits = jnp.exp(logprobs) - jax.nn.one_hot(y, logprobs.shape[-1], dtype=logprobs.dtype)  # (..., V)
+    return jnp.where(valid, dlogits * (dloss / n), 0.0), None
+
+
+def check_targets(y, vocab_size: int, what: str = "targets") -> None:
+    """Targets must lie in ``[0, V)`` or be ``-1`` (ignored); anything else is a ``ValueError`` naming ``what``."""
+    y = np.asarray(y)
+    bad = (y >= vocab_size) | (y < -1)
+    if bad.any():
+        raise ValueError(f"{what} must be token ids in [0, {vocab_size}) or -1 (ignored); found {int(y[bad][0])}")
 
 
 def hinge_forward(scores, y):
@@ -142,7 +165,7 @@ def hinge_forward(scores, y):
 def hinge_backward(dloss, cache):
     """``dscores = -dloss · y · [1 - y·s > 0] / B``."""
     margins, y = cache
-    _check_shape("hinge_backward: dloss", jnp.asarray(dloss), ())
+    check_shape("hinge_backward: dloss", jnp.asarray(dloss), ())
     return jnp.where(margins > 0, -y, jnp.zeros_like(y)) * (dloss / margins.shape[0]), None
 
 
@@ -156,7 +179,7 @@ def mse_forward(pred, target):
 
 def mse_backward(dloss, diff):
     """``dpred = dloss · 2 (pred - target) / N``, ``dtarget = -dpred``."""
-    _check_shape("mse_backward: dloss", jnp.asarray(dloss), ())
+    check_shape("mse_backward: dloss", jnp.asarray(dloss), ())
     dpred = diff * (2.0 * dloss / diff.size)
     return dpred, -dpred
 
@@ -225,7 +248,7 @@ def batchnorm_backward(dy, cache):
     then ``dβ`` and ``dγ``, so the whole backward reads ``dy`` in two reductions (one fused pass) and one elementwise pass.
     """
     x, rstd, gamma, mean, _ = cache
-    _check_shape("batchnorm_backward: dy", dy, x.shape)
+    check_shape("batchnorm_backward: dy", dy, x.shape)
     axes = tuple(range(dy.ndim - 1))
     n = _bn_rows(dy)
     d = dy.ndim

@@ -1,10 +1,15 @@
 """What every jnnex language model is, and what works on any of them: loss, evaluation, sampling.
 
-A language model maps a context of T token ids to logits over the V tokens of the next one. In jnnex it is a bundle of
-pure functions (:class:`LanguageModel`): ``init(key) -> (params, state)`` and
-``apply(params, state, x, *, train) -> (logits, new_state)``. ``state`` carries what is not learned by gradient
-(BatchNorm's running statistics); it is ``()`` for stateless models. A model may also carry a hand-written
-``value_and_grad``, which the training machinery then uses instead of ``jax.grad``.
+A language model maps token ids to logits over the V tokens that come next, in one of two shapes (makemore's):
+
+* a **window** model reads a context ``x (B, T)`` and predicts the one next token: logits ``(B, V)``, targets ``(B,)``;
+* a **per-position** model reads a padded word ``x (B, T)`` and predicts the next token at every position: logits
+  ``(B, T, V)``, targets ``(B, T)`` with ``-1`` where there is nothing to predict.
+
+In jnnex a model is a bundle of pure functions (:class:`LanguageModel`) around **one forward**,
+``forward(cfg, params, state, x, train) -> Forward(logits, state, caches, acts)``: ``apply`` keeps the logits and
+state, the hand-written backward consumes the caches, diagnostics reads the activations. ``state`` carries what is
+not learned by gradient (BatchNorm's running statistics); it is ``()`` for stateless models.
 """
 
 from __future__ import annotations
@@ -12,13 +17,36 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jnnex.layers import cross_entropy_forward
+from jnnex.settings import positive_int
+from jnnex.layers import check_targets, cross_entropy_backward, cross_entropy_forward
+
+
+class Forward(NamedTuple):
+    """What a model's one forward returns."""
+
+    logits: jax.Array  # (B, V) for a window model; (B, T, V) for a per-position (sequence) model
+    state: Any  # the new model state (BatchNorm running statistics after a train-mode step); () if none
+    caches: Any  # what the model's hand-written backward needs (unused under autodiff: XLA drops it)
+    acts: tuple  # the hidden activations, in forward order, for diagnostics: (B, H) or (B, T', H) arrays
+
+
+class ManualGradients(NamedTuple):
+    """One train-mode forward and the hand-written backward, with everything diagnostics reads."""
+
+    loss: jax.Array  # () mean cross-entropy over the valid targets
+    grads: Any  # like params
+    state: Any  # the new model state
+    acts: tuple  # the forward's hidden activations
+    act_grads: tuple  # the loss gradient w.r.t. each of them (the backward computes them on its way)
+
+
+GRADIENTS = ("autodiff", "manual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,25 +59,38 @@ class LanguageModel:
     Attributes:
         name: registry name (``"bigram"``, ``"mlp"``, …).
         cfg: the model's frozen config dataclass; has ``vocab_size`` (V) and ``block_size`` (T).
-        init_fn: ``(cfg, key) -> (params, state)``.
-        apply_fn: ``(cfg, params, state, x (B, T) int32, train: bool) -> (logits (B, V), new_state)``.
-        grad_fn: optional hand-written ``(cfg, params, state, x, y) -> (loss, grads, new_state)``; ``grads`` has the
-            structure of ``params``. ``None`` means the machinery differentiates :meth:`objective` with ``jax.grad``.
+        init_fn: ``(key, cfg) -> (params, state)``.
+        forward_fn: the model's one forward, ``(cfg, params, state, x (B, T) int32, train: bool) ->``
+            :class:`Forward`. :meth:`apply`, the hand-written backward and diagnostics all run it.
+        backward_fn: optional hand-written ``(cfg, params, caches, dlogits) -> (grads, act_grads)``: the layer
+            backwards in reverse order of the forward, ``grads`` shaped like ``params``, ``act_grads`` like ``acts``.
         penalty_fn: optional ``(cfg, params) -> scalar`` added to the training objective (an L2 term, say); the
             reported cross-entropy never includes it.
-        forward_fn: optional ``(cfg, params, state, x, train, probes) -> (logits, new_state, acts)`` exposing the
-            hidden activations ``acts`` (a tuple of (B, H) arrays); ``probes`` (zeros, or ``None``) are added to them
-            so that differentiating w.r.t. the probes gives the activations' gradients. Used by
-            :mod:`jnnex.diagnostics`.
+        gradients: ``"autodiff"`` (``jax.grad`` of :meth:`objective`) or ``"manual"`` (:meth:`value_and_grad_manual`:
+            ``jax.grad`` nowhere in the training path); see :meth:`with_gradients`.
+        per_position: ``False``: a window ``x (B, T)`` predicts one next token, logits ``(B, V)``, targets ``(B,)``.
+            ``True``: a sequence ``x (B, T)`` predicts every next token, logits ``(B, T, V)``, targets ``(B, T)``
+            with ``-1`` where nothing is predicted (:func:`jnnex.data.build_sequences`).
+        embeddings_fn: optional ``params -> (V, C)`` token embedding table, for pictures.
     """
 
     name: str
     cfg: Any
     init_fn: Callable
-    apply_fn: Callable
-    grad_fn: Callable | None = None
+    forward_fn: Callable
+    backward_fn: Callable | None = None
     penalty_fn: Callable | None = None
-    forward_fn: Callable | None = None
+    gradients: str = "autodiff"
+    per_position: bool = False
+    embeddings_fn: Callable | None = None
+
+    def __post_init__(self):
+        if self.gradients not in GRADIENTS:
+            raise ValueError(f"gradients must be one of {GRADIENTS}, got {self.gradients!r}")
+        if self.gradients == "manual" and self.backward_fn is None:
+            raise ValueError(f"model {self.name!r} has no hand-written backward; gradients='manual' is not available")
+        if self.gradients == "manual" and self.penalty_fn is not None:
+            raise ValueError(f"model {self.name!r} has a penalty term its hand-written backward does not cover")
 
     @property
     def vocab_size(self) -> int:
@@ -59,16 +100,24 @@ class LanguageModel:
     def block_size(self) -> int:
         return self.cfg.block_size
 
+    def with_gradients(self, gradients: str) -> LanguageModel:
+        """The same model trained on ``"manual"`` (hand-written) or ``"autodiff"`` gradients."""
+        return dataclasses.replace(self, gradients=gradients)
+
     def init(self, key):
         """``(params, state)`` for this model."""
-        return self.init_fn(self.cfg, key)
+        return self.init_fn(key, self.cfg)
+
+    def forward(self, params, state, x, *, train: bool) -> Forward:
+        return self.forward_fn(self.cfg, params, state, x, train)
 
     def apply(self, params, state, x, *, train: bool):
-        """``(logits (B, V), new_state)`` for contexts ``x (B, T)``."""
-        return self.apply_fn(self.cfg, params, state, x, train)
+        """``(logits, new_state)`` for contexts ``x (B, T)``: logits ``(B, V)``, or ``(B, T, V)`` per position."""
+        out = self.forward(params, state, x, train=train)
+        return out.logits, out.state
 
     def loss(self, params, state, x, y, *, train: bool = True):
-        """Mean cross-entropy of the next token: ``(loss, new_state)``."""
+        """Mean cross-entropy over the valid targets (``y >= 0``): ``(loss, new_state)``."""
         logits, new_state = self.apply(params, state, x, train=train)
         return cross_entropy_forward(logits, y)[0], new_state
 
@@ -79,12 +128,47 @@ class LanguageModel:
             loss = loss + self.penalty_fn(self.cfg, params)
         return loss, new_state
 
+    def value_and_grad_manual(self, params, state, x, y):
+        """``(loss, grads, new_state)`` entirely by hand: the forward, the cross-entropy pair, the model's backward."""
+        out = manual_gradients(self, params, state, x, y)
+        return out.loss, out.grads, out.state
+
     def value_and_grad(self, params, state, x, y):
-        """``(objective, grads, new_state)``: the hand-written backward if the model has one, else ``jax.grad``."""
-        if self.grad_fn is not None:
-            return self.grad_fn(self.cfg, params, state, x, y)
+        """``(objective, grads, new_state)`` on this model's :attr:`gradients`: hand-written, or ``jax.grad``."""
+        if self.gradients == "manual":
+            return self.value_and_grad_manual(params, state, x, y)
         (loss, new_state), grads = jax.value_and_grad(self.objective, has_aux=True)(params, state, x, y)
         return loss, grads, new_state
+
+
+def manual_gradients(model: LanguageModel, params, state, x, y) -> ManualGradients:
+    """One train-mode forward, then every gradient by hand in reverse order (no autodiff anywhere)."""
+    if model.backward_fn is None:
+        raise ValueError(f"model {model.name!r} has no hand-written backward")
+    out = model.forward(params, state, x, train=True)
+    loss, c_ce = cross_entropy_forward(out.logits, y)
+    dlogits, _ = cross_entropy_backward(jnp.ones((), out.logits.dtype), c_ce)  # (B, V) or (B, T, V)
+    grads, act_grads = model.backward_fn(model.cfg, params, out.caches, dlogits)
+    return ManualGradients(loss, grads, out.state, out.acts, tuple(act_grads))
+
+
+def check_batch(model: LanguageModel, X, Y, what: str) -> None:
+    """``X (N, T)`` token ids in ``[0, V)`` and targets of the model's contract (``Y (N,)``, or ``(N, T)`` per
+    position; ids in ``[0, V)`` or ``-1``); otherwise a ``ValueError`` that names ``what`` and what was expected."""
+    X, Y = np.asarray(X), np.asarray(Y)
+    want_y = "(N, T)" if model.per_position else "(N,)"
+    shape_ok = X.ndim == 2 and (Y.shape == X.shape if model.per_position else
+                                (Y.shape == X.shape[:1] and X.shape[1] == model.block_size))
+    if not shape_ok:
+        T = "T" if model.per_position else str(model.block_size)
+        raise ValueError(f"{what}: model {model.name!r} expects X (N, {T}) and Y {want_y}, got {X.shape} and {Y.shape}")
+    if not (np.issubdtype(X.dtype, np.integer) and np.issubdtype(Y.dtype, np.integer)):
+        raise ValueError(f"{what}: X and Y must be integer token ids, got {X.dtype} and {Y.dtype}")
+    if X.size and (X.min() < 0 or X.max() >= model.vocab_size):
+        bad = X[(X < 0) | (X >= model.vocab_size)][0]
+        raise ValueError(f"{what}: the data has token id {int(bad)} but model {model.name!r} has a vocabulary of "
+                         f"{model.vocab_size} (was it built for this data's vocabulary?)")
+    check_targets(Y, model.vocab_size, f"{what}: Y")
 
 
 def count_params(params) -> int:
@@ -97,32 +181,40 @@ def count_params(params) -> int:
 
 @functools.partial(jax.jit, static_argnames=("model", "chunk"))
 def _eval_sums(model, params, state, X, Y, chunk):
+    """``(Σ nll, number of valid targets)`` over the whole set, ``chunk`` rows per scanned call."""
     n = X.shape[0]
     n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
-    Xp = jnp.pad(X, ((0, pad), (0, 0))).reshape(n_chunks, chunk, X.shape[1])  # (K, b, T)
-    Yp = jnp.pad(Y, (0, pad)).reshape(n_chunks, chunk)  # (K, b)
-    mask = (jnp.arange(n_chunks * chunk) < n).reshape(n_chunks, chunk)
+    Xp = jnp.pad(X, ((0, pad), (0, 0))).reshape(n_chunks, chunk, *X.shape[1:])  # (K, b, T)
+    Yp = jnp.pad(Y, ((0, pad),) + ((0, 0),) * (Y.ndim - 1), constant_values=-1)  # padding rows are ignored targets
+    Yp = Yp.reshape(n_chunks, chunk, *Y.shape[1:])  # (K, b) or (K, b, T)
 
-    def body(total, xym):
-        x, y, m = xym
-        logits, _ = model.apply(params, state, x, train=False)  # (b, V)
+    def body(carry, xy):
+        total, count = carry
+        x, y = xy
+        logits, _ = model.apply(params, state, x, train=False)  # (b, V) or (b, T, V)
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logprobs, y[:, None], axis=1)[:, 0]  # (b,)
-        return total + jnp.sum(jnp.where(m, nll, 0.0)), None
+        valid = y >= 0
+        nll = -jnp.take_along_axis(logprobs, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]  # (b,) or (b, T)
+        return (total + jnp.sum(jnp.where(valid, nll, 0.0)), count + valid.sum(dtype=jnp.int32)), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (Xp, Yp, mask))
-    return total / n
+    (total, count), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (Xp, Yp))
+    return total, count
 
 
 def evaluate(model: LanguageModel, params, state, X, Y, *, chunk: int = 16384) -> float:
-    """Mean negative log-likelihood (nats per token) of ``Y (N,)`` given ``X (N, T)``, in eval mode, in chunks."""
+    """Mean negative log-likelihood (nats per token) over every valid target of ``(X, Y)``, in eval mode.
+
+    Token-weighted: a per-position split's loss is the total over all its predicted characters divided by their
+    number (not a mean of per-batch means). ``X (N, T)``; ``Y (N,)`` for a window model, ``(N, T)`` per position.
+    """
+    check_batch(model, X, Y, "evaluate")
     X, Y = jnp.asarray(X, jnp.int32), jnp.asarray(Y, jnp.int32)
-    if X.ndim != 2 or X.shape[1] != model.block_size or Y.shape != X.shape[:1]:
-        raise ValueError(f"evaluate: expected X (N, {model.block_size}) and Y (N,), got {X.shape} and {Y.shape}")
-    if X.shape[0] == 0:
-        raise ValueError("evaluate: X is empty")
-    return float(_eval_sums(model, params, state, X, Y, min(chunk, X.shape[0])))
+    if X.shape[0] == 0 or not bool((Y >= 0).any()):
+        raise ValueError("evaluate: the data has no target to predict")
+    rows = max(1, chunk // (X.shape[1] if model.per_position else 1))  # about `chunk` predictions per call
+    total, count = _eval_sums(model, params, state, X, Y, min(rows, X.shape[0]))
+    return float(total) / int(count)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -131,19 +223,26 @@ def evaluate(model: LanguageModel, params, state, X, Y, *, chunk: int = 16384) -
 
 @functools.partial(jax.jit, static_argnames=("model", "n", "max_len", "top_k"))
 def _generate(model, params, state, key, n, max_len, temperature, top_k):
+    T = model.block_size
+
     def body(carry, t):
         ctx, done = carry  # (n, T), (n,)
-        logits, _ = model.apply(params, state, ctx, train=False)  # (n, V)
+        logits, _ = model.apply(params, state, ctx, train=False)  # (n, V), or (n, T, V) per position
+        if model.per_position:  # the prediction after the last token read: position t until the context is full
+            logits = jax.lax.dynamic_index_in_dim(logits, jnp.minimum(t, T - 1), axis=1, keepdims=False)
         logits = logits.astype(jnp.float32) / temperature
         if top_k is not None:
             kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (n, 1)
             logits = jnp.where(logits < kth, -jnp.inf, logits)
         tok = jax.random.categorical(jax.random.fold_in(key, t), logits, axis=-1).astype(jnp.int32)  # (n,)
         tok = jnp.where(done, 0, tok)  # a finished name only emits the boundary token
-        ctx = jnp.concatenate([ctx[:, 1:], tok[:, None]], axis=1)
-        return (ctx, done | (tok == 0)), tok
+        shifted = jnp.concatenate([ctx[:, 1:], tok[:, None]], axis=1)  # a full context slides (cropped to T)
+        if model.per_position:  # a sequence grows from the start token until it fills the context
+            placed = jax.lax.dynamic_update_index_in_dim(ctx, tok, jnp.minimum(t + 1, T - 1), axis=1)
+            shifted = jnp.where(t + 1 < T, placed, shifted)
+        return (shifted, done | (tok == 0)), tok
 
-    ctx0 = jnp.zeros((n, model.block_size), jnp.int32)
+    ctx0 = jnp.zeros((n, T), jnp.int32)
     _, toks = jax.lax.scan(body, (ctx0, jnp.zeros((n,), bool)), jnp.arange(max_len))
     return toks.T  # (n, max_len)
 
@@ -161,13 +260,13 @@ def generate(
 ) -> np.ndarray:
     """Sample ``n`` sequences in parallel: ``tokens (n, max_len) int32``, each padded with 0 after its boundary token.
 
+    Each step reads the prediction at the last position of the context (a window model has only that one); a
+    per-position model's context grows from the start token and is cropped to its ``block_size`` once full.
     Deterministic for a given ``key``. ``temperature`` divides the logits; ``top_k`` keeps only the k most likely
     tokens at each step.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f"max_len must be an integer >= 1, got {max_len!r}")
+    positive_int("n", n)
+    positive_int("max_len", max_len)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= model.vocab_size):

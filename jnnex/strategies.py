@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
-from jnnex.bn_mlp import BN_MLP_SMALL, BNMLPConfig, BNMLPParams, bn_mlp
+from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, BNMLPParams, bn_mlp
 from jnnex.check import randomise  # used below, and re-exported for users building their own problems
 
 BATCH_SIZES = (2, 3, 8, 32, 64)  # 2 is the smallest batch BatchNorm accepts in train mode

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import signal
 import threading
@@ -30,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jnnex import checkpoint
-from jnnex.lm import LanguageModel, evaluate
+from jnnex import rundir
+from jnnex.diagnostics import step_diagnostics
+from jnnex.lm import LanguageModel, check_batch, evaluate, manual_gradients
+from jnnex.settings import check_choice, positive_int, setting
 
 
 class TrainState(NamedTuple):
@@ -41,45 +42,59 @@ class TrainState(NamedTuple):
     step: jax.Array  # () int32, the number of steps taken
 
 
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+DECAY_MASKS = ("all", "matrices")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings. Defaults are the makemore MLP lecture's."""
+    """Optimisation settings. Defaults are the makemore MLP lecture's (SGD, 0.1 then 0.01 from step 100,000)."""
 
-    steps: int = 200_000  # total optimisation steps
-    batch_size: int | None = 32  # minibatch size; None = the whole training set every step
-    lr: float = 0.1  # initial learning rate
-    lr_boundaries: tuple[int, ...] = (100_000,)  # steps at which the learning rate is multiplied by lr_factor
-    lr_factor: float = 0.1
-    optimizer: str = "sgd"  # sgd | momentum | adam | adamw
-    weight_decay: float = 0.0  # adamw's decoupled weight decay
-    eval_every: int = 20_000  # evaluate train/dev loss (and checkpoint) every this many steps, and at the end
-    chunk: int = 1_000  # steps per compiled call; checkpoints fall on multiples of it
-    seed: int = 0
+    steps: int = setting(200_000, "total optimisation steps")
+    batch_size: int | None = setting(32, "minibatch size (None: the whole training set every step)")
+    lr: float = setting(0.1, "initial learning rate")
+    lr_boundaries: tuple[int, ...] = setting((100_000,), "steps at which the learning rate is multiplied by "
+                                                         "lr_factor (the CLI scales them with --steps)")
+    lr_factor: float = setting(0.1, "the learning rate's factor at each boundary")
+    optimizer: str = setting("sgd", "optax optimiser", choices=OPTIMIZERS)
+    sgd_momentum: float = setting(0.9, "momentum: the momentum coefficient")
+    betas: tuple[float, ...] = setting((0.9, 0.999), "adam, adamw: (b1, b2), the moment decay rates")
+    adam_eps: float = setting(1e-8, "adam, adamw: epsilon added to the second moment's root")
+    weight_decay: float = setting(0.0, "adamw: decoupled weight decay")
+    decay_mask: str = setting("all", "adamw: which parameters decay: all (makemore) or matrices (>= 2-D only, "
+                                     "nanoGPT's; biases, gains and shifts are not decayed)", choices=DECAY_MASKS)
+    grad_clip: float | None = setting(None, "clip gradients to this global norm before the update (None: off)")
+    eval_every: int = setting(20_000, "evaluate train/dev loss (and checkpoint) every this many steps, and at the end")
+    chunk: int = setting(1_000, "steps per compiled call; checkpoints fall on multiples of it")
+    seed: int = setting(0, "seed of initialisation and minibatches")
 
     def __post_init__(self):
-        def positive_int(name, v):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-
-        positive_int("steps", self.steps)
-        positive_int("eval_every", self.eval_every)
-        positive_int("chunk", self.chunk)
+        for name in ("steps", "eval_every", "chunk"):
+            positive_int(name, getattr(self, name))
         if self.batch_size is not None:
             positive_int("batch_size", self.batch_size)
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+        positive_int("seed", self.seed, minimum=0)
+        for name in ("lr", "adam_eps"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("decay_mask", self.decay_mask, DECAY_MASKS)
         if sorted(self.lr_boundaries) != list(self.lr_boundaries):
             raise ValueError(f"lr_boundaries must be increasing, got {self.lr_boundaries}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not 0 <= self.sgd_momentum < 1:
+            raise ValueError(f"sgd_momentum must be in [0, 1), got {self.sgd_momentum!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be None or > 0, got {self.grad_clip!r}")
 
-
-OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "sgd": lambda lr, wd: optax.sgd(lr),
-    "momentum": lambda lr, wd: optax.sgd(lr, momentum=0.9),
-    "adam": lambda lr, wd: optax.adam(lr),
-    "adamw": lambda lr, wd: optax.adamw(lr, weight_decay=wd),
-}
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """The inverse of ``dataclasses.asdict`` after a JSON round trip (lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
@@ -98,28 +113,59 @@ def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
     return schedule
 
 
+def matrices_only(params):
+    """The weight-decay mask of ``decay_mask="matrices"``: True for parameters of 2 or more dimensions."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
 def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
-    return OPTIMIZERS[tcfg.optimizer](lr_schedule(tcfg), tcfg.weight_decay)
+    """The optax optimiser ``tcfg`` describes, on :func:`lr_schedule`, after global-norm clipping if asked."""
+    lr = lr_schedule(tcfg)
+    b1, b2 = tcfg.betas
+    if tcfg.optimizer == "sgd":
+        opt = optax.sgd(lr)
+    elif tcfg.optimizer == "momentum":
+        opt = optax.sgd(lr, momentum=tcfg.sgd_momentum)
+    elif tcfg.optimizer == "adam":
+        opt = optax.adam(lr, b1=b1, b2=b2, eps=tcfg.adam_eps)
+    else:
+        mask = matrices_only if tcfg.decay_mask == "matrices" else None
+        opt = optax.adamw(lr, b1=b1, b2=b2, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay, mask=mask)
+    return opt if tcfg.grad_clip is None else optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), opt)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The compiled core
 
 
-def make_step(model: LanguageModel, optimizer: optax.GradientTransformation) -> Callable:
-    """``step(ts, batch, key) -> (ts, metrics)``: one update from ``model.value_and_grad`` (hand-written if the model
-    has a ``grad_fn``, else ``jax.grad``). Pure; jit it or scan it. ``key`` is reserved for stochastic layers."""
+def make_step(model: LanguageModel, optimizer: optax.GradientTransformation, *, diagnostics: bool = False) -> Callable:
+    """``step(ts, batch, key) -> (ts, metrics)``: one optax update from ``model.value_and_grad`` (the hand-written
+    backward or ``jax.grad``, as the model says). Pure; jit it or scan it. ``key`` is reserved for stochastic layers.
+
+    ``diagnostics=True`` adds :func:`jnnex.diagnostics.step_diagnostics` to the metrics. Those figures are read off
+    the model's hand-written backward (activations from its forward, their gradients from its backward, one pass),
+    so the step then trains on the hand-written gradients — proven equal to ``jax.grad``'s.
+    """
+    if diagnostics and model.backward_fn is None:
+        raise ValueError(f"model {model.name!r} has no hand-written backward, which diagnostics read")
 
     def step(ts: TrainState, batch, key):
         del key  # no stochastic layers yet (dropout would use it)
         x, y = batch
-        loss, grads, new_state = model.value_and_grad(ts.params, ts.state, x, y)
+        if diagnostics:
+            out = manual_gradients(model, ts.params, ts.state, x, y)
+            loss, grads, new_state = out.loss, out.grads, out.state
+        else:
+            loss, grads, new_state = model.value_and_grad(ts.params, ts.state, x, y)
         # optax mixes integer step counts with float constants internally; our code stays under the caller's
         # (possibly strict) promotion rules, the optimiser's under the standard ones.
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
-        return TrainState(params, new_state, opt_state, ts.step + 1), {"loss": loss}
+        metrics = {"loss": loss}
+        if diagnostics:
+            metrics.update(step_diagnostics(out.acts, out.act_grads, ts.params, grads, params))
+        return TrainState(params, new_state, opt_state, ts.step + 1), metrics
 
     return step
 
@@ -193,7 +239,6 @@ class FitResult:
     evals: list[dict]  # the evaluation rows (also written to metrics.jsonl)
     metrics: dict = dataclasses.field(default_factory=dict)  # every per-step metric, stacked: (steps_run, ...)
     interrupted: bool = False
-    seconds: float = 0.0
 
 
 def fit(
@@ -208,107 +253,90 @@ def fit(
     meta: dict | None = None,
     eval_train: bool = True,
     diagnostics: bool = False,
+    on_chunk: Callable[[int, dict], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train = (X, Y)`` for ``tcfg.steps`` steps.
 
-    Every ``eval_every`` steps (and at the end) the full train and dev losses are computed, appended to
-    ``out/metrics.jsonl`` and a checkpoint (``out/checkpoint.npz`` + ``out/config.json``) is written atomically.
+    Every ``eval_every`` steps (and at the end) the full train and dev losses are computed; with ``out`` (a run
+    directory, :mod:`jnnex.rundir`) they are appended to ``metrics.jsonl`` and a checkpoint is written, all atomically;
+    ``config.json`` (the model, ``tcfg`` and ``meta``) is written when the run starts and ``model.npz`` when it ends.
     With ``resume=True`` training continues from ``out``'s checkpoint and ends with exactly the parameters an
-    uninterrupted run would have. Ctrl-C stops at the last completed chunk, saves it and returns with
-    ``interrupted=True``. ``diagnostics=True`` adds the per-layer figures of :mod:`jnnex.diagnostics` to every step's
-    metrics (``FitResult.metrics``), computed inside the step.
+    uninterrupted run would have. Ctrl-C — at any moment, compilation included — stops after the chunk in flight,
+    saves it and returns with ``interrupted=True``. ``diagnostics=True`` adds the per-layer figures of
+    :mod:`jnnex.diagnostics` to every step's metrics (``FitResult.metrics``). ``on_chunk(step, metrics)`` is called
+    after each completed chunk (a hook for logging; its ``metrics`` are that chunk's, stacked per step).
 
     Raises:
         NonFiniteLossError: a step produced a NaN/inf loss (the last checkpoint is left as it was).
     """
+    check_batch(model, *train, "train data")
+    if dev is not None:
+        check_batch(model, *dev, "dev data")
     X, Y = (jnp.asarray(a, jnp.int32) for a in train)
-    if X.ndim != 2 or X.shape[1] != model.block_size or Y.shape != X.shape[:1]:
-        raise ValueError(f"train data: expected X (N, {model.block_size}) and Y (N,), got {X.shape} and {Y.shape}")
     out = Path(out) if out is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    optimizer = make_optimizer(tcfg)
-    if diagnostics:
-        from jnnex.diagnostics import make_diagnostic_step
-
-        step_fn = make_diagnostic_step(model, optimizer)
-    else:
-        step_fn = make_step(model, optimizer)
-    run = make_run(step_fn, tcfg.batch_size)
-    k_init, k_train = _keys(tcfg.seed)
-    ts = init_train_state(model, optimizer, k_init)
-    ckpt_step = None
-    if resume:
-        if out is None or not (out / "checkpoint.npz").is_file():
-            raise ValueError(f"resume: no checkpoint in {str(out)!r}")
-        ts = checkpoint.load_pytree(out / "checkpoint.npz", ts)
-        ckpt_step = int(ts.step)
-        _truncate_metrics(out / "metrics.jsonl", ckpt_step)
+    if resume and (out is None or not (out / rundir.CHECKPOINT).is_file()):
+        raise ValueError(f"resume: no checkpoint in {str(out)!r}")
     schedule = lr_schedule(tcfg)
-
-    def save(ts):
-        nonlocal ckpt_step
-        if out is None:
-            return
-        checkpoint.save_pytree(out / "checkpoint.npz", ts)
-        checkpoint.write_json(
-            out / "config.json",
-            {**(meta or {}), "model": model.name, "model_config": dataclasses.asdict(model.cfg),
-             "train_config": dataclasses.asdict(tcfg), "step": int(ts.step)},
-        )
-        ckpt_step = int(ts.step)
-
-    def log_eval(ts, chunk_loss):
-        row = {"step": int(ts.step), "lr": float(schedule(int(ts.step) - 1)), "loss": chunk_loss,
-               "time": time.perf_counter() - t0}
-        if eval_train:
-            row["train_loss"] = evaluate(model, ts.params, ts.state, X, Y)
-        if dev is not None:
-            row["dev_loss"] = evaluate(model, ts.params, ts.state, *dev)
-        evals.append(row)
-        if out is not None:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        return row
-
-    start = int(ts.step)
     chunks, evals, interrupted = [], [], False
-    bar = _progress(tcfg.steps, start, progress)
-    t0 = time.perf_counter()
-    step = start
-    with _ctrl_c_ends_the_chunk() as ctrl_c:  # the first Ctrl-C lets the running chunk finish
+    with ctrl_c_guard() as ctrl_c:  # in place before the first compile: the first Ctrl-C never raises
+        optimizer = make_optimizer(tcfg)
+        run = make_run(make_step(model, optimizer, diagnostics=diagnostics), tcfg.batch_size)
+        k_init, k_train = _keys(tcfg.seed)
+        ts = init_train_state(model, optimizer, k_init)
+        if resume:
+            ts = rundir.load_pytree(out / rundir.CHECKPOINT, ts)
+            rundir.truncate_metrics(out, int(ts.step))
+        elif out is not None:
+            rundir.write_json(out / rundir.CONFIG, rundir.config_record(model.name, model.cfg, tcfg, meta))
+        step = start = saved = int(ts.step)
+        bar = _progress(tcfg.steps, start, progress)
+        t0 = time.perf_counter()
         try:
             while step < tcfg.steps and not ctrl_c.pressed:
                 # Chunks end on multiples of `chunk` and `eval_every`, so a resumed run makes the same calls.
                 n = min(tcfg.chunk - step % tcfg.chunk, tcfg.eval_every - step % tcfg.eval_every, tcfg.steps - step)
                 new_ts, metrics = run(ts, X, Y, k_train, n_steps=n)
                 metrics = {k: np.asarray(v) for k, v in metrics.items()}
-                chunk_losses = metrics["loss"]
-                bad = np.flatnonzero(~np.isfinite(chunk_losses))
+                bad = np.flatnonzero(~np.isfinite(metrics["loss"]))
                 if bad.size:
-                    raise NonFiniteLossError(step + int(bad[0]), float(chunk_losses[bad[0]]), ckpt_step)
+                    raise NonFiniteLossError(step + int(bad[0]), float(metrics["loss"][bad[0]]),
+                                             saved if out is not None and saved > 0 else None)
                 ts, step = new_ts, step + n  # `ts` only ever holds a completed chunk: safe to save at any interrupt
                 chunks.append(metrics)
-                chunk_loss = float(chunk_losses.mean())
-                if bar is not None:
-                    bar.update(n)
-                    bar.set_postfix(loss=f"{chunk_loss:.4f}")
+                row = {"step": step, "lr": float(schedule(step - 1)), "loss": float(metrics["loss"].mean())}
                 if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                    row = log_eval(ts, chunk_loss)
-                    save(ts)
-                    if bar is not None and "dev_loss" in row:
-                        bar.set_postfix(loss=f"{chunk_loss:.4f}", dev=f"{row['dev_loss']:.4f}")
+                    row["time"] = time.perf_counter() - t0
+                    if eval_train:
+                        row["train_loss"] = evaluate(model, ts.params, ts.state, X, Y)
+                    if dev is not None:
+                        row["dev_loss"] = evaluate(model, ts.params, ts.state, *dev)
+                    evals.append(row)
+                    if out is not None:
+                        rundir.append_metrics(out, row)
+                        rundir.save_pytree(out / rundir.CHECKPOINT, ts)
+                        saved = step
+                _show(bar, n, row)
+                if on_chunk is not None:
+                    on_chunk(step, metrics)
         except KeyboardInterrupt:  # a second Ctrl-C, or fit() outside the main thread: keep the last completed chunk
             interrupted = True
         finally:
             if bar is not None:
                 bar.close()
         interrupted = interrupted or (ctrl_c.pressed and step < tcfg.steps)
-    if interrupted:
-        save(ts)
+        if out is not None and step > saved:  # interrupted between evaluations: keep the chunks done since
+            rundir.save_pytree(out / rundir.CHECKPOINT, ts)
+        if out is not None and step > start:
+            rundir.save_pytree(out / rundir.MODEL, (ts.params, ts.state))
     stacked = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
     losses = stacked.get("loss", np.zeros((0,), np.float32))
-    return FitResult(ts, losses, evals, metrics=stacked, interrupted=interrupted, seconds=time.perf_counter() - t0)
+    return FitResult(ts, losses, evals, metrics=stacked, interrupted=interrupted)
+
+
+def _show(bar, n: int, row: dict) -> None:
+    if bar is not None:
+        bar.update(n)
+        bar.set_postfix({k: f"{row[k]:.4f}" for k in ("loss", "dev_loss") if k in row})
 
 
 class _CtrlC:
@@ -316,7 +344,7 @@ class _CtrlC:
 
 
 @contextlib.contextmanager
-def _ctrl_c_ends_the_chunk():
+def ctrl_c_guard():
     """The first Ctrl-C only sets a flag that :func:`fit` checks between chunks, so no ``KeyboardInterrupt`` lands in
     the middle of JAX's, numpy's or the checkpoint writer's code; the chunk in flight (a fraction of a second)
     finishes and is saved. A second Ctrl-C raises at once. A process that ignores SIGINT (``nohup``, a background job
@@ -338,13 +366,6 @@ def _ctrl_c_ends_the_chunk():
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric rows written after the checkpoint (they will be written again)."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
 
 
 def _progress(total: int, initial: int, enabled: bool):

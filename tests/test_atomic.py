@@ -8,9 +8,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from jnnex import atomic, strategies
-from jnnex.backprop import value_and_grad
-from jnnex.bn_mlp import bn_mlp
+from jnnex.models.bn_mlp import bn_mlp
 from jnnex.layers import Linear
+
+
+def value_and_grad(cfg, params, state, x, y):
+    """The BatchNorm net's hand-written loss and gradients (bn_mlp.forward, cross-entropy, bn_mlp.backward)."""
+    return bn_mlp(cfg).value_and_grad_manual(params, state, x, y)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -7,10 +7,14 @@ import pytest
 from hypothesis import assume, given
 
 from jnnex import strategies
-from jnnex.backprop import bn_mlp_manual, value_and_grad
-from jnnex.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp
+from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp
 from jnnex.data import load_words, make_splits
 from jnnex.train import TrainConfig, fit
+
+
+def value_and_grad(cfg, params, state, x, y):
+    """The BatchNorm net's hand-written loss and gradients (bn_mlp.forward, cross-entropy, bn_mlp.backward)."""
+    return bn_mlp(cfg).value_and_grad_manual(params, state, x, y)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -58,7 +62,7 @@ def test_training_on_hand_written_gradients_tracks_autodiff():
     sp = make_splits(load_words("census-first"), 3)
     cfg = BNMLPConfig(vocab_size=sp.vocab.size, **BN_MLP_SMALL)
     tcfg = TrainConfig(steps=1000, eval_every=1000, chunk=250)
-    manual = fit(bn_mlp_manual(cfg, "bn-mlp"), sp.train, tcfg, progress=False, eval_train=False)
+    manual = fit(bn_mlp(cfg, "bn-mlp").with_gradients("manual"), sp.train, tcfg, progress=False, eval_train=False)
     auto = fit(bn_mlp(cfg, "bn-mlp"), sp.train, tcfg, progress=False, eval_train=False)
     # float32, same key and batches: step-by-step agreement over the first 1,000 steps.
     np.testing.assert_allclose(manual.losses, auto.losses, rtol=2e-3)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jnnex.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp, calibrate, fold_batchnorm
+from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp, calibrate, fold_batchnorm
 from jnnex.layers import BatchNormParams, BatchNormState, batchnorm, batchnorm_init
 
 

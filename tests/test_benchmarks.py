@@ -1,7 +1,7 @@
 import json
 import sys
 
-from benchmarks.__main__ import SUITES, main
+from jnnex.bench.__main__ import SUITES, main
 
 
 def test_quick_benchmarks_run_and_write_json(tmp_path, capsys, monkeypatch):

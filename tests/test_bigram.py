@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jnnex.bigram import (
+from jnnex.models.bigram import (
     BigramConfig, BigramParams, count_matrix, counting_bigram, fit_counts, neural_bigram,
     neural_bigram_grad_closed_form, nll_from_counts, probs_from_counts,
 )

@@ -1,7 +1,7 @@
 import os
 import stat
 
-from jnnex.checkpoint import read_json, write_json
+from jnnex.rundir import read_json, write_json
 
 
 def test_atomic_files_get_the_usual_permissions_and_leave_no_temporaries(tmp_path):

@@ -83,17 +83,41 @@ def test_eval_rejects_characters_outside_the_vocabulary(tmp_path, capsys):
 
 
 def test_help_explains_every_flag(capsys):
+    """Every flag of every command has help text; model flags say which models they apply to."""
+    from jnnex.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.option_strings and name != "bench":
+                assert action.help, (name, action.option_strings)
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--model", "--data", "--seed", "--steps", "--out", "--json", "--no-progress", "--resume", "--preset"):
+    for flag in ("--model", "--data", "--seed", "--steps", "--out", "--json", "--no-progress", "--resume", "--preset",
+                 "--n-hidden", "--betas", "--decay-mask", "--grad-clip"):
         assert flag in text
+    assert "[mlp, bn-mlp, deep-mlp]" in text  # e.g. --n-hidden's models, from the config classes that have it
+
+
+def test_version_and_python_m(capsys):
+    import subprocess
+    import sys
+
+    import jnnex
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"jnnex {jnnex.__version__}"
+    proc = subprocess.run([sys.executable, "-m", "jnnex", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"jnnex {jnnex.__version__}"
 
 
 @pytest.mark.parametrize("engine", ["scalar", "tensor", "autodiff"])
 def test_moons_mlp_engines(capsys, engine):
     steps = "12" if engine == "scalar" else "100"
-    code, stdout, _ = run(capsys, "train", "--model", "moons-mlp", "--engine", engine, "--steps", steps, "--json")
+    code, stdout, _ = run(capsys, "moons", "--engine", engine, "--steps", steps, "--json")
     m = json.loads(stdout)
     assert code == 0 and m["engine"] == engine and m["steps"] == int(steps)
     assert 0.0 <= m["accuracy"] <= 1.0 and m["loss"] > 0
@@ -113,11 +137,11 @@ def test_diagnose_prints_tables_and_draws(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     code, stdout, _ = run(capsys, "diagnose", "--model", "deep-mlp", "--steps", "30", "--out", str(tmp_path))
     assert code == 0
-    assert "-- step 0 (initialisation)" in stdout and "tanh 4" in stdout and "log10 update:data" in stdout
+    assert "-- step 0 (initialisation)" in stdout and "act 4" in stdout and "log10 update:data" in stdout
     for name in ("activations.png", "gradients.png", "update_ratio.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     code, _, err = run(capsys, "diagnose", "--model", "mlp", "--gain", "1")
-    assert code == 2 and "--gain" in err
+    assert code == 2 and "--gain does not apply to model 'mlp'" in err
 
 
 def test_ladder_runs_every_rung(capsys):

@@ -4,11 +4,12 @@ import numpy as np
 import optax
 import pytest
 
-from jnnex.bn_mlp import BNMLPConfig, bn_mlp
+from jnnex.models.bn_mlp import BNMLPConfig, bn_mlp
 from jnnex.data import load_words, make_splits
-from jnnex.diagnostics import SATURATION, make_diagnostic_step, table, weight_names
-from jnnex.mlp_lm import MLPConfig, mlp_lm
-from jnnex.train import TrainConfig, TrainState, fit
+from jnnex.diagnostics import SATURATION, table, weight_names
+from jnnex.models.bigram import BigramConfig, neural_bigram
+from jnnex.models.mlp_lm import MLPConfig, mlp_lm
+from jnnex.train import TrainConfig, TrainState, fit, make_step
 
 
 def test_in_step_diagnostics_equal_the_same_figures_computed_outside():
@@ -22,7 +23,7 @@ def test_in_step_diagnostics_equal_the_same_figures_computed_outside():
     y = jax.random.randint(jax.random.key(2), (B,), 0, V, dtype=jnp.int32)
     opt = optax.sgd(lr)
     ts = TrainState(params, state, opt.init(params), jnp.zeros((), jnp.int32))
-    new_ts, m = jax.jit(make_diagnostic_step(model, opt))(ts, (x, y), jax.random.key(3))
+    new_ts, m = jax.jit(make_step(model, opt, diagnostics=True))(ts, (x, y), jax.random.key(3))
 
     # Outside: the forward by hand, dloss/dh in closed form, weight gradients from jax.grad of the plain loss.
     h = np.tanh(np.asarray(params.C)[np.asarray(x)].reshape(B, -1) @ np.asarray(params.W1) + np.asarray(params.b1))
@@ -57,8 +58,6 @@ def test_fit_collects_diagnostics_for_the_deep_net():
     # BatchNorm keeps each tanh layer's input at unit scale: the outputs are far from saturated at init.
     assert (res.metrics["act_saturation"][0] < 0.2).all() and (res.metrics["act_std"][0] > 0.4).all()
     text = table(res.metrics, weight_names(res.ts.params))
-    assert "tanh 2" in text and ".dense[3].W" in text
-    with pytest.raises(ValueError, match="no forward_fn"):
-        from jnnex.mlp_lm import mlp_lm_manual
-
-        make_diagnostic_step(mlp_lm_manual(MLPConfig()), optax.sgd(0.1))
+    assert "act 2" in text and ".dense[3].W" in text
+    with pytest.raises(ValueError, match="no hand-written backward"):
+        make_step(neural_bigram(BigramConfig()), optax.sgd(0.1), diagnostics=True)

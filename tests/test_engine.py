@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jnnex.engine import Value, to_dot, zero_grad
+from jnnex.micrograd.engine import Value, to_dot, zero_grad
 
 # Each op: (name, arity, engine implementation, jax implementation, domain check on the operands' values).
 OPS = [

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jnnex import mlp
+from jnnex.micrograd import tensor_mlp as mlp
 from jnnex.data import make_moons
-from jnnex.nn import MLP, moons_loss, train_moons
+from jnnex.micrograd.nn import MLP, moons_loss, train_moons
 
 
 def random_params(key, sizes, dtype):
@@ -23,7 +23,7 @@ def random_params(key, sizes, dtype):
 def manual_and_autodiff(params, x, y, loss, activation):
     """One compilation per shape for both sides."""
     kwargs = dict(loss=loss, alpha=1e-3, activation=activation)
-    return mlp.loss_and_grads(params, x, y, **kwargs), jax.value_and_grad(mlp.loss_fn)(params, x, y, **kwargs)
+    return mlp.value_and_grad_manual(params, x, y, **kwargs), jax.value_and_grad(mlp.loss_fn)(params, x, y, **kwargs)
 
 
 @given(
@@ -64,7 +64,7 @@ def test_cross_entropy_head():
     params = random_params(k1, [3, 5, 4], jnp.float64)
     x = jax.random.normal(k2, (6, 3), jnp.float64)
     y = jax.random.randint(k3, (6,), 0, 4, dtype=jnp.int32)
-    _, _, grads = mlp.loss_and_grads(params, x, y, loss="cross_entropy", alpha=0.0)
+    _, _, grads = mlp.value_and_grad_manual(params, x, y, loss="cross_entropy", alpha=0.0)
     ref = jax.grad(mlp.loss_fn)(params, x, y, loss="cross_entropy", alpha=0.0)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-13)
@@ -77,7 +77,7 @@ def test_float32_smoke():
     x = jax.random.normal(k2, (64, 2), jnp.float64)
     y = jnp.sign(jax.random.normal(k3, (64,), jnp.float64))
     p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p64)
-    _, _, g32 = mlp.loss_and_grads(p32, x.astype(jnp.float32), y.astype(jnp.float32))
+    _, _, g32 = mlp.value_and_grad_manual(p32, x.astype(jnp.float32), y.astype(jnp.float32))
     g64 = jax.grad(mlp.loss_fn)(p64, x, y)
     for g, r in zip(jax.tree.leaves(g32), jax.tree.leaves(g64)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
@@ -93,7 +93,7 @@ def test_three_way_scalar_tensor_autodiff():
     loss, _ = moons_loss(scalar, X, y, alpha=1e-4)
     loss.backward()
     xj, yj = jnp.asarray(X, jnp.float64), jnp.asarray(y, jnp.float64)
-    total, _, manual = mlp.loss_and_grads(params, xj, yj, alpha=1e-4)
+    total, _, manual = mlp.value_and_grad_manual(params, xj, yj, alpha=1e-4)
     auto = jax.grad(mlp.loss_fn)(params, xj, yj, alpha=1e-4)
     assert loss.data == pytest.approx(float(total), rel=1e-12)
     for s, m, a in zip(jax.tree.leaves(scalar.grads_as_params()), jax.tree.leaves(manual), jax.tree.leaves(auto)):

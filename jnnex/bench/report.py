@@ -1,4 +1,4 @@
-"""``python -m benchmarks.report [DIR]``: the README's tables, rendered from the JSON results of the last full run.
+"""``jnnex bench.report [DIR]``: the README's tables, rendered from the JSON results of the last full run.
 
 Markdown, condensed: manual/``jax.grad``/``jax.vjp`` ratios per case and batch size, the accuracy table, and training
 throughput as a fraction of the measured matmul peak and against PyTorch eager. Every figure comes from the JSON files.
@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.harness import RESULTS
+from jnnex.bench.harness import RESULTS
 
 
 def _md(rows: list[list], header: list[str]) -> str:

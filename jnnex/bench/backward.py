@@ -3,12 +3,12 @@ time, XLA's memory accounting, and accuracy.
 
 Every case gives three jitted functions of the same inputs that return the same gradients:
 
-* ``manual`` — the hand-written backward (the layer's ``*_backward``, or the model's ``grad_fn``),
+* ``manual`` — the hand-written backward (the layer's ``*_backward``, or the model's ``value_and_grad_manual``),
 * ``jax.grad`` — autodiff of the scalar objective (for a layer: ``Σ out · dout`` with a random ``dout``),
 * ``jax.vjp`` — autodiff's pullback applied to the same ``dout``.
 
 Each includes the forward pass (a backward needs its forward's cache). Models join from :data:`jnnex.models.REGISTRY`:
-every registered model with a ``manual`` twin is benchmarked at its default configuration (vocabulary 27, block 3).
+every registered model with a hand-written backward is benchmarked at its default configuration (vocabulary 27, block 3).
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.harness import interleaved, table
-from jnnex import layers, mlp
-from jnnex.check import _merge
-from jnnex.models import REGISTRY
+from jnnex.bench.harness import interleaved, table
+from jnnex import layers
+from jnnex.check import merge_args
+from jnnex.micrograd import tensor_mlp
+from jnnex.models.registry import REGISTRY, has_manual_backward
 
 V, T, N_EMBD = 27, 3, 10  # the lecture's sizes: vocabulary, context, embedding per character
 WIDTHS = (200, 1000)  # hidden widths H of the layer cases: the lecture's, and a wide layer
@@ -65,7 +66,7 @@ def _layer_case(name, forward, backward, make_args, diff_argnums):
 
         def pick(*inputs):  # the differentiable inputs as positional arguments, the rest fixed
             def f(*diff):
-                return forward(*_merge(inputs, diff_argnums, diff))[0]
+                return forward(*merge_args(inputs, diff_argnums, diff))[0]
             return f, tuple(inputs[i] for i in diff_argnums)
 
         def grad(dout, *inputs):
@@ -84,16 +85,17 @@ def _layer_case(name, forward, backward, make_args, diff_argnums):
 def _model_case(name):
     spec = REGISTRY[name]
     cfg = spec.config(vocab_size=V)
-    auto, manual_model = spec.build(cfg), spec.manual(cfg)
+    auto = spec.build(cfg)
 
     init = jax.jit(auto.init)
 
     def make(batch, dtype, seed):
         params, state = jax.tree.map(lambda a: a.astype(dtype), init(jax.random.key(seed)))
-        x, y = _ints(seed + 1, (batch, auto.block_size), V), _ints(seed + 2, (batch,), V)
+        x = _ints(seed + 1, (batch, auto.block_size), V)
+        y = _ints(seed + 2, (batch, auto.block_size) if auto.per_position else (batch,), V)
 
         def manual(params, state, x, y):
-            return manual_model.grad_fn(cfg, params, state, x, y)[1]
+            return auto.value_and_grad_manual(params, state, x, y)[1]
 
         def grad(params, state, x, y):
             return jax.grad(lambda p: auto.objective(p, state, x, y)[0])(params)
@@ -111,17 +113,17 @@ def _moons_case():
     sizes = [2, 16, 16, 1]
 
     def make(batch, dtype, seed):
-        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), mlp.init(jax.random.key(seed), sizes))
+        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), tensor_mlp.init(jax.random.key(seed), sizes))
         x, y = _normal(seed + 1, (batch, 2), dtype), jnp.sign(_normal(seed + 2, (batch,), dtype))
 
         def manual(params, x, y):
-            return mlp.loss_and_grads(params, x, y)[2]
+            return tensor_mlp.value_and_grad_manual(params, x, y)[2]
 
         def grad(params, x, y):
-            return jax.grad(mlp.loss_fn)(params, x, y)
+            return jax.grad(tensor_mlp.loss_fn)(params, x, y)
 
         def vjp(params, x, y):
-            loss, pullback = jax.vjp(lambda p: mlp.loss_fn(p, x, y), params)
+            loss, pullback = jax.vjp(lambda p: tensor_mlp.loss_fn(p, x, y), params)
             return pullback(jnp.ones_like(loss))[0]
 
         return (params, x, y), {"manual": manual, "jax.grad": grad, "jax.vjp": vjp}
@@ -162,7 +164,7 @@ def cases(widths=WIDTHS) -> list[Case]:
         _layer_case(f"cross-entropy (V={V})", layers.cross_entropy_forward, layers.cross_entropy_backward, ce_args,
                     (0,)),
         _moons_case(),
-        *(_model_case(name) for name, spec in REGISTRY.items() if spec.manual is not None),
+        *(_model_case(name) for name in REGISTRY if has_manual_backward(name)),
     ]
 
 

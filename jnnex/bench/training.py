@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.harness import interleaved, table
+from jnnex.bench.harness import interleaved, table
 from jnnex.data import load_words, make_splits
-from jnnex.models import REGISTRY
+from jnnex.models.registry import REGISTRY
 from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_run, make_step
 
 STEPS_PER_CALL = {32: 200, 256: 50, 4096: 5}  # one timing sample ≈ tens of milliseconds at every batch size
@@ -66,11 +66,10 @@ def _peak_contender(best: str):
     return (lambda: dot(a, b).block_until_ready()), 2.0 * n**3
 
 
-def _variants(name: str, spec, vocab_size: int):
-    cfg = spec.config(vocab_size=vocab_size)
-    yield "jax.grad", spec.build(cfg)
-    if spec.manual is not None:
-        yield "manual", spec.manual(cfg)
+def _variants(model):
+    yield "jax.grad", model
+    if model.backward_fn is not None:
+        yield "manual", model.with_gradients("manual")
 
 
 def run(quick: bool = False) -> dict:
@@ -81,18 +80,21 @@ def run(quick: bool = False) -> dict:
     peak_call, peak_flops = _peak_contender(max((k for k in peak["gflops"] if k.startswith("jax")),
                                                 key=peak["gflops"].get))
     torch_peer = _torch()
-    rows = []
+    rows, skipped = [], {}
     for name, spec in REGISTRY.items():
-        if spec.fitted or spec.train.batch_size is None:
+        if spec.fit_fn is not None or spec.train.batch_size is None:
             continue  # counted, or full-batch by design
         if quick and name != "bn-mlp":
             continue
-        splits = make_splits(words, spec.config().block_size)
+        per_position = spec.build(spec.config()).per_position
+        splits = make_splits(words, None if per_position else spec.config().block_size, per_position=per_position)
+        over = {"block_size": splits.block_size} if per_position else {}  # a sequence model's T comes from the data
+        model = spec.build(spec.config(vocab_size=splits.vocab.size, **over))
         X, Y = jnp.asarray(splits.train[0]), jnp.asarray(splits.train[1])
         for batch in batches:
             n_steps = 20 if quick else STEPS_PER_CALL[batch]
             contenders, flops, first_call = {}, {}, {}
-            models = dict(_variants(name, spec, splits.vocab.size))
+            models = dict(_variants(model))
             for variant, model in models.items():
                 opt = make_optimizer(TrainConfig())
                 step = make_step(model, opt)
@@ -106,10 +108,14 @@ def run(quick: bool = False) -> dict:
                 first_call[variant] = time.perf_counter() - t0
                 contenders[variant] = (lambda run_fn=run_fn, ts=ts:
                                        jax.block_until_ready(run_fn(ts, X, Y, jax.random.key(1), n_steps=n_steps)))
-            if torch_peer is not None:
-                torch_step = torch_peer(models["jax.grad"], np.asarray(X), np.asarray(Y), batch)
-                torch_step(1)
-                contenders["torch eager"] = lambda torch_step=torch_step: torch_step(n_steps)
+            if torch_peer is not None and name not in skipped:
+                try:
+                    torch_step = torch_peer(models["jax.grad"], np.asarray(X), np.asarray(Y), batch)
+                except NotImplementedError as e:  # a model the peer does not know: skipped, with the reason
+                    skipped[name] = str(e)
+                else:
+                    torch_step(1)
+                    contenders["torch eager"] = lambda torch_step=torch_step: torch_step(n_steps)
             contenders[PEAK] = peak_call  # the limit, measured in the same rounds as the steps it divides
             timings = interleaved(contenders, repeats)
             group_peak = peak_flops / timings.pop(PEAK)["median"] / 1e9
@@ -131,9 +137,10 @@ def run(quick: bool = False) -> dict:
     peak_text = ", ".join(f"{k}: {v:.1f}" for k, v in peak["gflops"].items())
     text = f"float32 matmul GFLOP/s at the start ({peak_text}); of_peak divides by XLA's jnp.dot timed in each " \
         "group's rounds (peak_gflops)\n" + \
-        ("torch: " + _torch_version() if torch_peer else "torch: not installed (peer skipped)") + "\n\n" + \
-        table(rows, cols)
-    return {"name": "training", "rows": rows, "matmul": peak, "torch": _torch_version() if torch_peer else None,
+        ("torch: " + _torch_version() if torch_peer else "torch: not installed (peer skipped)") + "\n" + \
+        "".join(f"torch peer skipped for {k}: {v}\n" for k, v in skipped.items()) + "\n" + table(rows, cols)
+    return {"name": "training", "rows": rows, "matmul": peak, "torch_skipped": skipped,
+            "torch": _torch_version() if torch_peer else None,
             "table": text, "settings": {"batches": list(batches), "repeats": repeats,
                                          "steps_per_call": {b: (20 if quick else STEPS_PER_CALL[b]) for b in batches},
                                          "data": "census-first", "optimizer": "SGD, TrainConfig() defaults"}}
@@ -151,7 +158,7 @@ def _torch():
         import torch
     except ImportError:
         return None
-    from benchmarks.torch_peer import make_torch_step
+    from jnnex.bench.torch_peer import make_torch_step
 
     del torch
     return make_torch_step

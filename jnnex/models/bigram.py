@@ -22,27 +22,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jnnex.lm import LanguageModel
+from jnnex.lm import Forward, LanguageModel
+from jnnex.settings import check_choice, positive_int, setting
 
 
 @dataclasses.dataclass(frozen=True)
 class BigramConfig:
-    vocab_size: int = 27  # V
-    l2: float = 0.0  # neural model: weight of the regulariser l2 · mean(W²) added to the training loss
-    smoothing: float = 1.0  # counting model: pseudo-count added to every cell
-    init: str = "zeros"  # neural model: "zeros" (uniform predictions, initial loss = ln V) or "normal" (lecture: N(0, 1))
+    vocab_size: int = setting(27, "V: tokens in the vocabulary (set from the data)")
+    l2: float = setting(0.0, "neural-bigram: weight of the regulariser l2 mean(W^2) added to the training loss")
+    smoothing: float = setting(1.0, "bigram (counting): pseudo-count added to every cell (add-k smoothing)")
+    init: str = setting("zeros", "neural-bigram: zeros (uniform predictions, initial loss = ln V) or normal "
+                                 "(the lecture's N(0, 1))", choices=("zeros", "normal"))
 
     block_size = 1  # a bigram model sees one character (a class attribute: not a setting)
 
     def __post_init__(self):
-        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 2:
-            raise ValueError(f"vocab_size must be an integer >= 2, got {self.vocab_size!r}")
+        positive_int("vocab_size", self.vocab_size, minimum=2)
         if not self.l2 >= 0:
             raise ValueError(f"l2 must be >= 0, got {self.l2!r}")
         if not self.smoothing >= 0:
             raise ValueError(f"smoothing must be >= 0, got {self.smoothing!r}")
-        if self.init not in ("zeros", "normal"):
-            raise ValueError(f"init must be 'zeros' or 'normal', got {self.init!r}")
+        check_choice("init", self.init, ("zeros", "normal"))
 
 
 class BigramParams(NamedTuple):
@@ -87,17 +87,24 @@ def fit_counts(xs, ys, vocab_size: int, smoothing: float = 1.0) -> BigramParams:
     return BigramParams(jnp.log(probs_from_counts(count_matrix(xs, ys, vocab_size), smoothing)))
 
 
+def fit(cfg: BigramConfig, X, Y):
+    """The counting model fitted in closed form on windows ``X (N, 1)``, ``Y (N,)``: ``(params, state)``."""
+    return fit_counts(np.asarray(X)[:, 0], Y, cfg.vocab_size, cfg.smoothing), ()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# As a language model (counting and neural share apply; they differ in init and training)
+# As a language model (counting and neural share the forward; they differ in init and training)
 
 
-def _apply(cfg: BigramConfig, params: BigramParams, state, x, train: bool):
+def forward(cfg: BigramConfig, params: BigramParams, state, x, train: bool) -> Forward:
     """``logits (B, V) = W[x[:, 0]]`` — the row lookup that equals ``onehot(x) @ W``."""
-    del cfg, train
-    return params.W[x[:, 0]], state
+    del train
+    if x.ndim != 2 or x.shape[1] != cfg.block_size:
+        raise ValueError(f"bigram: x must have shape (B, 1), got {x.shape}")
+    return Forward(params.W[x[:, 0]], state, None, ())
 
 
-def _init_neural(cfg: BigramConfig, key):
+def _init_neural(key, cfg: BigramConfig):
     """``W = 0`` (every prediction uniform: the initial loss is exactly ln V), or ``W ~ N(0, 1)`` as in the lecture."""
     shape = (cfg.vocab_size, cfg.vocab_size)
     if cfg.init == "normal":
@@ -105,8 +112,8 @@ def _init_neural(cfg: BigramConfig, key):
     return BigramParams(jnp.zeros(shape, jnp.float32)), ()
 
 
-def _init_counting(cfg: BigramConfig, key):
-    """Uniform until :func:`fit_counts` fills in the counts (the counting model is fitted, not trained)."""
+def _init_counting(key, cfg: BigramConfig):
+    """Uniform until :func:`fit` fills in the counts (the counting model is fitted, not trained)."""
     del key
     return BigramParams(jnp.full((cfg.vocab_size, cfg.vocab_size), -np.log(cfg.vocab_size), jnp.float32)), ()
 
@@ -116,11 +123,11 @@ def _l2_penalty(cfg: BigramConfig, params: BigramParams):
 
 
 def counting_bigram(cfg: BigramConfig = BigramConfig()) -> LanguageModel:
-    return LanguageModel("bigram", cfg, _init_counting, _apply)
+    return LanguageModel("bigram", cfg, _init_counting, forward)
 
 
 def neural_bigram(cfg: BigramConfig = BigramConfig()) -> LanguageModel:
-    return LanguageModel("neural-bigram", cfg, _init_neural, _apply, penalty_fn=_l2_penalty)
+    return LanguageModel("neural-bigram", cfg, _init_neural, forward, penalty_fn=_l2_penalty)
 
 
 def neural_bigram_grad_closed_form(W, xs, ys):

@@ -1,4 +1,14 @@
-"""Checkpoints without pickle: pytrees of arrays as ``.npz``, configs as JSON, every file written atomically.
+"""The run directory, and checkpoints without pickle: pytrees of arrays as ``.npz``, JSON, every file written
+atomically.
+
+A run directory (``jnnex train --out``, ``fit(out=...)``) holds one run:
+
+* ``config.json``    — what the run is: model, its config, the training config, the data and its vocabulary;
+  written once, when the run starts;
+* ``metrics.jsonl``  — one JSON row per evaluation (step, lr, losses, time);
+* ``checkpoint.npz`` — everything needed to resume (parameters, model and optimiser state, step), at each evaluation;
+* ``model.npz``      — the final parameters and model state;
+* ``metrics.json``   — the final losses (written by the CLI).
 
 A pytree is saved as one array per leaf, keyed by its path (``params.W1``, ``opt_state[0].count``…); loading needs a
 template pytree of the same structure (built by the model's ``init``) and checks every key, shape and dtype, so a
@@ -8,6 +18,7 @@ directory and renamed into place (``os.replace`` is atomic on POSIX), so a crash
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -85,3 +96,34 @@ def load_pytree(path: str | os.PathLike, like):
         if stored:
             raise ValueError(f"checkpoint {str(path)!r} has arrays this model does not: {sorted(stored)}")
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run directory
+
+CONFIG, METRICS, CHECKPOINT, MODEL, FINAL_METRICS = "config.json", "metrics.jsonl", "checkpoint.npz", "model.npz", \
+    "metrics.json"
+
+
+def config_record(model_name: str, model_cfg, train_cfg, meta: dict | None = None) -> dict:
+    """What ``config.json`` holds: ``meta`` (data, vocabulary, split…), the model's name and both configs."""
+    return {**(meta or {}), "model": model_name, "model_config": dataclasses.asdict(model_cfg),
+            "train_config": dataclasses.asdict(train_cfg)}
+
+
+def append_metrics(run: str | os.PathLike, row: dict) -> None:
+    """Append one row to ``metrics.jsonl``, atomically (the file is rewritten whole: it has a row per evaluation)."""
+    path = Path(run) / METRICS
+    old = path.read_bytes() if path.is_file() else b""
+    _atomic_write(path, lambda f: f.write(old + (json.dumps(row) + "\n").encode()))
+
+
+def read_metrics(run: str | os.PathLike) -> list[dict]:
+    path = Path(run) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def truncate_metrics(run: str | os.PathLike, step: int) -> None:
+    """On resume, drop the rows written after the checkpoint's step (they will be written again)."""
+    rows = [r for r in read_metrics(run) if r["step"] <= step]
+    _atomic_write(Path(run) / METRICS, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))

@@ -15,6 +15,9 @@ Two registered shapes:
 
 ``batchnorm=False`` gives the same nets without normalisation (biases back on every linear), for the lecture's
 comparisons. Variance convention: :mod:`jnnex.layers` (biased to normalise, unbiased running estimate, as PyTorch).
+
+The hand-written backward (makemore part 4) sits directly under the forward: :func:`backward` calls the layer
+backwards in reverse order and works for every config (``bn-mlp``, ``deep-mlp``, with or without BatchNorm).
 """
 
 from __future__ import annotations
@@ -27,30 +30,32 @@ import jax.numpy as jnp
 
 from jnnex.init import GAINS, OUTPUT_SCALE, kaiming_normal
 from jnnex.layers import (
-    BatchNormParams, BatchNormState, Linear, batchnorm, embedding_forward, linear_forward, tanh_forward,
+    BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_eval, batchnorm_forward,
+    batchnorm_update_state, embedding_backward, embedding_forward, linear_backward, linear_forward, tanh_backward,
+    tanh_forward,
 )
-from jnnex.lm import LanguageModel
+from jnnex.lm import Forward, LanguageModel
+from jnnex.settings import positive_int, setting
 
 
 @dataclasses.dataclass(frozen=True)
 class BNMLPConfig:
-    vocab_size: int = 27  # V
-    block_size: int = 3  # T
-    n_embd: int = 10  # embedding size per character
-    n_hidden: int = 100  # H: width of every hidden layer
-    n_layers: int = 5  # hidden layers
-    batchnorm: bool = True  # BatchNorm after every hidden linear
-    final_batchnorm: bool = True  # and after the output linear (its γ starts at OUTPUT_SCALE)
-    hidden_bias: bool = False  # a bias on hidden linears even with BatchNorm (redundant; the backprop lecture keeps it)
-    gain: float = GAINS["tanh"]  # Kaiming gain of the hidden layers (5/3 for tanh)
-    momentum: float = 0.1  # running statistics: new = (1 - momentum) · old + momentum · batch
-    eps: float = 1e-5
+    vocab_size: int = setting(27, "V: tokens in the vocabulary (set from the data)")
+    block_size: int = setting(3, "T: characters of context")
+    n_embd: int = setting(10, "embedding size per character")
+    n_hidden: int = setting(100, "H: width of every hidden layer")
+    n_layers: int = setting(5, "hidden layers")
+    batchnorm: bool = setting(True, "BatchNorm after every hidden linear")
+    final_batchnorm: bool = setting(True, "BatchNorm after the output linear too (its gain starts at 0.1)")
+    hidden_bias: bool = setting(False, "a bias on hidden linears even with BatchNorm (redundant; the backprop "
+                                       "lecture keeps it)")
+    gain: float = setting(GAINS["tanh"], "Kaiming gain of the hidden layers (5/3 for tanh)")
+    momentum: float = setting(0.1, "BatchNorm running statistics: new = (1 - momentum) old + momentum batch")
+    eps: float = setting(1e-5, "BatchNorm's epsilon")
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_embd", "n_hidden", "n_layers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            positive_int(name, getattr(self, name))
         if not 0 < self.momentum <= 1:
             raise ValueError(f"momentum must be in (0, 1], got {self.momentum!r}")
         if not self.eps > 0:
@@ -76,7 +81,7 @@ def _n_bn(cfg: BNMLPConfig) -> int:
     return (cfg.n_layers + cfg.final_batchnorm) if cfg.batchnorm else 0
 
 
-def init(cfg: BNMLPConfig, key):
+def init(key, cfg: BNMLPConfig):
     """Kaiming init (gain ``cfg.gain``) on hidden layers; the output made less confident: γ × 0.1 of the final
     BatchNorm, or W × 0.1 and bias 0 without one. Small random hidden biases (× 0.01) where they exist."""
     keys = jax.random.split(key, 2 * (cfg.n_layers + 1) + 1)
@@ -103,36 +108,68 @@ def init(cfg: BNMLPConfig, key):
     return BNMLPParams(C, tuple(dense), tuple(bn)), tuple(state)
 
 
-def forward(cfg: BNMLPConfig, params: BNMLPParams, state, x, train: bool, probes=None):
-    """``(logits (B, V), new_state, activations)``: ``activations`` holds each hidden layer's tanh output (B, H),
-    for diagnostics (unused outputs cost nothing under jit). ``probes`` (zeros of the activations' shapes) are added
-    to the activations so that their gradient is the activations' gradient."""
+def forward(cfg: BNMLPConfig, params: BNMLPParams, state, x, train: bool) -> Forward:
+    """``Forward(logits (B, V), new_state, caches, acts)``: ``caches`` holds each layer's (train mode) for
+    :func:`backward`, ``acts`` each hidden layer's tanh output (B, H). Train mode normalises with the batch
+    statistics and updates the running ones; eval mode uses the running statistics (and keeps no BatchNorm cache)."""
+    if not isinstance(train, bool):
+        raise TypeError(f"train must be a Python bool (it selects the code path), got {type(train).__name__}")
     if x.ndim != 2 or x.shape[1] != cfg.block_size:
         raise ValueError(f"bn-mlp: x must have shape (B, {cfg.block_size}), got {x.shape}")
     B = x.shape[0]
-    h = embedding_forward(params.C, x)[0].reshape(B, -1)  # (B, T·n_embd)
-    new_state, acts = [], []
-    for i, layer in enumerate(params.dense):
-        h = linear_forward(h, layer.W, layer.b)[0]  # (B, H) or (B, V)
-        if i < len(params.bn):
-            h, s = batchnorm(params.bn[i], state[i], h, train=train, momentum=cfg.momentum, eps=cfg.eps)
-            new_state.append(s)
+    emb, c_emb = embedding_forward(params.C, x)  # (B, T, n_embd)
+    h = emb.reshape(B, -1)  # (B, T·n_embd)
+    caches, new_state, acts = [], [], []
+    for i, dense in enumerate(params.dense):
+        h, c_lin = linear_forward(h, dense.W, dense.b)  # (B, H) or (B, V)
+        c_bn = c_tanh = None
+        if i < len(params.bn) and train:
+            h, c_bn = batchnorm_forward(h, params.bn[i].gamma, params.bn[i].beta, cfg.eps)
+            _, _, _, mean, var = c_bn
+            new_state.append(batchnorm_update_state(state[i], mean, var, B, cfg.momentum))
+        elif i < len(params.bn):
+            h = batchnorm_eval(h, params.bn[i].gamma, params.bn[i].beta, state[i], cfg.eps)
+            new_state.append(state[i])
         if i < cfg.n_layers:
-            h = tanh_forward(h)[0]
-            if probes is not None:
-                h = h + probes[i]
+            h, c_tanh = tanh_forward(h)  # (B, H)
             acts.append(h)
-    return h, tuple(new_state), tuple(acts)
+        caches.append((c_lin, c_bn, c_tanh))
+    return Forward(h, tuple(new_state), (c_emb, tuple(caches)), tuple(acts))
 
 
-def apply(cfg: BNMLPConfig, params: BNMLPParams, state, x, train: bool):
-    logits, new_state, _ = forward(cfg, params, state, x, train)
-    return logits, new_state
+def backward(cfg: BNMLPConfig, params: BNMLPParams, caches, dlogits):
+    """Every parameter gradient from ``dlogits (B, V)`` (makemore part 4, compact): the closed-form layer backwards
+    of :mod:`jnnex.layers` in exactly the reverse order of :func:`forward` — linear, BatchNorm (the one-line form),
+    tanh (``1 - t²``), and the embedding scatter-add. Returns ``(grads, act_grads)``, ``act_grads`` the gradient at
+    each hidden tanh output. ``jax.grad`` appears nowhere; the tests prove it equal to ``jax.grad`` in float64."""
+    del cfg
+    c_emb, layer_caches = caches
+    dense_grads, bn_grads, act_grads = [], [], []
+    dh = dlogits
+    for c_lin, c_bn, c_tanh in reversed(layer_caches):
+        if c_tanh is not None:
+            act_grads.append(dh)  # (B, H): the gradient at this layer's activation
+            dh = tanh_backward(dh, c_tanh)
+        if c_bn is not None:
+            dh, dgamma, dbeta = batchnorm_backward(dh, c_bn)
+            bn_grads.append(BatchNormParams(dgamma, dbeta))
+        dh, dW, db = linear_backward(dh, c_lin)
+        dense_grads.append(Linear(dW, db))
+    ix = c_emb[0]
+    dC, _ = embedding_backward(dh.reshape(ix.shape + (params.C.shape[1],)), c_emb)  # (V, n_embd)
+    grads = BNMLPParams(dC, tuple(reversed(dense_grads)), tuple(reversed(bn_grads)))
+    return grads, tuple(reversed(act_grads))
 
 
 def bn_mlp(cfg: BNMLPConfig = BNMLPConfig(), name: str = "deep-mlp") -> LanguageModel:
-    """A BatchNorm MLP language model (``deep-mlp`` defaults; :data:`BN_MLP_SMALL` gives ``bn-mlp``)."""
-    return LanguageModel(name, cfg, init, apply, forward_fn=forward)
+    """A BatchNorm MLP language model (``deep-mlp`` defaults; :data:`BN_MLP_SMALL` gives ``bn-mlp``);
+    ``.with_gradients("manual")`` trains it on :func:`backward`."""
+    return LanguageModel(name, cfg, init, forward, backward, embeddings_fn=embeddings)
+
+
+def embeddings(params: BNMLPParams) -> jax.Array:
+    """The character embedding table ``C (V, n_embd)``."""
+    return params.C
 
 
 # The single-hidden-layer BatchNorm net of makemore parts 3-4.
@@ -154,7 +191,7 @@ def calibrate(cfg: BNMLPConfig, params: BNMLPParams, X, *, chunk: int = 32768):
     n = X.shape[0]
     if n < 2:
         raise ValueError("calibrate needs at least 2 examples")
-    _, state = init(cfg, jax.random.key(0))
+    _, state = init(jax.random.key(0), cfg)
     state = list(state)
     for k in range(len(params.bn)):
         sums = jnp.zeros_like(state[k].mean, dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
@@ -175,7 +212,7 @@ def _pre_bn(cfg, params, state, x, k):
     if k == 0:
         h = embedding_forward(params.C, x)[0].reshape(x.shape[0], -1)  # (B, T·n_embd)
     else:
-        h = forward(cfg, params, state, x, train=False)[2][k - 1]  # (B, H)
+        h = forward(cfg, params, state, x, False).acts[k - 1]  # (B, H)
     return linear_forward(h, params.dense[k].W, params.dense[k].b)[0]
 
 

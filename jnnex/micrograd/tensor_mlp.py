@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jnnex import layers
+from jnnex.data import make_moons
 from jnnex.layers import Linear
 
 ACTIVATIONS = {
@@ -76,7 +77,7 @@ def backward(dout, caches, activation: str = "relu") -> tuple[Linear, ...]:
     return tuple(reversed(grads))
 
 
-def loss_and_grads(params, x, y, *, loss: str = "hinge", alpha: float = 1e-4, activation: str = "relu"):
+def value_and_grad_manual(params, x, y, *, loss: str = "hinge", alpha: float = 1e-4, activation: str = "relu"):
     """``(total_loss, data_loss, grads)`` of ``loss(out, y) + alpha · Σ p²`` by the hand-written backward.
 
     For ``hinge`` the network has one output and ``y`` is in {-1, +1}; for ``cross_entropy`` ``y`` holds class ids.
@@ -96,7 +97,7 @@ def loss_and_grads(params, x, y, *, loss: str = "hinge", alpha: float = 1e-4, ac
 
 
 def loss_fn(params, x, y, *, loss: str = "hinge", alpha: float = 1e-4, activation: str = "relu"):
-    """The same objective as :func:`loss_and_grads`, for ``jax.grad``."""
+    """The same objective as :func:`value_and_grad_manual`, for ``jax.grad``."""
     out = apply(params, x, activation)
     pred = out[:, 0] if loss == "hinge" else out
     return LOSSES[loss][0](pred, y)[0] + alpha * sum(jnp.sum(p * p) for p in jax.tree.leaves(params))
@@ -109,6 +110,17 @@ def accuracy(params, x, y, activation: str = "relu"):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The moons recipe, on whole tensors
+
+
+MOONS_SIZES = (2, 16, 16, 1)
+
+
+def moons_problem(seed: int = 0):
+    """micrograd's demo problem: 100 two-moons points with noise 0.1, labels in {-1, +1}, and the initial weights of
+    ``MLP(2, [16, 16, 1])``. Returns ``(X (100, 2) float64, y (100,) float64, params)``; ``seed`` draws all three."""
+    key = jax.random.key(seed)
+    X, y01 = make_moons(100, 0.1, jax.random.fold_in(key, 0))
+    return X, 2.0 * y01 - 1.0, init(jax.random.fold_in(key, 1), list(MOONS_SIZES))
 
 
 def moons_schedule(steps: int = 100):
@@ -137,7 +149,7 @@ def _train_moons(params, x, y, *, steps, alpha, engine):
     def step(carry, _):
         params, opt_state = carry
         if engine == "manual":
-            loss, _, grads = loss_and_grads(params, x, y, alpha=alpha)
+            loss, _, grads = value_and_grad_manual(params, x, y, alpha=alpha)
         else:
             loss, grads = jax.value_and_grad(loss_fn)(params, x, y, alpha=alpha)
         acc = accuracy(params, x, y)

@@ -1,7 +1,9 @@
-"""Neurons, layers and MLPs made of scalar :class:`~jnnex.engine.Value`\\ s (micrograd's ``nn``), and the moons demo.
+"""Neurons, layers and MLPs made of scalar :class:`~jnnex.micrograd.engine.Value`\\ s (micrograd's ``nn``), and the
+moons demo.
 
-The network is the tensor MLP of :mod:`jnnex.mlp` one number at a time: ``MLP(2, [16, 16, 1], key=...)`` starts from
-exactly the weights ``jnnex.mlp.init(key, [2, 16, 16, 1])`` gives, so the two can be compared gradient for gradient.
+The network is the tensor MLP of :mod:`jnnex.micrograd.tensor_mlp` one number at a time:
+``MLP(2, [16, 16, 1], key=...)`` starts from exactly the weights ``tensor_mlp.init(key, [2, 16, 16, 1])`` gives, so
+the two can be compared gradient for gradient.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jnnex.engine import Value, cyclic_gc_paused, zero_grad
+from jnnex.layers import Linear
+from jnnex.micrograd import tensor_mlp
+from jnnex.micrograd.engine import Value, cyclic_gc_paused, zero_grad
 
 
 class Module:
@@ -68,12 +72,11 @@ class MLP(Module):
     __slots__ = ("layers",)
 
     def __init__(self, nin: int, nouts: Sequence[int], *, key=None, params=None):
-        from jnnex import mlp
 
         if params is None:
             if key is None:
-                raise TypeError("MLP needs key= (a jax.random key) or params= (from jnnex.mlp.init)")
-            params = mlp.init(key, [nin, *nouts])
+                raise TypeError("MLP needs key= (a jax.random key) or params= (from jnnex.micrograd.tensor_mlp.init)")
+            params = tensor_mlp.init(key, [nin, *nouts])
         params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
         self.layers = [Layer(p.W, p.b, nonlin=i < len(params) - 1) for i, p in enumerate(params)]
 
@@ -86,8 +89,7 @@ class MLP(Module):
         return [p for layer in self.layers for p in layer.parameters()]
 
     def grads_as_params(self):
-        """The gradients in the tensor layout of :func:`jnnex.mlp.init` (a tuple of ``Linear(W, b)``)."""
-        from jnnex.mlp import Linear
+        """The gradients in the tensor layout of :func:`jnnex.micrograd.tensor_mlp.init` (a tuple of ``Linear(W, b)``)."""
 
         return tuple(
             Linear(np.array([[n.w[i].grad for n in layer.neurons] for i in range(len(layer.neurons[0].w))]),

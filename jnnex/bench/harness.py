@@ -16,7 +16,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-RESULTS = Path(__file__).parent / "results"
+from jnnex.rundir import write_json
+
+RESULTS = Path(".")  # the current directory, unless --out says otherwise
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
@@ -63,7 +65,5 @@ def write(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    from jnnex.checkpoint import write_json
-
     write_json(path, {"machine": machine(), **payload})
     return path

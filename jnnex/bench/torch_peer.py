@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jnnex.bn_mlp import BNMLPParams
 from jnnex.lm import LanguageModel
-from jnnex.mlp_lm import MLPParams
+from jnnex.models.bn_mlp import BNMLPParams
+from jnnex.models.mlp_lm import MLPParams
 
 
 def _t(a) -> torch.Tensor:
@@ -53,7 +53,7 @@ def _network(model: LanguageModel):
 
         flat = [C] + [p for W, b in dense for p in (W, b) if p is not None] + [p for g in bn for p in g]
         return flat, forward
-    raise TypeError(f"no torch peer for {type(params).__name__}")
+    raise NotImplementedError(f"no PyTorch twin of model {model.name!r} is written ({type(params).__name__})")
 
 
 def make_torch_step(model: LanguageModel, X: np.ndarray, Y: np.ndarray, batch: int, lr: float = 0.1):

@@ -6,28 +6,25 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from benchmarks.harness import interleaved, table
-from jnnex import mlp, nn
-from jnnex.data import make_moons
+from jnnex.bench.harness import interleaved, table
+from jnnex.micrograd import nn, tensor_mlp
 
 
 def run(quick: bool = False) -> dict:
     steps = 20 if quick else 100
-    X, y01 = make_moons(100, 0.1, jax.random.key(0))
-    y = 2.0 * y01 - 1.0
-    params = mlp.init(jax.random.key(1), [2, 16, 16, 1])
+    X, y, params = tensor_mlp.moons_problem(seed=0)
     x32, y32 = jnp.asarray(X, jnp.float32), jnp.asarray(y, jnp.float32)
     results = {}
 
     def tensor(engine):
         def go():
-            out = mlp.train_moons(params, x32, y32, steps=steps, engine=engine)
+            out = tensor_mlp.train_moons(params, x32, y32, steps=steps, engine=engine)
             jax.block_until_ready(out)
             results[engine] = out
         return go
 
     def scalar():
-        model = nn.MLP(2, [16, 16, 1], params=params)
+        model = nn.MLP(2, list(tensor_mlp.MOONS_SIZES[1:]), params=params)
         results["scalar"] = nn.train_moons(model, X, y, steps=steps)
 
     contenders = {"scalar engine": scalar, "tensor, manual backward": tensor("manual"),
@@ -42,5 +39,5 @@ def run(quick: bool = False) -> dict:
     rows = [{"engine": k, "steps": steps, "seconds": v["median"], "spread": v["spread"],
              "vs jax.grad": v["median"] / base, "accuracy before last step": accuracy[k]} for k, v in timings.items()]
     text = table(rows, ["engine", "steps", "seconds", "spread", "vs jax.grad", "accuracy before last step"])
-    return {"name": "moons", "settings": {"steps": steps, "points": 100, "sizes": [2, 16, 16, 1]}, "rows": rows,
+    return {"name": "moons", "settings": {"steps": steps, "points": 100, "sizes": list(tensor_mlp.MOONS_SIZES)}, "rows": rows,
             "table": text}

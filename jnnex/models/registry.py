@@ -1,8 +1,10 @@
-"""The model registry behind ``jnnex train --model NAME``: each language model with its defaults and presets.
+"""The model registry: the one place a language model declares itself.
 
-A later model joins by adding one :class:`ModelSpec` to :data:`REGISTRY`; the CLI, evaluation, sampling and
-benchmarks pick it up from here (a model with a hand-written backward sets ``manual``: ``--backward manual`` and the
-manual-vs-autodiff benchmarks then include it).
+A model joins jnnex by adding one :class:`ModelSpec` to :data:`REGISTRY`. From that entry alone, ``jnnex train /
+sample / eval / diagnose``, the benchmarks and ``tests/test_models.py`` pick it up: its config's fields become
+command-line flags (with the help text written beside each field), a hand-written backward (the model's
+``backward_fn``) enables ``--backward manual``, diagnostics and the manual-vs-autodiff benchmarks, and a closed-form
+``fit_fn`` replaces gradient training.
 """
 
 from __future__ import annotations
@@ -10,27 +12,31 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from jnnex.backprop import bn_mlp_manual
-from jnnex.bigram import BigramConfig, counting_bigram, neural_bigram
-from jnnex.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp
+import jax
+
+from jnnex import rundir
+from jnnex.data import Vocab
 from jnnex.lm import LanguageModel
-from jnnex.mlp_lm import MLPConfig, mlp_lm, mlp_lm_manual
+from jnnex.models import bigram
+from jnnex.models.bigram import BigramConfig, counting_bigram, neural_bigram
+from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp
+from jnnex.models.mlp_lm import MLPConfig, mlp_lm
 from jnnex.train import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     build: Callable[[Any], LanguageModel]  # config -> model
-    config_cls: type  # the model's frozen config dataclass
+    config_cls: type  # the model's frozen config dataclass (fields declared with jnnex.settings.setting)
     train: TrainConfig  # default optimisation settings
     split: tuple[float, ...] = (0.8, 0.1, 0.1)  # default train/dev/test word fractions
-    fitted: bool = False  # True: fitted in closed form (counted), not trained by gradient steps
+    fit_fn: Callable | None = None  # (cfg, X, Y) -> (params, state): fitted in closed form, not by gradient steps
     presets: dict[str, tuple[dict, dict]] = dataclasses.field(default_factory=dict)  # name -> (model, train) overrides
     summary: str = ""
     defaults: dict = dataclasses.field(default_factory=dict)  # config fields that differ from config_cls's defaults
-    manual: Callable[[Any], LanguageModel] | None = None  # config -> the model on its hand-written backward
 
     def config(self, **overrides):
         """The model config: ``config_cls`` defaults, then this entry's ``defaults``, then ``overrides``."""
@@ -39,7 +45,7 @@ class ModelSpec:
 
 REGISTRY: dict[str, ModelSpec] = {
     "bigram": ModelSpec(
-        counting_bigram, BigramConfig, TrainConfig(steps=1), split=(1.0,), fitted=True,
+        counting_bigram, BigramConfig, TrainConfig(steps=1), split=(1.0,), fit_fn=bigram.fit,
         summary="counting bigram: smoothed bigram counts, normalised (makemore part 1)",
     ),
     "neural-bigram": ModelSpec(
@@ -50,7 +56,7 @@ REGISTRY: dict[str, ModelSpec] = {
         summary="neural bigram: logits = onehot(x) @ W, trained by gradient descent (makemore part 1)",
     ),
     "mlp": ModelSpec(
-        mlp_lm, MLPConfig, TrainConfig(), manual=mlp_lm_manual,
+        mlp_lm, MLPConfig, TrainConfig(),
         presets={
             # makemore part 2 exactly: N(0, 1) init, 200k steps, batch 32, lr 0.1 -> 0.01 at 100k.
             "lecture": ({"init": "lecture"}, {}),
@@ -62,11 +68,10 @@ REGISTRY: dict[str, ModelSpec] = {
     ),
     "bn-mlp": ModelSpec(
         functools.partial(bn_mlp, name="bn-mlp"), BNMLPConfig, TrainConfig(), defaults=BN_MLP_SMALL,
-        manual=functools.partial(bn_mlp_manual, name="bn-mlp"),
         summary="one hidden layer (200) with BatchNorm, as in makemore parts 3-4",
     ),
     "deep-mlp": ModelSpec(
-        bn_mlp, BNMLPConfig, TrainConfig(), manual=bn_mlp_manual,
+        bn_mlp, BNMLPConfig, TrainConfig(),
         summary="5 hidden layers of 100, Linear -> BatchNorm -> tanh, final BatchNorm (makemore part 3)",
     ),
 }
@@ -86,3 +91,32 @@ def build(name: str, **config) -> LanguageModel:
     if unknown:
         raise ValueError(f"model {name!r} has no config field(s) {sorted(unknown)}; it has {sorted(fields)}")
     return spec.build(spec.config(**config))
+
+
+def has_manual_backward(name: str) -> bool:
+    """Whether the registered model ``name`` has a hand-written backward (``--backward manual``, diagnostics)."""
+    spec = get_spec(name)
+    return spec.fit_fn is None and spec.build(spec.config()).backward_fn is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A finished run directory, loaded: the model, its parameters and state, its vocabulary and ``config.json``."""
+
+    model: LanguageModel
+    params: Any
+    state: Any
+    vocab: Vocab
+    config: dict
+
+
+def load_run(run: str | Path) -> TrainedRun:
+    """The run directory written by ``jnnex train --out`` (or ``fit(out=...)`` with the CLI's ``meta``)."""
+    run = Path(run)
+    if not (run / rundir.CONFIG).is_file() or not (run / rundir.MODEL).is_file():
+        raise ValueError(f"{str(run)!r} is not a finished jnnex run (expected {rundir.CONFIG} and {rundir.MODEL})")
+    cfg = rundir.read_json(run / rundir.CONFIG)
+    spec = get_spec(cfg["model"])
+    model = spec.build(spec.config_cls(**cfg["model_config"]))
+    params, state = rundir.load_pytree(run / rundir.MODEL, model.init(jax.random.key(0)))
+    return TrainedRun(model, params, state, Vocab(cfg["vocab"], cfg["boundary"]), cfg)

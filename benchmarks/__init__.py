@@ -1,1 +1,0 @@
-"""jnnex benchmarks: hand-derived gradients against autodiff, side by side in one process. Run ``python -m benchmarks``."""

@@ -1,0 +1,7 @@
+"""``python -m jnnex`` is the ``jnnex`` command."""
+
+import sys
+
+from jnnex.cli import main
+
+sys.exit(main())
