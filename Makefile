@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast imports bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,14 +20,23 @@ $(VENV)/.stamp-test: pyproject.toml | $(PY)
 	touch $@
 
 demo: $(VENV)/.stamp-base
+	rm -rf runs/demo
 	$(VENV)/bin/jnnex train --model mlp --data census-first --steps 20000 --out runs/demo --seed 0
 	$(VENV)/bin/jnnex sample --from runs/demo -n 20 --seed 0
 
 test: $(VENV)/.stamp-test
 	$(PY) -m pytest -q
 
+# The edit-test loop: everything but the end-to-end runs marked `slow`.
+test-fast: $(VENV)/.stamp-test
+	$(PY) -m pytest -q -m "not slow"
+
+# The package's import graph; fails on a cycle, a private name imported across modules, or the benchmarks imported.
+imports: $(VENV)/.stamp-test
+	$(PY) tests/test_imports.py
+
 bench: $(VENV)/.stamp-test
-	$(PY) -m benchmarks --quick
+	$(VENV)/bin/jnnex bench --quick --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -58,6 +58,7 @@ def test_float32_matches_float64_reference():
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_training_on_hand_written_gradients_tracks_autodiff():
     sp = make_splits(load_words("census-first"), 3)
     cfg = BNMLPConfig(vocab_size=sp.vocab.size, **BN_MLP_SMALL)

@@ -1,9 +1,11 @@
+import pytest
 import json
 import sys
 
 from jnnex.bench.__main__ import SUITES, main
 
 
+@pytest.mark.slow
 def test_quick_benchmarks_run_and_write_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # as on a machine without torch (never a dependency)
     assert main(["--quick", "--out", str(tmp_path)]) == 0

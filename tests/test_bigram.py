@@ -89,6 +89,7 @@ def test_l2_penalty_is_in_the_objective_only():
     assert float(obj - loss) == pytest.approx(0.01 * float(jnp.mean(params.W ** 2)), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_neural_bigram_converges_to_counting_model(names_txt):
     words = read_words(names_txt)
     v = Vocab.from_words(words)

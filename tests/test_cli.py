@@ -12,6 +12,7 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_train_sample_eval_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, _ = run(capsys, "train", "--model", "mlp", "--data", "census-first", "--steps", "600",
@@ -101,6 +102,7 @@ def test_help_explains_every_flag(capsys):
     assert "[mlp, bn-mlp, deep-mlp]" in text  # e.g. --n-hidden's models, from the config classes that have it
 
 
+@pytest.mark.slow
 def test_version_and_python_m(capsys):
     import subprocess
     import sys
@@ -133,6 +135,7 @@ def test_lr_find_cli(capsys):
     assert code == 0 and "lowest smoothed loss at lr" in stdout
 
 
+@pytest.mark.slow
 def test_diagnose_prints_tables_and_draws(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     code, stdout, _ = run(capsys, "diagnose", "--model", "deep-mlp", "--steps", "30", "--out", str(tmp_path))
@@ -144,6 +147,7 @@ def test_diagnose_prints_tables_and_draws(tmp_path, capsys):
     assert code == 2 and "--gain does not apply to model 'mlp'" in err
 
 
+@pytest.mark.slow
 def test_ladder_runs_every_rung(capsys):
     code, stdout, _ = run(capsys, "ladder", "--steps", "200", "--json")
     rows = json.loads(stdout)
@@ -153,6 +157,7 @@ def test_ladder_runs_every_rung(capsys):
     assert all(1.5 < r["val"] < 4.0 for r in rows[1:])
 
 
+@pytest.mark.slow
 def test_backward_manual_switch(capsys):
     results = {}
     for backward in ("autodiff", "manual"):

@@ -123,6 +123,7 @@ def test_micrograd_readme_expression():
     assert f"{b.grad:.4f}" == "645.5773"
 
 
+@pytest.mark.slow
 def test_deep_chain_of_100k_nodes():
     x = Value(0.5)
     y = x
@@ -132,6 +133,7 @@ def test_deep_chain_of_100k_nodes():
     assert y.data == 0.5 and x.grad == 1.0
 
 
+@pytest.mark.slow
 def test_wide_graph_of_100k_nodes():
     xs = [Value(float(i % 7)) for i in range(100_000)]
     out = Value.sum(x * x for x in xs)

@@ -101,6 +101,7 @@ def test_three_way_scalar_tensor_autodiff():
         np.testing.assert_allclose(m, a, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_moons_training_manual_and_autodiff_agree_and_reach_100_percent():
     X, y01 = make_moons(100, 0.1, jax.random.key(0))
     x, y = jnp.asarray(X, jnp.float32), jnp.asarray(2.0 * y01 - 1.0, jnp.float32)
@@ -113,6 +114,7 @@ def test_moons_training_manual_and_autodiff_agree_and_reach_100_percent():
     assert lm[-1] < 0.1 * lm[0]
 
 
+@pytest.mark.slow
 def test_scalar_engine_trains_moons_like_the_tensor_code():
     X, y01 = make_moons(30, 0.1, jax.random.key(0))
     y = 2.0 * y01 - 1.0

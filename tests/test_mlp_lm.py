@@ -101,6 +101,7 @@ def test_plots(tmp_path):
         plot.plot_embeddings(np.zeros((3, 2)), v, tmp_path / "bad.png")
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     """A real SIGINT to `jnnex train`: it saves the last completed chunk, exits 130, and --resume completes the run."""
     out = tmp_path / "run"

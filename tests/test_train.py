@@ -73,6 +73,7 @@ def test_second_call_does_not_recompile():
     assert not np.array_equal(m1["loss"], m2["loss"])  # different steps drew different batches
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
     model = mlp_lm(MLPConfig(vocab_size=V, n_hidden=32))
     tcfg = TrainConfig(steps=120, eval_every=40, chunk=20, batch_size=16, lr_boundaries=(60,), seed=5,
@@ -91,6 +92,7 @@ def test_resume_is_bit_identical(tmp_path):
     assert steps == [40, 80, 120]
 
 
+@pytest.mark.slow
 def test_chunking_does_not_change_the_result():
     model = mlp_lm(MLPConfig(vocab_size=V, n_hidden=16))
     a = fit(model, SPLITS.train, TrainConfig(steps=60, chunk=60, eval_every=60), progress=False, eval_train=False)
@@ -163,6 +165,7 @@ def test_hand_written_gradient_path_through_the_machinery(seed, T, B):
         np.testing.assert_allclose(gm, ga, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_manual_and_autodiff_training_runs_agree():
 
     cfg = MLPConfig(vocab_size=V)
