@@ -292,7 +292,7 @@ def batchnorm(
     statistics and returns ``state`` unchanged.
 
     >>> p, s = batchnorm_init(2)
-    >>> y, s = batchnorm(p, s, jnp.array([[0., 1.], [2., 5.]]), train=True)
+    >>> y, s = batchnorm(p, s, jnp.array([[0., 1.], [2., 5.]], jnp.float32), train=True)
     >>> y.round(3).tolist()
     [[-1.0, -1.0], [1.0, 1.0]]
     """
