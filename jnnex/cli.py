@@ -41,7 +41,7 @@ def _parser_of(annotation, name: str):
     """``(type callable, argparse extras)`` for a config field's annotation (``int``, ``float | None``, ``tuple[int,
     ...]``, ``bool``, ``str``)."""
     args = typing.get_args(annotation)
-    if annotation is bool:
+    if annotation is bool or set(args) == {bool, type(None)}:
         return None, {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(annotation) is tuple:
         item = args[0]

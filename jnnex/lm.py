@@ -179,27 +179,14 @@ def count_params(params) -> int:
 # Evaluation
 
 
-@functools.partial(jax.jit, static_argnames=("model", "chunk"))
-def _eval_sums(model, params, state, X, Y, chunk):
-    """``(Σ nll, number of valid targets)`` over the whole set, ``chunk`` rows per scanned call."""
-    n = X.shape[0]
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    Xp = jnp.pad(X, ((0, pad), (0, 0))).reshape(n_chunks, chunk, *X.shape[1:])  # (K, b, T)
-    Yp = jnp.pad(Y, ((0, pad),) + ((0, 0),) * (Y.ndim - 1), constant_values=-1)  # padding rows are ignored targets
-    Yp = Yp.reshape(n_chunks, chunk, *Y.shape[1:])  # (K, b) or (K, b, T)
-
-    def body(carry, xy):
-        total, count = carry
-        x, y = xy
-        logits, _ = model.apply(params, state, x, train=False)  # (b, V) or (b, T, V)
-        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        valid = y >= 0
-        nll = -jnp.take_along_axis(logprobs, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]  # (b,) or (b, T)
-        return (total + jnp.sum(jnp.where(valid, nll, 0.0)), count + valid.sum(dtype=jnp.int32)), None
-
-    (total, count), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (Xp, Yp))
-    return total, count
+@functools.partial(jax.jit, static_argnames="model")
+def _nll_sum(model, params, state, x, y):
+    """``(Σ nll, number of valid targets)`` of one chunk, in eval mode."""
+    logits, _ = model.apply(params, state, x, train=False)  # (b, V) or (b, T, V)
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    valid = y >= 0
+    nll = -jnp.take_along_axis(logprobs, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]  # (b,) or (b, T)
+    return jnp.sum(jnp.where(valid, nll, 0.0)), valid.sum(dtype=jnp.int32)
 
 
 def evaluate(model: LanguageModel, params, state, X, Y, *, chunk: int = 16384) -> float:
@@ -207,14 +194,20 @@ def evaluate(model: LanguageModel, params, state, X, Y, *, chunk: int = 16384) -
 
     Token-weighted: a per-position split's loss is the total over all its predicted characters divided by their
     number (not a mean of per-batch means). ``X (N, T)``; ``Y (N,)`` for a window model, ``(N, T)`` per position.
+    The set is cut into chunks of ``chunk`` predictions, the last one padded with ignored targets, so every split of
+    a run shares one compiled program.
     """
     check_batch(model, X, Y, "evaluate")
-    X, Y = jnp.asarray(X, jnp.int32), jnp.asarray(Y, jnp.int32)
-    if X.shape[0] == 0 or not bool((Y >= 0).any()):
+    X, Y = np.asarray(X, np.int32), np.asarray(Y, np.int32)
+    if not (Y >= 0).any():
         raise ValueError("evaluate: the data has no target to predict")
     rows = max(1, chunk // (X.shape[1] if model.per_position else 1))  # about `chunk` predictions per call
-    total, count = _eval_sums(model, params, state, X, Y, min(rows, X.shape[0]))
-    return float(total) / int(count)
+    pad = -len(X) % rows
+    X = np.concatenate([X, np.zeros((pad, *X.shape[1:]), np.int32)])
+    Y = np.concatenate([Y, np.full((pad, *Y.shape[1:]), -1, np.int32)])  # padding rows: ignored targets
+    sums = [_nll_sum(model, params, state, X[i : i + rows], Y[i : i + rows]) for i in range(0, len(X), rows)]
+    total, count = np.sum([float(t) for t, _ in sums], dtype=np.float64), sum(int(c) for _, c in sums)
+    return float(total / count)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

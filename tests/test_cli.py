@@ -143,6 +143,8 @@ def test_diagnose_prints_tables_and_draws(tmp_path, capsys):
     assert "-- step 0 (initialisation)" in stdout and "act 4" in stdout and "log10 update:data" in stdout
     for name in ("activations.png", "gradients.png", "update_ratio.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    code, stdout, _ = run(capsys, "diagnose", "--model", "deep-mlp", "--steps", "5", "--no-batchnorm")
+    assert code == 0 and "{'batchnorm': False}" in stdout and "act 4" in stdout  # the net without any BatchNorm
     code, _, err = run(capsys, "diagnose", "--model", "mlp", "--gain", "1")
     assert code == 2 and "--gain does not apply to model 'mlp'" in err
 

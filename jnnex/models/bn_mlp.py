@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jnnex.init import GAINS, OUTPUT_SCALE, kaiming_normal
+from jnnex.init import GAINS, OUTPUT_SCALE, kaiming_scale, normals
 from jnnex.layers import (
     BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_eval, batchnorm_forward,
     batchnorm_update_state, embedding_backward, embedding_forward, linear_backward, linear_forward, tanh_backward,
@@ -46,7 +46,8 @@ class BNMLPConfig:
     n_hidden: int = setting(100, "H: width of every hidden layer")
     n_layers: int = setting(5, "hidden layers")
     batchnorm: bool = setting(True, "BatchNorm after every hidden linear")
-    final_batchnorm: bool = setting(True, "BatchNorm after the output linear too (its gain starts at 0.1)")
+    final_batchnorm: bool | None = setting(None, "BatchNorm after the output linear too, its gain starting at 0.1 "
+                                                 "(default: as batchnorm)")
     hidden_bias: bool = setting(False, "a bias on hidden linears even with BatchNorm (redundant; the backprop "
                                        "lecture keeps it)")
     gain: float = setting(GAINS["tanh"], "Kaiming gain of the hidden layers (5/3 for tanh)")
@@ -54,6 +55,8 @@ class BNMLPConfig:
     eps: float = setting(1e-5, "BatchNorm's epsilon")
 
     def __post_init__(self):
+        if self.final_batchnorm is None:  # a frozen dataclass: resolved once, here
+            object.__setattr__(self, "final_batchnorm", self.batchnorm)
         for name in ("vocab_size", "block_size", "n_embd", "n_hidden", "n_layers"):
             positive_int(name, getattr(self, name))
         if not 0 < self.momentum <= 1:
@@ -86,17 +89,23 @@ def init(key, cfg: BNMLPConfig):
     BatchNorm, or W × 0.1 and bias 0 without one. Small random hidden biases (× 0.01) where they exist."""
     keys = jax.random.split(key, 2 * (cfg.n_layers + 1) + 1)
     sizes = [cfg.block_size * cfg.n_embd] + [cfg.n_hidden] * cfg.n_layers + [cfg.vocab_size]
+    pairs = list(enumerate(zip(sizes[:-1], sizes[1:])))
+    random_bias = [_has_bias(cfg, i) and i < cfg.n_layers for i, _ in pairs]  # the output bias starts at 0
+    draws = [(keys[2 * i], (nin, nout)) for i, (nin, nout) in pairs]
+    draws += [(keys[2 * i + 1], (nout,)) for i, (_, nout) in pairs if random_bias[i]]
+    z = normals([*draws, (keys[-1], (cfg.vocab_size, cfg.n_embd))])  # one draw for all (see init.normals)
+    Ws, biases, table = z[: len(pairs)], iter(z[len(pairs) : -1]), z[-1]
     dense = []
-    for i, (nin, nout) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (nin, nout) in pairs:
         last = i == cfg.n_layers
-        W = kaiming_normal(keys[2 * i], nin, nout, "linear") * (1.0 if last else cfg.gain)
+        W = Ws[i] * kaiming_scale(nin, "linear") * (1.0 if last else cfg.gain)
         if last and not cfg.final_batchnorm:
             W = W * OUTPUT_SCALE
         b = None
         if _has_bias(cfg, i) and last:
             b = jnp.zeros((nout,), jnp.float32)
-        elif _has_bias(cfg, i):
-            b = jax.random.normal(keys[2 * i + 1], (nout,), jnp.float32) * 0.01
+        elif random_bias[i]:
+            b = next(biases) * 0.01
         dense.append(Linear(W, b))
     bn, state = [], []
     for i in range(_n_bn(cfg)):
@@ -104,8 +113,7 @@ def init(key, cfg: BNMLPConfig):
         scale = OUTPUT_SCALE if i == cfg.n_layers else 1.0
         bn.append(BatchNormParams(jnp.full((C,), scale, jnp.float32), jnp.zeros((C,), jnp.float32)))
         state.append(BatchNormState(jnp.zeros((C,), jnp.float32), jnp.ones((C,), jnp.float32)))
-    C = jax.random.normal(keys[-1], (cfg.vocab_size, cfg.n_embd), jnp.float32)
-    return BNMLPParams(C, tuple(dense), tuple(bn)), tuple(state)
+    return BNMLPParams(table, tuple(dense), tuple(bn)), tuple(state)
 
 
 def forward(cfg: BNMLPConfig, params: BNMLPParams, state, x, train: bool) -> Forward:

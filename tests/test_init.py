@@ -1,0 +1,26 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jnnex.init import GAINS, gain, kaiming_normal, normals
+
+
+def test_normals_are_jax_random_normal_draw_for_draw():
+    """One vectorised draw holds exactly the numbers of a separate jax.random.normal per (key, shape): what keeps
+    every model's init cheap to compile relies on it (partitionable threefry: values depend on key and flat index)."""
+    keys = jax.random.split(jax.random.key(7), 4)
+    shapes = [(30, 200), (200,), (27, 10), (1,)]
+    got = jax.jit(lambda ks: normals(list(zip(ks, shapes))))(keys)
+    for k, shape, g in zip(keys, shapes, got):
+        assert g.shape == shape and g.dtype == jnp.float32
+        np.testing.assert_array_equal(g, jax.random.normal(k, shape, jnp.float32))
+    assert normals([]) == []
+
+
+def test_kaiming_normal_std_and_gains():
+    W = kaiming_normal(jax.random.key(0), 400, 300, "tanh")
+    assert W.shape == (400, 300)
+    assert float(W.std()) == pytest.approx(GAINS["tanh"] / 20.0, rel=0.02)
+    with pytest.raises(ValueError, match="nonlinearity must be one of"):
+        gain("sigmoid")
