@@ -12,6 +12,10 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
+# The CLI turns on JAX's persistent compilation cache; in-process CLI tests would then write every later test's
+# programs to ~/.cache. The suite runs without it; test_cli checks the cache in subprocesses of its own.
+os.environ["JNNEX_CACHE_DIR"] = "off"
+
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")

@@ -176,3 +176,29 @@ def test_bench_subcommand_forwards_to_the_benchmarks(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--only", "no-such-suite"])
     assert e.value.code == 2 and "invalid choice: 'no-such-suite'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_persistent_compilation_cache(tmp_path):
+    """A run fills $JNNEX_CACHE_DIR; a second run of the same model reads it and prints the same result; `off`
+    writes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    def train(cache):
+        env = {**os.environ, "JNNEX_CACHE_DIR": str(cache)}
+        proc = subprocess.run([sys.executable, "-m", "jnnex", "train", "--model", "bn-mlp", "--steps", "200", "--json"],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    cache = tmp_path / "xla"
+    first = train(cache)
+    entries = sorted(p.name for p in cache.iterdir())
+    assert len(entries) >= 3  # at least init, the scanned run and the evaluation chunk
+    second = train(cache)
+    assert {k: v for k, v in second.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
+    assert sorted(p.name for p in cache.iterdir()) == entries  # nothing new compiled: every program came from disk
+    train("off")  # relative to the run's directory: a cache there would be tmp_path/off
+    assert not (tmp_path / "off").exists() and sorted(p.name for p in cache.iterdir()) == entries
