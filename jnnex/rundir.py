@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import jax
@@ -55,10 +56,14 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def read_json(path: str | os.PathLike):
+    """The JSON document in ``path``; a ``ValueError`` naming the file if it is missing or not valid JSON."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{str(path)!r} does not exist")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); was it truncated or edited by hand?") from None
 
 
 def _flatten(tree) -> dict[str, np.ndarray]:
@@ -72,29 +77,53 @@ def save_pytree(path: str | os.PathLike, tree) -> None:
     _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
 
+def _read_leaves(path: Path, f, leaves) -> list:
+    """The arrays of ``f`` for the template ``leaves``, each checked against its template."""
+    stored = set(f.files)
+    out = []
+    for key_path, leaf in leaves:
+        key = jax.tree_util.keystr(key_path)
+        if key not in stored:
+            raise ValueError(f"checkpoint {str(path)!r} has no array {key!r}: it was saved from another model")
+        try:
+            arr = f[key]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            what = "pickled (object) data, which jnnex never loads" if "pickle" in str(e) else f"unreadable: {e}"
+            raise ValueError(f"checkpoint {str(path)!r}: array {key!r} holds {what}") from None
+        if arr.shape != np.shape(leaf) or arr.dtype != np.asarray(leaf).dtype:
+            raise ValueError(
+                f"checkpoint {str(path)!r}: {key} is {arr.dtype}{list(arr.shape)}, "
+                f"expected {np.asarray(leaf).dtype}{list(np.shape(leaf))} (saved from another model or config?)"
+            )
+        out.append(jax.numpy.asarray(arr))
+        stored.discard(key)
+    if stored:
+        raise ValueError(f"checkpoint {str(path)!r} has arrays this model does not: {sorted(stored)}")
+    return out
+
+
 def load_pytree(path: str | os.PathLike, like):
-    """Load a pytree saved by :func:`save_pytree` into the structure of ``like`` (``allow_pickle=False``)."""
+    """Load a pytree saved by :func:`save_pytree` into the structure of ``like`` (``allow_pickle=False``).
+
+    Every way the file can be wrong is a ``ValueError`` that names it: missing, truncated or not an ``.npz`` at all,
+    holding pickled (object) arrays — never unpickled —, or saved from another model, config or version (a missing,
+    extra or differently shaped array).
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-    with np.load(path, allow_pickle=False) as f:
-        stored = set(f.files)
-        out = []
-        for key_path, leaf in leaves:
-            key = jax.tree_util.keystr(key_path)
-            if key not in stored:
-                raise ValueError(f"checkpoint {str(path)!r} has no array {key!r}: it was saved from another model")
-            arr = f[key]
-            if arr.shape != np.shape(leaf) or arr.dtype != np.asarray(leaf).dtype:
-                raise ValueError(
-                    f"checkpoint {str(path)!r}: {key} is {arr.dtype}{list(arr.shape)}, "
-                    f"expected {np.asarray(leaf).dtype}{list(np.shape(leaf))}"
-                )
-            out.append(jax.numpy.asarray(arr))
-            stored.discard(key)
-        if stored:
-            raise ValueError(f"checkpoint {str(path)!r} has arrays this model does not: {sorted(stored)}")
+    with open(path, "rb") as fh:  # ours to close, whatever np.load makes of the bytes
+        try:
+            f = np.load(fh, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            # numpy reads bytes that are neither a zip nor a .npy header as a pickle, and says so: not our case.
+            why = "neither a zip archive nor a .npy array" if "pickle" in str(e) else str(e)
+            raise ValueError(f"{str(path)!r} is not a jnnex .npz file (truncated or corrupt?): {why}") from None
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError(f"{str(path)!r} is a single .npy array, not a jnnex .npz file")
+        with f:
+            out = _read_leaves(path, f, leaves)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
