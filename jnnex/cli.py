@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ from jnnex import __version__, rundir
 from jnnex.data import CORPORA, Splits, Vocab, load_words, make_splits
 from jnnex.lm import count_params, evaluate, sample_words
 from jnnex.models.registry import REGISTRY, get_spec, has_manual_backward, load_run
-from jnnex.train import NonFiniteLossError, TrainConfig, fit, lr_find
+from jnnex.train import NonFiniteLossError, TrainConfig, ctrl_c_guard, fit, lr_find
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Flags made from config fields
@@ -131,9 +132,10 @@ def _train_config(args, spec, train_over: dict) -> TrainConfig:
 
 
 def _with_steps(tcfg: TrainConfig, default_steps: int, steps: int) -> TrainConfig:
-    """``tcfg`` with its learning-rate boundaries at the same fraction of a run of ``steps`` steps."""
-    return dataclasses.replace(tcfg, steps=steps, eval_every=min(tcfg.eval_every, steps),
-                               lr_boundaries=tuple(b * steps // default_steps for b in tcfg.lr_boundaries))
+    """``tcfg`` for a run of ``steps`` steps: explicit learning-rate boundaries keep their fraction of the run (the
+    default, ``None``, is half of any run already, in the library's ``fit`` as here)."""
+    boundaries = None if tcfg.lr_boundaries is None else tuple(b * steps // default_steps for b in tcfg.lr_boundaries)
+    return dataclasses.replace(tcfg, steps=steps, eval_every=min(tcfg.eval_every, steps), lr_boundaries=boundaries)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -166,17 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model and save it to --out",
                        description="Train a model. Unset flags take the model's defaults (or its --preset). Model "
                                    "flags list the models they apply to in [brackets].")
-    t.add_argument("--model", default="mlp", choices=sorted(REGISTRY),
-                   help="; ".join(f"{k}: {v.summary}" for k, v in REGISTRY.items()))
-    _add_data(t)
+    t.add_argument("--model", choices=sorted(REGISTRY),
+                   help="(default mlp) " + "; ".join(f"{k}: {v.summary}" for k, v in REGISTRY.items()))
+    t.add_argument("--data", metavar="PATH|" + "|".join(CORPORA),
+                   help="a UTF-8 text file with one word per line, or an embedded corpus (default: census-first)")
     presets = "; ".join(f"{k}: {', '.join(v.presets)}" for k, v in REGISTRY.items() if v.presets)
     t.add_argument("--preset", help=f"a named set of settings for the model ({presets})")
     t.add_argument("--out", help="run directory for config, parameters, checkpoint and metrics")
-    t.add_argument("--resume", action="store_true", help="continue the run saved in --out (same result as unbroken)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with the settings of its config.json (a flag that conflicts with "
+                        "them is an error); a run stopped before its first checkpoint starts again from step 0")
+    t.add_argument("--force", action="store_true", help="start a new run in an --out that holds one (its run files "
+                                                        "are deleted first)")
     t.add_argument("--split", type=_fractions, help="word fractions, e.g. 0.8,0.1,0.1 (bigram models: 1 = all words)")
-    t.add_argument("--split-seed", type=int, default=42, help="seed of the word shuffle before splitting (default 42)")
-    t.add_argument("--backward", choices=["autodiff", "manual"], default="autodiff",
-                   help="gradients from jax.grad, or from the model's hand-written backward "
+    t.add_argument("--split-seed", type=int, help="seed of the word shuffle before splitting (default 42)")
+    t.add_argument("--backward", choices=["autodiff", "manual"],
+                   help="gradients from jax.grad (default), or from the model's hand-written backward "
                         f"({', '.join(_diagnosable())})")
     t.add_argument("--json", action="store_true", help="print the final metrics as one JSON object on stdout")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -313,27 +320,89 @@ def cmd_moons(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    spec = get_spec(args.model)
-    model_over, train_over = {}, {}
+def _sha256(words: list[str]) -> str:
+    return hashlib.sha256("\n".join(words).encode()).hexdigest()
+
+
+def _resume_settings(args, out: Path):
+    """``(spec, model config, train config, meta, words)`` of the run in ``out``, from its ``config.json``: the
+    source of truth on resume. A flag given with another value than the run's is an error naming both."""
+    cfg = rundir.read_json(out / rundir.CONFIG)
+    spec = get_spec(cfg["model"])
+    if spec.fit_fn is not None:
+        raise ValueError(f"--resume: model {cfg['model']!r} is fitted in closed form; there is nothing to resume")
+
+    def conflict(flag, given, saved):
+        if given is not None and given != saved:
+            raise ValueError(f"--resume: {flag} {given!r} conflicts with the run's {saved!r} (its config.json); "
+                             "drop the flag, or start a new run with another --out")
+
+    conflict("--model", args.model, cfg["model"])
+    conflict("--data", args.data, cfg["data"])
+    conflict("--split", list(args.split) if args.split else None, cfg["split"])
+    conflict("--split-seed", args.split_seed, cfg["split_seed"])
+    conflict("--backward", args.backward, cfg.get("backward", "autodiff"))
     if args.preset:
-        if args.preset not in spec.presets:
-            raise ValueError(f"model {args.model!r} has no preset {args.preset!r}; it has {sorted(spec.presets)}")
-        model_over, train_over = (dict(d) for d in spec.presets[args.preset])
-    model_over = _model_overrides(args, args.model, model_over)
-    tcfg = _train_config(args, spec, train_over)
-    fractions = args.split or spec.split
-    words = load_words(args.data)
-    vocab = Vocab.from_words(words)
-    model = _build(spec, words, vocab, model_over)
-    if args.backward == "manual":
+        raise ValueError("--resume: --preset does not apply (the run's settings are in its config.json)")
+    for name, saved in (("model_config", cfg["model_config"]), ("train_config", cfg["train_config"])):
+        fields = _model_fields() if name == "model_config" else {f.name: None for f in dataclasses.fields(TrainConfig)}
+        for field in fields:
+            given = getattr(args, field, None)
+            if given is not None and field not in saved:
+                raise ValueError(f"--{field.replace('_', '-')} does not apply to model {cfg['model']!r}")
+            conflict(f"--{field.replace('_', '-')}", json.loads(json.dumps(given)), saved.get(field))
+    words = load_words(cfg["data"])
+    if "data_sha256" in cfg and _sha256(words) != cfg["data_sha256"]:
+        raise ValueError(f"--resume: the data {cfg['data']!r} changed since the run started (sha256 "
+                         f"{_sha256(words)[:12]}… now, {cfg['data_sha256'][:12]}… then)")
+    meta = {k: v for k, v in cfg.items() if k not in ("model", "model_config", "train_config")}
+    return spec, spec.config_cls(**cfg["model_config"]), TrainConfig.from_dict(cfg["train_config"]), meta, words
+
+
+def cmd_train(args) -> int:
+    out = rundir.check_run_dir(args.out) if args.out else None
+    resume_from = None
+    if args.resume and args.force:
+        raise ValueError("--resume continues the run in --out and --force starts it over: give one of them")
+    if args.resume:
+        if out is None or not (out / rundir.CONFIG).is_file():
+            raise ValueError(f"--resume: no run in {args.out!r} (expected its config.json)")
+        spec, model_cfg, tcfg, meta, words = _resume_settings(args, out)
+        vocab = Vocab(meta["vocab"], meta["boundary"])
+        model = spec.build(model_cfg)
+        fractions, split_seed, backward = tuple(meta["split"]), meta["split_seed"], meta.get("backward", "autodiff")
+        resume_from = (out / rundir.CHECKPOINT).is_file()
+        if not resume_from:  # stopped before its first checkpoint: the same run again, from step 0
+            rundir.clear(out)
+    else:
+        if out is not None and rundir.holds_run(out):
+            if not args.force:
+                raise ValueError(f"--out {args.out!r} already holds a run: continue it with `jnnex train --resume "
+                                 f"--out {args.out}`, or start it over with --force")
+            rundir.clear(out)
+        name = args.model or "mlp"
+        spec = get_spec(name)
+        model_over, train_over = {}, {}
+        if args.preset:
+            if args.preset not in spec.presets:
+                raise ValueError(f"model {name!r} has no preset {args.preset!r}; it has {sorted(spec.presets)}")
+            model_over, train_over = (dict(d) for d in spec.presets[args.preset])
+        model_over = _model_overrides(args, name, model_over)
+        tcfg = _train_config(args, spec, train_over)
+        fractions = args.split or spec.split
+        split_seed = 42 if args.split_seed is None else args.split_seed
+        backward = args.backward or "autodiff"
+        data = args.data or "census-first"
+        words = load_words(data)
+        vocab = Vocab.from_words(words)
+        model = _build(spec, words, vocab, model_over)
+        meta = {"data": str(data), "data_sha256": _sha256(words), "vocab": vocab.chars, "boundary": vocab.boundary,
+                "split": list(fractions), "split_seed": split_seed, "backward": backward}
+    if backward == "manual":
         model = _manual(model)
-    splits = _splits(model, words, vocab, fractions, args.split_seed)
-    out = Path(args.out) if args.out else None
-    meta = {"data": str(args.data), "vocab": vocab.chars, "boundary": vocab.boundary, "split": list(fractions),
-            "split_seed": args.split_seed}
+    splits = _splits(model, words, vocab, fractions, split_seed)
     log = sys.stderr if args.json else sys.stdout
-    print(f"jnnex: {model.name} on {args.data} ("
+    print(f"jnnex: {model.name} on {meta['data']} ("
           f"{', '.join(f'{n} {int((Y >= 0).sum()):,}' for n, (_, Y) in zip(splits.names, splits.parts))} predicted "
           f"characters, V={vocab.size}), seed {tcfg.seed}", file=log)
     t0 = time.perf_counter()
@@ -346,7 +415,7 @@ def cmd_train(args) -> int:
             rundir.save_pytree(out / rundir.MODEL, (params, state))
     else:
         try:
-            res = fit(model, splits.train, tcfg, dev=splits.dev, out=out, resume=args.resume,
+            res = fit(model, splits.train, tcfg, dev=splits.dev, out=out, resume=bool(resume_from),
                       progress=not (args.no_progress or args.json), meta=meta)
         except NonFiniteLossError as e:
             print(f"jnnex: error: {e}", file=sys.stderr)
@@ -355,10 +424,17 @@ def cmd_train(args) -> int:
         if res.evals and res.evals[-1]["step"] == steps:
             last = res.evals[-1]  # fit has just evaluated train and dev at the final step
     if interrupted:
-        print(f"jnnex: interrupted at step {steps}; saved to {out} (continue with --resume)", file=sys.stderr)
+        if out is None:
+            print(f"jnnex: interrupted at step {steps} (no --out: nothing saved)", file=sys.stderr)
+        elif (out / rundir.CHECKPOINT).is_file():
+            print(f"jnnex: interrupted at step {steps}; saved to {out} (continue with: jnnex train --resume --out "
+                  f"{out})", file=sys.stderr)
+        else:
+            print(f"jnnex: interrupted before the first chunk: nothing to save (start it again with: jnnex train "
+                  f"--resume --out {out})", file=sys.stderr)
         return 130
     seconds = time.perf_counter() - t0
-    metrics = {"model": model.name, "backward": args.backward, "data": str(args.data), "steps": steps,
+    metrics = {"model": model.name, "backward": backward, "data": meta["data"], "steps": steps,
                "seed": tcfg.seed, "params": count_params(params), "seconds": round(seconds, 3)}
     for name, (X, Y) in zip(splits.names, splits.parts):
         key = f"{name}_loss"
@@ -501,10 +577,18 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with ctrl_c_guard() as ctrl_c:  # from here on, a first Ctrl-C never raises inside JAX: see fit
+            code = COMMANDS[args.command](args)
     except (ValueError, TypeError, ImportError) as e:
         print(f"jnnex: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print("jnnex: interrupted", file=sys.stderr)
+        return 130
+    if ctrl_c.pressed and code == 0:  # pressed while a command other than training finished its work
+        print("jnnex: interrupted", file=sys.stderr)
+        return 130
+    return code
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ def plot_loss(metrics_jsonl: str | Path, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
     ax.plot(steps, [r["loss"] for r in rows], label="minibatch loss (chunk mean)")
-    for key in ("train_loss", "dev_loss"):
-        if key in rows[0]:
-            ax.plot(steps, [r[key] for r in rows], "o-", label=key.replace("_", " "))
+    for key in ("train_loss", "dev_loss"):  # evaluations: the rows that have them (every eval_every steps)
+        evals = [r for r in rows if key in r]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key.replace("_", " "))
     ax.set(xlabel="step", ylabel="loss (nats/char)", title="training loss")
     ax.legend()
     ax.grid(alpha=0.3)

@@ -134,6 +134,28 @@ CONFIG, METRICS, CHECKPOINT, MODEL, FINAL_METRICS = "config.json", "metrics.json
     "metrics.json"
 
 
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, MODEL, FINAL_METRICS)
+
+
+def check_run_dir(run: str | os.PathLike) -> Path:
+    """``run`` as a path, or a ``ValueError`` if it names something that is not a directory."""
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"run directory {str(run)!r} is a file; --out names a directory for the run's files")
+    return run
+
+
+def holds_run(run: str | os.PathLike) -> bool:
+    """Whether the directory already holds (part of) a run."""
+    return any((Path(run) / name).exists() for name in RUN_FILES)
+
+
+def clear(run: str | os.PathLike) -> None:
+    """Remove a run's files (and nothing else) so that the directory can start a new run."""
+    for name in RUN_FILES:
+        (Path(run) / name).unlink(missing_ok=True)
+
+
 def config_record(model_name: str, model_cfg, train_cfg, meta: dict | None = None) -> dict:
     """What ``config.json`` holds: ``meta`` (data, vocabulary, split…), the model's name and both configs."""
     return {**(meta or {}), "model": model_name, "model_config": dataclasses.asdict(model_cfg),

@@ -48,13 +48,15 @@ DECAY_MASKS = ("all", "matrices")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings. Defaults are the makemore MLP lecture's (SGD, 0.1 then 0.01 from step 100,000)."""
+    """Optimisation settings. Defaults are the makemore MLP lecture's (SGD, 0.1, then 0.01 from half of the steps:
+    step 100,000 of 200,000)."""
 
     steps: int = setting(200_000, "total optimisation steps")
     batch_size: int | None = setting(32, "minibatch size (None: the whole training set every step)")
     lr: float = setting(0.1, "initial learning rate")
-    lr_boundaries: tuple[int, ...] = setting((100_000,), "steps at which the learning rate is multiplied by "
-                                                         "lr_factor (the CLI scales them with --steps)")
+    lr_boundaries: tuple[int, ...] | None = setting(None, "steps at which the learning rate is multiplied by "
+                                                          "lr_factor (default: half of steps, the lecture's 100,000 of "
+                                                          "200,000; empty: never)")
     lr_factor: float = setting(0.1, "the learning rate's factor at each boundary")
     optimizer: str = setting("sgd", "optax optimiser", choices=OPTIMIZERS)
     sgd_momentum: float = setting(0.9, "momentum: the momentum coefficient")
@@ -80,7 +82,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("decay_mask", self.decay_mask, DECAY_MASKS)
-        if sorted(self.lr_boundaries) != list(self.lr_boundaries):
+        if self.lr_boundaries is not None and sorted(self.lr_boundaries) != list(self.lr_boundaries):
             raise ValueError(f"lr_boundaries must be increasing, got {self.lr_boundaries}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
@@ -90,6 +92,11 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be None or > 0, got {self.grad_clip!r}")
+
+    @property
+    def boundaries(self) -> tuple[int, ...]:
+        """The learning-rate boundaries in force: ``lr_boundaries``, or half of ``steps`` when it is ``None``."""
+        return (self.steps // 2,) if self.lr_boundaries is None else self.lr_boundaries
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -106,7 +113,7 @@ def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
 
     def schedule(count):
         lr = tcfg.lr
-        for boundary in tcfg.lr_boundaries:
+        for boundary in tcfg.boundaries:
             lr = lr * jnp.where(count >= boundary, tcfg.lr_factor, 1.0)
         return lr
 
@@ -257,9 +264,9 @@ def fit(
 ) -> FitResult:
     """Train ``model`` on ``train = (X, Y)`` for ``tcfg.steps`` steps.
 
-    Every ``eval_every`` steps (and at the end) the full train and dev losses are computed; with ``out`` (a run
-    directory, :mod:`jnnex.rundir`) they are appended to ``metrics.jsonl`` and a checkpoint is written, all atomically;
-    ``config.json`` (the model, ``tcfg`` and ``meta``) is written when the run starts and ``model.npz`` when it ends.
+    Every chunk's mean minibatch loss is logged; every ``eval_every`` steps (and at the end) the full train and dev
+    losses join it. With ``out`` (a run directory, :mod:`jnnex.rundir`) each row is appended to ``metrics.jsonl`` and
+    at every evaluation a checkpoint is written, all atomically; ``config.json`` (the model, ``tcfg`` and ``meta``) is written when the run starts and ``model.npz`` when it ends.
     With ``resume=True`` training continues from ``out``'s checkpoint and ends with exactly the parameters an
     uninterrupted run would have. Ctrl-C — at any moment, compilation included — stops after the chunk in flight,
     saves it and returns with ``interrupted=True``. ``diagnostics=True`` adds the per-layer figures of
@@ -273,10 +280,12 @@ def fit(
     if dev is not None:
         check_batch(model, *dev, "dev data")
     X, Y = (jnp.asarray(a, jnp.int32) for a in train)
-    out = Path(out) if out is not None else None
+    out = rundir.check_run_dir(out) if out is not None else None
     if resume and (out is None or not (out / rundir.CHECKPOINT).is_file()):
         raise ValueError(f"resume: no checkpoint in {str(out)!r}")
-    schedule = lr_schedule(tcfg)
+    if not resume and out is not None and rundir.holds_run(out):
+        raise ValueError(f"{str(out)!r} already holds a run; resume it, or clear it first (jnnex.rundir.clear, or "
+                         "--force on the command line)")
     chunks, evals, interrupted = [], [], False
     with ctrl_c_guard() as ctrl_c:  # in place before the first compile: the first Ctrl-C never raises
         optimizer = make_optimizer(tcfg)
@@ -285,6 +294,9 @@ def fit(
         ts = init_train_state(model, optimizer, k_init)
         if resume:
             ts = rundir.load_pytree(out / rundir.CHECKPOINT, ts)
+            if int(ts.step) > tcfg.steps:
+                raise ValueError(f"the checkpoint in {str(out)!r} is at step {int(ts.step):,}, past the run's "
+                                 f"{tcfg.steps:,} steps")
             rundir.truncate_metrics(out, int(ts.step))
         elif out is not None:
             rundir.write_json(out / rundir.CONFIG, rundir.config_record(model.name, model.cfg, tcfg, meta))
@@ -303,7 +315,7 @@ def fit(
                                              saved if out is not None and saved > 0 else None)
                 ts, step = new_ts, step + n  # `ts` only ever holds a completed chunk: safe to save at any interrupt
                 chunks.append(metrics)
-                row = {"step": step, "lr": float(schedule(step - 1)), "loss": float(metrics["loss"].mean())}
+                row = {"step": step, "lr": _lr_at(tcfg, step - 1), "loss": float(metrics["loss"].mean())}
                 if step % tcfg.eval_every == 0 or step == tcfg.steps:
                     row["time"] = time.perf_counter() - t0
                     if eval_train:
@@ -311,8 +323,9 @@ def fit(
                     if dev is not None:
                         row["dev_loss"] = evaluate(model, ts.params, ts.state, *dev)
                     evals.append(row)
-                    if out is not None:
-                        rundir.append_metrics(out, row)
+                if out is not None:  # every chunk's row (a curve even for short runs), then at evaluations the state
+                    rundir.append_metrics(out, row)
+                    if "time" in row:
                         rundir.save_pytree(out / rundir.CHECKPOINT, ts)
                         saved = step
                 _show(bar, n, row)
@@ -333,6 +346,11 @@ def fit(
     return FitResult(ts, losses, evals, metrics=stacked, interrupted=interrupted)
 
 
+def _lr_at(tcfg: TrainConfig, step: int) -> float:
+    """The rate :func:`lr_schedule` gives at ``step``, computed in Python for the log (no device round trip)."""
+    return tcfg.lr * tcfg.lr_factor ** sum(step >= b for b in tcfg.boundaries)
+
+
 def _show(bar, n: int, row: dict) -> None:
     if bar is not None:
         bar.update(n)
@@ -343,13 +361,20 @@ class _CtrlC:
     pressed = False
 
 
+_GUARDS: list[_CtrlC] = []  # the flags of the guards in force, innermost last
+
+
 @contextlib.contextmanager
 def ctrl_c_guard():
     """The first Ctrl-C only sets a flag that :func:`fit` checks between chunks, so no ``KeyboardInterrupt`` lands in
     the middle of JAX's, numpy's or the checkpoint writer's code; the chunk in flight (a fraction of a second)
     finishes and is saved. A second Ctrl-C raises at once. A process that ignores SIGINT (``nohup``, a background job
     of a non-interactive shell) keeps ignoring it, and outside the main thread (signal handlers belong to it) Ctrl-C
-    raises as usual."""
+    raises as usual. Guards nest: an inner one (``fit``'s, inside the CLI's) shares the outer one's flag, so a Ctrl-C
+    pressed before training starts ends it before its first chunk."""
+    if _GUARDS:
+        yield _GUARDS[-1]
+        return
     flag = _CtrlC()
     previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     if previous in (None, signal.SIG_IGN):
@@ -362,9 +387,11 @@ def ctrl_c_guard():
         flag.pressed = True
 
     signal.signal(signal.SIGINT, handler)
+    _GUARDS.append(flag)
     try:
         yield flag
     finally:
+        _GUARDS.pop()
         signal.signal(signal.SIGINT, previous)
 
 

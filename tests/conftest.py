@@ -6,6 +6,7 @@ it creates, so its float32 defaults are unaffected. Hypothesis profiles: ``ci`` 
 """
 
 import os
+import signal
 from pathlib import Path
 
 import jax
@@ -40,3 +41,12 @@ def names_txt() -> Path:
     if not path.is_file():
         pytest.skip(f"names.txt not found at {path} (set JNNEX_NAMES_TXT; get it from karpathy/makemore)")
     return path
+
+
+@pytest.fixture
+def sigint_default():
+    """SIGINT handled the Python way for the test, whatever the runner set (a background job of a non-interactive
+    shell starts with SIGINT ignored — found when the suite ran that way)."""
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, original)

@@ -1,9 +1,11 @@
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from jnnex.cli import main
+from jnnex.data import load_words, make_splits
 
 
 def run(capsys, *argv):
@@ -48,30 +50,6 @@ def test_bigram_models_through_cli(tmp_path, capsys, model):
     assert 2.0 < m["train_loss"] < 3.3
     code, stdout, _ = run(capsys, "sample", "--from", str(out), "-n", "3")
     assert code == 0 and len(stdout.splitlines()) == 3
-
-
-def test_bad_inputs_give_clear_errors(tmp_path, capsys):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    binary = tmp_path / "bin.txt"
-    binary.write_bytes(b"\xff\xfe\x00")
-    dotted = tmp_path / "dots.txt"
-    dotted.write_text("a.b\n")
-    cases = [
-        (["train", "--data", str(tmp_path / "nope.txt")], "does not exist"),
-        (["train", "--data", str(empty)], "no usable lines"),
-        (["train", "--data", str(binary)], "not valid UTF-8"),
-        (["train", "--data", str(dotted)], "boundary token"),
-        (["train", "--block-size", "0", "--steps", "5"], "block_size must be"),
-        (["train", "--split", "0.5,0.1", "--steps", "5"], "sum to 1"),
-        (["train", "--model", "bigram", "--n-hidden", "5"], "does not apply"),
-        (["train", "--preset", "nope"], "no preset"),
-        (["train", "--lr", "-1"], "lr must be"),
-        (["sample", "--from", str(tmp_path)], "not a finished jnnex run"),
-    ]
-    for argv, message in cases:
-        code, _, err = run(capsys, *argv)
-        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
 
 
 def test_eval_rejects_characters_outside_the_vocabulary(tmp_path, capsys):
@@ -202,3 +180,71 @@ def test_persistent_compilation_cache(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == entries  # nothing new compiled: every program came from disk
     train("off")  # relative to the run's directory: a cache there would be tmp_path/off
     assert not (tmp_path / "off").exists() and sorted(p.name for p in cache.iterdir()) == entries
+
+
+def _checkpoint_step(path) -> int:
+    """The step of a checkpoint file, or -1 while there is none (files are replaced atomically: never half-read)."""
+    if not path.is_file():
+        return -1
+    with np.load(path) as f:
+        return int(f[".step"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, sigint_default):
+    """A real SIGINT to `jnnex train`, twice: each saves the chunk in flight and exits 130; `--resume` (no other
+    flag: config.json holds the settings) continues from the checkpoint; the result is bit-identical to an unbroken
+    run stopped at the same step. Every wait is on an event (a checkpoint appearing), not on a timer."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from jnnex import rundir
+    from jnnex.models.registry import get_spec
+    from jnnex.train import TrainConfig, fit
+
+    out = tmp_path / "run"
+    # The child handles SIGINT the Python way even when this suite runs as a background job of a non-interactive
+    # shell, which starts every process with SIGINT ignored.
+    child = [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from jnnex.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+    def interrupt_after_checkpoint(argv, after: int) -> int:
+        proc = subprocess.Popen(child + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            while _checkpoint_step(out / "checkpoint.npz") <= after:  # the event: a new checkpoint is on disk
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=600)
+        finally:
+            proc.kill()
+        assert proc.returncode == 130 and "interrupted at step" in stderr and "--resume" in stderr, stderr
+        assert "Traceback" not in stderr
+        return _checkpoint_step(out / "checkpoint.npz")
+
+    first = interrupt_after_checkpoint(["train", "--model", "mlp", "--n-hidden", "64", "--steps", "2000000",
+                                        "--eval-every", "500", "--chunk", "500", "--out", str(out),
+                                        "--no-progress"], after=-1)
+    second = interrupt_after_checkpoint(["train", "--resume", "--out", str(out), "--no-progress"], after=first)
+    assert 500 <= first < second and second % 500 == 0
+
+    # The unbroken run: the same settings in-process, stopped by its own hook at `second`.
+    cfg = rundir.read_json(out / "config.json")
+    spec = get_spec(cfg["model"])
+    model = spec.build(spec.config_cls(**cfg["model_config"]))
+    tcfg = TrainConfig.from_dict(cfg["train_config"])
+    words = load_words(cfg["data"])
+    train = make_splits(words, model.block_size, cfg["split"], cfg["split_seed"]).train
+
+    def stop_at_second(step, metrics):
+        if step == second:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    unbroken = fit(model, train, tcfg, progress=False, eval_train=False, on_chunk=stop_at_second)
+    assert int(unbroken.ts.step) == second
+    saved = rundir.load_pytree(out / "checkpoint.npz", unbroken.ts)
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(unbroken.ts)):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,137 @@
+"""Bad input, by entry point: every case a clear error naming what was wrong — an exit code of 2 (or 1) and a message
+on the command line, a ValueError/TypeError from the library — never a traceback, an XLA error or a silent NaN."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jnnex import build, evaluate, fit, generate, make_splits
+from jnnex.cli import main
+from jnnex.data import Vocab, build_sequences, build_windows, load_words, split_words
+from jnnex.layers import cross_entropy_forward
+from jnnex.rundir import load_pytree
+from jnnex.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Data files and run directories to break: a fitted bigram run (fast), and copies of it damaged one way each."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.txt").write_text("")
+    (d / "bin.txt").write_bytes(b"\xff\xfe\x00")
+    (d / "dots.txt").write_text("a.b\n")
+    (d / "other.txt").write_text("zoë\n" * 30)
+    (d / "words.txt").write_text("\n".join(load_words("census-first")[:200]) + "\n")
+    (d / "a-file").write_text("not a directory\n")
+    assert main(["train", "--model", "bigram", "--data", str(d / "words.txt"), "--out", str(d / "run")]) == 0
+    assert main(["train", "--model", "mlp", "--steps", "20", "--data", str(d / "words.txt"),
+                 "--out", str(d / "mlp")]) == 0
+    for name, damage in {"truncated": lambda p: p.write_bytes(p.read_bytes()[:100]),
+                         "random": lambda p: p.write_bytes(np.random.default_rng(0).bytes(500))}.items():
+        shutil.copytree(d / "run", d / name)
+        damage(d / name / "model.npz")
+    shutil.copytree(d / "run", d / "badjson")
+    (d / "badjson" / "config.json").write_text('{"model": ')
+    shutil.copytree(d / "mlp", d / "changed")
+    (d / "words.txt").rename(d / "words.orig")
+    (d / "words.txt").write_text((d / "words.orig").read_text() + "zzz\n")  # the data of run 'changed' changed
+    return d
+
+
+CLI = [
+    # argv (with {d} for the fixture's directory), exit code, words of the message
+    (["train", "--data", "{d}/nope.txt"], 2, "does not exist"),
+    (["train", "--data", "{d}/empty.txt"], 2, "no usable lines"),
+    (["train", "--data", "{d}/bin.txt"], 2, "not valid UTF-8"),
+    (["train", "--data", "{d}/dots.txt"], 2, "boundary token"),
+    (["train", "--block-size", "0", "--steps", "5"], 2, "block_size must be an integer >= 1"),
+    (["train", "--split", "0.5,0.1", "--steps", "5"], 2, "sum to 1"),
+    (["train", "--split", "a,b"], 2, "expected comma-separated fractions"),
+    (["train", "--model", "bigram", "--n-hidden", "5"], 2, "--n-hidden does not apply to model 'bigram'"),
+    (["train", "--model", "mlp", "--smoothing", "0"], 2, "--smoothing does not apply to model 'mlp'"),
+    (["train", "--model", "nope"], 2, "invalid choice: 'nope'"),
+    (["train", "--preset", "nope"], 2, "no preset 'nope'"),
+    (["train", "--lr", "-1"], 2, "lr must be a finite number > 0"),
+    (["train", "--steps", "0"], 2, "steps must be an integer >= 1"),
+    (["train", "--betas", "0.9"], 2, "betas must be two numbers"),
+    (["train", "--optimizer", "rmsprop"], 2, "invalid choice: 'rmsprop'"),
+    (["train", "--model", "bigram", "--backward", "manual"], 2, "no hand-written backward"),
+    (["train", "--engine", "scalar"], 2, "unrecognized arguments: --engine"),
+    (["train", "--out", "{d}/a-file"], 2, "is a file"),
+    (["train", "--model", "bigram", "--data", "{d}/words.orig", "--out", "{d}/run"], 2, "already holds a run"),
+    (["train", "--resume", "--out", "{d}/nowhere"], 2, "no run in"),
+    (["train", "--resume", "--force", "--out", "{d}/mlp"], 2, "give one of them"),
+    (["train", "--resume", "--out", "{d}/run"], 2, "fitted in closed form"),
+    (["train", "--resume", "--out", "{d}/mlp", "--steps", "10"], 2, "--steps 10 conflicts with the run's 20"),
+    (["train", "--resume", "--out", "{d}/mlp", "--model", "bn-mlp"], 2, "--model 'bn-mlp' conflicts"),
+    (["train", "--resume", "--out", "{d}/mlp", "--n-layers", "2"], 2, "--n-layers does not apply to model 'mlp'"),
+    (["train", "--resume", "--out", "{d}/changed"], 2, "changed since the run started"),
+    (["sample", "--from", "{d}"], 2, "not a finished jnnex run"),
+    (["sample", "--from", "{d}/truncated"], 2, "model.npz' is not a jnnex .npz file"),
+    (["sample", "--from", "{d}/random"], 2, "neither a zip archive nor a .npy array"),
+    (["eval", "--from", "{d}/badjson"], 2, "config.json' is not valid JSON"),
+    (["eval", "--from", "{d}/run", "--data", "{d}/other.txt"], 2, "outside the vocabulary"),
+    (["sample", "--from", "{d}/run", "-n", "0"], 2, "n must be an integer >= 1"),
+    (["sample", "--from", "{d}/run", "--temperature", "0"], 2, "temperature must be > 0"),
+    (["sample", "--from", "{d}/run", "--top-k", "99"], 2, "top_k must be None or an integer in [1, "),
+    (["diagnose", "--model", "bigram"], 2, "invalid choice: 'bigram'"),
+    (["moons", "--steps", "0"], 2, "--steps must be >= 1"),
+    (["lr-find", "--lo", "1", "--hi", "0.1", "--steps", "5"], 2, "need 0 < lo < hi"),
+]
+
+
+@pytest.mark.parametrize("argv, code, words", CLI, ids=[" ".join(c[0])[:60] for c in CLI])
+def test_cli_bad_input(files, capsys, argv, code, words):
+    argv = [a.replace("{d}", str(files)) for a in argv]
+    try:
+        got = main(argv)
+    except SystemExit as e:  # argparse's own errors (unknown flag or choice) exit with 2
+        got = e.code
+    err = capsys.readouterr().err
+    assert got == code and words in err and "Traceback" not in err, (argv, got, err)
+
+
+def _data():
+    return make_splits(load_words("census-first")[:300], 3)
+
+
+LIBRARY = [
+    # (call, exception type, words)
+    (lambda: fit(build("mlp", vocab_size=5), _data().train, TrainConfig(steps=5)), ValueError,
+     "has a vocabulary of 5"),
+    (lambda: fit(build("mlp", vocab_size=27), (_data().train[0][:, :2], _data().train[1]), TrainConfig(steps=5)),
+     ValueError, "expects X (N, 3) and Y (N,)"),
+    (lambda: fit(build("mlp", vocab_size=27), (_data().train[0], _data().train[1] + 30), TrainConfig(steps=5)),
+     ValueError, "token ids in [0, 27) or -1"),
+    (lambda: evaluate(build("mlp", vocab_size=27), *build("mlp", vocab_size=27).init(jax.random.key(0)),
+                      _data().dev[0].astype(np.float32), _data().dev[1]), ValueError, "must be integer token ids"),
+    (lambda: cross_entropy_forward(jnp.zeros((2, 5)), jnp.array([1, 5])), ValueError, "found 5"),
+    (lambda: cross_entropy_forward(jnp.zeros((2, 5)), jnp.array([1, -2])), ValueError, "found -2"),
+    (lambda: cross_entropy_forward(jnp.zeros((2, 5)), jnp.zeros((3,), jnp.int32)), ValueError, "same leading shape"),
+    (lambda: cross_entropy_forward(jnp.zeros((2, 5)), jnp.zeros((2,))), TypeError, "y must be an integer array"),
+    (lambda: build("mlp", vocab_size=27, n_layers=2), ValueError, "has no config field(s) ['n_layers']"),
+    (lambda: build("gpt"), ValueError, "unknown model 'gpt'"),
+    (lambda: TrainConfig(batch_size=0), ValueError, "batch_size must be an integer >= 1"),
+    (lambda: TrainConfig(decay_mask="odd"), ValueError, "decay_mask must be one of"),
+    (lambda: TrainConfig(lr_boundaries=(5, 1)), ValueError, "lr_boundaries must be increasing"),
+    (lambda: build("mlp").with_gradients("numeric"), ValueError, "gradients must be one of"),
+    (lambda: build("neural-bigram").with_gradients("manual"), ValueError, "no hand-written backward"),
+    (lambda: split_words(["a", "b"], (0.5, 0.5, 0.0)), ValueError, "would be empty"),
+    (lambda: build_windows(["ab"], Vocab.from_words(["ab"]), 0), ValueError, "block_size must be"),
+    (lambda: build_sequences(["abc"], Vocab.from_words(["abc"]), 3), ValueError, "too short for a word of 3"),
+    (lambda: Vocab.from_words(["ab"]).encode("ac"), ValueError, "outside the vocabulary: ['c']"),
+    (lambda: generate(build("mlp"), *build("mlp").init(jax.random.key(0)), jax.random.key(0), 0), ValueError,
+     "n must be an integer >= 1"),
+    (lambda: load_pytree("/nonexistent/model.npz", {}), ValueError, "does not exist"),
+]
+
+
+@pytest.mark.parametrize("call, kind, words", LIBRARY, ids=[f"library-{i}" for i in range(len(LIBRARY))])
+def test_library_bad_input(call, kind, words):
+    with pytest.raises(kind) as e:
+        call()
+    assert words in str(e.value), str(e.value)
