@@ -145,6 +145,16 @@ def check_run_dir(run: str | os.PathLike) -> Path:
     return run
 
 
+def remove_temporaries(run: str | os.PathLike) -> int:
+    """Delete the temporary files a killed writer left behind (a kill mid-write never touches the file it was
+    replacing); returns the bytes removed."""
+    removed = 0
+    for tmp in Path(run).glob(".*.tmp") if Path(run).is_dir() else ():
+        removed += tmp.stat().st_size
+        tmp.unlink(missing_ok=True)
+    return removed
+
+
 def holds_run(run: str | os.PathLike) -> bool:
     """Whether the directory already holds (part of) a run."""
     return any((Path(run) / name).exists() for name in RUN_FILES)

@@ -281,6 +281,8 @@ def fit(
         check_batch(model, *dev, "dev data")
     X, Y = (jnp.asarray(a, jnp.int32) for a in train)
     out = rundir.check_run_dir(out) if out is not None else None
+    if out is not None:
+        rundir.remove_temporaries(out)  # what a killed writer left; the files it was replacing are intact
     if resume and (out is None or not (out / rundir.CHECKPOINT).is_file()):
         raise ValueError(f"resume: no checkpoint in {str(out)!r}")
     if not resume and out is not None and rundir.holds_run(out):
