@@ -471,6 +471,7 @@ def cmd_eval(args) -> int:
 def cmd_plot(args) -> int:
     from jnnex import plot
 
+    plot.require()
     run = load_run(args.run)
     out = Path(args.out or args.run)
     written = []
@@ -486,8 +487,10 @@ def cmd_plot(args) -> int:
 def cmd_diagnose(args) -> int:
     import jax.numpy as jnp
 
-    from jnnex import diagnostics
+    from jnnex import diagnostics, plot
 
+    if args.out:
+        plot.require()  # before training, not after it
     overrides = _model_overrides(args, args.model)
     spec, model, splits = _prepare(args.model, args.data, overrides)
     tcfg = dataclasses.replace(_with_steps(spec.train, spec.train.steps, args.steps), eval_every=args.steps,
@@ -498,8 +501,6 @@ def cmd_diagnose(args) -> int:
     print(f"\n-- step 0 (initialisation)\n{diagnostics.table(res.metrics, names, 0)}")
     print(f"\n-- step {args.steps - 1}\n{diagnostics.table(res.metrics, names, -1)}")
     if args.out:
-        from jnnex import plot
-
         X, Y = (jnp.asarray(a[:512]) for a in splits.train)  # one batch of the training data, in train mode
         acts, act_grads = diagnostics.activation_gradients(model, res.ts.params, res.ts.state, X, Y)
         for p in plot.plot_diagnostics(res.metrics, names, acts, act_grads, args.out):

@@ -7,6 +7,11 @@ import json
 from pathlib import Path
 
 
+def require() -> None:
+    """An ``ImportError`` saying how to install matplotlib, before any work whose pictures would need it."""
+    _pyplot()
+
+
 def _pyplot():
     try:
         import matplotlib

@@ -5,8 +5,8 @@ for Hypothesis with JAX:
 
 * shapes are drawn from small fixed sets (every new shape is a new XLA compilation);
 * arrays are well conditioned — standard normal × ``scale`` from a drawn seed, no subnormals (XLA on CPU flushes them
-  to zero, numpy does not), no infinities or NaNs — and float64 by default (the dtype a meaningful check needs;
-  enable ``jax_enable_x64``);
+  to zero, numpy does not), no infinities or NaNs — and float64 when ``jax_enable_x64`` is on (the dtype a meaningful
+  check needs), float32 otherwise (:func:`jnnex.check.tolerances` fits the tolerance to it);
 * parameters are random, never 0/1: biases and BatchNorm γ/β are perturbed (zeros hide a wrong backward).
 
 Each ``*_args`` strategy draws the argument tuple of one :mod:`jnnex.layers` forward, ready for
@@ -37,9 +37,16 @@ def seeds() -> st.SearchStrategy[int]:
     return st.integers(0, 2**31 - 1)
 
 
-def arrays(shape, *, dtype=np.float64, scale: float = 1.0, offset: float = 0.0) -> st.SearchStrategy[jax.Array]:
-    """Arrays of ``shape``: ``offset + scale · N(0, 1)`` from a drawn seed, as ``dtype``; never subnormal."""
+def default_dtype():
+    """float64 when ``jax_enable_x64`` is on (what a meaningful check needs), else float32."""
+    return np.float64 if jax.config.jax_enable_x64 else np.float32
+
+
+def arrays(shape, *, dtype=None, scale: float = 1.0, offset: float = 0.0) -> st.SearchStrategy[jax.Array]:
+    """Arrays of ``shape``: ``offset + scale · N(0, 1)`` from a drawn seed, as ``dtype`` (default
+    :func:`default_dtype`); never subnormal."""
     shape = tuple(shape)
+    dtype = dtype or default_dtype()
 
     def make(seed):
         a = offset + scale * np.random.default_rng(seed).standard_normal(shape)
@@ -69,7 +76,7 @@ def batch_sizes(min_size: int = 2, max_size: int = 64) -> st.SearchStrategy[int]
 
 
 @st.composite
-def linear_args(draw, dtype=np.float64):
+def linear_args(draw, dtype=None):
     """``(x (B, [T,] Cin), W (Cin, Cout), b (Cout,))`` for :func:`jnnex.layers.linear_forward`."""
     lead = draw(st.sampled_from([(draw(batch_sizes()),), (4, 3)]))
     cin, cout = draw(st.sampled_from(WIDTHS)), draw(st.sampled_from(WIDTHS))
@@ -78,13 +85,13 @@ def linear_args(draw, dtype=np.float64):
 
 
 @st.composite
-def tanh_args(draw, dtype=np.float64):
+def tanh_args(draw, dtype=None):
     """``(x (B, C),)`` spread over tanh's curved and saturating range."""
     return (draw(arrays((draw(batch_sizes()), draw(st.sampled_from(WIDTHS))), dtype=dtype, scale=2.0)),)
 
 
 @st.composite
-def batchnorm_args(draw, dtype=np.float64):
+def batchnorm_args(draw, dtype=None):
     """``(x (B, C) or (B, T, C), γ (C,), β (C,))`` with γ around 1 and β around 0, never exactly."""
     C = draw(st.sampled_from(WIDTHS))
     lead = draw(st.sampled_from([(draw(batch_sizes()),), (draw(batch_sizes(max_size=8)), 3)]))
@@ -94,14 +101,14 @@ def batchnorm_args(draw, dtype=np.float64):
 
 
 @st.composite
-def embedding_args(draw, dtype=np.float64):
+def embedding_args(draw, dtype=None):
     """``(C (V, n_embd), ix (B, T))`` with a repeated index and (for V > B·T) rows never looked up."""
     V, n_embd, B, T = (draw(st.sampled_from(s)) for s in ((5, 27), (2, 10), (2, 8), (1, 3)))
     return draw(arrays((V, n_embd), dtype=dtype)), draw(indices((B, T), V))
 
 
 @st.composite
-def cross_entropy_args(draw, dtype=np.float64):
+def cross_entropy_args(draw, dtype=None):
     """``(logits (B, V), y (B,))``, logits of scale 0.1 … 10 (a near-uniform to a confident model)."""
     B, V = draw(batch_sizes()), draw(st.sampled_from((5, 27)))
     return (draw(arrays((B, V), dtype=dtype, scale=draw(st.sampled_from([0.1, 1.0, 10.0])))),

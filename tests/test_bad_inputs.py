@@ -135,3 +135,22 @@ def test_library_bad_input(call, kind, words):
     with pytest.raises(kind) as e:
         call()
     assert words in str(e.value), str(e.value)
+
+
+def test_diagnose_without_matplotlib_fails_before_training(monkeypatch, capsys, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    import jnnex.cli
+
+    trained = []
+    monkeypatch.setattr(jnnex.cli, "fit", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    code = main(["diagnose", "--model", "mlp", "--out", str(tmp_path)])
+    assert code == 2 and "pip install 'jnnex[plot]'" in capsys.readouterr().err and not trained

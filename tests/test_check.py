@@ -42,3 +42,51 @@ def test_custom_vjp_adapter_uses_the_hand_written_backward():
     emb = custom_vjp(layers.embedding_forward, layers.embedding_backward, nondiff=(1,))
     C, ix = f64(k[3], (5, 2)), jnp.array([1, 1, 4], jnp.int32)
     np.testing.assert_allclose(jax.grad(lambda C: emb(C, ix).sum())(C), jax.grad(lambda C: C[ix].sum())(C))
+
+
+RECIPE = """
+import sys
+import jax
+jax.config.update("jax_enable_x64", sys.argv[1] == "float64")
+from hypothesis import Phase, settings  # the suite's budget, no shrinking (the recipe below is the README's, as written)
+settings.register_profile("suite", max_examples=15, derandomize=True, phases=[Phase.explicit, Phase.generate])
+settings.load_profile("suite")
+
+from jnnex import layers, strategies
+from jnnex.check import check_backward
+
+def forgot_gamma(dy, cache):  # a plausible mistake: dx without the gain
+    x, rstd, gamma, mean, var = cache
+    return layers.batchnorm_backward(dy, (x, rstd, gamma * 0 + 1, mean, var))
+
+for which in ("correct", "wrong"):
+    my_batchnorm_backward = layers.batchnorm_backward if which == "correct" else forgot_gamma
+
+    def test_my_batchnorm_backward():
+        check_backward(layers.batchnorm_forward, my_batchnorm_backward, strategies.batchnorm_args(),
+                       names=["x", "gamma", "beta"])
+
+    try:
+        test_my_batchnorm_backward()
+    except AssertionError as e:
+        print(which, "FAILED", str(e).splitlines()[0])
+    else:
+        print(which, "PASSED")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_readme_recipe_passes_a_correct_pair_and_fails_a_wrong_one(dtype, tmp_path):
+    """The README's check_backward recipe as a user runs it (a fresh process, default Hypothesis settings, x64 on or
+    off): the library's BatchNorm backward passes; one that forgets γ fails."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "recipe.py"
+    script.write_text(RECIPE)
+    proc = subprocess.run([sys.executable, str(script), dtype], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "correct PASSED" and lines[1].startswith("wrong FAILED"), (dtype, proc.stdout,
+                                                                                   proc.stderr[-2000:])
