@@ -1,6 +1,7 @@
-import pytest
 import json
 import sys
+
+import pytest
 
 from jnnex.bench.__main__ import SUITES, main
 
@@ -23,3 +24,12 @@ def test_quick_benchmarks_run_and_write_json(tmp_path, capsys, monkeypatch):
     training = json.loads((tmp_path / "training-quick.json").read_text())
     assert all(0 < r["of_peak"] and r["steps_per_s"] > 0 for r in training["rows"])
     assert training["torch"] is None and "torch: not installed" in text
+
+
+@pytest.mark.slow
+def test_results_go_to_the_current_directory_by_default(tmp_path, capsys, monkeypatch):
+    """Not into the installed package (what an installed jnnex's `jnnex bench` used to do)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--quick", "--only", "moons"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["moons-quick.json"]
+    assert "moons-quick.json" in capsys.readouterr().out
