@@ -27,9 +27,9 @@ demo: $(VENV)/.stamp-base
 test: $(VENV)/.stamp-test
 	$(PY) -m pytest -q
 
-# The edit-test loop: everything but the end-to-end runs marked `slow`.
+# The edit-test loop: everything but the tests marked `slow`, each property on 2 examples, on two processes.
 test-fast: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -m "not slow"
+	JNNEX_HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -m "not slow" -n 2
 
 # The package's import graph; fails on a cycle, a private name imported across modules, or the benchmarks imported.
 imports: $(VENV)/.stamp-test

@@ -1,8 +1,9 @@
 """Strict JAX for the whole suite (equinox-style): accidental broadcasting and dtype promotion fail loudly.
 
 float64 is enabled so hand-written backwards can be compared with autodiff to 1e-10; jnnex itself states every dtype
-it creates, so its float32 defaults are unaffected. Hypothesis profiles: ``ci`` (default; small, derandomised) and
-``thorough`` (local, deeper): ``JNNEX_HYPOTHESIS_PROFILE=thorough pytest``.
+it creates, so its float32 defaults are unaffected. Hypothesis profiles: ``ci`` (default; small, derandomised),
+``fast`` (``make test-fast``: 2 examples a property) and ``thorough`` (local, deeper):
+``JNNEX_HYPOTHESIS_PROFILE=thorough pytest``.
 """
 
 import os
@@ -23,6 +24,10 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 settings.register_profile(
     "ci", max_examples=15, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(  # make test-fast: every property still runs, on fewer examples
+    "fast", max_examples=2, deadline=None, derandomize=True, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(

@@ -62,6 +62,7 @@ def test_every_atomic_gradient_equals_jax_grad_float64(problem, dloss):
     assert (np.asarray(mine["dC"])[unseen] == 0).all()
 
 
+@pytest.mark.slow
 def test_float32_atomic_gradients_within_stated_tolerance():
     cfg, p64, x, y = atomic.example_problem(batch=32)
     p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p64)

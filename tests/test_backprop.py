@@ -44,6 +44,7 @@ def test_compact_backward_equals_jax_grad_float64(problem):
     assert (np.asarray(grads.C)[unseen] == 0).all()  # characters absent from the batch get no gradient
 
 
+@pytest.mark.slow
 def test_float32_matches_float64_reference():
     cfg = BNMLPConfig(**BN_MLP_SMALL)
     params, state = bn_mlp(cfg).init(jax.random.key(0))

@@ -39,6 +39,7 @@ def test_train_sample_eval_end_to_end(tmp_path, capsys):
     assert code == 0 and ev["dev_loss"] == pytest.approx(metrics["dev_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["bigram", "neural-bigram"])
 def test_bigram_models_through_cli(tmp_path, capsys, model):
     out = tmp_path / model
@@ -94,6 +95,7 @@ def test_version_and_python_m(capsys):
     assert proc.returncode == 0 and proc.stdout.strip() == f"jnnex {jnnex.__version__}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["scalar", "tensor", "autodiff"])
 def test_moons_mlp_engines(capsys, engine):
     steps = "12" if engine == "scalar" else "100"
@@ -105,6 +107,7 @@ def test_moons_mlp_engines(capsys, engine):
         assert m["accuracy"] == 1.0
 
 
+@pytest.mark.slow
 def test_lr_find_cli(capsys):
     code, stdout, _ = run(capsys, "lr-find", "--model", "mlp", "--steps", "40", "--json")
     data = json.loads(stdout)

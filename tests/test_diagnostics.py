@@ -48,6 +48,7 @@ def test_in_step_diagnostics_equal_the_same_figures_computed_outside():
     np.testing.assert_allclose(new_ts.params.W1, params.W1 - lr * grads.W1, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_fit_collects_diagnostics_for_the_deep_net():
     sp = make_splits(load_words("census-first")[:800], 3)
     model = bn_mlp(BNMLPConfig(vocab_size=sp.vocab.size, n_layers=3, n_hidden=32))

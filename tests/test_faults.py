@@ -30,6 +30,7 @@ rundir.save_pytree(sys.argv[1], {"w": np.full((1000,), 2.0, np.float32)})
 """
 
 
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_a_checkpoint_write(tmp_path):
     """Killed with half of the new checkpoint written (synchronised on the writer saying so, not on a timer): the
     checkpoint is still the old one, whole; the half-written temporary is removed when a run starts there."""

@@ -72,6 +72,7 @@ def test_the_rate_applied_before_and_after_each_boundary(name):
             np.testing.assert_allclose(getattr(ts.params, k), p[k], rtol=1e-10, atol=1e-13, err_msg=f"{k} at {t}")
 
 
+@pytest.mark.slow
 def test_fit_updates_batchnorm_running_statistics():
     """With momentum 1 the running statistics after one full-batch step are exactly that batch's: the mean and the
     unbiased variance of the first linear's output over the training set under the initial parameters."""
@@ -91,6 +92,7 @@ def test_fit_updates_batchnorm_running_statistics():
     assert not np.array_equal(a.ts.state[0].mean, b.ts.state[0].mean)
 
 
+@pytest.mark.slow
 def test_lr_finder_takes_the_ith_loss_at_the_ith_rate():
     model = build("mlp", vocab_size=SPLITS.vocab.size, n_hidden=8)
     lrs, losses = lr_find(model, SPLITS.train, lo=0.01, hi=1.0, steps=4, batch_size=None, seed=3)

@@ -70,6 +70,7 @@ def test_cross_entropy_head():
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_float32_smoke():
     """float32 agrees with float64 autodiff to float32 precision (stated: rtol 1e-4, atol 1e-5)."""
     k1, k2, k3 = jax.random.split(jax.random.key(7), 3)

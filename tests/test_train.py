@@ -104,6 +104,7 @@ def test_chunking_does_not_change_the_result():
     np.testing.assert_array_equal(a.losses, b.losses)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_names_the_step_and_keeps_checkpoint(tmp_path):
     model = mlp_lm(MLPConfig(vocab_size=V))
     good = TrainConfig(steps=20, eval_every=20, chunk=10, lr_boundaries=())
@@ -125,6 +126,7 @@ def test_piecewise_schedule_matches_lecture():
     assert float(s(100_000)) == pytest.approx(0.01)
 
 
+@pytest.mark.slow
 def test_lr_find_sweeps_exponentially():
     model = mlp_lm(MLPConfig(vocab_size=V))
     lrs, losses = lr_find(model, SPLITS.train, steps=50)
@@ -179,6 +181,7 @@ def test_manual_and_autodiff_training_runs_agree():
     np.testing.assert_allclose(m.losses, a.losses, rtol=1e-4)  # float32, same key and batches
 
 
+@pytest.mark.slow
 def test_first_ctrl_c_finishes_the_chunk_and_returns(tmp_path, sigint_default):
     """In-process: one SIGINT mid-run ends fit() after the chunk in flight, saved, with no KeyboardInterrupt.
 
