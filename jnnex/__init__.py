@@ -18,13 +18,28 @@ Benchmarks (hand-written backwards against autodiff) are :mod:`jnnex.bench`: ``j
 
 __version__ = "0.2.0"
 
-from jnnex.data import Vocab, build_sequences, build_windows, load_words, make_moons, make_splits, split_words
-from jnnex.lm import LanguageModel, evaluate, generate, sample_words
-from jnnex.models.registry import REGISTRY, build, load_run
-from jnnex.train import TrainConfig, TrainState, fit, lr_find, make_run, make_step
+import importlib
 
-__all__ = [
-    "REGISTRY", "LanguageModel", "TrainConfig", "TrainState", "Vocab", "build", "build_sequences", "build_windows",
-    "evaluate", "fit", "generate", "load_run", "load_words", "lr_find", "make_moons", "make_run", "make_splits",
-    "make_step", "sample_words", "split_words",
-]
+# Names are imported on first use (PEP 562), so `import jnnex` is light and the command line can take hold of Ctrl-C
+# before JAX loads (see jnnex.launch); `from jnnex import fit` works as usual.
+_EXPORTS = {
+    "Vocab": "jnnex.data", "build_sequences": "jnnex.data", "build_windows": "jnnex.data", "load_words": "jnnex.data",
+    "make_moons": "jnnex.data", "make_splits": "jnnex.data", "split_words": "jnnex.data",
+    "LanguageModel": "jnnex.lm", "evaluate": "jnnex.lm", "generate": "jnnex.lm", "sample_words": "jnnex.lm",
+    "REGISTRY": "jnnex.models.registry", "build": "jnnex.models.registry", "load_run": "jnnex.models.registry",
+    "TrainConfig": "jnnex.train", "TrainState": "jnnex.train", "fit": "jnnex.train", "lr_find": "jnnex.train",
+    "make_run": "jnnex.train", "make_step": "jnnex.train",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jnnex' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

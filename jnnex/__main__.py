@@ -2,6 +2,6 @@
 
 import sys
 
-from jnnex.cli import main
+from jnnex.launch import main
 
 sys.exit(main())

@@ -576,9 +576,9 @@ def main(argv: list[str] | None = None) -> int:
         from jnnex.bench.__main__ import main as bench_main
 
         return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
         with ctrl_c_guard() as ctrl_c:  # from here on, a first Ctrl-C never raises inside JAX: see fit
+            args = build_parser().parse_args(argv)
             code = COMMANDS[args.command](args)
     except (ValueError, TypeError, ImportError) as e:
         print(f"jnnex: error: {e}", file=sys.stderr)
