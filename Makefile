@@ -24,8 +24,9 @@ demo: $(VENV)/.stamp-base
 	$(VENV)/bin/jnnex train --model mlp --data census-first --steps 20000 --out runs/demo --seed 0
 	$(VENV)/bin/jnnex sample --from runs/demo -n 20 --seed 0
 
+# The whole suite on two processes (pytest-xdist); it passes on one too: `.venv/bin/python -m pytest -q`.
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # The edit-test loop: everything but the tests marked `slow`, each property on 2 examples, on two processes.
 test-fast: $(VENV)/.stamp-test
