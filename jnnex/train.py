@@ -1,7 +1,8 @@
 """The shared training machinery: one jitted step, many steps per compiled call, evaluation, checkpoints, resume.
 
 Every language model in jnnex trains through this module, whether its gradients come from ``jax.grad`` or from a
-hand-written backward (``LanguageModel.value_and_grad_manual``, on ``gradients="manual"``). The pieces, from the inside out:
+hand-written backward (``LanguageModel.value_and_grad_manual``, on ``gradients="manual"``). The pieces, from the
+inside out:
 
 * :func:`make_step` — ``step(ts, batch, key) -> (ts, metrics)``: one optax update. ``ts`` is a :class:`TrainState`
   (params, model state such as BatchNorm's running statistics, optimiser state, step counter).
