@@ -129,12 +129,18 @@ def cross_entropy_forward(logits, y):
         raise TypeError(f"cross_entropy: y must be an integer array, got {y.dtype}")
     if not isinstance(y, jax.core.Tracer):
         check_targets(y, logits.shape[-1], "cross_entropy: y")
-    valid = y >= 0  # (...)
-    n = jnp.maximum(valid.sum(), 1).astype(logits.dtype)  # the number of valid targets
     logprobs = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # (..., V)
-    picked = jnp.take_along_axis(logprobs, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]  # (...)
-    loss = -jnp.where(valid, picked, 0.0).sum() / n
-    return loss, (logprobs, y, n)
+    nll, valid = target_nll(logprobs, y)  # (...)
+    n = jnp.maximum(valid.sum(), 1).astype(logits.dtype)  # the number of valid targets
+    return nll.sum() / n, (logprobs, y, n)
+
+
+def target_nll(logprobs, y):
+    """``(nll (...), valid (...))``: ``-logprobs[..., y]`` where ``y >= 0``, exactly 0 where the target is ignored.
+    The one place a target's log-probability is picked (the loss above, evaluation in :mod:`jnnex.lm`)."""
+    valid = y >= 0
+    picked = jnp.take_along_axis(logprobs, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, -picked, 0.0), valid
 
 
 def cross_entropy_backward(dloss, cache):

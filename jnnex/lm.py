@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jnnex.settings import positive_int
-from jnnex.layers import check_targets, cross_entropy_backward, cross_entropy_forward
+from jnnex.layers import check_targets, cross_entropy_backward, cross_entropy_forward, target_nll
 
 
 class Forward(NamedTuple):
@@ -183,10 +183,8 @@ def count_params(params) -> int:
 def _nll_sum(model, params, state, x, y):
     """``(Σ nll, number of valid targets)`` of one chunk, in eval mode."""
     logits, _ = model.apply(params, state, x, train=False)  # (b, V) or (b, T, V)
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    valid = y >= 0
-    nll = -jnp.take_along_axis(logprobs, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]  # (b,) or (b, T)
-    return jnp.sum(jnp.where(valid, nll, 0.0)), valid.sum(dtype=jnp.int32)
+    nll, valid = target_nll(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), y)  # (b,) or (b, T)
+    return nll.sum(), valid.sum(dtype=jnp.int32)
 
 
 def evaluate(model: LanguageModel, params, state, X, Y, *, chunk: int = 16384) -> float:
