@@ -31,7 +31,7 @@ import numpy as np
 from jnnex import __version__, rundir
 from jnnex.data import CORPORA, Splits, Vocab, load_words, make_splits
 from jnnex.lm import count_params, evaluate, sample_words
-from jnnex.models.registry import REGISTRY, get_spec, has_manual_backward, load_run
+from jnnex.models.registry import REGISTRY, build_for_words, get_spec, has_manual_backward, load_run
 from jnnex.train import NonFiniteLossError, TrainConfig, ctrl_c_guard, fit, lr_find
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -255,15 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
 # Models and data
 
 
-def _build(spec, words: list[str], vocab: Vocab, model_over: dict):
-    """The model for ``words``; a per-position model's context is the longest word + 1 unless set (makemore's)."""
-    model = spec.build(spec.config(vocab_size=vocab.size, **model_over))
-    if model.per_position and "block_size" not in model_over:
-        longest = max(len(w) for w in words)
-        model = spec.build(spec.config(vocab_size=vocab.size, **{**model_over, "block_size": longest + 1}))
-    return model
-
-
 def _splits(model, words, vocab: Vocab, fractions, split_seed: int) -> Splits:
     return make_splits(words, model.block_size, fractions, split_seed, vocab, per_position=model.per_position)
 
@@ -273,7 +264,7 @@ def _prepare(name: str, data, model_over: dict, fractions=None, split_seed: int 
     spec = get_spec(name)
     words = load_words(data)
     vocab = Vocab.from_words(words)
-    model = _build(spec, words, vocab, model_over)
+    model = build_for_words(spec, words, vocab, **model_over)
     return spec, model, _splits(model, words, vocab, fractions or spec.split, split_seed)
 
 
@@ -395,7 +386,7 @@ def cmd_train(args) -> int:
         data = args.data or "census-first"
         words = load_words(data)
         vocab = Vocab.from_words(words)
-        model = _build(spec, words, vocab, model_over)
+        model = build_for_words(spec, words, vocab, **model_over)
         meta = {"data": str(data), "data_sha256": _sha256(words), "vocab": vocab.chars, "boundary": vocab.boundary,
                 "split": list(fractions), "split_seed": split_seed, "backward": backward}
     if backward == "manual":

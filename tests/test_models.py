@@ -14,7 +14,7 @@ from jnnex.check import randomise
 from jnnex.cli import main
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.lm import evaluate, generate
-from jnnex.models.registry import REGISTRY, ModelSpec, has_manual_backward
+from jnnex.models.registry import REGISTRY, ModelSpec, build_for_words, has_manual_backward
 from jnnex.train import TrainConfig
 
 import toy_model
@@ -40,13 +40,8 @@ def spec_of(name, monkeypatch):
 
 
 def model_and_data(name, monkeypatch, **over):
-    spec = spec_of(name, monkeypatch)
-    per_position = spec.build(spec.config()).per_position
-    splits = make_splits(WORDS, None if per_position else spec.config().block_size, vocab=VOCAB,
-                         per_position=per_position)
-    if per_position:
-        over = {"block_size": splits.block_size, **over}
-    return spec.build(spec.config(vocab_size=VOCAB.size, **over)), splits
+    model = build_for_words(spec_of(name, monkeypatch), WORDS, VOCAB, **over)
+    return model, make_splits(WORDS, model.block_size, vocab=VOCAB, per_position=model.per_position)
 
 
 def direct_nll(model, params, state, X, Y):

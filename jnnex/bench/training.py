@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jnnex.bench.harness import interleaved, table
-from jnnex.data import load_words, make_splits
-from jnnex.models.registry import REGISTRY
+from jnnex.data import Vocab, load_words, make_splits
+from jnnex.models.registry import REGISTRY, build_for_words
 from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_run, make_step
 
 STEPS_PER_CALL = {32: 200, 256: 50, 4096: 5}  # one timing sample ≈ tens of milliseconds at every batch size
@@ -86,10 +86,9 @@ def run(quick: bool = False) -> dict:
             continue  # counted, or full-batch by design
         if quick and name != "bn-mlp":
             continue
-        per_position = spec.build(spec.config()).per_position
-        splits = make_splits(words, None if per_position else spec.config().block_size, per_position=per_position)
-        over = {"block_size": splits.block_size} if per_position else {}  # a sequence model's T comes from the data
-        model = spec.build(spec.config(vocab_size=splits.vocab.size, **over))
+        vocab = Vocab.from_words(words)
+        model = build_for_words(spec, words, vocab)
+        splits = make_splits(words, model.block_size, vocab=vocab, per_position=model.per_position)
         X, Y = jnp.asarray(splits.train[0]), jnp.asarray(splits.train[1])
         for batch in batches:
             n_steps = 20 if quick else STEPS_PER_CALL[batch]

@@ -93,6 +93,16 @@ def build(name: str, **config) -> LanguageModel:
     return spec.build(spec.config(**config))
 
 
+def build_for_words(spec: ModelSpec, words, vocab: Vocab, **overrides) -> LanguageModel:
+    """``spec``'s model for a corpus: its vocabulary size from ``vocab``, and a per-position model's context the
+    longest word + 1 (makemore's ``block_size``) unless ``overrides`` set ``block_size``."""
+    model = spec.build(spec.config(vocab_size=vocab.size, **overrides))
+    if model.per_position and "block_size" not in overrides:
+        longest = max(len(w) for w in words)
+        model = spec.build(spec.config(vocab_size=vocab.size, **{**overrides, "block_size": longest + 1}))
+    return model
+
+
 def has_manual_backward(name: str) -> bool:
     """Whether the registered model ``name`` has a hand-written backward (``--backward manual``, diagnostics)."""
     spec = get_spec(name)
