@@ -55,9 +55,10 @@ def _parser_of(annotation, name: str):
                                                  f"got {text!r}") from None
 
         return items, {"metavar": f"{item.__name__.upper()},..."}
-    if type(None) in args:  # X | None: "none" is None
-        inner = next(a for a in args if a is not type(None))
-        return (lambda text: None if text.lower() == "none" else inner(text)), {"metavar": f"{inner.__name__.upper()}|none"}
+    if type(None) in args:  # X | None: "none" is None, anything else is parsed as X
+        inner, extra = _parser_of(next(a for a in args if a is not type(None)), name)
+        metavar = extra.get("metavar", getattr(inner, "__name__", "value").upper())
+        return (lambda text: None if text.lower() == "none" else inner(text)), {"metavar": f"{metavar}|none"}
     return annotation, {}
 
 
