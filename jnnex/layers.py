@@ -111,6 +111,60 @@ def embedding_backward(demb, cache):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Pairing neighbours (WaveNet, makemore part 5): the tree's FlattenConsecutive, and the kernel-2 dilated causal
+# convolution that slides the same pairing over every position.
+
+
+def flatten_consecutive_forward(x, n: int = 2):
+    """``x (B, T, C) -> (B, T/n, n·C)``: every ``n`` consecutive positions side by side (makemore's
+    ``FlattenConsecutive``; a row-major reshape). Never squeezes: at ``T = n`` the output is ``(B, 1, n·C)``, so a tree
+    of any depth keeps its three axes (the lecture's squeeze at ``T' = 1`` broke trees deeper than three levels)."""
+    if x.ndim != 3 or x.shape[1] % n:
+        raise ValueError(f"flatten_consecutive: x must be (B, T, C) with T divisible by {n}, got {x.shape}")
+    B, T, C = x.shape
+    return x.reshape(B, T // n, n * C), (x.shape, n)
+
+
+def flatten_consecutive_backward(dy, cache):
+    """The inverse reshape: ``dx = dy.reshape(B, T, C)`` (each input element feeds exactly one output element)."""
+    (B, T, C), n = cache
+    check_shape("flatten_consecutive_backward: dy", dy, (B, T // n, n * C))
+    return dy.reshape(B, T, C), None
+
+
+def causal_conv_forward(x, W, dilation: int):
+    """A kernel-2 dilated causal convolution, unpadded ("valid"): ``x (B, L, Cin)``, ``W (2·Cin, Cout)`` →
+    ``y (B, L - d, Cout)`` with ``y[:, t] = x[:, t] @ W[:Cin] + x[:, t + d] @ W[Cin:]``.
+
+    Output ``t`` sits at input position ``t + d`` and reads it and the input ``d`` steps earlier, nothing later. ``W``
+    is exactly the tree's level weight (two taps stacked on the input axis: the earlier element first, as
+    :func:`flatten_consecutive_forward` places them), applied at every position instead of every ``n``-th; stacking
+    dilations 1, 2, 4 gives each output the tree over the 8 inputs up to it. Computed as one matmul of the pairs.
+    """
+    if x.ndim != 3 or W.ndim != 2 or W.shape[0] != 2 * x.shape[2]:
+        raise ValueError(f"causal_conv: expected x (B, L, C) and W (2C, Cout), got {x.shape} and {W.shape}")
+    if not (isinstance(dilation, int) and 1 <= dilation < x.shape[1]):
+        raise ValueError(f"causal_conv: dilation must be an int in [1, L) = [1, {x.shape[1]}), got {dilation!r}")
+    d = dilation
+    pairs = jnp.concatenate([x[:, :-d], x[:, d:]], axis=-1)  # (B, L - d, 2·Cin)
+    return pairs @ W, (x, W, d)
+
+
+def causal_conv_backward(dy, cache):
+    """``dW = Σ_t pairs_tᵀ dy_t``; ``dx`` gathers both taps: ``dy @ W[:Cin]ᵀ`` at ``t`` and ``dy @ W[Cin:]ᵀ`` at
+    ``t + d`` (an input used by two outputs accumulates both)."""
+    x, W, d = cache
+    B, L, C = x.shape
+    check_shape("causal_conv_backward: dy", dy, (B, L - d, W.shape[1]))
+    pairs = jnp.concatenate([x[:, :-d], x[:, d:]], axis=-1)  # (B, L - d, 2C), recomputed rather than cached
+    dW = pairs.reshape(-1, 2 * C).T @ dy.reshape(-1, W.shape[1])  # (2C, Cout)
+    dpairs = dy @ W.T  # (B, L - d, 2C)
+    no_pad, pad = (0, 0), (0, d)
+    dx = jnp.pad(dpairs[..., :C], (no_pad, pad, no_pad)) + jnp.pad(dpairs[..., C:], (no_pad, pad[::-1], no_pad))
+    return dx, dW, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Losses (each returns a scalar; its backward takes the scalar upstream gradient)
 
 

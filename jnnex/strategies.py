@@ -116,6 +116,24 @@ def cross_entropy_args(draw, dtype=None):
 
 
 @st.composite
+def flatten_consecutive_args(draw, dtype=None):
+    """``(x (B, T, C), n)`` with ``T`` a multiple of ``n`` (``T = n`` included: the tree's root level)."""
+    n = draw(st.sampled_from([2, 4]))
+    B, T, C = draw(batch_sizes(max_size=8)), n * draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from(WIDTHS))
+    return draw(arrays((B, T, C), dtype=dtype)), n
+
+
+@st.composite
+def causal_conv_args(draw, dtype=None):
+    """``(x (B, L, Cin), W (2·Cin, Cout), dilation)`` with ``1 <= dilation < L`` (``L = dilation + 1``: one output)."""
+    d = draw(st.sampled_from([1, 2, 4]))
+    B, L = draw(batch_sizes(max_size=8)), d + draw(st.sampled_from([1, 3, 8]))
+    cin, cout = draw(st.sampled_from(WIDTHS)), draw(st.sampled_from(WIDTHS))
+    return (draw(arrays((B, L, cin), dtype=dtype)), draw(arrays((2 * cin, cout), dtype=dtype, scale=(2 * cin)**-0.5)),
+            d)
+
+
+@st.composite
 def lm_configs(draw, shapes=("bn-mlp", "deep", "no-batchnorm")):
     """Small :class:`~jnnex.bn_mlp.BNMLPConfig` s over T, n_embd, n_hidden and V: the lecture's single-BatchNorm
     net (``bn-mlp``), a 3-layer BatchNorm stack (``deep``), and 2 layers without BatchNorm."""

@@ -20,6 +20,10 @@ PAIRS = {
     "embedding": (layers.embedding_forward, layers.embedding_backward, strategies.embedding_args(), ["C", "ix"]),
     "cross_entropy": (layers.cross_entropy_forward, layers.cross_entropy_backward, strategies.cross_entropy_args(),
                       ["logits", "y"]),
+    "flatten_consecutive": (layers.flatten_consecutive_forward, layers.flatten_consecutive_backward,
+                            strategies.flatten_consecutive_args(), ["x", "n"]),
+    "causal_conv": (layers.causal_conv_forward, layers.causal_conv_backward, strategies.causal_conv_args(),
+                    ["x", "W", "dilation"]),
 }
 
 
@@ -100,7 +104,8 @@ def _f64(*shape):
 
 FIXED_ARGS = {"linear": (_f64(4, 3), _f64(3, 2), _f64(2)), "tanh": (_f64(4, 3),), "relu": (_f64(4, 3),),
               "batchnorm": (_f64(4, 3), _f64(3), _f64(3)), "embedding": (_f64(5, 2), jnp.array([[1, 4]], jnp.int32)),
-              "cross_entropy": (_f64(4, 3), jnp.array([0, 2, 1, 1], jnp.int32))}
+              "cross_entropy": (_f64(4, 3), jnp.array([0, 2, 1, 1], jnp.int32)),
+              "flatten_consecutive": (_f64(2, 4, 3), 2), "causal_conv": (_f64(2, 5, 3), _f64(6, 4), 2)}
 
 
 @pytest.mark.parametrize("name", PAIRS)
@@ -110,3 +115,30 @@ def test_wrongly_shaped_upstream_gradient_is_a_clear_error(name):
     bad = jnp.ones(jnp.shape(out) + (2,), jnp.result_type(out))
     with pytest.raises(ValueError, match="must have shape"):
         backward(bad, cache)
+
+
+def test_causal_conv_is_the_tree_at_every_position():
+    """Stacked kernel-2 convolutions with dilations 1, 2, 4 give at output t the tree's pairing of inputs t .. t+7
+    (flatten pairs, the same weight), for every t: the tree is the convolution sampled every 2^l-th position."""
+    x, Ws = _f64(3, 12, 2), [_f64(4, 5), _f64(10, 5) * 0.5, _f64(10, 5) * 0.3]
+    h = x
+    for level, W in enumerate(Ws):
+        h = jnp.tanh(layers.causal_conv_forward(h, W, 2**level)[0])  # (3, 12 - (2^(l+1) - 1), 5)
+    assert h.shape == (3, 5, 5)
+    for t in range(5):
+        tree = x[:, t : t + 8]
+        for W in Ws:
+            tree = jnp.tanh(layers.flatten_consecutive_forward(tree, 2)[0] @ W)
+        np.testing.assert_allclose(h[:, t], tree[:, 0], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("shape, n", [((2, 3, 4), 2), ((2, 8), 2)])
+def test_flatten_consecutive_needs_a_divisible_length(shape, n):
+    with pytest.raises(ValueError, match="divisible"):
+        layers.flatten_consecutive_forward(jnp.zeros(shape), n)
+
+
+@pytest.mark.parametrize("dilation", [0, 5, 2.0])
+def test_causal_conv_dilation_must_fit(dilation):
+    with pytest.raises(ValueError, match="dilation"):
+        layers.causal_conv_forward(_f64(2, 5, 3), _f64(6, 4), dilation)
