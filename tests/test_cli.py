@@ -251,3 +251,18 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, sigint_default):
     saved = rundir.load_pytree(out / "checkpoint.npz", unbroken.ts)
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(unbroken.ts)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("text, expected", [("19000", (19000,)), ("100,300", (100, 300)), ("none", None), ("", ())])
+def test_optional_tuple_flags_parse_to_tuples(text, expected):
+    from jnnex.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--lr-boundaries", text]).lr_boundaries == expected
+
+
+def test_diagnose_wavenet_per_level(tmp_path, capsys):
+    """Activations of shape (B, T', H): statistics per level, pictures drawn."""
+    pytest.importorskip("matplotlib")
+    code, stdout, _ = run(capsys, "diagnose", "--model", "wavenet", "--steps", "5", "--out", str(tmp_path))
+    assert code == 0 and "act 2" in stdout and "act 3" not in stdout
+    assert (tmp_path / "activations.png").read_bytes()[:4] == b"\x89PNG"

@@ -24,6 +24,7 @@ from jnnex.models import bigram
 from jnnex.models.bigram import BigramConfig, counting_bigram, neural_bigram
 from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp
 from jnnex.models.mlp_lm import MLPConfig, mlp_lm
+from jnnex.models.wavenet import WaveNetConfig, WaveNetConvConfig, wavenet, wavenet_conv
 from jnnex.train import TrainConfig
 
 
@@ -73,6 +74,15 @@ REGISTRY: dict[str, ModelSpec] = {
     "deep-mlp": ModelSpec(
         bn_mlp, BNMLPConfig, TrainConfig(),
         summary="5 hidden layers of 100, Linear -> BatchNorm -> tanh, final BatchNorm (makemore part 3)",
+    ),
+    "wavenet": ModelSpec(
+        # makemore part 5: 200k steps, batch 32, SGD 0.1, then 0.01 from step 150,000.
+        wavenet, WaveNetConfig, TrainConfig(lr_boundaries=(150_000,)),
+        summary="WaveNet-style tree: 8 characters fused two at a time over 3 levels (makemore part 5)",
+    ),
+    "wavenet-conv": ModelSpec(
+        wavenet_conv, WaveNetConvConfig, TrainConfig(lr_boundaries=(150_000,)),
+        summary="the WaveNet tree as causal dilated convolutions over whole words, every position predicted",
     ),
 }
 

@@ -1,0 +1,256 @@
+"""A WaveNet-style hierarchy (van den Oord et al. 2016; makemore part 5), and the same net as causal dilated convolutions.
+
+The **tree** (``wavenet``) reads a window of ``T = 2^L`` characters and fuses them slowly, two at a time::
+
+    x (B, 8) -> C[x] (B, 8, 24)
+    level 0:  flatten pairs (B, 4, 48)  -> Linear, no bias -> BatchNorm -> tanh   (B, 4, 128)
+    level 1:  flatten pairs (B, 2, 256) -> Linear, no bias -> BatchNorm -> tanh   (B, 2, 128)
+    level 2:  flatten pairs (B, 1, 256) -> Linear, no bias -> BatchNorm -> tanh   (B, 1, 128)
+    logits = h[:, 0] @ W_out + b_out                                              (B, 27)
+
+At the lecture's sizes that is 76,579 parameters. The depth is ``log2(T)``; any power of two works (the tree keeps
+its three axes down to ``T' = 1`` and drops the position axis once, at the end).
+
+**BatchNorm on (B, T', C)** takes its statistics over batch *and* position (the lecture's "bug fix", dims (0, 1)).
+jnnex's variance convention (:mod:`jnnex.layers`) differs from the lecture's hand-written ``BatchNorm1d``: jnnex
+normalises with the *biased* batch variance (÷ n, as ``torch.nn.BatchNorm1d``) and keeps the unbiased one in the
+running estimate; the lecture's class calls ``x.var()``, which is Bessel-corrected (÷ n − 1), for both. With
+n = 32·4 = 128 rows at level 0 (64 at level 1, 32 at level 2) the two normalisations differ by a factor
+``sqrt(n / (n - 1))``, at most 1.6 %.
+
+The **convolutional form** (``wavenet-conv``) is the lecture's "next time": the tree at every position of a padded
+word at once. Level ``l`` is a kernel-2 causal convolution with dilation ``2^l`` (:func:`jnnex.layers.causal_conv_forward`)
+whose weight is the tree's level weight read as two taps, so the parameters are the tree's, unchanged. The word is
+left-padded with ``T - 1`` start tokens (token 0), so position ``t`` sees exactly the window the tree sees for the
+``t``-th prediction, first positions included; each level's nodes are computed once and shared by every window that
+contains them (the tree recomputes them for each window). In eval mode the two forms agree to rounding. In train
+mode the convolutional form's BatchNorm pools over every position of every padded word, the tails after a word's end
+included, instead of the tree's 4, 2, 1 nodes per window: a different model in training.
+
+The hand-written backward of each form sits directly under its forward: the layer backwards of
+:mod:`jnnex.layers` in reverse order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jnnex.init import OUTPUT_SCALE, kaiming_scale, normals
+from jnnex.layers import (
+    BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_eval, batchnorm_forward,
+    batchnorm_update_state, causal_conv_backward, causal_conv_forward, embedding_backward, embedding_forward,
+    flatten_consecutive_backward, flatten_consecutive_forward, linear_backward, linear_forward, tanh_backward,
+    tanh_forward,
+)
+from jnnex.lm import Forward, LanguageModel
+from jnnex.settings import positive_int, setting
+
+
+def depth(window: int, what: str = "block_size") -> int:
+    """``log2(window)``: the number of levels of a tree over ``window`` characters (a power of two ≥ 2)."""
+    if not (isinstance(window, int) and window >= 2 and window & (window - 1) == 0):
+        raise ValueError(f"{what} must be a power of two >= 2 (the tree fuses characters two at a time, "
+                         f"log2({what}) levels), got {window!r}")
+    return window.bit_length() - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class WaveNetConfig:
+    vocab_size: int = setting(27, "V: tokens in the vocabulary (set from the data)")
+    block_size: int = setting(8, "T: characters of context, a power of two; the tree has log2(T) levels")
+    n_embd: int = setting(24, "embedding size per character")
+    n_hidden: int = setting(128, "H: width of every level")
+    momentum: float = setting(0.1, "BatchNorm running statistics: new = (1 - momentum) old + momentum batch")
+    eps: float = setting(1e-5, "BatchNorm's epsilon")
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_embd", "n_hidden"):
+            positive_int(name, getattr(self, name))
+        depth(self.window, self.window_name)
+        if not 0 < self.momentum <= 1:
+            raise ValueError(f"momentum must be in (0, 1], got {self.momentum!r}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps!r}")
+
+    @property
+    def window(self) -> int:
+        """The characters one prediction sees: the tree's context."""
+        return self.block_size
+
+    window_name = "block_size"
+
+
+class WaveNetParams(NamedTuple):
+    C: jax.Array  # (V, n_embd) character embeddings
+    levels: tuple  # Linear (2·C_in, H), no bias, per level; C_in = n_embd at level 0, H above
+    bn: tuple  # BatchNormParams (H,) per level
+    out: Linear  # (H, V) with bias
+
+
+def init(key, cfg: WaveNetConfig):
+    """The lecture's init: embeddings ``N(0, 1)``, level weights ``N(0, 1/fan_in)`` (gain 1), the output weight
+    × 0.1 and its bias 0; BatchNorm γ = 1, β = 0, running mean 0 and variance 1."""
+    L, H = depth(cfg.window, cfg.window_name), cfg.n_hidden
+    fan_ins = [2 * cfg.n_embd] + [2 * H] * (L - 1)
+    keys = jax.random.split(key, L + 2)
+    draws = [(keys[0], (cfg.vocab_size, cfg.n_embd)), *((k, (n, H)) for k, n in zip(keys[1:], fan_ins)),
+             (keys[-1], (H, cfg.vocab_size))]
+    table, *Ws, W_out = normals(draws)  # one draw for all (see init.normals)
+    levels = tuple(Linear(W * kaiming_scale(n, "linear"), None) for W, n in zip(Ws, fan_ins))
+    out = Linear(W_out * kaiming_scale(H, "linear") * OUTPUT_SCALE, jnp.zeros((cfg.vocab_size,), jnp.float32))
+    bn = tuple(BatchNormParams(jnp.ones((H,), jnp.float32), jnp.zeros((H,), jnp.float32)) for _ in range(L))
+    state = tuple(BatchNormState(jnp.zeros((H,), jnp.float32), jnp.ones((H,), jnp.float32)) for _ in range(L))
+    return WaveNetParams(table, levels, bn, out), state
+
+
+def _check_train(train):
+    if not isinstance(train, bool):
+        raise TypeError(f"train must be a Python bool (it selects the code path), got {type(train).__name__}")
+
+
+def _normalise(cfg, params, state, h, i, train: bool):
+    """Level ``i``'s BatchNorm over every axis but the last, then tanh: ``(h, new_state_i, c_bn, c_tanh)``."""
+    c_bn = None
+    if train:
+        h, c_bn = batchnorm_forward(h, params.bn[i].gamma, params.bn[i].beta, cfg.eps)
+        _, _, _, mean, var = c_bn
+        rows = h.size // h.shape[-1]  # B·T' numbers per channel
+        new = batchnorm_update_state(state[i], mean, var, rows, cfg.momentum)
+    else:
+        h, new = batchnorm_eval(h, params.bn[i].gamma, params.bn[i].beta, state[i], cfg.eps), state[i]
+    h, c_tanh = tanh_forward(h)
+    return h, new, c_bn, c_tanh
+
+
+def _level_backward(dh, c_bn, c_tanh):
+    """tanh then BatchNorm, backwards: ``(dh, BatchNormParams(dγ, dβ))``."""
+    dh = tanh_backward(dh, c_tanh)
+    dh, dgamma, dbeta = batchnorm_backward(dh, c_bn)
+    return dh, BatchNormParams(dgamma, dbeta)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tree
+
+
+def forward(cfg: WaveNetConfig, params: WaveNetParams, state, x, train: bool) -> Forward:
+    """``Forward(logits (B, V), new_state, caches, acts)``; ``acts`` holds each level's tanh output ``(B, T/2^(l+1), H)``.
+    Train mode normalises with batch-and-position statistics and updates the running ones; eval mode uses those."""
+    _check_train(train)
+    if x.ndim != 2 or x.shape[1] != cfg.block_size:
+        raise ValueError(f"wavenet: x must have shape (B, {cfg.block_size}), got {x.shape}")
+    B = x.shape[0]
+    h, c_emb = embedding_forward(params.C, x)  # (B, T, n_embd)
+    caches, new_state, acts = [], [], []
+    for i, level in enumerate(params.levels):
+        h, c_fc = flatten_consecutive_forward(h, 2)  # (B, T', 2C): neighbours side by side
+        h, c_lin = linear_forward(h, level.W)  # (B, T', H)
+        h, new, c_bn, c_tanh = _normalise(cfg, params, state, h, i, train)  # (B, T', H)
+        new_state.append(new)
+        acts.append(h)
+        caches.append((c_fc, c_lin, c_bn, c_tanh))
+    h = h.reshape(B, cfg.n_hidden)  # (B, 1, H) -> (B, H): the root of the tree
+    logits, c_out = linear_forward(h, params.out.W, params.out.b)  # (B, V)
+    return Forward(logits, tuple(new_state), (c_emb, tuple(caches), c_out), tuple(acts))
+
+
+def backward(cfg: WaveNetConfig, params: WaveNetParams, caches, dlogits):
+    """Every parameter gradient from ``dlogits (B, V)``, the tree's layers backwards from the root down: output
+    linear, then per level tanh, BatchNorm, linear and the inverse of the pairing, then the embedding scatter-add.
+    Returns ``(grads, act_grads)``; ``act_grads`` is the gradient at each level's tanh output."""
+    c_emb, level_caches, c_out = caches
+    dh, dW_out, db_out = linear_backward(dlogits, c_out)  # (B, H)
+    dh = dh.reshape(dh.shape[0], 1, cfg.n_hidden)  # (B, 1, H)
+    levels, bn, act_grads = [], [], []
+    for c_fc, c_lin, c_bn, c_tanh in reversed(level_caches):
+        act_grads.append(dh)  # (B, T', H)
+        dh, dbn = _level_backward(dh, c_bn, c_tanh)
+        dh, dW, _ = linear_backward(dh, c_lin)  # (B, T', 2C)
+        dh, _ = flatten_consecutive_backward(dh, c_fc)  # (B, 2T', C)
+        levels.append(Linear(dW, None))
+        bn.append(dbn)
+    dC, _ = embedding_backward(dh, c_emb)  # (V, n_embd)
+    grads = WaveNetParams(dC, tuple(reversed(levels)), tuple(reversed(bn)), Linear(dW_out, db_out))
+    return grads, tuple(reversed(act_grads))
+
+
+def embeddings(params: WaveNetParams) -> jax.Array:
+    """The character embedding table ``C (V, n_embd)``."""
+    return params.C
+
+
+def wavenet(cfg: WaveNetConfig = WaveNetConfig()) -> LanguageModel:
+    """The lecture's WaveNet-style tree; ``.with_gradients("manual")`` trains it on :func:`backward`."""
+    return LanguageModel("wavenet", cfg, init, forward, backward, embeddings_fn=embeddings)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The convolutional form
+
+
+@dataclasses.dataclass(frozen=True)
+class WaveNetConvConfig(WaveNetConfig):
+    block_size: int = setting(16, "T: the longest word + 1 (set from the data); the sampler's context")
+    context: int = setting(8, "characters each prediction sees (the tree's block_size), a power of two: "
+                              "log2(context) levels of dilations 1, 2, 4, ...")
+
+    @property
+    def window(self) -> int:
+        return self.context
+
+    window_name = "context"
+
+    def tree(self) -> WaveNetConfig:
+        """The tree whose parameters these are: ``block_size = context``, the same widths."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(WaveNetConfig)}
+        return WaveNetConfig(**{**fields, "block_size": self.context})
+
+
+def conv_forward(cfg: WaveNetConvConfig, params: WaveNetParams, state, x, train: bool) -> Forward:
+    """``Forward(logits (B, T, V), …)`` for padded words ``x (B, T)``: position ``t`` predicts from the ``context``
+    characters up to and including ``x[:, t]`` (start tokens before the word). ``acts`` are each level's tanh output
+    ``(B, T + context - 2^(l+1), H)``, the positions before the word included."""
+    _check_train(train)
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise ValueError(f"wavenet-conv: x must have shape (B, T), got {x.shape}")
+    B, T = x.shape
+    x = jnp.concatenate([jnp.zeros((B, cfg.context - 1), x.dtype), x], axis=1)  # (B, T + context - 1)
+    h, c_emb = embedding_forward(params.C, x)  # (B, T + context - 1, n_embd)
+    caches, new_state, acts = [], [], []
+    for i, level in enumerate(params.levels):
+        h, c_conv = causal_conv_forward(h, level.W, 2**i)  # (B, L - 2^i, H)
+        h, new, c_bn, c_tanh = _normalise(cfg, params, state, h, i, train)
+        new_state.append(new)
+        acts.append(h)
+        caches.append((c_conv, c_bn, c_tanh))
+    logits, c_out = linear_forward(h, params.out.W, params.out.b)  # (B, T, V)
+    return Forward(logits, tuple(new_state), (c_emb, tuple(caches), c_out), tuple(acts))
+
+
+def conv_backward(cfg: WaveNetConvConfig, params: WaveNetParams, caches, dlogits):
+    """The convolutional form backwards: output linear, then per level tanh, BatchNorm and the convolution's pair
+    (which sends each output's gradient to both of its taps), then the embedding scatter-add."""
+    del cfg
+    c_emb, level_caches, c_out = caches
+    dh, dW_out, db_out = linear_backward(dlogits, c_out)  # (B, T, H)
+    levels, bn, act_grads = [], [], []
+    for c_conv, c_bn, c_tanh in reversed(level_caches):
+        act_grads.append(dh)
+        dh, dbn = _level_backward(dh, c_bn, c_tanh)
+        dh, dW, _ = causal_conv_backward(dh, c_conv)  # (B, L, C)
+        levels.append(Linear(dW, None))
+        bn.append(dbn)
+    dC, _ = embedding_backward(dh, c_emb)  # the start tokens' gradients land on C[0], as they should
+    grads = WaveNetParams(dC, tuple(reversed(levels)), tuple(reversed(bn)), Linear(dW_out, db_out))
+    return grads, tuple(reversed(act_grads))
+
+
+def wavenet_conv(cfg: WaveNetConvConfig = WaveNetConvConfig()) -> LanguageModel:
+    """The WaveNet as causal dilated convolutions over whole words (per-position targets). Its :func:`init` is the
+    tree's: the same key gives the same parameters as ``wavenet(cfg.tree())``."""
+    return LanguageModel("wavenet-conv", cfg, init, conv_forward, conv_backward, per_position=True,
+                         embeddings_fn=embeddings)

@@ -1,0 +1,196 @@
+"""The WaveNet tree and its convolutional form (makemore part 5): the lecture's sizes, the hand-written backwards
+against jax.grad in float64 over drawn shapes, and the two forms agreeing at every position in eval mode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jnnex import strategies
+from jnnex.check import randomise
+from jnnex.data import Vocab, build_sequences, build_windows, load_words
+from jnnex.lm import count_params
+from jnnex.models.wavenet import WaveNetConfig, WaveNetConvConfig, wavenet, wavenet_conv
+
+WORDS = load_words("census-first")[:40]
+VOCAB = Vocab.from_words(WORDS)
+
+
+def test_the_lecture_network_has_76579_parameters():
+    params, state = wavenet().init(jax.random.key(0))
+    assert count_params(params) == 76_579
+    assert [lv.W.shape for lv in params.levels] == [(48, 128), (256, 128), (256, 128)]
+    assert all(lv.b is None for lv in params.levels) and params.out.W.shape == (128, 27)
+    assert len(state) == 3 and all(s.mean.shape == (128,) for s in state)
+
+
+def test_init_is_the_lectures():
+    params, _ = wavenet(WaveNetConfig(n_hidden=512)).init(jax.random.key(1))
+    assert abs(float(params.C.std()) - 1.0) < 0.05  # embeddings N(0, 1)
+    for lv, fan_in in zip(params.levels, (48, 1024, 1024)):
+        assert abs(float(lv.W.std()) * fan_in**0.5 - 1.0) < 0.05  # N(0, 1/fan_in), gain 1
+    assert abs(float(params.out.W.std()) * 512**0.5 - 0.1) < 0.01 and not np.asarray(params.out.b).any()
+
+
+@pytest.mark.parametrize("T", [2, 4, 8, 16, 32])
+def test_any_power_of_two_is_a_tree_of_log2_levels(T):
+    """Deeper than three levels works (makemore's squeeze at T' = 1 broke it): log2(T) levels, each (B, T/2^(l+1), H)."""
+    model = wavenet(WaveNetConfig(block_size=T, n_embd=3, n_hidden=5))
+    params, state = model.init(jax.random.key(0))
+    out = model.forward(params, state, jnp.zeros((4, T), jnp.int32), train=True)
+    assert out.logits.shape == (4, 27)
+    assert [a.shape for a in out.acts] == [(4, T // 2 ** (i + 1), 5) for i in range(T.bit_length() - 1)]
+
+
+@pytest.mark.parametrize("T", [1, 3, 6, 12, 0, -8])
+def test_a_block_size_that_is_not_a_power_of_two_is_a_clear_error(T):
+    with pytest.raises(ValueError, match="block_size must be (a power of two|an integer >= 1)"):
+        WaveNetConfig(block_size=T)
+    with pytest.raises(ValueError, match="context must be a power of two"):
+        WaveNetConvConfig(context=T)
+
+
+def test_wrong_window_is_a_clear_error():
+    model = wavenet()
+    params, state = model.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 8\)"):
+        model.forward(params, state, jnp.zeros((2, 3), jnp.int32), train=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The hand-written backwards, against jax.grad in float64
+
+
+@st.composite
+def problems(draw, conv: bool):
+    """A drawn WaveNet (tree or convolutional) with random parameters (γ/β and the output bias not 1/0), random
+    running statistics and a batch; the convolutional one on padded words with ignored targets, lengths 1 to 5."""
+    T = draw(st.sampled_from([2, 4, 8, 16]))
+    widths = dict(n_embd=draw(st.sampled_from([2, 5])), n_hidden=draw(st.sampled_from([3, 8])),
+                  vocab_size=draw(st.sampled_from([5, 27])))
+    B = draw(strategies.batch_sizes(max_size=8))
+    seed = draw(strategies.seeds())
+    k = jax.random.split(jax.random.key(seed), 3)
+    if conv:
+        model = wavenet_conv(WaveNetConvConfig(context=T, block_size=draw(st.sampled_from([1, 6])), **widths))
+    else:
+        model = wavenet(WaveNetConfig(block_size=T, **widths))
+    params, state = model.init(k[0])
+    params = randomise(params, k[1], jnp.float64)
+    state = tuple(s._replace(var=jnp.abs(s.var) + 0.5) for s in randomise(state, k[2], jnp.float64, scale=0.2))
+    rng = np.random.default_rng(seed)
+    V, S = widths["vocab_size"], model.block_size
+    x = rng.integers(0, V, (B, S)).astype(np.int32)
+    if conv:
+        y = rng.integers(0, V, (B, S)).astype(np.int32)
+        lengths = rng.integers(1, S + 1, B)
+        y[np.arange(S)[None, :] >= lengths[:, None]] = -1  # the tail after each word is ignored
+    else:
+        y = rng.integers(0, V, (B,)).astype(np.int32)
+    return model, params, state, jnp.asarray(x), jnp.asarray(y)
+
+
+def assert_manual_equals_jax_grad(model, params, state, x, y):
+    @jax.jit
+    def both(params, state):
+        return model.value_and_grad_manual(params, state, x, y), jax.value_and_grad(model.objective, has_aux=True)(
+            params, state, x, y)
+
+    (loss_m, grads_m, state_m), ((loss_a, state_a), grads_a) = both(params, state)
+    np.testing.assert_allclose(loss_m, loss_a, rtol=1e-12)
+    flat_m, flat_a = jax.tree_util.tree_flatten_with_path(grads_m)[0], jax.tree.leaves(grads_a)
+    assert len(flat_m) == len(flat_a) == len(jax.tree.leaves(params))
+    for (path, gm), ga in zip(flat_m, flat_a):  # relative 1e-10 to each tensor's scale (near-zero entries of a
+        # scatter-added or BatchNorm gradient are cancellations of O(1) terms, exact only to rounding)
+        scale = float(np.abs(np.asarray(ga)).max())
+        np.testing.assert_allclose(gm, ga, rtol=1e-10, atol=1e-10 * scale, err_msg=jax.tree_util.keystr(path))
+    for sm, sa in zip(jax.tree.leaves(state_m), jax.tree.leaves(state_a)):
+        np.testing.assert_allclose(sm, sa, rtol=1e-12)
+
+
+@given(problems(conv=False))
+def test_tree_backward_equals_jax_grad_float64(problem):
+    assert_manual_equals_jax_grad(*problem)
+
+
+@given(problems(conv=True))
+def test_conv_backward_equals_jax_grad_float64(problem):
+    assert_manual_equals_jax_grad(*problem)
+
+
+def test_conv_ignored_targets_get_no_gradient():
+    """Inputs after a word's end only reach ignored predictions through BatchNorm's statistics (the documented
+    train-mode difference); in eval mode they reach nothing: changing them changes no gradient of the loss."""
+    model = wavenet_conv(WaveNetConvConfig(block_size=8, n_embd=3, n_hidden=4))
+    params, state = model.init(jax.random.key(0))
+    params = randomise(params, jax.random.key(1), jnp.float64)
+    state = jax.tree.map(lambda s: s.astype(jnp.float64), state)
+    x, y = (jnp.asarray(a) for a in build_sequences(WORDS[:6], VOCAB, 8))
+    assert (y == -1).any()
+    x_other = jnp.where(y == -1, (x + 3) % VOCAB.size, x)
+
+    def eval_loss(p, x):
+        return model.loss(p, state, x, y, train=False)[0]
+
+    g, g_other = jax.grad(eval_loss)(params, x), jax.grad(eval_loss)(params, x_other)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_other)):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The convolutional form is the tree at every position
+
+
+def trained_looking(T, seed=0):
+    """A tree and its convolutional form sharing random parameters and running statistics (float64)."""
+    tree = wavenet(WaveNetConfig(block_size=T, vocab_size=VOCAB.size, n_embd=4, n_hidden=6))
+    conv = wavenet_conv(WaveNetConvConfig(context=T, block_size=16, vocab_size=VOCAB.size, n_embd=4, n_hidden=6))
+    params, state = tree.init(jax.random.key(seed))
+    params = randomise(params, jax.random.key(seed + 1), jnp.float64, scale=1.0)
+    state = tuple(s._replace(mean=s.mean + 0.3, var=s.var * 2.0) for s in
+                  jax.tree.map(lambda a: a.astype(jnp.float64), state))
+    return tree, conv, params, state
+
+
+def test_conv_init_is_the_trees():
+    tree, conv, _, _ = trained_looking(8)
+    for a, b in zip(jax.tree.leaves(tree.init(jax.random.key(3))), jax.tree.leaves(conv.init(jax.random.key(3)))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("T", [2, 8, 16])
+def test_eval_mode_conv_equals_the_tree_at_every_position(T):
+    """Every predicted character of every word, first positions included: the convolution's logits at position t
+    are the tree's on the window ending at t (start tokens before the word), to 1e-12."""
+    tree, conv, params, state = trained_looking(T)
+    words = [w for w in WORDS if len(w) < 16][:25]
+    Xw, _ = build_windows(words, VOCAB, T)  # (N, T): len + 1 windows per word, in order
+    Xs, Ys = build_sequences(words, VOCAB, 16)  # (W, 16) words, -1 after each end
+    tree_logits = np.asarray(tree.apply(params, state, jnp.asarray(Xw), train=False)[0])  # (N, V)
+    conv_logits = np.asarray(conv.apply(params, state, jnp.asarray(Xs), train=False)[0])  # (W, 16, V)
+    picked = conv_logits[np.asarray(Ys) >= 0]  # the predicted positions, word by word: (N, V)
+    assert picked.shape == tree_logits.shape
+    np.testing.assert_allclose(picked, tree_logits, rtol=0, atol=1e-12 * np.abs(tree_logits).max())
+
+
+def test_train_mode_is_a_different_model():
+    """In train mode the convolution's BatchNorm pools over every position of the padded words, the tree's over its
+    windows' nodes: the same parameters give different predictions (and running statistics)."""
+    tree, conv, params, state = trained_looking(8)
+    words = WORDS[:8]
+    Xw, _ = build_windows(words, VOCAB, 8)
+    Xs, Ys = build_sequences(words, VOCAB, 16)
+    t_logits, t_state = tree.apply(params, state, jnp.asarray(Xw), train=True)
+    c_logits, c_state = conv.apply(params, state, jnp.asarray(Xs), train=True)
+    assert np.abs(np.asarray(c_logits)[np.asarray(Ys) >= 0] - np.asarray(t_logits)).max() > 1e-3
+    assert np.abs(np.asarray(c_state[0].mean) - np.asarray(t_state[0].mean)).max() > 1e-6
+
+
+def test_lecture_sizes_on_names_txt(names_txt):
+    from jnnex.data import make_splits
+
+    words = load_words(names_txt)
+    splits = make_splits(words, 8)
+    assert [len(s[0]) for s in (splits.train, splits.dev, splits.test)] == [182_625, 22_655, 22_866]
