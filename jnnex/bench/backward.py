@@ -8,7 +8,7 @@ Every case gives three jitted functions of the same inputs that return the same 
 * ``jax.vjp`` — autodiff's pullback applied to the same ``dout``.
 
 Each includes the forward pass (a backward needs its forward's cache). Models join from :data:`jnnex.models.REGISTRY`:
-every registered model with a hand-written backward is benchmarked at its default configuration (vocabulary 27, block 3).
+every registered model with a hand-written backward is benchmarked at its default configuration (vocabulary 27).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from jnnex.models.registry import REGISTRY, has_manual_backward
 V, T, N_EMBD = 27, 3, 10  # the lecture's sizes: vocabulary, context, embedding per character
 WIDTHS = (200, 1000)  # hidden widths H of the layer cases: the lecture's, and a wide layer
 CONTENDERS = ("manual", "jax.grad", "jax.vjp")
-QUICK_SKIP = ("moons-mlp 2-16-16-1", "deep-mlp")  # --quick exercises the code paths; these add compile time only
+QUICK_SKIP = ("moons-mlp 2-16-16-1", "deep-mlp", "wavenet-conv")  # --quick exercises the code paths; these add compile time only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +163,39 @@ def cases(widths=WIDTHS) -> list[Case]:
                     emb_args, (0,)),
         _layer_case(f"cross-entropy (V={V})", layers.cross_entropy_forward, layers.cross_entropy_backward, ce_args,
                     (0,)),
+        *_wavenet_cases(),
         _moons_case(),
         *(_model_case(name) for name in REGISTRY if has_manual_backward(name)),
+    ]
+
+
+def _wavenet_cases(T: int = 8, C: int = 24, H: int = 128) -> list[Case]:
+    """The WaveNet's own layers at the lecture's sizes: the tree's first pairing, its linear and BatchNorm over
+    (B, T', C), and the convolutional form's first dilated convolution over a padded word (16 + 7 positions)."""
+    L = 16 + T - 1
+
+    def fc_args(b, dt, seed):
+        return (_normal(seed, (b, T, C), dt),)
+
+    def linear3_args(b, dt, seed):
+        return _normal(seed, (b, T // 2, 2 * C), dt), _normal(seed + 1, (2 * C, H), dt, (2 * C) ** -0.5)
+
+    def bn3_args(b, dt, seed):
+        return (_normal(seed, (b, T // 2, H), dt, 2.0), 1.0 + _normal(seed + 1, (H,), dt, 0.1),
+                _normal(seed + 2, (H,), dt, 0.1))
+
+    def conv_args(b, dt, seed):
+        return _normal(seed, (b, L, C), dt), _normal(seed + 1, (2 * C, H), dt, (2 * C) ** -0.5)
+
+    return [
+        _layer_case(f"flatten-consecutive (B,{T},{C})", lambda x: layers.flatten_consecutive_forward(x, 2),
+                    layers.flatten_consecutive_backward, fc_args, (0,)),
+        _layer_case(f"linear (B,{T // 2},{2 * C})->{H}", layers.linear_forward, layers.linear_backward, linear3_args,
+                    (0, 1)),
+        _layer_case(f"batchnorm (B,{T // 2},{H})", layers.batchnorm_forward, layers.batchnorm_backward, bn3_args,
+                    (0, 1, 2)),
+        _layer_case(f"causal-conv d=1 (B,{L},{C})->{H}", lambda x, W: layers.causal_conv_forward(x, W, 1),
+                    layers.causal_conv_backward, conv_args, (0, 1)),
     ]
 
 
