@@ -80,6 +80,23 @@ def tanh_backward(dy, y):
     return (1.0 - y) * (1.0 + y) * dy
 
 
+def gated_tanh_forward(x):
+    """WaveNet's gated activation: ``x (..., 2H) = [a, b] -> tanh(a) · sigmoid(b) (..., H)`` — a tanh "filter"
+    opened or closed per unit by a sigmoid "gate" (van den Oord et al. 2016)."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"gated_tanh: x must have an even number of channels (filter, gate), got {x.shape}")
+    H = x.shape[-1] // 2
+    t, g = jnp.tanh(x[..., :H]), jax.nn.sigmoid(x[..., H:])
+    return t * g, (t, g)
+
+
+def gated_tanh_backward(dy, cache):
+    """``da = dy · g · (1 - t²)``, ``db = dy · t · g (1 - g)``, side by side as ``dx (..., 2H)``."""
+    t, g = cache
+    check_shape("gated_tanh_backward: dy", dy, t.shape)
+    return jnp.concatenate([dy * g * (1.0 - t) * (1.0 + t), dy * t * g * (1.0 - g)], axis=-1)
+
+
 def relu_forward(x):
     y = jnp.maximum(x, 0)
     return y, y

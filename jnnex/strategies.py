@@ -116,6 +116,13 @@ def cross_entropy_args(draw, dtype=None):
 
 
 @st.composite
+def gated_tanh_args(draw, dtype=None):
+    """``(x (B, [T,] 2H),)``: filter and gate pre-activations over their curved and saturating range."""
+    lead = draw(st.sampled_from([(draw(batch_sizes()),), (4, 3)]))
+    return (draw(arrays(lead + (2 * draw(st.sampled_from(WIDTHS)),), dtype=dtype, scale=2.0)),)
+
+
+@st.composite
 def flatten_consecutive_args(draw, dtype=None):
     """``(x (B, T, C), n)`` with ``T`` a multiple of ``n`` (``T = n`` included: the tree's root level)."""
     n = draw(st.sampled_from([2, 4]))

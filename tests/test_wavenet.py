@@ -18,6 +18,15 @@ WORDS = load_words("census-first")[:40]
 VOCAB = Vocab.from_words(WORDS)
 
 
+def test_gated_levels_are_twice_as_wide_before_the_gate():
+    model = wavenet(WaveNetConfig(gated=True))
+    params, state = model.init(jax.random.key(0))
+    assert [lv.W.shape for lv in params.levels] == [(48, 256), (256, 256), (256, 256)]
+    assert state[0].mean.shape == (256,)
+    out = model.forward(params, state, jnp.zeros((3, 8), jnp.int32), train=True)
+    assert [a.shape for a in out.acts] == [(3, 4, 128), (3, 2, 128), (3, 1, 128)]
+
+
 def test_the_lecture_network_has_76579_parameters():
     params, state = wavenet().init(jax.random.key(0))
     assert count_params(params) == 76_579
@@ -69,7 +78,7 @@ def problems(draw, conv: bool):
     running statistics and a batch; the convolutional one on padded words with ignored targets, lengths 1 to 5."""
     T = draw(st.sampled_from([2, 4, 8, 16]))
     widths = dict(n_embd=draw(st.sampled_from([2, 5])), n_hidden=draw(st.sampled_from([3, 8])),
-                  vocab_size=draw(st.sampled_from([5, 27])))
+                  vocab_size=draw(st.sampled_from([5, 27])), gated=draw(st.booleans()))
     B = draw(strategies.batch_sizes(max_size=8))
     seed = draw(strategies.seeds())
     k = jax.random.split(jax.random.key(seed), 3)

@@ -43,8 +43,8 @@ from jnnex.init import OUTPUT_SCALE, kaiming_scale, normals
 from jnnex.layers import (
     BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_eval, batchnorm_forward,
     batchnorm_update_state, causal_conv_backward, causal_conv_forward, embedding_backward, embedding_forward,
-    flatten_consecutive_backward, flatten_consecutive_forward, linear_backward, linear_forward, tanh_backward,
-    tanh_forward,
+    flatten_consecutive_backward, flatten_consecutive_forward, gated_tanh_backward, gated_tanh_forward,
+    linear_backward, linear_forward, tanh_backward, tanh_forward,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.settings import positive_int, setting
@@ -64,6 +64,8 @@ class WaveNetConfig:
     block_size: int = setting(8, "T: characters of context, a power of two; the tree has log2(T) levels")
     n_embd: int = setting(24, "embedding size per character")
     n_hidden: int = setting(128, "H: width of every level")
+    gated: bool = setting(False, "WaveNet's gated activation tanh(a) * sigmoid(b) instead of tanh: each level's "
+                                 "linear and BatchNorm are 2H wide")
     momentum: float = setting(0.1, "BatchNorm running statistics: new = (1 - momentum) old + momentum batch")
     eps: float = setting(1e-5, "BatchNorm's epsilon")
 
@@ -95,15 +97,17 @@ def init(key, cfg: WaveNetConfig):
     """The lecture's init: embeddings ``N(0, 1)``, level weights ``N(0, 1/fan_in)`` (gain 1), the output weight
     × 0.1 and its bias 0; BatchNorm γ = 1, β = 0, running mean 0 and variance 1."""
     L, H = depth(cfg.window, cfg.window_name), cfg.n_hidden
+    H_out = 2 * H if cfg.gated else H  # a gated level's linear gives the filter and the gate side by side
     fan_ins = [2 * cfg.n_embd] + [2 * H] * (L - 1)
     keys = jax.random.split(key, L + 2)
-    draws = [(keys[0], (cfg.vocab_size, cfg.n_embd)), *((k, (n, H)) for k, n in zip(keys[1:], fan_ins)),
+    draws = [(keys[0], (cfg.vocab_size, cfg.n_embd)), *((k, (n, H_out)) for k, n in zip(keys[1:], fan_ins)),
              (keys[-1], (H, cfg.vocab_size))]
     table, *Ws, W_out = normals(draws)  # one draw for all (see init.normals)
     levels = tuple(Linear(W * kaiming_scale(n, "linear"), None) for W, n in zip(Ws, fan_ins))
     out = Linear(W_out * kaiming_scale(H, "linear") * OUTPUT_SCALE, jnp.zeros((cfg.vocab_size,), jnp.float32))
-    bn = tuple(BatchNormParams(jnp.ones((H,), jnp.float32), jnp.zeros((H,), jnp.float32)) for _ in range(L))
-    state = tuple(BatchNormState(jnp.zeros((H,), jnp.float32), jnp.ones((H,), jnp.float32)) for _ in range(L))
+    bn = tuple(BatchNormParams(jnp.ones((H_out,), jnp.float32), jnp.zeros((H_out,), jnp.float32)) for _ in range(L))
+    state = tuple(BatchNormState(jnp.zeros((H_out,), jnp.float32), jnp.ones((H_out,), jnp.float32))
+                  for _ in range(L))
     return WaveNetParams(table, levels, bn, out), state
 
 
@@ -113,7 +117,8 @@ def _check_train(train):
 
 
 def _normalise(cfg, params, state, h, i, train: bool):
-    """Level ``i``'s BatchNorm over every axis but the last, then tanh: ``(h, new_state_i, c_bn, c_tanh)``."""
+    """Level ``i``'s BatchNorm over every axis but the last, then tanh (or the gated tanh):
+    ``(h, new_state_i, c_bn, c_act)``."""
     c_bn = None
     if train:
         h, c_bn = batchnorm_forward(h, params.bn[i].gamma, params.bn[i].beta, cfg.eps)
@@ -122,13 +127,13 @@ def _normalise(cfg, params, state, h, i, train: bool):
         new = batchnorm_update_state(state[i], mean, var, rows, cfg.momentum)
     else:
         h, new = batchnorm_eval(h, params.bn[i].gamma, params.bn[i].beta, state[i], cfg.eps), state[i]
-    h, c_tanh = tanh_forward(h)
-    return h, new, c_bn, c_tanh
+    h, c_act = (gated_tanh_forward if cfg.gated else tanh_forward)(h)
+    return h, new, c_bn, c_act
 
 
-def _level_backward(dh, c_bn, c_tanh):
-    """tanh then BatchNorm, backwards: ``(dh, BatchNormParams(dγ, dβ))``."""
-    dh = tanh_backward(dh, c_tanh)
+def _level_backward(cfg, dh, c_bn, c_act):
+    """The activation then BatchNorm, backwards: ``(dh, BatchNormParams(dγ, dβ))``."""
+    dh = (gated_tanh_backward if cfg.gated else tanh_backward)(dh, c_act)
     dh, dgamma, dbeta = batchnorm_backward(dh, c_bn)
     return dh, BatchNormParams(dgamma, dbeta)
 
@@ -149,10 +154,10 @@ def forward(cfg: WaveNetConfig, params: WaveNetParams, state, x, train: bool) ->
     for i, level in enumerate(params.levels):
         h, c_fc = flatten_consecutive_forward(h, 2)  # (B, T', 2C): neighbours side by side
         h, c_lin = linear_forward(h, level.W)  # (B, T', H)
-        h, new, c_bn, c_tanh = _normalise(cfg, params, state, h, i, train)  # (B, T', H)
+        h, new, c_bn, c_act = _normalise(cfg, params, state, h, i, train)  # (B, T', H)
         new_state.append(new)
         acts.append(h)
-        caches.append((c_fc, c_lin, c_bn, c_tanh))
+        caches.append((c_fc, c_lin, c_bn, c_act))
     h = h.reshape(B, cfg.n_hidden)  # (B, 1, H) -> (B, H): the root of the tree
     logits, c_out = linear_forward(h, params.out.W, params.out.b)  # (B, V)
     return Forward(logits, tuple(new_state), (c_emb, tuple(caches), c_out), tuple(acts))
@@ -166,9 +171,9 @@ def backward(cfg: WaveNetConfig, params: WaveNetParams, caches, dlogits):
     dh, dW_out, db_out = linear_backward(dlogits, c_out)  # (B, H)
     dh = dh.reshape(dh.shape[0], 1, cfg.n_hidden)  # (B, 1, H)
     levels, bn, act_grads = [], [], []
-    for c_fc, c_lin, c_bn, c_tanh in reversed(level_caches):
+    for c_fc, c_lin, c_bn, c_act in reversed(level_caches):
         act_grads.append(dh)  # (B, T', H)
-        dh, dbn = _level_backward(dh, c_bn, c_tanh)
+        dh, dbn = _level_backward(cfg, dh, c_bn, c_act)
         dh, dW, _ = linear_backward(dh, c_lin)  # (B, T', 2C)
         dh, _ = flatten_consecutive_backward(dh, c_fc)  # (B, 2T', C)
         levels.append(Linear(dW, None))
@@ -223,10 +228,10 @@ def conv_forward(cfg: WaveNetConvConfig, params: WaveNetParams, state, x, train:
     caches, new_state, acts = [], [], []
     for i, level in enumerate(params.levels):
         h, c_conv = causal_conv_forward(h, level.W, 2**i)  # (B, L - 2^i, H)
-        h, new, c_bn, c_tanh = _normalise(cfg, params, state, h, i, train)
+        h, new, c_bn, c_act = _normalise(cfg, params, state, h, i, train)
         new_state.append(new)
         acts.append(h)
-        caches.append((c_conv, c_bn, c_tanh))
+        caches.append((c_conv, c_bn, c_act))
     logits, c_out = linear_forward(h, params.out.W, params.out.b)  # (B, T, V)
     return Forward(logits, tuple(new_state), (c_emb, tuple(caches), c_out), tuple(acts))
 
@@ -234,13 +239,12 @@ def conv_forward(cfg: WaveNetConvConfig, params: WaveNetParams, state, x, train:
 def conv_backward(cfg: WaveNetConvConfig, params: WaveNetParams, caches, dlogits):
     """The convolutional form backwards: output linear, then per level tanh, BatchNorm and the convolution's pair
     (which sends each output's gradient to both of its taps), then the embedding scatter-add."""
-    del cfg
     c_emb, level_caches, c_out = caches
     dh, dW_out, db_out = linear_backward(dlogits, c_out)  # (B, T, H)
     levels, bn, act_grads = [], [], []
-    for c_conv, c_bn, c_tanh in reversed(level_caches):
+    for c_conv, c_bn, c_act in reversed(level_caches):
         act_grads.append(dh)
-        dh, dbn = _level_backward(dh, c_bn, c_tanh)
+        dh, dbn = _level_backward(cfg, dh, c_bn, c_act)
         dh, dW, _ = causal_conv_backward(dh, c_conv)  # (B, L, C)
         levels.append(Linear(dW, None))
         bn.append(dbn)
