@@ -109,6 +109,26 @@ def relu_backward(dy, y):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Dropout (Srivastava et al. 2014), inverted: scaled in training so that eval mode is the identity
+
+
+def dropout_forward(x, key, rate: float):
+    """Zero each element with probability ``rate``, scale the rest by ``1 / (1 - rate)``: ``E[y] = x``. The cache is
+    the scaled mask ``m / (1 - rate)``, ``m ~ Bernoulli(1 - rate)``, drawn from ``key``."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"dropout: rate must be in [0, 1), got {rate!r}")
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    scale = jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(x.dtype)
+    return x * scale, scale
+
+
+def dropout_backward(dy, scale):
+    """``dx = dy · m / (1 - rate)``: the same mask, the same scale (``key`` and ``rate`` get no gradient)."""
+    check_shape("dropout_backward: dy", dy, scale.shape)
+    return dy * scale, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Embedding lookup: emb = C[ix]
 
 

@@ -68,6 +68,9 @@ class LanguageModel:
             reported cross-entropy never includes it.
         gradients: ``"autodiff"`` (``jax.grad`` of :meth:`objective`) or ``"manual"`` (:meth:`value_and_grad_manual`:
             ``jax.grad`` nowhere in the training path); see :meth:`with_gradients`.
+        stochastic: ``True`` for a model with random layers in train mode (dropout): its ``forward_fn`` takes a
+            keyword ``key``, which every train-mode call below passes on (:func:`jnnex.train.make_step` gives each
+            step its own); eval mode needs none.
         per_position: ``False``: a window ``x (B, T)`` predicts one next token, logits ``(B, V)``, targets ``(B,)``.
             ``True``: a sequence ``x (B, T)`` predicts every next token, logits ``(B, T, V)``, targets ``(B, T)``
             with ``-1`` where nothing is predicted (:func:`jnnex.data.build_sequences`).
@@ -81,6 +84,7 @@ class LanguageModel:
     backward_fn: Callable | None = None
     penalty_fn: Callable | None = None
     gradients: str = "autodiff"
+    stochastic: bool = False
     per_position: bool = False
     embeddings_fn: Callable | None = None
 
@@ -108,44 +112,47 @@ class LanguageModel:
         """``(params, state)`` for this model."""
         return self.init_fn(key, self.cfg)
 
-    def forward(self, params, state, x, *, train: bool) -> Forward:
+    def forward(self, params, state, x, *, train: bool, key=None) -> Forward:
+        """The model's one forward; ``key`` feeds a :attr:`stochastic` model's random layers (ignored otherwise)."""
+        if self.stochastic:
+            return self.forward_fn(self.cfg, params, state, x, train, key=key)
         return self.forward_fn(self.cfg, params, state, x, train)
 
-    def apply(self, params, state, x, *, train: bool):
+    def apply(self, params, state, x, *, train: bool, key=None):
         """``(logits, new_state)`` for contexts ``x (B, T)``: logits ``(B, V)``, or ``(B, T, V)`` per position."""
-        out = self.forward(params, state, x, train=train)
+        out = self.forward(params, state, x, train=train, key=key)
         return out.logits, out.state
 
-    def loss(self, params, state, x, y, *, train: bool = True):
+    def loss(self, params, state, x, y, *, train: bool = True, key=None):
         """Mean cross-entropy over the valid targets (``y >= 0``): ``(loss, new_state)``."""
-        logits, new_state = self.apply(params, state, x, train=train)
+        logits, new_state = self.apply(params, state, x, train=train, key=key)
         return cross_entropy_forward(logits, y)[0], new_state
 
-    def objective(self, params, state, x, y):
+    def objective(self, params, state, x, y, key=None):
         """What training minimises: the cross-entropy plus the penalty, if any. ``(objective, new_state)``."""
-        loss, new_state = self.loss(params, state, x, y, train=True)
+        loss, new_state = self.loss(params, state, x, y, train=True, key=key)
         if self.penalty_fn is not None:
             loss = loss + self.penalty_fn(self.cfg, params)
         return loss, new_state
 
-    def value_and_grad_manual(self, params, state, x, y):
+    def value_and_grad_manual(self, params, state, x, y, key=None):
         """``(loss, grads, new_state)`` entirely by hand: the forward, the cross-entropy pair, the model's backward."""
-        out = manual_gradients(self, params, state, x, y)
+        out = manual_gradients(self, params, state, x, y, key)
         return out.loss, out.grads, out.state
 
-    def value_and_grad(self, params, state, x, y):
+    def value_and_grad(self, params, state, x, y, key=None):
         """``(objective, grads, new_state)`` on this model's :attr:`gradients`: hand-written, or ``jax.grad``."""
         if self.gradients == "manual":
-            return self.value_and_grad_manual(params, state, x, y)
-        (loss, new_state), grads = jax.value_and_grad(self.objective, has_aux=True)(params, state, x, y)
+            return self.value_and_grad_manual(params, state, x, y, key)
+        (loss, new_state), grads = jax.value_and_grad(self.objective, has_aux=True)(params, state, x, y, key)
         return loss, grads, new_state
 
 
-def manual_gradients(model: LanguageModel, params, state, x, y) -> ManualGradients:
+def manual_gradients(model: LanguageModel, params, state, x, y, key=None) -> ManualGradients:
     """One train-mode forward, then every gradient by hand in reverse order (no autodiff anywhere)."""
     if model.backward_fn is None:
         raise ValueError(f"model {model.name!r} has no hand-written backward")
-    out = model.forward(params, state, x, train=True)
+    out = model.forward(params, state, x, train=True, key=key)
     loss, c_ce = cross_entropy_forward(out.logits, y)
     dlogits, _ = cross_entropy_backward(jnp.ones((), out.logits.dtype), c_ce)  # (B, V) or (B, T, V)
     grads, act_grads = model.backward_fn(model.cfg, params, out.caches, dlogits)

@@ -148,7 +148,8 @@ def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
 
 def make_step(model: LanguageModel, optimizer: optax.GradientTransformation, *, diagnostics: bool = False) -> Callable:
     """``step(ts, batch, key) -> (ts, metrics)``: one optax update from ``model.value_and_grad`` (the hand-written
-    backward or ``jax.grad``, as the model says). Pure; jit it or scan it. ``key`` is reserved for stochastic layers.
+    backward or ``jax.grad``, as the model says). Pure; jit it or scan it. ``key`` feeds a stochastic model's random
+    layers (dropout): each step gets its own, from ``fold_in(key, step)``.
 
     ``diagnostics=True`` adds :func:`jnnex.diagnostics.step_diagnostics` to the metrics. Those figures are read off
     the model's hand-written backward (activations from its forward, their gradients from its backward, one pass),
@@ -158,13 +159,12 @@ def make_step(model: LanguageModel, optimizer: optax.GradientTransformation, *, 
         raise ValueError(f"model {model.name!r} has no hand-written backward, which diagnostics read")
 
     def step(ts: TrainState, batch, key):
-        del key  # no stochastic layers yet (dropout would use it)
         x, y = batch
         if diagnostics:
-            out = manual_gradients(model, ts.params, ts.state, x, y)
+            out = manual_gradients(model, ts.params, ts.state, x, y, key)
             loss, grads, new_state = out.loss, out.grads, out.state
         else:
-            loss, grads, new_state = model.value_and_grad(ts.params, ts.state, x, y)
+            loss, grads, new_state = model.value_and_grad(ts.params, ts.state, x, y, key)
         # optax mixes integer step counts with float constants internally; our code stays under the caller's
         # (possibly strict) promotion rules, the optimiser's under the standard ones.
         with jax.numpy_dtype_promotion("standard"):

@@ -143,3 +143,14 @@ def test_flatten_consecutive_needs_a_divisible_length(shape, n):
 def test_causal_conv_dilation_must_fit(dilation):
     with pytest.raises(ValueError, match="dilation"):
         layers.causal_conv_forward(_f64(2, 5, 3), _f64(6, 4), dilation)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.9])
+def test_dropout_backward_equals_vjp_and_keeps_the_mean(rate):
+    x = _f64(64, 50) + 1.0
+    forward = lambda x, key: layers.dropout_forward(x, key, rate)  # noqa: E731
+    assert_backward(forward, lambda dy, c: layers.dropout_backward(dy, c)[:2], x, jax.random.key(3))
+    y, scale = forward(x, jax.random.key(4))
+    kept = np.asarray(scale) > 0
+    assert abs(kept.mean() - (1 - rate)) < 0.05  # about 1 - rate of the elements survive, scaled up to keep E[y]
+    np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / (1 - rate), rtol=1e-15)

@@ -74,11 +74,13 @@ def test_wrong_window_is_a_clear_error():
 
 @st.composite
 def problems(draw, conv: bool):
-    """A drawn WaveNet (tree or convolutional) with random parameters (γ/β and the output bias not 1/0), random
-    running statistics and a batch; the convolutional one on padded words with ignored targets, lengths 1 to 5."""
+    """A drawn WaveNet (tree or convolutional; tanh or gated; with or without dropout) with random parameters (γ/β
+    and the output bias not 1/0), random running statistics, a batch and a dropout key; the convolutional one on
+    padded words with ignored targets, lengths 1 to 6."""
     T = draw(st.sampled_from([2, 4, 8, 16]))
     widths = dict(n_embd=draw(st.sampled_from([2, 5])), n_hidden=draw(st.sampled_from([3, 8])),
-                  vocab_size=draw(st.sampled_from([5, 27])), gated=draw(st.booleans()))
+                  vocab_size=draw(st.sampled_from([5, 27])), gated=draw(st.booleans()),
+                  dropout=draw(st.sampled_from([0.0, 0.3])))
     B = draw(strategies.batch_sizes(max_size=8))
     seed = draw(strategies.seeds())
     k = jax.random.split(jax.random.key(seed), 3)
@@ -98,14 +100,15 @@ def problems(draw, conv: bool):
         y[np.arange(S)[None, :] >= lengths[:, None]] = -1  # the tail after each word is ignored
     else:
         y = rng.integers(0, V, (B,)).astype(np.int32)
-    return model, params, state, jnp.asarray(x), jnp.asarray(y)
+    return model, params, state, jnp.asarray(x), jnp.asarray(y), jax.random.key(seed + 1)
 
 
-def assert_manual_equals_jax_grad(model, params, state, x, y):
+def assert_manual_equals_jax_grad(model, params, state, x, y, key):
+    """The same dropout masks on both sides (one key): the hand-written gradients equal jax.grad's."""
     @jax.jit
     def both(params, state):
-        return model.value_and_grad_manual(params, state, x, y), jax.value_and_grad(model.objective, has_aux=True)(
-            params, state, x, y)
+        return model.value_and_grad_manual(params, state, x, y, key), jax.value_and_grad(
+            model.objective, has_aux=True)(params, state, x, y, key)
 
     (loss_m, grads_m, state_m), ((loss_a, state_a), grads_a) = both(params, state)
     np.testing.assert_allclose(loss_m, loss_a, rtol=1e-12)
@@ -203,3 +206,17 @@ def test_lecture_sizes_on_names_txt(names_txt):
     words = load_words(names_txt)
     splits = make_splits(words, 8)
     assert [len(s[0]) for s in (splits.train, splits.dev, splits.test)] == [182_625, 22_655, 22_866]
+
+
+def test_dropout_needs_a_key_in_training_and_nothing_in_eval():
+    model = wavenet(WaveNetConfig(dropout=0.5, n_embd=3, n_hidden=4))
+    assert model.stochastic
+    params, state = model.init(jax.random.key(0))
+    x = jnp.zeros((4, 8), jnp.int32)
+    with pytest.raises(ValueError, match="needs a key"):
+        model.forward(params, state, x, train=True)
+    a = model.apply(params, state, x, train=False)[0]
+    np.testing.assert_array_equal(a, wavenet(WaveNetConfig(n_embd=3, n_hidden=4)).apply(params, state, x,
+                                                                                          train=False)[0])
+    t1, t2 = (model.forward(params, state, x, train=True, key=jax.random.key(k)).logits for k in (1, 2))
+    assert not np.allclose(t1, t2)  # a different mask per key

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 from jnnex.init import OUTPUT_SCALE, kaiming_scale, normals
 from jnnex.layers import (
     BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_eval, batchnorm_forward,
-    batchnorm_update_state, causal_conv_backward, causal_conv_forward, embedding_backward, embedding_forward,
+    batchnorm_update_state, causal_conv_backward, causal_conv_forward, dropout_backward, dropout_forward,
+    embedding_backward, embedding_forward,
     flatten_consecutive_backward, flatten_consecutive_forward, gated_tanh_backward, gated_tanh_forward,
     linear_backward, linear_forward, tanh_backward, tanh_forward,
 )
@@ -66,6 +67,7 @@ class WaveNetConfig:
     n_hidden: int = setting(128, "H: width of every level")
     gated: bool = setting(False, "WaveNet's gated activation tanh(a) * sigmoid(b) instead of tanh: each level's "
                                  "linear and BatchNorm are 2H wide")
+    dropout: float = setting(0.0, "dropout rate after each level's activation in training (0: none)")
     momentum: float = setting(0.1, "BatchNorm running statistics: new = (1 - momentum) old + momentum batch")
     eps: float = setting(1e-5, "BatchNorm's epsilon")
 
@@ -77,6 +79,8 @@ class WaveNetConfig:
             raise ValueError(f"momentum must be in (0, 1], got {self.momentum!r}")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
     def window(self) -> int:
@@ -111,9 +115,18 @@ def init(key, cfg: WaveNetConfig):
     return WaveNetParams(table, levels, bn, out), state
 
 
-def _check_train(train):
+def _check_train(cfg, train, key):
     if not isinstance(train, bool):
         raise TypeError(f"train must be a Python bool (it selects the code path), got {type(train).__name__}")
+    if train and cfg.dropout > 0 and key is None:
+        raise ValueError(f"dropout {cfg.dropout} in train mode needs a key (forward(..., train=True, key=...))")
+
+
+def _dropout(cfg, h, key, i, train: bool):
+    """Dropout after level ``i`` in training (a key of its own per level); ``(h, cache)``, cache None when off."""
+    if not (train and cfg.dropout > 0):
+        return h, None
+    return dropout_forward(h, jax.random.fold_in(key, i), cfg.dropout)
 
 
 def _normalise(cfg, params, state, h, i, train: bool):
@@ -142,10 +155,11 @@ def _level_backward(cfg, dh, c_bn, c_act):
 # The tree
 
 
-def forward(cfg: WaveNetConfig, params: WaveNetParams, state, x, train: bool) -> Forward:
+def forward(cfg: WaveNetConfig, params: WaveNetParams, state, x, train: bool, key=None) -> Forward:
     """``Forward(logits (B, V), new_state, caches, acts)``; ``acts`` holds each level's tanh output ``(B, T/2^(l+1), H)``.
-    Train mode normalises with batch-and-position statistics and updates the running ones; eval mode uses those."""
-    _check_train(train)
+    Train mode normalises with batch-and-position statistics and updates the running ones (and drops out with
+    ``key`` when ``cfg.dropout > 0``); eval mode uses the running statistics and drops nothing."""
+    _check_train(cfg, train, key)
     if x.ndim != 2 or x.shape[1] != cfg.block_size:
         raise ValueError(f"wavenet: x must have shape (B, {cfg.block_size}), got {x.shape}")
     B = x.shape[0]
@@ -157,7 +171,8 @@ def forward(cfg: WaveNetConfig, params: WaveNetParams, state, x, train: bool) ->
         h, new, c_bn, c_act = _normalise(cfg, params, state, h, i, train)  # (B, T', H)
         new_state.append(new)
         acts.append(h)
-        caches.append((c_fc, c_lin, c_bn, c_act))
+        h, c_drop = _dropout(cfg, h, key, i, train)
+        caches.append((c_fc, c_lin, c_bn, c_act, c_drop))
     h = h.reshape(B, cfg.n_hidden)  # (B, 1, H) -> (B, H): the root of the tree
     logits, c_out = linear_forward(h, params.out.W, params.out.b)  # (B, V)
     return Forward(logits, tuple(new_state), (c_emb, tuple(caches), c_out), tuple(acts))
@@ -171,7 +186,9 @@ def backward(cfg: WaveNetConfig, params: WaveNetParams, caches, dlogits):
     dh, dW_out, db_out = linear_backward(dlogits, c_out)  # (B, H)
     dh = dh.reshape(dh.shape[0], 1, cfg.n_hidden)  # (B, 1, H)
     levels, bn, act_grads = [], [], []
-    for c_fc, c_lin, c_bn, c_act in reversed(level_caches):
+    for c_fc, c_lin, c_bn, c_act, c_drop in reversed(level_caches):
+        if c_drop is not None:
+            dh, _, _ = dropout_backward(dh, c_drop)
         act_grads.append(dh)  # (B, T', H)
         dh, dbn = _level_backward(cfg, dh, c_bn, c_act)
         dh, dW, _ = linear_backward(dh, c_lin)  # (B, T', 2C)
@@ -190,7 +207,7 @@ def embeddings(params: WaveNetParams) -> jax.Array:
 
 def wavenet(cfg: WaveNetConfig = WaveNetConfig()) -> LanguageModel:
     """The lecture's WaveNet-style tree; ``.with_gradients("manual")`` trains it on :func:`backward`."""
-    return LanguageModel("wavenet", cfg, init, forward, backward, embeddings_fn=embeddings)
+    return LanguageModel("wavenet", cfg, init, forward, backward, stochastic=cfg.dropout > 0, embeddings_fn=embeddings)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -215,11 +232,11 @@ class WaveNetConvConfig(WaveNetConfig):
         return WaveNetConfig(**{**fields, "block_size": self.context})
 
 
-def conv_forward(cfg: WaveNetConvConfig, params: WaveNetParams, state, x, train: bool) -> Forward:
+def conv_forward(cfg: WaveNetConvConfig, params: WaveNetParams, state, x, train: bool, key=None) -> Forward:
     """``Forward(logits (B, T, V), …)`` for padded words ``x (B, T)``: position ``t`` predicts from the ``context``
     characters up to and including ``x[:, t]`` (start tokens before the word). ``acts`` are each level's tanh output
     ``(B, T + context - 2^(l+1), H)``, the positions before the word included."""
-    _check_train(train)
+    _check_train(cfg, train, key)
     if x.ndim != 2 or x.shape[1] < 1:
         raise ValueError(f"wavenet-conv: x must have shape (B, T), got {x.shape}")
     B, T = x.shape
@@ -231,7 +248,8 @@ def conv_forward(cfg: WaveNetConvConfig, params: WaveNetParams, state, x, train:
         h, new, c_bn, c_act = _normalise(cfg, params, state, h, i, train)
         new_state.append(new)
         acts.append(h)
-        caches.append((c_conv, c_bn, c_act))
+        h, c_drop = _dropout(cfg, h, key, i, train)
+        caches.append((c_conv, c_bn, c_act, c_drop))
     logits, c_out = linear_forward(h, params.out.W, params.out.b)  # (B, T, V)
     return Forward(logits, tuple(new_state), (c_emb, tuple(caches), c_out), tuple(acts))
 
@@ -242,7 +260,9 @@ def conv_backward(cfg: WaveNetConvConfig, params: WaveNetParams, caches, dlogits
     c_emb, level_caches, c_out = caches
     dh, dW_out, db_out = linear_backward(dlogits, c_out)  # (B, T, H)
     levels, bn, act_grads = [], [], []
-    for c_conv, c_bn, c_act in reversed(level_caches):
+    for c_conv, c_bn, c_act, c_drop in reversed(level_caches):
+        if c_drop is not None:
+            dh, _, _ = dropout_backward(dh, c_drop)
         act_grads.append(dh)
         dh, dbn = _level_backward(cfg, dh, c_bn, c_act)
         dh, dW, _ = causal_conv_backward(dh, c_conv)  # (B, L, C)
@@ -256,5 +276,5 @@ def conv_backward(cfg: WaveNetConvConfig, params: WaveNetParams, caches, dlogits
 def wavenet_conv(cfg: WaveNetConvConfig = WaveNetConvConfig()) -> LanguageModel:
     """The WaveNet as causal dilated convolutions over whole words (per-position targets). Its :func:`init` is the
     tree's: the same key gives the same parameters as ``wavenet(cfg.tree())``."""
-    return LanguageModel("wavenet-conv", cfg, init, conv_forward, conv_backward, per_position=True,
-                         embeddings_fn=embeddings)
+    return LanguageModel("wavenet-conv", cfg, init, conv_forward, conv_backward, stochastic=cfg.dropout > 0,
+                         per_position=True, embeddings_fn=embeddings)
