@@ -53,10 +53,13 @@ def step_diagnostics(acts, act_grads, params, grads, new_params) -> dict[str, ja
     }
 
 
-def activation_gradients(model: LanguageModel, params, state, x, y):
+def activation_gradients(model: LanguageModel, params, state, x, y, key=None):
     """``(acts, act_grads)``: each hidden layer's activations on the batch ``(x, y)`` (train mode) and the loss
-    gradient w.r.t. them, from one forward and the model's hand-written backward — e.g. for histograms."""
-    out = manual_gradients(model, params, state, x, y)
+    gradient w.r.t. them, from one forward and the model's hand-written backward — e.g. for histograms. ``key``:
+    a stochastic model's dropout masks (default: ``jax.random.key(0)``)."""
+    if key is None and model.stochastic:
+        key = jax.random.key(0)
+    out = manual_gradients(model, params, state, x, y, key)
     return out.acts, out.act_grads
 
 
