@@ -56,9 +56,20 @@ def training(data: dict) -> str:
             + _md(rows, header))
 
 
+def wavenet(data: dict) -> str:
+    rows = [[r["form"], r["gradients"], r["batch"], r["predicted_chars"], r["positions"], f"{r['us_per_step']:.0f}",
+             f"{r['chars_per_s'] / 1e3:.0f}k", "" if r["conv_speedup"] is None else f"{r['conv_speedup']:.2f}×"]
+            for r in data["rows"]]
+    header = ["form", "gradients", "batch", "predicted chars", "positions computed", "µs/step", "chars/s",
+              "conv speed-up"]
+    st = data["settings"]
+    return (f"{st['data']}: {st['chars_per_word']:.2f} predicted characters per word, padded to "
+            f"{st['padded_length']} positions.\n\n" + _md(rows, header))
+
+
 def main(argv=None) -> int:
     out_dir = Path((argv or sys.argv[1:] or [str(RESULTS)])[0])
-    for name, render in (("backward", backward), ("training", training)):
+    for name, render in (("backward", backward), ("training", training), ("wavenet", wavenet)):
         path = out_dir / f"{name}.json"
         if path.is_file():
             print(f"### {name}\n\n{render(json.loads(path.read_text()))}\n")
