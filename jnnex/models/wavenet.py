@@ -27,6 +27,11 @@ contains them (the tree recomputes them for each window). In eval mode the two f
 mode the convolutional form's BatchNorm pools over every position of every padded word, the tails after a word's end
 included, instead of the tree's 4, 2, 1 nodes per window: a different model in training.
 
+Beyond the lecture, two of the full WaveNet's levers are options of both forms: ``gated`` replaces each tanh by the
+gated activation ``tanh(a) · sigmoid(b)`` (the level's linear and BatchNorm 2H wide), and ``dropout`` drops each
+level's output in training (a stochastic model: train-mode calls pass a key). With AdamW they make the registry's
+``improved`` preset, which beats the lecture's 1.9937 in the same 200,000 steps.
+
 The hand-written backward of each form sits directly under its forward: the layer backwards of
 :mod:`jnnex.layers` in reverse order.
 """
