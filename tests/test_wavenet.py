@@ -236,3 +236,40 @@ def test_dropout_needs_a_key_in_training_and_nothing_in_eval():
                                                                                           train=False)[0])
     t1, t2 = (model.forward(params, state, x, train=True, key=jax.random.key(k)).logits for k in (1, 2))
     assert not np.allclose(t1, t2)  # a different mask per key
+
+
+@pytest.mark.slow
+def test_improved_preset_trains_on_its_hand_written_backward(tmp_path, capsys):
+    """The preset's gated, dropout-regularised net through the command line, on the manual backward."""
+    import json
+
+    from jnnex.cli import main
+
+    data = tmp_path / "words.txt"
+    data.write_text("\n".join(WORDS) + "\n")
+    assert main(["train", "--model", "wavenet", "--preset", "improved", "--data", str(data), "--backward", "manual",
+                 "--steps", "20", "--out", str(tmp_path / "run"), "--json"]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["dev_loss"])
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["model_config"]["gated"] and cfg["model_config"]["dropout"] == 0.1
+    assert cfg["train_config"]["optimizer"] == "adamw" and cfg["backward"] == "manual"
+
+
+def test_dropout_runs_resume_exactly():
+    """Each step's dropout key depends on the step number alone: 20 steps in one call draw the masks of 10 + 10 (what
+    makes a resumed run of a stochastic model equal an unbroken one; `fit` resumes with the same compiled chunk, so
+    bit-identically — here the 20- and 10-step programs differ, and float32 rounding with them, in the last bit)."""
+    from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_run, make_step
+
+    model = wavenet(WaveNetConfig(vocab_size=VOCAB.size, n_embd=3, n_hidden=4, dropout=0.5)).with_gradients("manual")
+    X, Y = (jnp.asarray(a) for a in build_windows(WORDS, VOCAB, 8))
+    opt = make_optimizer(TrainConfig(optimizer="adamw", lr=1e-2))
+    run = make_run(make_step(model, opt), 16)
+    ts = init_train_state(model, opt, jax.random.key(0))
+    whole, _ = run(ts, X, Y, jax.random.key(1), 20)
+    half, _ = run(ts, X, Y, jax.random.key(1), 10)
+    cut, _ = run(half, X, Y, jax.random.key(1), 10)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(cut)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # other masks would move them by ~1e-2 (below)
+    other, _ = run(ts, X, Y, jax.random.key(2), 20)
+    assert np.abs(np.asarray(other.params.C) - np.asarray(whole.params.C)).max() > 1e-3
