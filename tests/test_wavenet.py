@@ -45,7 +45,8 @@ def test_init_is_the_lectures():
 
 @pytest.mark.parametrize("T", [2, 4, 8, 16, 32])
 def test_any_power_of_two_is_a_tree_of_log2_levels(T):
-    """Deeper than three levels works (makemore's squeeze at T' = 1 broke it): log2(T) levels, each (B, T/2^(l+1), H)."""
+    """Deeper than three levels works (makemore's squeeze at T' = 1 broke it): log2(T) levels, each
+    (B, T/2^(l+1), H)."""
     model = wavenet(WaveNetConfig(block_size=T, n_embd=3, n_hidden=5))
     params, state = model.init(jax.random.key(0))
     out = model.forward(params, state, jnp.zeros((4, T), jnp.int32), train=True)

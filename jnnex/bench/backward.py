@@ -31,7 +31,8 @@ from jnnex.models.registry import REGISTRY, has_manual_backward
 V, T, N_EMBD = 27, 3, 10  # the lecture's sizes: vocabulary, context, embedding per character
 WIDTHS = (200, 1000)  # hidden widths H of the layer cases: the lecture's, and a wide layer
 CONTENDERS = ("manual", "jax.grad", "jax.vjp")
-QUICK_SKIP = ("moons-mlp 2-16-16-1", "deep-mlp", "wavenet-conv")  # --quick exercises the code paths; these add compile time only
+# --quick exercises the code paths; these add compile time only
+QUICK_SKIP = ("moons-mlp 2-16-16-1", "deep-mlp", "wavenet-conv")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""A WaveNet-style hierarchy (van den Oord et al. 2016; makemore part 5), and the same net as causal dilated convolutions.
+"""A WaveNet-style hierarchy (van den Oord et al. 2016; makemore part 5), and the same net as causal dilated
+convolutions.
 
 The **tree** (``wavenet``) reads a window of ``T = 2^L`` characters and fuses them slowly, two at a time::
 
@@ -19,8 +20,8 @@ n = 32·4 = 128 rows at level 0 (64 at level 1, 32 at level 2) the two normalisa
 ``sqrt(n / (n - 1))``, at most 1.6 %.
 
 The **convolutional form** (``wavenet-conv``) is the lecture's "next time": the tree at every position of a padded
-word at once. Level ``l`` is a kernel-2 causal convolution with dilation ``2^l`` (:func:`jnnex.layers.causal_conv_forward`)
-whose weight is the tree's level weight read as two taps, so the parameters are the tree's, unchanged. The word is
+word at once. Level ``l`` is a kernel-2 causal convolution with dilation ``2^l``
+(:func:`jnnex.layers.causal_conv_forward`) whose weight is the tree's level weight read as two taps, so the parameters are the tree's, unchanged. The word is
 left-padded with ``T - 1`` start tokens (token 0), so position ``t`` sees exactly the window the tree sees for the
 ``t``-th prediction, first positions included; each level's nodes are computed once and shared by every window that
 contains them (the tree recomputes them for each window). In eval mode the two forms agree to rounding. In train
@@ -48,9 +49,8 @@ from jnnex.init import OUTPUT_SCALE, kaiming_scale, normals
 from jnnex.layers import (
     BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_eval, batchnorm_forward,
     batchnorm_update_state, causal_conv_backward, causal_conv_forward, dropout_backward, dropout_forward,
-    embedding_backward, embedding_forward,
-    flatten_consecutive_backward, flatten_consecutive_forward, gated_tanh_backward, gated_tanh_forward,
-    linear_backward, linear_forward, tanh_backward, tanh_forward,
+    embedding_backward, embedding_forward, flatten_consecutive_backward, flatten_consecutive_forward,
+    gated_tanh_backward, gated_tanh_forward, linear_backward, linear_forward, tanh_backward, tanh_forward,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.settings import positive_int, setting
@@ -161,7 +161,7 @@ def _level_backward(cfg, dh, c_bn, c_act):
 
 
 def forward(cfg: WaveNetConfig, params: WaveNetParams, state, x, train: bool, key=None) -> Forward:
-    """``Forward(logits (B, V), new_state, caches, acts)``; ``acts`` holds each level's tanh output ``(B, T/2^(l+1), H)``.
+    """``Forward(logits (B, V), new_state, caches, acts)``; ``acts`` holds each level's activation (B, T/2^(l+1), H).
     Train mode normalises with batch-and-position statistics and updates the running ones (and drops out with
     ``key`` when ``cfg.dropout > 0``); eval mode uses the running statistics and drops nothing."""
     _check_train(cfg, train, key)
@@ -185,8 +185,9 @@ def forward(cfg: WaveNetConfig, params: WaveNetParams, state, x, train: bool, ke
 
 def backward(cfg: WaveNetConfig, params: WaveNetParams, caches, dlogits):
     """Every parameter gradient from ``dlogits (B, V)``, the tree's layers backwards from the root down: output
-    linear, then per level tanh, BatchNorm, linear and the inverse of the pairing, then the embedding scatter-add.
-    Returns ``(grads, act_grads)``; ``act_grads`` is the gradient at each level's tanh output."""
+    linear, then per level dropout (if on), the activation, BatchNorm, linear and the inverse of the pairing, then
+    the embedding scatter-add. Returns ``(grads, act_grads)``; ``act_grads`` is the gradient at each level's
+    activation."""
     c_emb, level_caches, c_out = caches
     dh, dW_out, db_out = linear_backward(dlogits, c_out)  # (B, H)
     dh = dh.reshape(dh.shape[0], 1, cfg.n_hidden)  # (B, 1, H)
@@ -212,7 +213,8 @@ def embeddings(params: WaveNetParams) -> jax.Array:
 
 def wavenet(cfg: WaveNetConfig = WaveNetConfig()) -> LanguageModel:
     """The lecture's WaveNet-style tree; ``.with_gradients("manual")`` trains it on :func:`backward`."""
-    return LanguageModel("wavenet", cfg, init, forward, backward, stochastic=cfg.dropout > 0, embeddings_fn=embeddings)
+    return LanguageModel("wavenet", cfg, init, forward, backward, stochastic=cfg.dropout > 0,
+                         embeddings_fn=embeddings)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -239,7 +241,7 @@ class WaveNetConvConfig(WaveNetConfig):
 
 def conv_forward(cfg: WaveNetConvConfig, params: WaveNetParams, state, x, train: bool, key=None) -> Forward:
     """``Forward(logits (B, T, V), …)`` for padded words ``x (B, T)``: position ``t`` predicts from the ``context``
-    characters up to and including ``x[:, t]`` (start tokens before the word). ``acts`` are each level's tanh output
+    characters up to and including ``x[:, t]`` (start tokens before the word). ``acts`` are each level's activation
     ``(B, T + context - 2^(l+1), H)``, the positions before the word included."""
     _check_train(cfg, train, key)
     if x.ndim != 2 or x.shape[1] < 1:
@@ -260,8 +262,8 @@ def conv_forward(cfg: WaveNetConvConfig, params: WaveNetParams, state, x, train:
 
 
 def conv_backward(cfg: WaveNetConvConfig, params: WaveNetParams, caches, dlogits):
-    """The convolutional form backwards: output linear, then per level tanh, BatchNorm and the convolution's pair
-    (which sends each output's gradient to both of its taps), then the embedding scatter-add."""
+    """The convolutional form backwards: output linear, then per level dropout (if on), the activation, BatchNorm and
+    the convolution's pair (which sends each output's gradient to both of its taps), then the embedding scatter-add."""
     c_emb, level_caches, c_out = caches
     dh, dW_out, db_out = linear_backward(dlogits, c_out)  # (B, T, H)
     levels, bn, act_grads = [], [], []
