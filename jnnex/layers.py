@@ -109,6 +109,32 @@ def relu_backward(dy, y):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Recurrent cell (Elman 1990; makemore.py's RNNCell): one time step
+
+
+def rnn_cell_forward(x, h, W, b):
+    """``h_new = tanh([x, h] @ W + b)``: ``x (B, E)`` this step's input, ``h (B, H)`` the previous state,
+    ``W (E + H, H)``, ``b (H,)`` → ``h_new (B, H)``."""
+    if x.shape[:-1] != h.shape[:-1] or W.shape != (x.shape[-1] + h.shape[-1], h.shape[-1]) or b.shape != h.shape[-1:]:
+        raise ValueError(f"rnn_cell: expected x (B, E), h (B, H), W (E + H, H), b (H,), got {x.shape}, {h.shape}, "
+                         f"{W.shape}, {b.shape}")
+    xh = jnp.concatenate([x, h], axis=-1)  # (B, E + H)
+    h_new = jnp.tanh(xh @ W + _per_channel(b, h.ndim))  # (B, H)
+    return h_new, (xh, W, h_new)
+
+
+def rnn_cell_backward(dh_new, cache):
+    """``da = (1 - h_new²) · dh_new``; ``dW = [x, h]ᵀ da``, ``db = Σ da``, and ``[dx, dh] = da Wᵀ`` split at E: the
+    gradient that flows back in time is ``dh``."""
+    xh, W, h_new = cache
+    check_shape("rnn_cell_backward: dh_new", dh_new, h_new.shape)
+    da = (1.0 - h_new) * (1.0 + h_new) * dh_new  # (B, H)
+    dxh = da @ W.T  # (B, E + H)
+    E = xh.shape[-1] - h_new.shape[-1]
+    return dxh[..., :E], dxh[..., E:], xh.T @ da, da.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Dropout (Srivastava et al. 2014), inverted: scaled in training so that eval mode is the identity
 
 

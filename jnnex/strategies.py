@@ -123,6 +123,14 @@ def gated_tanh_args(draw, dtype=None):
 
 
 @st.composite
+def rnn_cell_args(draw, dtype=None):
+    """``(x (B, E), h (B, H), W (E + H, H), b (H,))``: one recurrent step, the state in tanh's range."""
+    B, E, H = draw(batch_sizes()), draw(st.sampled_from(WIDTHS)), draw(st.sampled_from(WIDTHS))
+    return (draw(arrays((B, E), dtype=dtype)), draw(arrays((B, H), dtype=dtype, scale=0.5)),
+            draw(arrays((E + H, H), dtype=dtype, scale=(E + H) ** -0.5)), draw(arrays((H,), dtype=dtype, scale=0.3)))
+
+
+@st.composite
 def flatten_consecutive_args(draw, dtype=None):
     """``(x (B, T, C), n)`` with ``T`` a multiple of ``n`` (``T = n`` included: the tree's root level)."""
     n = draw(st.sampled_from([2, 4]))

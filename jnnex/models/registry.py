@@ -24,6 +24,7 @@ from jnnex.models import bigram
 from jnnex.models.bigram import BigramConfig, counting_bigram, neural_bigram
 from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp
 from jnnex.models.mlp_lm import MLPConfig, mlp_lm
+from jnnex.models.rnn import RNNConfig, rnn
 from jnnex.models.wavenet import WaveNetConfig, WaveNetConvConfig, wavenet, wavenet_conv
 from jnnex.train import TrainConfig
 
@@ -92,6 +93,13 @@ REGISTRY: dict[str, ModelSpec] = {
         # predicts ~228 characters, so 28,000 steps see the 6.4M of 200,000 steps of 32 windows; lr 0.01 from 3/4.
         wavenet_conv, WaveNetConvConfig, TrainConfig(steps=28_000, lr_boundaries=(21_000,), eval_every=4_000),
         summary="the WaveNet tree as causal dilated convolutions over whole words, every position predicted",
+    ),
+    "rnn": ModelSpec(
+        # makemore.py's optimiser: AdamW, lr 5e-4 constant, weight decay 0.01 on every parameter, betas (0.9, 0.99).
+        rnn, RNNConfig,
+        TrainConfig(steps=50_000, lr=5e-4, lr_boundaries=(), optimizer="adamw", betas=(0.9, 0.99), weight_decay=0.01,
+                    eval_every=5_000),
+        summary="recurrent net, h_t = tanh([C[x_t], h_{t-1}] W + b), backprop through time by hand (makemore.py)",
     ),
 }
 

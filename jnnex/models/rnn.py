@@ -1,0 +1,118 @@
+"""A recurrent language model (Elman 1990; Mikolov et al. 2010; makemore.py's ``RNN``), with backprop through time
+written by hand.
+
+Every position of a padded word is read in order; the hidden state carries what came before::
+
+    h_{-1} = start                                   (H,), learned
+    h_t    = tanh([C[x_t], h_{t-1}] @ W + b)         (B, H)     one lax.scan step: the cell
+    logits_t = h_t @ W_head + b_head                 (B, V)
+
+At makemore.py's defaults (n_embd 64, n_embd2 64) on names.txt: 11,803 parameters. Initialisation is PyTorch's, as
+makemore.py inherits it: embeddings ``N(0, 1)``, each linear's weight and bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``,
+the start state 0.
+
+**Backprop through time** (:func:`backward`) is the forward scan run backwards: a reverse-time ``lax.scan`` whose
+carry is ``dh`` — the loss gradient reaching ``h_t`` from the future — added at each step to the gradient the head
+sends to ``h_t``; the cell's backward turns it into the step's input gradient, the parameter gradients (summed over
+time) and the ``dh`` for the step before. What is left at ``t = -1`` is the start state's gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jnnex.layers import (
+    Linear, embedding_backward, embedding_forward, linear_backward, linear_forward, rnn_cell_backward, rnn_cell_forward,
+)
+from jnnex.lm import Forward, LanguageModel
+from jnnex.settings import positive_int, setting
+
+
+@dataclasses.dataclass(frozen=True)
+class RNNConfig:
+    vocab_size: int = setting(27, "V: tokens in the vocabulary (set from the data)")
+    block_size: int = setting(16, "T: the longest word + 1 (set from the data); the sampler's context")
+    n_embd: int = setting(64, "E: embedding size per character")
+    n_embd2: int = setting(64, "H: size of the hidden state")
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_embd", "n_embd2"):
+            positive_int(name, getattr(self, name))
+
+
+class RNNParams(NamedTuple):
+    start: jax.Array  # (H,) the hidden state before the first character
+    C: jax.Array  # (V, E) character embeddings
+    cell: Linear  # (E + H, H), (H,)
+    head: Linear  # (H, V), (V,)
+
+
+def _uniform(key, shape, fan_in):
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def init(key, cfg: RNNConfig):
+    E, H, V = cfg.n_embd, cfg.n_embd2, cfg.vocab_size
+    k = jax.random.split(key, 5)
+    cell = Linear(_uniform(k[1], (E + H, H), E + H), _uniform(k[2], (H,), E + H))
+    head = Linear(_uniform(k[3], (H, V), H), _uniform(k[4], (V,), H))
+    return RNNParams(jnp.zeros((H,), jnp.float32), jax.random.normal(k[0], (V, E), jnp.float32), cell, head), ()
+
+
+def forward(cfg: RNNConfig, params: RNNParams, state, x, train: bool) -> Forward:
+    """``Forward(logits (B, T, V), (), caches, acts)``; ``acts`` is the hidden states ``(B, T, H)``. Train and eval
+    are the same computation."""
+    del train
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise ValueError(f"rnn: x must have shape (B, T), got {x.shape}")
+    B = x.shape[0]
+    emb, c_emb = embedding_forward(params.C, x)  # (B, T, E)
+    h0 = jnp.broadcast_to(params.start[None, :], (B, cfg.n_embd2))  # (B, H)
+
+    def step(h, x_t):  # one time step: (B, H), (B, E) -> (B, H)
+        h, c_cell = rnn_cell_forward(x_t, h, params.cell.W, params.cell.b)
+        return h, (h, c_cell)
+
+    _, (hs, c_cells) = jax.lax.scan(step, h0, jnp.swapaxes(emb, 0, 1))  # over time: hs (T, B, H)
+    hs = jnp.swapaxes(hs, 0, 1)  # (B, T, H)
+    logits, c_head = linear_forward(hs, params.head.W, params.head.b)  # (B, T, V)
+    return Forward(logits, state, (c_emb, c_cells, c_head), (hs,))
+
+
+def backward(cfg: RNNConfig, params: RNNParams, caches, dlogits):
+    """Backprop through time, by hand: the head's backward gives each ``h_t`` its own gradient; a reverse-time scan
+    adds the gradient ``dh`` arriving from step ``t + 1``, runs the cell backward, sums ``dW``/``db`` over time and
+    hands ``dh`` to step ``t - 1``. Returns ``(grads, act_grads)``; ``act_grads`` holds ``dL/dh_t (B, T, H)``, the
+    total gradient at each hidden state (the picture of vanishing or exploding gradients through time)."""
+    del cfg
+    c_emb, c_cells, c_head = caches
+    dhs, dW_head, db_head = linear_backward(dlogits, c_head)  # (B, T, H): the head's share of each dL/dh_t
+
+    def step_back(carry, inputs):  # one time step, backwards
+        dh_next, dW, db = carry  # dh_next: what h_t receives from step t + 1
+        dh_head, c_cell = inputs
+        dh = dh_head + dh_next  # (B, H): dL/dh_t, complete
+        dx, dh_prev, dW_t, db_t = rnn_cell_backward(dh, c_cell)
+        return (dh_prev, dW + dW_t, db + db_t), (dx, dh)
+
+    zeros = (jnp.zeros_like(dhs[:, 0]), jnp.zeros_like(params.cell.W), jnp.zeros_like(params.cell.b))
+    (dh_start, dW, db), (dxs, dh_all) = jax.lax.scan(step_back, zeros, (jnp.swapaxes(dhs, 0, 1), c_cells),
+                                                     reverse=True)
+    dC, _ = embedding_backward(jnp.swapaxes(dxs, 0, 1), c_emb)  # (V, E)
+    grads = RNNParams(dh_start.sum(0), dC, Linear(dW, db), Linear(dW_head, db_head))
+    return grads, (jnp.swapaxes(dh_all, 0, 1),)
+
+
+def embeddings(params: RNNParams) -> jax.Array:
+    return params.C
+
+
+def rnn(cfg: RNNConfig = RNNConfig()) -> LanguageModel:
+    """makemore.py's RNN; ``.with_gradients("manual")`` trains it on hand-written backprop through time."""
+    return LanguageModel("rnn", cfg, init, forward, backward, per_position=True, embeddings_fn=embeddings)

@@ -1,0 +1,63 @@
+"""makemore.py's RNN: its size, and backprop through time by hand against jax.grad in float64 (drawn shapes, padded
+words, sequences of length 1)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jnnex import strategies
+from jnnex.check import randomise
+from jnnex.lm import count_params
+from jnnex.models.rnn import RNNConfig, rnn
+
+
+def test_makemore_parameter_count():
+    assert count_params(rnn().init(jax.random.key(0))[0]) == 11_803  # 64·27 + (128·64 + 64) + 64 + (64·27 + 27)
+
+
+@st.composite
+def problems(draw):
+    """A drawn RNN (random start state and biases too), padded words with -1 targets after each end, T = 1 included."""
+    T, B = draw(st.sampled_from([1, 2, 7])), draw(strategies.batch_sizes(min_size=1, max_size=8))
+    cfg = RNNConfig(vocab_size=draw(st.sampled_from([5, 27])), block_size=T, n_embd=draw(st.sampled_from([2, 5])),
+                    n_embd2=draw(st.sampled_from([3, 8])))
+    seed = draw(strategies.seeds())
+    model = rnn(cfg)
+    params, state = model.init(jax.random.key(seed))
+    params = randomise(params, jax.random.key(seed + 1), jnp.float64)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
+    y = rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
+    y[np.arange(T)[None, :] >= rng.integers(1, T + 1, B)[:, None]] = -1
+    return model, params, state, jnp.asarray(x), jnp.asarray(y)
+
+
+@given(problems())
+def test_bptt_equals_jax_grad_float64(problem):
+    model, params, state, x, y = problem
+
+    @jax.jit
+    def both(params):
+        return model.value_and_grad_manual(params, state, x, y), jax.grad(lambda p: model.objective(p, state, x, y)[0])(
+            params)
+
+    (loss, grads, _), ref = both(params)
+    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref)):
+        scale = float(np.abs(np.asarray(r)).max())
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12 * max(scale, 1.0), err_msg=jax.tree_util.keystr(path))
+
+
+def test_padding_after_the_end_gets_no_gradient():
+    """Inputs at ignored positions reach no valid prediction (the state only flows forward): changing them changes
+    no gradient."""
+    model = rnn(RNNConfig(vocab_size=5, block_size=6, n_embd=3, n_embd2=4))
+    params = randomise(model.init(jax.random.key(0))[0], jax.random.key(1), jnp.float64)
+    x = jnp.array([[0, 1, 2, 0, 0, 0], [0, 3, 4, 4, 1, 0]], jnp.int32)
+    y = jnp.array([[1, 2, 0, -1, -1, -1], [3, 4, 4, 1, 0, -1]], jnp.int32)
+    x_other = jnp.where(y == -1, (x + 2) % 5, x)
+    g1 = model.value_and_grad_manual(params, (), x, y)[1]
+    g2 = model.value_and_grad_manual(params, (), x_other, y)[1]
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_array_equal(a, b)
