@@ -134,6 +134,44 @@ def rnn_cell_backward(dh_new, cache):
     return dxh[..., :E], dxh[..., E:], xh.T @ da, da.sum(0)
 
 
+def gru_cell_forward(x, h, Wz, bz, Wr, br, Wh, bh):
+    """A gated recurrent step (Cho et al. 2014, as makemore.py): with ``xh = [x, h]``,
+    ``z = σ(xh Wz + bz)`` (update), ``r = σ(xh Wr + br)`` (reset), ``h̄ = tanh([x, r ⊙ h] Wh + bh)`` (candidate),
+    ``h_new = (1 − z) ⊙ h + z ⊙ h̄``. ``x (B, E)``, ``h (B, H)``, each ``W (E + H, H)``, ``b (H,)``."""
+    if x.shape[:-1] != h.shape[:-1] or any(W.shape != (x.shape[-1] + h.shape[-1], h.shape[-1]) for W in (Wz, Wr, Wh)):
+        raise ValueError(f"gru_cell: expected x (B, E), h (B, H) and weights (E + H, H), got {x.shape}, {h.shape}, "
+                         f"{Wz.shape}, {Wr.shape}, {Wh.shape}")
+    xh = jnp.concatenate([x, h], axis=-1)  # (B, E + H)
+    z = jax.nn.sigmoid(xh @ Wz + _per_channel(bz, h.ndim))  # (B, H)
+    r = jax.nn.sigmoid(xh @ Wr + _per_channel(br, h.ndim))  # (B, H)
+    xhr = jnp.concatenate([x, r * h], axis=-1)  # (B, E + H)
+    hbar = jnp.tanh(xhr @ Wh + _per_channel(bh, h.ndim))  # (B, H)
+    h_new = (1.0 - z) * h + z * hbar
+    return h_new, (xh, xhr, h, z, r, hbar, Wz, Wr, Wh)
+
+
+def gru_cell_backward(dh_new, cache):
+    """Each gate's chain rule in reverse order of the forward: the mix (``dz = dh_new ⊙ (h̄ − h)``, ``dh̄ = dh_new ⊙ z``,
+    ``dh += dh_new ⊙ (1 − z)``), the candidate's tanh and linear (its input ``r ⊙ h`` splits into ``dr`` and ``dh``),
+    then the reset and update gates' sigmoids and linears. Returns ``(dx, dh, dWz, dbz, dWr, dbr, dWh, dbh)``."""
+    xh, xhr, h, z, r, hbar, Wz, Wr, Wh = cache
+    check_shape("gru_cell_backward: dh_new", dh_new, h.shape)
+    E = xh.shape[-1] - h.shape[-1]
+    dz = dh_new * (hbar - h)  # (B, H)
+    dhbar = dh_new * z
+    dh = dh_new * (1.0 - z)
+    da_h = dhbar * (1.0 - hbar) * (1.0 + hbar)  # through tanh
+    dxhr = da_h @ Wh.T  # (B, E + H)
+    drh = dxhr[..., E:]  # the gradient at r ⊙ h
+    dr, dh = drh * h, dh + drh * r
+    da_r = dr * r * (1.0 - r)  # through the reset gate's sigmoid
+    da_z = dz * z * (1.0 - z)  # through the update gate's sigmoid
+    dxh = da_r @ Wr.T + da_z @ Wz.T  # (B, E + H)
+    dx = dxhr[..., :E] + dxh[..., :E]
+    dh = dh + dxh[..., E:]
+    return dx, dh, xh.T @ da_z, da_z.sum(0), xh.T @ da_r, da_r.sum(0), xhr.T @ da_h, da_h.sum(0)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Dropout (Srivastava et al. 2014), inverted: scaled in training so that eval mode is the identity
 

@@ -131,6 +131,15 @@ def rnn_cell_args(draw, dtype=None):
 
 
 @st.composite
+def gru_cell_args(draw, dtype=None):
+    """``(x (B, E), h (B, H), Wz, bz, Wr, br, Wh, bh)``: one gated recurrent step."""
+    B, E, H = draw(batch_sizes()), draw(st.sampled_from(WIDTHS)), draw(st.sampled_from(WIDTHS))
+    linear = [draw(arrays(shape, dtype=dtype, scale=s)) for _ in range(3)
+              for shape, s in (((E + H, H), (E + H) ** -0.5), ((H,), 0.3))]
+    return (draw(arrays((B, E), dtype=dtype)), draw(arrays((B, H), dtype=dtype, scale=0.5)), *linear)
+
+
+@st.composite
 def flatten_consecutive_args(draw, dtype=None):
     """``(x (B, T, C), n)`` with ``T`` a multiple of ``n`` (``T = n`` included: the tree's root level)."""
     n = draw(st.sampled_from([2, 4]))

@@ -21,6 +21,8 @@ PAIRS = {
     "cross_entropy": (layers.cross_entropy_forward, layers.cross_entropy_backward, strategies.cross_entropy_args(),
                       ["logits", "y"]),
     "rnn_cell": (layers.rnn_cell_forward, layers.rnn_cell_backward, strategies.rnn_cell_args(), ["x", "h", "W", "b"]),
+    "gru_cell": (layers.gru_cell_forward, layers.gru_cell_backward, strategies.gru_cell_args(),
+                 ["x", "h", "Wz", "bz", "Wr", "br", "Wh", "bh"]),
     "gated_tanh": (layers.gated_tanh_forward, layers.gated_tanh_backward, strategies.gated_tanh_args(), ["x"]),
     "flatten_consecutive": (layers.flatten_consecutive_forward, layers.flatten_consecutive_backward,
                             strategies.flatten_consecutive_args(), ["x", "n"]),
@@ -107,7 +109,8 @@ def _f64(*shape):
 FIXED_ARGS = {"linear": (_f64(4, 3), _f64(3, 2), _f64(2)), "tanh": (_f64(4, 3),), "relu": (_f64(4, 3),),
               "batchnorm": (_f64(4, 3), _f64(3), _f64(3)), "embedding": (_f64(5, 2), jnp.array([[1, 4]], jnp.int32)),
               "cross_entropy": (_f64(4, 3), jnp.array([0, 2, 1, 1], jnp.int32)),
-              "gated_tanh": (_f64(4, 6),), "rnn_cell": (_f64(4, 3), _f64(4, 2), _f64(5, 2), _f64(2)), "flatten_consecutive": (_f64(2, 4, 3), 2), "causal_conv": (_f64(2, 5, 3), _f64(6, 4), 2)}
+              "gated_tanh": (_f64(4, 6),),
+              "gru_cell": (_f64(4, 3), _f64(4, 2), _f64(5, 2), _f64(2), _f64(5, 2), _f64(2), _f64(5, 2), _f64(2)), "rnn_cell": (_f64(4, 3), _f64(4, 2), _f64(5, 2), _f64(2)), "flatten_consecutive": (_f64(2, 4, 3), 2), "causal_conv": (_f64(2, 5, 3), _f64(6, 4), 2)}
 
 
 @pytest.mark.parametrize("name", PAIRS)

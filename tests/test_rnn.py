@@ -1,9 +1,10 @@
-"""makemore.py's RNN: its size, and backprop through time by hand against jax.grad in float64 (drawn shapes, padded
-words, sequences of length 1)."""
+"""makemore.py's RNN and GRU: their sizes, and backprop through time by hand against jax.grad in float64 (drawn
+shapes, padded words, sequences of length 1)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,8 +14,10 @@ from jnnex.lm import count_params
 from jnnex.models.rnn import RNNConfig, rnn
 
 
-def test_makemore_parameter_count():
+def test_makemore_parameter_counts():
     assert count_params(rnn().init(jax.random.key(0))[0]) == 11_803  # 64·27 + (128·64 + 64) + 64 + (64·27 + 27)
+    gru = rnn(RNNConfig(cell="gru"))
+    assert gru.name == "gru" and count_params(gru.init(jax.random.key(0))[0]) == 28_315  # three (128, 64) gates
 
 
 @st.composite
@@ -22,7 +25,7 @@ def problems(draw):
     """A drawn RNN (random start state and biases too), padded words with -1 targets after each end, T = 1 included."""
     T, B = draw(st.sampled_from([1, 2, 7])), draw(strategies.batch_sizes(min_size=1, max_size=8))
     cfg = RNNConfig(vocab_size=draw(st.sampled_from([5, 27])), block_size=T, n_embd=draw(st.sampled_from([2, 5])),
-                    n_embd2=draw(st.sampled_from([3, 8])))
+                    n_embd2=draw(st.sampled_from([3, 8])), cell=draw(st.sampled_from(["rnn", "gru"])))
     seed = draw(strategies.seeds())
     model = rnn(cfg)
     params, state = model.init(jax.random.key(seed))
@@ -49,10 +52,11 @@ def test_bptt_equals_jax_grad_float64(problem):
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12 * max(scale, 1.0), err_msg=jax.tree_util.keystr(path))
 
 
-def test_padding_after_the_end_gets_no_gradient():
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_padding_after_the_end_gets_no_gradient(cell):
     """Inputs at ignored positions reach no valid prediction (the state only flows forward): changing them changes
     no gradient."""
-    model = rnn(RNNConfig(vocab_size=5, block_size=6, n_embd=3, n_embd2=4))
+    model = rnn(RNNConfig(vocab_size=5, block_size=6, n_embd=3, n_embd2=4, cell=cell))
     params = randomise(model.init(jax.random.key(0))[0], jax.random.key(1), jnp.float64)
     x = jnp.array([[0, 1, 2, 0, 0, 0], [0, 3, 4, 4, 1, 0]], jnp.int32)
     y = jnp.array([[1, 2, 0, -1, -1, -1], [3, 4, 4, 1, 0, -1]], jnp.int32)

@@ -45,6 +45,10 @@ class ModelSpec:
         return self.config_cls(**{**self.defaults, **overrides})
 
 
+# makemore.py's optimiser: AdamW, lr 5e-4 constant, weight decay 0.01 on every parameter, betas (0.9, 0.99).
+RNN_TRAIN = TrainConfig(steps=50_000, lr=5e-4, lr_boundaries=(), optimizer="adamw", betas=(0.9, 0.99),
+                        weight_decay=0.01, eval_every=5_000)
+
 REGISTRY: dict[str, ModelSpec] = {
     "bigram": ModelSpec(
         counting_bigram, BigramConfig, TrainConfig(steps=1), split=(1.0,), fit_fn=bigram.fit,
@@ -95,11 +99,12 @@ REGISTRY: dict[str, ModelSpec] = {
         summary="the WaveNet tree as causal dilated convolutions over whole words, every position predicted",
     ),
     "rnn": ModelSpec(
-        # makemore.py's optimiser: AdamW, lr 5e-4 constant, weight decay 0.01 on every parameter, betas (0.9, 0.99).
-        rnn, RNNConfig,
-        TrainConfig(steps=50_000, lr=5e-4, lr_boundaries=(), optimizer="adamw", betas=(0.9, 0.99), weight_decay=0.01,
-                    eval_every=5_000),
+        rnn, RNNConfig, RNN_TRAIN,
         summary="recurrent net, h_t = tanh([C[x_t], h_{t-1}] W + b), backprop through time by hand (makemore.py)",
+    ),
+    "gru": ModelSpec(
+        rnn, RNNConfig, RNN_TRAIN, defaults={"cell": "gru"},
+        summary="gated recurrent net: update and reset gates (Cho et al. 2014), backprop through time by hand",
     ),
 }
 

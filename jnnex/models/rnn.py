@@ -1,15 +1,16 @@
-"""A recurrent language model (Elman 1990; Mikolov et al. 2010; makemore.py's ``RNN``), with backprop through time
-written by hand.
+"""Recurrent language models (makemore.py's ``RNN``: Elman 1990, Mikolov et al. 2010; and its ``GRU``: Cho et al.
+2014), with backprop through time written by hand.
 
 Every position of a padded word is read in order; the hidden state carries what came before::
 
     h_{-1} = start                                   (H,), learned
-    h_t    = tanh([C[x_t], h_{t-1}] @ W + b)         (B, H)     one lax.scan step: the cell
+    h_t    = cell(C[x_t], h_{t-1})                   (B, H)     one lax.scan step
     logits_t = h_t @ W_head + b_head                 (B, V)
 
-At makemore.py's defaults (n_embd 64, n_embd2 64) on names.txt: 11,803 parameters. Initialisation is PyTorch's, as
-makemore.py inherits it: embeddings ``N(0, 1)``, each linear's weight and bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``,
-the start state 0.
+The ``rnn`` cell is ``tanh([x, h] @ W + b)``; the ``gru`` cell mixes ``h`` with a candidate through an update gate
+and a reset gate (:func:`jnnex.layers.gru_cell_forward`). At makemore.py's defaults (n_embd 64, n_embd2 64) on
+names.txt: 11,803 parameters (RNN) and 28,315 (GRU). Initialisation is PyTorch's, as makemore.py inherits it:
+embeddings ``N(0, 1)``, each linear's weight and bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, the start state 0.
 
 **Backprop through time** (:func:`backward`) is the forward scan run backwards: a reverse-time ``lax.scan`` whose
 carry is ``dh`` — the loss gradient reaching ``h_t`` from the future — added at each step to the gradient the head
@@ -27,10 +28,13 @@ import jax
 import jax.numpy as jnp
 
 from jnnex.layers import (
-    Linear, embedding_backward, embedding_forward, linear_backward, linear_forward, rnn_cell_backward, rnn_cell_forward,
+    Linear, embedding_backward, embedding_forward, gru_cell_backward, gru_cell_forward, linear_backward, linear_forward,
+    rnn_cell_backward, rnn_cell_forward,
 )
 from jnnex.lm import Forward, LanguageModel
-from jnnex.settings import positive_int, setting
+from jnnex.settings import check_choice, positive_int, setting
+
+CELLS = ("rnn", "gru")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,16 +43,18 @@ class RNNConfig:
     block_size: int = setting(16, "T: the longest word + 1 (set from the data); the sampler's context")
     n_embd: int = setting(64, "E: embedding size per character")
     n_embd2: int = setting(64, "H: size of the hidden state")
+    cell: str = setting("rnn", "the recurrent cell: rnn (tanh) or gru (update and reset gates)", choices=CELLS)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_embd", "n_embd2"):
             positive_int(name, getattr(self, name))
+        check_choice("cell", self.cell, CELLS)
 
 
 class RNNParams(NamedTuple):
     start: jax.Array  # (H,) the hidden state before the first character
     C: jax.Array  # (V, E) character embeddings
-    cell: Linear  # (E + H, H), (H,)
+    cell: tuple  # Linear (E + H, H) each: (W,) for rnn; (update z, reset r, candidate) for gru
     head: Linear  # (H, V), (V,)
 
 
@@ -59,10 +65,24 @@ def _uniform(key, shape, fan_in):
 
 def init(key, cfg: RNNConfig):
     E, H, V = cfg.n_embd, cfg.n_embd2, cfg.vocab_size
-    k = jax.random.split(key, 5)
-    cell = Linear(_uniform(k[1], (E + H, H), E + H), _uniform(k[2], (H,), E + H))
-    head = Linear(_uniform(k[3], (H, V), H), _uniform(k[4], (V,), H))
+    k = jax.random.split(key, 9)
+    n_cell = 1 if cfg.cell == "rnn" else 3
+    cell = tuple(Linear(_uniform(k[1 + 2 * i], (E + H, H), E + H), _uniform(k[2 + 2 * i], (H,), E + H))
+                 for i in range(n_cell))
+    head = Linear(_uniform(k[7], (H, V), H), _uniform(k[8], (V,), H))
     return RNNParams(jnp.zeros((H,), jnp.float32), jax.random.normal(k[0], (V, E), jnp.float32), cell, head), ()
+
+
+def _cell_forward(cfg, cell, x, h):
+    """One step of ``cfg.cell``: ``(h_new (B, H), cache)``."""
+    flat = [a for lin in cell for a in lin]  # W, b[, W, b, W, b]
+    return (rnn_cell_forward if cfg.cell == "rnn" else gru_cell_forward)(x, h, *flat)
+
+
+def _cell_backward(cfg, dh_new, cache):
+    """``(dx, dh_prev, cell grads)`` of one step, the cell grads shaped like the cell's parameters."""
+    dx, dh, *flat = (rnn_cell_backward if cfg.cell == "rnn" else gru_cell_backward)(dh_new, cache)
+    return dx, dh, tuple(Linear(flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
 
 
 def forward(cfg: RNNConfig, params: RNNParams, state, x, train: bool) -> Forward:
@@ -76,7 +96,7 @@ def forward(cfg: RNNConfig, params: RNNParams, state, x, train: bool) -> Forward
     h0 = jnp.broadcast_to(params.start[None, :], (B, cfg.n_embd2))  # (B, H)
 
     def step(h, x_t):  # one time step: (B, H), (B, E) -> (B, H)
-        h, c_cell = rnn_cell_forward(x_t, h, params.cell.W, params.cell.b)
+        h, c_cell = _cell_forward(cfg, params.cell, x_t, h)
         return h, (h, c_cell)
 
     _, (hs, c_cells) = jax.lax.scan(step, h0, jnp.swapaxes(emb, 0, 1))  # over time: hs (T, B, H)
@@ -90,22 +110,21 @@ def backward(cfg: RNNConfig, params: RNNParams, caches, dlogits):
     adds the gradient ``dh`` arriving from step ``t + 1``, runs the cell backward, sums ``dW``/``db`` over time and
     hands ``dh`` to step ``t - 1``. Returns ``(grads, act_grads)``; ``act_grads`` holds ``dL/dh_t (B, T, H)``, the
     total gradient at each hidden state (the picture of vanishing or exploding gradients through time)."""
-    del cfg
     c_emb, c_cells, c_head = caches
     dhs, dW_head, db_head = linear_backward(dlogits, c_head)  # (B, T, H): the head's share of each dL/dh_t
 
     def step_back(carry, inputs):  # one time step, backwards
-        dh_next, dW, db = carry  # dh_next: what h_t receives from step t + 1
+        dh_next, dcell = carry  # dh_next: what h_t receives from step t + 1; dcell: the cell's gradients so far
         dh_head, c_cell = inputs
         dh = dh_head + dh_next  # (B, H): dL/dh_t, complete
-        dx, dh_prev, dW_t, db_t = rnn_cell_backward(dh, c_cell)
-        return (dh_prev, dW + dW_t, db + db_t), (dx, dh)
+        dx, dh_prev, dcell_t = _cell_backward(cfg, dh, c_cell)
+        return (dh_prev, jax.tree.map(jnp.add, dcell, dcell_t)), (dx, dh)
 
-    zeros = (jnp.zeros_like(dhs[:, 0]), jnp.zeros_like(params.cell.W), jnp.zeros_like(params.cell.b))
-    (dh_start, dW, db), (dxs, dh_all) = jax.lax.scan(step_back, zeros, (jnp.swapaxes(dhs, 0, 1), c_cells),
-                                                     reverse=True)
+    zeros = (jnp.zeros_like(dhs[:, 0]), jax.tree.map(jnp.zeros_like, params.cell))
+    (dh_start, dcell), (dxs, dh_all) = jax.lax.scan(step_back, zeros, (jnp.swapaxes(dhs, 0, 1), c_cells),
+                                                    reverse=True)
     dC, _ = embedding_backward(jnp.swapaxes(dxs, 0, 1), c_emb)  # (V, E)
-    grads = RNNParams(dh_start.sum(0), dC, Linear(dW, db), Linear(dW_head, db_head))
+    grads = RNNParams(dh_start.sum(0), dC, dcell, Linear(dW_head, db_head))
     return grads, (jnp.swapaxes(dh_all, 0, 1),)
 
 
@@ -114,5 +133,6 @@ def embeddings(params: RNNParams) -> jax.Array:
 
 
 def rnn(cfg: RNNConfig = RNNConfig()) -> LanguageModel:
-    """makemore.py's RNN; ``.with_gradients("manual")`` trains it on hand-written backprop through time."""
-    return LanguageModel("rnn", cfg, init, forward, backward, per_position=True, embeddings_fn=embeddings)
+    """makemore.py's RNN or GRU (``cfg.cell``); ``.with_gradients("manual")`` trains it on hand-written backprop
+    through time."""
+    return LanguageModel(cfg.cell, cfg, init, forward, backward, per_position=True, embeddings_fn=embeddings)
