@@ -74,14 +74,19 @@ def init(key, cfg: RNNConfig):
 
 
 def _cell_forward(cfg, cell, x, h):
-    """One step of ``cfg.cell``: ``(h_new (B, H), cache)``."""
+    """One step of ``cfg.cell``: ``(h_new (B, H), cache)``; the cache without the weights (the same at every step:
+    the scan would stack T copies of them), :func:`_cell_backward` puts them back."""
     flat = [a for lin in cell for a in lin]  # W, b[, W, b, W, b]
-    return (rnn_cell_forward if cfg.cell == "rnn" else gru_cell_forward)(x, h, *flat)
+    h_new, cache = (rnn_cell_forward if cfg.cell == "rnn" else gru_cell_forward)(x, h, *flat)
+    return h_new, (cache[0], cache[2]) if cfg.cell == "rnn" else cache[:-3]  # (xh, h_new) | (xh, xhr, h, z, r, h̄)
 
 
-def _cell_backward(cfg, dh_new, cache):
+def _cell_backward(cfg, cell, dh_new, acts):
     """``(dx, dh_prev, cell grads)`` of one step, the cell grads shaped like the cell's parameters."""
-    dx, dh, *flat = (rnn_cell_backward if cfg.cell == "rnn" else gru_cell_backward)(dh_new, cache)
+    if cfg.cell == "rnn":
+        dx, dh, *flat = rnn_cell_backward(dh_new, (acts[0], cell[0].W, acts[1]))
+    else:
+        dx, dh, *flat = gru_cell_backward(dh_new, (*acts, *(lin.W for lin in cell)))
     return dx, dh, tuple(Linear(flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
 
 
@@ -117,7 +122,7 @@ def backward(cfg: RNNConfig, params: RNNParams, caches, dlogits):
         dh_next, dcell = carry  # dh_next: what h_t receives from step t + 1; dcell: the cell's gradients so far
         dh_head, c_cell = inputs
         dh = dh_head + dh_next  # (B, H): dL/dh_t, complete
-        dx, dh_prev, dcell_t = _cell_backward(cfg, dh, c_cell)
+        dx, dh_prev, dcell_t = _cell_backward(cfg, params.cell, dh, c_cell)
         return (dh_prev, jax.tree.map(jnp.add, dcell, dcell_t)), (dx, dh)
 
     zeros = (jnp.zeros_like(dhs[:, 0]), jax.tree.map(jnp.zeros_like, params.cell))
