@@ -140,6 +140,13 @@ def gru_cell_args(draw, dtype=None):
 
 
 @st.composite
+def causal_average_args(draw, dtype=None):
+    """``(x (B, T, C),)`` with ``T = 1`` included."""
+    B, T, C = draw(batch_sizes(max_size=8)), draw(st.sampled_from([1, 3, 16])), draw(st.sampled_from(WIDTHS))
+    return (draw(arrays((B, T, C), dtype=dtype)),)
+
+
+@st.composite
 def flatten_consecutive_args(draw, dtype=None):
     """``(x (B, T, C), n)`` with ``T`` a multiple of ``n`` (``T = n`` included: the tree's root level)."""
     n = draw(st.sampled_from([2, 4]))

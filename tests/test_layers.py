@@ -23,6 +23,8 @@ PAIRS = {
     "rnn_cell": (layers.rnn_cell_forward, layers.rnn_cell_backward, strategies.rnn_cell_args(), ["x", "h", "W", "b"]),
     "gru_cell": (layers.gru_cell_forward, layers.gru_cell_backward, strategies.gru_cell_args(),
                  ["x", "h", "Wz", "bz", "Wr", "br", "Wh", "bh"]),
+    "causal_average": (layers.causal_average_forward, layers.causal_average_backward,
+                       strategies.causal_average_args(), ["x"]),
     "gated_tanh": (layers.gated_tanh_forward, layers.gated_tanh_backward, strategies.gated_tanh_args(), ["x"]),
     "flatten_consecutive": (layers.flatten_consecutive_forward, layers.flatten_consecutive_backward,
                             strategies.flatten_consecutive_args(), ["x", "n"]),
@@ -109,7 +111,7 @@ def _f64(*shape):
 FIXED_ARGS = {"linear": (_f64(4, 3), _f64(3, 2), _f64(2)), "tanh": (_f64(4, 3),), "relu": (_f64(4, 3),),
               "batchnorm": (_f64(4, 3), _f64(3), _f64(3)), "embedding": (_f64(5, 2), jnp.array([[1, 4]], jnp.int32)),
               "cross_entropy": (_f64(4, 3), jnp.array([0, 2, 1, 1], jnp.int32)),
-              "gated_tanh": (_f64(4, 6),),
+              "gated_tanh": (_f64(4, 6),), "causal_average": (_f64(2, 4, 3),),
               "gru_cell": (_f64(4, 3), _f64(4, 2), _f64(5, 2), _f64(2), _f64(5, 2), _f64(2), _f64(5, 2), _f64(2)), "rnn_cell": (_f64(4, 3), _f64(4, 2), _f64(5, 2), _f64(2)), "flatten_consecutive": (_f64(2, 4, 3), 2), "causal_conv": (_f64(2, 5, 3), _f64(6, 4), 2)}
 
 
@@ -158,3 +160,11 @@ def test_dropout_backward_equals_vjp_and_keeps_the_mean(rate):
     kept = np.asarray(scale) > 0
     assert abs(kept.mean() - (1 - rate)) < 0.05  # about 1 - rate of the elements survive, scaled up to keep E[y]
     np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / (1 - rate), rtol=1e-15)
+
+
+def test_causal_average_is_makemores_masked_softmax():
+    """Uniform causal weights, as makemore.py builds them: softmax over a zero matrix with -inf above the diagonal."""
+    x = _f64(2, 5, 3)
+    mask = jnp.tril(jnp.ones((5, 5), bool))
+    att = jax.nn.softmax(jnp.where(mask, 0.0, -jnp.inf), axis=-1)  # (T, T)
+    np.testing.assert_allclose(layers.causal_average_forward(x)[0], jnp.einsum("ts,bsc->btc", att, x), rtol=1e-14)

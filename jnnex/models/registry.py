@@ -23,6 +23,7 @@ from jnnex.lm import LanguageModel
 from jnnex.models import bigram
 from jnnex.models.bigram import BigramConfig, counting_bigram, neural_bigram
 from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp
+from jnnex.models.bow import BoWConfig, bow
 from jnnex.models.mlp_lm import MLPConfig, mlp_lm
 from jnnex.models.rnn import RNNConfig, rnn
 from jnnex.models.wavenet import WaveNetConfig, WaveNetConvConfig, wavenet, wavenet_conv
@@ -45,7 +46,8 @@ class ModelSpec:
         return self.config_cls(**{**self.defaults, **overrides})
 
 
-# makemore.py's optimiser: AdamW, lr 5e-4 constant, weight decay 0.01 on every parameter, betas (0.9, 0.99).
+# makemore.py's optimiser (its rnn, gru, bow and transformer): AdamW, lr 5e-4 constant, weight decay 0.01 on every
+# parameter, betas (0.9, 0.99).
 RNN_TRAIN = TrainConfig(steps=50_000, lr=5e-4, lr_boundaries=(), optimizer="adamw", betas=(0.9, 0.99),
                         weight_decay=0.01, eval_every=5_000)
 
@@ -105,6 +107,10 @@ REGISTRY: dict[str, ModelSpec] = {
     "gru": ModelSpec(
         rnn, RNNConfig, RNN_TRAIN, defaults={"cell": "gru"},
         summary="gated recurrent net: update and reset gates (Cho et al. 2014), backprop through time by hand",
+    ),
+    "bow": ModelSpec(
+        bow, BoWConfig, RNN_TRAIN,
+        summary="causal bag of words: each position averages the ones before it, then an MLP block (makemore.py)",
     ),
 }
 
