@@ -224,3 +224,26 @@ def test_ctrl_c_guard_defers_the_first_and_raises_on_the_second(sigint_default):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with ctrl_c_guard():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e3])
+def test_grad_clip_scales_the_update_to_the_global_norm(clip):
+    """``grad_clip``: the update is the SGD step of the gradient rescaled to global norm ``clip`` when it is longer,
+    untouched when it is shorter (the recurrent nets' guard against exploding gradients through time)."""
+    from jnnex.models.rnn import RNNConfig, rnn
+    from jnnex.train import TrainConfig, TrainState, make_optimizer, make_step
+
+    model = rnn(RNNConfig(vocab_size=5, block_size=4, n_embd=3, n_embd2=4)).with_gradients("manual")
+    tcfg = TrainConfig(lr=0.5, lr_boundaries=(), grad_clip=clip)
+    opt = make_optimizer(tcfg)
+    params, state = model.init(jax.random.key(0))
+    x = jnp.array([[0, 1, 2, 3], [0, 4, 4, 1]], jnp.int32)
+    y = jnp.array([[1, 2, 3, 0], [4, 4, 1, -1]], jnp.int32)
+    _, grads, _ = model.value_and_grad_manual(params, state, x, y)
+    norm = float(optax.tree.norm(grads))
+    ts = TrainState(params, state, opt.init(params), jnp.zeros((), jnp.int32))
+    new, _ = make_step(model, opt)(ts, (x, y), jax.random.key(1))
+    scale = min(1.0, clip / norm)
+    assert (scale < 1.0) == (clip < norm)  # the two cases really are one clipped, one not
+    for p0, p1, g in zip(jax.tree.leaves(params), jax.tree.leaves(new.params), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(p1, p0 - 0.5 * scale * g, rtol=1e-5, atol=1e-7)

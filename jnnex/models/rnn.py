@@ -64,6 +64,7 @@ def _uniform(key, shape, fan_in):
 
 
 def init(key, cfg: RNNConfig):
+    """makemore.py's (PyTorch's) init: embeddings ``N(0, 1)``, linears ``U(±1/sqrt(fan_in))``, the start state 0."""
     E, H, V = cfg.n_embd, cfg.n_embd2, cfg.vocab_size
     k = jax.random.split(key, 9)
     n_cell = 1 if cfg.cell == "rnn" else 3
