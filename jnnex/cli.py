@@ -492,6 +492,13 @@ def cmd_diagnose(args) -> int:
     print(f"{model.name} {dict(overrides) or ''} on {args.data}: loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}")
     print(f"\n-- step 0 (initialisation)\n{diagnostics.table(res.metrics, names, 0)}")
     print(f"\n-- step {args.steps - 1}\n{diagnostics.table(res.metrics, names, -1)}")
+    if model.name in ("rnn", "gru"):  # backprop through time: how far back the last prediction's gradient reaches
+        X = jnp.asarray(splits.train[0][:512])
+        y_last = jnp.asarray(splits.train[1][:512, 0])  # any valid character as the last position's target
+        for label, p in (("initialisation", model.init(jax.random.key(args.seed))[0]), ("trained", res.ts.params)):
+            prof = diagnostics.gradient_through_time(model, p, res.ts.state, X, y_last)
+            print(f"\n|dL_last/dh_t| for t = 0..{X.shape[1] - 1} ({label}): "
+                  + " ".join(f"{v:.2e}" for v in prof.tolist()))
     if args.out:
         X, Y = (jnp.asarray(a[:512]) for a in splits.train)  # one batch of the training data, in train mode
         acts, act_grads = diagnostics.activation_gradients(model, res.ts.params, res.ts.state, X, Y)

@@ -76,3 +76,23 @@ def table(metrics: dict, names: list[str], step: int = -1) -> str:
         lines.append(f"{name:<22} {float(metrics['grad_mean'][step][i]):+11.3e} {float(metrics['grad_std'][step][i]):10.3e}"
                      f" {float(metrics['grad_data'][step][i]):10.3e} {float(metrics['update_data'][step][i]):18.2f}")
     return "\n".join(lines)
+
+
+def gradient_through_time(model: LanguageModel, params, state, x, y_last, key=None) -> jax.Array:
+    """``‖∂L/∂h_t‖`` for ``t = 0 … T-1`` (mean over the batch), where ``L`` is the loss of the **last** position's
+    prediction alone — the textbook picture of backprop through time: how much of one prediction's gradient reaches
+    the states before it. A plain RNN's profile decays (vanishes) or grows (explodes) geometrically going back; a
+    GRU's update gate can carry it unchanged.
+
+    Args:
+        model: a per-position model whose backward returns ``dL/dh_t (B, T, H)`` as its first ``act_grads``
+            (``rnn``, ``gru``).
+        x: ``(B, T)`` inputs; ``y_last``: ``(B,)`` the targets of the last position.
+    Returns:
+        ``(T,)``: the mean over the batch of each step's gradient norm.
+    """
+    if not model.per_position:
+        raise ValueError(f"gradient_through_time needs a per-position model, got {model.name!r}")
+    y = jnp.full(x.shape, -1, jnp.int32).at[:, -1].set(y_last)  # only the last position is predicted
+    out = manual_gradients(model, params, state, x, y, key)
+    return jnp.linalg.norm(out.act_grads[0], axis=-1).mean(0)  # (T,)

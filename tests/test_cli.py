@@ -266,3 +266,8 @@ def test_diagnose_wavenet_per_level(tmp_path, capsys):
     code, stdout, _ = run(capsys, "diagnose", "--model", "wavenet", "--steps", "5", "--out", str(tmp_path))
     assert code == 0 and "act 2" in stdout and "act 3" not in stdout
     assert (tmp_path / "activations.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_diagnose_rnn_prints_the_gradient_through_time(capsys):
+    code, stdout, _ = run(capsys, "diagnose", "--model", "rnn", "--steps", "5")
+    assert code == 0 and "|dL_last/dh_t| for t = 0.." in stdout and "(initialisation)" in stdout
