@@ -48,7 +48,7 @@ class ModelSpec:
 
 # makemore.py's optimiser (its rnn, gru, bow and transformer): AdamW, lr 5e-4 constant, weight decay 0.01 on every
 # parameter, betas (0.9, 0.99).
-RNN_TRAIN = TrainConfig(steps=50_000, lr=5e-4, lr_boundaries=(), optimizer="adamw", betas=(0.9, 0.99),
+MAKEMORE_TRAIN = TrainConfig(steps=50_000, lr=5e-4, lr_boundaries=(), optimizer="adamw", betas=(0.9, 0.99),
                         weight_decay=0.01, eval_every=5_000)
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -101,15 +101,15 @@ REGISTRY: dict[str, ModelSpec] = {
         summary="the WaveNet tree as causal dilated convolutions over whole words, every position predicted",
     ),
     "rnn": ModelSpec(
-        rnn, RNNConfig, RNN_TRAIN,
+        rnn, RNNConfig, MAKEMORE_TRAIN,
         summary="recurrent net, h_t = tanh([C[x_t], h_{t-1}] W + b), backprop through time by hand (makemore.py)",
     ),
     "gru": ModelSpec(
-        rnn, RNNConfig, RNN_TRAIN, defaults={"cell": "gru"},
+        rnn, RNNConfig, MAKEMORE_TRAIN, defaults={"cell": "gru"},
         summary="gated recurrent net: update and reset gates (Cho et al. 2014), backprop through time by hand",
     ),
     "bow": ModelSpec(
-        bow, BoWConfig, RNN_TRAIN,
+        bow, BoWConfig, MAKEMORE_TRAIN,
         summary="causal bag of words: each position averages the ones before it, then an MLP block (makemore.py)",
     ),
 }
