@@ -13,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jnnex.layers import Linear
+
 GAINS = {
     "tanh": 5.0 / 3.0,  # tanh's derivative shrinks the signal; 5/3 restores unit variance for unit-variance inputs
     "relu": math.sqrt(2.0),  # relu zeroes half the inputs, halving the variance
@@ -54,3 +56,11 @@ def normals(draws, dtype=jnp.float32) -> list[jax.Array]:
         return []
     flat = jax.vmap(lambda k: jax.random.normal(k, (max(sizes),), dtype))(jnp.stack([k for k, _ in draws]))
     return [flat[i, :n].reshape(shape) for i, (n, (_, shape)) in enumerate(zip(sizes, draws))]
+
+
+def torch_linear(key_w, key_b, fan_in: int, fan_out: int):
+    """PyTorch's default ``nn.Linear`` init, which makemore.py's models inherit: weight ``(fan_in, fan_out)`` and bias
+    ``(fan_out,)`` both ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, drawn from their own keys."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return Linear(jax.random.uniform(key_w, (fan_in, fan_out), jnp.float32, -bound, bound),
+                  jax.random.uniform(key_b, (fan_out,), jnp.float32, -bound, bound))

@@ -15,13 +15,12 @@ embeddings and two residual branches gives logits of std ≈ 1 and an initial lo
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jnnex.init import OUTPUT_SCALE
+from jnnex.init import OUTPUT_SCALE, torch_linear
 from jnnex.layers import (
     Linear, causal_average_backward, causal_average_forward, embedding_backward, embedding_forward, linear_backward,
     linear_forward, tanh_backward, tanh_forward,
@@ -50,19 +49,13 @@ class BoWParams(NamedTuple):
     head: Linear  # (E, V)
 
 
-def _linear(k1, k2, fan_in, fan_out):
-    bound = 1.0 / math.sqrt(fan_in)
-    return Linear(jax.random.uniform(k1, (fan_in, fan_out), jnp.float32, -bound, bound),
-                  jax.random.uniform(k2, (fan_out,), jnp.float32, -bound, bound))
-
-
 def init(key, cfg: BoWConfig):
     E, E2, V, T = cfg.n_embd, cfg.n_embd2, cfg.vocab_size, cfg.block_size
     k = jax.random.split(key, 8)
-    head = _linear(k[6], k[7], E, V)
+    head = torch_linear(k[6], k[7], E, V)
     head = Linear(head.W * OUTPUT_SCALE, jnp.zeros_like(head.b))  # less confident: initial loss ≈ ln V
     params = BoWParams(jax.random.normal(k[0], (V, E), jnp.float32), jax.random.normal(k[1], (T, E), jnp.float32),
-                       _linear(k[2], k[3], E, E2), _linear(k[4], k[5], E2, E), head)
+                       torch_linear(k[2], k[3], E, E2), torch_linear(k[4], k[5], E2, E), head)
     return params, ()
 
 

@@ -21,12 +21,12 @@ time) and the ``dh`` for the step before. What is left at ``t = -1`` is the star
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jnnex.init import torch_linear
 from jnnex.layers import (
     Linear, embedding_backward, embedding_forward, gru_cell_backward, gru_cell_forward, linear_backward, linear_forward,
     rnn_cell_backward, rnn_cell_forward,
@@ -58,19 +58,13 @@ class RNNParams(NamedTuple):
     head: Linear  # (H, V), (V,)
 
 
-def _uniform(key, shape, fan_in):
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
 def init(key, cfg: RNNConfig):
     """makemore.py's (PyTorch's) init: embeddings ``N(0, 1)``, linears ``U(±1/sqrt(fan_in))``, the start state 0."""
     E, H, V = cfg.n_embd, cfg.n_embd2, cfg.vocab_size
     k = jax.random.split(key, 9)
     n_cell = 1 if cfg.cell == "rnn" else 3
-    cell = tuple(Linear(_uniform(k[1 + 2 * i], (E + H, H), E + H), _uniform(k[2 + 2 * i], (H,), E + H))
-                 for i in range(n_cell))
-    head = Linear(_uniform(k[7], (H, V), H), _uniform(k[8], (V,), H))
+    cell = tuple(torch_linear(k[1 + 2 * i], k[2 + 2 * i], E + H, H) for i in range(n_cell))
+    head = torch_linear(k[7], k[8], H, V)
     return RNNParams(jnp.zeros((H,), jnp.float32), jax.random.normal(k[0], (V, E), jnp.float32), cell, head), ()
 
 
