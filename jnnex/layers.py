@@ -25,6 +25,12 @@ def check_shape(name: str, arr: jax.Array, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(arr.shape)}")
 
 
+def check_train(train) -> None:
+    """``train`` selects a code path at trace time, so it must be a Python bool (not an array)."""
+    if not isinstance(train, bool):
+        raise TypeError(f"train must be a Python bool (it selects the code path), got {type(train).__name__}")
+
+
 def _per_channel(v, ndim: int):
     """A (C,) vector shaped (1, …, 1, C) to broadcast explicitly against (..., C) (rank promotion stays strict)."""
     return v.reshape((1,) * (ndim - 1) + v.shape)
@@ -477,8 +483,7 @@ def batchnorm(
     >>> y.round(3).tolist()
     [[-1.0, -1.0], [1.0, 1.0]]
     """
-    if not isinstance(train, bool):
-        raise TypeError(f"train must be a Python bool (it selects the code path), got {type(train).__name__}")
+    check_train(train)
     if not train:
         return batchnorm_eval(x, params.gamma, params.beta, state, eps), state
     y, (_, _, _, mean, var) = batchnorm_forward(x, params.gamma, params.beta, eps)

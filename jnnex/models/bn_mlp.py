@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from jnnex.init import GAINS, OUTPUT_SCALE, kaiming_scale, normals
 from jnnex.layers import (
     BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_eval, batchnorm_forward,
-    batchnorm_update_state, embedding_backward, embedding_forward, linear_backward, linear_forward, tanh_backward,
-    tanh_forward,
+    batchnorm_update_state, check_train, embedding_backward, embedding_forward, linear_backward, linear_forward,
+    tanh_backward, tanh_forward,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.settings import positive_int, setting
@@ -120,8 +120,7 @@ def forward(cfg: BNMLPConfig, params: BNMLPParams, state, x, train: bool) -> For
     """``Forward(logits (B, V), new_state, caches, acts)``: ``caches`` holds each layer's (train mode) for
     :func:`backward`, ``acts`` each hidden layer's tanh output (B, H). Train mode normalises with the batch
     statistics and updates the running ones; eval mode uses the running statistics (and keeps no BatchNorm cache)."""
-    if not isinstance(train, bool):
-        raise TypeError(f"train must be a Python bool (it selects the code path), got {type(train).__name__}")
+    check_train(train)
     if x.ndim != 2 or x.shape[1] != cfg.block_size:
         raise ValueError(f"bn-mlp: x must have shape (B, {cfg.block_size}), got {x.shape}")
     B = x.shape[0]

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jnnex.init import OUTPUT_SCALE, kaiming_scale, normals
 from jnnex.layers import (
     BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_eval, batchnorm_forward,
-    batchnorm_update_state, causal_conv_backward, causal_conv_forward, dropout_backward, dropout_forward,
+    batchnorm_update_state, causal_conv_backward, causal_conv_forward, check_train, dropout_backward, dropout_forward,
     embedding_backward, embedding_forward, flatten_consecutive_backward, flatten_consecutive_forward,
     gated_tanh_backward, gated_tanh_forward, linear_backward, linear_forward, tanh_backward, tanh_forward,
 )
@@ -121,8 +121,7 @@ def init(key, cfg: WaveNetConfig):
 
 
 def _check_train(cfg, train, key):
-    if not isinstance(train, bool):
-        raise TypeError(f"train must be a Python bool (it selects the code path), got {type(train).__name__}")
+    check_train(train)
     if train and cfg.dropout > 0 and key is None:
         raise ValueError(f"dropout {cfg.dropout} in train mode needs a key (forward(..., train=True, key=...))")
 
@@ -233,10 +232,6 @@ class WaveNetConvConfig(WaveNetConfig):
 
     window_name = "context"
 
-    def tree(self) -> WaveNetConfig:
-        """The tree whose parameters these are: ``block_size = context``, the same widths."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(WaveNetConfig)}
-        return WaveNetConfig(**{**fields, "block_size": self.context})
 
 
 def conv_forward(cfg: WaveNetConvConfig, params: WaveNetParams, state, x, train: bool, key=None) -> Forward:
@@ -282,6 +277,6 @@ def conv_backward(cfg: WaveNetConvConfig, params: WaveNetParams, caches, dlogits
 
 def wavenet_conv(cfg: WaveNetConvConfig = WaveNetConvConfig()) -> LanguageModel:
     """The WaveNet as causal dilated convolutions over whole words (per-position targets). Its :func:`init` is the
-    tree's: the same key gives the same parameters as ``wavenet(cfg.tree())``."""
+    tree's: the same key gives the same parameters as the tree with ``block_size = context``."""
     return LanguageModel("wavenet-conv", cfg, init, conv_forward, conv_backward, stochastic=cfg.dropout > 0,
                          per_position=True, embeddings_fn=embeddings)
