@@ -292,6 +292,151 @@ def causal_conv_backward(dy, cache):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Transformer layers (GPT-2, as llm.c writes them by hand): token + position embedding, LayerNorm, GELU, causal
+# multi-head self-attention, the residual add. Linear over (B, T, C) is ``linear`` above; the fused softmax
+# cross-entropy over (B, T, V) with ignored targets is ``cross_entropy`` below.
+
+
+def token_position_embedding_forward(wte, wpe, ix):
+    """``wte (V, C) [ix (B, T)] + wpe (T_max, C) [:T] -> (B, T, C)``: what each token is, plus where it is."""
+    if not jnp.issubdtype(ix.dtype, jnp.integer):
+        raise TypeError(f"token_position_embedding: ix must be an integer array, got {ix.dtype}")
+    if ix.ndim != 2 or ix.shape[1] > wpe.shape[0]:
+        raise ValueError(f"token_position_embedding: ix must be (B, T) with T <= {wpe.shape[0]} (the position table's "
+                         f"length), got {ix.shape}")
+    T = ix.shape[1]
+    return wte[ix] + wpe[None, :T], (ix, wte.shape, wpe.shape)
+
+
+def token_position_embedding_backward(dout, cache):
+    """``dwte``: a scatter-add over the tokens (a repeated token accumulates); ``dwpe[t] = Σ_b dout[b, t]`` for the
+    ``T`` positions used, 0 beyond."""
+    ix, wte_shape, wpe_shape = cache
+    check_shape("token_position_embedding_backward: dout", dout, ix.shape + (wte_shape[1],))
+    C = wte_shape[1]
+    dwte = jnp.zeros(wte_shape, dout.dtype).at[ix.reshape(-1)].add(dout.reshape(-1, C))
+    dwpe = jnp.zeros(wpe_shape, dout.dtype).at[:ix.shape[1]].set(dout.sum(0))
+    return dwte, dwpe, None
+
+
+def layernorm_forward(x, w, b, eps: float = 1e-5):
+    """Normalise each row over its last axis (biased variance), then scale and shift: ``x (..., C)``, ``w, b (C,)``.
+    Caches ``mean`` and ``rstd = 1/sqrt(var + eps)`` (``(..., 1)`` each), as llm.c does, not the normalised input."""
+    if w.shape != x.shape[-1:] or b.shape != x.shape[-1:]:
+        raise ValueError(f"layernorm: w and b must have shape ({x.shape[-1]},) for x {x.shape}, got {w.shape} and "
+                         f"{b.shape}")
+    mean = x.mean(-1, keepdims=True)
+    xc = x - mean
+    rstd = jax.lax.rsqrt((xc * xc).mean(-1, keepdims=True) + eps)
+    return xc * rstd * _per_channel(w, x.ndim) + _per_channel(b, x.ndim), (x, w, mean, rstd)
+
+
+def layernorm_backward(dy, cache):
+    """llm.c's form: ``n`` recomputed from ``mean`` and ``rstd``, ``g = w ⊙ dy``, then two reductions per row:
+    ``dx = rstd · (g − mean(g) − n ⊙ mean(g ⊙ n))``; ``dw = Σ dy ⊙ n``, ``db = Σ dy`` over the leading axes."""
+    x, w, mean, rstd = cache
+    check_shape("layernorm_backward: dy", dy, x.shape)
+    n = (x - mean) * rstd
+    g = dy * _per_channel(w, x.ndim)
+    dx = rstd * (g - g.mean(-1, keepdims=True) - n * (g * n).mean(-1, keepdims=True))
+    C = x.shape[-1]
+    return dx, (dy * n).reshape(-1, C).sum(0), dy.reshape(-1, C).sum(0)
+
+
+GELU_C = float(np.sqrt(2.0 / np.pi))
+
+
+def gelu_forward(x):
+    """GELU in GPT-2's tanh form: ``0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))``. Caches ``x`` (llm.c's ``fch``)."""
+    return 0.5 * x * (1.0 + jnp.tanh(GELU_C * (x + 0.044715 * x**3))), x
+
+
+def gelu_backward(dy, x):
+    """``dx = dy · [0.5 (1 + tanh u) + 0.5 x sech²u · √(2/π) (1 + 3 · 0.044715 x²)]``, ``u`` recomputed from ``x``."""
+    check_shape("gelu_backward: dy", dy, x.shape)
+    t = jnp.tanh(GELU_C * (x + 0.044715 * x**3))
+    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x))
+
+
+def residual_forward(a, b):
+    """``a + b``: the residual stream plus a block's branch."""
+    if a.shape != b.shape:
+        raise ValueError(f"residual: both inputs must have the same shape, got {a.shape} and {b.shape}")
+    return a + b, a.shape
+
+
+def residual_backward(dout, shape):
+    """The gradient flows unchanged into both inputs."""
+    check_shape("residual_backward: dout", dout, shape)
+    return dout, dout
+
+
+def _heads(x, n_head: int):
+    """``(B, T, C) -> (B, nh, T, hs)``."""
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def _merge_heads(x):
+    """``(B, nh, T, hs) -> (B, T, C)``."""
+    B, nh, T, hs = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)
+
+
+def attention_forward(qkv, n_head: int):
+    """Causal multi-head attention on a fused projection ``qkv (B, T, 3C) -> (B, T, C)`` (llm.c's
+    ``attention_forward``): per head, ``att = softmax(q kᵀ / √hs)`` over the positions ``t' <= t`` (later ones get
+    exactly 0), then ``y = att v``. Caches ``qkv`` and ``att (B, nh, T, T)``: the softmax's backward needs its output
+    only. Rows are shifted by their maximum, so logits of ±1e4 stay finite."""
+    if qkv.ndim != 3 or qkv.shape[-1] % 3 or (qkv.shape[-1] // 3) % n_head:
+        raise ValueError(f"attention: qkv must be (B, T, 3C) with C divisible by n_head = {n_head}, got {qkv.shape}")
+    C = qkv.shape[-1] // 3
+    q, k, v = (_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))  # (B, nh, T, hs) each
+    T = qkv.shape[1]
+    causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # (1, 1, T, T): position t sees t' <= t
+    preatt = jnp.where(causal, (q @ k.transpose(0, 1, 3, 2)) * (C // n_head) ** -0.5, -jnp.inf)
+    e = jnp.exp(preatt - preatt.max(-1, keepdims=True))  # the diagonal is never masked: a finite maximum per row
+    att = e / e.sum(-1, keepdims=True)  # (B, nh, T, T), exactly 0 above the diagonal
+    return _merge_heads(att @ v), (qkv, att, n_head)
+
+
+def attention_backward(dy, cache):
+    """In reverse: the value mix (``datt = dy vᵀ``, ``dv = attᵀ dy``); the softmax in vector form,
+    ``dpreatt = att ⊙ (datt − ⟨att, datt⟩)`` per row (0 wherever ``att`` is, so the masked positions get nothing);
+    the scaled ``q kᵀ`` (``dq = dpreatt k / √hs``, ``dk = dpreattᵀ q / √hs``)."""
+    qkv, att, n_head = cache
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    check_shape("attention_backward: dy", dy, (B, T, C))
+    q, k, v = (_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))
+    dyh = _heads(dy, n_head)  # (B, nh, T, hs)
+    datt = dyh @ v.transpose(0, 1, 3, 2)  # (B, nh, T, T)
+    dv = att.transpose(0, 1, 3, 2) @ dyh
+    dpreatt = att * (datt - (att * datt).sum(-1, keepdims=True)) * (C // n_head) ** -0.5
+    dq = dpreatt @ k
+    dk = dpreatt.transpose(0, 1, 3, 2) @ q
+    return jnp.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1), None
+
+
+def self_attention_forward(x, W_qkv, b_qkv, W_proj, b_proj, n_head: int):
+    """The whole attention layer: the fused projection ``x (B, T, C) @ W_qkv (C, 3C)``, causal multi-head attention,
+    the output projection ``(C, C)``."""
+    qkv, c_qkv = linear_forward(x, W_qkv, b_qkv)
+    y, c_att = attention_forward(qkv, n_head)
+    out, c_proj = linear_forward(y, W_proj, b_proj)
+    return out, (c_qkv, c_att, c_proj)
+
+
+def self_attention_backward(dout, cache):
+    """The three backwards in reverse order: ``(dx, dW_qkv, db_qkv, dW_proj, db_proj, None)``."""
+    c_qkv, c_att, c_proj = cache
+    dy, dW_proj, db_proj = linear_backward(dout, c_proj)
+    dqkv, _ = attention_backward(dy, c_att)
+    dx, dW_qkv, db_qkv = linear_backward(dqkv, c_qkv)
+    return dx, dW_qkv, db_qkv, dW_proj, db_proj, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Losses (each returns a scalar; its backward takes the scalar upstream gradient)
 
 

@@ -159,6 +159,35 @@ def manual_gradients(model: LanguageModel, params, state, x, y, key=None) -> Man
     return ManualGradients(loss, grads, out.state, out.acts, tuple(act_grads))
 
 
+def manual_vjp(model: LanguageModel, *, train: bool = True) -> Callable:
+    """``logits(params, state, x, key=None)``: the model's logits, whose derivatives come from its hand-written
+    backward (``jax.custom_vjp``), so ``jax.grad`` of *any* function of the logits runs on it.
+
+    ``state`` (BatchNorm's running statistics), ``x`` and ``key`` get no gradient. The residuals kept for the backward
+    are the inputs: the backward runs the forward again for its caches (one more forward per gradient, traded for
+    keeping the caches' shapes and flags out of JAX's residuals). Only parameters are differentiated; a model whose
+    train-mode forward pools over the batch (BatchNorm) still gets the batch-coupled gradient it should.
+    """
+    if model.backward_fn is None:
+        raise ValueError(f"model {model.name!r} has no hand-written backward")
+
+    @jax.custom_vjp
+    def logits(params, state, x, key):
+        return model.forward(params, state, x, train=train, key=key).logits
+
+    def fwd(params, state, x, key):
+        return logits(params, state, x, key), (params, state, x, key)
+
+    def bwd(res, dlogits):
+        params, state, x, key = res
+        out = model.forward(params, state, x, train=train, key=key)
+        grads, _ = model.backward_fn(model.cfg, params, out.caches, dlogits)
+        return grads, None, None, None
+
+    logits.defvjp(fwd, bwd)
+    return lambda params, state, x, key=None: logits(params, state, x, key)
+
+
 def check_batch(model: LanguageModel, X, Y, what: str) -> None:
     """``X (N, T)`` token ids in ``[0, V)`` and targets of the model's contract (``Y (N,)``, or ``(N, T)`` per
     position; ids in ``[0, V)`` or ``-1``); otherwise a ``ValueError`` that names ``what`` and what was expected."""

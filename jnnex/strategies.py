@@ -165,6 +165,73 @@ def causal_conv_args(draw, dtype=None):
 
 
 @st.composite
+def token_position_embedding_args(draw, dtype=None):
+    """``(wte (V, C), wpe (T_max, C), ix (B, T))`` with ``T <= T_max`` (``T = 1`` included) and a repeated token."""
+    V, C, B = draw(st.sampled_from((5, 27))), draw(st.sampled_from((2, 8))), draw(st.sampled_from((1, 3)))
+    T_max = draw(st.sampled_from((1, 4, 6)))
+    T = draw(st.integers(1, T_max))
+    return (draw(arrays((V, C), dtype=dtype, scale=0.5)), draw(arrays((T_max, C), dtype=dtype, scale=0.5)),
+            draw(indices((B, T), V)))
+
+
+@st.composite
+def layernorm_args(draw, dtype=None):
+    """``(x (B, [T,] C), w (C,), b (C,))``: rows of scale 0.1 … 10 and offset 0 or 3, ``w`` around 1, ``b`` around 0."""
+    C = draw(st.sampled_from((2, 3, 8)))
+    lead = draw(st.sampled_from([(draw(batch_sizes(max_size=8)),), (2, draw(st.sampled_from((1, 3))))]))
+    return (draw(arrays(lead + (C,), dtype=dtype, scale=draw(st.sampled_from([0.1, 1.0, 10.0])),
+                        offset=draw(st.sampled_from([0.0, 3.0])))),
+            draw(arrays((C,), dtype=dtype, scale=0.3, offset=1.0)), draw(arrays((C,), dtype=dtype, scale=0.3)))
+
+
+@st.composite
+def gelu_args(draw, dtype=None):
+    """``(x (B, T, C),)`` over GELU's negative tail, its bend and its linear side."""
+    B, T, C = draw(st.sampled_from((1, 3))), draw(st.sampled_from((1, 4))), draw(st.sampled_from(WIDTHS))
+    return (draw(arrays((B, T, C), dtype=dtype, scale=3.0)),)
+
+
+def _attention_shape(draw):
+    """``(B, T, n_head, head_size)`` with ``T = 1`` (a row that sees only itself) and one-element heads included."""
+    return (draw(st.sampled_from((1, 2))), draw(st.sampled_from((1, 2, 5))), draw(st.sampled_from((1, 2, 3))),
+            draw(st.sampled_from((1, 2, 4))))
+
+
+@st.composite
+def attention_args(draw, dtype=None):
+    """``(qkv (B, T, 3C), n_head)``, ``C = n_head · head_size``; queries and keys of scale up to 3 (peaked rows)."""
+    B, T, nh, hs = _attention_shape(draw)
+    return draw(arrays((B, T, 3 * nh * hs), dtype=dtype, scale=draw(st.sampled_from([0.5, 3.0])))), nh
+
+
+@st.composite
+def self_attention_args(draw, dtype=None):
+    """``(x (B, T, C), W_qkv (C, 3C), b_qkv (3C,), W_proj (C, C), b_proj (C,), n_head)``."""
+    B, T, nh, hs = _attention_shape(draw)
+    C = nh * hs
+    return (draw(arrays((B, T, C), dtype=dtype)), draw(arrays((C, 3 * C), dtype=dtype, scale=2 * C**-0.5)),
+            draw(arrays((3 * C,), dtype=dtype, scale=0.3)), draw(arrays((C, C), dtype=dtype, scale=C**-0.5)),
+            draw(arrays((C,), dtype=dtype, scale=0.3)), nh)
+
+
+@st.composite
+def residual_args(draw, dtype=None):
+    """``(a, b)``, both ``(B, T, C)``."""
+    shape = (draw(st.sampled_from((1, 3))), draw(st.sampled_from((1, 4))), draw(st.sampled_from(WIDTHS)))
+    return draw(arrays(shape, dtype=dtype)), draw(arrays(shape, dtype=dtype))
+
+
+@st.composite
+def sequence_cross_entropy_args(draw, dtype=None):
+    """``(logits (B, T, V), y (B, T))`` with ``-1`` (ignored) in each row's tail, as a padded word's targets."""
+    B, T, V = draw(st.sampled_from((1, 3))), draw(st.sampled_from((1, 4, 6))), draw(st.sampled_from((5, 27)))
+    logits = draw(arrays((B, T, V), dtype=dtype, scale=draw(st.sampled_from([0.1, 1.0, 10.0]))))
+    y = np.asarray(draw(indices((B, T), V, repeat=False)))
+    lengths = np.random.default_rng(draw(seeds())).integers(1, T + 1, B)  # at least one target per row
+    return logits, jnp.asarray(np.where(np.arange(T)[None] < lengths[:, None], y, -1).astype(np.int32))
+
+
+@st.composite
 def lm_configs(draw, shapes=("bn-mlp", "deep", "no-batchnorm")):
     """Small :class:`~jnnex.bn_mlp.BNMLPConfig` s over T, n_embd, n_hidden and V: the lecture's single-BatchNorm
     net (``bn-mlp``), a 3-layer BatchNorm stack (``deep``), and 2 layers without BatchNorm."""

@@ -55,3 +55,13 @@ def sigint_default():
     original = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, original)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Tables a test recorded with ``record_property("table", text)`` (the GPT's per-tensor gradient errors), printed
+    after the run; they travel with the reports, so they show under ``-n 2`` as well."""
+    for report in terminalreporter.stats.get("passed", []):
+        for name, text in getattr(report, "user_properties", []):
+            if name == "table":
+                terminalreporter.write_sep("-", report.nodeid.split("::")[-1])
+                terminalreporter.write_line(text)

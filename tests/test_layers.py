@@ -30,6 +30,17 @@ PAIRS = {
                             strategies.flatten_consecutive_args(), ["x", "n"]),
     "causal_conv": (layers.causal_conv_forward, layers.causal_conv_backward, strategies.causal_conv_args(),
                     ["x", "W", "dilation"]),
+    "token_position_embedding": (layers.token_position_embedding_forward, layers.token_position_embedding_backward,
+                                 strategies.token_position_embedding_args(), ["wte", "wpe", "ix"]),
+    "layernorm": (layers.layernorm_forward, layers.layernorm_backward, strategies.layernorm_args(), ["x", "w", "b"]),
+    "gelu": (layers.gelu_forward, layers.gelu_backward, strategies.gelu_args(), ["x"]),
+    "attention": (layers.attention_forward, layers.attention_backward, strategies.attention_args(),
+                  ["qkv", "n_head"]),
+    "self_attention": (layers.self_attention_forward, layers.self_attention_backward,
+                       strategies.self_attention_args(), ["x", "W_qkv", "b_qkv", "W_proj", "b_proj", "n_head"]),
+    "residual": (layers.residual_forward, layers.residual_backward, strategies.residual_args(), ["a", "b"]),
+    "sequence_cross_entropy": (layers.cross_entropy_forward, layers.cross_entropy_backward,
+                               strategies.sequence_cross_entropy_args(), ["logits", "y"]),
 }
 
 
@@ -112,7 +123,12 @@ FIXED_ARGS = {"linear": (_f64(4, 3), _f64(3, 2), _f64(2)), "tanh": (_f64(4, 3),)
               "batchnorm": (_f64(4, 3), _f64(3), _f64(3)), "embedding": (_f64(5, 2), jnp.array([[1, 4]], jnp.int32)),
               "cross_entropy": (_f64(4, 3), jnp.array([0, 2, 1, 1], jnp.int32)),
               "gated_tanh": (_f64(4, 6),), "causal_average": (_f64(2, 4, 3),),
-              "gru_cell": (_f64(4, 3), _f64(4, 2), _f64(5, 2), _f64(2), _f64(5, 2), _f64(2), _f64(5, 2), _f64(2)), "rnn_cell": (_f64(4, 3), _f64(4, 2), _f64(5, 2), _f64(2)), "flatten_consecutive": (_f64(2, 4, 3), 2), "causal_conv": (_f64(2, 5, 3), _f64(6, 4), 2)}
+              "gru_cell": (_f64(4, 3), _f64(4, 2), _f64(5, 2), _f64(2), _f64(5, 2), _f64(2), _f64(5, 2), _f64(2)), "rnn_cell": (_f64(4, 3), _f64(4, 2), _f64(5, 2), _f64(2)), "flatten_consecutive": (_f64(2, 4, 3), 2), "causal_conv": (_f64(2, 5, 3), _f64(6, 4), 2),
+              "token_position_embedding": (_f64(5, 2), _f64(4, 2), jnp.array([[1, 4, 1]], jnp.int32)),
+              "layernorm": (_f64(2, 3, 4), _f64(4), _f64(4)), "gelu": (_f64(2, 3, 4),), "attention": (_f64(2, 3, 12), 2),
+              "self_attention": (_f64(2, 3, 4), _f64(4, 12), _f64(12), _f64(4, 4), _f64(4), 2),
+              "residual": (_f64(2, 3, 4), _f64(2, 3, 4)),
+              "sequence_cross_entropy": (_f64(2, 3, 5), jnp.array([[0, 2, -1], [1, -1, -1]], jnp.int32))}
 
 
 @pytest.mark.parametrize("name", PAIRS)

@@ -1,0 +1,304 @@
+"""The GPT (makemore.py's transformer) and its hand-written backward: size, per-tensor agreement with ``jax.grad`` in
+float64 (with the table of observed errors in the test output), llm.c's two checks (a 10-step trajectory on one batch,
+save → reload → bit-identical replay), the ``custom_vjp`` adapter, the attention layer's masking and extremes."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jnnex import layers, rundir, strategies
+from jnnex.check import randomise
+from jnnex.data import Vocab, load_words, make_splits
+from jnnex.lm import count_params, generate, manual_gradients, manual_vjp
+from jnnex.models.gpt import GPTConfig, GPTParams, gpt
+from jnnex.models.registry import REGISTRY, build_for_words
+from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_step
+
+WORDS = load_words("census-first")[:400]
+VOCAB = Vocab.from_words(WORDS)
+
+
+def random_problem(cfg: GPTConfig, B: int, T: int, seed: int, dtype=jnp.float64):
+    """GPT parameters far from the init (LayerNorms and biases perturbed, weights of std ~ 1/sqrt(fan_in) so that
+    attention is peaked, not uniform) and a padded batch: ``x (B, T)``, ``y (B, T)`` with ``-1`` after each length."""
+    k = jax.random.split(jax.random.key(seed), 5)
+    params, _ = gpt(cfg).init(k[0])
+    params = randomise(params, k[1], dtype)
+    leaves, treedef = jax.tree.flatten(params)
+    leaves = [p * (1.0 / (0.02 * np.sqrt(p.shape[0]))) if p.ndim == 2 and p is not params.wte and p is not params.wpe
+              else p for p in leaves]  # the matrices to std ~ 1/sqrt(fan_in); embeddings stay small
+    params = jax.tree.unflatten(treedef, leaves)
+    params = params._replace(wte=params.wte * 25.0, wpe=params.wpe * 25.0)  # std 0.5
+    x = jax.random.randint(k[2], (B, T), 0, cfg.vocab_size, jnp.int32)
+    lengths = jax.random.randint(k[3], (B, 1), 1, T + 1)
+    y = jnp.where(jnp.arange(T)[None] < lengths, jax.random.randint(k[4], (B, T), 0, cfg.vocab_size, jnp.int32), -1)
+    return params, x, y
+
+
+def both_gradients(model, params, x, y, key):
+    out = manual_gradients(model, params, (), x, y, key)
+    (loss, _), ref = jax.value_and_grad(model.objective, has_aux=True)(params, (), x, y, key)
+    return out.grads, ref, out.loss, loss
+
+
+COMPILED = functools.partial(jax.jit, static_argnames="model")(both_gradients)
+
+
+def per_tensor_errors(model, params, x, y, key=None, compiled=COMPILED):
+    """``{tensor path: max |manual − jax.grad| / max |jax.grad|}`` and the two losses (one compiled program)."""
+    grads, ref, loss_m, loss_a = compiled(model, params, x, y, key)
+    flat_m = jax.tree_util.tree_flatten_with_path(grads)[0]
+    flat_a = jax.tree.leaves(ref)
+    assert len(flat_m) == len(flat_a) == len(jax.tree.leaves(params))
+    errors = {jax.tree_util.keystr(path): float(np.max(np.abs(m - a)) / max(float(np.max(np.abs(a))), 1e-300))
+              for (path, m), a in zip(flat_m, flat_a)}
+    return errors, loss_m, loss_a
+
+
+def test_makemore_transformer_has_204544_parameters():
+    model = gpt(GPTConfig())  # 27 tokens, block size 16, 4 layers, 4 heads, n_embd 64: makemore.py's on names.txt
+    params, _ = model.init(jax.random.key(0))
+    assert count_params(params) == 204_544
+    assert count_params(params.lm_head) == 64 * 27  # the head has no bias and is not tied to wte
+    assert len(params.blocks) == 4 and params.blocks[0].qkv.W.shape == (64, 192)
+
+
+def test_init_is_gpt2s():
+    cfg = GPTConfig(n_layer=8, n_embd=256)
+    params, _ = gpt(cfg).init(jax.random.key(0))
+    blk = params.blocks[3]
+    np.testing.assert_allclose(float(jnp.std(blk.fc.W)), 0.02, rtol=0.02)
+    np.testing.assert_allclose(float(jnp.std(blk.fcproj.W)), 0.02 / np.sqrt(16), rtol=0.02)  # 1/sqrt(2 n_layer)
+    np.testing.assert_allclose(float(jnp.std(blk.attproj.W)), 0.02 / np.sqrt(16), rtol=0.02)
+    assert not blk.qkv.b.any() and (blk.ln1.w == 1).all() and not blk.ln1.b.any()
+
+
+def test_config_errors_name_the_arguments():
+    with pytest.raises(ValueError, match=r"n_embd \(10\) must be divisible by n_head \(4\)"):
+        GPTConfig(n_embd=10)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        GPTConfig(dropout=1.0)
+    model = gpt(GPTConfig(block_size=4))
+    params, _ = model.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"x must have shape \(B, T <= 4\)"):
+        model.apply(params, (), jnp.zeros((2, 5), jnp.int32), train=False)
+
+
+def test_every_tensor_equals_jax_grad_float64_with_the_table(record_property):
+    """makemore's exact transformer, float64, random parameters and a padded batch: each of the 53 gradient tensors
+    against ``jax.grad`` on its own relative scale (llm.c's lesson: one global tolerance hides silent errors). The
+    table of the observed errors is printed at the end of the pytest run."""
+    model = gpt(GPTConfig())
+    params, x, y = random_problem(model.cfg, 8, 16, seed=0)
+    errors, loss_m, loss_a = per_tensor_errors(model, params, x, y)
+    np.testing.assert_allclose(loss_m, loss_a, rtol=1e-13)
+    assert len(errors) == 53
+    rows = "\n".join(f"  {name:<24} {err:.1e}" for name, err in errors.items())
+    record_property("table", "GPT (4 layers, 4 heads, n_embd 64, T 16, batch 8), float64: max |manual - jax.grad| / "
+                             f"max |jax.grad| per tensor; loss {float(loss_m):.6f}\n{rows}")
+    bad = {k: v for k, v in errors.items() if not v <= 1e-12}
+    assert not bad, bad
+
+
+@settings(max_examples=min(6, settings().max_examples))  # each drawn example compiles a new program (~3 s)
+@given(n_layer=st.sampled_from([1, 2]), n_head=st.sampled_from([1, 2]), head_size=st.sampled_from([1, 3]),
+       V=st.sampled_from([5, 27]), block_size=st.sampled_from([1, 3, 6]), B=st.sampled_from([1, 3]),
+       dropout=st.sampled_from([0.0, 0.3]), data=st.data())
+def test_backward_equals_jax_grad_float64(n_layer, n_head, head_size, V, block_size, B, dropout, data):
+    """Drawn shapes (T = 1 and one-element heads included), random parameters, padded targets, with and without
+    dropout (the same key on both sides): every tensor within 1e-10 of its own scale."""
+    T = data.draw(st.integers(1, block_size))
+    cfg = GPTConfig(vocab_size=V, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_head * head_size,
+                    dropout=dropout)
+    model = gpt(cfg)
+    params, x, y = random_problem(cfg, B, T, seed=data.draw(strategies.seeds()))
+    errors, loss_m, loss_a = per_tensor_errors(model, params, x, y, jax.random.key(7) if dropout else None)
+    np.testing.assert_allclose(loss_m, loss_a, rtol=1e-12)
+    bad = {k: v for k, v in errors.items() if not v <= 1e-10}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("row_sum", [True, False])
+def test_a_wrong_attention_backward_is_caught_per_tensor(monkeypatch, row_sum):
+    """The classic slip — the softmax backward without its ``⟨att, datt⟩`` term — written into the model: the
+    per-tensor check names exactly the tensors the slip reaches (below the attention), not the ones above it. With the
+    term, the same rewritten backward passes (so the failure is the slip's)."""
+    import jnnex.models.gpt as gpt_module
+
+    def attention_backward(dy, cache):
+        qkv, att, nh = cache
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, T, nh, C // nh) for i in range(3))
+        dyh = dy.reshape(B, T, nh, C // nh)
+        datt = jnp.einsum("bthd,bshd->bhts", dyh, v)
+        dv = jnp.einsum("bhts,bthd->bshd", att, dyh)
+        centred = datt - (att * datt).sum(-1, keepdims=True) if row_sum else datt
+        dpre = att * centred / np.sqrt(C // nh)
+        dq, dk = jnp.einsum("bhts,bshd->bthd", dpre, k), jnp.einsum("bhts,bthd->bshd", dpre, q)
+        return jnp.concatenate([a.reshape(B, T, C) for a in (dq, dk, dv)], axis=-1), None
+
+    def self_attention_backward(dout, cache):
+        c_qkv, c_att, c_proj = cache
+        dy, dW_proj, db_proj = layers.linear_backward(dout, c_proj)
+        dqkv, _ = attention_backward(dy, c_att)
+        dx, dW_qkv, db_qkv = layers.linear_backward(dqkv, c_qkv)
+        return dx, dW_qkv, db_qkv, dW_proj, db_proj, None
+
+    monkeypatch.setattr(gpt_module, "self_attention_backward", self_attention_backward)
+    model = gpt(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=2, n_embd=4))
+    params, x, y = random_problem(model.cfg, 2, 4, seed=1)
+    fresh = jax.jit(lambda *args: both_gradients(*args), static_argnums=0)  # a new function: traced anew, patched
+    errors, _, _ = per_tensor_errors(model, params, x, y, compiled=fresh)
+    bad = {k for k, v in errors.items() if not v <= 1e-10}
+    below = {".wte", ".wpe", ".blocks[0].ln1.w", ".blocks[0].ln1.b", ".blocks[0].qkv.W", ".blocks[0].qkv.b"}
+    assert bad == (set() if row_sum else below)
+
+
+def small_model(dropout=0.0):
+    spec = REGISTRY["gpt"]
+    return build_for_words(spec, WORDS, VOCAB, n_layer=2, n_head=2, n_embd=16, dropout=dropout)
+
+
+def test_ten_steps_on_one_batch_manual_equals_autodiff():
+    """llm.c's ``test_gpt2``: 10 AdamW steps on one fixed batch, hand-written against ``jax.grad``: the loss falls
+    the same way on both, step by step (float64, to 1e-10)."""
+    model = small_model()
+    splits = make_splits(WORDS, model.block_size, vocab=VOCAB, per_position=True)
+    x, y = (jnp.asarray(a[:8]) for a in splits.train)
+    tcfg = TrainConfig(optimizer="adamw", lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01)
+    losses = {}
+    for gradients in ("manual", "autodiff"):
+        m = model.with_gradients(gradients)
+        opt = make_optimizer(tcfg)
+        ts = init_train_state(m, opt, jax.random.key(0))
+        ts = ts._replace(params=jax.tree.map(lambda p: p.astype(jnp.float64), ts.params),
+                         opt_state=jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating)
+                                                else a, ts.opt_state))
+        step = jax.jit(make_step(m, opt))
+        trajectory = []
+        for _ in range(10):
+            ts, metrics = step(ts, (x, y), jax.random.key(1))
+            trajectory.append(float(metrics["loss"]))
+        losses[gradients] = np.array(trajectory)
+    np.testing.assert_allclose(losses["manual"], losses["autodiff"], rtol=1e-10)
+    assert losses["manual"][-1] < 0.75 * losses["manual"][0]  # it learns the batch
+    assert (np.diff(losses["manual"]) < 0).all()
+
+
+def test_save_reload_rerun_is_bit_identical(tmp_path):
+    """llm.c's determinism check: 5 steps, save the training state, 5 more; reload the save and rerun the 5: the
+    same losses bit for bit, and the same samples (float32 and dropout on, as in training)."""
+    model = small_model(dropout=0.2).with_gradients("manual")
+    splits = make_splits(WORDS, model.block_size, vocab=VOCAB, per_position=True)
+    X, Y = (jnp.asarray(a) for a in splits.train)
+    opt = make_optimizer(REGISTRY["gpt"].train)
+    step = jax.jit(make_step(model, opt))
+    ts = init_train_state(model, opt, jax.random.key(0))
+
+    def five(ts, start):
+        losses = []
+        for s in range(start, start + 5):
+            ix = jax.random.randint(jax.random.key(s), (16,), 0, X.shape[0])
+            ts, metrics = step(ts, (X[ix], Y[ix]), jax.random.key(100 + s))
+            losses.append(np.asarray(metrics["loss"]))
+        return ts, np.array(losses)
+
+    ts, _ = five(ts, 0)
+    rundir.save_pytree(tmp_path / "checkpoint.npz", ts)
+    ts_a, losses_a = five(ts, 5)
+    ts_b, losses_b = five(rundir.load_pytree(tmp_path / "checkpoint.npz", ts), 5)
+    np.testing.assert_array_equal(losses_a, losses_b)
+    samples = [generate(model, t.params, t.state, jax.random.key(3), 8, max_len=20) for t in (ts_a, ts_b)]
+    np.testing.assert_array_equal(*samples)
+
+
+def test_custom_vjp_adapter_runs_jax_grad_on_the_hand_written_backward():
+    """``manual_vjp``: ``jax.grad`` of an arbitrary function of the logits (not the training loss) equals plain
+    autodiff; and it really runs on the model's backward — a deliberately wrong one changes the gradient."""
+    model = gpt(GPTConfig(vocab_size=5, block_size=4, n_layer=2, n_head=2, n_embd=4))
+    params, x, y = random_problem(model.cfg, 3, 4, seed=2)
+    w = jax.random.normal(jax.random.key(9), (3, 4, 5), jnp.float64)
+
+    def f(logits_fn, params):
+        logits = logits_fn(params, (), x)
+        return jnp.sum(w * jnp.tanh(logits)) + jax.nn.logsumexp(logits[:, -1]).sum()
+
+    plain = jax.jit(jax.grad(lambda p: f(lambda p, s, x: model.apply(p, s, x, train=True)[0], p)))(params)
+    adapted = jax.jit(jax.grad(lambda p: f(manual_vjp(model), p)))(params)
+    for a, b in zip(jax.tree.leaves(adapted), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * float(jnp.max(jnp.abs(b))))
+
+    def doubled(cfg, params, caches, dlogits):
+        grads, act_grads = model.backward_fn(cfg, params, caches, dlogits)
+        return jax.tree.map(lambda g: 2 * g, grads), act_grads
+
+    wrong = jax.jit(jax.grad(lambda p: f(manual_vjp(dataclasses.replace(model, backward_fn=doubled)), p)))(params)
+    np.testing.assert_allclose(wrong.lm_head, 2 * plain.lm_head, rtol=1e-10)
+
+
+def test_attention_masked_positions_get_exactly_zero():
+    """Output position t reads only positions <= t: an upstream gradient at t alone gives exactly 0 (not ~1e-17)
+    at every later position of q, k and v, and the attention weights above the diagonal are exactly 0."""
+    qkv = jax.random.normal(jax.random.key(0), (2, 6, 3 * 8), jnp.float64) * 3.0
+    y, cache = layers.attention_forward(qkv, 2)
+    att = np.asarray(cache[1])
+    assert (att[..., np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]] == 0).all()
+    for t in range(6):
+        dy = jnp.zeros_like(y).at[:, t].set(jax.random.normal(jax.random.key(t), (2, 8), jnp.float64))
+        dqkv, _ = layers.attention_backward(dy, cache)
+        assert (np.asarray(dqkv)[:, t + 1:] == 0).all(), t
+        assert np.abs(np.asarray(dqkv)[:, :t + 1]).max() > 0
+
+
+def test_attention_at_extremes_stays_finite():
+    """T = 1 (each row fully masked but its diagonal: att = 1 exactly, dq = dk = 0) and scores of ±1e4 (one-hot
+    rows): outputs and gradients finite, and equal to ``jax.vjp``'s."""
+    one = jax.random.normal(jax.random.key(1), (3, 1, 12), jnp.float64)
+    y, cache = layers.attention_forward(one, 2)
+    np.testing.assert_array_equal(cache[1], 1.0)
+    np.testing.assert_allclose(y, one[..., 8:], rtol=1e-15)  # the output is the value itself
+    dqkv, _ = layers.attention_backward(jnp.ones_like(y), cache)
+    assert (np.asarray(dqkv)[..., :8] == 0).all()
+    big = jax.random.normal(jax.random.key(2), (2, 5, 12), jnp.float64) * 150.0  # q·k/√2 of order ±1e4
+    _, cache = layers.attention_forward(big, 2)
+    scores = np.einsum("btd,bsd->bts", np.asarray(big[..., :2]), np.asarray(big[..., 6:8])) / np.sqrt(2)
+    assert np.abs(scores).max() > 1e4
+    for qkv in (one, big):
+        y, cache = layers.attention_forward(qkv, 2)
+        dqkv, _ = layers.attention_backward(jax.random.normal(jax.random.key(3), y.shape, jnp.float64), cache)
+        assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(dqkv)).all()
+    from jnnex.check import assert_backward
+    assert_backward(layers.attention_forward, layers.attention_backward, big, 2)
+
+
+def test_layernorm_backward_recomputes_from_mean_and_rstd():
+    """The cache is llm.c's — the input, the gain, mean and rstd per row — not the normalised input."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5), jnp.float64)
+    _, (x_c, w_c, mean, rstd) = layers.layernorm_forward(x, jnp.ones(5, jnp.float64), jnp.zeros(5, jnp.float64))
+    assert mean.shape == rstd.shape == (2, 3, 1)
+    np.testing.assert_allclose(rstd[..., 0], 1 / np.sqrt(np.var(np.asarray(x), -1) + 1e-5), rtol=1e-12)
+
+
+def test_gelu_is_gpt2s_tanh_form():
+    x = jnp.linspace(-6, 6, 101, dtype=jnp.float64)
+    np.testing.assert_allclose(layers.gelu_forward(x)[0], jax.nn.gelu(x, approximate=True), rtol=1e-14, atol=1e-300)
+
+
+def test_improved_preset_settings():
+    """The preset the README reports: what it changes, and that it trains (dropout on) on the hand-written
+    backward."""
+    model_over, train_over = REGISTRY["gpt"].presets["improved"]
+    assert model_over == {"n_embd": 128, "dropout": 0.3}
+    tcfg = dataclasses.replace(REGISTRY["gpt"].train, **train_over)
+    assert (tcfg.optimizer, tcfg.lr, tcfg.weight_decay, tcfg.decay_mask, tcfg.boundaries, tcfg.steps) == \
+        ("adamw", 1e-3, 0.1, "matrices", (30_000, 45_000), 50_000)
+    model = gpt(GPTConfig(**model_over))
+    assert model.stochastic and count_params(model.init(jax.random.key(0))[0]) == 802_304
+    assert isinstance(model.init(jax.random.key(0))[0], GPTParams)
