@@ -33,6 +33,7 @@ WIDTHS = (200, 1000)  # hidden widths H of the layer cases: the lecture's, and a
 CONTENDERS = ("manual", "jax.grad", "jax.vjp")
 # --quick exercises the code paths; these add compile time only
 QUICK_SKIP = ("moons-mlp 2-16-16-1", "deep-mlp", "wavenet-conv")
+OWN_SUITE = ("gpt",)  # benchmarked by its own suite (jnnex.bench.gpt), at batches of sequences
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,23 +43,23 @@ class Case:
     make: Callable  # (batch, dtype, seed) -> (args tuple, {contender: fn(*args) -> grads})
 
 
-def _normal(seed, shape, dtype, scale=1.0):
+def normal(seed, shape, dtype, scale=1.0):
     """numpy's generator (no XLA compilation per shape), drawn in float32 and cast, so the float32 and float64 runs of
     a case see the same numbers."""
     return jnp.asarray((scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32), dtype)
 
 
-def _ints(seed, shape, high):
+def ints(seed, shape, high):
     return jnp.asarray(np.random.default_rng(seed).integers(0, high, shape), jnp.int32)
 
 
-def _layer_case(name, forward, backward, make_args, diff_argnums):
+def layer_case(name, forward, backward, make_args, diff_argnums):
     """A layer: ``forward(*inputs) -> (out, cache)``; gradients of ``Σ out · dout`` w.r.t. ``diff_argnums``."""
 
     def make(batch, dtype, seed):
         inputs = make_args(batch, dtype, seed)
         out = jax.eval_shape(lambda *a: forward(*a)[0], *inputs)
-        dout = _normal(seed + 99, out.shape, dtype)
+        dout = normal(seed + 99, out.shape, dtype)
 
         def manual(dout, *inputs):
             grads = backward(dout, forward(*inputs)[1])
@@ -83,7 +84,7 @@ def _layer_case(name, forward, backward, make_args, diff_argnums):
     return Case(name, "layer", make)
 
 
-def _model_case(name):
+def model_case(name):
     spec = REGISTRY[name]
     cfg = spec.config(vocab_size=V)
     auto = spec.build(cfg)
@@ -92,8 +93,8 @@ def _model_case(name):
 
     def make(batch, dtype, seed):
         params, state = jax.tree.map(lambda a: a.astype(dtype), init(jax.random.key(seed)))
-        x = _ints(seed + 1, (batch, auto.block_size), V)
-        y = _ints(seed + 2, (batch, auto.block_size) if auto.per_position else (batch,), V)
+        x = ints(seed + 1, (batch, auto.block_size), V)
+        y = ints(seed + 2, (batch, auto.block_size) if auto.per_position else (batch,), V)
 
         def manual(params, state, x, y):
             return auto.value_and_grad_manual(params, state, x, y)[1]
@@ -115,7 +116,7 @@ def _moons_case():
 
     def make(batch, dtype, seed):
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype), tensor_mlp.init(jax.random.key(seed), sizes))
-        x, y = _normal(seed + 1, (batch, 2), dtype), jnp.sign(_normal(seed + 2, (batch,), dtype))
+        x, y = normal(seed + 1, (batch, 2), dtype), jnp.sign(normal(seed + 2, (batch,), dtype))
 
         def manual(params, x, y):
             return tensor_mlp.value_and_grad_manual(params, x, y)[2]
@@ -136,37 +137,37 @@ def _width_cases(H: int) -> list[Case]:
     """The layers whose cost grows with the hidden width H: linear (T·n_embd -> H), tanh and BatchNorm over H."""
 
     def linear_args(b, dt, seed):
-        return _normal(seed, (b, T * N_EMBD), dt), _normal(seed + 1, (T * N_EMBD, H), dt, 0.2), \
-            _normal(seed + 2, (H,), dt)
+        return normal(seed, (b, T * N_EMBD), dt), normal(seed + 1, (T * N_EMBD, H), dt, 0.2), \
+            normal(seed + 2, (H,), dt)
 
     def bn_args(b, dt, seed):
-        return _normal(seed, (b, H), dt, 2.0), 1.0 + _normal(seed + 1, (H,), dt, 0.1), _normal(seed + 2, (H,), dt, 0.1)
+        return normal(seed, (b, H), dt, 2.0), 1.0 + normal(seed + 1, (H,), dt, 0.1), normal(seed + 2, (H,), dt, 0.1)
 
     return [
-        _layer_case(f"linear {T * N_EMBD}->{H}", layers.linear_forward, layers.linear_backward, linear_args,
+        layer_case(f"linear {T * N_EMBD}->{H}", layers.linear_forward, layers.linear_backward, linear_args,
                     (0, 1, 2)),
-        _layer_case(f"tanh ({H})", layers.tanh_forward, layers.tanh_backward,
-                    lambda b, dt, seed: (_normal(seed, (b, H), dt),), (0,)),
-        _layer_case(f"batchnorm ({H})", layers.batchnorm_forward, layers.batchnorm_backward, bn_args, (0, 1, 2)),
+        layer_case(f"tanh ({H})", layers.tanh_forward, layers.tanh_backward,
+                    lambda b, dt, seed: (normal(seed, (b, H), dt),), (0,)),
+        layer_case(f"batchnorm ({H})", layers.batchnorm_forward, layers.batchnorm_backward, bn_args, (0, 1, 2)),
     ]
 
 
 def cases(widths=WIDTHS) -> list[Case]:
     def emb_args(b, dt, seed):
-        return _normal(seed, (V, N_EMBD), dt), _ints(seed + 1, (b, T), V)
+        return normal(seed, (V, N_EMBD), dt), ints(seed + 1, (b, T), V)
 
     def ce_args(b, dt, seed):
-        return _normal(seed, (b, V), dt, 2.0), _ints(seed + 1, (b,), V)
+        return normal(seed, (b, V), dt, 2.0), ints(seed + 1, (b,), V)
 
     return [
         *(case for H in widths for case in _width_cases(H)),
-        _layer_case(f"embedding ({V}x{N_EMBD}, T={T})", layers.embedding_forward, layers.embedding_backward,
+        layer_case(f"embedding ({V}x{N_EMBD}, T={T})", layers.embedding_forward, layers.embedding_backward,
                     emb_args, (0,)),
-        _layer_case(f"cross-entropy (V={V})", layers.cross_entropy_forward, layers.cross_entropy_backward, ce_args,
+        layer_case(f"cross-entropy (V={V})", layers.cross_entropy_forward, layers.cross_entropy_backward, ce_args,
                     (0,)),
         *_wavenet_cases(),
         _moons_case(),
-        *(_model_case(name) for name in REGISTRY if has_manual_backward(name)),
+        *(model_case(name) for name in REGISTRY if has_manual_backward(name) and name not in OWN_SUITE),
     ]
 
 
@@ -176,26 +177,26 @@ def _wavenet_cases(T: int = 8, C: int = 24, H: int = 128) -> list[Case]:
     L = 16 + T - 1
 
     def fc_args(b, dt, seed):
-        return (_normal(seed, (b, T, C), dt),)
+        return (normal(seed, (b, T, C), dt),)
 
     def linear3_args(b, dt, seed):
-        return _normal(seed, (b, T // 2, 2 * C), dt), _normal(seed + 1, (2 * C, H), dt, (2 * C) ** -0.5)
+        return normal(seed, (b, T // 2, 2 * C), dt), normal(seed + 1, (2 * C, H), dt, (2 * C) ** -0.5)
 
     def bn3_args(b, dt, seed):
-        return (_normal(seed, (b, T // 2, H), dt, 2.0), 1.0 + _normal(seed + 1, (H,), dt, 0.1),
-                _normal(seed + 2, (H,), dt, 0.1))
+        return (normal(seed, (b, T // 2, H), dt, 2.0), 1.0 + normal(seed + 1, (H,), dt, 0.1),
+                normal(seed + 2, (H,), dt, 0.1))
 
     def conv_args(b, dt, seed):
-        return _normal(seed, (b, L, C), dt), _normal(seed + 1, (2 * C, H), dt, (2 * C) ** -0.5)
+        return normal(seed, (b, L, C), dt), normal(seed + 1, (2 * C, H), dt, (2 * C) ** -0.5)
 
     return [
-        _layer_case(f"flatten-consecutive (B,{T},{C})", lambda x: layers.flatten_consecutive_forward(x, 2),
+        layer_case(f"flatten-consecutive (B,{T},{C})", lambda x: layers.flatten_consecutive_forward(x, 2),
                     layers.flatten_consecutive_backward, fc_args, (0,)),
-        _layer_case(f"linear (B,{T // 2},{2 * C})->{H}", layers.linear_forward, layers.linear_backward, linear3_args,
+        layer_case(f"linear (B,{T // 2},{2 * C})->{H}", layers.linear_forward, layers.linear_backward, linear3_args,
                     (0, 1)),
-        _layer_case(f"batchnorm (B,{T // 2},{H})", layers.batchnorm_forward, layers.batchnorm_backward, bn3_args,
+        layer_case(f"batchnorm (B,{T // 2},{H})", layers.batchnorm_forward, layers.batchnorm_backward, bn3_args,
                     (0, 1, 2)),
-        _layer_case(f"causal-conv d=1 (B,{L},{C})->{H}", lambda x, W: layers.causal_conv_forward(x, W, 1),
+        layer_case(f"causal-conv d=1 (B,{L},{C})->{H}", lambda x, W: layers.causal_conv_forward(x, W, 1),
                     layers.causal_conv_backward, conv_args, (0, 1)),
     ]
 
@@ -234,15 +235,12 @@ def _max_diffs(a, b) -> tuple[float, float]:
     return abs_diff, abs_diff / float(np.max(np.abs(b)))
 
 
-def run(quick: bool = False) -> dict:
-    batches = (64,) if quick else (32, 256, 1024, 4096, 8192)
-    repeats = 2 if quick else 9
-    accuracy_batch = 64 if quick else 256
+def measure(case_list, batches, repeats: int, accuracy_batch: int) -> tuple[list[dict], list[dict]]:
+    """Time, compile and memory rows for every case at every batch size (contenders interleaved), and one accuracy
+    row per case at ``accuracy_batch`` (which must be one of ``batches``)."""
     seed = 0
     rows, acc_rows = [], []
-    for case in cases(WIDTHS[:1] if quick else WIDTHS):
-        if quick and case.name in QUICK_SKIP:
-            continue
+    for case in case_list:
         for batch in batches:
             args, fns = case.make(batch, jnp.float32, seed)
             compiled, info = {}, {}
@@ -263,11 +261,21 @@ def run(quick: bool = False) -> dict:
                              "us_per_grad": 1e6 * t, "spread": timings[name]["spread"], "vs_jax_grad": t / base,
                              **info[name]})
         acc_rows.append(_accuracy(case, accuracy_batch, seed, f32))
-    speed_cols = ["case", "batch", "backward", "us_per_grad", "spread", "vs_jax_grad", "compile_s", "temp_bytes",
-                  "buffers"]
-    acc_cols = ["case", "f64 max abs", "f64 max rel", "f32 max abs", "f32 max rel", "f32 jax.grad vs f64"]
-    text = table(rows, speed_cols) + "\n\nAccuracy (batch %d): manual vs jax.grad\n\n" % accuracy_batch + \
-        table(acc_rows, acc_cols)
+    return rows, acc_rows
+
+
+SPEED_COLS = ["case", "batch", "backward", "us_per_grad", "spread", "vs_jax_grad", "compile_s", "temp_bytes", "buffers"]
+ACC_COLS = ["case", "f64 max abs", "f64 max rel", "f32 max abs", "f32 max rel", "f32 jax.grad vs f64"]
+
+
+def run(quick: bool = False) -> dict:
+    batches = (64,) if quick else (32, 256, 1024, 4096, 8192)
+    repeats = 2 if quick else 9
+    accuracy_batch = 64 if quick else 256
+    case_list = [c for c in cases(WIDTHS[:1] if quick else WIDTHS) if not (quick and c.name in QUICK_SKIP)]
+    rows, acc_rows = measure(case_list, batches, repeats, accuracy_batch)
+    text = table(rows, SPEED_COLS) + "\n\nAccuracy (batch %d): manual vs jax.grad\n\n" % accuracy_batch + \
+        table(acc_rows, ACC_COLS)
     return {"name": "backward", "rows": rows, "accuracy": acc_rows, "table": text,
             "settings": {"batches": list(batches), "repeats": repeats, "accuracy_batch": accuracy_batch,
                          "sizes": {"V": V, "T": T, "n_embd": N_EMBD, "H": list(WIDTHS)}}}

@@ -75,3 +75,56 @@ def make_torch_step(model: LanguageModel, X: np.ndarray, Y: np.ndarray, batch: i
         return float(loss.detach())
 
     return steps
+
+
+def make_torch_gpt_step(model: LanguageModel, X: np.ndarray, Y: np.ndarray, batch: int, tcfg):
+    """``steps(n)``: ``n`` AdamW steps of the same GPT in PyTorch eager (makemore.py's ``Transformer``: attention
+    written out, as there), from ``model``'s initial parameters, minibatches drawn with randint. On the GPU when JAX
+    runs on one (and torch sees it), else on the CPU: the peer always runs where jnnex does."""
+    import jax
+
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    params, _ = model.init(jax.random.key(0))
+    cfg = model.cfg
+    C, nh = cfg.n_embd, cfg.n_head
+
+    def t(a):
+        return torch.tensor(np.asarray(a, np.float32), device=device, requires_grad=True)
+
+    wte, wpe, lnf_w, lnf_b, head = t(params.wte), t(params.wpe), t(params.lnf.w), t(params.lnf.b), t(params.lm_head)
+    blocks = [[t(a) for a in jax.tree.leaves(b)] for b in params.blocks]  # ln1 w b, qkv W b, attproj W b, ln2 w b, …
+    flat = [wte, wpe, *(p for b in blocks for p in b), lnf_w, lnf_b, head]
+
+    def forward(x):
+        B, T = x.shape
+        mask = torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))
+        h = wte[x] + wpe[:T]
+        for ln1w, ln1b, qkvW, qkvb, projW, projb, ln2w, ln2b, fcW, fcb, fcprojW, fcprojb in blocks:
+            a = F.layer_norm(h, (C,), ln1w, ln1b, 1e-5) @ qkvW + qkvb
+            q, k, v = (z.view(B, T, nh, C // nh).transpose(1, 2) for z in a.split(C, dim=2))
+            att = (q @ k.transpose(-2, -1)) * (C // nh) ** -0.5
+            att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+            h = h + (att @ v).transpose(1, 2).reshape(B, T, C) @ projW + projb
+            m = F.gelu(F.layer_norm(h, (C,), ln2w, ln2b, 1e-5) @ fcW + fcb, approximate="tanh")
+            h = h + m @ fcprojW + fcprojb
+        return F.layer_norm(h, (C,), lnf_w, lnf_b, 1e-5) @ head
+
+    opt = torch.optim.AdamW(flat, lr=tcfg.lr, betas=tuple(tcfg.betas), eps=tcfg.adam_eps,
+                            weight_decay=tcfg.weight_decay)
+    Xt = torch.from_numpy(np.asarray(X, np.int64)).to(device)
+    Yt = torch.from_numpy(np.asarray(Y, np.int64)).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def steps(n: int) -> float:
+        for _ in range(n):
+            ix = torch.randint(0, Xt.shape[0], (batch,), generator=gen, device=device)
+            logits = forward(Xt[ix])
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), Yt[ix].view(-1), ignore_index=-1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return float(loss.detach())
+
+    return steps

@@ -55,7 +55,7 @@ def matmul_peak(quick: bool = False) -> dict:
 PEAK = "matmul peak"
 
 
-def _peak_contender(best: str):
+def peak_contender(best: str):
     """XLA's fastest matmul of :func:`matmul_peak` as one more contender, so that every group of steps is divided by
     the rate measured in its own rounds (the load on this shared machine drifts between groups). XLA's own ``jnp.dot``
     and not numpy's: the steps and it share one thread pool, and no other library's threads spin between them."""
@@ -77,7 +77,7 @@ def run(quick: bool = False) -> dict:
     repeats = 1 if quick else 7
     words = load_words("census-first")
     peak = matmul_peak(quick)
-    peak_call, peak_flops = _peak_contender(max((k for k in peak["gflops"] if k.startswith("jax")),
+    peak_call, peak_flops = peak_contender(max((k for k in peak["gflops"] if k.startswith("jax")),
                                                 key=peak["gflops"].get))
     torch_peer = _torch()
     rows, skipped = [], {}
