@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jnnex import __version__, rundir
+from jnnex import __version__, parallel, rundir
 from jnnex.data import CORPORA, Splits, Vocab, load_words, make_splits
 from jnnex.lm import count_params, evaluate, sample_words
 from jnnex.models.registry import REGISTRY, build_for_words, get_spec, has_manual_backward, load_run
@@ -188,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({', '.join(_diagnosable())})")
     t.add_argument("--json", action="store_true", help="print the final metrics as one JSON object on stdout")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dp = t.add_argument_group("devices and machines (data parallel: the batch split over devices)")
+    dp.add_argument("--devices", type=int, help="train on this many devices (of all processes'), the batch split "
+                                                "over them (default: one device; CPU: JAX_NUM_CPU_DEVICES=N first)")
+    dp.add_argument("--coordinator", help="host:port of process 0, to join several processes (machines) into one "
+                                          "run (default $JAX_COORDINATOR_ADDRESS)")
+    dp.add_argument("--num-processes", type=int, help="processes in the run (default $JAX_NUM_PROCESSES)")
+    dp.add_argument("--process-id", type=int, help="this process's id, 0 … num-processes - 1 (default $JAX_PROCESS_ID)")
+    dp.add_argument("--distributed", action="store_true",
+                    help="join the run JAX detects (Slurm, Open MPI, Kubernetes, TPU) when no coordinator is given")
     m = t.add_argument_group("model settings")
     _add_model_flags(m)
     o = t.add_argument_group("training settings")
@@ -352,7 +361,13 @@ def _resume_settings(args, out: Path):
 
 
 def cmd_train(args) -> int:
+    # Before anything starts JAX's backend: join the other processes, if there are any.
+    parallel.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+    if args.devices is not None and args.devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {args.devices}")
     out = rundir.check_run_dir(args.out) if args.out else None
+    if out is not None and not args.resume and not parallel.is_writer():
+        out = None  # a new run's directory belongs to process 0; the others (maybe on its filesystem) keep out of it
     resume_from = None
     if args.resume and args.force:
         raise ValueError("--resume continues the run in --out and --force starts it over: give one of them")
@@ -408,7 +423,8 @@ def cmd_train(args) -> int:
     else:
         try:
             res = fit(model, splits.train, tcfg, dev=splits.dev, out=out, resume=bool(resume_from),
-                      progress=not (args.no_progress or args.json), meta=meta)
+                      progress=not (args.no_progress or args.json) and parallel.is_writer(), meta=meta,
+                      devices=args.devices)
         except NonFiniteLossError as e:
             print(f"jnnex: error: {e}", file=sys.stderr)
             return 1
@@ -431,7 +447,9 @@ def cmd_train(args) -> int:
     for name, (X, Y) in zip(splits.names, splits.parts):
         key = f"{name}_loss"
         metrics[key] = last[key] if key in last else evaluate(model, params, state, X, Y)
-    if out is not None:
+    if args.devices is not None:
+        metrics["devices"], metrics["processes"] = args.devices, jax.process_count()
+    if out is not None and parallel.is_writer():
         rundir.write_json(out / rundir.FINAL_METRICS, metrics)
     if args.json:
         print(json.dumps(metrics))

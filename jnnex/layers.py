@@ -12,6 +12,8 @@ Shapes use one vocabulary: B batch, T context, C channels, V vocabulary, H hidde
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import NamedTuple
 
 import jax
@@ -540,6 +542,29 @@ def batchnorm_init(C: int, dtype=jnp.float32) -> tuple[BatchNormParams, BatchNor
     )
 
 
+_BATCH_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar("jnnex_batchnorm_axis", default=None)
+
+
+@contextlib.contextmanager
+def batchnorm_across(axis_name: str | None):
+    """Inside ``jax.shard_map``: BatchNorm's batch statistics — and the means its backward takes — over the rows of
+    every device along mesh axis ``axis_name`` (synchronised BatchNorm), not this device's shard alone. ``None``:
+    per-device statistics. Read at trace time by :func:`batchnorm_forward`, :func:`batchnorm_backward` and
+    :func:`batchnorm_update_state`; every device must hold the same number of rows."""
+    token = _BATCH_AXIS.set(axis_name)
+    try:
+        yield
+    finally:
+        _BATCH_AXIS.reset(token)
+
+
+def _batch_mean(v, axes):
+    """The mean over the rows ``axes`` — of every device's rows when :func:`batchnorm_across` is in force."""
+    m = v.mean(axes)
+    axis = _BATCH_AXIS.get()
+    return m if axis is None else jax.lax.pmean(m, axis)
+
+
 def _bn_rows(x) -> int:
     n = 1
     for d in x.shape[:-1]:
@@ -564,9 +589,9 @@ def batchnorm_forward(x, gamma, beta, eps: float = 1e-5):
     if _bn_rows(x) < 2:
         raise ValueError(f"batchnorm in train mode needs at least 2 rows to estimate statistics, got x {x.shape}")
     axes = tuple(range(x.ndim - 1))
-    mean = x.mean(axes)  # (C,)
+    mean = _batch_mean(x, axes)  # (C,)
     xc = x - _per_channel(mean, x.ndim)  # (..., C)
-    var = (xc * xc).mean(axes)  # (C,) biased
+    var = _batch_mean(xc * xc, axes)  # (C,) biased
     rstd = jax.lax.rsqrt(var + eps)  # (C,)
     xhat = xc * _per_channel(rstd, x.ndim)  # (..., C)
     y = xhat * _per_channel(gamma, x.ndim) + _per_channel(beta, x.ndim)
@@ -587,12 +612,19 @@ def batchnorm_backward(dy, cache):
     xhat = (x - _per_channel(mean, d)) * _per_channel(rstd, d)  # (..., C), recomputed (see batchnorm_forward)
     dgamma = (dy * xhat).sum(axes)  # (C,)
     dbeta = dy.sum(axes)  # (C,)
-    dx = _per_channel(gamma * rstd / n, d) * (n * dy - _per_channel(dbeta, d) - xhat * _per_channel(dgamma, d))
+    if _BATCH_AXIS.get() is None:
+        dx = _per_channel(gamma * rstd / n, d) * (n * dy - _per_channel(dbeta, d) - xhat * _per_channel(dgamma, d))
+    else:  # synchronised: the two means over every device's rows (dγ, dβ stay this device's share)
+        mean_dy, mean_dyx = (jax.lax.pmean(s / n, _BATCH_AXIS.get()) for s in (dbeta, dgamma))
+        dx = _per_channel(gamma * rstd, d) * (dy - _per_channel(mean_dy, d) - xhat * _per_channel(mean_dyx, d))
     return dx, dgamma, dbeta
 
 
 def batchnorm_update_state(state: BatchNormState, mean, var, n: int, momentum: float) -> BatchNormState:
-    """Exponential running averages; the biased batch ``var`` is turned unbiased (× n/(n-1)) first."""
+    """Exponential running averages; the biased batch ``var`` is turned unbiased (× n/(n-1)) first (``n``: this
+    device's rows, times the devices under :func:`batchnorm_across`)."""
+    if _BATCH_AXIS.get() is not None:
+        n = n * jax.lax.axis_size(_BATCH_AXIS.get())
     unbiased = var * (n / (n - 1))
     return BatchNormState(
         (1 - momentum) * state.mean + momentum * jax.lax.stop_gradient(mean),

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jnnex import rundir
+from jnnex import parallel, rundir
 from jnnex.diagnostics import step_diagnostics
 from jnnex.lm import LanguageModel, check_batch, evaluate, manual_gradients
 from jnnex.settings import check_choice, positive_int, setting
@@ -178,7 +178,7 @@ def make_step(model: LanguageModel, optimizer: optax.GradientTransformation, *, 
     return step
 
 
-def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4) -> Callable:
+def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4, mesh=None) -> Callable:
     """``run(ts, X, Y, key, n_steps) -> (ts, metrics)``, jitted: ``n_steps`` steps of ``step`` in one ``lax.scan``.
 
     Step ``s`` draws ``batch_size`` example indices uniformly (with replacement, as the lecture's ``randint``) from
@@ -186,9 +186,21 @@ def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4) -> Call
     step numbers gives the same bits as drawing inside each step, three times faster on a CPU). ``metrics`` holds each
     step's metrics stacked along a leading (n_steps,) axis. Compiles once per (shapes, n_steps). ``ts`` is not
     donated: after a Ctrl-C mid-call the caller still holds a live state to save.
+
+    ``mesh`` (:func:`jnnex.parallel.data_mesh`): data parallel, the global view — pass ``ts``, ``X``, ``Y`` replicated
+    over it (:func:`jnnex.parallel.replicate`; ``key`` may come as raw key data); each step's index draw and minibatch
+    are sharded along its ``"data"`` axis, everything else stays replicated, and ``step`` itself is unchanged.
     """
 
+    def shard(a, leading=0):
+        if mesh is None:
+            return a
+        return jax.lax.with_sharding_constraint(a, parallel.batch_sharded(mesh, leading))
+
     def run(ts: TrainState, X, Y, key, n_steps: int):
+        if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.wrap_key_data(key)
+
         def step_keys(s):
             k_batch, k_step = jax.random.split(jax.random.fold_in(key, s))
             if batch_size is None:
@@ -196,15 +208,18 @@ def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4) -> Call
             return jax.random.randint(k_batch, (batch_size,), 0, X.shape[0], dtype=jnp.int32), k_step  # (B,)
 
         IX, keys = jax.vmap(step_keys)(ts.step + jnp.arange(n_steps, dtype=jnp.int32))  # (n, B), (n,)
+        IX = IX if batch_size is None else shard(IX, leading=1)  # each device draws its own rows' indices
 
         def body(ts, ix_key):
             ix, k_step = ix_key
             batch = (X, Y) if batch_size is None else (X[ix], Y[ix])  # (B, T), (B,)
-            return step(ts, batch, k_step)
+            return step(ts, tuple(shard(a) for a in batch), k_step)
 
         return jax.lax.scan(body, ts, (IX, keys), unroll=min(unroll, n_steps))
 
-    return jax.jit(run, static_argnames="n_steps")
+    if mesh is None:
+        return jax.jit(run, static_argnames="n_steps")
+    return jax.jit(run, static_argnames="n_steps", out_shardings=parallel.replicated(mesh))
 
 
 def init_train_state(model: LanguageModel, optimizer: optax.GradientTransformation, key) -> TrainState:
@@ -262,6 +277,7 @@ def fit(
     eval_train: bool = True,
     diagnostics: bool = False,
     on_chunk: Callable[[int, dict], None] | None = None,
+    devices=None,
 ) -> FitResult:
     """Train ``model`` on ``train = (X, Y)`` for ``tcfg.steps`` steps.
 
@@ -274,15 +290,25 @@ def fit(
     :mod:`jnnex.diagnostics` to every step's metrics (``FitResult.metrics``). ``on_chunk(step, metrics)`` is called
     after each completed chunk (a hook for logging; its ``metrics`` are that chunk's, stacked per step).
 
+    ``devices`` (a number, a device list or a mesh; :func:`jnnex.parallel.data_mesh`): data parallel over them, the
+    global view — each step's batch split over the devices, everything else replicated, the same steps and the same
+    result as one device up to the order of float additions. After :func:`jnnex.parallel.initialize` the devices may
+    span processes: every process calls ``fit`` alike, and only process 0 writes ``out``. Checkpoints are plain
+    arrays, so a run saved on N devices resumes on M.
+
     Raises:
         NonFiniteLossError: a step produced a NaN/inf loss (the last checkpoint is left as it was).
     """
     check_batch(model, *train, "train data")
     if dev is not None:
         check_batch(model, *dev, "dev data")
+    mesh = parallel.data_mesh(devices) if devices is not None else None
+    if mesh is not None:
+        parallel.check_batch_size(tcfg.batch_size, mesh.size, len(train[0]))
     X, Y = (jnp.asarray(a, jnp.int32) for a in train)
     out = rundir.check_run_dir(out) if out is not None else None
-    if out is not None:
+    write = out is not None and parallel.is_writer()  # one writer of the run directory, whatever the processes
+    if write:
         rundir.remove_temporaries(out)  # what a killed writer left; the files it was replacing are intact
     if resume and (out is None or not (out / rundir.CHECKPOINT).is_file()):
         raise ValueError(f"resume: no checkpoint in {str(out)!r}")
@@ -292,7 +318,7 @@ def fit(
     chunks, evals, interrupted = [], [], False
     with ctrl_c_guard() as ctrl_c:  # in place before the first compile: the first Ctrl-C never raises
         optimizer = make_optimizer(tcfg)
-        run = make_run(make_step(model, optimizer, diagnostics=diagnostics), tcfg.batch_size)
+        run = make_run(make_step(model, optimizer, diagnostics=diagnostics), tcfg.batch_size, mesh=mesh)
         k_init, k_train = _keys(tcfg.seed)
         ts = init_train_state(model, optimizer, k_init)
         if resume:
@@ -300,9 +326,16 @@ def fit(
             if int(ts.step) > tcfg.steps:
                 raise ValueError(f"the checkpoint in {str(out)!r} is at step {int(ts.step):,}, past the run's "
                                  f"{tcfg.steps:,} steps")
-            rundir.truncate_metrics(out, int(ts.step))
-        elif out is not None:
+            if write:
+                rundir.truncate_metrics(out, int(ts.step))
+        elif write:
             rundir.write_json(out / rundir.CONFIG, rundir.config_record(model.name, model.cfg, tcfg, meta))
+        if mesh is not None:  # the step's inputs, replicated over the mesh (the batch is sharded inside the step)
+            ts = parallel.replicate(parallel.local(ts), mesh)
+            X_run, Y_run, k_run = parallel.replicate((np.asarray(X), np.asarray(Y),
+                                                     np.asarray(jax.random.key_data(k_train))), mesh)
+        else:
+            X_run, Y_run, k_run = X, Y, k_train
         step = start = saved = int(ts.step)
         bar = _progress(tcfg.steps, start, progress)
         t0 = time.perf_counter()
@@ -310,8 +343,8 @@ def fit(
             while step < tcfg.steps and not ctrl_c.pressed:
                 # Chunks end on multiples of `chunk` and `eval_every`, so a resumed run makes the same calls.
                 n = min(tcfg.chunk - step % tcfg.chunk, tcfg.eval_every - step % tcfg.eval_every, tcfg.steps - step)
-                new_ts, metrics = run(ts, X, Y, k_train, n_steps=n)
-                metrics = {k: np.asarray(v) for k, v in metrics.items()}
+                new_ts, metrics = run(ts, X_run, Y_run, k_run, n_steps=n)
+                metrics = {k: np.asarray(v) for k, v in parallel.local(metrics).items()}
                 bad = np.flatnonzero(~np.isfinite(metrics["loss"]))
                 if bad.size:
                     raise NonFiniteLossError(step + int(bad[0]), float(metrics["loss"][bad[0]]),
@@ -321,15 +354,16 @@ def fit(
                 row = {"step": step, "lr": _lr_at(tcfg, step - 1), "loss": float(metrics["loss"].mean())}
                 if step % tcfg.eval_every == 0 or step == tcfg.steps:
                     row["time"] = time.perf_counter() - t0
+                    here = _here(ts, mesh)
                     if eval_train:
-                        row["train_loss"] = evaluate(model, ts.params, ts.state, X, Y)
+                        row["train_loss"] = evaluate(model, here.params, here.state, X, Y)
                     if dev is not None:
-                        row["dev_loss"] = evaluate(model, ts.params, ts.state, *dev)
+                        row["dev_loss"] = evaluate(model, here.params, here.state, *dev)
                     evals.append(row)
-                if out is not None:  # every chunk's row (a curve even for short runs), then at evaluations the state
+                if write:  # every chunk's row (a curve even for short runs), then at evaluations the state
                     rundir.append_metrics(out, row)
                     if "time" in row:
-                        rundir.save_pytree(out / rundir.CHECKPOINT, ts)
+                        rundir.save_pytree(out / rundir.CHECKPOINT, _here(ts, mesh))
                         saved = step
                 _show(bar, n, row)
                 if on_chunk is not None:
@@ -340,13 +374,20 @@ def fit(
             if bar is not None:
                 bar.close()
         interrupted = interrupted or (ctrl_c.pressed and step < tcfg.steps)
-        if out is not None and step > saved:  # interrupted between evaluations: keep the chunks done since
+        ts = _here(ts, mesh)
+        if write and step > saved:  # interrupted between evaluations: keep the chunks done since
             rundir.save_pytree(out / rundir.CHECKPOINT, ts)
-        if out is not None and step > start:
+        if write and step > start:
             rundir.save_pytree(out / rundir.MODEL, (ts.params, ts.state))
     stacked = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
     losses = stacked.get("loss", np.zeros((0,), np.float32))
     return FitResult(ts, losses, evals, metrics=stacked, interrupted=interrupted)
+
+
+def _here(ts: TrainState, mesh) -> TrainState:
+    """The training state as this process holds it: as is on one device; off a mesh, this process's copy (on its
+    default device), which files and evaluation can read."""
+    return ts if mesh is None else jax.tree.map(jnp.asarray, parallel.local(ts))
 
 
 def _lr_at(tcfg: TrainConfig, step: int) -> float:

@@ -18,6 +18,9 @@ from hypothesis import HealthCheck, settings
 # programs to ~/.cache. The suite runs without it; test_cli checks the cache in subprocesses of its own.
 os.environ["JNNEX_CACHE_DIR"] = "off"
 
+# Four CPU devices in every test process (before JAX starts), so the data-parallel paths run on any machine. Work is
+# placed on the first unless a test asks for a mesh.
+jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")

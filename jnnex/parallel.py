@@ -1,0 +1,210 @@
+"""Data parallelism over devices and machines, with JAX's own sharding and distributed runtime — two ways to write it.
+
+**The global view** (what :func:`jnnex.train.fit` uses with ``devices=N``). One mesh axis, ``"data"``. The parameters,
+the model state (BatchNorm's running statistics) and the optimiser state are *replicated* on every device; the
+minibatch — and the draw of its example indices — is *sharded* along ``"data"``. The jitted training step is the
+same function as on one device: XLA partitions it, each device computes the forward and backward of its rows, and
+the gradient's sum over the batch becomes an all-reduce. Nothing in the model changes, the hand-written backward
+included; a BatchNorm's batch mean is a mean over the *global* batch (synchronised BatchNorm, for free). ::
+
+    mesh = data_mesh(4)                  # the first 4 of jax.devices()
+    fit(model, train, tcfg, devices=4)   # or: jnnex train --devices 4
+
+**The explicit view** (:func:`explicit_step`, for learning how it works). The same step under ``jax.shard_map``: the
+function sees one device's shard of the batch, and the communication is written out — ``psum`` of the local
+losses and gradients, ``pmean`` of BatchNorm's statistics when synchronised (:func:`jnnex.layers.batchnorm_across`), or
+no communication in the forward at all with ``sync_batchnorm=False`` (per-device statistics: what an unsynchronised
+BatchNorm does, a different model in training). A pitfall it avoids: ``pmean`` of per-device ``jax.grad`` of the
+local loss is N× too large, because the gradient of a replicated input is already summed over devices by autodiff's
+transpose; differentiate the globally reduced loss instead.
+
+**Many machines.** :func:`initialize` wraps ``jax.distributed.initialize`` (coordinator address, number of processes,
+process id; or nothing on Slurm, Open MPI, Kubernetes, TPU, where JAX detects the cluster). Afterwards
+``jax.devices()`` lists every process's devices, and a mesh over them spans the machines; each process computes its
+own devices' rows of every batch, collectives travel over NCCL (GPU) or gloo (CPU). Only process 0 writes files.
+
+On CPU, ``JAX_NUM_CPU_DEVICES=N`` (before JAX starts) gives one process N devices — how the tests run every path on
+2 cores (it shows the overhead of partitioning, not a speed-up: the cores are the same).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from jnnex.layers import batchnorm_across, cross_entropy_backward, cross_entropy_forward
+from jnnex.lm import LanguageModel
+
+DATA = "data"  # the mesh axis the batch is split along
+
+
+def data_mesh(devices: int | Sequence | jax.sharding.Mesh | None = None) -> jax.sharding.Mesh:
+    """A one-axis mesh ``("data",)`` over the first ``devices`` of ``jax.devices()`` (every process's, after
+    :func:`initialize`), over the given device list, or over all devices for ``None``.
+
+    The axis type is ``Auto``: XLA propagates the shardings through the unchanged model code (``Explicit``, JAX
+    0.10's default, would ask every reshape of a sharded axis to say where its result lives).
+    """
+    if isinstance(devices, jax.sharding.Mesh):
+        return devices
+    available = jax.devices()
+    if devices is None:
+        chosen = available
+    elif isinstance(devices, int):
+        if devices < 1:
+            raise ValueError(f"devices must be >= 1, got {devices}")
+        if devices > len(available):
+            raise ValueError(f"devices={devices} asked for, but only {len(available)} {available[0].platform} "
+                             f"device(s) exist (on CPU, start with JAX_NUM_CPU_DEVICES={devices} for more)")
+        chosen = available[:devices]
+    else:
+        chosen = list(devices)
+    return jax.make_mesh((len(chosen),), (DATA,), axis_types=(AxisType.Auto,), devices=chosen)
+
+
+def check_batch_size(batch_size: int | None, n_devices: int, n_examples: int) -> None:
+    """The batch must split evenly: a ``ValueError`` naming both numbers otherwise."""
+    if batch_size is None:
+        if n_examples % n_devices:
+            raise ValueError(f"full-batch training (batch_size None) on {n_devices} devices needs the training set's "
+                             f"{n_examples} examples to divide by {n_devices}")
+    elif batch_size % n_devices:
+        raise ValueError(f"batch_size {batch_size} does not divide evenly over {n_devices} devices (each device takes "
+                         f"batch_size / devices rows); choose a multiple of {n_devices}")
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh, leading: int = 0) -> NamedSharding:
+    """The batch axis (after ``leading`` unsharded axes) split along ``"data"``."""
+    return NamedSharding(mesh, P(*([None] * leading), DATA))
+
+
+def replicate(tree, mesh):
+    """Every leaf (host data, the same on every process) as a global array with a full copy on every device."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
+
+
+def local(tree):
+    """This process's copy of replicated global arrays, as host arrays (what files and evaluation need: a global
+    array that spans other processes cannot be read whole)."""
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            a = a.addressable_data(0)
+        return np.asarray(a)
+
+    return jax.tree.map(one, tree)
+
+
+def is_writer() -> bool:
+    """Only process 0 writes run files."""
+    return jax.process_index() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Many machines
+
+
+ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               *, auto: bool = False, timeout: int = 300) -> bool:
+    """Join the distributed runtime (``jax.distributed.initialize``) before any JAX computation.
+
+    Explicit settings come from the arguments, else from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``; all three, or none. With none and ``auto=True``, JAX detects the cluster (Slurm, Open MPI,
+    Kubernetes, TPU). With none and ``auto=False``, nothing happens (one process). Returns whether it initialised.
+    """
+    given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+    for k, env in ENV.items():
+        if given[k] is None and os.environ.get(env):
+            given[k] = os.environ[env]
+    missing = [k for k, v in given.items() if v is None]
+    if len(missing) == 3:
+        if auto:
+            jax.distributed.initialize(initialization_timeout=timeout)
+            return True
+        return False
+    if missing:
+        raise ValueError(f"distributed: give the coordinator address, the number of processes and this process's id "
+                         f"together (flags or {', '.join(ENV.values())}); missing {missing}")
+    n, i = int(given["num_processes"]), int(given["process_id"])
+    if not 0 <= i < n:
+        raise ValueError(f"distributed: process_id must be in [0, {n}) for num_processes {n}, got {i}")
+    jax.distributed.initialize(coordinator_address=str(given["coordinator"]), num_processes=n, process_id=i,
+                               initialization_timeout=timeout)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The explicit form
+
+
+def explicit_step(model: LanguageModel, optimizer: optax.GradientTransformation, mesh, *,
+                  sync_batchnorm: bool = True) -> Callable:
+    """``step(ts, batch, key) -> (ts, metrics)`` written with ``jax.shard_map``: each device gets its shard of the
+    batch and a full copy of ``ts``; jit it. The same update as :func:`jnnex.train.make_step` on the global batch.
+
+    Inside, per device ``d`` with ``n_d`` valid targets of the ``n = psum(n_d)`` in the batch, the global loss is
+    ``L = Σ_d n_d · L_d / n`` (the token-weighted mean over the whole batch):
+
+    * autodiff (``model.gradients == "autodiff"``): ``jax.grad`` of ``psum(n_d · L_d) / n`` — the reduced loss, so
+      the gradient of the replicated parameters comes out right (see :func:`pitfall_step` for the wrong way);
+    * hand-written: the local forward, the cross-entropy backward seeded with ``dL/dL_d = n_d / n``, the model's
+      backward; then ``psum`` of the local parameter gradients.
+
+    ``sync_batchnorm``: BatchNorm statistics (and their gradients) over the global batch, by ``pmean`` across
+    devices; ``False``: each device normalises with its own shard's statistics.
+    """
+
+    def local_step(ts, x, y, key):
+        key = jax.random.fold_in(key, jax.lax.axis_index(DATA))  # dropout: each shard its own masks
+        n_local = (y >= 0).sum(dtype=jnp.int32)
+        n = jax.lax.psum(n_local, DATA)
+        with batchnorm_across(DATA if sync_batchnorm else None):
+            if model.gradients == "manual":
+                out = model.forward(ts.params, ts.state, x, train=True, key=key)
+                loss_d, c_ce = cross_entropy_forward(out.logits, y)
+                share = n_local.astype(loss_d.dtype) / n.astype(loss_d.dtype)  # dL/dL_d
+                dlogits, _ = cross_entropy_backward(share, c_ce)
+                grads, _ = model.backward_fn(model.cfg, ts.params, out.caches, dlogits)
+                grads = jax.lax.psum(grads, DATA)
+                loss, new_state = jax.lax.psum(loss_d * share, DATA), out.state
+            else:
+                def global_loss(params):
+                    loss_d, new_state = model.objective(params, ts.state, x, y, key)
+                    share = n_local.astype(loss_d.dtype) / n.astype(loss_d.dtype)
+                    return jax.lax.psum(loss_d * share, DATA), new_state
+
+                (loss, new_state), grads = jax.value_and_grad(global_loss, has_aux=True)(ts.params)
+        if not sync_batchnorm:  # each device's running statistics differ; keep their mean, replicated
+            new_state = jax.lax.pmean(new_state, DATA)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        params = optax.apply_updates(ts.params, updates)
+        return type(ts)(params, new_state, opt_state, ts.step + 1), {"loss": loss}
+
+    sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P()), out_specs=(P(), P()))
+    return lambda ts, batch, key: sharded(ts, *batch, key)
+
+
+def pitfall_step_gradients(model: LanguageModel, mesh) -> Callable:
+    """``grads(params, state, x, y)``: the common mistake, kept to be tested — ``pmean`` over devices of each device's
+    ``jax.grad`` of its *local* loss. Under ``shard_map`` the parameters are a replicated input, whose cotangent
+    autodiff already sums over the devices; the extra ``pmean`` leaves that sum, ``N`` times the right gradient."""
+
+    def local(params, state, x, y):
+        g = jax.grad(lambda p: model.objective(p, state, x, y)[0])(params)
+        return jax.lax.pmean(g, DATA)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(DATA), P(DATA)), out_specs=P())

@@ -1,0 +1,234 @@
+"""Data parallelism: the global view equals one device (every registered model, both gradients), the explicit
+``shard_map`` form equals the global view, synchronised and per-device BatchNorm differ as they should, the
+``pmean``-of-``jax.grad`` pitfall is N× off, checkpoints move between device counts, and two processes of two CPU
+devices each train as one process of four. The suite's processes have 4 CPU devices (``conftest.py``)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jnnex import parallel
+from jnnex.check import randomise
+from jnnex.data import Vocab, load_words, make_splits
+from jnnex.models.registry import REGISTRY, build_for_words
+from jnnex.train import TrainConfig, fit, init_train_state, make_optimizer, make_step
+
+WORDS = load_words("census-first")[:400]
+VOCAB = Vocab.from_words(WORDS)
+SMALL = {"gpt": {"n_layer": 2, "n_embd": 8, "n_head": 2}}  # the GPT's code paths at a fraction of the compile time
+TRAINED = [name for name, spec in REGISTRY.items() if spec.fit_fn is None]
+
+
+def model_and_data(name, **over):
+    model = build_for_words(REGISTRY[name], WORDS, VOCAB, **{**SMALL.get(name, {}), **over})
+    return model, make_splits(WORDS, model.block_size, vocab=VOCAB, per_position=model.per_position)
+
+
+def float64_problem(model, splits, B=8, seed=0):
+    params, state = model.init(jax.random.key(seed))
+    params = randomise(params, jax.random.key(seed + 1), jnp.float64)
+    state = jax.tree.map(lambda s: s.astype(jnp.float64), state)
+    x, y = (jnp.asarray(a[:B]) for a in splits.train)
+    return params, state, x, y
+
+
+def rel_errors(a_tree, b_tree):
+    """Per tensor, ``max |a − b|`` over the tensor's scale ``max |b|`` — floored at 1e-3 of the largest entry of all
+    of ``b``: a tensor whose exact value is 0 (a bias just before BatchNorm) holds rounding noise on both sides."""
+    a_leaves, b_leaves = ([np.asarray(x) for x in jax.tree.leaves(t)] for t in (a_tree, b_tree))
+    floor = 1e-3 * max((float(np.max(np.abs(b))) for b in b_leaves if b.size), default=0.0)
+    return [float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), floor, 1e-300)
+            for a, b in zip(a_leaves, b_leaves) if b.size]
+
+
+def test_the_suite_has_four_cpu_devices():
+    assert len(jax.devices()) == 4 and parallel.data_mesh(4).shape == {"data": 4}
+
+
+@pytest.mark.parametrize("gradients", ["autodiff", "manual"])
+@pytest.mark.parametrize("name", TRAINED)
+def test_one_step_on_four_devices_equals_one_device_float64(name, gradients):
+    """The same jitted ``value_and_grad``, the batch of 8 split 2 + 2 + 2 + 2 over a mesh of 4, the parameters
+    replicated: the loss, every gradient tensor and the new BatchNorm state agree with one device to 1e-12."""
+    model, splits = model_and_data(name)
+    if gradients == "manual":
+        if model.backward_fn is None or model.penalty_fn is not None:
+            pytest.skip(f"{name} has no hand-written backward")
+        model = model.with_gradients("manual")
+    params, state, x, y = float64_problem(model, splits)
+    key = jax.random.key(3)
+    step = jax.jit(model.value_and_grad)
+    loss_1, grads_1, state_1 = step(params, state, x, y, key)
+    mesh = parallel.data_mesh(4)
+    rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    loss_4, grads_4, state_4 = step(jax.device_put(params, rep), jax.device_put(state, rep), jax.device_put(x, shard),
+                                    jax.device_put(y, shard), jax.device_put(key, rep))
+    assert len(jax.device_put(x, shard).sharding.device_set) == 4
+    np.testing.assert_allclose(loss_4, loss_1, rtol=1e-12)
+    assert max(rel_errors(grads_4, grads_1)) <= 1e-12
+    assert max(rel_errors(state_4, state_1), default=0.0) <= 1e-12
+
+
+def test_the_sharded_step_splits_the_batch():
+    """Not replicated work: in the compiled data-parallel step each device multiplies its 8 of the 32 rows, and the
+    gradient's sum over the batch is an all-reduce."""
+    from jnnex.train import make_run
+
+    model, splits = model_and_data("bn-mlp")
+    mesh = parallel.data_mesh(4)
+    opt = make_optimizer(TrainConfig())
+    run = make_run(make_step(model, opt), 32, mesh=mesh)
+    ts = parallel.replicate(parallel.local(init_train_state(model, opt, jax.random.key(0))), mesh)
+    X, Y, k = parallel.replicate((*splits.train, np.asarray(jax.random.key_data(jax.random.key(1)))), mesh)
+    hlo = run.lower(ts, X, Y, k, n_steps=2).compile().as_text()
+    assert "all-reduce" in hlo
+    assert "f32[8,30]" in hlo and "f32[32,30]" not in hlo  # (B/4, T·n_embd): the first layer's input, per device
+
+
+@pytest.mark.slow
+def test_a_1000_step_float32_run_on_four_devices_ends_where_one_device_does():
+    model, splits = model_and_data("bn-mlp")
+    tcfg = TrainConfig(steps=1000, eval_every=500, chunk=500, batch_size=32)
+    one = fit(model, splits.train, tcfg, dev=splits.dev, progress=False)
+    four = fit(model.with_gradients("manual"), splits.train, tcfg, dev=splits.dev, progress=False, devices=4)
+    one_manual = fit(model.with_gradients("manual"), splits.train, tcfg, dev=splits.dev, progress=False)
+    assert abs(four.evals[-1]["dev_loss"] - one_manual.evals[-1]["dev_loss"]) < 1e-4
+    assert abs(four.evals[-1]["train_loss"] - one_manual.evals[-1]["train_loss"]) < 1e-4
+    assert abs(one.evals[-1]["train_loss"] - one_manual.evals[-1]["train_loss"]) < 1e-4
+    assert np.max(np.abs(four.losses - one_manual.losses)) < 1e-4
+
+
+def test_bad_device_requests_are_clear_errors():
+    model, splits = model_and_data("bn-mlp")
+    with pytest.raises(ValueError, match=r"devices=8 asked for, but only 4 cpu device\(s\) exist"):
+        fit(model, splits.train, TrainConfig(steps=2), progress=False, devices=8)
+    with pytest.raises(ValueError, match="batch_size 30 does not divide evenly over 4 devices"):
+        fit(model, splits.train, TrainConfig(steps=2, batch_size=30), progress=False, devices=4)
+    with pytest.raises(ValueError, match="devices must be >= 1"):
+        parallel.data_mesh(0)
+
+
+def test_a_checkpoint_from_four_devices_resumes_on_two(tmp_path):
+    """100 steps on 4 devices, saved; resumed to 200 on 2 devices: where 200 uninterrupted steps on 1 device end."""
+    model, splits = model_and_data("bn-mlp")
+    tcfg = TrainConfig(steps=200, eval_every=100, chunk=100, lr_boundaries=())
+    fit(model, splits.train, TrainConfig(steps=100, eval_every=100, chunk=100, lr_boundaries=()), out=tmp_path / "r",
+        progress=False, devices=4)
+    resumed = fit(model, splits.train, tcfg, out=tmp_path / "r", resume=True, progress=False, devices=2)
+    whole = fit(model, splits.train, tcfg, progress=False)
+    assert int(resumed.ts.step) == 200
+    assert max(rel_errors(resumed.ts.params, whole.ts.params)) < 1e-5
+    assert abs(resumed.evals[-1]["train_loss"] - whole.evals[-1]["train_loss"]) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The explicit form
+
+
+def explicit_vs_global(name, gradients, sync=True, B=8):
+    model, splits = model_and_data(name)
+    model = model.with_gradients(gradients)
+    params, state, x, y = float64_problem(model, splits, B=B)
+    opt = make_optimizer(TrainConfig(optimizer="sgd", lr=1.0))
+    ts = init_train_state(model, opt, jax.random.key(0))._replace(params=params, state=state)
+    mesh = parallel.data_mesh(4)
+    explicit = jax.jit(parallel.explicit_step(model, opt, mesh, sync_batchnorm=sync))
+    global_view = jax.jit(make_step(model, opt))
+    return model, (ts, x, y), explicit(ts, (x, y), jax.random.key(1)), global_view(ts, (x, y), jax.random.key(1))
+
+
+@pytest.mark.parametrize("gradients", ["autodiff", "manual"])
+@pytest.mark.parametrize("name", ["bn-mlp", "bow", "wavenet-conv"])
+def test_explicit_shard_map_step_equals_the_global_view(name, gradients):
+    """``psum`` of the token-weighted local losses (or of the hand-written local gradients), BatchNorm synchronised by
+    ``pmean``: the same update as the global view — for a window model with BatchNorm, a per-position model whose
+    shards hold different numbers of targets, and one with both."""
+    _, _, (ts_e, m_e), (ts_g, m_g) = explicit_vs_global(name, gradients)
+    np.testing.assert_allclose(m_e["loss"], m_g["loss"], rtol=1e-12)
+    assert max(rel_errors(ts_e.params, ts_g.params)) < 1e-12
+    assert max(rel_errors(ts_e.state, ts_g.state), default=0.0) < 1e-12
+
+
+@pytest.mark.parametrize("gradients", ["autodiff", "manual"])
+def test_per_device_batchnorm_is_each_shard_on_its_own(gradients):
+    """``sync_batchnorm=False``: each device normalises its 2 rows with their own statistics — a different model in
+    training (the update differs from the global view's by far more than rounding), exactly the mean of 4
+    single-device steps, one per shard."""
+    model, (ts, x, y), (ts_e, m_e), (ts_g, _) = explicit_vs_global("bn-mlp", gradients, sync=False)
+    assert max(rel_errors(ts_e.params, ts_g.params)) > 1e-3
+    step = jax.jit(make_step(model, make_optimizer(TrainConfig(optimizer="sgd", lr=1.0))))
+    shards = [step(ts, (x[2 * d:2 * d + 2], y[2 * d:2 * d + 2]), jax.random.key(1)) for d in range(4)]
+    mean_params = jax.tree.map(lambda *p: sum(p) / 4, *(s[0].params for s in shards))
+    assert max(rel_errors(ts_e.params, mean_params)) < 1e-12
+    np.testing.assert_allclose(m_e["loss"], np.mean([s[1]["loss"] for s in shards]), rtol=1e-12)
+
+
+def test_pmean_of_per_device_grads_is_n_times_too_large():
+    """The pitfall: under ``shard_map`` the replicated parameters' gradient is already summed over the 4 devices; a
+    ``pmean`` on top leaves 4× the true gradient. The explicit step's reduced-loss gradient is the true one."""
+    model, splits = model_and_data("mlp")
+    params, state, x, y = float64_problem(model, splits)
+    mesh = parallel.data_mesh(4)
+    true = jax.grad(lambda p: model.objective(p, state, x, y)[0])(params)
+    wrong = jax.jit(parallel.pitfall_step_gradients(model, mesh))(params, state, x, y)
+    for w, t in zip(jax.tree.leaves(wrong), jax.tree.leaves(true)):
+        np.testing.assert_allclose(w, 4 * t, rtol=1e-10, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Many processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cli(tmp_path, tag, cpu_devices, extra, timeout=240):
+    """``jnnex train`` in a subprocess with ``cpu_devices`` CPU devices: a Popen, its stdout file."""
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(cpu_devices), "JNNEX_CACHE_DIR": "off", "PYTHONUNBUFFERED": "1"}
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
+        env.pop(var, None)
+    stdout = tmp_path / f"{tag}.out"
+    args = [sys.executable, "-m", "jnnex", "train", "--model", "bn-mlp", "--steps", "300", "--eval-every", "100",
+            "--chunk", "100", "--devices", "4", "--json", "--out", str(tmp_path / tag), *extra]
+    with stdout.open("w") as f:  # the child holds its own descriptor
+        return subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT), stdout
+
+
+def final_json(path):
+    """The JSON line of the output (gloo prints its connection lines to stdout too)."""
+    return json.loads(next(line for line in reversed(path.read_text().splitlines()) if line.startswith("{")))
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
+    """2 processes × 2 CPU devices on 127.0.0.1 (JAX's distributed runtime, gloo collectives) against 1 process × 4:
+    the same final losses; only process 0 writes its run directory. Bounded by a timeout; killed on failure."""
+    port = free_port()
+    procs = [train_cli(tmp_path, f"p{i}", 2, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                              "--process-id", str(i)]) for i in range(2)]
+    single = train_cli(tmp_path, "single", 4, [])
+    try:
+        for proc, _ in [*procs, single]:
+            assert proc.wait(timeout=240) == 0
+    finally:
+        for proc, _ in [*procs, single]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    p0, p1, one = (final_json(out) for _, out in [*procs, single])
+    assert p0["processes"] == 2 and one["processes"] == 1 and p0["devices"] == one["devices"] == 4
+    for key in ("train_loss", "dev_loss", "test_loss"):
+        assert p0[key] == p1[key]  # every process holds the same replicated parameters
+        assert abs(p0[key] - one[key]) < 1e-5, (key, p0[key], one[key])
+    assert (tmp_path / "p0" / "model.npz").is_file() and not (tmp_path / "p1").exists()
