@@ -50,7 +50,7 @@ def cases():
         return normal(s, (b, T, 4 * C), dt), normal(s + 1, (4 * C, C), dt, 0.02), normal(s + 2, (C,), dt, 0.02)
 
     def ce(b, dt, s):
-        y = np.asarray(ints(s + 1, (b, T), V))
+        y = np.array(ints(s + 1, (b, T), V))  # a writable copy
         y[:, T // 2:] = -1  # a padded tail, ignored
         return normal(s, (b, T, V), dt, 2.0), jnp.asarray(y)
 
