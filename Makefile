@@ -26,11 +26,11 @@ demo: $(VENV)/.stamp-base
 
 # The whole suite on two processes (pytest-xdist); it passes on one too: `.venv/bin/python -m pytest -q`.
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 # The edit-test loop: everything but the tests marked `slow`, each property on 2 examples, on two processes.
 test-fast: $(VENV)/.stamp-test
-	JNNEX_HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -m "not slow" -n 2
+	JNNEX_HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -m "not slow" -n 2 --dist worksteal
 
 # The package's import graph; fails on a cycle, a private name imported across modules, or the benchmarks imported.
 imports: $(VENV)/.stamp-test

@@ -53,16 +53,23 @@ def compare(forward: Callable, backward: Callable, *args, names: Sequence[str] |
     """Per differentiable argument: does ``backward`` equal ``jax.vjp`` of ``forward``'s output? ``rtol``/``atol``
     default to :func:`tolerances` of the output's dtype."""
     key = jax.random.key(0) if key is None else key
-    out, cache = forward(*args)
-    dout = jax.random.normal(key, jnp.shape(out), jnp.result_type(out))  # random, never all ones
-    mine = _as_tuple(backward(dout, cache))
+    float_idx = [i for i, a in enumerate(args) if jnp.issubdtype(jnp.result_type(a), jnp.floating)]
+    array_idx = [i for i, a in enumerate(args) if isinstance(a, jax.Array | np.ndarray)]  # the rest: static settings
+
+    @jax.jit  # one program per shape: far cheaper than compiling every op eagerly
+    def run(arrays, key):
+        full = merge_args(args, array_idx, arrays)
+        out, cache = forward(*full)
+        dout = jax.random.normal(key, jnp.shape(out), jnp.result_type(out))  # random, never all ones
+        mine = _as_tuple(backward(dout, cache))
+        _, vjp = jax.vjp(lambda *fl: forward(*merge_args(full, float_idx, fl))[0], *(full[i] for i in float_idx))
+        return dout, mine, vjp(dout)
+
+    dout, mine, ref = run([args[i] for i in array_idx], key)
     if len(mine) != len(args):
         raise ValueError(f"backward returned {len(mine)} gradients for {len(args)} forward arguments")
-    float_idx = [i for i, a in enumerate(args) if jnp.issubdtype(jnp.result_type(a), jnp.floating)]
-    _, vjp = jax.vjp(lambda *fl: forward(*merge_args(args, float_idx, fl))[0], *(args[i] for i in float_idx))
-    ref = vjp(dout)
     scale = max([float(jnp.max(jnp.abs(dout)))] + [float(jnp.max(jnp.abs(r))) for r in ref if jnp.size(r)])
-    default_rtol, default_atol = tolerances(jnp.result_type(out), scale)
+    default_rtol, default_atol = tolerances(jnp.result_type(dout), scale)
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
     names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]

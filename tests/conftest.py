@@ -1,13 +1,16 @@
 """Strict JAX for the whole suite (equinox-style): accidental broadcasting and dtype promotion fail loudly.
 
 float64 is enabled so hand-written backwards can be compared with autodiff to 1e-10; jnnex itself states every dtype
-it creates, so its float32 defaults are unaffected. Hypothesis profiles: ``ci`` (default; small, derandomised),
+it creates, so its float32 defaults are unaffected. Hypothesis profiles: ``ci`` (default; small, derandomised: 10
+examples a property, what fits ``make test`` in 10 minutes on 2 cores with every model in it),
 ``fast`` (``make test-fast``: 2 examples a property) and ``thorough`` (local, deeper):
 ``JNNEX_HYPOTHESIS_PROFILE=thorough pytest``.
 """
 
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import jax
@@ -18,15 +21,32 @@ from hypothesis import HealthCheck, settings
 # programs to ~/.cache. The suite runs without it; test_cli checks the cache in subprocesses of its own.
 os.environ["JNNEX_CACHE_DIR"] = "off"
 
+# One compilation cache for the session, shared by the test processes: many tests compile the same programs (a model's
+# training step, its evaluation) as new Python functions, which JAX's in-memory cache cannot match but its persistent
+# cache does (by the program). A fresh directory per run, made by the first process (its children inherit the
+# variable) and removed at the end: no state survives the session.
+if "JNNEX_TEST_XLA_CACHE" not in os.environ:
+    os.environ["JNNEX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="jnnex-test-xla-")
+    _OWN_CACHE = True
+else:
+    _OWN_CACHE = False
+jax.config.update("jax_compilation_cache_dir", os.environ["JNNEX_TEST_XLA_CACHE"])
+# Most of this suite's time is XLA compiling small programs once each; in-process tests skip XLA's costlier
+# optimisation passes (a fifth less time, measured on the GPT and RNN files). What they check is values, which the
+# passes must not change; the subprocess tests (the CLI, kills and resumes, two processes) and the benchmarks run the
+# fully optimised programs a user gets.
+jax.config.update("jax_disable_most_optimizations", True)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
 # Four CPU devices in every test process (before JAX starts), so the data-parallel paths run on any machine. Work is
 # placed on the first unless a test asks for a mesh.
-jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_num_cpu_devices", int(os.environ.get("JNNEX_TEST_CPU_DEVICES", 4)))
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 settings.register_profile(
-    "ci", max_examples=15, deadline=None, derandomize=True, print_blob=True,
+    "ci", max_examples=10, deadline=None, derandomize=True, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(  # make test-fast: every property still runs, on fewer examples
@@ -68,3 +88,8 @@ def pytest_terminal_summary(terminalreporter):
             if name == "table":
                 terminalreporter.write_sep("-", report.nodeid.split("::")[-1])
                 terminalreporter.write_line(text)
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JNNEX_TEST_XLA_CACHE"], ignore_errors=True)

@@ -214,8 +214,12 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, sigint_default):
     child = [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
              "from jnnex.cli import main; sys.exit(main(sys.argv[1:]))"]
 
+    # The child compiles as this process does (conftest: XLA's costlier passes off), so the in-process unbroken run
+    # below is the same program, bit for bit.
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
     def interrupt_after_checkpoint(argv, after: int) -> int:
-        proc = subprocess.Popen(child + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(child + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         try:
             while _checkpoint_step(out / "checkpoint.npz") <= after:  # the event: a new checkpoint is on disk
                 assert proc.poll() is None, proc.communicate()

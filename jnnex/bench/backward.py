@@ -32,7 +32,7 @@ V, T, N_EMBD = 27, 3, 10  # the lecture's sizes: vocabulary, context, embedding 
 WIDTHS = (200, 1000)  # hidden widths H of the layer cases: the lecture's, and a wide layer
 CONTENDERS = ("manual", "jax.grad", "jax.vjp")
 # --quick exercises the code paths; these add compile time only
-QUICK_SKIP = ("moons-mlp 2-16-16-1", "deep-mlp", "wavenet-conv")
+QUICK_SKIP = ("moons-mlp 2-16-16-1", "deep-mlp", "wavenet-conv", "rnn", "gru", "bow")  # the quick run: code paths
 OWN_SUITE = ("gpt",)  # benchmarked by its own suite (jnnex.bench.gpt), at batches of sequences
 
 

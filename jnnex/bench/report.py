@@ -67,9 +67,32 @@ def wavenet(data: dict) -> str:
             f"{st['padded_length']} positions.\n\n" + _md(rows, header))
 
 
+def gpt(data: dict) -> str:
+    steps = [[r["batch"], r["step"], f"{r['us_per_step']:.0f}", f"{r['gflops']:.1f}",
+              f"{100 * r['of_peak']:.0f} % of {r['peak_gflops']:.0f}",
+              "" if r.get("torch_over_this") is None else f"{r['torch_over_this']:.2f}×"] for r in data["steps"]]
+    header = ["batch", "step", "µs/step", "GFLOP/s", "of peak (XLA matmul in its rounds)", "faster than torch"]
+    return (backward(data) + f"\n\nTraining step (AdamW, makemore's settings) on {data['device']}; "
+            f"{data['torch']}.\n\n" + _md(steps, header))
+
+
+def devices(data: dict) -> str:
+    rows = [[r["model"], r["batch"], r["devices"], f"{r['us_per_step']:.0f}", f"{r['vs_cpu_x1']:.2f}×"]
+            for r in data["rows"]]
+    text = _md(rows, ["model", "batch", "devices", "µs/step", "time vs 1 CPU device"])
+    if data.get("paper"):
+        keys = [k for k in data["paper"][0] if k.startswith("allreduce/compute")]
+        paper = [[r["model"], r["width"], f"{r['params']:,}", f"{r['grad_MB']:.3g}", f"{r['GFLOP_per_step']:.3g}",
+                  f"{r['flop_per_byte']:.0f}", *(f"{r[k]:.3g}" for k in keys)] for r in data["paper"]]
+        text += "\n\n" + _md(paper, ["model", "width", "params", "gradient MB", "GFLOP/step (batch 32)",
+                                      "FLOP per all-reduced byte", *(k.split(": ", 1)[1] for k in keys)])
+    return text
+
+
 def main(argv=None) -> int:
     out_dir = Path((argv or sys.argv[1:] or [str(RESULTS)])[0])
-    for name, render in (("backward", backward), ("training", training), ("wavenet", wavenet)):
+    for name, render in (("backward", backward), ("training", training), ("wavenet", wavenet), ("gpt", gpt),
+                         ("devices", devices)):
         path = out_dir / f"{name}.json"
         if path.is_file():
             print(f"### {name}\n\n{render(json.loads(path.read_text()))}\n")
