@@ -126,7 +126,7 @@ def run(quick: bool = False) -> dict:
             "overhead, not speed-up\n\n" + table(rows, cols))
     if paper:
         pcols = ["model", "width", "params", "grad_MB", "GFLOP_per_step", "flop_per_byte"]
-        text += "\n\nOn paper (batch 32 per step; N_max in the JSON per device and link)\n\n" + table(paper, pcols)
+        text += "\n\nOn paper (batch 32 per device per step; the all-reduce ÷ compute ratio per device and link is in the JSON and in benchmarks/README.md)\n\n" + table(paper, pcols)
     return {"name": "devices", "rows": rows, "paper": paper, "table": text,
             "settings": {"counts": list(COUNTS), "rates": RATES, "links": LINKS, "backend": jax.default_backend()}}
 

@@ -76,6 +76,13 @@ def gpt(data: dict) -> str:
             f"{data['torch']}.\n\n" + _md(steps, header))
 
 
+def _short(column: str) -> str:
+    """``"one H100 (…), NVLink (~400 GB/s)"`` -> ``"H100 / NVLink"``: device and link, for a table header."""
+    device, link = column.split("), ", 1) if "), " in column else (column, "")
+    device = "H100" if "H100" in device else "CPU"
+    return f"all-reduce ÷ compute, {device} / {link.split(' (')[0]}"
+
+
 def devices(data: dict) -> str:
     rows = [[r["model"], r["batch"], r["devices"], f"{r['us_per_step']:.0f}", f"{r['vs_cpu_x1']:.2f}×"]
             for r in data["rows"]]
@@ -85,7 +92,7 @@ def devices(data: dict) -> str:
         paper = [[r["model"], r["width"], f"{r['params']:,}", f"{r['grad_MB']:.3g}", f"{r['GFLOP_per_step']:.3g}",
                   f"{r['flop_per_byte']:.0f}", *(f"{r[k]:.3g}" for k in keys)] for r in data["paper"]]
         text += "\n\n" + _md(paper, ["model", "width", "params", "gradient MB", "GFLOP/step (batch 32)",
-                                      "FLOP per all-reduced byte", *(k.split(": ", 1)[1] for k in keys)])
+                                      "FLOP per all-reduced byte", *(_short(k.split(": ", 1)[1]) for k in keys)])
     return text
 
 
