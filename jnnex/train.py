@@ -312,7 +312,7 @@ def fit(
         rundir.remove_temporaries(out)  # what a killed writer left; the files it was replacing are intact
     if resume and (out is None or not (out / rundir.CHECKPOINT).is_file()):
         raise ValueError(f"resume: no checkpoint in {str(out)!r}")
-    if not resume and out is not None and rundir.holds_run(out):
+    if not resume and write and rundir.holds_run(out):  # (another process's run: process 0 checks, and writes)
         raise ValueError(f"{str(out)!r} already holds a run; resume it, or clear it first (jnnex.rundir.clear, or "
                          "--force on the command line)")
     chunks, evals, interrupted = [], [], False
