@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jnnex import build, evaluate, fit, generate, make_splits
+from jnnex import build, evaluate, fit, generate, make_splits, parallel
 from jnnex.cli import main
 from jnnex.data import Vocab, build_sequences, build_windows, load_words, split_words
 from jnnex.layers import cross_entropy_forward
@@ -120,6 +120,8 @@ LIBRARY = [
      ValueError, "batch_size 30 does not divide evenly over 4 devices"),
     (lambda: fit(build("mlp", vocab_size=27), _data().train, TrainConfig(steps=2), devices=5), ValueError,
      "devices=5 asked for, but only 4 cpu device(s) exist"),
+    (lambda: parallel.initialize("127.0.0.1:1", process_id=0), ValueError, "missing ['num_processes']"),
+    (lambda: parallel.initialize("127.0.0.1:1", 2, 5), ValueError, "process_id must be in [0, 2)"),
     (lambda: TrainConfig(batch_size=0), ValueError, "batch_size must be an integer >= 1"),
     (lambda: TrainConfig(decay_mask="odd"), ValueError, "decay_mask must be one of"),
     (lambda: TrainConfig(lr_boundaries=(5, 1)), ValueError, "lr_boundaries must be increasing"),
