@@ -148,13 +148,15 @@ class LanguageModel:
         return loss, grads, new_state
 
 
-def manual_gradients(model: LanguageModel, params, state, x, y, key=None) -> ManualGradients:
-    """One train-mode forward, then every gradient by hand in reverse order (no autodiff anywhere)."""
+def manual_gradients(model: LanguageModel, params, state, x, y, key=None, dloss=None) -> ManualGradients:
+    """One train-mode forward, then every gradient by hand in reverse order (no autodiff anywhere). ``dloss`` seeds
+    the backward (default 1: the gradients of this batch's mean loss; data parallelism passes a shard's weight)."""
     if model.backward_fn is None:
         raise ValueError(f"model {model.name!r} has no hand-written backward")
     out = model.forward(params, state, x, train=True, key=key)
     loss, c_ce = cross_entropy_forward(out.logits, y)
-    dlogits, _ = cross_entropy_backward(jnp.ones((), out.logits.dtype), c_ce)  # (B, V) or (B, T, V)
+    seed = jnp.ones((), out.logits.dtype) if dloss is None else jnp.asarray(dloss, out.logits.dtype)
+    dlogits, _ = cross_entropy_backward(seed, c_ce)  # (B, V) or (B, T, V)
     grads, act_grads = model.backward_fn(model.cfg, params, out.caches, dlogits)
     return ManualGradients(loss, grads, out.state, out.acts, tuple(act_grads))
 

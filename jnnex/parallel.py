@@ -38,8 +38,8 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jnnex.layers import batchnorm_across, cross_entropy_backward, cross_entropy_forward
-from jnnex.lm import LanguageModel
+from jnnex.layers import batchnorm_across
+from jnnex.lm import LanguageModel, manual_gradients
 
 DATA = "data"  # the mesh axis the batch is split along
 
@@ -173,13 +173,12 @@ def explicit_step(model: LanguageModel, optimizer: optax.GradientTransformation,
         n = jax.lax.psum(n_local, DATA)
         with batchnorm_across(DATA if sync_batchnorm else None):
             if model.gradients == "manual":
-                out = model.forward(ts.params, ts.state, x, train=True, key=key)
-                loss_d, c_ce = cross_entropy_forward(out.logits, y)
-                share = n_local.astype(loss_d.dtype) / n.astype(loss_d.dtype)  # dL/dL_d
-                dlogits, _ = cross_entropy_backward(share, c_ce)
-                grads, _ = model.backward_fn(model.cfg, ts.params, out.caches, dlogits)
-                grads = jax.lax.psum(grads, DATA)
-                loss, new_state = jax.lax.psum(loss_d * share, DATA), out.state
+                dt = jnp.result_type(float)  # float64 under jax_enable_x64: the seed keeps the model's precision
+                share = n_local.astype(dt) / n.astype(dt)  # dL/dL_d
+                out = manual_gradients(model, ts.params, ts.state, x, y, key, dloss=share)
+                share = share.astype(out.loss.dtype)
+                grads = jax.lax.psum(out.grads, DATA)
+                loss, new_state = jax.lax.psum(out.loss * share, DATA), out.state
             else:
                 def global_loss(params):
                     loss_d, new_state = model.objective(params, ts.state, x, y, key)
