@@ -354,7 +354,7 @@ def fit(
                 row = {"step": step, "lr": _lr_at(tcfg, step - 1), "loss": float(metrics["loss"].mean())}
                 if step % tcfg.eval_every == 0 or step == tcfg.steps:
                     row["time"] = time.perf_counter() - t0
-                    here = _here(ts, mesh)
+                    here = _here(ts, mesh)  # this process's copy: evaluated, and checkpointed below
                     if eval_train:
                         row["train_loss"] = evaluate(model, here.params, here.state, X, Y)
                     if dev is not None:
@@ -363,7 +363,7 @@ def fit(
                 if write:  # every chunk's row (a curve even for short runs), then at evaluations the state
                     rundir.append_metrics(out, row)
                     if "time" in row:
-                        rundir.save_pytree(out / rundir.CHECKPOINT, _here(ts, mesh))
+                        rundir.save_pytree(out / rundir.CHECKPOINT, here)
                         saved = step
                 _show(bar, n, row)
                 if on_chunk is not None:
