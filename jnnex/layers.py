@@ -220,6 +220,21 @@ def dropout_backward(dy, scale):
     return dy * scale, None, None
 
 
+def check_dropout_key(rate: float, train, key) -> None:
+    """A model's forward with dropout: ``train`` a Python bool, and a key whenever training drops something."""
+    check_train(train)
+    if train and rate > 0 and key is None:
+        raise ValueError(f"dropout {rate} in train mode needs a key (forward(..., train=True, key=...))")
+
+
+def dropout_in_training(x, key, i: int, rate: float, train: bool):
+    """A model's dropout number ``i``: in training, :func:`dropout_forward` with a key of its own
+    (``fold_in(key, i)``); otherwise the identity. ``(x, cache)``, cache None when nothing was dropped."""
+    if not (train and rate > 0):
+        return x, None
+    return dropout_forward(x, jax.random.fold_in(key, i), rate)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Embedding lookup: emb = C[ix]
 
@@ -379,6 +394,12 @@ def _heads(x, n_head: int):
     return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
 
+def _qkv_heads(qkv, n_head: int):
+    """``qkv (B, T, 3C) -> q, k, v``, each ``(B, nh, T, hs)``."""
+    C = qkv.shape[-1] // 3
+    return tuple(_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))
+
+
 def _merge_heads(x):
     """``(B, nh, T, hs) -> (B, T, C)``."""
     B, nh, T, hs = x.shape
@@ -393,7 +414,7 @@ def attention_forward(qkv, n_head: int):
     if qkv.ndim != 3 or qkv.shape[-1] % 3 or (qkv.shape[-1] // 3) % n_head:
         raise ValueError(f"attention: qkv must be (B, T, 3C) with C divisible by n_head = {n_head}, got {qkv.shape}")
     C = qkv.shape[-1] // 3
-    q, k, v = (_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))  # (B, nh, T, hs) each
+    q, k, v = _qkv_heads(qkv, n_head)  # (B, nh, T, hs) each
     T = qkv.shape[1]
     causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # (1, 1, T, T): position t sees t' <= t
     preatt = jnp.where(causal, (q @ k.transpose(0, 1, 3, 2)) * (C // n_head) ** -0.5, -jnp.inf)
@@ -410,7 +431,7 @@ def attention_backward(dy, cache):
     B, T, C3 = qkv.shape
     C = C3 // 3
     check_shape("attention_backward: dy", dy, (B, T, C))
-    q, k, v = (_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))
+    q, k, v = _qkv_heads(qkv, n_head)
     dyh = _heads(dy, n_head)  # (B, nh, T, hs)
     datt = dyh @ v.transpose(0, 1, 3, 2)  # (B, nh, T, T)
     dv = att.transpose(0, 1, 3, 2) @ dyh

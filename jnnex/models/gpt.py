@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jnnex.layers import (
-    Linear, check_train, dropout_backward, dropout_forward, gelu_backward, gelu_forward, layernorm_backward,
+    Linear, check_dropout_key, dropout_backward, dropout_in_training, gelu_backward, gelu_forward, layernorm_backward,
     layernorm_forward, linear_backward, linear_forward, residual_backward, residual_forward, self_attention_backward,
     self_attention_forward, token_position_embedding_backward, token_position_embedding_forward,
 )
@@ -101,34 +101,25 @@ def init(key, cfg: GPTConfig):
     return GPTParams(wte, wpe, blocks, ln(), normal((C, V))), ()
 
 
-def _dropout(cfg: GPTConfig, h, key, i: int, train: bool):
-    """Residual dropout number ``i`` (0: embeddings; then two per block), a key of its own; cache None when off."""
-    if not (train and cfg.dropout > 0):
-        return h, None
-    return dropout_forward(h, jax.random.fold_in(key, i), cfg.dropout)
-
-
 def forward(cfg: GPTConfig, params: GPTParams, state, x, train: bool, key=None) -> Forward:
     """``Forward(logits (B, T, V), (), caches, acts)`` for ``x (B, T)``, ``T <= block_size``. ``acts`` holds each
     block's output (the residual stream after it), ``(B, T, C)``, for diagnostics."""
-    check_train(train)
-    if train and cfg.dropout > 0 and key is None:
-        raise ValueError(f"dropout {cfg.dropout} in train mode needs a key (forward(..., train=True, key=...))")
+    check_dropout_key(cfg.dropout, train, key)
     if x.ndim != 2 or not 1 <= x.shape[1] <= cfg.block_size:
         raise ValueError(f"gpt: x must have shape (B, T <= {cfg.block_size}), got {x.shape}")
     h, c_emb = token_position_embedding_forward(params.wte, params.wpe, x)
-    h, c_drop0 = _dropout(cfg, h, key, 0, train)
+    h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train)  # the embeddings
     block_caches, acts = [], []
     for i, blk in enumerate(params.blocks):
         a, c_ln1 = layernorm_forward(h, blk.ln1.w, blk.ln1.b)
         a, c_attn = self_attention_forward(a, blk.qkv.W, blk.qkv.b, blk.attproj.W, blk.attproj.b, cfg.n_head)
-        a, c_drop1 = _dropout(cfg, a, key, 2 * i + 1, train)
+        a, c_drop1 = dropout_in_training(a, key, 2 * i + 1, cfg.dropout, train)
         h, c_res1 = residual_forward(h, a)
         m, c_ln2 = layernorm_forward(h, blk.ln2.w, blk.ln2.b)
         m, c_fc = linear_forward(m, blk.fc.W, blk.fc.b)  # (B, T, 4C)
         m, c_gelu = gelu_forward(m)
         m, c_fcproj = linear_forward(m, blk.fcproj.W, blk.fcproj.b)  # (B, T, C)
-        m, c_drop2 = _dropout(cfg, m, key, 2 * i + 2, train)
+        m, c_drop2 = dropout_in_training(m, key, 2 * i + 2, cfg.dropout, train)
         h, c_res2 = residual_forward(h, m)
         block_caches.append((c_ln1, c_attn, c_drop1, c_res1, c_ln2, c_fc, c_gelu, c_fcproj, c_drop2, c_res2))
         acts.append(h)

@@ -48,8 +48,8 @@ import jax.numpy as jnp
 from jnnex.init import OUTPUT_SCALE, kaiming_scale, normals
 from jnnex.layers import (
     BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_eval, batchnorm_forward,
-    batchnorm_update_state, causal_conv_backward, causal_conv_forward, check_train, dropout_backward, dropout_forward,
-    embedding_backward, embedding_forward, flatten_consecutive_backward, flatten_consecutive_forward,
+    batchnorm_update_state, causal_conv_backward, causal_conv_forward, check_dropout_key, dropout_backward,
+    dropout_in_training, embedding_backward, embedding_forward, flatten_consecutive_backward, flatten_consecutive_forward,
     gated_tanh_backward, gated_tanh_forward, linear_backward, linear_forward, tanh_backward, tanh_forward,
 )
 from jnnex.lm import Forward, LanguageModel
@@ -120,19 +120,6 @@ def init(key, cfg: WaveNetConfig):
     return WaveNetParams(table, levels, bn, out), state
 
 
-def _check_train(cfg, train, key):
-    check_train(train)
-    if train and cfg.dropout > 0 and key is None:
-        raise ValueError(f"dropout {cfg.dropout} in train mode needs a key (forward(..., train=True, key=...))")
-
-
-def _dropout(cfg, h, key, i, train: bool):
-    """Dropout after level ``i`` in training (a key of its own per level); ``(h, cache)``, cache None when off."""
-    if not (train and cfg.dropout > 0):
-        return h, None
-    return dropout_forward(h, jax.random.fold_in(key, i), cfg.dropout)
-
-
 def _normalise(cfg, params, state, h, i, train: bool):
     """Level ``i``'s BatchNorm over every axis but the last, then tanh (or the gated tanh):
     ``(h, new_state_i, c_bn, c_act)``."""
@@ -163,7 +150,7 @@ def forward(cfg: WaveNetConfig, params: WaveNetParams, state, x, train: bool, ke
     """``Forward(logits (B, V), new_state, caches, acts)``; ``acts`` holds each level's activation (B, T/2^(l+1), H).
     Train mode normalises with batch-and-position statistics and updates the running ones (and drops out with
     ``key`` when ``cfg.dropout > 0``); eval mode uses the running statistics and drops nothing."""
-    _check_train(cfg, train, key)
+    check_dropout_key(cfg.dropout, train, key)
     if x.ndim != 2 or x.shape[1] != cfg.block_size:
         raise ValueError(f"wavenet: x must have shape (B, {cfg.block_size}), got {x.shape}")
     B = x.shape[0]
@@ -175,7 +162,7 @@ def forward(cfg: WaveNetConfig, params: WaveNetParams, state, x, train: bool, ke
         h, new, c_bn, c_act = _normalise(cfg, params, state, h, i, train)  # (B, T', H)
         new_state.append(new)
         acts.append(h)
-        h, c_drop = _dropout(cfg, h, key, i, train)
+        h, c_drop = dropout_in_training(h, key, i, cfg.dropout, train)
         caches.append((c_fc, c_lin, c_bn, c_act, c_drop))
     h = h.reshape(B, cfg.n_hidden)  # (B, 1, H) -> (B, H): the root of the tree
     logits, c_out = linear_forward(h, params.out.W, params.out.b)  # (B, V)
@@ -238,7 +225,7 @@ def conv_forward(cfg: WaveNetConvConfig, params: WaveNetParams, state, x, train:
     """``Forward(logits (B, T, V), …)`` for padded words ``x (B, T)``: position ``t`` predicts from the ``context``
     characters up to and including ``x[:, t]`` (start tokens before the word). ``acts`` are each level's activation
     ``(B, T + context - 2^(l+1), H)``, the positions before the word included."""
-    _check_train(cfg, train, key)
+    check_dropout_key(cfg.dropout, train, key)
     if x.ndim != 2 or x.shape[1] < 1:
         raise ValueError(f"wavenet-conv: x must have shape (B, T), got {x.shape}")
     B, T = x.shape
@@ -250,7 +237,7 @@ def conv_forward(cfg: WaveNetConvConfig, params: WaveNetParams, state, x, train:
         h, new, c_bn, c_act = _normalise(cfg, params, state, h, i, train)
         new_state.append(new)
         acts.append(h)
-        h, c_drop = _dropout(cfg, h, key, i, train)
+        h, c_drop = dropout_in_training(h, key, i, cfg.dropout, train)
         caches.append((c_conv, c_bn, c_act, c_drop))
     logits, c_out = linear_forward(h, params.out.W, params.out.b)  # (B, T, V)
     return Forward(logits, tuple(new_state), (c_emb, tuple(caches), c_out), tuple(acts))
