@@ -3,13 +3,15 @@
 The package in four roles, plus the first stage on its own:
 
 * **micrograd** (:mod:`jnnex.micrograd`) — a scalar autograd engine, nets of scalars, the same net as tensors
-* **models** (:mod:`jnnex.models`) — the bigram, MLP and BatchNorm language models, each with its one forward (and,
-  where written, its backward by hand under it), and the registry behind ``jnnex train --model``
+* **models** (:mod:`jnnex.models`) — the bigram, MLP, BatchNorm MLP, WaveNet, RNN/GRU, bag-of-words and GPT language
+  models, each with its one forward (and, where written, its backward by hand under it), and the registry behind
+  ``jnnex train --model``
 * **kernels** — :mod:`jnnex.layers` (forward/backward pairs) and :mod:`jnnex.init` (Kaiming initialisation)
 * **machinery** — :mod:`jnnex.data` (corpora, vocabulary, windows and sequences, splits), :mod:`jnnex.lm` (what a
   language model is; evaluation and sampling), :mod:`jnnex.train` (the jitted step, scan, ``fit``, lr finder),
-  :mod:`jnnex.rundir` (the run directory, atomic and pickle-free), :mod:`jnnex.diagnostics`, :mod:`jnnex.plot`,
-  :mod:`jnnex.settings`, :mod:`jnnex.cli`
+  :mod:`jnnex.run` (a run: its config, new / resume / continue / load), :mod:`jnnex.rundir` (the run directory's
+  format, atomic and pickle-free), :mod:`jnnex.memory` (what a run will take, before it allocates),
+  :mod:`jnnex.parallel`, :mod:`jnnex.diagnostics`, :mod:`jnnex.plot`, :mod:`jnnex.settings`, :mod:`jnnex.cli`
 * **verification** — :mod:`jnnex.check` (backwards against ``jax.vjp``), :mod:`jnnex.strategies` (Hypothesis; needs
   the ``test`` extra), :mod:`jnnex.atomic` (makemore part 4's exercise, every intermediate gradient by name)
 
@@ -26,7 +28,9 @@ _EXPORTS = {
     "Vocab": "jnnex.data", "build_sequences": "jnnex.data", "build_windows": "jnnex.data", "load_words": "jnnex.data",
     "make_moons": "jnnex.data", "make_splits": "jnnex.data", "split_words": "jnnex.data",
     "LanguageModel": "jnnex.lm", "evaluate": "jnnex.lm", "generate": "jnnex.lm", "sample_words": "jnnex.lm",
-    "REGISTRY": "jnnex.models.registry", "build": "jnnex.models.registry", "load_run": "jnnex.models.registry",
+    "REGISTRY": "jnnex.models.registry", "build": "jnnex.models.registry",
+    "RunConfig": "jnnex.run", "load_run": ("jnnex.run", "load"), "train_run": ("jnnex.run", "train"),
+    "resume_run": ("jnnex.run", "resume"),
     "TrainConfig": "jnnex.train", "TrainState": "jnnex.train", "fit": "jnnex.train", "lr_find": "jnnex.train",
     "make_run": "jnnex.train", "make_step": "jnnex.train",
 }
@@ -35,7 +39,8 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        module, attr = _EXPORTS[name] if isinstance(_EXPORTS[name], tuple) else (_EXPORTS[name], name)
+        value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'jnnex' has no attribute {name!r}")

@@ -5,6 +5,9 @@
   approximately equal, and the largest difference from ``jax.vjp``. :func:`assert_backward` is the pytest-friendly
   form; :func:`check_backward` runs it on every example a Hypothesis strategy draws (see :mod:`jnnex.strategies`).
   Use float64 inputs for a meaningful check.
+* :func:`compare_model` — the same table for a whole model: every parameter tensor's hand-written gradient
+  against ``jax.grad``, with one tolerance rule (:data:`MODEL_RTOL` of that tensor's scale); every model's test uses
+  it through :func:`assert_model_gradients`, which names *every* tensor that differs.
 * :func:`custom_vjp` — turns a pair into a function whose ``jax.grad`` uses the hand-written backward.
 
 A pair follows :mod:`jnnex.layers`' convention: ``forward(*args) -> (out, cache)`` and
@@ -83,6 +86,81 @@ def compare_arrays(name: str, mine, ref, *, rtol: float = 1e-10, atol: float = 1
     m, r = np.asarray(mine), np.asarray(ref)
     return Row(name, bool(np.array_equal(m, r)), bool(np.allclose(m, r, rtol=rtol, atol=atol)),
                float(np.max(np.abs(m - r))) if m.size else 0.0)
+
+
+MODEL_RTOL = 1e-10  # float64: a hand-written gradient tensor within 1e-10 of the tensor's scale (max |jax.grad|)
+SCALE_FLOOR = 1e-6  # a tensor's scale counts as at least this fraction of the model's largest (see compare_model)
+LOSS_RTOL = 1e-12  # the loss and the new model state: the same numbers, a few roundings apart
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRow:
+    """One parameter tensor of :func:`compare_model`: its largest difference from ``jax.grad``'s gradient, relative
+    to that gradient's scale."""
+
+    name: str
+    rel: float  # max |manual - jax.grad| / scale
+    scale: float  # max |jax.grad| of this tensor, at least SCALE_FLOOR x the model's largest
+    ok: bool
+
+
+def compare_model(model, params, state, x, y, key=None, *, rtol: float = MODEL_RTOL) -> tuple[list[TensorRow], dict]:
+    """Every parameter tensor's hand-written gradient (``model.value_and_grad_manual``) against ``jax.grad`` of the
+    model's objective, at float64 ``params``, in one compiled program. One rule for every model: a tensor passes when
+    ``max |manual - jax.grad| <= rtol · scale``, its scale being ``max |jax.grad|`` of that tensor (llm.c's lesson:
+    one global tolerance hides a small tensor's error) — but at least :data:`SCALE_FLOOR` times the largest
+    tensor's, since a gradient that is zero in exact arithmetic (a bias before BatchNorm) comes out as rounding
+    noise of the model's O(1) terms. Returns the rows, named by parameter path, and ``{"loss": (manual, autodiff),
+    "state": [(manual, autodiff) per leaf]}`` for the caller's checks."""
+
+    @jax.jit
+    def both(params, state):
+        manual = model.value_and_grad_manual(params, state, x, y, key)
+        (loss, new_state), grads = jax.value_and_grad(model.objective, has_aux=True)(params, state, x, y, key)
+        return manual, (loss, grads, new_state)
+
+    (loss_m, grads_m, state_m), (loss_a, grads_a, state_a) = both(params, state)
+    flat_m = jax.tree_util.tree_flatten_with_path(grads_m)[0]
+    flat_a = jax.tree.leaves(grads_a)
+    if len(flat_m) != len(flat_a) or jax.tree.structure(grads_m) != jax.tree.structure(grads_a):
+        raise AssertionError(f"model {model.name!r}: the hand-written gradients are shaped "
+                             f"{jax.tree.structure(grads_m)}, jax.grad's {jax.tree.structure(grads_a)}")
+    largest = max((float(np.abs(np.asarray(g)).max()) for g in flat_a if np.size(g)), default=0.0)
+    rows = []
+    for (path, gm), ga in zip(flat_m, flat_a):
+        gm, ga = np.asarray(gm, np.float64), np.asarray(ga, np.float64)
+        if gm.shape != ga.shape:
+            rows.append(TensorRow(jax.tree_util.keystr(path), float("inf"), float("nan"), False))
+            continue
+        scale = max(float(np.abs(ga).max()) if ga.size else 0.0, SCALE_FLOOR * largest)
+        diff = float(np.abs(gm - ga).max()) if ga.size else 0.0
+        rel = diff / scale if scale > 0 else diff
+        rows.append(TensorRow(jax.tree_util.keystr(path), rel, scale, bool(rel <= rtol)))
+    extra = {"loss": (float(loss_m), float(loss_a)),
+             "state": list(zip(jax.tree.leaves(state_m), jax.tree.leaves(state_a)))}
+    return rows, extra
+
+
+def format_model_table(rows: Sequence[TensorRow]) -> str:
+    width = max((len(r.name) for r in rows), default=6)
+    return "\n".join(f"{r.name:<{width}}  max|manual - jax.grad| / scale {r.rel:.1e}  (scale {r.scale:.2e})"
+                     f"{'' if r.ok else '  <-- differs'}" for r in rows)
+
+
+def assert_model_gradients(model, params, state, x, y, key=None, *, rtol: float = MODEL_RTOL) -> list[TensorRow]:
+    """:func:`compare_model`, failing with the table of *every* tensor that differs (a slip in the backward shows
+    where it starts and how far it spreads), and with the loss and the new state checked to ``rtol`` too. Returns
+    the rows (for a table in the test output)."""
+    rows, extra = compare_model(model, params, state, x, y, key, rtol=rtol)
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        raise AssertionError(f"model {model.name!r}: {len(bad)} of {len(rows)} gradient tensors differ from jax.grad "
+                             f"(rule: max|diff| <= {rtol:g} x the tensor's scale):\n{format_model_table(bad)}")
+    loss_m, loss_a = extra["loss"]
+    np.testing.assert_allclose(loss_m, loss_a, rtol=LOSS_RTOL, err_msg=f"model {model.name!r}: the loss")
+    for i, (sm, sa) in enumerate(extra["state"]):
+        np.testing.assert_allclose(sm, sa, rtol=LOSS_RTOL, err_msg=f"model {model.name!r}: state leaf {i}")
+    return rows
 
 
 def randomise(params, key, dtype=jnp.float64, scale: float = 0.3):

@@ -4,10 +4,10 @@
     jnnex sample --from runs/mlp -n 20
     jnnex eval --from runs/mlp --data names.txt
 
-A run directory (:mod:`jnnex.rundir`) holds ``config.json``, ``model.npz``, ``checkpoint.npz``, ``metrics.jsonl`` and
-``metrics.json``; every file is written atomically and arrays are loaded with ``allow_pickle=False``. Every model
-setting is a flag made from the model config's fields (``jnnex train --help`` lists them with the models they apply
-to); a flag that does not apply to the chosen model is an error.
+Each command parses its flags, makes one library call and prints: a run is :mod:`jnnex.run`'s (so ``jnnex train`` and
+``jnnex.run.train`` make the same run), its directory's format :mod:`jnnex.rundir`'s. Every model setting is a flag
+made from the model config's fields (``jnnex train --help`` lists them with the models they apply to); a flag that
+does not apply to the chosen model is an error.
 
 Compiled programs are kept in JAX's persistent compilation cache, so a second run of the same model starts at once:
 ``$JNNEX_CACHE_DIR`` (default ``~/.cache/jnnex/xla``); ``JNNEX_CACHE_DIR=off`` switches it off.
@@ -17,127 +17,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
+import signal
 import sys
-import time
-import typing
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from jnnex import __version__, parallel, rundir
-from jnnex.data import CORPORA, Splits, Vocab, load_words, make_splits
-from jnnex.lm import count_params, evaluate, sample_words
-from jnnex.models.registry import REGISTRY, build_for_words, get_spec, has_manual_backward, load_run
+from jnnex import __version__, parallel, rundir, run
+from jnnex.data import CORPORA
+from jnnex.lm import sample_words
+from jnnex.models.registry import REGISTRY, has_manual_backward
+from jnnex.settings import add_flags
 from jnnex.train import NonFiniteLossError, TrainConfig, ctrl_c_guard, fit, lr_find
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Flags made from config fields
-
-
-def _parser_of(annotation, name: str):
-    """``(type callable, argparse extras)`` for a config field's annotation (``int``, ``float | None``, ``tuple[int,
-    ...]``, ``bool``, ``str``)."""
-    args = typing.get_args(annotation)
-    if annotation is bool or set(args) == {bool, type(None)}:
-        return None, {"action": argparse.BooleanOptionalAction}
-    if typing.get_origin(annotation) is tuple:
-        item = args[0]
-
-        def items(text):
-            try:
-                return tuple(item(v) for v in text.split(",") if v.strip())
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"--{name}: expected comma-separated {item.__name__}s, "
-                                                 f"got {text!r}") from None
-
-        return items, {"metavar": f"{item.__name__.upper()},..."}
-    if type(None) in args:  # X | None: "none" is None, anything else is parsed as X
-        inner, extra = _parser_of(next(a for a in args if a is not type(None)), name)
-        metavar = extra.get("metavar", getattr(inner, "__name__", "value").upper())
-        return (lambda text: None if text.lower() == "none" else inner(text)), {"metavar": f"{metavar}|none"}
-    return annotation, {}
-
-
-def _fields(cls) -> list[tuple[dataclasses.Field, typing.Any]]:
-    hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
-
-
-def _add_field_flags(p, cls, applies_to: dict[str, list[str]] | None = None, skip=()) -> None:
-    """One flag per field of ``cls`` (its help from the field's ``setting``); ``applies_to`` names the models."""
-    for f, annotation in _fields(cls):
-        if f.name in skip:
-            continue
-        kind, extra = _parser_of(annotation, f.name.replace("_", "-"))
-        help_text = f.metadata.get("help", "")
-        if applies_to is not None:
-            help_text += f" [{', '.join(applies_to[f.name])}]"
-        if kind is not None:
-            extra["type"] = kind
-        if f.metadata.get("choices"):
-            extra["choices"] = f.metadata["choices"]
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, help=help_text, **extra)
-
-
-def _model_fields() -> dict[str, tuple[type, list[str]]]:
-    """Every model-config field of the registry (but ``vocab_size``, which the data sets): ``name -> (a config class
-    that has it, the models it applies to)``."""
-    out: dict[str, tuple[type, list[str]]] = {}
-    for model, spec in REGISTRY.items():
-        for f in dataclasses.fields(spec.config_cls):
-            if f.name != "vocab_size":
-                out.setdefault(f.name, (spec.config_cls, []))[1].append(model)
-    return out
-
-
-def _add_model_flags(p) -> None:
-    fields = _model_fields()
-    classes = dict.fromkeys(cls for cls, _ in fields.values())
-    done: set[str] = set()
-    for cls in classes:  # each field once, from the first config class that declares it
-        _add_field_flags(p, cls, {k: v[1] for k, v in fields.items()},
-                         skip={f.name for f in dataclasses.fields(cls)} & done | {"vocab_size"})
-        done |= {f.name for f in dataclasses.fields(cls)}
-
-
-def _model_overrides(args, model: str, base: dict | None = None) -> dict:
-    """The model-config flags given on the command line, checked against ``model``'s config."""
-    over = dict(base or {})
-    config_fields = {f.name for f in dataclasses.fields(get_spec(model).config_cls)}
-    for name, (_, models) in _model_fields().items():
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if name not in config_fields:
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to model {model!r} (it applies to "
-                             f"{', '.join(models)})")
-        over[name] = value
-    return over
-
-
-def _train_config(args, spec, train_over: dict) -> TrainConfig:
-    """The model's default training settings, then its preset's, then the flags. ``--steps`` moves the learning-rate
-    boundaries with it (the lecture decays at half the run) unless ``--lr-boundaries`` is given too."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
-    over = {**train_over, **given}
-    steps = over.pop("steps", spec.train.steps)
-    tcfg = dataclasses.replace(spec.train, **over)
-    if "lr_boundaries" not in given:
-        tcfg = _with_steps(tcfg, spec.train.steps, steps)
-    return dataclasses.replace(tcfg, steps=steps, eval_every=min(tcfg.eval_every, steps))
-
-
-def _with_steps(tcfg: TrainConfig, default_steps: int, steps: int) -> TrainConfig:
-    """``tcfg`` for a run of ``steps`` steps: explicit learning-rate boundaries keep their fraction of the run (the
-    default, ``None``, is half of any run already, in the library's ``fit`` as here)."""
-    boundaries = None if tcfg.lr_boundaries is None else tuple(b * steps // default_steps for b in tcfg.lr_boundaries)
-    return dataclasses.replace(tcfg, steps=steps, eval_every=min(tcfg.eval_every, steps), lr_boundaries=boundaries)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The parser
@@ -155,6 +49,15 @@ def _add_data(p, default="census-first"):
                    help=f"a UTF-8 text file with one word per line, or an embedded corpus (default: {default})")
 
 
+def _add_model_flags(p) -> None:
+    """One flag per model-config field of the registry, each once (from the first config class that declares it)."""
+    applies_to = run.model_fields()
+    done: set[str] = {"vocab_size"}
+    for cls in dict.fromkeys(spec.config_cls for spec in REGISTRY.values()):
+        add_flags(p, cls, applies_to, skip=done)
+        done |= {f.name for f in dataclasses.fields(cls)}
+
+
 def _diagnosable() -> list[str]:
     """Models whose diagnostics can be read: those with a hand-written backward."""
     return sorted(name for name in REGISTRY if has_manual_backward(name))
@@ -165,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"jnnex {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
+    diagnosable = _diagnosable()
 
     t = sub.add_parser("train", help="train a model and save it to --out",
                        description="Train a model. Unset flags take the model's defaults (or its --preset). Model "
@@ -178,14 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory for config, parameters, checkpoint and metrics")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out with the settings of its config.json (a flag that conflicts with "
-                        "them is an error); a run stopped before its first checkpoint starts again from step 0")
+                        "them is an error); with --steps above the run's, continue it to that many steps (the "
+                        "learning-rate boundaries stay where they were); a run stopped before its first checkpoint "
+                        "starts again from step 0")
     t.add_argument("--force", action="store_true", help="start a new run in an --out that holds one (its run files "
                                                         "are deleted first)")
     t.add_argument("--split", type=_fractions, help="word fractions, e.g. 0.8,0.1,0.1 (bigram models: 1 = all words)")
     t.add_argument("--split-seed", type=int, help="seed of the word shuffle before splitting (default 42)")
     t.add_argument("--backward", choices=["autodiff", "manual"],
                    help="gradients from jax.grad (default), or from the model's hand-written backward "
-                        f"({', '.join(_diagnosable())})")
+                        f"({', '.join(diagnosable)})")
     t.add_argument("--json", action="store_true", help="print the final metrics as one JSON object on stdout")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     dp = t.add_argument_group("devices and machines (data parallel: the batch split over devices)")
@@ -195,12 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           "run (default $JAX_COORDINATOR_ADDRESS)")
     dp.add_argument("--num-processes", type=int, help="processes in the run (default $JAX_NUM_PROCESSES)")
     dp.add_argument("--process-id", type=int, help="this process's id, 0 … num-processes - 1 (default $JAX_PROCESS_ID)")
+    dp.add_argument("--coordinator-timeout", type=float, default=60.0,
+                    help="seconds to wait for the coordinator and the other processes (default 60)")
     dp.add_argument("--distributed", action="store_true",
                     help="join the run JAX detects (Slurm, Open MPI, Kubernetes, TPU) when no coordinator is given")
-    m = t.add_argument_group("model settings")
-    _add_model_flags(m)
-    o = t.add_argument_group("training settings")
-    _add_field_flags(o, TrainConfig)
+    _add_model_flags(t.add_argument_group("model settings"))
+    add_flags(t.add_argument_group("training settings"), TrainConfig)
 
     mo = sub.add_parser("moons", help="micrograd's demo: MLP(2, [16, 16, 1]) on two moons, 100 SGD steps")
     mo.add_argument("--engine", choices=["scalar", "tensor", "autodiff"], default="tensor",
@@ -230,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Activation, gradient and update statistics per layer, computed inside the "
                                    "jitted step: a table at initialisation and at the end, and PNGs with --out. "
                                    "Model flags as for `jnnex train`.")
-    d.add_argument("--model", default="deep-mlp", choices=_diagnosable(),
+    d.add_argument("--model", default="deep-mlp", choices=diagnosable,
                    help="a model with a hand-written backward (its diagnostics are read from it)")
     _add_data(d)
     d.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
@@ -261,220 +167,64 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Models and data
-
-
-def _splits(model, words, vocab: Vocab, fractions, split_seed: int) -> Splits:
-    return make_splits(words, model.block_size, fractions, split_seed, vocab, per_position=model.per_position)
-
-
-def _prepare(name: str, data, model_over: dict, fractions=None, split_seed: int = 42):
-    """``(spec, model, splits)`` for registered model ``name`` on ``data``."""
-    spec = get_spec(name)
-    words = load_words(data)
-    vocab = Vocab.from_words(words)
-    model = build_for_words(spec, words, vocab, **model_over)
-    return spec, model, _splits(model, words, vocab, fractions or spec.split, split_seed)
-
-
-def _manual(model):
-    """The same model trained on its hand-written backward (jax.grad nowhere in the training path)."""
-    if model.backward_fn is None:
-        raise ValueError(f"--backward manual: model {model.name!r} has no hand-written backward "
-                         f"(available for {', '.join(_diagnosable())})")
-    return model.with_gradients("manual")
+def _settings(args, names) -> dict:
+    """The settings among ``names`` given on the command line (an unset flag is ``None``)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Commands
 
 
-def cmd_moons(args) -> int:
-    """micrograd's demo: 100 points, noise 0.1, MLP(2, [16, 16, 1]), hinge + 1e-4 L2, lr 1.0 - 0.9 k/steps."""
-    import jax.numpy as jnp
-
-    from jnnex.micrograd import nn, tensor_mlp
-
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    X, y, params = tensor_mlp.moons_problem(args.seed)
-    t0 = time.perf_counter()
-    if args.engine == "scalar":
-        model = nn.MLP(2, list(tensor_mlp.MOONS_SIZES[1:]), params=params)
-        nn.train_moons(model, X, y, steps=args.steps)
-        final_loss, final_acc = nn.moons_loss(model, X, y)
-        final_loss = final_loss.data
-    else:
-        x, yj = jnp.asarray(X, jnp.float32), jnp.asarray(y, jnp.float32)
-        trained, _, _ = tensor_mlp.train_moons(params, x, yj, steps=args.steps,
-                                               engine="manual" if args.engine == "tensor" else "autodiff")
-        final_loss, final_acc = float(tensor_mlp.loss_fn(trained, x, yj)), float(tensor_mlp.accuracy(trained, x, yj))
-    seconds = time.perf_counter() - t0
-    metrics = {"model": "moons-mlp", "engine": args.engine, "steps": args.steps, "seed": args.seed,
-               "loss": float(final_loss), "accuracy": float(final_acc), "seconds": round(seconds, 3)}
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        print(f"moons-mlp ({args.engine}): loss {final_loss:.6f}  accuracy {final_acc:.0%}  ({args.steps} steps, "
-              f"{seconds:.2f} s)")
-    return 0
-
-
-def _sha256(words: list[str]) -> str:
-    return hashlib.sha256("\n".join(words).encode()).hexdigest()
-
-
-def _resume_settings(args, out: Path):
-    """``(spec, model config, train config, meta, words)`` of the run in ``out``, from its ``config.json``: the
-    source of truth on resume. A flag given with another value than the run's is an error naming both."""
-    cfg = rundir.read_json(out / rundir.CONFIG)
-    spec = get_spec(cfg["model"])
-    if spec.fit_fn is not None:
-        raise ValueError(f"--resume: model {cfg['model']!r} is fitted in closed form; there is nothing to resume")
-
-    def conflict(flag, given, saved):
-        if given is not None and given != saved:
-            raise ValueError(f"--resume: {flag} {given!r} conflicts with the run's {saved!r} (its config.json); "
-                             "drop the flag, or start a new run with another --out")
-
-    conflict("--model", args.model, cfg["model"])
-    conflict("--data", args.data, cfg["data"])
-    conflict("--split", list(args.split) if args.split else None, cfg["split"])
-    conflict("--split-seed", args.split_seed, cfg["split_seed"])
-    conflict("--backward", args.backward, cfg.get("backward", "autodiff"))
-    if args.preset:
-        raise ValueError("--resume: --preset does not apply (the run's settings are in its config.json)")
-    for name, saved in (("model_config", cfg["model_config"]), ("train_config", cfg["train_config"])):
-        fields = _model_fields() if name == "model_config" else {f.name: None for f in dataclasses.fields(TrainConfig)}
-        for field in fields:
-            given = getattr(args, field, None)
-            if given is not None and field not in saved:
-                raise ValueError(f"--{field.replace('_', '-')} does not apply to model {cfg['model']!r}")
-            conflict(f"--{field.replace('_', '-')}", json.loads(json.dumps(given)), saved.get(field))
-    words = load_words(cfg["data"])
-    if "data_sha256" in cfg and _sha256(words) != cfg["data_sha256"]:
-        raise ValueError(f"--resume: the data {cfg['data']!r} changed since the run started (sha256 "
-                         f"{_sha256(words)[:12]}… now, {cfg['data_sha256'][:12]}… then)")
-    meta = {k: v for k, v in cfg.items() if k not in ("model", "model_config", "train_config")}
-    return spec, spec.config_cls(**cfg["model_config"]), TrainConfig.from_dict(cfg["train_config"]), meta, words
-
-
 def cmd_train(args) -> int:
     # Before anything starts JAX's backend: join the other processes, if there are any.
-    parallel.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
-    if args.devices is not None and args.devices < 1:
-        raise ValueError(f"--devices must be >= 1, got {args.devices}")
-    out = rundir.check_run_dir(args.out) if args.out else None
-    if out is not None and not args.resume and not parallel.is_writer():
-        out = None  # a new run's directory belongs to process 0; the others (maybe on its filesystem) keep out of it
-    resume_from = None
+    parallel.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
+                        timeout=args.coordinator_timeout)
     if args.resume and args.force:
         raise ValueError("--resume continues the run in --out and --force starts it over: give one of them")
+    settings = _settings(args, [*run.model_fields(), *run.TRAIN_FIELDS])
+    log = (lambda line: print(line, file=sys.stderr if args.json else sys.stdout, flush=True))
+    common = dict(devices=args.devices, progress=not (args.no_progress or args.json), log=log)
     if args.resume:
-        if out is None or not (out / rundir.CONFIG).is_file():
-            raise ValueError(f"--resume: no run in {args.out!r} (expected its config.json)")
-        spec, model_cfg, tcfg, meta, words = _resume_settings(args, out)
-        vocab = Vocab(meta["vocab"], meta["boundary"])
-        model = spec.build(model_cfg)
-        fractions, split_seed, backward = tuple(meta["split"]), meta["split_seed"], meta.get("backward", "autodiff")
-        resume_from = (out / rundir.CHECKPOINT).is_file()
-        if not resume_from:  # stopped before its first checkpoint: the same run again, from step 0
-            rundir.clear(out)
+        if args.out is None:
+            raise ValueError("--resume: give the run directory with --out")
+        result = run.resume(args.out, model=args.model, data=args.data, split=args.split, split_seed=args.split_seed,
+                            gradients=args.backward, preset=args.preset, **settings, **common)
     else:
-        if out is not None and rundir.holds_run(out):
-            if not args.force:
-                raise ValueError(f"--out {args.out!r} already holds a run: continue it with `jnnex train --resume "
-                                 f"--out {args.out}`, or start it over with --force")
-            rundir.clear(out)
-        name = args.model or "mlp"
-        spec = get_spec(name)
-        model_over, train_over = {}, {}
-        if args.preset:
-            if args.preset not in spec.presets:
-                raise ValueError(f"model {name!r} has no preset {args.preset!r}; it has {sorted(spec.presets)}")
-            model_over, train_over = (dict(d) for d in spec.presets[args.preset])
-        model_over = _model_overrides(args, name, model_over)
-        tcfg = _train_config(args, spec, train_over)
-        fractions = args.split or spec.split
-        split_seed = 42 if args.split_seed is None else args.split_seed
-        backward = args.backward or "autodiff"
-        data = args.data or "census-first"
-        words = load_words(data)
-        vocab = Vocab.from_words(words)
-        model = build_for_words(spec, words, vocab, **model_over)
-        meta = {"data": str(data), "data_sha256": _sha256(words), "vocab": vocab.chars, "boundary": vocab.boundary,
-                "split": list(fractions), "split_seed": split_seed, "backward": backward}
-    if backward == "manual":
-        model = _manual(model)
-    splits = _splits(model, words, vocab, fractions, split_seed)
-    log = sys.stderr if args.json else sys.stdout
-    print(f"jnnex: {model.name} on {meta['data']} ("
-          f"{', '.join(f'{n} {int((Y >= 0).sum()):,}' for n, (_, Y) in zip(splits.names, splits.parts))} predicted "
-          f"characters, V={vocab.size}), seed {tcfg.seed}", file=log)
-    t0 = time.perf_counter()
-    last: dict = {}
-    if spec.fit_fn is not None:
-        params, state = spec.fit_fn(model.cfg, *splits.train)
-        steps, interrupted = 0, False
-        if out is not None:
-            rundir.write_json(out / rundir.CONFIG, rundir.config_record(model.name, model.cfg, tcfg, meta))
-            rundir.save_pytree(out / rundir.MODEL, (params, state))
-    else:
-        try:
-            res = fit(model, splits.train, tcfg, dev=splits.dev, out=out, resume=bool(resume_from),
-                      progress=not (args.no_progress or args.json) and parallel.is_writer(), meta=meta,
-                      devices=args.devices)
-        except NonFiniteLossError as e:
-            print(f"jnnex: error: {e}", file=sys.stderr)
-            return 1
-        params, state, steps, interrupted = res.ts.params, res.ts.state, int(res.ts.step), res.interrupted
-        if res.evals and res.evals[-1]["step"] == steps:
-            last = res.evals[-1]  # fit has just evaluated train and dev at the final step
-    if interrupted:
-        if out is None:
-            print(f"jnnex: interrupted at step {steps} (no --out: nothing saved)", file=sys.stderr)
-        elif (out / rundir.CHECKPOINT).is_file():
-            print(f"jnnex: interrupted at step {steps}; saved to {out} (continue with: jnnex train --resume --out "
-                  f"{out})", file=sys.stderr)
+        rc = run.RunConfig.new(args.model or "mlp", args.data or "census-first", preset=args.preset, split=args.split,
+                               split_seed=42 if args.split_seed is None else args.split_seed,
+                               gradients=args.backward or "autodiff", **settings)
+        result = run.train(rc, args.out, force=args.force, **common)
+    if result.interrupted:
+        name = "interrupted" if result.signal == signal.SIGINT else f"stopped by {signal.Signals(result.signal).name}"
+        if args.out is None:
+            print(f"jnnex: {name} at step {result.steps} (no --out: nothing saved)", file=sys.stderr)
+        elif result.saved:
+            print(f"jnnex: {name} at step {result.steps}; saved to {args.out} (continue with: jnnex train --resume "
+                  f"--out {args.out})", file=sys.stderr)
         else:
-            print(f"jnnex: interrupted before the first chunk: nothing to save (start it again with: jnnex train "
-                  f"--resume --out {out})", file=sys.stderr)
-        return 130
-    seconds = time.perf_counter() - t0
-    metrics = {"model": model.name, "backward": backward, "data": meta["data"], "steps": steps,
-               "seed": tcfg.seed, "params": count_params(params), "seconds": round(seconds, 3)}
-    for name, (X, Y) in zip(splits.names, splits.parts):
-        key = f"{name}_loss"
-        metrics[key] = last[key] if key in last else evaluate(model, params, state, X, Y)
-    if args.devices is not None:
-        metrics["devices"], metrics["processes"] = args.devices, jax.process_count()
-    if out is not None and parallel.is_writer():
-        rundir.write_json(out / rundir.FINAL_METRICS, metrics)
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("_loss"))
-              + f"  ({steps} steps, {seconds:.1f} s)")
+            print(f"jnnex: {name} before the first chunk: nothing to save (start it again with: jnnex train --resume "
+                  f"--out {args.out})", file=sys.stderr)
+        return 128 + int(result.signal)
+    m = result.metrics
+    print(json.dumps(m) if args.json else "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k.endswith("_loss"))
+          + f"  ({m['steps']} steps, {m['seconds']:.1f} s)")
     return 0
 
 
 def cmd_sample(args) -> int:
-    run = load_run(args.run)
-    for word in sample_words(run.model, run.params, run.state, run.vocab, jax.random.key(args.seed), args.n,
-                             max_len=args.max_len, temperature=args.temperature, top_k=args.top_k):
+    loaded = run.load(args.run)
+    for word in sample_words(loaded.model, loaded.params, loaded.state, loaded.vocab, jax.random.key(args.seed),
+                             args.n, max_len=args.max_len, temperature=args.temperature, top_k=args.top_k):
         print(word)
     return 0
 
 
 def cmd_eval(args) -> int:
-    run = load_run(args.run)
-    source = args.data or run.config["data"]
-    splits = _splits(run.model, load_words(source), run.vocab, tuple(run.config["split"]), run.config["split_seed"])
-    metrics = {f"{n}_loss": evaluate(run.model, run.params, run.state, X, Y)
-               for n, (X, Y) in zip(splits.names, splits.parts)}
-    print(json.dumps({"model": run.model.name, "data": str(source), **metrics}) if args.json
-          else "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    loaded = run.load(args.run)
+    metrics = run.evaluate_run(loaded, args.data)
+    print(json.dumps({"model": loaded.model.name, "data": str(args.data or loaded.config.data), **metrics})
+          if args.json else "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
 
 
@@ -482,13 +232,14 @@ def cmd_plot(args) -> int:
     from jnnex import plot
 
     plot.require()
-    run = load_run(args.run)
+    loaded = run.load(args.run)
     out = Path(args.out or args.run)
     written = []
     if (Path(args.run) / rundir.METRICS).is_file():
         written.append(plot.plot_loss(Path(args.run) / rundir.METRICS, out / "loss.png"))
-    if run.model.embeddings_fn is not None:
-        written.append(plot.plot_embeddings(run.model.embeddings_fn(run.params), run.vocab, out / "embeddings.png"))
+    if loaded.model.embeddings_fn is not None:
+        written.append(plot.plot_embeddings(loaded.model.embeddings_fn(loaded.params), loaded.vocab,
+                                            out / "embeddings.png"))
     for p in written:
         print(p)
     return 0
@@ -501,16 +252,15 @@ def cmd_diagnose(args) -> int:
 
     if args.out:
         plot.require()  # before training, not after it
-    overrides = _model_overrides(args, args.model)
-    spec, model, splits = _prepare(args.model, args.data, overrides)
-    tcfg = dataclasses.replace(_with_steps(spec.train, spec.train.steps, args.steps), eval_every=args.steps,
-                               seed=args.seed)
-    res = fit(model, splits.train, tcfg, progress=False, eval_train=False, diagnostics=True)
+    settings = _settings(args, run.model_fields())
+    rc = run.RunConfig.new(args.model, args.data, steps=args.steps, eval_every=args.steps, seed=args.seed, **settings)
+    model, splits = run.prepare(rc)
+    res = fit(model, splits.train, rc.train, progress=False, eval_train=False, diagnostics=True)
     names = diagnostics.weight_names(res.ts.params)
-    print(f"{model.name} {dict(overrides) or ''} on {args.data}: loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}")
+    print(f"{model.name} {settings or ''} on {args.data}: loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}")
     print(f"\n-- step 0 (initialisation)\n{diagnostics.table(res.metrics, names, 0)}")
     print(f"\n-- step {args.steps - 1}\n{diagnostics.table(res.metrics, names, -1)}")
-    if model.name in ("rnn", "gru"):  # backprop through time: how far back the last prediction's gradient reaches
+    if model.per_position:  # every position predicted: how far back the last prediction's gradient reaches
         X = jnp.asarray(splits.train[0][:512])
         y_last = jnp.asarray(splits.train[1][:512, 0])  # any valid character as the last position's target
         for label, p in (("initialisation", model.init(jax.random.key(args.seed))[0]), ("trained", res.ts.params)):
@@ -525,38 +275,18 @@ def cmd_diagnose(args) -> int:
     return 0
 
 
-# (rung, model, model overrides, the lecture's train/val)
-LADDER = [
-    ("original", "mlp", {"init": "lecture"}, (2.1245, 2.1682)),
-    ("softmax fixed", "mlp", {"init": "softmax-fixed"}, (2.07, 2.13)),
-    ("tanh fixed", "mlp", {"init": "tanh-fixed"}, (2.0356, 2.1027)),
-    ("kaiming", "mlp", {"init": "kaiming"}, (2.0377, 2.1070)),
-    ("+ batchnorm", "bn-mlp", {}, (2.0668, 2.1048)),
-]
-
-
 def cmd_ladder(args) -> int:
-    rows = []
-    for rung, name, overrides, lecture in LADDER:
-        spec, model, splits = _prepare(name, args.data, overrides)
-        tcfg = dataclasses.replace(_with_steps(spec.train, spec.train.steps, args.steps), eval_every=args.steps,
-                                   seed=args.seed)
-        t0 = time.perf_counter()
-        res = fit(model, splits.train, tcfg, dev=splits.dev, progress=False)
-        row = {"rung": rung, "model": name, **overrides, "train": res.evals[-1]["train_loss"],
-               "val": res.evals[-1]["dev_loss"], "lecture_train": lecture[0], "lecture_val": lecture[1],
-               "initial_loss": float(res.losses[0]), "seconds": round(time.perf_counter() - t0, 1)}
-        rows.append(row)
-        if not args.json:
-            print(f"{rung:<14} train {row['train']:.4f}  val {row['val']:.4f}   (lecture {lecture[0]:.4f} / "
-                  f"{lecture[1]:.4f})  initial loss {row['initial_loss']:.2f}  {row['seconds']:.0f} s", flush=True)
+    rows = run.ladder(args.data, args.steps, args.seed)
     if args.json:
         print(json.dumps(rows))
+    for row in [] if args.json else rows:
+        print(f"{row['rung']:<14} train {row['train']:.4f}  val {row['val']:.4f}   (lecture {row['lecture_train']:.4f}"
+              f" / {row['lecture_val']:.4f})  initial loss {row['initial_loss']:.2f}  {row['seconds']:.0f} s")
     return 0
 
 
 def cmd_lr_find(args) -> int:
-    _, model, splits = _prepare(args.model, args.data, {})
+    model, splits = run.prepare(run.RunConfig.new(args.model, args.data))
     lrs, losses = lr_find(model, splits.train, lo=args.lo, hi=args.hi, steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed)
     if args.json:
@@ -571,8 +301,21 @@ def cmd_lr_find(args) -> int:
     return 0
 
 
+def cmd_moons(args) -> int:
+    from jnnex.micrograd.nn import moons_demo
+
+    m = moons_demo(args.engine, args.steps, args.seed)
+    print(json.dumps(m) if args.json else f"moons-mlp ({m['engine']}): loss {m['loss']:.6f}  accuracy "
+                                          f"{m['accuracy']:.0%}  ({m['steps']} steps, {m['seconds']:.2f} s)")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "moons": cmd_moons, "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot,
             "diagnose": cmd_diagnose, "ladder": cmd_ladder, "lr-find": cmd_lr_find}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The process
 
 
 def use_compilation_cache() -> str | None:
@@ -594,18 +337,21 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     try:
-        with ctrl_c_guard() as ctrl_c:  # from here on, a first Ctrl-C never raises inside JAX: see fit
+        with ctrl_c_guard() as ctrl_c:  # from here on, a first Ctrl-C or SIGTERM never raises inside JAX: see fit
             args = build_parser().parse_args(argv)
             code = COMMANDS[args.command](args)
     except (ValueError, TypeError, ImportError) as e:
         print(f"jnnex: error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, OSError) as e:  # a run that went wrong, or a file that could not be written
+        print(f"jnnex: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C
         print("jnnex: interrupted", file=sys.stderr)
         return 130
-    if ctrl_c.pressed and code == 0:  # pressed while a command other than training finished its work
+    if ctrl_c.pressed and code == 0:  # received while a command other than training finished its work
         print("jnnex: interrupted", file=sys.stderr)
-        return 130
+        return 128 + int(ctrl_c.pressed)
     return code
 
 

@@ -60,16 +60,22 @@ def census_last_names() -> list[str]:
 def read_words(path: str | os.PathLike) -> list[str]:
     """Read a UTF-8 text file with one word per line; strips whitespace and skips blank lines.
 
+    A UTF-8 byte-order mark at the start is dropped.
+
     Raises:
-        ValueError: the file is missing, is not UTF-8, or has no non-blank line.
+        ValueError: the file is missing, a directory, not UTF-8, or has no non-blank line.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"data file {str(path)!r} is a directory (expected a UTF-8 text file, one word per line)")
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist (expected a UTF-8 text file, one word per line)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is not a word
     except UnicodeDecodeError as e:
         raise ValueError(f"data file {str(path)!r} is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ValueError(f"data file {str(path)!r} cannot be read: {e.strerror or e}") from None
     words = [line.strip() for line in text.splitlines()]
     words = [w for w in words if w]
     if not words:

@@ -7,7 +7,7 @@ A language model maps token ids to logits over the V tokens that come next, in o
   ``(B, T, V)``, targets ``(B, T)`` with ``-1`` where there is nothing to predict.
 
 In jnnex a model is a bundle of pure functions (:class:`LanguageModel`) around **one forward**,
-``forward(cfg, params, state, x, train) -> Forward(logits, state, caches, acts)``: ``apply`` keeps the logits and
+``forward(cfg, params, state, x, train, key=None) -> Forward(logits, state, caches, acts)``: ``apply`` keeps the logits and
 state, the hand-written backward consumes the caches, diagnostics reads the activations. ``state`` carries what is
 not learned by gradient (BatchNorm's running statistics); it is ``()`` for stateless models.
 """
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jnnex import memory
 from jnnex.settings import positive_int
 from jnnex.layers import check_targets, cross_entropy_backward, cross_entropy_forward, target_nll
 
@@ -60,7 +61,7 @@ class LanguageModel:
         name: registry name (``"bigram"``, ``"mlp"``, …).
         cfg: the model's frozen config dataclass; has ``vocab_size`` (V) and ``block_size`` (T).
         init_fn: ``(key, cfg) -> (params, state)``.
-        forward_fn: the model's one forward, ``(cfg, params, state, x (B, T) int32, train: bool) ->``
+        forward_fn: the model's one forward, ``(cfg, params, state, x (B, T) int32, train: bool, key=None) ->``
             :class:`Forward`. :meth:`apply`, the hand-written backward and diagnostics all run it.
         backward_fn: optional hand-written ``(cfg, params, caches, dlogits) -> (grads, act_grads)``: the layer
             backwards in reverse order of the forward, ``grads`` shaped like ``params``, ``act_grads`` like ``acts``.
@@ -68,9 +69,10 @@ class LanguageModel:
             reported cross-entropy never includes it.
         gradients: ``"autodiff"`` (``jax.grad`` of :meth:`objective`) or ``"manual"`` (:meth:`value_and_grad_manual`:
             ``jax.grad`` nowhere in the training path); see :meth:`with_gradients`.
-        stochastic: ``True`` for a model with random layers in train mode (dropout): its ``forward_fn`` takes a
-            keyword ``key``, which every train-mode call below passes on (:func:`jnnex.train.make_step` gives each
-            step its own); eval mode needs none.
+        stochastic: ``True`` for a model with random layers in train mode (dropout): its forward reads the
+            ``key`` that every train-mode call below passes on (:func:`jnnex.train.make_step` gives each step its
+            own); eval mode needs none. Every model's forward takes ``key=None`` (one signature; a model without
+            random layers ignores it), so a model that gains dropout changes nothing outside itself.
         per_position: ``False``: a window ``x (B, T)`` predicts one next token, logits ``(B, V)``, targets ``(B,)``.
             ``True``: a sequence ``x (B, T)`` predicts every next token, logits ``(B, T, V)``, targets ``(B, T)``
             with ``-1`` where nothing is predicted (:func:`jnnex.data.build_sequences`).
@@ -114,9 +116,7 @@ class LanguageModel:
 
     def forward(self, params, state, x, *, train: bool, key=None) -> Forward:
         """The model's one forward; ``key`` feeds a :attr:`stochastic` model's random layers (ignored otherwise)."""
-        if self.stochastic:
-            return self.forward_fn(self.cfg, params, state, x, train, key=key)
-        return self.forward_fn(self.cfg, params, state, x, train)
+        return self.forward_fn(self.cfg, params, state, x, train, key=key)
 
     def apply(self, params, state, x, *, train: bool, key=None):
         """``(logits, new_state)`` for contexts ``x (B, T)``: logits ``(B, V)``, or ``(B, T, V)`` per position."""
@@ -292,7 +292,7 @@ def generate(
     Each step reads the prediction at the last position of the context (a window model has only that one); a
     per-position model's context grows from the start token and is cropped to its ``block_size`` once full.
     Deterministic for a given ``key``. ``temperature`` divides the logits; ``top_k`` keeps only the k most likely
-    tokens at each step.
+    tokens at each step. ``n`` too large to sample at once is a ``ValueError`` with the largest that fits.
     """
     positive_int("n", n)
     positive_int("max_len", max_len)
@@ -300,6 +300,7 @@ def generate(
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= model.vocab_size):
         raise ValueError(f"top_k must be None or an integer in [1, {model.vocab_size}], got {top_k!r}")
+    memory.check_sampling_fits(model, n)  # before anything is allocated: a clear error, not RESOURCE_EXHAUSTED
     return np.asarray(_generate(model, params, state, key, n, max_len, jnp.float32(temperature), top_k))
 
 

@@ -30,6 +30,9 @@ On CPU, ``JAX_NUM_CPU_DEVICES=N`` (before JAX starts) gives one process N device
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -117,32 +120,77 @@ def is_writer() -> bool:
 ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
 
 
+def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` (``"[::1]:port"`` for IPv6) as ``(host, port)``; a ``ValueError`` saying what was expected."""
+    host, sep, port = str(address).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"distributed: the coordinator address must be host:port (e.g. 10.0.0.1:1234, port 1-65535), "
+                         f"got {address!r}")
+    return host, int(port)
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Return once something listens at ``address``; a ``ValueError`` naming it after ``timeout`` seconds. JAX's
+    own client, given an address nobody answers at, aborts the process with a C++ stack after its timeout; this
+    wait is what turns that into a message."""
+    host, port = parse_address(address)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                return
+        except OSError as e:
+            why = e.strerror or str(e) or type(e).__name__
+        if time.monotonic() >= deadline:
+            raise ValueError(f"distributed: cannot reach the coordinator at {address} within {timeout:g} s ({why}); "
+                             "is process 0 started, and is the address right? (--coordinator-timeout sets the wait)")
+        time.sleep(0.25)  # the coordinator's process may still be starting: try again
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               *, auto: bool = False, timeout: int = 300) -> bool:
+               *, auto: bool = False, timeout: float = 60) -> bool:
     """Join the distributed runtime (``jax.distributed.initialize``) before any JAX computation.
 
     Explicit settings come from the arguments, else from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
     ``JAX_PROCESS_ID``; all three, or none. With none and ``auto=True``, JAX detects the cluster (Slurm, Open MPI,
     Kubernetes, TPU). With none and ``auto=False``, nothing happens (one process). Returns whether it initialised.
+
+    ``timeout`` (seconds) bounds the wait for the coordinator and the other processes: a process other than 0 that
+    cannot reach the coordinator in that time gets a ``ValueError`` naming the address; process 0 says on stderr
+    whom it waits for (if they never come, JAX itself ends the process after ``timeout``).
     """
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
     for k, env in ENV.items():
         if given[k] is None and os.environ.get(env):
             given[k] = os.environ[env]
     missing = [k for k, v in given.items() if v is None]
+    if not timeout > 0:
+        raise ValueError(f"distributed: the timeout must be > 0 seconds, got {timeout!r}")
     if len(missing) == 3:
         if auto:
-            jax.distributed.initialize(initialization_timeout=timeout)
+            jax.distributed.initialize(initialization_timeout=int(max(1, timeout)))
             return True
         return False
     if missing:
         raise ValueError(f"distributed: give the coordinator address, the number of processes and this process's id "
                          f"together (flags or {', '.join(ENV.values())}); missing {missing}")
-    n, i = int(given["num_processes"]), int(given["process_id"])
+    try:
+        n, i = int(given["num_processes"]), int(given["process_id"])
+    except ValueError:
+        raise ValueError(f"distributed: the number of processes and the process id must be integers, got "
+                         f"{given['num_processes']!r} and {given['process_id']!r}") from None
     if not 0 <= i < n:
         raise ValueError(f"distributed: process_id must be in [0, {n}) for num_processes {n}, got {i}")
-    jax.distributed.initialize(coordinator_address=str(given["coordinator"]), num_processes=n, process_id=i,
-                               initialization_timeout=timeout)
+    address = str(given["coordinator"])
+    parse_address(address)
+    if i == 0:
+        print(f"jnnex: process 0 of {n}: coordinating at {address}, waiting up to {timeout:g} s for the others",
+              file=sys.stderr, flush=True)
+    else:
+        wait_for_coordinator(address, timeout)
+    jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=i,
+                               initialization_timeout=int(max(1, timeout)))
     return True
 
 

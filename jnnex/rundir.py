@@ -8,7 +8,11 @@ A run directory (``jnnex train --out``, ``fit(out=...)``) holds one run:
 * ``metrics.jsonl``  — one JSON row per evaluation (step, lr, losses, time);
 * ``checkpoint.npz`` — everything needed to resume (parameters, model and optimiser state, step), at each evaluation;
 * ``model.npz``      — the final parameters and model state;
-* ``metrics.json``   — the final losses (written by the CLI).
+* ``metrics.json``   — the final losses;
+* ``lock``           — held (``flock``) by the one process training into the directory, for the run's life; the
+  kernel lets go of it when that process ends, however it ends, so a lock left by a killed run is no obstacle.
+
+:mod:`jnnex.run` owns the life of a run directory (new, resume, continue, force, load); this module is its format.
 
 A pytree is saved as one array per leaf, keyed by its path (``params.W1``, ``opt_state[0].count``…); loading needs a
 template pytree of the same structure (built by the model's ``init``) and checks every key, shape and dtype, so a
@@ -18,7 +22,9 @@ directory and renamed into place (``os.replace`` is atomic on POSIX), so a crash
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import tempfile
@@ -35,18 +41,30 @@ def _umask() -> int:
     return mask
 
 
+class WriteError(OSError):
+    """A run file could not be written (disk full, read-only, no permission); the message names the file. The file
+    it was to replace, if any, is untouched: a checkpoint stays the last complete one."""
+
+
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is kept as it was" if path.exists() else ""
+        raise WriteError(e.errno, f"cannot write {str(path)!r}: {e.strerror or e}{kept}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -77,6 +95,13 @@ def save_pytree(path: str | os.PathLike, tree) -> None:
     _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
 
+def _shape_dtype(leaf) -> tuple[tuple[int, ...], np.dtype]:
+    """A template leaf's shape and dtype: an array, a scalar, or a ``jax.ShapeDtypeStruct`` (``jax.eval_shape``)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return tuple(leaf.shape), np.dtype(leaf.dtype)
+    return np.shape(leaf), np.asarray(leaf).dtype
+
+
 def _read_leaves(path: Path, f, leaves) -> list:
     """The arrays of ``f`` for the template ``leaves``, each checked against its template."""
     stored = set(f.files)
@@ -90,10 +115,11 @@ def _read_leaves(path: Path, f, leaves) -> list:
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             what = "pickled (object) data, which jnnex never loads" if "pickle" in str(e) else f"unreadable: {e}"
             raise ValueError(f"checkpoint {str(path)!r}: array {key!r} holds {what}") from None
-        if arr.shape != np.shape(leaf) or arr.dtype != np.asarray(leaf).dtype:
+        shape, dtype = _shape_dtype(leaf)
+        if arr.shape != shape or arr.dtype != dtype:
             raise ValueError(
                 f"checkpoint {str(path)!r}: {key} is {arr.dtype}{list(arr.shape)}, "
-                f"expected {np.asarray(leaf).dtype}{list(np.shape(leaf))} (saved from another model or config?)"
+                f"expected {dtype}{list(shape)} (saved from another model or config?)"
             )
         out.append(jax.numpy.asarray(arr))
         stored.discard(key)
@@ -103,7 +129,8 @@ def _read_leaves(path: Path, f, leaves) -> list:
 
 
 def load_pytree(path: str | os.PathLike, like):
-    """Load a pytree saved by :func:`save_pytree` into the structure of ``like`` (``allow_pickle=False``).
+    """Load a pytree saved by :func:`save_pytree` into the structure of ``like`` (``allow_pickle=False``); ``like``'s
+    leaves may be arrays or shapes alone (``jax.eval_shape(model.init, key)``: nothing is computed to load).
 
     Every way the file can be wrong is a ``ValueError`` that names it: missing, truncated or not an ``.npz`` at all,
     holding pickled (object) arrays — never unpickled —, or saved from another model, config or version (a missing,
@@ -132,6 +159,7 @@ def load_pytree(path: str | os.PathLike, like):
 
 CONFIG, METRICS, CHECKPOINT, MODEL, FINAL_METRICS = "config.json", "metrics.jsonl", "checkpoint.npz", "model.npz", \
     "metrics.json"
+LOCK = "lock"
 
 
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, MODEL, FINAL_METRICS)
@@ -166,10 +194,36 @@ def clear(run: str | os.PathLike) -> None:
         (Path(run) / name).unlink(missing_ok=True)
 
 
-def config_record(model_name: str, model_cfg, train_cfg, meta: dict | None = None) -> dict:
-    """What ``config.json`` holds: ``meta`` (data, vocabulary, split…), the model's name and both configs."""
-    return {**(meta or {}), "model": model_name, "model_config": dataclasses.asdict(model_cfg),
-            "train_config": dataclasses.asdict(train_cfg)}
+class LockedError(ValueError):
+    """Another process is training into the run directory."""
+
+
+@contextlib.contextmanager
+def lock(run: str | os.PathLike):
+    """Hold ``run``'s lock for the ``with`` block: one run per directory at a time. A second holder gets a
+    :class:`LockedError` naming the first one's process id. The lock is an ``flock`` on the file ``lock``, which the
+    kernel releases when its process ends — by SIGKILL too —, so a stale lock file is simply taken over."""
+    run = Path(run)
+    path = run / LOCK
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    except OSError as e:
+        raise WriteError(e.errno, f"cannot create the lock {str(path)!r}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise LockedError(f"run directory {str(run)!r} is in use: process {holder} is training into it (its "
+                              f"lock: {str(path)!r}); wait for it to finish, or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 def append_metrics(run: str | os.PathLike, row: dict) -> None:

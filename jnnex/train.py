@@ -85,6 +85,10 @@ class TrainConfig:
         check_choice("decay_mask", self.decay_mask, DECAY_MASKS)
         if self.lr_boundaries is not None and sorted(self.lr_boundaries) != list(self.lr_boundaries):
             raise ValueError(f"lr_boundaries must be increasing, got {self.lr_boundaries}")
+        if self.lr_boundaries and not 0 <= self.lr_boundaries[0] <= self.lr_boundaries[-1] < self.steps:
+            raise ValueError(f"lr_boundaries {self.lr_boundaries} must lie in [0, steps) = [0, {self.steps}): a "
+                             f"boundary at or past the end never takes effect (TrainConfig.with_steps({self.steps}) "
+                             "fits a schedule written for another length to this one)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not 0 <= self.sgd_momentum < 1:
@@ -99,14 +103,30 @@ class TrainConfig:
         """The learning-rate boundaries in force: ``lr_boundaries``, or half of ``steps`` when it is ``None``."""
         return (self.steps // 2,) if self.lr_boundaries is None else self.lr_boundaries
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """The inverse of ``dataclasses.asdict`` after a JSON round trip (lists back to tuples)."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    def with_steps(self, steps: int) -> TrainConfig:
+        """These settings for a run of ``steps`` steps: explicit learning-rate boundaries keep their fraction of the
+        run (WaveNet's 150,000 of 200,000 becomes 15,000 of 20,000; the default, ``None``, is half of any run
+        already), and ``eval_every`` is at most the run. What ``jnnex train --steps`` does to a model's settings.
+
+        >>> TrainConfig(steps=200_000, lr_boundaries=(150_000,)).with_steps(20_000).lr_boundaries
+        (15000,)
+        """
+        positive_int("steps", steps)
+        boundaries = None if self.lr_boundaries is None else tuple(b * steps // self.steps for b in self.lr_boundaries)
+        return dataclasses.replace(self, steps=steps, lr_boundaries=boundaries, eval_every=min(self.eval_every, steps))
+
+    def continued(self, steps: int) -> TrainConfig:
+        """These settings continued to ``steps`` steps (more than before): the learning-rate boundaries stay at the
+        steps where they were (the default, half of the old run, is written out), so the steps already taken keep
+        their schedule and the added ones run at the rate in force at the old end."""
+        if not (isinstance(steps, int) and steps > self.steps):
+            raise ValueError(f"steps: a run of {self.steps:,} steps can be continued to more steps, not to {steps!r}")
+        return dataclasses.replace(self, steps=steps, lr_boundaries=self.boundaries)
 
 
 def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
     """Piecewise-constant: ``lr`` until the first boundary, × ``lr_factor`` from each (the lecture's 0.1 → 0.01).
+    The one definition of the rate: the step uses it, and so does the log (``float(lr_schedule(tcfg)(step))``).
 
     Same values as ``optax.piecewise_constant_schedule``, written without its int/float mixing so it also runs under
     strict dtype promotion; the result is weakly typed and follows the parameters' dtype.
@@ -262,6 +282,8 @@ class FitResult:
     evals: list[dict]  # the evaluation rows (also written to metrics.jsonl)
     metrics: dict = dataclasses.field(default_factory=dict)  # every per-step metric, stacked: (steps_run, ...)
     interrupted: bool = False
+    signal: int | None = None  # what interrupted it: signal.SIGINT (Ctrl-C) or signal.SIGTERM
+    start: int = 0  # the step this call started from (the checkpoint's, on resume)
 
 
 def fit(
@@ -273,7 +295,6 @@ def fit(
     out: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    meta: dict | None = None,
     eval_train: bool = True,
     diagnostics: bool = False,
     on_chunk: Callable[[int, dict], None] | None = None,
@@ -282,11 +303,12 @@ def fit(
     """Train ``model`` on ``train = (X, Y)`` for ``tcfg.steps`` steps.
 
     Every chunk's mean minibatch loss is logged; every ``eval_every`` steps (and at the end) the full train and dev
-    losses join it. With ``out`` (a run directory, :mod:`jnnex.rundir`) each row is appended to ``metrics.jsonl`` and
-    at every evaluation a checkpoint is written, all atomically; ``config.json`` (the model, ``tcfg`` and ``meta``) is written when the run starts and ``model.npz`` when it ends.
+    losses join it. With ``out`` (a directory) each row is appended to ``metrics.jsonl`` and at every evaluation a
+    checkpoint is written, all atomically: what must be written inside the loop. The rest of a run directory
+    (``config.json``, ``model.npz``, ``metrics.json``, the lock, new / resume / force) is :func:`jnnex.run.train`'s.
     With ``resume=True`` training continues from ``out``'s checkpoint and ends with exactly the parameters an
-    uninterrupted run would have. Ctrl-C — at any moment, compilation included — stops after the chunk in flight,
-    saves it and returns with ``interrupted=True``. ``diagnostics=True`` adds the per-layer figures of
+    uninterrupted run would have. Ctrl-C or SIGTERM — at any moment, compilation included — stops after the chunk in
+    flight, saves it and returns with ``interrupted=True`` (``FitResult.signal`` says which). ``diagnostics=True`` adds the per-layer figures of
     :mod:`jnnex.diagnostics` to every step's metrics (``FitResult.metrics``). ``on_chunk(step, metrics)`` is called
     after each completed chunk (a hook for logging; its ``metrics`` are that chunk's, stacked per step).
 
@@ -312,9 +334,9 @@ def fit(
         rundir.remove_temporaries(out)  # what a killed writer left; the files it was replacing are intact
     if resume and (out is None or not (out / rundir.CHECKPOINT).is_file()):
         raise ValueError(f"resume: no checkpoint in {str(out)!r}")
-    if not resume and write and rundir.holds_run(out):  # (another process's run: process 0 checks, and writes)
-        raise ValueError(f"{str(out)!r} already holds a run; resume it, or clear it first (jnnex.rundir.clear, or "
-                         "--force on the command line)")
+    if not resume and write and any((out / f).exists() for f in (rundir.CHECKPOINT, rundir.METRICS)):
+        raise ValueError(f"{str(out)!r} already holds a run's checkpoint or metrics; resume it, or clear it first "
+                         "(jnnex.rundir.clear, or --force on the command line)")
     chunks, evals, interrupted = [], [], False
     with ctrl_c_guard() as ctrl_c:  # in place before the first compile: the first Ctrl-C never raises
         optimizer = make_optimizer(tcfg)
@@ -328,8 +350,6 @@ def fit(
                                  f"{tcfg.steps:,} steps")
             if write:
                 rundir.truncate_metrics(out, int(ts.step))
-        elif write:
-            rundir.write_json(out / rundir.CONFIG, rundir.config_record(model.name, model.cfg, tcfg, meta))
         if mesh is not None:  # the step's inputs, replicated over the mesh (the batch is sharded inside the step)
             ts = parallel.replicate(parallel.local(ts), mesh)
             X_run, Y_run, k_run = parallel.replicate((np.asarray(X), np.asarray(Y),
@@ -337,10 +357,12 @@ def fit(
         else:
             X_run, Y_run, k_run = X, Y, k_train
         step = start = saved = int(ts.step)
+        stop = 0
         bar = _progress(tcfg.steps, start, progress)
+        lr_at = lr_schedule(tcfg)
         t0 = time.perf_counter()
         try:
-            while step < tcfg.steps and not ctrl_c.pressed:
+            while step < tcfg.steps and not (stop := _stop_requested(ctrl_c)):
                 # Chunks end on multiples of `chunk` and `eval_every`, so a resumed run makes the same calls.
                 n = min(tcfg.chunk - step % tcfg.chunk, tcfg.eval_every - step % tcfg.eval_every, tcfg.steps - step)
                 new_ts, metrics = run(ts, X_run, Y_run, k_run, n_steps=n)
@@ -351,7 +373,7 @@ def fit(
                                              saved if out is not None and saved > 0 else None)
                 ts, step = new_ts, step + n  # `ts` only ever holds a completed chunk: safe to save at any interrupt
                 chunks.append(metrics)
-                row = {"step": step, "lr": _lr_at(tcfg, step - 1), "loss": float(metrics["loss"].mean())}
+                row = {"step": step, "lr": float(lr_at(step - 1)), "loss": float(metrics["loss"].mean())}
                 if step % tcfg.eval_every == 0 or step == tcfg.steps:
                     row["time"] = time.perf_counter() - t0
                     here = _here(ts, mesh)  # this process's copy: evaluated, and checkpointed below
@@ -373,26 +395,21 @@ def fit(
         finally:
             if bar is not None:
                 bar.close()
-        interrupted = interrupted or (ctrl_c.pressed and step < tcfg.steps)
+        stop = stop or ctrl_c.pressed
+        interrupted = interrupted or bool(stop and step < tcfg.steps)
         ts = _here(ts, mesh)
         if write and step > saved:  # interrupted between evaluations: keep the chunks done since
             rundir.save_pytree(out / rundir.CHECKPOINT, ts)
-        if write and step > start:
-            rundir.save_pytree(out / rundir.MODEL, (ts.params, ts.state))
     stacked = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
     losses = stacked.get("loss", np.zeros((0,), np.float32))
-    return FitResult(ts, losses, evals, metrics=stacked, interrupted=interrupted)
+    return FitResult(ts, losses, evals, metrics=stacked, interrupted=interrupted,
+                     signal=(stop or signal.SIGINT) if interrupted else None, start=start)
 
 
 def _here(ts: TrainState, mesh) -> TrainState:
     """The training state as this process holds it: as is on one device; off a mesh, this process's copy (on its
     default device), which files and evaluation can read."""
     return ts if mesh is None else jax.tree.map(jnp.asarray, parallel.local(ts))
-
-
-def _lr_at(tcfg: TrainConfig, step: int) -> float:
-    """The rate :func:`lr_schedule` gives at ``step``, computed in Python for the log (no device round trip)."""
-    return tcfg.lr * tcfg.lr_factor ** sum(step >= b for b in tcfg.boundaries)
 
 
 def _show(bar, n: int, row: dict) -> None:
@@ -402,41 +419,58 @@ def _show(bar, n: int, row: dict) -> None:
 
 
 class _CtrlC:
-    pressed = False
+    pressed = 0  # the signal received (signal.SIGINT or signal.SIGTERM), 0 while none
 
 
 _GUARDS: list[_CtrlC] = []  # the flags of the guards in force, innermost last
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what Slurm, Kubernetes and `timeout` send first
 
 
 @contextlib.contextmanager
 def ctrl_c_guard():
-    """The first Ctrl-C only sets a flag that :func:`fit` checks between chunks, so no ``KeyboardInterrupt`` lands in
-    the middle of JAX's, numpy's or the checkpoint writer's code; the chunk in flight (a fraction of a second)
-    finishes and is saved. A second Ctrl-C raises at once. A process that ignores SIGINT (``nohup``, a background job
-    of a non-interactive shell) keeps ignoring it, and outside the main thread (signal handlers belong to it) Ctrl-C
-    raises as usual. Guards nest: an inner one (``fit``'s, inside the CLI's) shares the outer one's flag, so a Ctrl-C
-    pressed before training starts ends it before its first chunk."""
+    """The first Ctrl-C (or SIGTERM) only sets a flag that :func:`fit` checks between chunks, so no
+    ``KeyboardInterrupt`` lands in the middle of JAX's, numpy's or the checkpoint writer's code; the chunk in flight
+    (a fraction of a second) finishes and is saved. A second one raises at once. A process that ignores a signal
+    (``nohup``, a background job of a non-interactive shell) keeps ignoring it, and outside the main thread (signal
+    handlers belong to it) Ctrl-C raises as usual. Guards nest: an inner one (``fit``'s, inside the CLI's) shares the
+    outer one's flag, so a signal received before training starts ends it before its first chunk."""
     if _GUARDS:
         yield _GUARDS[-1]
         return
     flag = _CtrlC()
-    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-    if previous in (None, signal.SIG_IGN):
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS} if main else {}
+    handled = [s for s, h in previous.items() if h not in (None, signal.SIG_IGN)]
+    if not handled:
         yield flag
         return
 
     def handler(signum, frame):
         if flag.pressed:
             raise KeyboardInterrupt
-        flag.pressed = True
+        flag.pressed = signum
 
-    signal.signal(signal.SIGINT, handler)
+    for s in handled:
+        signal.signal(s, handler)
     _GUARDS.append(flag)
     try:
         yield flag
     finally:
         _GUARDS.pop()
-        signal.signal(signal.SIGINT, previous)
+        for s in handled:
+            signal.signal(s, previous[s])
+
+
+def _stop_requested(flag: _CtrlC) -> int:
+    """The signal that stops training after this chunk (0: none). With several processes they agree — any process's
+    signal stops all of them at the same chunk (a process that stopped alone would leave the others waiting in the
+    next step's collectives) — at the cost of one tiny all-gather per chunk."""
+    if jax.process_count() == 1:
+        return flag.pressed
+    from jax.experimental import multihost_utils
+
+    every = multihost_utils.process_allgather(np.asarray(flag.pressed, np.int32))  # (processes,)
+    return int(every.max())
 
 
 def _progress(total: int, initial: int, enabled: bool):

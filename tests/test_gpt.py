@@ -3,7 +3,6 @@ float64 (with the table of observed errors in the test output), llm.c's two chec
 save → reload → bit-identical replay), the ``custom_vjp`` adapter, the attention layer's masking and extremes."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jnnex import layers, rundir, strategies
-from jnnex.check import randomise
+from jnnex.check import compare_model, randomise
 from jnnex.data import Vocab, load_words, make_splits
-from jnnex.lm import count_params, generate, manual_gradients, manual_vjp
+from jnnex.lm import count_params, generate, manual_vjp
 from jnnex.models.gpt import GPTConfig, GPTParams, gpt
 from jnnex.models.registry import REGISTRY, build_for_words
 from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_step
@@ -41,24 +40,12 @@ def random_problem(cfg: GPTConfig, B: int, T: int, seed: int, dtype=jnp.float64)
     return params, x, y
 
 
-def both_gradients(model, params, x, y, key):
-    out = manual_gradients(model, params, (), x, y, key)
-    (loss, _), ref = jax.value_and_grad(model.objective, has_aux=True)(params, (), x, y, key)
-    return out.grads, ref, out.loss, loss
-
-
-COMPILED = functools.partial(jax.jit, static_argnames="model")(both_gradients)
-
-
-def per_tensor_errors(model, params, x, y, key=None, compiled=COMPILED):
-    """``{tensor path: max |manual − jax.grad| / max |jax.grad|}`` and the two losses (one compiled program)."""
-    grads, ref, loss_m, loss_a = compiled(model, params, x, y, key)
-    flat_m = jax.tree_util.tree_flatten_with_path(grads)[0]
-    flat_a = jax.tree.leaves(ref)
-    assert len(flat_m) == len(flat_a) == len(jax.tree.leaves(params))
-    errors = {jax.tree_util.keystr(path): float(np.max(np.abs(m - a)) / max(float(np.max(np.abs(a))), 1e-300))
-              for (path, m), a in zip(flat_m, flat_a)}
-    return errors, loss_m, loss_a
+def per_tensor_errors(model, params, x, y, key=None):
+    """``{tensor path: max |manual − jax.grad| / scale}`` (:func:`jnnex.check.compare_model`, one compiled program,
+    traced anew: a patched backward is seen) and the two losses."""
+    rows, extra = compare_model(model, params, (), x, y, key)
+    assert len(rows) == len(jax.tree.leaves(params))
+    return {r.name: r.rel for r in rows}, *extra["loss"]
 
 
 def test_makemore_transformer_has_204544_parameters():
@@ -154,8 +141,7 @@ def test_a_wrong_attention_backward_is_caught_per_tensor(monkeypatch, row_sum):
     monkeypatch.setattr(gpt_module, "self_attention_backward", self_attention_backward)
     model = gpt(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=2, n_embd=4))
     params, x, y = random_problem(model.cfg, 2, 4, seed=1)
-    fresh = jax.jit(lambda *args: both_gradients(*args), static_argnums=0)  # a new function: traced anew, patched
-    errors, _, _ = per_tensor_errors(model, params, x, y, compiled=fresh)
+    errors, _, _ = per_tensor_errors(model, params, x, y)
     bad = {k for k, v in errors.items() if not v <= 1e-10}
     below = {".wte", ".wpe", ".blocks[0].ln1.w", ".blocks[0].ln1.b", ".blocks[0].qkv.W", ".blocks[0].qkv.b"}
     assert bad == (set() if row_sum else below)

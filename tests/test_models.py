@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jnnex import rundir
-from jnnex.check import randomise
+from jnnex.check import assert_model_gradients, randomise
 from jnnex.cli import main
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.lm import evaluate, generate
@@ -22,7 +22,7 @@ import toy_model
 WORDS = load_words("census-first")[:300]
 VOCAB = Vocab.from_words(WORDS)
 TOY = ModelSpec(toy_model.toy, toy_model.ToyConfig, TrainConfig(steps=200, lr=1.0, lr_boundaries=(), eval_every=100),
-                summary="toy per-position bigram (a test's own model)")
+                per_position=True, summary="toy per-position bigram (a test's own model)")
 
 
 @pytest.fixture
@@ -42,6 +42,17 @@ def spec_of(name, monkeypatch):
 def model_and_data(name, monkeypatch, **over):
     model = build_for_words(spec_of(name, monkeypatch), WORDS, VOCAB, **over)
     return model, make_splits(WORDS, model.block_size, vocab=VOCAB, per_position=model.per_position)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_registry_entry_says_what_the_model_is(name, monkeypatch):
+    """What the run reads off the entry without building the model — per position or not, trained or fitted —
+    is what the model says."""
+    spec = spec_of(name, monkeypatch)
+    model = spec.build(spec.config())
+    assert spec.per_position == model.per_position
+    assert (spec.train is None) == (spec.fit_fn is not None)
+    assert model.name == name
 
 
 def direct_nll(model, params, state, X, Y):
@@ -79,20 +90,7 @@ def test_manual_gradients_equal_jax_grad_float64(name, monkeypatch):
     params = randomise(params, jax.random.key(4), jnp.float64)
     state = jax.tree.map(lambda s: s.astype(jnp.float64), state)
     x, y = (jnp.asarray(a[:16]) for a in splits.train)
-
-    @jax.jit
-    def both(params, state):
-        return model.value_and_grad_manual(params, state, x, y), jax.value_and_grad(model.objective, has_aux=True)(
-            params, state, x, y)
-
-    (loss_m, grads_m, state_m), ((loss_a, state_a), grads_a) = both(params, state)
-    np.testing.assert_allclose(loss_m, loss_a, rtol=1e-12)
-    flat_m, flat_a = jax.tree_util.tree_flatten_with_path(grads_m)[0], jax.tree.leaves(grads_a)
-    assert len(flat_m) == len(flat_a) > 0
-    for (path, gm), ga in zip(flat_m, flat_a):
-        np.testing.assert_allclose(gm, ga, rtol=1e-10, atol=1e-12, err_msg=f"{name}{jax.tree_util.keystr(path)}")
-    for sm, sa in zip(jax.tree.leaves(state_m), jax.tree.leaves(state_a)):
-        np.testing.assert_allclose(sm, sa, rtol=1e-12)
+    assert_model_gradients(model, params, state, x, y, jax.random.key(5))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -126,7 +124,8 @@ def test_cli_train_sample_eval(name, monkeypatch, tmp_path, capsys):
     data.write_text("\n".join(WORDS) + "\n")
     out = tmp_path / "run"
     manual = name == "toy" or has_manual_backward(name)  # trained on the hand-written backward where there is one
-    code = main(["train", "--model", name, "--data", str(data), "--steps", "20", "--out", str(out), "--json",
+    steps = [] if REGISTRY[name].fit_fn is not None else ["--steps", "20"]  # closed form: no training settings
+    code = main(["train", "--model", name, "--data", str(data), *steps, "--out", str(out), "--json",
                  *(["--backward", "manual"] if manual else [])])
     metrics = json.loads(capsys.readouterr().out)
     assert code == 0 and metrics["model"] == name and np.isfinite(metrics["train_loss"])

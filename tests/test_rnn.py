@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jnnex import strategies
-from jnnex.check import randomise
+from jnnex.check import assert_model_gradients, randomise
 from jnnex.lm import count_params
 from jnnex.models.rnn import RNNConfig, rnn
 
@@ -40,16 +40,7 @@ def problems(draw):
 @given(problems())
 def test_bptt_equals_jax_grad_float64(problem):
     model, params, state, x, y = problem
-
-    @jax.jit
-    def both(params):
-        return model.value_and_grad_manual(params, state, x, y), jax.grad(lambda p: model.objective(p, state, x, y)[0])(
-            params)
-
-    (loss, grads, _), ref = both(params)
-    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref)):
-        scale = float(np.abs(np.asarray(r)).max())
-        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12 * max(scale, 1.0), err_msg=jax.tree_util.keystr(path))
+    assert_model_gradients(model, params, state, x, y)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru"])

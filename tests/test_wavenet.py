@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jnnex import strategies
-from jnnex.check import randomise
+from jnnex.check import assert_model_gradients, randomise
 from jnnex.data import Vocab, build_sequences, build_windows, load_words
 from jnnex.lm import count_params
 from jnnex.models.wavenet import WaveNetConfig, WaveNetConvConfig, wavenet, wavenet_conv
@@ -106,21 +106,7 @@ def problems(draw, conv: bool):
 
 def assert_manual_equals_jax_grad(model, params, state, x, y, key):
     """The same dropout masks on both sides (one key): the hand-written gradients equal jax.grad's."""
-    @jax.jit
-    def both(params, state):
-        return model.value_and_grad_manual(params, state, x, y, key), jax.value_and_grad(
-            model.objective, has_aux=True)(params, state, x, y, key)
-
-    (loss_m, grads_m, state_m), ((loss_a, state_a), grads_a) = both(params, state)
-    np.testing.assert_allclose(loss_m, loss_a, rtol=1e-12)
-    flat_m, flat_a = jax.tree_util.tree_flatten_with_path(grads_m)[0], jax.tree.leaves(grads_a)
-    assert len(flat_m) == len(flat_a) == len(jax.tree.leaves(params))
-    for (path, gm), ga in zip(flat_m, flat_a):  # relative 1e-10 to each tensor's scale (near-zero entries of a
-        # scatter-added or BatchNorm gradient are cancellations of O(1) terms, exact only to rounding)
-        scale = float(np.abs(np.asarray(ga)).max())
-        np.testing.assert_allclose(gm, ga, rtol=1e-10, atol=1e-10 * scale, err_msg=jax.tree_util.keystr(path))
-    for sm, sa in zip(jax.tree.leaves(state_m), jax.tree.leaves(state_a)):
-        np.testing.assert_allclose(sm, sa, rtol=1e-12)
+    assert_model_gradients(model, params, state, x, y, key)
 
 
 @given(problems(conv=False))

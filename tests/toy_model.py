@@ -33,7 +33,8 @@ def init(key, cfg: ToyConfig):
     return ToyParams(cfg.scale * jax.random.normal(key, (cfg.vocab_size, cfg.vocab_size), jnp.float32)), ()
 
 
-def forward(cfg: ToyConfig, params: ToyParams, state, x, train: bool) -> Forward:
+def forward(cfg: ToyConfig, params: ToyParams, state, x, train: bool, key=None) -> Forward:
+    del key  # no random layer: one signature for every model's forward
     del train
     if x.ndim != 2 or x.shape[1] > cfg.block_size:
         raise ValueError(f"toy: x must have shape (B, T <= {cfg.block_size}), got {x.shape}")

@@ -124,3 +124,34 @@ def train_moons(model: MLP, X, y, steps: int = 100, alpha: float = 1e-4):
         losses.append(loss.data)
         accs.append(acc)
     return losses, accs
+
+
+ENGINES = ("scalar", "tensor", "autodiff")
+
+
+def moons_demo(engine: str = "tensor", steps: int = 100, seed: int = 0) -> dict:
+    """micrograd's demo, on one of three engines: 100 points, noise 0.1, MLP(2, [16, 16, 1]), hinge + 1e-4 L2,
+    lr 1.0 - 0.9 k/steps — the ``scalar`` :class:`Value` engine, the ``tensor`` MLP's hand-written backward, or
+    ``autodiff`` (``jax.grad``), from the same initial weights. Returns the final loss and accuracy (``jnnex moons``)."""
+    import time
+
+    import jax.numpy as jnp
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    X, y, params = tensor_mlp.moons_problem(seed)
+    t0 = time.perf_counter()
+    if engine == "scalar":
+        model = MLP(2, list(tensor_mlp.MOONS_SIZES[1:]), params=params)
+        train_moons(model, X, y, steps=steps)
+        loss, acc = moons_loss(model, X, y)
+        loss = loss.data
+    else:
+        x, yj = jnp.asarray(X, jnp.float32), jnp.asarray(y, jnp.float32)
+        trained, _, _ = tensor_mlp.train_moons(params, x, yj, steps=steps,
+                                               engine="manual" if engine == "tensor" else "autodiff")
+        loss, acc = float(tensor_mlp.loss_fn(trained, x, yj)), float(tensor_mlp.accuracy(trained, x, yj))
+    return {"model": "moons-mlp", "engine": engine, "steps": steps, "seed": seed, "loss": float(loss),
+            "accuracy": float(acc), "seconds": round(time.perf_counter() - t0, 3)}

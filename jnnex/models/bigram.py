@@ -96,8 +96,9 @@ def fit(cfg: BigramConfig, X, Y):
 # As a language model (counting and neural share the forward; they differ in init and training)
 
 
-def forward(cfg: BigramConfig, params: BigramParams, state, x, train: bool) -> Forward:
+def forward(cfg: BigramConfig, params: BigramParams, state, x, train: bool, key=None) -> Forward:
     """``logits (B, V) = W[x[:, 0]]`` — the row lookup that equals ``onehot(x) @ W``."""
+    del key  # no random layer: one signature for every model's forward
     del train
     if x.ndim != 2 or x.shape[1] != cfg.block_size:
         raise ValueError(f"bigram: x must have shape (B, 1), got {x.shape}")

@@ -116,10 +116,11 @@ def init(key, cfg: BNMLPConfig):
     return BNMLPParams(table, tuple(dense), tuple(bn)), tuple(state)
 
 
-def forward(cfg: BNMLPConfig, params: BNMLPParams, state, x, train: bool) -> Forward:
+def forward(cfg: BNMLPConfig, params: BNMLPParams, state, x, train: bool, key=None) -> Forward:
     """``Forward(logits (B, V), new_state, caches, acts)``: ``caches`` holds each layer's (train mode) for
     :func:`backward`, ``acts`` each hidden layer's tanh output (B, H). Train mode normalises with the batch
     statistics and updates the running ones; eval mode uses the running statistics (and keeps no BatchNorm cache)."""
+    del key  # no random layer: one signature for every model's forward
     check_train(train)
     if x.ndim != 2 or x.shape[1] != cfg.block_size:
         raise ValueError(f"bn-mlp: x must have shape (B, {cfg.block_size}), got {x.shape}")

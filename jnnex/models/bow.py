@@ -59,9 +59,10 @@ def init(key, cfg: BoWConfig):
     return params, ()
 
 
-def forward(cfg: BoWConfig, params: BoWParams, state, x, train: bool) -> Forward:
+def forward(cfg: BoWConfig, params: BoWParams, state, x, train: bool, key=None) -> Forward:
     """``Forward(logits (B, T, V), (), caches, acts)`` for ``x (B, T)``, ``T <= block_size``; ``acts`` holds the
     MLP's tanh output ``(B, T, E2)``."""
+    del key  # no random layer: one signature for every model's forward
     del train
     if x.ndim != 2 or not 1 <= x.shape[1] <= cfg.block_size:
         raise ValueError(f"bow: x must have shape (B, T <= {cfg.block_size}), got {x.shape}")

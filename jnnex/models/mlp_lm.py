@@ -29,6 +29,16 @@ from jnnex.settings import check_choice, positive_int, setting
 # The makemore part-3 ladder of initialisations, from the lecture's original to the principled one.
 INITS = ("lecture", "softmax-fixed", "tanh-fixed", "kaiming")
 
+# makemore part 3's ladder: each rung one fix more, trained with the same budget (`jnnex ladder`, jnnex.run.ladder).
+# (rung, registered model, its settings, the lecture's train / val loss)
+LADDER = (
+    ("original", "mlp", {"init": "lecture"}, (2.1245, 2.1682)),
+    ("softmax fixed", "mlp", {"init": "softmax-fixed"}, (2.07, 2.13)),
+    ("tanh fixed", "mlp", {"init": "tanh-fixed"}, (2.0356, 2.1027)),
+    ("kaiming", "mlp", {"init": "kaiming"}, (2.0377, 2.1070)),
+    ("+ batchnorm", "bn-mlp", {}, (2.0668, 2.1048)),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class MLPConfig:
@@ -73,8 +83,9 @@ def init(key, cfg: MLPConfig) -> tuple[MLPParams, tuple]:
     return MLPParams(C, W1, b1, W2, b2), ()
 
 
-def forward(cfg: MLPConfig, params: MLPParams, state, x, train: bool) -> Forward:
+def forward(cfg: MLPConfig, params: MLPParams, state, x, train: bool, key=None) -> Forward:
     """``logits (B, V)``, the unchanged (empty) state, the layer caches in forward order, and the hidden activation."""
+    del key  # no random layer: one signature for every model's forward
     del train  # no train/eval difference in this model
     if x.ndim != 2 or x.shape[1] != cfg.block_size:
         raise ValueError(f"mlp: x must have shape (B, {cfg.block_size}), got {x.shape}")

@@ -4,7 +4,8 @@ A model joins jnnex by adding one :class:`ModelSpec` to :data:`REGISTRY`. From t
 sample / eval / diagnose``, the benchmarks and ``tests/test_models.py`` pick it up: its config's fields become
 command-line flags (with the help text written beside each field), a hand-written backward (the model's
 ``backward_fn``) enables ``--backward manual``, diagnostics and the manual-vs-autodiff benchmarks, and a closed-form
-``fit_fn`` replaces gradient training.
+``fit_fn`` replaces gradient training. A run of a registered model — made, trained, resumed, loaded — is
+:mod:`jnnex.run`'s.
 """
 
 from __future__ import annotations
@@ -12,12 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import jax
-
-from jnnex import rundir
 from jnnex.data import Vocab
 from jnnex.lm import LanguageModel
 from jnnex.models import bigram
@@ -35,12 +32,17 @@ from jnnex.train import TrainConfig
 class ModelSpec:
     build: Callable[[Any], LanguageModel]  # config -> model
     config_cls: type  # the model's frozen config dataclass (fields declared with jnnex.settings.setting)
-    train: TrainConfig  # default optimisation settings
+    train: TrainConfig | None  # default optimisation settings; None for a model fitted in closed form
     split: tuple[float, ...] = (0.8, 0.1, 0.1)  # default train/dev/test word fractions
     fit_fn: Callable | None = None  # (cfg, X, Y) -> (params, state): fitted in closed form, not by gradient steps
+    per_position: bool = False  # the model predicts every position of a padded word (as its LanguageModel says)
     presets: dict[str, tuple[dict, dict]] = dataclasses.field(default_factory=dict)  # name -> (model, train) overrides
     summary: str = ""
     defaults: dict = dataclasses.field(default_factory=dict)  # config fields that differ from config_cls's defaults
+
+    def __post_init__(self):
+        if (self.train is None) != (self.fit_fn is not None):
+            raise ValueError("a ModelSpec has training settings (train) or a closed-form fit_fn, exactly one")
 
     def config(self, **overrides):
         """The model config: ``config_cls`` defaults, then this entry's ``defaults``, then ``overrides``."""
@@ -54,7 +56,7 @@ MAKEMORE_TRAIN = TrainConfig(steps=50_000, lr=5e-4, lr_boundaries=(), optimizer=
 
 REGISTRY: dict[str, ModelSpec] = {
     "bigram": ModelSpec(
-        counting_bigram, BigramConfig, TrainConfig(steps=1), split=(1.0,), fit_fn=bigram.fit,
+        counting_bigram, BigramConfig, None, split=(1.0,), fit_fn=bigram.fit,
         summary="counting bigram: smoothed bigram counts, normalised (makemore part 1)",
     ),
     "neural-bigram": ModelSpec(
@@ -99,22 +101,23 @@ REGISTRY: dict[str, ModelSpec] = {
         # The lecture's schedule on the lecture's number of predicted characters: a step of 32 names.txt words
         # predicts ~228 characters, so 28,000 steps see the 6.4M of 200,000 steps of 32 windows; lr 0.01 from 3/4.
         wavenet_conv, WaveNetConvConfig, TrainConfig(steps=28_000, lr_boundaries=(21_000,), eval_every=4_000),
+        per_position=True,
         summary="the WaveNet tree as causal dilated convolutions over whole words, every position predicted",
     ),
     "rnn": ModelSpec(
-        rnn, RNNConfig, MAKEMORE_TRAIN,
+        rnn, RNNConfig, MAKEMORE_TRAIN, per_position=True,
         summary="recurrent net, h_t = tanh([C[x_t], h_{t-1}] W + b), backprop through time by hand (makemore.py)",
     ),
     "gru": ModelSpec(
-        rnn, RNNConfig, MAKEMORE_TRAIN, defaults={"cell": "gru"},
+        rnn, RNNConfig, MAKEMORE_TRAIN, defaults={"cell": "gru"}, per_position=True,
         summary="gated recurrent net: update and reset gates (Cho et al. 2014), backprop through time by hand",
     ),
     "bow": ModelSpec(
-        bow, BoWConfig, MAKEMORE_TRAIN,
+        bow, BoWConfig, MAKEMORE_TRAIN, per_position=True,
         summary="causal bag of words: each position averages the ones before it, then an MLP block (makemore.py)",
     ),
     "gpt": ModelSpec(
-        gpt, GPTConfig, MAKEMORE_TRAIN,
+        gpt, GPTConfig, MAKEMORE_TRAIN, per_position=True,
         presets={
             # Below makemore's transformer on the lecture split (val 1.929 against 2.018 at its best step; 3 seeds):
             # twice as wide (802,304 parameters), residual dropout 0.3, AdamW at lr 1e-3 with weight decay 0.1 on the
@@ -143,40 +146,22 @@ def build(name: str, **config) -> LanguageModel:
     return spec.build(spec.config(**config))
 
 
+def block_size_for(spec: ModelSpec, words) -> int | None:
+    """A per-position model's context for a corpus when none is set: the longest word + 1 (makemore's); ``None``
+    for a window model (its config's default holds)."""
+    return max(len(w) for w in words) + 1 if spec.per_position else None
+
+
 def build_for_words(spec: ModelSpec, words, vocab: Vocab, **overrides) -> LanguageModel:
     """``spec``'s model for a corpus: its vocabulary size from ``vocab``, and a per-position model's context the
     longest word + 1 (makemore's ``block_size``) unless ``overrides`` set ``block_size``."""
-    model = spec.build(spec.config(vocab_size=vocab.size, **overrides))
-    if model.per_position and "block_size" not in overrides:
-        longest = max(len(w) for w in words)
-        model = spec.build(spec.config(vocab_size=vocab.size, **{**overrides, "block_size": longest + 1}))
-    return model
+    block = block_size_for(spec, words)
+    if block is not None and "block_size" not in overrides:
+        overrides = {**overrides, "block_size": block}
+    return spec.build(spec.config(vocab_size=vocab.size, **overrides))
 
 
 def has_manual_backward(name: str) -> bool:
     """Whether the registered model ``name`` has a hand-written backward (``--backward manual``, diagnostics)."""
     spec = get_spec(name)
     return spec.fit_fn is None and spec.build(spec.config()).backward_fn is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedRun:
-    """A finished run directory, loaded: the model, its parameters and state, its vocabulary and ``config.json``."""
-
-    model: LanguageModel
-    params: Any
-    state: Any
-    vocab: Vocab
-    config: dict
-
-
-def load_run(run: str | Path) -> TrainedRun:
-    """The run directory written by ``jnnex train --out`` (or ``fit(out=...)`` with the CLI's ``meta``)."""
-    run = Path(run)
-    if not (run / rundir.CONFIG).is_file() or not (run / rundir.MODEL).is_file():
-        raise ValueError(f"{str(run)!r} is not a finished jnnex run (expected {rundir.CONFIG} and {rundir.MODEL})")
-    cfg = rundir.read_json(run / rundir.CONFIG)
-    spec = get_spec(cfg["model"])
-    model = spec.build(spec.config_cls(**cfg["model_config"]))
-    params, state = rundir.load_pytree(run / rundir.MODEL, model.init(jax.random.key(0)))
-    return TrainedRun(model, params, state, Vocab(cfg["vocab"], cfg["boundary"]), cfg)

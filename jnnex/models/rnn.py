@@ -85,9 +85,10 @@ def _cell_backward(cfg, cell, dh_new, acts):
     return dx, dh, tuple(Linear(flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
 
 
-def forward(cfg: RNNConfig, params: RNNParams, state, x, train: bool) -> Forward:
+def forward(cfg: RNNConfig, params: RNNParams, state, x, train: bool, key=None) -> Forward:
     """``Forward(logits (B, T, V), (), caches, acts)``; ``acts`` is the hidden states ``(B, T, H)``. Train and eval
     are the same computation."""
+    del key  # no random layer: one signature for every model's forward
     del train
     if x.ndim != 2 or x.shape[1] < 1:
         raise ValueError(f"rnn: x must have shape (B, T), got {x.shape}")

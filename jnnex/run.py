@@ -1,0 +1,547 @@
+"""A run, in one room: what it is, how it is made, trained, resumed, continued and loaded.
+
+A run is a :class:`RunConfig` — exactly what its ``config.json`` holds: the model and its settings, the training
+settings, the data (as given, its absolute path and its sha256), the vocabulary, the split, the gradient source — and a
+run directory (:mod:`jnnex.rundir`, the format) that :func:`train` fills::
+
+    rc = RunConfig.new("wavenet", "names.txt", steps=20_000)   # the registry's settings, fitted to 20,000 steps
+    result = train(rc, out="runs/w")                            # config.json, metrics, checkpoints, model.npz
+    result = resume("runs/w", steps=40_000)                     # the same run continued to 40,000 steps
+    loaded = load("runs/w")                                     # model, parameters, state, vocabulary, config
+
+``jnnex train`` is these calls and nothing else (parse, one call, print), so the library and the command line make
+the same run, bit for bit.
+
+**Settings compose in one order**: the model's registry entry, then its ``preset``, then the settings given. A
+``steps`` given fits the schedule to the run (:meth:`jnnex.train.TrainConfig.with_steps`: the learning-rate
+boundaries keep their fraction of the run, unless ``lr_boundaries`` is given too).
+
+**Continuing** a run for more steps (``resume(out, steps=N)``, ``jnnex train --resume --out DIR --steps N``): the
+checkpoint's training goes on to step N. The learning-rate boundaries stay at the steps where they were (the
+default, half of the first run, is written out as that step), so the steps already taken keep their schedule and the
+added ones run at the rate in force at the old end: a constant-rate run continued from 400 to 800 steps equals an
+uninterrupted 800-step run, bit for bit; a run with the default schedule continued from 400 to 800 equals an 800-step
+run with ``lr_boundaries=(200,)``. ``config.json`` records it (``continued``: from how many steps to how many).
+
+**One run per directory at a time**: the process that writes a run directory holds its lock (:func:`jnnex.rundir.lock`)
+from the first check to the last file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from jnnex import memory, parallel, rundir
+from jnnex.data import CORPORA, Splits, Vocab, load_words, make_splits
+from jnnex.lm import GRADIENTS, LanguageModel, count_params, evaluate
+from jnnex.models.registry import REGISTRY, ModelSpec, block_size_for, get_spec, has_manual_backward
+from jnnex.settings import flag, from_json
+from jnnex.train import FitResult, TrainConfig, fit, make_optimizer
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What a run is
+
+
+def model_fields() -> dict[str, list[str]]:
+    """Every model-config field of the registry but ``vocab_size`` (which the data sets), with the models it
+    applies to."""
+    out: dict[str, list[str]] = {}
+    for name, spec in REGISTRY.items():
+        for f in dataclasses.fields(spec.config_cls):
+            if f.name != "vocab_size":
+                out.setdefault(f.name, []).append(name)
+    return out
+
+
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What a run is; :meth:`to_json` is its ``config.json``, :meth:`from_json` reads one back (every field checked).
+    Make one with :meth:`new`."""
+
+    model: str  # the registry name
+    model_config: Any  # the model's frozen config
+    train: TrainConfig | None  # None for a model fitted in closed form (the counting bigram)
+    data: str  # as given: an embedded corpus's name, or a file's path as typed
+    data_sha256: str  # of the words, "\n"-joined
+    vocab: Vocab
+    split: tuple[float, ...] = (0.8, 0.1, 0.1)  # word fractions of the parts (train, dev, test)
+    split_seed: int = 42  # of the word shuffle before splitting
+    gradients: str = "autodiff"  # or "manual": the model's hand-written backward
+    data_path: str | None = None  # a data file's absolute path (None for an embedded corpus): resume from anywhere
+    continued: tuple[tuple[int, int], ...] = ()  # (steps before, steps after) each time the run was continued
+
+    @classmethod
+    def new(cls, model: str = "mlp", data: str = "census-first", *, preset: str | None = None,
+            split: tuple[float, ...] | None = None, split_seed: int = 42, gradients: str = "autodiff",
+            **settings) -> RunConfig:
+        """A new run of registered ``model`` on ``data`` (a corpus name or a file of words): the registry's
+        settings, then the ``preset``'s, then ``settings`` — model-config fields and :class:`TrainConfig` fields by
+        name (``n_hidden=300``, ``steps=20_000``, ``optimizer="adamw"``).
+
+        >>> rc = RunConfig.new("wavenet", steps=20_000)
+        >>> rc.train.lr_boundaries, rc.vocab.size
+        ((15000,), 27)
+        """
+        spec = get_spec(model)
+        model_over, train_over = {}, {}
+        if preset is not None:
+            if preset not in spec.presets:
+                raise ValueError(f"model {model!r} has no preset {preset!r}; it has {sorted(spec.presets)}")
+            model_over, train_over = (dict(d) for d in spec.presets[preset])
+        model_given, train_given = _sort_settings(spec, model, settings)
+        words = load_words(data)
+        vocab = Vocab.from_words(words)
+        model_over.update(model_given)
+        block = block_size_for(spec, words)
+        if block is not None and "block_size" not in model_over:
+            model_over["block_size"] = block
+        model_config = spec.config(vocab_size=vocab.size, **model_over)
+        if gradients not in GRADIENTS:
+            raise ValueError(f"gradients must be one of {GRADIENTS}, got {gradients!r}")
+        if gradients == "manual" and not has_manual_backward(model):
+            raise ValueError(f"gradients 'manual' (--backward manual): model {model!r} has no hand-written backward "
+                             f"(available for {', '.join(n for n in REGISTRY if has_manual_backward(n))})")
+        return cls(model, model_config, _train_config(spec, train_over, train_given), str(data), sha256(words), vocab,
+                   tuple(float(f) for f in (split or spec.split)), split_seed, gradients, data_file(data))
+
+    def to_json(self) -> dict:
+        """The ``config.json`` document."""
+        return {"model": self.model, "model_config": dataclasses.asdict(self.model_config),
+                "train_config": None if self.train is None else dataclasses.asdict(self.train),
+                "data": self.data, "data_path": self.data_path, "data_sha256": self.data_sha256,
+                "vocab": self.vocab.chars, "boundary": self.vocab.boundary, "split": list(self.split),
+                "split_seed": self.split_seed, "backward": self.gradients,
+                "continued": [{"from_steps": a, "steps": b} for a, b in self.continued]}
+
+    @classmethod
+    def from_json(cls, doc, where: str = "config.json") -> RunConfig:
+        """A :class:`RunConfig` from its ``config.json`` document (also as written before ``data_path`` and
+        ``continued`` existed); every field checked, each error naming ``where`` and the field."""
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where} must hold a JSON object, got {type(doc).__name__}")
+
+        def field(name, kind, default=dataclasses.MISSING):
+            if name not in doc:
+                if default is dataclasses.MISSING:
+                    raise ValueError(f"{where} has no field {name!r} (is it a jnnex run's config.json?)")
+                return default
+            value = doc[name]
+            if not (isinstance(value, kind) and not isinstance(value, bool) or kind is bool and isinstance(value, bool)):
+                raise ValueError(f"{where}: {name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+            return value
+
+        name = field("model", str)
+        if name not in REGISTRY:
+            raise ValueError(f"{where}: model {name!r} is not a registered model; jnnex has {sorted(REGISTRY)}")
+        spec = get_spec(name)
+        model_config = from_json(spec.config_cls, field("model_config", dict), f"{where}: model_config")
+        train_doc = doc.get("train_config")
+        train = None if spec.fit_fn is not None else from_json(TrainConfig, train_doc, f"{where}: train_config")
+        try:
+            vocab = Vocab(field("vocab", str), field("boundary", str, "."))
+        except ValueError as e:
+            raise ValueError(f"{where}: vocab: {e}") from None
+        if model_config.vocab_size != vocab.size:
+            raise ValueError(f"{where}: model_config.vocab_size {model_config.vocab_size} does not match the "
+                             f"vocabulary's {vocab.size} characters")
+        split = field("split", list)
+        if not split or not all(isinstance(f, int | float) and not isinstance(f, bool) and f >= 0 for f in split) \
+                or abs(sum(split) - 1) > 1e-9:
+            raise ValueError(f"{where}: split must be a list of fractions that sum to 1, got {split!r}")
+        split_seed = field("split_seed", int, 42)
+        gradients = field("backward", str, "autodiff")
+        if gradients not in GRADIENTS:
+            raise ValueError(f"{where}: backward must be one of {GRADIENTS}, got {gradients!r}")
+        continued = field("continued", list, [])
+        try:
+            continued = tuple((int(c["from_steps"]), int(c["steps"])) for c in continued)
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{where}: continued must be a list of {{from_steps, steps}}, got {doc['continued']!r}") \
+                from None
+        data_path = field("data_path", str, None) if doc.get("data_path") is not None else None
+        return cls(name, model_config, train, field("data", str), field("data_sha256", str), vocab,
+                   tuple(float(f) for f in split), split_seed, gradients, data_path, continued)
+
+    def continued_to(self, steps: int) -> RunConfig:
+        """This run continued to ``steps`` steps (see the module docstring for what the schedule does)."""
+        return dataclasses.replace(self, train=self.train.continued(steps),
+                                   continued=(*self.continued, (self.train.steps, steps)))
+
+
+def _sort_settings(spec: ModelSpec, model: str, settings: dict) -> tuple[dict, dict]:
+    """``settings`` split into model-config and training fields; one that fits neither is an error naming it."""
+    model_own = {f.name for f in dataclasses.fields(spec.config_cls)} - {"vocab_size"}
+    model_given, train_given = {}, {}
+    for name, value in settings.items():
+        if name in model_own:
+            model_given[name] = value
+        elif name in TRAIN_FIELDS and spec.train is not None:
+            train_given[name] = value
+        elif name in TRAIN_FIELDS:
+            raise ValueError(f"{flag(name)} does not apply to model {model!r}: it is fitted in closed form, with no "
+                             "training settings")
+        elif name in model_fields():
+            raise ValueError(f"{flag(name)} does not apply to model {model!r} (it applies to "
+                             f"{', '.join(model_fields()[name])})")
+        else:
+            raise ValueError(f"unknown setting {name!r}: neither a model setting nor a training setting")
+    return model_given, train_given
+
+
+def _train_config(spec: ModelSpec, preset: dict, given: dict) -> TrainConfig | None:
+    """The registry's training settings, then the preset's, then the given ones; ``steps`` fits the schedule to the
+    run (an ``lr_boundaries`` given with it is taken as it is)."""
+    if spec.train is None:
+        return None
+    over = {**preset, **given}
+    steps = over.pop("steps", None)
+    boundaries = given.get("lr_boundaries", dataclasses.MISSING)
+    if steps is None:
+        return dataclasses.replace(spec.train, **over)
+    over.pop("lr_boundaries", None) if boundaries is not dataclasses.MISSING else None
+    tcfg = dataclasses.replace(spec.train, **over).with_steps(steps)
+    if boundaries is not dataclasses.MISSING:
+        tcfg = dataclasses.replace(tcfg, lr_boundaries=boundaries)
+    return tcfg
+
+
+def sha256(words: list[str]) -> str:
+    return hashlib.sha256("\n".join(words).encode()).hexdigest()
+
+
+def data_file(data) -> str | None:
+    """A data file's absolute path; ``None`` for an embedded corpus."""
+    return None if str(data) in CORPORA else str(Path(data).resolve())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What a run is made of
+
+
+class Prepared(NamedTuple):
+    model: LanguageModel  # built once, on the run's gradients
+    splits: Splits
+
+
+def read_words(rc: RunConfig) -> list[str]:
+    """The run's words — from its absolute path where it has one, so a run resumes from any directory — checked
+    against the sha256 the run started with."""
+    source = rc.data_path if rc.data_path is not None and Path(rc.data_path).exists() else rc.data
+    words = load_words(source)
+    if sha256(words) != rc.data_sha256:
+        raise ValueError(f"the data {source!r} changed since the run started (sha256 {sha256(words)[:12]}… now, "
+                         f"{rc.data_sha256[:12]}… then)")
+    return words
+
+
+def prepare(rc: RunConfig, words: list[str] | None = None) -> Prepared:
+    """The run's model (built once, on its gradients) and its splits of the data (``words``: the run's, read and
+    checked, by default)."""
+    spec = get_spec(rc.model)
+    model = spec.build(rc.model_config)
+    if rc.gradients != model.gradients:
+        model = model.with_gradients(rc.gradients)
+    words = read_words(rc) if words is None else words
+    return Prepared(model, make_splits(words, model.block_size, rc.split, rc.split_seed, rc.vocab,
+                                       per_position=model.per_position))
+
+
+def check_fits(rc: RunConfig, model: LanguageModel, n_train: int, *, available: int | None = None,
+               settings: dict | None = None) -> memory.Estimate:
+    """The memory estimate of training ``rc`` (:mod:`jnnex.memory`); a ``ValueError`` with the figure and the
+    largest value of the batch size and of each integer model setting in ``settings`` (default: every integer
+    setting that differs from the model's default) that fits, others as they are, when it cannot fit."""
+    available = memory.available_bytes() if available is None else available
+    spec = get_spec(rc.model)
+
+    def estimate(model_config, tcfg):
+        return memory.training_estimate(spec.build(model_config), make_optimizer(tcfg), tcfg.batch_size or n_train,
+                                        n_train)
+
+    need = estimate(rc.model_config, rc.train)
+    if need.total <= available:
+        return need
+    if settings is None:
+        default = spec.config(vocab_size=rc.vocab.size)
+        settings = {f.name: getattr(rc.model_config, f.name) for f in dataclasses.fields(rc.model_config)
+                    if f.name != "vocab_size" and isinstance(getattr(rc.model_config, f.name), int)
+                    and not isinstance(getattr(rc.model_config, f.name), bool)
+                    and getattr(rc.model_config, f.name) != getattr(default, f.name)}
+    hints = []
+    for name, value in settings.items():
+        def fits(v, name=name):
+            try:
+                return estimate(dataclasses.replace(rc.model_config, **{name: v}), rc.train).total <= available
+            except ValueError:  # not a valid setting (say, a width the heads do not divide)
+                return False
+        largest = _largest(fits, value)
+        if largest:
+            hints.append(f"{name} {largest:,}")
+    if rc.train.batch_size is not None:
+        largest = _largest(lambda b: estimate(rc.model_config, dataclasses.replace(rc.train, batch_size=b)).total
+                           <= available, rc.train.batch_size)
+        if largest:
+            hints.append(f"batch_size {largest:,}")
+    shown = ", ".join(f"{k}={v:,}" for k, v in settings.items())
+    if spec.per_position and any(h.startswith("block_size") for h in hints):
+        hints.append(f"a per-position model's block_size is at least the longest word + 1 ({model.block_size - 1:,} "
+                     "characters here): words longer than the block size that fits would have to go")
+    raise ValueError(
+        f"model {rc.model!r}{f' with {shown}' if shown else ''} needs about {need.describe()} to train at batch "
+        f"{rc.train.batch_size or n_train:,}, but {memory.gib(available)} are available; "
+        + (f"the largest that fit, each with the others as they are: {'; '.join(hints)}" if hints else
+           "no smaller batch or setting brings it within reach"))
+
+
+def _largest(fits: Callable[[int], bool], above: int) -> int:
+    """The largest ``v < above`` with ``fits(v)``, by bisection (``fits`` is monotone among valid values; an invalid
+    value — a width its heads do not divide — does not fit, so each probe also tries the 63 values below it); 0 if
+    none."""
+    best, lo, hi = 0, 0, above
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        found = next((v for v in range(mid, max(lo, mid - 64), -1) if fits(v)), None)
+        if found is None:
+            hi = mid
+        else:
+            best, lo = max(best, found), mid
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The lifecycle
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What :func:`train` and :func:`resume` return."""
+
+    config: RunConfig
+    model: LanguageModel
+    params: Any
+    state: Any
+    splits: Splits
+    steps: int  # the step the run reached
+    metrics: dict  # the final metrics (metrics.json); empty if interrupted
+    interrupted: bool = False
+    signal: int | None = None  # what interrupted it (signal.SIGINT, signal.SIGTERM)
+    fit: FitResult | None = None  # the training loop's result (None for a closed-form fit)
+    out: Path | None = None
+
+    @property
+    def saved(self) -> bool:
+        """Whether a checkpoint is on disk to resume from."""
+        return self.out is not None and (self.out / rundir.CHECKPOINT).is_file()
+
+
+def train(rc: RunConfig, out: str | Path | None = None, *, force: bool = False, devices=None, progress: bool = True,
+          log: Callable[[str], None] | None = None, on_chunk=None) -> RunResult:
+    """Run ``rc`` into the run directory ``out`` (or nowhere, with ``None``): ``config.json`` first, then
+    ``fit`` (metrics and checkpoints), then ``model.npz`` and ``metrics.json`` with every split's final loss.
+
+    ``out`` holding a run is an error unless ``force`` (its run files are deleted first; :func:`resume` continues
+    it). ``devices``: data parallel (:func:`jnnex.train.fit`); every process calls this alike and only process 0
+    writes. ``log`` receives one line about the data before training starts.
+    """
+    out = rundir.check_run_dir(out) if out is not None else None
+    write = out is not None and parallel.is_writer()  # a new run's directory belongs to process 0
+    with rundir.lock(out) if write else _nothing():
+        if write:
+            rundir.remove_temporaries(out)
+            if rundir.holds_run(out):
+                if not force:
+                    raise ValueError(f"--out {str(out)!r} already holds a run: continue it with `jnnex train --resume "
+                                     f"--out {out}` (jnnex.run.resume), or start it over with --force")
+                rundir.clear(out)
+        return _execute(rc, out if write else None, resume=False, devices=devices, progress=progress, log=log,
+                        on_chunk=on_chunk)
+
+
+def resume(out: str | Path, *, steps: int | None = None, devices=None, progress: bool = True,
+           log: Callable[[str], None] | None = None, on_chunk=None, **given) -> RunResult:
+    """Continue the run in ``out`` from its checkpoint, with the settings of its ``config.json`` — ``given``
+    settings (``model``, ``data``, ``split``, ``split_seed``, ``gradients``, model and training fields) must agree
+    with them. ``steps`` above the run's continues it to that many steps (module docstring). A run stopped before
+    its first checkpoint starts again from step 0."""
+    out = rundir.check_run_dir(out)
+    write = parallel.is_writer()
+    with rundir.lock(out) if write else _nothing():
+        if not (out / rundir.CONFIG).is_file():
+            raise ValueError(f"--resume: no run in {str(out)!r} (expected its {rundir.CONFIG})")
+        rc = load_config(out)
+        if rc.train is None:
+            raise ValueError(f"--resume: model {rc.model!r} is fitted in closed form; there is nothing to resume")
+        _check_agrees(rc, steps, given)
+        if steps is not None and steps != rc.train.steps:
+            rc = rc.continued_to(steps)
+        if write:
+            rundir.remove_temporaries(out)
+        from_checkpoint = (out / rundir.CHECKPOINT).is_file()
+        if write and not from_checkpoint:  # stopped before its first checkpoint: the same run again, from step 0
+            rundir.clear(out)
+        return _execute(rc, out, resume=from_checkpoint, devices=devices, progress=progress, log=log,
+                        on_chunk=on_chunk)
+
+
+def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
+    """A ``ValueError`` naming the flag, the value given and the run's, for each given setting that differs."""
+    def conflict(name, value, saved):
+        if value is not None and value != saved:
+            raise ValueError(f"--resume: {name} {value!r} conflicts with the run's {saved!r} (its config.json); "
+                             "drop the flag, or start a new run with another --out")
+
+    if steps is not None and steps < rc.train.steps:
+        raise ValueError(f"--resume: --steps {steps} conflicts with the run's {rc.train.steps}: a run is continued to "
+                         "more steps, never shortened")
+    if given.pop("preset", None) is not None:
+        raise ValueError("--resume: --preset does not apply (the run's settings are in its config.json)")
+    conflict("--model", given.pop("model", None), rc.model)
+    data = given.pop("data", None)
+    if data is not None and data_file(data) != rc.data_path and str(data) != rc.data:
+        conflict("--data", str(data), rc.data)
+    split = given.pop("split", None)
+    conflict("--split", None if split is None else tuple(float(f) for f in split), rc.split)
+    conflict("--split-seed", given.pop("split_seed", None), rc.split_seed)
+    conflict("--backward", given.pop("gradients", None), rc.gradients)
+    model_own = {f.name for f in dataclasses.fields(rc.model_config)}
+    for name, value in given.items():
+        if name in TRAIN_FIELDS:
+            conflict(flag(name), value, getattr(rc.train, name))
+        elif name in model_own and name != "vocab_size":
+            conflict(flag(name), value, getattr(rc.model_config, name))
+        elif name in model_fields():
+            raise ValueError(f"{flag(name)} does not apply to model {rc.model!r}")
+        else:
+            raise ValueError(f"unknown setting {name!r}: neither a model setting nor a training setting")
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, progress: bool, log, on_chunk) -> RunResult:
+    """The run itself, once ``out``'s policy is settled: ``out`` is where this process writes (None: nowhere)."""
+    write = out is not None and parallel.is_writer()
+    model, splits = prepare(rc)
+    if log is not None:
+        counts = ", ".join(f"{n} {int((Y >= 0).sum()):,}" for n, (_, Y) in zip(splits.names, splits.parts))
+        log(f"jnnex: {model.name} on {rc.data} ({counts} predicted characters, V={rc.vocab.size})"
+            + ("" if rc.train is None else f", seed {rc.train.seed}"))
+    t0 = time.perf_counter()
+    last: dict = {}
+    res = None
+    if rc.train is None:  # fitted in closed form
+        params, state = get_spec(rc.model).fit_fn(model.cfg, *splits.train)
+        steps, interrupted = 0, False
+        if write:
+            rundir.write_json(out / rundir.CONFIG, rc.to_json())
+            rundir.save_pytree(out / rundir.MODEL, (params, state))
+    else:
+        check_fits(rc, model, len(splits.train[0]))
+        if write:  # a new run's settings, or a continued run's new length
+            rundir.write_json(out / rundir.CONFIG, rc.to_json())
+        res = fit(model, splits.train, rc.train, dev=splits.dev, out=out, resume=resume,
+                  progress=progress and parallel.is_writer(), devices=devices, on_chunk=on_chunk)
+        params, state, steps, interrupted = res.ts.params, res.ts.state, int(res.ts.step), res.interrupted
+        if write and steps > res.start:
+            rundir.save_pytree(out / rundir.MODEL, (params, state))
+        if res.evals and res.evals[-1]["step"] == steps:
+            last = res.evals[-1]  # fit has just evaluated train and dev at the final step
+    result = RunResult(rc, model, params, state, splits, steps, {}, interrupted, res.signal if res else None, res, out)
+    if interrupted:
+        return result
+    metrics = {"model": model.name, "backward": rc.gradients, "data": rc.data, "steps": steps}
+    if rc.train is not None:
+        metrics["seed"] = rc.train.seed
+    metrics.update(params=count_params(params), seconds=round(time.perf_counter() - t0, 3))
+    for name, (X, Y) in zip(splits.names, splits.parts):
+        key = f"{name}_loss"
+        metrics[key] = last[key] if key in last else evaluate(model, params, state, X, Y)
+    if devices is not None:
+        metrics["devices"], metrics["processes"] = devices, jax.process_count()
+    if write:
+        rundir.write_json(out / rundir.FINAL_METRICS, metrics)
+    result.metrics = metrics
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(run: str | Path) -> RunConfig:
+    """The :class:`RunConfig` of the run directory ``run``; every field checked, errors naming the file."""
+    path = Path(run) / rundir.CONFIG
+    return RunConfig.from_json(rundir.read_json(path), str(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A run directory, loaded: its config, the model, its final parameters and state."""
+
+    config: RunConfig
+    model: LanguageModel
+    params: Any
+    state: Any
+
+    @property
+    def vocab(self) -> Vocab:
+        return self.config.vocab
+
+
+def load(run: str | Path) -> TrainedRun:
+    """The run directory written by :func:`train` (or ``jnnex train --out``): its model with the final parameters."""
+    run = Path(run)
+    if not (run / rundir.CONFIG).is_file() or not (run / rundir.MODEL).is_file():
+        raise ValueError(f"{str(run)!r} is not a finished jnnex run (expected {rundir.CONFIG} and {rundir.MODEL})")
+    rc = load_config(run)
+    model = get_spec(rc.model).build(rc.model_config)
+    params, state = rundir.load_pytree(run / rundir.MODEL, jax.eval_shape(model.init, jax.random.key(0)))
+    return TrainedRun(rc, model, params, state)
+
+
+def evaluate_run(run: TrainedRun, data: str | None = None) -> dict[str, float]:
+    """``{split}_loss`` of a loaded run on each part of ``data`` (default: the run's own, checked), split as the
+    run was."""
+    rc = run.config
+    words = None if data is None else load_words(data)
+    splits = make_splits(words if words is not None else read_words(rc), run.model.block_size, rc.split,
+                         rc.split_seed, rc.vocab, per_position=run.model.per_position)
+    return {f"{n}_loss": evaluate(run.model, run.params, run.state, X, Y) for n, (X, Y) in zip(splits.names,
+                                                                                                  splits.parts)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# makemore part 3's ladder
+
+
+def ladder(data: str = "census-first", steps: int = 200_000, seed: int = 0) -> list[dict]:
+    """Each rung of :data:`jnnex.models.mlp_lm.LADDER` trained with the same budget; a row per rung, with the
+    lecture's figures beside jnnex's."""
+    from jnnex.models.mlp_lm import LADDER
+
+    rows = []
+    for rung, name, settings, lecture in LADDER:
+        rc = RunConfig.new(name, data, steps=steps, eval_every=steps, seed=seed, **settings)
+        model, splits = prepare(rc)
+        t0 = time.perf_counter()
+        res = fit(model, splits.train, rc.train, dev=splits.dev, progress=False)
+        rows.append({"rung": rung, "model": name, **settings, "train": res.evals[-1]["train_loss"],
+                     "val": res.evals[-1]["dev_loss"], "lecture_train": lecture[0], "lecture_val": lecture[1],
+                     "initial_loss": float(res.losses[0]), "seconds": round(time.perf_counter() - t0, 1)})
+    return rows

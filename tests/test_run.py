@@ -1,0 +1,263 @@
+"""A run is one room (:mod:`jnnex.run`): the library call and ``jnnex train`` make the same run directory, bit for bit;
+``TrainConfig`` fits its schedule to ``steps``; a run is continued for more steps exactly as documented; its
+``config.json`` is read back with every field checked; one run per directory at a time; what a run needs in memory is
+known before anything is allocated."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jnnex import rundir, run
+from jnnex.cli import main
+from jnnex.data import load_words
+from jnnex.models.registry import REGISTRY
+from jnnex.run import RunConfig
+from jnnex.train import TrainConfig, fit
+
+
+def arrays(path) -> dict:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def assert_same_arrays(a, b) -> None:
+    a, b = arrays(a), arrays(b)
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_with_steps_fits_the_schedule_to_the_run():
+    """One answer to "the registry's WaveNet for 20,000 steps": the boundary keeps its fraction (150,000 of 200,000
+    -> 15,000 of 20,000); the default (None) is half of any run; a boundary left past the end is an error that says
+    how to fit it, never a schedule that silently does not decay."""
+    wavenet = REGISTRY["wavenet"].train
+    assert wavenet.with_steps(20_000).lr_boundaries == (15_000,)
+    assert wavenet.with_steps(20_000).eval_every == 20_000 and wavenet.with_steps(20_000).steps == 20_000
+    assert TrainConfig().with_steps(20_000).boundaries == (10_000,)
+    assert RunConfig.new("wavenet", steps=20_000).train == wavenet.with_steps(20_000)
+    with pytest.raises(ValueError, match=r"must lie in \[0, steps\) = \[0, 20000\).*with_steps\(20000\)"):
+        dataclasses.replace(wavenet, steps=20_000)
+    # given with --steps, the boundaries are taken as given
+    assert RunConfig.new("wavenet", steps=300, lr_boundaries=(100,)).train.lr_boundaries == (100,)
+
+
+def test_settings_compose_registry_then_preset_then_given():
+    rc = RunConfig.new("gpt", preset="improved", steps=500, n_layer=2)
+    assert (rc.model_config.n_embd, rc.model_config.dropout, rc.model_config.n_layer) == (128, 0.3, 2)  # preset, given
+    assert rc.train.lr == 1e-3 and rc.train.lr_boundaries == (300, 450)  # the preset's 30k/45k of 50k, fitted to 500
+    assert rc.model_config.block_size == max(len(w) for w in load_words("census-first")) + 1  # per position: longest+1
+    with pytest.raises(ValueError, match="--n-hidden does not apply to model 'gpt'"):
+        RunConfig.new("gpt", n_hidden=3)
+    with pytest.raises(ValueError, match="unknown setting 'n_hiden'"):
+        RunConfig.new("mlp", n_hiden=3)
+    with pytest.raises(ValueError, match="fitted in closed form"):
+        RunConfig.new("bigram", steps=3)
+
+
+def test_config_json_round_trip(tmp_path):
+    words = tmp_path / "w.txt"
+    words.write_text("\n".join(load_words("census-first")[:100]) + "\n")
+    for rc in (RunConfig.new("gpt", str(words), preset="improved", steps=60, gradients="manual"),
+               RunConfig.new("bigram"), RunConfig.new("mlp").continued_to(300_000)):
+        doc = json.loads(json.dumps(rc.to_json()))
+        assert RunConfig.from_json(doc) == rc
+    assert RunConfig.new("mlp", str(words)).data_path == str(words.resolve())  # absolute, beside what was typed
+
+
+@pytest.mark.slow
+def test_the_library_and_the_cli_make_the_same_run(tmp_path, capsys):
+    """`jnnex train` and `run.train(RunConfig.new(...))` with the same settings: the run directories' arrays equal bit
+    for bit and their config.json equal field by field; and both equal a plain `fit` on the registry's settings
+    fitted to the run's length (`spec.train.with_steps`): the WaveNet decays at step 225 of 300 in all three."""
+    cli, lib = tmp_path / "cli", tmp_path / "lib"
+    assert main(["train", "--model", "wavenet", "--steps", "300", "--eval-every", "150", "--out", str(cli),
+                 "--no-progress"]) == 0
+    result = run.train(RunConfig.new("wavenet", steps=300, eval_every=150), lib, progress=False)
+    capsys.readouterr()
+    assert rundir.read_json(cli / "config.json") == rundir.read_json(lib / "config.json")
+    assert rundir.read_json(cli / "config.json")["train_config"]["lr_boundaries"] == [225]
+    for name in ("model.npz", "checkpoint.npz"):
+        assert_same_arrays(cli / name, lib / name)
+    strip = ("seconds",)
+    m_cli, m_lib = (rundir.read_json(d / "metrics.json") for d in (cli, lib))
+    assert {k: v for k, v in m_cli.items() if k not in strip} == {k: v for k, v in m_lib.items() if k not in strip}
+    spec = REGISTRY["wavenet"]
+    plain = fit(result.model, result.splits.train, spec.train.with_steps(300), progress=False, eval_train=False)
+    for a, b in zip(jax.tree.leaves((plain.ts.params, plain.ts.state)), jax.tree.leaves(run.load(cli).params)
+                    + jax.tree.leaves(run.load(cli).state)):
+        np.testing.assert_array_equal(a, b)
+    lrs = [r["lr"] for r in rundir.read_metrics(cli)]  # the log reads the schedule the step used
+    assert lrs == pytest.approx([0.1, 0.01])
+
+
+@pytest.mark.slow
+def test_continuing_a_run_equals_what_the_readme_says(tmp_path, capsys):
+    """A constant-rate run of 400 steps continued to 800 (`jnnex train --resume --steps 800`) equals an uninterrupted
+    800-step run, bit for bit; a run on the default schedule (decay at half) continued likewise equals an 800-step
+    run with its boundary where it was, `--lr-boundaries 200`. config.json records the continuation."""
+    base = ["--model", "mlp", "--n-hidden", "32", "--eval-every", "400", "--no-progress"]
+    for schedule, unbroken_flags in ((["--lr-boundaries", ""], ["--lr-boundaries", ""]),
+                                     ([], ["--lr-boundaries", "200"])):
+        tag = "constant" if schedule else "default"
+        cont, whole = tmp_path / f"{tag}-continued", tmp_path / f"{tag}-unbroken"
+        assert main(["train", *base, *schedule, "--steps", "400", "--out", str(cont)]) == 0
+        assert main(["train", "--resume", "--out", str(cont), "--steps", "800", "--no-progress"]) == 0
+        assert main(["train", *base, *unbroken_flags, "--steps", "800", "--out", str(whole)]) == 0
+        capsys.readouterr()
+        for name in ("model.npz", "checkpoint.npz"):
+            assert_same_arrays(cont / name, whole / name)
+        cfg = rundir.read_json(cont / "config.json")
+        assert cfg["continued"] == [{"from_steps": 400, "steps": 800}]
+        assert cfg["train_config"]["steps"] == 800 and cfg["train_config"]["lr_boundaries"] == ([] if schedule
+                                                                                                 else [200])
+        assert [r["step"] for r in rundir.read_metrics(cont)] == [400, 800]
+        assert rundir.read_json(cont / "metrics.json")["steps"] == 800
+    code = main(["train", "--resume", "--out", str(cont), "--steps", "600"])
+    assert code == 2 and "never shortened" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_reads_the_data_from_its_absolute_path(tmp_path, monkeypatch, capsys):
+    """A run started with a relative --data resumes from another directory (config.json keeps the absolute path)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "w.txt").write_text("\n".join(load_words("census-first")[:200]) + "\n")
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", "--model", "mlp", "--data", "w.txt", "--steps", "20", "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", "--out", "r", "--steps", "40", "--no-progress", "--data", "a/w.txt"]) == 0
+    cfg = rundir.read_json(tmp_path / "r" / "config.json")
+    assert cfg["data"] == "w.txt" and cfg["data_path"] == str(tmp_path / "a" / "w.txt")
+    capsys.readouterr()
+
+
+def test_one_run_per_directory(tmp_path, capsys):
+    """A directory whose lock is held (here by this very process, through another descriptor): `train`, `--resume`
+    and `--force` are refused with the holder's process id, and nothing in the directory changes."""
+    out = tmp_path / "r"
+    with rundir.lock(out):
+        for argv in (["train", "--model", "bigram", "--out", str(out)],
+                     ["train", "--resume", "--out", str(out)],
+                     ["train", "--model", "bigram", "--force", "--out", str(out)]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"is in use: process {os.getpid()} is training into it" in err and "Traceback" not in err
+        assert sorted(p.name for p in out.iterdir()) == ["lock"]
+    assert main(["train", "--model", "bigram", "--out", str(out)]) == 0  # released: the run goes ahead
+
+
+@pytest.mark.slow
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "r"
+    holder = "import sys, time; from jnnex import rundir\nwith rundir.lock(sys.argv[1]):\n print('locked', flush=True)" \
+             "\n time.sleep(600)"
+    with subprocess.Popen([sys.executable, "-c", holder, str(out)], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout.readline().strip() == "locked"  # the event: the child holds the lock
+            assert main(["train", "--model", "bigram", "--out", str(out)]) == 2
+            assert f"process {proc.pid} is training" in capsys.readouterr().err
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    assert (out / "lock").read_text().strip() == str(proc.pid)  # the stale lock file is still there …
+    assert main(["train", "--model", "bigram", "--out", str(out)]) == 0  # … and no obstacle
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_like_ctrl_c(tmp_path):
+    """SIGTERM (what Slurm, Kubernetes and `timeout` send first) to `jnnex train`: the chunk in flight finishes and is
+    saved, the process says so and exits with 143; `--resume` continues from there. Synchronised on the checkpoint
+    appearing, not on a timer."""
+    out = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "jnnex", "train", "--model", "mlp", "--n-hidden", "32", "--steps",
+                             "2000000", "--eval-every", "500", "--chunk", "500", "--out", str(out), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out / "checkpoint.npz").is_file():
+            assert proc.poll() is None, proc.communicate()
+            import time
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM at step" in err and "jnnex train --resume --out" in err and "Traceback" not in err
+    step = int(arrays(out / "checkpoint.npz")[".step"])
+    assert step >= 500 and step % 500 == 0
+    assert rundir.read_metrics(out)[-1]["step"] == step
+    assert run.load(out).params.W1.shape == (30, 32)  # model.npz too: the interrupted run samples and evaluates
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """The second checkpoint cannot be written (ENOSPC): the command says which file and exits 1; the first
+    checkpoint is whole and loads; no temporary file is left."""
+    import errno
+
+    out = tmp_path / "r"
+    real = np.savez
+    calls = []
+
+    def savez(f, **arrays):
+        if ".step" in arrays:
+            calls.append(int(arrays[".step"]))
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez)
+    code = main(["train", "--model", "mlp", "--n-hidden", "8", "--steps", "40", "--eval-every", "20", "--chunk",
+                 "20", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"cannot write '{out / 'checkpoint.npz'}': No space left on device; the previous checkpoint.npz is kept" \
+        in err
+    assert int(arrays(out / "checkpoint.npz")[".step"]) == 20 and not list(out.glob(".*.tmp"))
+
+
+def test_memory_is_estimated_before_anything_is_allocated(monkeypatch):
+    """Settings that cannot fit stop at once with the figure and the largest setting that fits (others as they
+    are): a width of a million, a block size of 10,001 driven by one long word, a million samples at once. Bounded
+    by $JNNEX_MEMORY_LIMIT so the answer is the same on any machine."""
+    monkeypatch.setenv("JNNEX_MEMORY_LIMIT", "2G")
+    rc = RunConfig.new("gpt", n_embd=1_000_000)
+    with pytest.raises(ValueError) as e:
+        run.check_fits(rc, run.prepare(rc).model, 1000)
+    msg = str(e.value)
+    assert "needs about" in msg and "2.00 GiB are available" in msg and "n_embd=1,000,000" in msg
+    largest = int(msg.split("n_embd ")[-1].split(";")[0].replace(",", ""))
+    fits = RunConfig.new("gpt", n_embd=largest)
+    assert run.check_fits(fits, run.prepare(fits).model, 1000).total <= 2 * 2**30  # the figure named does fit
+    too_big = RunConfig.new("gpt", n_embd=largest + 4)
+    with pytest.raises(ValueError):
+        run.check_fits(too_big, run.prepare(too_big).model, 1000)
+
+
+def test_training_memory_estimate_against_xla():
+    """The estimate is of the right size: within a factor of 4 of what XLA's own memory_analysis of the compiled
+    training step says it needs (arguments + temporaries + outputs), for a window model and a per-position one."""
+    from jnnex import memory
+    from jnnex.train import init_train_state, make_optimizer, make_step
+
+    for name, settings in (("mlp", {"n_hidden": 512}), ("gpt", {"n_layer": 2})):
+        rc = RunConfig.new(name, batch_size=256, **settings)
+        model, splits = run.prepare(rc)
+        optimizer = make_optimizer(rc.train)
+        est = memory.training_estimate(model, optimizer, 256, 0)
+        ts = jax.eval_shape(lambda k: init_train_state(model, optimizer, k), jax.random.key(0))
+        x = jax.ShapeDtypeStruct((256, model.block_size), np.int32)
+        y = jax.ShapeDtypeStruct((256, model.block_size) if model.per_position else (256,), np.int32)
+        step = jax.jit(make_step(model, optimizer))
+        ma = step.lower(ts, (x, y), jax.random.key(0)).compile().memory_analysis()
+        xla = ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
+        assert xla / 4 <= est.total <= 4 * xla, (name, est, xla)
