@@ -235,12 +235,30 @@ def test_attention_masked_positions_get_exactly_zero():
     qkv = jax.random.normal(jax.random.key(0), (2, 6, 3 * 8), jnp.float64) * 3.0
     y, cache = layers.attention_forward(qkv, 2)
     att = np.asarray(cache[1])
-    assert (att[..., np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]] == 0).all()
+    above = att[..., np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]]
+    assert (above == 0).all(), f"{np.count_nonzero(above)} attention weights above the diagonal are not 0 (largest " \
+                               f"{np.abs(above).max():.3g})"
     for t in range(6):
         dy = jnp.zeros_like(y).at[:, t].set(jax.random.normal(jax.random.key(t), (2, 8), jnp.float64))
         dqkv, _ = layers.attention_backward(dy, cache)
-        assert (np.asarray(dqkv)[:, t + 1:] == 0).all(), t
+        later = np.asarray(dqkv)[:, t + 1:]
+        assert (later == 0).all(), f"a gradient at position {t} reaches later positions: {np.abs(later).max():.3g}"
         assert np.abs(np.asarray(dqkv)[:, :t + 1]).max() > 0
+
+
+def test_a_later_token_changes_no_earlier_logit():
+    """Causality of the whole model, float64, random parameters: replacing the tokens after position t changes no
+    logit at positions <= t (bit for bit), and does change the logits after it."""
+    cfg = GPTConfig(vocab_size=11, block_size=7, n_layer=2, n_head=2, n_embd=8)
+    model = gpt(cfg)
+    params, x, _ = random_problem(cfg, 3, 7, seed=3)
+    logits = np.asarray(model.apply(params, (), x, train=False)[0])
+    for t in range(6):
+        other = x.at[:, t + 1:].set((x[:, t + 1:] + 1 + t) % cfg.vocab_size)
+        changed = np.asarray(model.apply(params, (), other, train=False)[0])
+        earlier = np.abs(changed[:, :t + 1] - logits[:, :t + 1]).max()
+        assert earlier == 0, f"changing the tokens after position {t} moved an earlier logit by {earlier:.3g}"
+        assert np.abs(changed[:, t + 1:] - logits[:, t + 1:]).max() > 1e-3
 
 
 def test_attention_at_extremes_stays_finite():

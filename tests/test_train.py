@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jnnex import rundir
-from jnnex.data import load_words, make_splits
+from jnnex.data import Vocab, load_words, make_splits
 from jnnex.lm import evaluate
 from jnnex.models.mlp_lm import MLPConfig, mlp_lm
 from jnnex.train import (
@@ -252,3 +252,32 @@ def test_grad_clip_scales_the_update_to_the_global_norm(clip):
     assert (scale < 1.0) == (clip < norm)  # the two cases really are one clipped, one not
     for p0, p1, g in zip(jax.tree.leaves(params), jax.tree.leaves(new.params), jax.tree.leaves(grads)):
         np.testing.assert_allclose(p1, p0 - 0.5 * scale * g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["wavenet", "gpt"])
+def test_consecutive_steps_draw_different_dropout_masks(name):
+    """With the learning rate 0 and the whole (fixed) batch every step, a step's loss can change only through its
+    dropout masks: consecutive steps differ (each step its own key, fold_in(key, step)); with dropout 0 they do not;
+    and a step run after a resume (its own call) draws the mask it drew in the unbroken run."""
+    import jnnex.models.registry as registry
+
+    words = load_words("census-first")[:16]
+    vocab = Vocab.from_words(words)
+    spec = registry.REGISTRY[name]
+    small = {"n_hidden": 8, "n_embd": 4} if name == "wavenet" else {"n_layer": 1, "n_embd": 8, "n_head": 2}
+    losses = {}
+    for dropout in (0.0, 0.5):
+        model = registry.build_for_words(spec, words, vocab, dropout=dropout, **small)
+        X, Y = (jnp.asarray(a) for a in make_splits(words, model.block_size, (1.0,), vocab=vocab,
+                                                    per_position=model.per_position).train)
+        optimizer = optax.sgd(0.0)
+        run = make_run(make_step(model, optimizer), None)
+        ts = init_train_state(model, optimizer, jax.random.key(0))
+        _, m = run(ts, X, Y, jax.random.key(1), n_steps=3)
+        losses[dropout] = np.asarray(m["loss"])
+        if dropout:  # steps 1 and 2 again, after a "resume" at step 1: the same masks
+            ts1, _ = run(ts, X, Y, jax.random.key(1), n_steps=1)
+            _, again = run(ts1, X, Y, jax.random.key(1), n_steps=2)
+            np.testing.assert_allclose(np.asarray(again["loss"]), losses[dropout][1:], rtol=1e-6)
+    assert len(set(losses[0.0].tolist())) == 1, losses[0.0]  # nothing else changes between the steps
+    assert len(set(losses[0.5].tolist())) == 3, losses[0.5]  # every step its own masks

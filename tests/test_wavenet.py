@@ -260,3 +260,29 @@ def test_dropout_runs_resume_exactly():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # other masks would move them by ~1e-2 (below)
     other, _ = run(ts, X, Y, jax.random.key(2), 20)
     assert np.abs(np.asarray(other.params.C) - np.asarray(whole.params.C)).max() > 1e-3
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_running_statistics_count_every_position(conv):
+    """One train-mode forward's new running statistics, against numpy from scratch: level 0's pre-BatchNorm
+    activations are each pair of neighbouring embeddings times W (the tree pairs positions 2t, 2t+1; the convolution
+    every t, t+1 of the word left-padded with start tokens), and the statistics run over every one of the B·T' rows —
+    the variance Bessel-corrected over B·T' numbers, not B."""
+    cfg = (WaveNetConvConfig if conv else WaveNetConfig)(vocab_size=7, n_embd=3, n_hidden=5, **(
+        {"block_size": 6, "context": 8} if conv else {"block_size": 8}))
+    model = (wavenet_conv if conv else wavenet)(cfg)
+    params, state = model.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 7, (4, 6 if conv else 8)).astype(np.int32)
+    new_state = model.apply(params, state, jnp.asarray(x), train=True)[1]
+    C, W = np.asarray(params.C, np.float64), np.asarray(params.levels[0].W, np.float64)
+    if conv:
+        e = C[np.concatenate([np.zeros((4, 7), np.int32), x], axis=1)]  # (B, 13, 3)
+        pairs = np.concatenate([e[:, :-1], e[:, 1:]], axis=-1)  # (B, 12, 6): every neighbouring pair
+    else:
+        e = C[x]  # (B, 8, 3)
+        pairs = np.concatenate([e[:, 0::2], e[:, 1::2]], axis=-1)  # (B, 4, 6): positions 2t, 2t+1
+    h = (pairs @ W).reshape(-1, 5)  # (B·T', H)
+    assert h.shape[0] == 4 * (12 if conv else 4)
+    np.testing.assert_allclose(new_state[0].mean, 0.1 * h.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(new_state[0].var, 0.9 + 0.1 * h.var(0, ddof=1), rtol=1e-5)
