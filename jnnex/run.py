@@ -138,7 +138,8 @@ class RunConfig:
                 return default
             value = doc[name]
             if not (isinstance(value, kind) and not isinstance(value, bool) or kind is bool and isinstance(value, bool)):
-                raise ValueError(f"{where}: {name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+                what = {dict: "an object", str: "a string", int: "an integer"}.get(kind, "a list")
+                raise ValueError(f"{where}: {name} must be {what}, got {value!r}")
             return value
 
         name = field("model", str)
@@ -155,7 +156,7 @@ class RunConfig:
         if model_config.vocab_size != vocab.size:
             raise ValueError(f"{where}: model_config.vocab_size {model_config.vocab_size} does not match the "
                              f"vocabulary's {vocab.size} characters")
-        split = field("split", list)
+        split = field("split", list | tuple)
         if not split or not all(isinstance(f, int | float) and not isinstance(f, bool) and f >= 0 for f in split) \
                 or abs(sum(split) - 1) > 1e-9:
             raise ValueError(f"{where}: split must be a list of fractions that sum to 1, got {split!r}")
@@ -163,7 +164,7 @@ class RunConfig:
         gradients = field("backward", str, "autodiff")
         if gradients not in GRADIENTS:
             raise ValueError(f"{where}: backward must be one of {GRADIENTS}, got {gradients!r}")
-        continued = field("continued", list, [])
+        continued = field("continued", list | tuple, [])
         try:
             continued = tuple((int(c["from_steps"]), int(c["steps"])) for c in continued)
         except (TypeError, KeyError, ValueError):
@@ -259,9 +260,9 @@ def prepare(rc: RunConfig, words: list[str] | None = None) -> Prepared:
 
 def check_fits(rc: RunConfig, model: LanguageModel, n_train: int, *, available: int | None = None,
                settings: dict | None = None) -> memory.Estimate:
-    """The memory estimate of training ``rc`` (:mod:`jnnex.memory`); a ``ValueError`` with the figure and the
-    largest value of the batch size and of each integer model setting in ``settings`` (default: every integer
-    setting that differs from the model's default) that fits, others as they are, when it cannot fit."""
+    """The memory estimate of training ``rc`` (:mod:`jnnex.memory`); a ``ValueError`` with the figure and (about,
+    to 1 %) the largest value of the batch size and of each integer model setting in ``settings`` (default: every
+    integer setting that differs from the model's default) that fits, others as they are, when it cannot fit."""
     available = memory.available_bytes() if available is None else available
     spec = get_spec(rc.model)
 
@@ -282,17 +283,17 @@ def check_fits(rc: RunConfig, model: LanguageModel, n_train: int, *, available: 
     for name, value in settings.items():
         def fits(v, name=name):
             try:
-                return estimate(dataclasses.replace(rc.model_config, **{name: v}), rc.train).total <= available
+                model_config = dataclasses.replace(rc.model_config, **{name: v})
             except ValueError:  # not a valid setting (say, a width the heads do not divide)
-                return False
+                return None
+            return estimate(model_config, rc.train).total <= available
         largest = _largest(fits, value)
         if largest:
             hints.append(f"{name} {largest:,}")
-    if rc.train.batch_size is not None:
-        largest = _largest(lambda b: estimate(rc.model_config, dataclasses.replace(rc.train, batch_size=b)).total
-                           <= available, rc.train.batch_size)
-        if largest:
-            hints.append(f"batch_size {largest:,}")
+    if rc.train.batch_size is not None and need.activations > 0:  # activations grow with the batch, the rest not
+        largest = (available - (need.total - need.activations)) * rc.train.batch_size // need.activations
+        if largest >= 1:
+            hints.append(f"batch_size {min(largest, rc.train.batch_size - 1):,}")
     shown = ", ".join(f"{k}={v:,}" for k, v in settings.items())
     if spec.per_position and any(h.startswith("block_size") for h in hints):
         hints.append(f"a per-position model's block_size is at least the longest word + 1 ({model.block_size - 1:,} "
@@ -300,23 +301,30 @@ def check_fits(rc: RunConfig, model: LanguageModel, n_train: int, *, available: 
     raise ValueError(
         f"model {rc.model!r}{f' with {shown}' if shown else ''} needs about {need.describe()} to train at batch "
         f"{rc.train.batch_size or n_train:,}, but {memory.gib(available)} are available; "
-        + (f"the largest that fit, each with the others as they are: {'; '.join(hints)}" if hints else
+        + (f"about the largest that fit, each with the others as they are: {'; '.join(hints)}" if hints else
            "no smaller batch or setting brings it within reach"))
 
 
-def _largest(fits: Callable[[int], bool], above: int) -> int:
-    """The largest ``v < above`` with ``fits(v)``, by bisection (``fits`` is monotone among valid values; an invalid
-    value — a width its heads do not divide — does not fit, so each probe also tries the 63 values below it); 0 if
-    none."""
-    best, lo, hi = 0, 0, above
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        found = next((v for v in range(mid, max(lo, mid - 64), -1) if fits(v)), None)
-        if found is None:
-            hi = mid
+def _largest(fits: Callable[[int], bool | None], above: int) -> int:
+    """About the largest ``v < above`` with ``fits(v)`` (to 1 %; 0 if none), ``fits`` monotone and ``None`` for a
+    value that is no valid setting (a width its heads do not divide: the next value down is tried instead)."""
+    def probe(v):  # (the valid value at or below v, whether it fits); (0, True) when there is none
+        while v > 0 and (ok := fits(v)) is None:
+            v -= 1
+        return (v, ok) if v > 0 else (0, True)
+
+    lo, hi = 0, above  # lo fits (or is 0), hi does not
+    v, ok = probe(above // 2)
+    while not ok and v > 0:  # halve until something fits: few probes for a setting far too large
+        hi, (v, ok) = v, probe(v // 2)
+    lo = v
+    while hi - lo > max(1, lo // 100):
+        v, ok = probe((lo + hi) // 2)
+        if ok and v > lo:
+            lo = v
         else:
-            best, lo = max(best, found), mid
-    return best
+            hi = (lo + hi) // 2
+    return lo
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def _json_value(annotation, value, where: str):
         annotation = next(a for a in args if a is not type(None))
         args = typing.get_args(annotation)
     if typing.get_origin(annotation) is tuple:
-        if not isinstance(value, list):
+        if not isinstance(value, list | tuple):
             raise ValueError(f"{where} must be a list, got {value!r}")
         return tuple(_json_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if annotation is bool:

@@ -11,9 +11,10 @@ import pytest
 
 from jnnex import build, evaluate, fit, generate, make_splits, parallel
 from jnnex.cli import main
-from jnnex.data import Vocab, build_sequences, build_windows, load_words, split_words
+from jnnex.data import Vocab, build_sequences, build_windows, load_words, read_words, split_words
 from jnnex.layers import cross_entropy_forward
 from jnnex.rundir import load_pytree
+from jnnex.run import RunConfig
 from jnnex.train import TrainConfig
 
 
@@ -37,6 +38,26 @@ def files(tmp_path_factory):
     shutil.copytree(d / "run", d / "badjson")
     (d / "badjson" / "config.json").write_text('{"model": ')
     shutil.copytree(d / "mlp", d / "changed")
+    (d / "a-dir").mkdir()
+    (d / "long.txt").write_text("\n".join(load_words("census-first")[:100] + ["a" * 10_000]) + "\n")
+    good = json.loads((d / "mlp" / "config.json").read_text())
+    for name, edit in {  # hand-edited config.json files, one fault each
+        "no-model-config": lambda c: c.pop("model_config"),
+        "wrong-model": lambda c: c.update(model="transformer"),
+        "vocab-list": lambda c: c.update(vocab=list(c["vocab"])),
+        "config-list": lambda c: c.update(model_config=[3, 10]),
+        "hidden-text": lambda c: c["model_config"].update(n_hidden="many"),
+        "unknown-field": lambda c: c["train_config"].update(learning_rate=0.1),
+        "bad-lr": lambda c: c["train_config"].update(lr=-1),
+        "split-sum": lambda c: c.update(split=[0.5, 0.1]),
+    }.items():
+        shutil.copytree(d / "mlp", d / name)
+        c = json.loads(json.dumps(good))
+        edit(c)
+        (d / name / "config.json").write_text(json.dumps(c))
+    (d / "top-list").mkdir()
+    shutil.copy(d / "mlp" / "model.npz", d / "top-list" / "model.npz")
+    (d / "top-list" / "config.json").write_text("[1, 2]")
     (d / "words.txt").rename(d / "words.orig")
     (d / "words.txt").write_text((d / "words.orig").read_text() + "zzz\n")  # the data of run 'changed' changed
     return d
@@ -48,6 +69,7 @@ CLI = [
     (["train", "--data", "{d}/empty.txt"], 2, "no usable lines"),
     (["train", "--data", "{d}/bin.txt"], 2, "not valid UTF-8"),
     (["train", "--data", "{d}/dots.txt"], 2, "boundary token"),
+    (["train", "--data", "{d}/a-dir"], 2, "a-dir' is a directory"),
     (["train", "--block-size", "0", "--steps", "5"], 2, "block_size must be an integer >= 1"),
     (["train", "--split", "0.5,0.1", "--steps", "5"], 2, "sum to 1"),
     (["train", "--split", "a,b"], 2, "expected comma-separated fractions"),
@@ -70,6 +92,32 @@ CLI = [
     (["train", "--resume", "--out", "{d}/mlp", "--model", "bn-mlp"], 2, "--model 'bn-mlp' conflicts"),
     (["train", "--resume", "--out", "{d}/mlp", "--n-layers", "2"], 2, "--n-layers does not apply to model 'mlp'"),
     (["train", "--resume", "--out", "{d}/changed"], 2, "changed since the run started"),
+    (["train", "--resume", "--out", "{d}/mlp", "--steps", "10"], 2, "never shortened"),
+    (["train", "--model", "bigram", "--steps", "5"], 2, "--steps does not apply to model 'bigram': it is fitted"),
+    (["train", "--model", "wavenet", "--steps", "20", "--lr-boundaries", "150000"], 2,
+     "lr_boundaries (150000,) must lie in [0, steps) = [0, 20)"),
+    (["train", "--model", "gpt", "--n-embd", "1000000"], 2, "about the largest that fit, each with the others as they are: "
+                                                           "n_embd"),
+    (["train", "--model", "gpt", "--n-embd", "16384", "--n-layer", "8"], 2, "needs about"),
+    (["train", "--model", "gpt", "--data", "{d}/long.txt"], 2, "with block_size=10,001 needs about"),
+    (["sample", "--from", "{d}/mlp", "-n", "100000000"], 2, "sequences at once need about"),
+    (["train", "--coordinator", "localhost", "--num-processes", "2", "--process-id", "1"], 2,
+     "the coordinator address must be host:port"),
+    (["train", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1", "--coordinator-timeout",
+      "0.3"], 2, "cannot reach the coordinator at 127.0.0.1:1 within 0.3 s"),
+    (["train", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1", "--coordinator-timeout",
+      "0"], 2, "the timeout must be > 0 seconds"),
+    (["train", "--resume", "--out", "{d}/no-model-config"], 2, "no-model-config/config.json has no field "
+                                                               "'model_config'"),
+    (["sample", "--from", "{d}/wrong-model"], 2, "wrong-model/config.json: model 'transformer' is not a registered"),
+    (["sample", "--from", "{d}/vocab-list"], 2, "vocab-list/config.json: vocab must be a string"),
+    (["sample", "--from", "{d}/config-list"], 2, "config-list/config.json: model_config must be an object"),
+    (["eval", "--from", "{d}/hidden-text"], 2, "hidden-text/config.json: model_config.n_hidden must be int, got 'many'"),
+    (["train", "--resume", "--out", "{d}/unknown-field"], 2, "unknown-field/config.json: train_config has unknown "
+                                                             "field(s) ['learning_rate']"),
+    (["train", "--resume", "--out", "{d}/bad-lr"], 2, "bad-lr/config.json: train_config: lr must be a finite number"),
+    (["eval", "--from", "{d}/split-sum"], 2, "split-sum/config.json: split must be a list of fractions that sum to 1"),
+    (["sample", "--from", "{d}/top-list"], 2, "top-list/config.json must hold a JSON object"),
     (["sample", "--from", "{d}"], 2, "not a finished jnnex run"),
     (["sample", "--from", "{d}/truncated"], 2, "model.npz' is not a jnnex .npz file"),
     (["sample", "--from", "{d}/random"], 2, "neither a zip archive nor a .npy array"),
@@ -85,7 +133,8 @@ CLI = [
 
 
 @pytest.mark.parametrize("argv, code, words", CLI, ids=[" ".join(c[0])[:60] for c in CLI])
-def test_cli_bad_input(files, capsys, argv, code, words):
+def test_cli_bad_input(files, capsys, monkeypatch, argv, code, words):
+    monkeypatch.setenv("JNNEX_MEMORY_LIMIT", "8G")  # what counts as available: the same on every machine
     argv = [a.replace("{d}", str(files)) for a in argv]
     try:
         got = main(argv)
@@ -134,6 +183,19 @@ LIBRARY = [
     (lambda: generate(build("mlp"), *build("mlp").init(jax.random.key(0)), jax.random.key(0), 0), ValueError,
      "n must be an integer >= 1"),
     (lambda: load_pytree("/nonexistent/model.npz", {}), ValueError, "does not exist"),
+    (lambda: TrainConfig(steps=10, lr_boundaries=(20,)), ValueError, "must lie in [0, steps) = [0, 10)"),
+    (lambda: TrainConfig(steps=10).continued(5), ValueError, "can be continued to more steps, not to 5"),
+    (lambda: TrainConfig(steps=10).with_steps(0), ValueError, "steps must be an integer >= 1"),
+    (lambda: RunConfig.from_json({}, "x/config.json"), ValueError, "x/config.json has no field 'model'"),
+    (lambda: RunConfig.from_json({**RunConfig.new("mlp").to_json(), "split_seed": "7"}, "y.json"), ValueError,
+     "y.json: split_seed must be an integer, got '7'"),
+    (lambda: RunConfig.new("mlp", data="census-first", n_layer=3), ValueError, "--n-layer does not apply to model 'mlp'"),
+    (lambda: RunConfig.new("mlp", gradients="numeric"), ValueError, "gradients must be one of"),
+    (lambda: RunConfig.new("neural-bigram", gradients="manual"), ValueError, "has no hand-written backward"),
+    (lambda: parallel.initialize("localhost", 2, 1), ValueError, "must be host:port"),
+    (lambda: parallel.initialize("127.0.0.1:1", 2, 1, timeout=0.2), ValueError,
+     "cannot reach the coordinator at 127.0.0.1:1"),
+    (lambda: read_words("/"), ValueError, "'/' is a directory"),
 ]
 
 

@@ -128,3 +128,13 @@ def test_make_moons():
     np.testing.assert_array_equal(make_moons(100, 0.1, jax.random.key(1))[0], X)
     with pytest.raises(ValueError, match="n must be"):
         make_moons(1, 0.1, jax.random.key(0))
+
+
+def test_a_byte_order_mark_is_not_a_character(tmp_path):
+    """A UTF-8 file saved with a byte-order mark (Windows editors write one) reads as the same words: the mark does
+    not become a vocabulary character of the first word."""
+    from jnnex.data import read_words
+
+    (tmp_path / "bom.txt").write_bytes("\ufeffemma\nava\n".encode())
+    assert read_words(tmp_path / "bom.txt") == ["emma", "ava"]
+    assert Vocab.from_words(read_words(tmp_path / "bom.txt")).chars == "aemv"
