@@ -63,7 +63,9 @@ def compare(forward: Callable, backward: Callable, *args, names: Sequence[str] |
     def run(arrays, key):
         full = merge_args(args, array_idx, arrays)
         out, cache = forward(*full)
-        dout = jax.random.normal(key, jnp.shape(out), jnp.result_type(out))  # random, never all ones
+        leaves, treedef = jax.tree.flatten(out)  # one output array, or several (a tuple of them)
+        dout = treedef.unflatten([jax.random.normal(k, jnp.shape(o), jnp.result_type(o))  # random, never all ones
+                                  for k, o in zip(jax.random.split(key, len(leaves)), leaves)])
         mine = _as_tuple(backward(dout, cache))
         _, vjp = jax.vjp(lambda *fl: forward(*merge_args(full, float_idx, fl))[0], *(full[i] for i in float_idx))
         return dout, mine, vjp(dout)
@@ -71,8 +73,9 @@ def compare(forward: Callable, backward: Callable, *args, names: Sequence[str] |
     dout, mine, ref = run([args[i] for i in array_idx], key)
     if len(mine) != len(args):
         raise ValueError(f"backward returned {len(mine)} gradients for {len(args)} forward arguments")
-    scale = max([float(jnp.max(jnp.abs(dout)))] + [float(jnp.max(jnp.abs(r))) for r in ref if jnp.size(r)])
-    default_rtol, default_atol = tolerances(jnp.result_type(dout), scale)
+    scale = max([float(jnp.max(jnp.abs(d))) for d in jax.tree.leaves(dout)]
+                + [float(jnp.max(jnp.abs(r))) for r in ref if jnp.size(r)])
+    default_rtol, default_atol = tolerances(jnp.result_type(jax.tree.leaves(dout)[0]), scale)
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
     names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]

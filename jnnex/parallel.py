@@ -12,7 +12,8 @@ included; a BatchNorm's batch mean is a mean over the *global* batch (synchronis
 
 **The explicit view** (:func:`explicit_step`, for learning how it works). The same step under ``jax.shard_map``: the
 function sees one device's shard of the batch, and the communication is written out — ``psum`` of the local
-losses and gradients, ``pmean`` of BatchNorm's statistics when synchronised (:func:`jnnex.layers.batchnorm_across`), or
+losses and gradients, ``pmean`` of BatchNorm's statistics when synchronised (:func:`synchronised`: the BatchNorm
+kernels' explicit ``axis_name``), or
 no communication in the forward at all with ``sync_batchnorm=False`` (per-device statistics: what an unsynchronised
 BatchNorm does, a different model in training). A pitfall it avoids: ``pmean`` of per-device ``jax.grad`` of the
 local loss is N× too large, because the gradient of a replicated input is already summed over devices by autodiff's
@@ -29,6 +30,7 @@ On CPU, ``JAX_NUM_CPU_DEVICES=N`` (before JAX starts) gives one process N device
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sys
@@ -41,7 +43,6 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jnnex.layers import batchnorm_across
 from jnnex.lm import LanguageModel, manual_gradients
 
 DATA = "data"  # the mesh axis the batch is split along
@@ -198,6 +199,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 # The explicit form
 
 
+def synchronised(model: LanguageModel, axis_name: str | None) -> LanguageModel:
+    """``model`` with its BatchNorm statistics taken over every device along mesh axis ``axis_name`` (its config's
+    ``batch_axis``, which each BatchNorm kernel receives as its ``axis_name``); a model without BatchNorm as it is."""
+    if not any(f.name == "batch_axis" for f in dataclasses.fields(model.cfg)):
+        return model
+    return dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, batch_axis=axis_name))
+
+
 def explicit_step(model: LanguageModel, optimizer: optax.GradientTransformation, mesh, *,
                   sync_batchnorm: bool = True) -> Callable:
     """``step(ts, batch, key) -> (ts, metrics)`` written with ``jax.shard_map``: each device gets its shard of the
@@ -215,25 +224,26 @@ def explicit_step(model: LanguageModel, optimizer: optax.GradientTransformation,
     devices; ``False``: each device normalises with its own shard's statistics.
     """
 
+    model = synchronised(model, DATA if sync_batchnorm else None)
+
     def local_step(ts, x, y, key):
         key = jax.random.fold_in(key, jax.lax.axis_index(DATA))  # dropout: each shard its own masks
         n_local = (y >= 0).sum(dtype=jnp.int32)
         n = jax.lax.psum(n_local, DATA)
-        with batchnorm_across(DATA if sync_batchnorm else None):
-            if model.gradients == "manual":
-                dt = jnp.result_type(float)  # float64 under jax_enable_x64: the seed keeps the model's precision
-                share = n_local.astype(dt) / n.astype(dt)  # dL/dL_d
-                out = manual_gradients(model, ts.params, ts.state, x, y, key, dloss=share)
-                share = share.astype(out.loss.dtype)
-                grads = jax.lax.psum(out.grads, DATA)
-                loss, new_state = jax.lax.psum(out.loss * share, DATA), out.state
-            else:
-                def global_loss(params):
-                    loss_d, new_state = model.objective(params, ts.state, x, y, key)
-                    share = n_local.astype(loss_d.dtype) / n.astype(loss_d.dtype)
-                    return jax.lax.psum(loss_d * share, DATA), new_state
+        if model.gradients == "manual":
+            dt = jnp.result_type(float)  # float64 under jax_enable_x64: the seed keeps the model's precision
+            share = n_local.astype(dt) / n.astype(dt)  # dL/dL_d
+            out = manual_gradients(model, ts.params, ts.state, x, y, key, dloss=share)
+            share = share.astype(out.loss.dtype)
+            grads = jax.lax.psum(out.grads, DATA)
+            loss, new_state = jax.lax.psum(out.loss * share, DATA), out.state
+        else:
+            def global_loss(params):
+                loss_d, new_state = model.objective(params, ts.state, x, y, key)
+                share = n_local.astype(loss_d.dtype) / n.astype(loss_d.dtype)
+                return jax.lax.psum(loss_d * share, DATA), new_state
 
-                (loss, new_state), grads = jax.value_and_grad(global_loss, has_aux=True)(ts.params)
+            (loss, new_state), grads = jax.value_and_grad(global_loss, has_aux=True)(ts.params)
         if not sync_batchnorm:  # each device's running statistics differ; keep their mean, replicated
             new_state = jax.lax.pmean(new_state, DATA)
         with jax.numpy_dtype_promotion("standard"):

@@ -37,13 +37,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 
 from jnnex import memory, parallel, rundir
 from jnnex.data import CORPORA, Splits, Vocab, load_words, make_splits
 from jnnex.lm import GRADIENTS, LanguageModel, count_params, evaluate
 from jnnex.models.registry import REGISTRY, ModelSpec, block_size_for, get_spec, has_manual_backward
-from jnnex.settings import flag, from_json
+from jnnex.settings import flag, from_json, is_flag
 from jnnex.train import FitResult, TrainConfig, fit, make_optimizer
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -56,7 +55,7 @@ def model_fields() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name, spec in REGISTRY.items():
         for f in dataclasses.fields(spec.config_cls):
-            if f.name != "vocab_size":
+            if f.name != "vocab_size" and is_flag(f):
                 out.setdefault(f.name, []).append(name)
     return out
 
@@ -182,7 +181,7 @@ class RunConfig:
 
 def _sort_settings(spec: ModelSpec, model: str, settings: dict) -> tuple[dict, dict]:
     """``settings`` split into model-config and training fields; one that fits neither is an error naming it."""
-    model_own = {f.name for f in dataclasses.fields(spec.config_cls)} - {"vocab_size"}
+    model_own = {f.name for f in dataclasses.fields(spec.config_cls) if is_flag(f)} - {"vocab_size"}
     model_given, train_given = {}, {}
     for name, value in settings.items():
         if name in model_own:
@@ -422,7 +421,7 @@ def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
     conflict("--split", None if split is None else tuple(float(f) for f in split), rc.split)
     conflict("--split-seed", given.pop("split_seed", None), rc.split_seed)
     conflict("--backward", given.pop("gradients", None), rc.gradients)
-    model_own = {f.name for f in dataclasses.fields(rc.model_config)}
+    model_own = {f.name for f in dataclasses.fields(rc.model_config) if is_flag(f)}
     for name, value in given.items():
         if name in TRAIN_FIELDS:
             conflict(flag(name), value, getattr(rc.train, name))

@@ -16,9 +16,15 @@ import typing
 import numpy as np
 
 
-def setting(default, help: str, *, choices: tuple | None = None):
-    """A dataclass field with its help text (and, for strings, the allowed values)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def setting(default, help: str, *, choices: tuple | None = None, flag: bool = True):
+    """A dataclass field with its help text (and, for strings, the allowed values). ``flag=False``: a field code
+    sets (the mesh axis of a synchronised BatchNorm), not a setting a user chooses — no command-line flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+def is_flag(f: dataclasses.Field) -> bool:
+    """Whether a config field is a user's setting (a command-line flag)."""
+    return f.metadata.get("flag", True)
 
 
 def positive_int(name: str, value, minimum: int = 1) -> None:
@@ -75,7 +81,7 @@ def add_flags(parser, cls, applies_to: dict[str, list[str]] | None = None, skip=
     """One flag per field of ``cls`` (default ``None``: unset), its help from the field's :func:`setting`;
     ``applies_to`` names, per field, the models it applies to (shown in brackets)."""
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or not is_flag(f):
             continue
         kind, extra = _parser_of(field_types(cls)[f.name], f.name)
         help_text = f.metadata.get("help", "")

@@ -198,10 +198,18 @@ def _attention_shape(draw):
 
 
 @st.composite
-def attention_args(draw, dtype=None):
-    """``(qkv (B, T, 3C), n_head)``, ``C = n_head · head_size``; queries and keys of scale up to 3 (peaked rows)."""
+def split_heads_args(draw, dtype=None):
+    """``(qkv (B, T, 3C), n_head)``, ``C = n_head · head_size``."""
     B, T, nh, hs = _attention_shape(draw)
     return draw(arrays((B, T, 3 * nh * hs), dtype=dtype, scale=draw(st.sampled_from([0.5, 3.0])))), nh
+
+
+@st.composite
+def attend_args(draw, dtype=None):
+    """``(q, k, v)``, each ``(B, nh, T, hs)``; queries and keys of scale up to 3 (peaked rows)."""
+    B, T, nh, hs = _attention_shape(draw)
+    scale = draw(st.sampled_from([0.5, 3.0]))
+    return tuple(draw(arrays((B, nh, T, hs), dtype=dtype, scale=scale)) for _ in range(3))
 
 
 @st.composite

@@ -4,10 +4,14 @@ jax.grad in float64 over drawn shapes (T from 1 to the block size, padded words)
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import pairs
+import jnnex.models.bow as bow_module
 from jnnex import strategies
+from pairs import f64
 from jnnex.check import assert_model_gradients, randomise
 from jnnex.lm import count_params
 from jnnex.models.bow import BoWConfig, bow
@@ -49,3 +53,26 @@ def problems(draw):
 def test_backward_equals_jax_grad_float64(problem):
     model, params, x, y = problem
     assert_model_gradients(model, params, (), x, y)
+
+
+# The bag of words' own pair (jnnex/models/bow.py, above its forward)
+PAIRS = {"causal_average": (bow_module.causal_average_forward, bow_module.causal_average_backward,
+                            strategies.causal_average_args(), ["x"], (f64(2, 4, 3),))}
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_pair_backward_equals_vjp_float64(name):
+    pairs.equals_vjp(PAIRS[name])
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_pair_rejects_a_wrongly_shaped_gradient(name):
+    pairs.rejects_a_wrongly_shaped_gradient(PAIRS[name])
+
+
+def test_causal_average_is_makemores_masked_softmax():
+    """Uniform causal weights, as makemore.py builds them: softmax over a zero matrix with -inf above the diagonal."""
+    x = f64(2, 5, 3)
+    mask = jnp.tril(jnp.ones((5, 5), bool))
+    att = jax.nn.softmax(jnp.where(mask, 0.0, -jnp.inf), axis=-1)  # (T, T)
+    np.testing.assert_allclose(bow_module.causal_average_forward(x)[0], jnp.einsum("ts,bsc->btc", att, x), rtol=1e-14)

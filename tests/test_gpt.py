@@ -11,7 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jnnex import layers, rundir, strategies
+import pairs
+import jnnex.models.gpt as G
+from jnnex import rundir, strategies
+from pairs import f64
 from jnnex.check import compare_model, randomise
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.lm import count_params, generate, manual_vjp
@@ -116,29 +119,17 @@ def test_a_wrong_attention_backward_is_caught_per_tensor(monkeypatch, row_sum):
     """The classic slip — the softmax backward without its ``⟨att, datt⟩`` term — written into the model: the
     per-tensor check names exactly the tensors the slip reaches (below the attention), not the ones above it. With the
     term, the same rewritten backward passes (so the failure is the slip's)."""
-    import jnnex.models.gpt as gpt_module
-
-    def attention_backward(dy, cache):
-        qkv, att, nh = cache
-        B, T, C3 = qkv.shape
-        C = C3 // 3
-        q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, T, nh, C // nh) for i in range(3))
-        dyh = dy.reshape(B, T, nh, C // nh)
-        datt = jnp.einsum("bthd,bshd->bhts", dyh, v)
-        dv = jnp.einsum("bhts,bthd->bshd", att, dyh)
+    def attend_backward(dy, cache):
+        q, k, v, att = cache
+        B, nh, T, hs = q.shape
+        dyh = dy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)
+        datt = jnp.einsum("bhtd,bhsd->bhts", dyh, v)
+        dv = jnp.einsum("bhts,bhtd->bhsd", att, dyh)
         centred = datt - (att * datt).sum(-1, keepdims=True) if row_sum else datt
-        dpre = att * centred / np.sqrt(C // nh)
-        dq, dk = jnp.einsum("bhts,bshd->bthd", dpre, k), jnp.einsum("bhts,bthd->bshd", dpre, q)
-        return jnp.concatenate([a.reshape(B, T, C) for a in (dq, dk, dv)], axis=-1), None
+        dpre = att * centred / np.sqrt(hs)
+        return jnp.einsum("bhts,bhsd->bhtd", dpre, k), jnp.einsum("bhts,bhtd->bhsd", dpre, q), dv
 
-    def self_attention_backward(dout, cache):
-        c_qkv, c_att, c_proj = cache
-        dy, dW_proj, db_proj = layers.linear_backward(dout, c_proj)
-        dqkv, _ = attention_backward(dy, c_att)
-        dx, dW_qkv, db_qkv = layers.linear_backward(dqkv, c_qkv)
-        return dx, dW_qkv, db_qkv, dW_proj, db_proj, None
-
-    monkeypatch.setattr(gpt_module, "self_attention_backward", self_attention_backward)
+    monkeypatch.setattr(G, "attend_backward", attend_backward)
     model = gpt(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=2, n_embd=4))
     params, x, y = random_problem(model.cfg, 2, 4, seed=1)
     errors, _, _ = per_tensor_errors(model, params, x, y)
@@ -229,18 +220,30 @@ def test_custom_vjp_adapter_runs_jax_grad_on_the_hand_written_backward():
     np.testing.assert_allclose(wrong.lm_head, 2 * plain.lm_head, rtol=1e-10)
 
 
+def attention_forward(qkv, n_head):
+    """The heads from a fused projection, then attention: the two pairs composed."""
+    (q, k, v), c_heads = G.split_heads_forward(qkv, n_head)
+    y, c_att = G.attend_forward(q, k, v)
+    return y, (c_heads, c_att)
+
+
+def attention_backward(dy, cache):
+    c_heads, c_att = cache
+    return G.split_heads_backward(G.attend_backward(dy, c_att), c_heads)
+
+
 def test_attention_masked_positions_get_exactly_zero():
     """Output position t reads only positions <= t: an upstream gradient at t alone gives exactly 0 (not ~1e-17)
     at every later position of q, k and v, and the attention weights above the diagonal are exactly 0."""
     qkv = jax.random.normal(jax.random.key(0), (2, 6, 3 * 8), jnp.float64) * 3.0
-    y, cache = layers.attention_forward(qkv, 2)
-    att = np.asarray(cache[1])
+    y, cache = attention_forward(qkv, 2)
+    att = np.asarray(cache[1][3])
     above = att[..., np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]]
     assert (above == 0).all(), f"{np.count_nonzero(above)} attention weights above the diagonal are not 0 (largest " \
                                f"{np.abs(above).max():.3g})"
     for t in range(6):
         dy = jnp.zeros_like(y).at[:, t].set(jax.random.normal(jax.random.key(t), (2, 8), jnp.float64))
-        dqkv, _ = layers.attention_backward(dy, cache)
+        dqkv, _ = attention_backward(dy, cache)
         later = np.asarray(dqkv)[:, t + 1:]
         assert (later == 0).all(), f"a gradient at position {t} reaches later positions: {np.abs(later).max():.3g}"
         assert np.abs(np.asarray(dqkv)[:, :t + 1]).max() > 0
@@ -265,34 +268,34 @@ def test_attention_at_extremes_stays_finite():
     """T = 1 (each row fully masked but its diagonal: att = 1 exactly, dq = dk = 0) and scores of ±1e4 (one-hot
     rows): outputs and gradients finite, and equal to ``jax.vjp``'s."""
     one = jax.random.normal(jax.random.key(1), (3, 1, 12), jnp.float64)
-    y, cache = layers.attention_forward(one, 2)
-    np.testing.assert_array_equal(cache[1], 1.0)
+    y, cache = attention_forward(one, 2)
+    np.testing.assert_array_equal(cache[1][3], 1.0)
     np.testing.assert_allclose(y, one[..., 8:], rtol=1e-15)  # the output is the value itself
-    dqkv, _ = layers.attention_backward(jnp.ones_like(y), cache)
+    dqkv, _ = attention_backward(jnp.ones_like(y), cache)
     assert (np.asarray(dqkv)[..., :8] == 0).all()
     big = jax.random.normal(jax.random.key(2), (2, 5, 12), jnp.float64) * 150.0  # q·k/√2 of order ±1e4
-    _, cache = layers.attention_forward(big, 2)
+    _, cache = attention_forward(big, 2)
     scores = np.einsum("btd,bsd->bts", np.asarray(big[..., :2]), np.asarray(big[..., 6:8])) / np.sqrt(2)
     assert np.abs(scores).max() > 1e4
     for qkv in (one, big):
-        y, cache = layers.attention_forward(qkv, 2)
-        dqkv, _ = layers.attention_backward(jax.random.normal(jax.random.key(3), y.shape, jnp.float64), cache)
+        y, cache = attention_forward(qkv, 2)
+        dqkv, _ = attention_backward(jax.random.normal(jax.random.key(3), y.shape, jnp.float64), cache)
         assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(dqkv)).all()
     from jnnex.check import assert_backward
-    assert_backward(layers.attention_forward, layers.attention_backward, big, 2)
+    assert_backward(attention_forward, attention_backward, big, 2)
 
 
 def test_layernorm_backward_recomputes_from_mean_and_rstd():
     """The cache is llm.c's — the input, the gain, mean and rstd per row — not the normalised input."""
     x = jax.random.normal(jax.random.key(0), (2, 3, 5), jnp.float64)
-    _, (x_c, w_c, mean, rstd) = layers.layernorm_forward(x, jnp.ones(5, jnp.float64), jnp.zeros(5, jnp.float64))
+    _, (x_c, w_c, mean, rstd) = G.layernorm_forward(x, jnp.ones(5, jnp.float64), jnp.zeros(5, jnp.float64))
     assert mean.shape == rstd.shape == (2, 3, 1)
     np.testing.assert_allclose(rstd[..., 0], 1 / np.sqrt(np.var(np.asarray(x), -1) + 1e-5), rtol=1e-12)
 
 
 def test_gelu_is_gpt2s_tanh_form():
     x = jnp.linspace(-6, 6, 101, dtype=jnp.float64)
-    np.testing.assert_allclose(layers.gelu_forward(x)[0], jax.nn.gelu(x, approximate=True), rtol=1e-14, atol=1e-300)
+    np.testing.assert_allclose(G.gelu_forward(x)[0], jax.nn.gelu(x, approximate=True), rtol=1e-14, atol=1e-300)
 
 
 def test_improved_preset_settings():
@@ -306,3 +309,35 @@ def test_improved_preset_settings():
     model = gpt(GPTConfig(**model_over))
     assert model.stochastic and count_params(model.init(jax.random.key(0))[0]) == 802_304
     assert isinstance(model.init(jax.random.key(0))[0], GPTParams)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The transformer's own pairs (jnnex/models/gpt.py, above the model, as in llm.c's train_gpt2.c)
+
+PAIRS = {
+    "token_position_embedding": (G.token_position_embedding_forward, G.token_position_embedding_backward,
+                                 strategies.token_position_embedding_args(), ["wte", "wpe", "ix"],
+                                 (f64(5, 2), f64(4, 2), jnp.array([[1, 4, 1]], jnp.int32))),
+    "layernorm": (G.layernorm_forward, G.layernorm_backward, strategies.layernorm_args(), ["x", "w", "b"],
+                  (f64(2, 3, 4), f64(4), f64(4))),
+    "gelu": (G.gelu_forward, G.gelu_backward, strategies.gelu_args(), ["x"], (f64(2, 3, 4),)),
+    "split_heads": (G.split_heads_forward, G.split_heads_backward, strategies.split_heads_args(), ["qkv", "n_head"],
+                    (f64(2, 3, 12), 2)),
+    "attend": (G.attend_forward, G.attend_backward, strategies.attend_args(), ["q", "k", "v"],
+               (f64(2, 2, 3, 2), f64(2, 2, 3, 2) * 0.5, f64(2, 2, 3, 2) * 2.0)),
+    "self_attention": (G.self_attention_forward, G.self_attention_backward, strategies.self_attention_args(),
+                       ["x", "W_qkv", "b_qkv", "W_proj", "b_proj", "n_head"],
+                       (f64(2, 3, 4), f64(4, 12), f64(12), f64(4, 4), f64(4), 2)),
+    "residual": (G.residual_forward, G.residual_backward, strategies.residual_args(), ["a", "b"],
+                 (f64(2, 3, 4), f64(2, 3, 4))),
+}
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_pair_backward_equals_vjp_float64(name):
+    pairs.equals_vjp(PAIRS[name])
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_pair_rejects_a_wrongly_shaped_gradient(name):
+    pairs.rejects_a_wrongly_shaped_gradient(PAIRS[name])

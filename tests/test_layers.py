@@ -1,53 +1,54 @@
-"""Every compact forward/backward pair of jnnex.layers against jax.vjp (float64, random upstream gradients, drawn by
-the exported strategies through the public checker), against finite differences, and at its edges."""
+"""The kernels models share (:mod:`jnnex.layers`): every pair against jax.vjp (float64, random upstream gradients,
+drawn by the exported strategies through the public checker), against finite differences, and at its edges."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import Phase, settings
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
 from jax.test_util import check_grads
 
+import pairs
 from jnnex import layers, strategies
+from jnnex.layers import BatchNormParams, BatchNormState, batchnorm, batchnorm_init
 from jnnex.check import assert_backward, check_backward, custom_vjp
+from pairs import f64
 
-PAIRS = {
-    "linear": (layers.linear_forward, layers.linear_backward, strategies.linear_args(), ["x", "W", "b"]),
-    "tanh": (layers.tanh_forward, layers.tanh_backward, strategies.tanh_args(), ["x"]),
-    "relu": (layers.relu_forward, layers.relu_backward, strategies.tanh_args(), ["x"]),
-    "batchnorm": (layers.batchnorm_forward, layers.batchnorm_backward, strategies.batchnorm_args(),
-                  ["x", "gamma", "beta"]),
-    "embedding": (layers.embedding_forward, layers.embedding_backward, strategies.embedding_args(), ["C", "ix"]),
+PAIRS = {  # the pairs two or more models share; a model's own pairs are tested beside that model
+    "linear": (layers.linear_forward, layers.linear_backward, strategies.linear_args(), ["x", "W", "b"],
+               (f64(4, 3), f64(3, 2), f64(2))),
+    "tanh": (layers.tanh_forward, layers.tanh_backward, strategies.tanh_args(), ["x"], (f64(4, 3),)),
+    "embedding": (layers.embedding_forward, layers.embedding_backward, strategies.embedding_args(), ["C", "ix"],
+                  (f64(5, 2), jnp.array([[1, 4]], jnp.int32))),
     "cross_entropy": (layers.cross_entropy_forward, layers.cross_entropy_backward, strategies.cross_entropy_args(),
-                      ["logits", "y"]),
-    "rnn_cell": (layers.rnn_cell_forward, layers.rnn_cell_backward, strategies.rnn_cell_args(), ["x", "h", "W", "b"]),
-    "gru_cell": (layers.gru_cell_forward, layers.gru_cell_backward, strategies.gru_cell_args(),
-                 ["x", "h", "Wz", "bz", "Wr", "br", "Wh", "bh"]),
-    "causal_average": (layers.causal_average_forward, layers.causal_average_backward,
-                       strategies.causal_average_args(), ["x"]),
-    "gated_tanh": (layers.gated_tanh_forward, layers.gated_tanh_backward, strategies.gated_tanh_args(), ["x"]),
-    "flatten_consecutive": (layers.flatten_consecutive_forward, layers.flatten_consecutive_backward,
-                            strategies.flatten_consecutive_args(), ["x", "n"]),
-    "causal_conv": (layers.causal_conv_forward, layers.causal_conv_backward, strategies.causal_conv_args(),
-                    ["x", "W", "dilation"]),
-    "token_position_embedding": (layers.token_position_embedding_forward, layers.token_position_embedding_backward,
-                                 strategies.token_position_embedding_args(), ["wte", "wpe", "ix"]),
-    "layernorm": (layers.layernorm_forward, layers.layernorm_backward, strategies.layernorm_args(), ["x", "w", "b"]),
-    "gelu": (layers.gelu_forward, layers.gelu_backward, strategies.gelu_args(), ["x"]),
-    "attention": (layers.attention_forward, layers.attention_backward, strategies.attention_args(),
-                  ["qkv", "n_head"]),
-    "self_attention": (layers.self_attention_forward, layers.self_attention_backward,
-                       strategies.self_attention_args(), ["x", "W_qkv", "b_qkv", "W_proj", "b_proj", "n_head"]),
-    "residual": (layers.residual_forward, layers.residual_backward, strategies.residual_args(), ["a", "b"]),
+                      ["logits", "y"], (f64(4, 3), jnp.array([0, 2, 1, 1], jnp.int32))),
     "sequence_cross_entropy": (layers.cross_entropy_forward, layers.cross_entropy_backward,
-                               strategies.sequence_cross_entropy_args(), ["logits", "y"]),
+                               strategies.sequence_cross_entropy_args(), ["logits", "y"],
+                               (f64(2, 3, 5), jnp.array([[0, 2, -1], [1, -1, -1]], jnp.int32))),
+    "batchnorm": (layers.batchnorm_forward, layers.batchnorm_backward, strategies.batchnorm_args(),
+                  ["x", "gamma", "beta"], (f64(4, 3), f64(3), f64(3))),
 }
 
 
 @pytest.mark.parametrize("name", PAIRS)
 def test_backward_equals_vjp_float64(name):
-    forward, backward, args, names = PAIRS[name]
-    check_backward(forward, backward, args, names=names, rtol=1e-10, atol=1e-12)
+    pairs.equals_vjp(PAIRS[name])
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_wrongly_shaped_upstream_gradient_is_a_clear_error(name):
+    pairs.rejects_a_wrongly_shaped_gradient(PAIRS[name])
+
+
+def test_the_kernels_are_in_curriculum_order():
+    """layers.py reads as the course does: linear, tanh, embedding, the cross-entropy, BatchNorm, dropout."""
+    import inspect
+
+    source = inspect.getsource(layers)
+    order = [source.index(f"def {name}_forward") for name in ("linear", "tanh", "embedding", "cross_entropy",
+                                                              "batchnorm", "dropout")]
+    assert order == sorted(order)
 
 
 def test_check_backward_finds_and_shows_a_wrong_backward():
@@ -115,61 +116,9 @@ def test_cross_entropy_with_logits_of_plus_minus_1e4():
     assert_backward(layers.cross_entropy_forward, layers.cross_entropy_backward, logits, y)
 
 
-def _f64(*shape):
-    return jax.random.normal(jax.random.key(len(shape)), shape, jnp.float64)
-
-
-FIXED_ARGS = {"linear": (_f64(4, 3), _f64(3, 2), _f64(2)), "tanh": (_f64(4, 3),), "relu": (_f64(4, 3),),
-              "batchnorm": (_f64(4, 3), _f64(3), _f64(3)), "embedding": (_f64(5, 2), jnp.array([[1, 4]], jnp.int32)),
-              "cross_entropy": (_f64(4, 3), jnp.array([0, 2, 1, 1], jnp.int32)),
-              "gated_tanh": (_f64(4, 6),), "causal_average": (_f64(2, 4, 3),),
-              "gru_cell": (_f64(4, 3), _f64(4, 2), _f64(5, 2), _f64(2), _f64(5, 2), _f64(2), _f64(5, 2), _f64(2)), "rnn_cell": (_f64(4, 3), _f64(4, 2), _f64(5, 2), _f64(2)), "flatten_consecutive": (_f64(2, 4, 3), 2), "causal_conv": (_f64(2, 5, 3), _f64(6, 4), 2),
-              "token_position_embedding": (_f64(5, 2), _f64(4, 2), jnp.array([[1, 4, 1]], jnp.int32)),
-              "layernorm": (_f64(2, 3, 4), _f64(4), _f64(4)), "gelu": (_f64(2, 3, 4),), "attention": (_f64(2, 3, 12), 2),
-              "self_attention": (_f64(2, 3, 4), _f64(4, 12), _f64(12), _f64(4, 4), _f64(4), 2),
-              "residual": (_f64(2, 3, 4), _f64(2, 3, 4)),
-              "sequence_cross_entropy": (_f64(2, 3, 5), jnp.array([[0, 2, -1], [1, -1, -1]], jnp.int32))}
-
-
-@pytest.mark.parametrize("name", PAIRS)
-def test_wrongly_shaped_upstream_gradient_is_a_clear_error(name):
-    forward, backward, _, _ = PAIRS[name]
-    out, cache = forward(*FIXED_ARGS[name])
-    bad = jnp.ones(jnp.shape(out) + (2,), jnp.result_type(out))
-    with pytest.raises(ValueError, match="must have shape"):
-        backward(bad, cache)
-
-
-def test_causal_conv_is_the_tree_at_every_position():
-    """Stacked kernel-2 convolutions with dilations 1, 2, 4 give at output t the tree's pairing of inputs t .. t+7
-    (flatten pairs, the same weight), for every t: the tree is the convolution sampled every 2^l-th position."""
-    x, Ws = _f64(3, 12, 2), [_f64(4, 5), _f64(10, 5) * 0.5, _f64(10, 5) * 0.3]
-    h = x
-    for level, W in enumerate(Ws):
-        h = jnp.tanh(layers.causal_conv_forward(h, W, 2**level)[0])  # (3, 12 - (2^(l+1) - 1), 5)
-    assert h.shape == (3, 5, 5)
-    for t in range(5):
-        tree = x[:, t : t + 8]
-        for W in Ws:
-            tree = jnp.tanh(layers.flatten_consecutive_forward(tree, 2)[0] @ W)
-        np.testing.assert_allclose(h[:, t], tree[:, 0], rtol=1e-13, atol=1e-15)
-
-
-@pytest.mark.parametrize("shape, n", [((2, 3, 4), 2), ((2, 8), 2)])
-def test_flatten_consecutive_needs_a_divisible_length(shape, n):
-    with pytest.raises(ValueError, match="divisible"):
-        layers.flatten_consecutive_forward(jnp.zeros(shape), n)
-
-
-@pytest.mark.parametrize("dilation", [0, 5, 2.0])
-def test_causal_conv_dilation_must_fit(dilation):
-    with pytest.raises(ValueError, match="dilation"):
-        layers.causal_conv_forward(_f64(2, 5, 3), _f64(6, 4), dilation)
-
-
 @pytest.mark.parametrize("rate", [0.0, 0.25, 0.9])
 def test_dropout_backward_equals_vjp_and_keeps_the_mean(rate):
-    x = _f64(64, 50) + 1.0
+    x = f64(64, 50) + 1.0
     forward = lambda x, key: layers.dropout_forward(x, key, rate)  # noqa: E731
     assert_backward(forward, lambda dy, c: layers.dropout_backward(dy, c)[:2], x, jax.random.key(3))
     y, scale = forward(x, jax.random.key(4))
@@ -178,9 +127,76 @@ def test_dropout_backward_equals_vjp_and_keeps_the_mean(rate):
     np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / (1 - rate), rtol=1e-15)
 
 
-def test_causal_average_is_makemores_masked_softmax():
-    """Uniform causal weights, as makemore.py builds them: softmax over a zero matrix with -inf above the diagonal."""
-    x = _f64(2, 5, 3)
-    mask = jnp.tril(jnp.ones((5, 5), bool))
-    att = jax.nn.softmax(jnp.where(mask, 0.0, -jnp.inf), axis=-1)  # (T, T)
-    np.testing.assert_allclose(layers.causal_average_forward(x)[0], jnp.einsum("ts,bsc->btc", att, x), rtol=1e-14)
+# BatchNorm as a stateful layer
+
+
+def test_batchnorm_3x2_by_hand():
+    x = jnp.array([[1.0, 2.0], [3.0, 2.0], [5.0, 8.0]], jnp.float64)
+    params = BatchNormParams(jnp.array([2.0, 0.5], jnp.float64), jnp.array([0.1, -1.0], jnp.float64))
+    state = BatchNormState(jnp.array([0.0, 1.0], jnp.float64), jnp.array([1.0, 4.0], jnp.float64))
+    eps = 1e-5
+    y, new = batchnorm(params, state, x, train=True, momentum=0.1, eps=eps)
+    # column 0: mean 3, biased var (4 + 0 + 4)/3 = 8/3; column 1: mean 4, biased var (4 + 4 + 16)/3 = 8
+    x0 = np.array([-2.0, 0.0, 2.0]) / np.sqrt(8 / 3 + eps)
+    x1 = np.array([-2.0, -2.0, 4.0]) / np.sqrt(8 + eps)
+    np.testing.assert_allclose(y, np.stack([2.0 * x0 + 0.1, 0.5 * x1 - 1.0], 1), rtol=1e-12)
+    # running: 0.9·old + 0.1·batch, with the unbiased variances 4 and 12
+    np.testing.assert_allclose(new.mean, [0.9 * 0 + 0.1 * 3, 0.9 * 1 + 0.1 * 4], rtol=1e-12)
+    np.testing.assert_allclose(new.var, [0.9 * 1 + 0.1 * 4, 0.9 * 4 + 0.1 * 12], rtol=1e-12)
+    # eval mode: the running statistics, state unchanged, deterministic
+    y_eval, same = batchnorm(params, new, x, train=False, eps=eps)
+    expected = (np.asarray(x) - np.asarray(new.mean)) / np.sqrt(np.asarray(new.var) + eps) * [2.0, 0.5] + [0.1, -1.0]
+    np.testing.assert_allclose(y_eval, expected, rtol=1e-12)
+    assert same is new
+    np.testing.assert_array_equal(batchnorm(params, new, x, train=False)[0], batchnorm(params, new, x, train=False)[0])
+
+
+def test_running_statistics_converge_to_the_true_ones():
+    params, state = batchnorm_init(3, jnp.float64)
+    key = jax.random.key(0)
+    true_mean, true_std = jnp.array([1.0, -2.0, 0.5]), jnp.array([0.5, 2.0, 3.0])
+
+    @jax.jit
+    def step(state, k):
+        x = true_mean[None] + true_std[None] * jax.random.normal(k, (256, 3), jnp.float64)
+        return batchnorm(params, state, x, train=True, momentum=0.05)[1], None
+
+    state, _ = jax.lax.scan(step, state, jax.random.split(key, 2000))
+    np.testing.assert_allclose(state.mean, true_mean, atol=0.05)
+    np.testing.assert_allclose(jnp.sqrt(state.var), true_std, rtol=0.05)
+
+
+@given(st.integers(0, 10_000), st.sampled_from([(8, 3), (4, 5, 3), (2, 3), (16, 2, 4)]), st.floats(0.01, 1.0))
+def test_train_mode_output_has_mean_beta_and_std_gamma(seed, shape, momentum):
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+    C = shape[-1]
+    x = 3.0 + 2.0 * jax.random.normal(k1, shape, jnp.float64)
+    params = BatchNormParams(jax.random.uniform(k2, (C,), jnp.float64, 0.5, 2.0), jax.random.normal(k3, (C,), jnp.float64))
+    state = BatchNormState(jax.random.normal(k4, (C,), jnp.float64), jnp.ones((C,), jnp.float64))
+    y, new = batchnorm(params, state, x, train=True, momentum=momentum, eps=1e-12)
+    axes = tuple(range(len(shape) - 1))
+    np.testing.assert_allclose(y.mean(axes), params.beta, atol=1e-9)
+    np.testing.assert_allclose(y.std(axes), params.gamma, rtol=1e-6)
+    np.testing.assert_allclose(new.mean, (1 - momentum) * state.mean + momentum * x.mean(axes), rtol=1e-10)
+
+
+@given(st.sampled_from([(4, 3), (2, 3, 3)]))
+def test_constant_column_gives_finite_output_and_gradient(shape):
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float64).at[..., 1].set(7.0)
+    params, state = batchnorm_init(3, jnp.float64)
+    y, _ = batchnorm(params, state, x, train=True)
+    assert jnp.isfinite(y).all() and jnp.allclose(y[..., 1], 0.0)
+    g = jax.grad(lambda x: jnp.sum(batchnorm(params, state, x, train=True)[0] ** 3))(x)
+    assert jnp.isfinite(g).all()
+
+
+def test_bad_batchnorm_inputs():
+    params, state = batchnorm_init(3)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        batchnorm(params, state, jnp.ones((1, 3), jnp.float32), train=True)
+    with pytest.raises(ValueError, match="channels"):
+        batchnorm(params, state, jnp.ones((4, 5), jnp.float32), train=True)
+    with pytest.raises(ValueError, match="channels"):
+        batchnorm(params, state, jnp.ones((4, 5), jnp.float32), train=False)
+    with pytest.raises(TypeError, match="train must be a Python bool"):
+        batchnorm(params, state, jnp.ones((4, 3), jnp.float32), train=jnp.array(True))

@@ -8,7 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import pairs
+import jnnex.models.rnn as rnn_module
 from jnnex import strategies
+from pairs import f64
 from jnnex.check import assert_model_gradients, randomise
 from jnnex.lm import count_params
 from jnnex.models.rnn import RNNConfig, rnn
@@ -63,7 +66,8 @@ def test_gradient_through_time_is_dl_dh_and_shows_vanishing_and_carrying():
     gradient with respect to an offset added to each h_t. A small-weight RNN's profile vanishes going back; a GRU
     with its update gate shut (z ≈ 0: h_t = h_{t-1}) carries the gradient back unchanged."""
     from jnnex.diagnostics import gradient_through_time
-    from jnnex.layers import cross_entropy_forward, linear_forward, rnn_cell_forward
+    from jnnex.layers import cross_entropy_forward, linear_forward
+    from jnnex.models.rnn import rnn_cell_forward
 
     cfg = RNNConfig(vocab_size=5, block_size=6, n_embd=3, n_embd2=4)
     model = rnn(cfg)
@@ -90,3 +94,23 @@ def test_gradient_through_time_is_dl_dh_and_shows_vanishing_and_carrying():
     shut = gp._replace(cell=(gp.cell[0]._replace(b=jnp.full((4,), -40.0)), *gp.cell[1:]))  # z = σ(≈ -40) ≈ 0
     carried = gradient_through_time(gru, shut, (), x, y_last)
     np.testing.assert_allclose(carried, carried[-1], rtol=1e-6)
+
+
+# The recurrent cells (jnnex/models/rnn.py, above the model)
+PAIRS = {
+    "rnn_cell": (rnn_module.rnn_cell_forward, rnn_module.rnn_cell_backward, strategies.rnn_cell_args(),
+                 ["x", "h", "W", "b"], (f64(4, 3), f64(4, 2), f64(5, 2), f64(2))),
+    "gru_cell": (rnn_module.gru_cell_forward, rnn_module.gru_cell_backward, strategies.gru_cell_args(),
+                 ["x", "h", "Wz", "bz", "Wr", "br", "Wh", "bh"],
+                 (f64(4, 3), f64(4, 2), f64(5, 2), f64(2), f64(5, 2), f64(2), f64(5, 2), f64(2))),
+}
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_pair_backward_equals_vjp_float64(name):
+    pairs.equals_vjp(PAIRS[name])
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_pair_rejects_a_wrongly_shaped_gradient(name):
+    pairs.rejects_a_wrongly_shaped_gradient(PAIRS[name])

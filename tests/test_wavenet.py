@@ -8,10 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import pairs
+import jnnex.models.wavenet as wn
 from jnnex import strategies
 from jnnex.check import assert_model_gradients, randomise
 from jnnex.data import Vocab, build_sequences, build_windows, load_words
 from jnnex.lm import count_params
+from pairs import f64
 from jnnex.models.wavenet import WaveNetConfig, WaveNetConvConfig, wavenet, wavenet_conv
 
 WORDS = load_words("census-first")[:40]
@@ -286,3 +289,52 @@ def test_running_statistics_count_every_position(conv):
     assert h.shape[0] == 4 * (12 if conv else 4)
     np.testing.assert_allclose(new_state[0].mean, 0.1 * h.mean(0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(new_state[0].var, 0.9 + 0.1 * h.var(0, ddof=1), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The WaveNet's own pairs (jnnex/models/wavenet.py, above its forward)
+
+PAIRS = {
+    "gated_tanh": (wn.gated_tanh_forward, wn.gated_tanh_backward, strategies.gated_tanh_args(), ["x"], (f64(4, 6),)),
+    "flatten_consecutive": (wn.flatten_consecutive_forward, wn.flatten_consecutive_backward,
+                            strategies.flatten_consecutive_args(), ["x", "n"], (f64(2, 4, 3), 2)),
+    "causal_conv": (wn.causal_conv_forward, wn.causal_conv_backward, strategies.causal_conv_args(),
+                    ["x", "W", "dilation"], (f64(2, 5, 3), f64(6, 4), 2)),
+}
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_pair_backward_equals_vjp_float64(name):
+    pairs.equals_vjp(PAIRS[name])
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_pair_rejects_a_wrongly_shaped_gradient(name):
+    pairs.rejects_a_wrongly_shaped_gradient(PAIRS[name])
+
+
+def test_causal_conv_is_the_tree_at_every_position():
+    """Stacked kernel-2 convolutions with dilations 1, 2, 4 give at output t the tree's pairing of inputs t .. t+7
+    (flatten pairs, the same weight), for every t: the tree is the convolution sampled every 2^l-th position."""
+    x, Ws = f64(3, 12, 2), [f64(4, 5), f64(10, 5) * 0.5, f64(10, 5) * 0.3]
+    h = x
+    for level, W in enumerate(Ws):
+        h = jnp.tanh(wn.causal_conv_forward(h, W, 2**level)[0])  # (3, 12 - (2^(l+1) - 1), 5)
+    assert h.shape == (3, 5, 5)
+    for t in range(5):
+        tree = x[:, t : t + 8]
+        for W in Ws:
+            tree = jnp.tanh(wn.flatten_consecutive_forward(tree, 2)[0] @ W)
+        np.testing.assert_allclose(h[:, t], tree[:, 0], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("shape, n", [((2, 3, 4), 2), ((2, 8), 2)])
+def test_flatten_consecutive_needs_a_divisible_length(shape, n):
+    with pytest.raises(ValueError, match="divisible"):
+        wn.flatten_consecutive_forward(jnp.zeros(shape), n)
+
+
+@pytest.mark.parametrize("dilation", [0, 5, 2.0])
+def test_causal_conv_dilation_must_fit(dilation):
+    with pytest.raises(ValueError, match="dilation"):
+        wn.causal_conv_forward(f64(2, 5, 3), f64(6, 4), dilation)

@@ -26,6 +26,7 @@ from jnnex.bench.harness import interleaved, table
 from jnnex import layers
 from jnnex.check import merge_args
 from jnnex.micrograd import tensor_mlp
+from jnnex.models import wavenet as wn
 from jnnex.models.registry import REGISTRY, has_manual_backward
 
 V, T, N_EMBD = 27, 3, 10  # the lecture's sizes: vocabulary, context, embedding per character
@@ -190,14 +191,14 @@ def _wavenet_cases(T: int = 8, C: int = 24, H: int = 128) -> list[Case]:
         return normal(seed, (b, L, C), dt), normal(seed + 1, (2 * C, H), dt, (2 * C) ** -0.5)
 
     return [
-        layer_case(f"flatten-consecutive (B,{T},{C})", lambda x: layers.flatten_consecutive_forward(x, 2),
-                    layers.flatten_consecutive_backward, fc_args, (0,)),
+        layer_case(f"flatten-consecutive (B,{T},{C})", lambda x: wn.flatten_consecutive_forward(x, 2),
+                    wn.flatten_consecutive_backward, fc_args, (0,)),
         layer_case(f"linear (B,{T // 2},{2 * C})->{H}", layers.linear_forward, layers.linear_backward, linear3_args,
                     (0, 1)),
         layer_case(f"batchnorm (B,{T // 2},{H})", layers.batchnorm_forward, layers.batchnorm_backward, bn3_args,
                     (0, 1, 2)),
-        layer_case(f"causal-conv d=1 (B,{L},{C})->{H}", lambda x, W: layers.causal_conv_forward(x, W, 1),
-                    layers.causal_conv_backward, conv_args, (0, 1)),
+        layer_case(f"causal-conv d=1 (B,{L},{C})->{H}", lambda x, W: wn.causal_conv_forward(x, W, 1),
+                    wn.causal_conv_backward, conv_args, (0, 1)),
     ]
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jnnex import layers
+from jnnex.models import gpt as G
 from jnnex.bench.backward import ACC_COLS, SPEED_COLS, ints, layer_case, measure, model_case, normal
 from jnnex.bench.harness import interleaved, table
 from jnnex.bench.training import matmul_peak, peak_contender
@@ -24,6 +25,18 @@ from jnnex.models.registry import REGISTRY, build_for_words
 from jnnex.train import init_train_state, make_optimizer, make_run, make_step
 
 T, C, NH, V = 16, 64, 4, 27  # makemore's transformer on names.txt
+
+
+def _attention_forward(qkv, n_head):
+    """The heads from the fused projection, then attention: the GPT's two pairs composed (one benchmark case)."""
+    (q, k, v), c_heads = G.split_heads_forward(qkv, n_head)
+    y, c_att = G.attend_forward(q, k, v)
+    return y, (c_heads, c_att)
+
+
+def _attention_backward(dy, cache):
+    c_heads, c_att = cache
+    return G.split_heads_backward(G.attend_backward(dy, c_att), c_heads)
 
 
 def cases():
@@ -55,16 +68,16 @@ def cases():
         return normal(s, (b, T, V), dt, 2.0), jnp.asarray(y)
 
     return [
-        layer_case(f"token+position embedding (B,{T})->{C}", layers.token_position_embedding_forward,
-                   layers.token_position_embedding_backward, emb, (0, 1)),
-        layer_case(f"layernorm (B,{T},{C})", layers.layernorm_forward, layers.layernorm_backward, ln, (0, 1, 2)),
+        layer_case(f"token+position embedding (B,{T})->{C}", G.token_position_embedding_forward,
+                   G.token_position_embedding_backward, emb, (0, 1)),
+        layer_case(f"layernorm (B,{T},{C})", G.layernorm_forward, G.layernorm_backward, ln, (0, 1, 2)),
         layer_case(f"linear qkv (B,{T},{C})->{3 * C}", layers.linear_forward, layers.linear_backward, qkv, (0, 1, 2)),
-        layer_case(f"attention (B,{T},{3 * C}), {NH} heads", lambda q: layers.attention_forward(q, NH),
-                   layers.attention_backward, att, (0,)),
+        layer_case(f"attention (B,{T},{3 * C}), {NH} heads", lambda q: _attention_forward(q, NH),
+                   _attention_backward, att, (0,)),
         layer_case(f"self-attention layer (B,{T},{C})",
-                   lambda *a: layers.self_attention_forward(*a, NH), layers.self_attention_backward, self_att,
+                   lambda *a: G.self_attention_forward(*a, NH), G.self_attention_backward, self_att,
                    (0, 1, 2, 3, 4)),
-        layer_case(f"gelu (B,{T},{4 * C})", layers.gelu_forward, layers.gelu_backward, gelu, (0,)),
+        layer_case(f"gelu (B,{T},{4 * C})", G.gelu_forward, G.gelu_backward, gelu, (0,)),
         layer_case(f"linear fcproj (B,{T},{4 * C})->{C}", layers.linear_forward, layers.linear_backward, fcproj,
                    (0, 1, 2)),
         layer_case(f"cross-entropy (B,{T},{V}), half ignored", layers.cross_entropy_forward,

@@ -2,8 +2,8 @@
 principles").
 
 ``init(key, sizes, activation)`` / ``apply(params, x)`` are the forward; :func:`backward` walks the same layers in
-reverse, calling each layer's hand-written backward from :mod:`jnnex.layers`, and returns gradients with the structure
-of ``params``. The moons recipe is micrograd's demo: ``MLP(2, [16, 16, 1])`` with relu, max-margin (hinge) loss plus
+reverse, calling each layer's hand-written backward (relu and the moons losses here, linear, tanh and the
+cross-entropy from :mod:`jnnex.layers`), and returns gradients with the structure of ``params``. The moons recipe is micrograd's demo: ``MLP(2, [16, 16, 1])`` with relu, max-margin (hinge) loss plus
 ``alpha · Σ p²`` (α = 1e-4), 100 SGD steps with ``lr = 1.0 - 0.9·k/100``.
 """
 
@@ -17,15 +17,62 @@ import optax
 
 from jnnex import layers
 from jnnex.data import make_moons
-from jnnex.layers import Linear
+from jnnex.layers import Linear, check_shape
+
+# ----------------------------------------------------------------------------------------------------------------------
+# This stage's own pairs: relu, and the losses of the moons demo
+
+
+def relu_forward(x):
+    y = jnp.maximum(x, 0)
+    return y, y
+
+
+def relu_backward(dy, y):
+    """``dx = dy · [y > 0]`` (the subgradient 0 at 0, as PyTorch and micrograd)."""
+    check_shape("relu_backward: dy", dy, y.shape)
+    return jnp.where(y > 0, dy, jnp.zeros_like(dy))
+
+
+
+
+def hinge_forward(scores, y):
+    """Max-margin loss ``mean(relu(1 - y·s))`` of micrograd's moons demo. ``scores (B,), y (B,) in {-1, +1}``."""
+    if scores.ndim != 1 or y.shape != scores.shape:
+        raise ValueError(f"hinge: expected scores (B,) and y (B,), got {scores.shape} and {y.shape}")
+    margins = 1.0 - y * scores  # (B,)
+    return jnp.maximum(margins, 0).mean(), (margins, y)
+
+
+def hinge_backward(dloss, cache):
+    """``dscores = -dloss · y · [1 - y·s > 0] / B``."""
+    margins, y = cache
+    check_shape("hinge_backward: dloss", jnp.asarray(dloss), ())
+    return jnp.where(margins > 0, -y, jnp.zeros_like(y)) * (dloss / margins.shape[0]), None
+
+
+def mse_forward(pred, target):
+    """``mean((pred - target)²)`` over every element."""
+    if pred.shape != target.shape:
+        raise ValueError(f"mse: pred {pred.shape} and target {target.shape} must have the same shape")
+    diff = pred - target
+    return jnp.mean(diff * diff), diff
+
+
+def mse_backward(dloss, diff):
+    """``dpred = dloss · 2 (pred - target) / N``, ``dtarget = -dpred``."""
+    check_shape("mse_backward: dloss", jnp.asarray(dloss), ())
+    dpred = diff * (2.0 * dloss / diff.size)
+    return dpred, -dpred
+
 
 ACTIVATIONS = {
-    "relu": (layers.relu_forward, layers.relu_backward),
+    "relu": (relu_forward, relu_backward),
     "tanh": (layers.tanh_forward, layers.tanh_backward),
 }
 LOSSES = {
-    "hinge": (layers.hinge_forward, layers.hinge_backward),
-    "mse": (layers.mse_forward, layers.mse_backward),
+    "hinge": (hinge_forward, hinge_backward),
+    "mse": (mse_forward, mse_backward),
     "cross_entropy": (layers.cross_entropy_forward, layers.cross_entropy_backward),
 }
 

@@ -53,6 +53,8 @@ class BNMLPConfig:
     gain: float = setting(GAINS["tanh"], "Kaiming gain of the hidden layers (5/3 for tanh)")
     momentum: float = setting(0.1, "BatchNorm running statistics: new = (1 - momentum) old + momentum batch")
     eps: float = setting(1e-5, "BatchNorm's epsilon")
+    batch_axis: str | None = setting(None, "the mesh axis BatchNorm's statistics span under jax.shard_map (set by "
+                                           "jnnex.parallel.explicit_step; None: this device's rows)", flag=False)
 
     def __post_init__(self):
         if self.final_batchnorm is None:  # a frozen dataclass: resolved once, here
@@ -132,9 +134,9 @@ def forward(cfg: BNMLPConfig, params: BNMLPParams, state, x, train: bool, key=No
         h, c_lin = linear_forward(h, dense.W, dense.b)  # (B, H) or (B, V)
         c_bn = c_tanh = None
         if i < len(params.bn) and train:
-            h, c_bn = batchnorm_forward(h, params.bn[i].gamma, params.bn[i].beta, cfg.eps)
+            h, c_bn = batchnorm_forward(h, params.bn[i].gamma, params.bn[i].beta, cfg.eps, axis_name=cfg.batch_axis)
             _, _, _, mean, var = c_bn
-            new_state.append(batchnorm_update_state(state[i], mean, var, B, cfg.momentum))
+            new_state.append(batchnorm_update_state(state[i], mean, var, B, cfg.momentum, axis_name=cfg.batch_axis))
         elif i < len(params.bn):
             h = batchnorm_eval(h, params.bn[i].gamma, params.bn[i].beta, state[i], cfg.eps)
             new_state.append(state[i])
@@ -150,7 +152,6 @@ def backward(cfg: BNMLPConfig, params: BNMLPParams, caches, dlogits):
     of :mod:`jnnex.layers` in exactly the reverse order of :func:`forward` — linear, BatchNorm (the one-line form),
     tanh (``1 - t²``), and the embedding scatter-add. Returns ``(grads, act_grads)``, ``act_grads`` the gradient at
     each hidden tanh output. ``jax.grad`` appears nowhere; the tests prove it equal to ``jax.grad`` in float64."""
-    del cfg
     c_emb, layer_caches = caches
     dense_grads, bn_grads, act_grads = [], [], []
     dh = dlogits
@@ -159,7 +160,7 @@ def backward(cfg: BNMLPConfig, params: BNMLPParams, caches, dlogits):
             act_grads.append(dh)  # (B, H): the gradient at this layer's activation
             dh = tanh_backward(dh, c_tanh)
         if c_bn is not None:
-            dh, dgamma, dbeta = batchnorm_backward(dh, c_bn)
+            dh, dgamma, dbeta = batchnorm_backward(dh, c_bn, axis_name=cfg.batch_axis)
             bn_grads.append(BatchNormParams(dgamma, dbeta))
         dh, dW, db = linear_backward(dh, c_lin)
         dense_grads.append(Linear(dW, db))

@@ -22,11 +22,31 @@ import jax.numpy as jnp
 
 from jnnex.init import OUTPUT_SCALE, torch_linear
 from jnnex.layers import (
-    Linear, causal_average_backward, causal_average_forward, embedding_backward, embedding_forward, linear_backward,
-    linear_forward, tanh_backward, tanh_forward,
+    Linear, check_shape, embedding_backward, embedding_forward, linear_backward, linear_forward, tanh_backward,
+    tanh_forward,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.settings import positive_int, setting
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Causal bag of words (makemore.py's CausalBoW): each position the mean of the positions up to it
+
+
+def causal_average_forward(x):
+    """``y[:, t] = (x[:, 0] + … + x[:, t]) / (t + 1)`` for ``x (B, T, C)``: uniform attention over the past, as a
+    running sum (makemore.py builds the same weights as a softmax over a masked zero matrix)."""
+    if x.ndim != 3:
+        raise ValueError(f"causal_average: x must be (B, T, C), got {x.shape}")
+    counts = jnp.arange(1, x.shape[1] + 1, dtype=x.dtype).reshape(1, -1, 1)  # (1, T, 1)
+    return jnp.cumsum(x, axis=1) / counts, x.shape
+
+
+def causal_average_backward(dy, x_shape):
+    """``dx[:, s] = Σ_{t ≥ s} dy[:, t] / (t + 1)``: the same running sum, taken from the end."""
+    check_shape("causal_average_backward: dy", dy, x_shape)
+    counts = jnp.arange(1, dy.shape[1] + 1, dtype=dy.dtype).reshape(1, -1, 1)
+    return jnp.cumsum((dy / counts)[:, ::-1], axis=1)[:, ::-1]
 
 
 @dataclasses.dataclass(frozen=True)

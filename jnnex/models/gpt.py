@@ -17,7 +17,9 @@ stream (GPT-2's residual dropout), in training only; the model is then stochasti
 
 :func:`backward` undoes the forward in reverse: the LM head, the final LayerNorm, then per block (last first) the MLP
 branch and the attention branch, the residual stream's gradient accumulating what each branch sends back, and last
-the embedding scatter-add. Each step is one of :mod:`jnnex.layers`' pairs, each proven against ``jax.vjp``.
+the embedding scatter-add. Each step is a forward/backward pair, each proven against ``jax.vjp``: the transformer's
+own ones (token + position embedding, LayerNorm, GELU, the residual add, attention) first in this file, as in llm.c's
+``train_gpt2.c``; linear, dropout and the cross-entropy from :mod:`jnnex.layers`, which other models share.
 """
 
 from __future__ import annotations
@@ -29,15 +31,174 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
 from jnnex.layers import (
-    Linear, check_dropout_key, dropout_backward, dropout_in_training, gelu_backward, gelu_forward, layernorm_backward,
-    layernorm_forward, linear_backward, linear_forward, residual_backward, residual_forward, self_attention_backward,
-    self_attention_forward, token_position_embedding_backward, token_position_embedding_forward,
+    Linear, check_dropout_key, check_shape, dropout_backward, dropout_in_training, linear_backward, linear_forward,
+    per_channel,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.settings import positive_int, setting
 
 INIT_STD = 0.02  # GPT-2's
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Transformer layers (GPT-2, as llm.c writes them by hand): token + position embedding, LayerNorm, GELU, causal
+# multi-head self-attention, the residual add. Linear over (B, T, C) is ``linear`` above; the fused softmax
+# cross-entropy over (B, T, V) with ignored targets is ``cross_entropy`` below.
+
+
+def token_position_embedding_forward(wte, wpe, ix):
+    """``wte (V, C) [ix (B, T)] + wpe (T_max, C) [:T] -> (B, T, C)``: what each token is, plus where it is."""
+    if not jnp.issubdtype(ix.dtype, jnp.integer):
+        raise TypeError(f"token_position_embedding: ix must be an integer array, got {ix.dtype}")
+    if ix.ndim != 2 or ix.shape[1] > wpe.shape[0]:
+        raise ValueError(f"token_position_embedding: ix must be (B, T) with T <= {wpe.shape[0]} (the position table's "
+                         f"length), got {ix.shape}")
+    T = ix.shape[1]
+    return wte[ix] + wpe[None, :T], (ix, wte.shape, wpe.shape)
+
+
+def token_position_embedding_backward(dout, cache):
+    """``dwte``: a scatter-add over the tokens (a repeated token accumulates); ``dwpe[t] = Σ_b dout[b, t]`` for the
+    ``T`` positions used, 0 beyond."""
+    ix, wte_shape, wpe_shape = cache
+    check_shape("token_position_embedding_backward: dout", dout, ix.shape + (wte_shape[1],))
+    C = wte_shape[1]
+    dwte = jnp.zeros(wte_shape, dout.dtype).at[ix.reshape(-1)].add(dout.reshape(-1, C))
+    dwpe = jnp.zeros(wpe_shape, dout.dtype).at[:ix.shape[1]].set(dout.sum(0))
+    return dwte, dwpe, None
+
+
+def layernorm_forward(x, w, b, eps: float = 1e-5):
+    """Normalise each row over its last axis (biased variance), then scale and shift: ``x (..., C)``, ``w, b (C,)``.
+    Caches ``mean`` and ``rstd = 1/sqrt(var + eps)`` (``(..., 1)`` each), as llm.c does, not the normalised input."""
+    if w.shape != x.shape[-1:] or b.shape != x.shape[-1:]:
+        raise ValueError(f"layernorm: w and b must have shape ({x.shape[-1]},) for x {x.shape}, got {w.shape} and "
+                         f"{b.shape}")
+    mean = x.mean(-1, keepdims=True)
+    xc = x - mean
+    rstd = jax.lax.rsqrt((xc * xc).mean(-1, keepdims=True) + eps)
+    return xc * rstd * per_channel(w, x.ndim) + per_channel(b, x.ndim), (x, w, mean, rstd)
+
+
+def layernorm_backward(dy, cache):
+    """llm.c's form: ``n`` recomputed from ``mean`` and ``rstd``, ``g = w ⊙ dy``, then two reductions per row:
+    ``dx = rstd · (g − mean(g) − n ⊙ mean(g ⊙ n))``; ``dw = Σ dy ⊙ n``, ``db = Σ dy`` over the leading axes."""
+    x, w, mean, rstd = cache
+    check_shape("layernorm_backward: dy", dy, x.shape)
+    n = (x - mean) * rstd
+    g = dy * per_channel(w, x.ndim)
+    dx = rstd * (g - g.mean(-1, keepdims=True) - n * (g * n).mean(-1, keepdims=True))
+    C = x.shape[-1]
+    return dx, (dy * n).reshape(-1, C).sum(0), dy.reshape(-1, C).sum(0)
+
+
+GELU_C = float(np.sqrt(2.0 / np.pi))
+
+
+def gelu_forward(x):
+    """GELU in GPT-2's tanh form: ``0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))``. Caches ``x`` (llm.c's ``fch``)."""
+    return 0.5 * x * (1.0 + jnp.tanh(GELU_C * (x + 0.044715 * x**3))), x
+
+
+def gelu_backward(dy, x):
+    """``dx = dy · [0.5 (1 + tanh u) + 0.5 x sech²u · √(2/π) (1 + 3 · 0.044715 x²)]``, ``u`` recomputed from ``x``."""
+    check_shape("gelu_backward: dy", dy, x.shape)
+    t = jnp.tanh(GELU_C * (x + 0.044715 * x**3))
+    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x))
+
+
+def residual_forward(a, b):
+    """``a + b``: the residual stream plus a block's branch."""
+    if a.shape != b.shape:
+        raise ValueError(f"residual: both inputs must have the same shape, got {a.shape} and {b.shape}")
+    return a + b, a.shape
+
+
+def residual_backward(dout, shape):
+    """The gradient flows unchanged into both inputs."""
+    check_shape("residual_backward: dout", dout, shape)
+    return dout, dout
+
+
+def _heads(x, n_head: int):
+    """``(B, T, C) -> (B, nh, T, hs)``."""
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def _merge_heads(x):
+    """``(B, nh, T, hs) -> (B, T, C)``."""
+    B, nh, T, hs = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)
+
+
+def split_heads_forward(qkv, n_head: int):
+    """The heads from the fused projection: ``qkv (B, T, 3C) -> (q, k, v)``, each ``(B, nh, T, hs)``. What goes
+    between this and :func:`attend_forward` — a rotary position encoding, fewer key/value heads — acts on heads."""
+    if qkv.ndim != 3 or qkv.shape[-1] % 3 or (qkv.shape[-1] // 3) % n_head:
+        raise ValueError(f"attention: qkv must be (B, T, 3C) with C divisible by n_head = {n_head}, got {qkv.shape}")
+    C = qkv.shape[-1] // 3
+    return tuple(_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3)), (qkv.shape, n_head)
+
+
+def split_heads_backward(dheads, cache):
+    """The heads put back side by side: ``(dq, dk, dv) -> dqkv (B, T, 3C)`` (a reshape: nothing to compute)."""
+    (B, T, C3), n_head = cache
+    for name, d in zip(("dq", "dk", "dv"), dheads):
+        check_shape(f"split_heads_backward: {name}", d, (B, n_head, T, C3 // 3 // n_head))
+    return jnp.concatenate([_merge_heads(d) for d in dheads], axis=-1), None
+
+
+def attend_forward(q, k, v):
+    """Causal attention per head (llm.c's ``attention_forward`` after the split): ``att = softmax(q kᵀ / √hs)`` over
+    the positions ``t' <= t`` (later ones get exactly 0), then ``y = att v``, the heads merged: ``q, k, v (B, nh, T,
+    hs) -> y (B, T, nh·hs)``. Caches ``q, k, v`` and ``att (B, nh, T, T)``: the softmax's backward needs its output
+    only. Rows are shifted by their maximum, so logits of ±1e4 stay finite."""
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"attend: q, k, v must all be (B, nh, T, hs), got {q.shape}, {k.shape}, {v.shape}")
+    T, hs = q.shape[2], q.shape[3]
+    causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # (1, 1, T, T): position t sees t' <= t
+    preatt = jnp.where(causal, (q @ k.transpose(0, 1, 3, 2)) * hs**-0.5, -jnp.inf)
+    e = jnp.exp(preatt - preatt.max(-1, keepdims=True))  # the diagonal is never masked: a finite maximum per row
+    att = e / e.sum(-1, keepdims=True)  # (B, nh, T, T), exactly 0 above the diagonal
+    return _merge_heads(att @ v), (q, k, v, att)
+
+
+def attend_backward(dy, cache):
+    """In reverse: the value mix (``datt = dy vᵀ``, ``dv = attᵀ dy``); the softmax in vector form,
+    ``dpreatt = att ⊙ (datt − ⟨att, datt⟩)`` per row (0 wherever ``att`` is, so the masked positions get nothing);
+    the scaled ``q kᵀ`` (``dq = dpreatt k / √hs``, ``dk = dpreattᵀ q / √hs``). Returns ``(dq, dk, dv)``."""
+    q, k, v, att = cache
+    B, nh, T, hs = q.shape
+    check_shape("attend_backward: dy", dy, (B, T, nh * hs))
+    dyh = _heads(dy, nh)  # (B, nh, T, hs)
+    datt = dyh @ v.transpose(0, 1, 3, 2)  # (B, nh, T, T)
+    dv = att.transpose(0, 1, 3, 2) @ dyh
+    dpreatt = att * (datt - (att * datt).sum(-1, keepdims=True)) * hs**-0.5
+    return dpreatt @ k, dpreatt.transpose(0, 1, 3, 2) @ q, dv
+
+
+def self_attention_forward(x, W_qkv, b_qkv, W_proj, b_proj, n_head: int):
+    """The whole attention layer: the fused projection ``x (B, T, C) @ W_qkv (C, 3C)``, the heads, causal attention,
+    the output projection ``(C, C)``."""
+    qkv, c_qkv = linear_forward(x, W_qkv, b_qkv)  # (B, T, 3C)
+    (q, k, v), c_heads = split_heads_forward(qkv, n_head)  # (B, nh, T, hs) each
+    y, c_att = attend_forward(q, k, v)  # (B, T, C)
+    out, c_proj = linear_forward(y, W_proj, b_proj)  # (B, T, C)
+    return out, (c_qkv, c_heads, c_att, c_proj)
+
+
+def self_attention_backward(dout, cache):
+    """The four backwards in reverse order: ``(dx, dW_qkv, db_qkv, dW_proj, db_proj, None)``."""
+    c_qkv, c_heads, c_att, c_proj = cache
+    dy, dW_proj, db_proj = linear_backward(dout, c_proj)
+    dheads = attend_backward(dy, c_att)
+    dqkv, _ = split_heads_backward(dheads, c_heads)
+    dx, dW_qkv, db_qkv = linear_backward(dqkv, c_qkv)
+    return dx, dW_qkv, db_qkv, dW_proj, db_proj, None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ Every position of a padded word is read in order; the hidden state carries what 
     logits_t = h_t @ W_head + b_head                 (B, V)
 
 The ``rnn`` cell is ``tanh([x, h] @ W + b)``; the ``gru`` cell mixes ``h`` with a candidate through an update gate
-and a reset gate (:func:`jnnex.layers.gru_cell_forward`). At makemore.py's defaults (n_embd 64, n_embd2 64) on
+and a reset gate (:func:`gru_cell_forward`, above). At makemore.py's defaults (n_embd 64, n_embd2 64) on
 names.txt: 11,803 parameters (RNN) and 28,315 (GRU). Initialisation is PyTorch's, as makemore.py inherits it:
 embeddings ``N(0, 1)``, each linear's weight and bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, the start state 0.
 
@@ -28,13 +28,76 @@ import jax.numpy as jnp
 
 from jnnex.init import torch_linear
 from jnnex.layers import (
-    Linear, embedding_backward, embedding_forward, gru_cell_backward, gru_cell_forward, linear_backward, linear_forward,
-    rnn_cell_backward, rnn_cell_forward,
+    Linear, check_shape, embedding_backward, embedding_forward, linear_backward, linear_forward, per_channel,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.settings import check_choice, positive_int, setting
 
 CELLS = ("rnn", "gru")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Recurrent cell (Elman 1990; makemore.py's RNNCell): one time step
+
+
+def rnn_cell_forward(x, h, W, b):
+    """``h_new = tanh([x, h] @ W + b)``: ``x (B, E)`` this step's input, ``h (B, H)`` the previous state,
+    ``W (E + H, H)``, ``b (H,)`` → ``h_new (B, H)``."""
+    if x.shape[:-1] != h.shape[:-1] or W.shape != (x.shape[-1] + h.shape[-1], h.shape[-1]) or b.shape != h.shape[-1:]:
+        raise ValueError(f"rnn_cell: expected x (B, E), h (B, H), W (E + H, H), b (H,), got {x.shape}, {h.shape}, "
+                         f"{W.shape}, {b.shape}")
+    xh = jnp.concatenate([x, h], axis=-1)  # (B, E + H)
+    h_new = jnp.tanh(xh @ W + per_channel(b, h.ndim))  # (B, H)
+    return h_new, (xh, W, h_new)
+
+
+def rnn_cell_backward(dh_new, cache):
+    """``da = (1 - h_new²) · dh_new``; ``dW = [x, h]ᵀ da``, ``db = Σ da``, and ``[dx, dh] = da Wᵀ`` split at E: the
+    gradient that flows back in time is ``dh``."""
+    xh, W, h_new = cache
+    check_shape("rnn_cell_backward: dh_new", dh_new, h_new.shape)
+    da = (1.0 - h_new) * (1.0 + h_new) * dh_new  # (B, H)
+    dxh = da @ W.T  # (B, E + H)
+    E = xh.shape[-1] - h_new.shape[-1]
+    return dxh[..., :E], dxh[..., E:], xh.T @ da, da.sum(0)
+
+
+def gru_cell_forward(x, h, Wz, bz, Wr, br, Wh, bh):
+    """A gated recurrent step (Cho et al. 2014, as makemore.py): with ``xh = [x, h]``,
+    ``z = σ(xh Wz + bz)`` (update), ``r = σ(xh Wr + br)`` (reset), ``h̄ = tanh([x, r ⊙ h] Wh + bh)`` (candidate),
+    ``h_new = (1 − z) ⊙ h + z ⊙ h̄``. ``x (B, E)``, ``h (B, H)``, each ``W (E + H, H)``, ``b (H,)``."""
+    if x.shape[:-1] != h.shape[:-1] or any(W.shape != (x.shape[-1] + h.shape[-1], h.shape[-1]) for W in (Wz, Wr, Wh)):
+        raise ValueError(f"gru_cell: expected x (B, E), h (B, H) and weights (E + H, H), got {x.shape}, {h.shape}, "
+                         f"{Wz.shape}, {Wr.shape}, {Wh.shape}")
+    xh = jnp.concatenate([x, h], axis=-1)  # (B, E + H)
+    z = jax.nn.sigmoid(xh @ Wz + per_channel(bz, h.ndim))  # (B, H)
+    r = jax.nn.sigmoid(xh @ Wr + per_channel(br, h.ndim))  # (B, H)
+    xhr = jnp.concatenate([x, r * h], axis=-1)  # (B, E + H)
+    hbar = jnp.tanh(xhr @ Wh + per_channel(bh, h.ndim))  # (B, H)
+    h_new = (1.0 - z) * h + z * hbar
+    return h_new, (xh, xhr, h, z, r, hbar, Wz, Wr, Wh)
+
+
+def gru_cell_backward(dh_new, cache):
+    """Each gate's chain rule in reverse order of the forward: the mix (``dz = dh_new ⊙ (h̄ − h)``, ``dh̄ = dh_new ⊙ z``,
+    ``dh += dh_new ⊙ (1 − z)``), the candidate's tanh and linear (its input ``r ⊙ h`` splits into ``dr`` and ``dh``),
+    then the reset and update gates' sigmoids and linears. Returns ``(dx, dh, dWz, dbz, dWr, dbr, dWh, dbh)``."""
+    xh, xhr, h, z, r, hbar, Wz, Wr, Wh = cache
+    check_shape("gru_cell_backward: dh_new", dh_new, h.shape)
+    E = xh.shape[-1] - h.shape[-1]
+    dz = dh_new * (hbar - h)  # (B, H)
+    dhbar = dh_new * z
+    dh = dh_new * (1.0 - z)
+    da_h = dhbar * (1.0 - hbar) * (1.0 + hbar)  # through tanh
+    dxhr = da_h @ Wh.T  # (B, E + H)
+    drh = dxhr[..., E:]  # the gradient at r ⊙ h
+    dr, dh = drh * h, dh + drh * r
+    da_r = dr * r * (1.0 - r)  # through the reset gate's sigmoid
+    da_z = dz * z * (1.0 - z)  # through the update gate's sigmoid
+    dxh = da_r @ Wr.T + da_z @ Wz.T  # (B, E + H)
+    dx = dxhr[..., :E] + dxh[..., :E]
+    dh = dh + dxh[..., E:]
+    return dx, dh, xh.T @ da_z, da_z.sum(0), xh.T @ da_r, da_r.sum(0), xhr.T @ da_h, da_h.sum(0)
 
 
 @dataclasses.dataclass(frozen=True)

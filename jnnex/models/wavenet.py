@@ -21,7 +21,7 @@ n = 32·4 = 128 rows at level 0 (64 at level 1, 32 at level 2) the two normalisa
 
 The **convolutional form** (``wavenet-conv``) is the lecture's "next time": the tree at every position of a padded
 word at once. Level ``l`` is a kernel-2 causal convolution with dilation ``2^l``
-(:func:`jnnex.layers.causal_conv_forward`) whose weight is the tree's level weight read as two taps, so the parameters are the tree's, unchanged. The word is
+(:func:`causal_conv_forward`, above) whose weight is the tree's level weight read as two taps, so the parameters are the tree's, unchanged. The word is
 left-padded with ``T - 1`` start tokens (token 0), so position ``t`` sees exactly the window the tree sees for the
 ``t``-th prediction, first positions included; each level's nodes are computed once and shared by every window that
 contains them (the tree recomputes them for each window). In eval mode the two forms agree to rounding. In train
@@ -48,12 +48,88 @@ import jax.numpy as jnp
 from jnnex.init import OUTPUT_SCALE, kaiming_scale, normals
 from jnnex.layers import (
     BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_eval, batchnorm_forward,
-    batchnorm_update_state, causal_conv_backward, causal_conv_forward, check_dropout_key, dropout_backward,
-    dropout_in_training, embedding_backward, embedding_forward, flatten_consecutive_backward, flatten_consecutive_forward,
-    gated_tanh_backward, gated_tanh_forward, linear_backward, linear_forward, tanh_backward, tanh_forward,
+    batchnorm_update_state, check_dropout_key, check_shape, dropout_backward, dropout_in_training, embedding_backward,
+    embedding_forward, linear_backward, linear_forward, tanh_backward, tanh_forward,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.settings import positive_int, setting
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pairing neighbours (WaveNet, makemore part 5): the tree's FlattenConsecutive, and the kernel-2 dilated causal
+# convolution that slides the same pairing over every position.
+
+
+def flatten_consecutive_forward(x, n: int = 2):
+    """``x (B, T, C) -> (B, T/n, n·C)``: every ``n`` consecutive positions side by side (makemore's
+    ``FlattenConsecutive``; a row-major reshape). Never squeezes: at ``T = n`` the output is ``(B, 1, n·C)``, so a tree
+    of any depth keeps its three axes (the lecture's squeeze at ``T' = 1`` broke trees deeper than three levels)."""
+    if x.ndim != 3 or x.shape[1] % n:
+        raise ValueError(f"flatten_consecutive: x must be (B, T, C) with T divisible by {n}, got {x.shape}")
+    B, T, C = x.shape
+    return x.reshape(B, T // n, n * C), (x.shape, n)
+
+
+def flatten_consecutive_backward(dy, cache):
+    """The inverse reshape: ``dx = dy.reshape(B, T, C)`` (each input element feeds exactly one output element)."""
+    (B, T, C), n = cache
+    check_shape("flatten_consecutive_backward: dy", dy, (B, T // n, n * C))
+    return dy.reshape(B, T, C), None
+
+
+def causal_conv_forward(x, W, dilation: int):
+    """A kernel-2 dilated causal convolution, unpadded ("valid"): ``x (B, L, Cin)``, ``W (2·Cin, Cout)`` →
+    ``y (B, L - d, Cout)`` with ``y[:, t] = x[:, t] @ W[:Cin] + x[:, t + d] @ W[Cin:]``.
+
+    Output ``t`` sits at input position ``t + d`` and reads it and the input ``d`` steps earlier, nothing later. ``W``
+    is exactly the tree's level weight (two taps stacked on the input axis: the earlier element first, as
+    :func:`flatten_consecutive_forward` places them), applied at every position instead of every ``n``-th; stacking
+    dilations 1, 2, 4 gives each output the tree over the 8 inputs up to it. Computed as one matmul of the pairs.
+    """
+    if x.ndim != 3 or W.ndim != 2 or W.shape[0] != 2 * x.shape[2]:
+        raise ValueError(f"causal_conv: expected x (B, L, C) and W (2C, Cout), got {x.shape} and {W.shape}")
+    if not (isinstance(dilation, int) and 1 <= dilation < x.shape[1]):
+        raise ValueError(f"causal_conv: dilation must be an int in [1, L) = [1, {x.shape[1]}), got {dilation!r}")
+    d = dilation
+    pairs = jnp.concatenate([x[:, :-d], x[:, d:]], axis=-1)  # (B, L - d, 2·Cin)
+    return pairs @ W, (x, W, d)
+
+
+def causal_conv_backward(dy, cache):
+    """``dW = Σ_t pairs_tᵀ dy_t``; ``dx`` gathers both taps: ``dy @ W[:Cin]ᵀ`` at ``t`` and ``dy @ W[Cin:]ᵀ`` at
+    ``t + d`` (an input used by two outputs accumulates both)."""
+    x, W, d = cache
+    B, L, C = x.shape
+    check_shape("causal_conv_backward: dy", dy, (B, L - d, W.shape[1]))
+    pairs = jnp.concatenate([x[:, :-d], x[:, d:]], axis=-1)  # (B, L - d, 2C), recomputed rather than cached
+    dW = pairs.reshape(-1, 2 * C).T @ dy.reshape(-1, W.shape[1])  # (2C, Cout)
+    dpairs = dy @ W.T  # (B, L - d, 2C)
+    no_pad, pad = (0, 0), (0, d)
+    dx = jnp.pad(dpairs[..., :C], (no_pad, pad, no_pad)) + jnp.pad(dpairs[..., C:], (no_pad, pad[::-1], no_pad))
+    return dx, dW, None
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# WaveNet's gated activation (van den Oord et al. 2016)
+
+
+def gated_tanh_forward(x):
+    """WaveNet's gated activation: ``x (..., 2H) = [a, b] -> tanh(a) · sigmoid(b) (..., H)`` — a tanh "filter"
+    opened or closed per unit by a sigmoid "gate" (van den Oord et al. 2016)."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"gated_tanh: x must have an even number of channels (filter, gate), got {x.shape}")
+    H = x.shape[-1] // 2
+    t, g = jnp.tanh(x[..., :H]), jax.nn.sigmoid(x[..., H:])
+    return t * g, (t, g)
+
+
+def gated_tanh_backward(dy, cache):
+    """``da = dy · g · (1 - t²)``, ``db = dy · t · g (1 - g)``, side by side as ``dx (..., 2H)``."""
+    t, g = cache
+    check_shape("gated_tanh_backward: dy", dy, t.shape)
+    return jnp.concatenate([dy * g * (1.0 - t) * (1.0 + t), dy * t * g * (1.0 - g)], axis=-1)
 
 
 def depth(window: int, what: str = "block_size") -> int:
@@ -75,6 +151,8 @@ class WaveNetConfig:
     dropout: float = setting(0.0, "dropout rate after each level's activation in training (0: none)")
     momentum: float = setting(0.1, "BatchNorm running statistics: new = (1 - momentum) old + momentum batch")
     eps: float = setting(1e-5, "BatchNorm's epsilon")
+    batch_axis: str | None = setting(None, "the mesh axis BatchNorm's statistics span under jax.shard_map (set by "
+                                           "jnnex.parallel.explicit_step; None: this device's rows)", flag=False)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_embd", "n_hidden"):
@@ -125,10 +203,10 @@ def _normalise(cfg, params, state, h, i, train: bool):
     ``(h, new_state_i, c_bn, c_act)``."""
     c_bn = None
     if train:
-        h, c_bn = batchnorm_forward(h, params.bn[i].gamma, params.bn[i].beta, cfg.eps)
+        h, c_bn = batchnorm_forward(h, params.bn[i].gamma, params.bn[i].beta, cfg.eps, axis_name=cfg.batch_axis)
         _, _, _, mean, var = c_bn
         rows = h.size // h.shape[-1]  # B·T' numbers per channel
-        new = batchnorm_update_state(state[i], mean, var, rows, cfg.momentum)
+        new = batchnorm_update_state(state[i], mean, var, rows, cfg.momentum, axis_name=cfg.batch_axis)
     else:
         h, new = batchnorm_eval(h, params.bn[i].gamma, params.bn[i].beta, state[i], cfg.eps), state[i]
     h, c_act = (gated_tanh_forward if cfg.gated else tanh_forward)(h)
@@ -138,7 +216,7 @@ def _normalise(cfg, params, state, h, i, train: bool):
 def _level_backward(cfg, dh, c_bn, c_act):
     """The activation then BatchNorm, backwards: ``(dh, BatchNormParams(dγ, dβ))``."""
     dh = (gated_tanh_backward if cfg.gated else tanh_backward)(dh, c_act)
-    dh, dgamma, dbeta = batchnorm_backward(dh, c_bn)
+    dh, dgamma, dbeta = batchnorm_backward(dh, c_bn, axis_name=cfg.batch_axis)
     return dh, BatchNormParams(dgamma, dbeta)
 
 

@@ -1,3 +1,7 @@
+"""The BatchNorm MLPs of makemore parts 3-4 (:mod:`jnnex.models.bn_mlp`): the hand-written backward against jax.grad
+(float64, drawn nets and batches), in float32, training on it; initial loss and eval mode; exact-statistics
+calibration and folding BatchNorm into the linear layers."""
+
 import functools
 
 import jax
@@ -7,7 +11,8 @@ import pytest
 from hypothesis import assume, given
 
 from jnnex import strategies
-from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp
+from jnnex.layers import BatchNormParams, batchnorm
+from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp, calibrate, fold_batchnorm
 from jnnex.data import load_words, make_splits
 from jnnex.train import TrainConfig, fit
 
@@ -69,3 +74,42 @@ def test_training_on_hand_written_gradients_tracks_autodiff():
     # float32, same key and batches: step-by-step agreement over the first 1,000 steps.
     np.testing.assert_allclose(manual.losses, auto.losses, rtol=2e-3)
     assert manual.losses[-50:].mean() < manual.losses[:50].mean() - 0.5
+
+
+@pytest.mark.parametrize("overrides", [{}, BN_MLP_SMALL, {"batchnorm": False, "final_batchnorm": False}])
+def test_bn_models_initial_loss_and_eval_mode(overrides):
+    V = 27
+    model = bn_mlp(BNMLPConfig(vocab_size=V, **overrides))
+    params, state = model.init(jax.random.key(0))
+    x = jax.random.randint(jax.random.key(1), (256, 3), 0, V, dtype=jnp.int32)
+    y = jax.random.randint(jax.random.key(2), (256,), 0, V, dtype=jnp.int32)
+    loss, new_state = model.loss(params, state, x, y)
+    assert abs(float(loss) - np.log(V)) < 0.05
+    _, same = model.apply(params, new_state, x, train=False)
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(new_state)):  # eval mode changes no statistic
+        np.testing.assert_array_equal(a, b)
+    assert len(jax.tree.leaves(new_state)) == 2 * model.cfg.batchnorm * (model.cfg.n_layers + model.cfg.final_batchnorm)
+
+
+def test_calibrate_and_fold():
+    V, T = 27, 3
+    cfg = BNMLPConfig(vocab_size=V, n_layers=2, n_hidden=16)
+    model = bn_mlp(cfg)
+    params, _ = model.init(jax.random.key(0))
+    # Perturb γ/β away from 1/0 so folding is really tested.
+    params = params._replace(bn=tuple(BatchNormParams(p.gamma * 1.7 + 0.1, p.beta + 0.3) for p in params.bn))
+    X = jax.random.randint(jax.random.key(1), (3000, T), 0, V, dtype=jnp.int32)
+    state = calibrate(cfg, params, X, chunk=1000)
+    # Calibrated statistics are the exact ones: the first BatchNorm's input statistics over all of X.
+    pre0 = params.C[X].reshape(3000, -1) @ params.dense[0].W
+    np.testing.assert_allclose(state[0].mean, pre0.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(state[0].var, pre0.var(0, ddof=1), rtol=1e-4)
+    # The second BatchNorm is calibrated on activations that went through the calibrated first one, as in eval mode.
+    h1 = jnp.tanh(batchnorm(params.bn[0], state[0], pre0, train=False)[0])
+    pre1 = h1 @ params.dense[1].W
+    np.testing.assert_allclose(state[1].mean, pre1.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(state[1].var, pre1.var(0, ddof=1), rtol=1e-4)
+    logits, _ = model.apply(params, state, X[:100], train=False)
+    folded_cfg, folded = fold_batchnorm(cfg, params, state)
+    folded_logits, _ = bn_mlp(folded_cfg).apply(folded, (), X[:100], train=False)
+    np.testing.assert_allclose(folded_logits, logits, rtol=2e-4, atol=2e-5)

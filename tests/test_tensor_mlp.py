@@ -1,3 +1,7 @@
+"""micrograd's MLP as whole tensors (:mod:`jnnex.micrograd.tensor_mlp`): its hand-written backward (and its own relu
+pair) against jax.grad, the moons demo on it and on autodiff, and the same net as scalars (:mod:`jnnex.micrograd.nn`)
+step for step."""
+
 import functools
 
 import jax
@@ -7,7 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import pairs
+from jnnex import strategies
 from jnnex.micrograd import tensor_mlp as mlp
+from pairs import f64
 from jnnex.data import make_moons
 from jnnex.micrograd.nn import MLP, moons_loss, train_moons
 
@@ -134,3 +141,17 @@ def test_bad_sizes_and_names():
         mlp.apply(mlp.init(jax.random.key(0), [3, 1]), jnp.zeros((1, 2), jnp.float32))
     with pytest.raises(TypeError, match="key="):
         MLP(2, [1])
+
+
+# This stage's own pair (relu lives beside the MLP that uses it; the losses are proven through the net above)
+PAIRS = {"relu": (mlp.relu_forward, mlp.relu_backward, strategies.tanh_args(), ["x"], (f64(4, 3),))}
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_pair_backward_equals_vjp_float64(name):
+    pairs.equals_vjp(PAIRS[name])
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_pair_rejects_a_wrongly_shaped_gradient(name):
+    pairs.rejects_a_wrongly_shaped_gradient(PAIRS[name])

@@ -1,0 +1,27 @@
+"""The two checks every forward/backward pair gets, in the test file of the module that holds it: the backward equals
+``jax.vjp`` in float64 over Hypothesis-drawn arguments (random upstream gradients, through the public checker), and a
+wrongly shaped upstream gradient is a clear error. A pair is ``(forward, backward, strategy, argument names, fixed
+arguments)``."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jnnex.check import check_backward
+
+
+def equals_vjp(pair) -> None:
+    forward, backward, strategy, names, _ = pair
+    check_backward(forward, backward, strategy, names=names, rtol=1e-10, atol=1e-12)
+
+
+def rejects_a_wrongly_shaped_gradient(pair) -> None:
+    forward, backward, _, _, fixed = pair
+    out, cache = forward(*fixed)
+    bad = jax.tree.map(lambda o: jnp.ones(jnp.shape(o) + (2,), jnp.result_type(o)), out)
+    with pytest.raises(ValueError, match="must have shape"):
+        backward(bad, cache)
+
+
+def f64(*shape):
+    return jax.random.normal(jax.random.key(len(shape)), shape, jnp.float64)
