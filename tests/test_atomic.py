@@ -1,3 +1,6 @@
+"""makemore part 4's exercise (:mod:`jnnex.atomic`): every intermediate gradient of the BatchNorm net, one elementary
+op per line, against jax.grad in float64; at its edges; and exercise mode."""
+
 import functools
 
 import jax

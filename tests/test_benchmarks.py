@@ -1,3 +1,5 @@
+"""The benchmarks (:mod:`jnnex.bench`) run in quick mode and write their JSON and tables where they say."""
+
 import json
 import sys
 

@@ -1,3 +1,6 @@
+"""The bigram models of makemore part 1 (:mod:`jnnex.models.bigram`): counts and NLL by hand, the row lookup as the
+one-hot product, the neural bigram's closed-form gradient and its convergence to the counting model, sampling."""
+
 import functools
 
 import math

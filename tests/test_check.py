@@ -1,3 +1,6 @@
+"""The checker (:mod:`jnnex.check`): it catches a wrong backward, the custom_vjp adapter runs the hand-written one,
+and the README's recipe passes a correct pair and fails a wrong one."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,3 +1,6 @@
+"""The ``jnnex`` command (:mod:`jnnex.cli`): train / sample / eval end to end, every flag with help, the bigram models,
+moons, lr-find, diagnose, ladder, the compilation cache, Ctrl-C then resume, --backward manual really manual."""
+
 import json
 
 import jax

@@ -1,3 +1,6 @@
+"""Corpora, vocabulary, windows, sequences and splits (:mod:`jnnex.data`): counts, by-hand examples, round trips,
+bad files and bad settings."""
+
 import random
 
 import jax

@@ -1,3 +1,6 @@
+"""Per-layer diagnostics (:mod:`jnnex.diagnostics`): the in-step figures equal the same figures computed outside
+the step; fit collects them for the deep net."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,3 +1,6 @@
+"""micrograd's scalar engine (:mod:`jnnex.micrograd.engine`): random graphs against jax.grad in float64, reuse and
+accumulation, deep and wide graphs without recursion, safe operations, graphs freed without the cyclic collector."""
+
 import gc
 import math
 

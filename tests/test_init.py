@@ -1,3 +1,6 @@
+"""Initialisation (:mod:`jnnex.init`): one draw of all normals equals jax.random.normal draw for draw; Kaiming's
+standard deviation and gains."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,10 +1,7 @@
-import json
+"""The MLP language model of makemore part 2 (:mod:`jnnex.models.mlp_lm`): logits and loss by hand, the initial loss
+near ln V, the lecture's sizes and the init ladder, and the sampler's temperature and top-k."""
+
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -83,35 +80,3 @@ def test_sampler_temperature_and_top_k():
     for bad in [dict(temperature=0.0), dict(top_k=0), dict(top_k=28), dict(n=0)]:
         with pytest.raises(ValueError):
             generate(model, params, state, jax.random.key(0), **{"n": 2, **bad})
-
-
-def test_plots(tmp_path):
-    pytest.importorskip("matplotlib")
-    from jnnex import plot
-
-    rows = [{"step": s, "loss": 3.0 - s / 100, "train_loss": 2.9 - s / 100, "dev_loss": 3.0 - s / 120}
-            for s in (10, 20, 30)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    png = plot.plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    v = Vocab.from_words(["abc"])
-    png = plot.plot_embeddings(np.random.default_rng(0).normal(size=(4, 2)), v, tmp_path / "emb.png")
-    assert png.stat().st_size > 1000
-    with pytest.raises(ValueError, match="embedding table"):
-        plot.plot_embeddings(np.zeros((3, 2)), v, tmp_path / "bad.png")
-
-
-def test_every_registered_language_model_starts_near_ln_V():
-    """Built with its defaults, every language model's initial loss is within 0.05 of ln V."""
-    from jnnex.models.registry import REGISTRY
-
-    V = 27
-    x1 = jax.random.randint(jax.random.key(1), (512, 16), 0, V, dtype=jnp.int32)
-    y1 = jax.random.randint(jax.random.key(2), (512, 16), 0, V, dtype=jnp.int32)
-    for name, spec in REGISTRY.items():
-        model = spec.build(spec.config(vocab_size=V))
-        params, state = model.init(jax.random.key(0))
-        T = model.block_size
-        y = y1[:, :T] if model.per_position else y1[:, 0]  # (512, T) per position, (512,) for a window
-        loss, _ = model.loss(params, state, x1[:, :T], y)
-        assert abs(float(loss) - math.log(V)) < 0.05, name

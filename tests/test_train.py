@@ -1,3 +1,6 @@
+"""The training machinery (:mod:`jnnex.train`): the step's gradients, one compile per chunk length, bit-identical
+resume and chunking, non-finite losses, the schedule, lr-find, Ctrl-C, gradient clipping, dropout masks per step."""
+
 import dataclasses
 import json
 import functools
