@@ -273,6 +273,20 @@ def batchnorm_eval(x, gamma, beta, state: BatchNormState, eps: float = 1e-5):
     return (x - per_channel(state.mean, x.ndim)) * per_channel(scale, x.ndim) + per_channel(beta, x.ndim)
 
 
+def batchnorm_step(params: BatchNormParams, state: BatchNormState, x, *, train: bool, momentum: float = 0.1,
+                   eps: float = 1e-5, axis_name: str | None = None):
+    """One BatchNorm layer in either mode, as every model runs it: ``(y, new_state, cache)``. Train mode normalises
+    with the batch statistics over every row of ``x (..., C)`` (all its leading axes: B·T' rows for (B, T', C)),
+    updates the running ones and keeps the cache for :func:`batchnorm_backward`; eval mode uses the running
+    statistics, returns ``state`` unchanged and no cache."""
+    check_train(train)
+    if not train:
+        return batchnorm_eval(x, params.gamma, params.beta, state, eps), state, None
+    y, cache = batchnorm_forward(x, params.gamma, params.beta, eps, axis_name=axis_name)
+    _, _, _, mean, var = cache
+    return y, batchnorm_update_state(state, mean, var, _bn_rows(x), momentum, axis_name=axis_name), cache
+
+
 def batchnorm(
     params: BatchNormParams,
     state: BatchNormState,
@@ -282,21 +296,16 @@ def batchnorm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> tuple[jax.Array, BatchNormState]:
-    """BatchNorm as a stateful layer: ``(y, new_state) = batchnorm(params, state, x, train=...)``.
-
-    Train mode normalises with the batch statistics and returns updated running statistics; eval mode uses the running
-    statistics and returns ``state`` unchanged.
+    """BatchNorm as a stateful layer: ``(y, new_state) = batchnorm(params, state, x, train=...)`` (equinox's form of
+    :func:`batchnorm_step`, for code that needs no hand-written backward).
 
     >>> p, s = batchnorm_init(2)
     >>> y, s = batchnorm(p, s, jnp.array([[0., 1.], [2., 5.]], jnp.float32), train=True)
     >>> y.round(3).tolist()
     [[-1.0, -1.0], [1.0, 1.0]]
     """
-    check_train(train)
-    if not train:
-        return batchnorm_eval(x, params.gamma, params.beta, state, eps), state
-    y, (_, _, _, mean, var) = batchnorm_forward(x, params.gamma, params.beta, eps)
-    return y, batchnorm_update_state(state, mean, var, _bn_rows(x), momentum)
+    y, new_state, _ = batchnorm_step(params, state, x, train=train, momentum=momentum, eps=eps)
+    return y, new_state
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -30,9 +30,8 @@ import jax.numpy as jnp
 
 from jnnex.init import GAINS, OUTPUT_SCALE, kaiming_scale, normals
 from jnnex.layers import (
-    BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_eval, batchnorm_forward,
-    batchnorm_update_state, check_train, embedding_backward, embedding_forward, linear_backward, linear_forward,
-    tanh_backward, tanh_forward,
+    BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_step, check_train, embedding_backward,
+    embedding_forward, linear_backward, linear_forward, tanh_backward, tanh_forward,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.settings import positive_int, setting
@@ -133,13 +132,10 @@ def forward(cfg: BNMLPConfig, params: BNMLPParams, state, x, train: bool, key=No
     for i, dense in enumerate(params.dense):
         h, c_lin = linear_forward(h, dense.W, dense.b)  # (B, H) or (B, V)
         c_bn = c_tanh = None
-        if i < len(params.bn) and train:
-            h, c_bn = batchnorm_forward(h, params.bn[i].gamma, params.bn[i].beta, cfg.eps, axis_name=cfg.batch_axis)
-            _, _, _, mean, var = c_bn
-            new_state.append(batchnorm_update_state(state[i], mean, var, B, cfg.momentum, axis_name=cfg.batch_axis))
-        elif i < len(params.bn):
-            h = batchnorm_eval(h, params.bn[i].gamma, params.bn[i].beta, state[i], cfg.eps)
-            new_state.append(state[i])
+        if i < len(params.bn):
+            h, new, c_bn = batchnorm_step(params.bn[i], state[i], h, train=train, momentum=cfg.momentum, eps=cfg.eps,
+                                          axis_name=cfg.batch_axis)  # (B, H)
+            new_state.append(new)
         if i < cfg.n_layers:
             h, c_tanh = tanh_forward(h)  # (B, H)
             acts.append(h)

@@ -47,8 +47,7 @@ import jax.numpy as jnp
 
 from jnnex.init import OUTPUT_SCALE, kaiming_scale, normals
 from jnnex.layers import (
-    BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_eval, batchnorm_forward,
-    batchnorm_update_state, check_dropout_key, check_shape, dropout_backward, dropout_in_training, embedding_backward,
+    BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_step, check_dropout_key, check_shape, dropout_backward, dropout_in_training, embedding_backward,
     embedding_forward, linear_backward, linear_forward, tanh_backward, tanh_forward,
 )
 from jnnex.lm import Forward, LanguageModel
@@ -201,14 +200,8 @@ def init(key, cfg: WaveNetConfig):
 def _normalise(cfg, params, state, h, i, train: bool):
     """Level ``i``'s BatchNorm over every axis but the last, then tanh (or the gated tanh):
     ``(h, new_state_i, c_bn, c_act)``."""
-    c_bn = None
-    if train:
-        h, c_bn = batchnorm_forward(h, params.bn[i].gamma, params.bn[i].beta, cfg.eps, axis_name=cfg.batch_axis)
-        _, _, _, mean, var = c_bn
-        rows = h.size // h.shape[-1]  # B·T' numbers per channel
-        new = batchnorm_update_state(state[i], mean, var, rows, cfg.momentum, axis_name=cfg.batch_axis)
-    else:
-        h, new = batchnorm_eval(h, params.bn[i].gamma, params.bn[i].beta, state[i], cfg.eps), state[i]
+    h, new, c_bn = batchnorm_step(params.bn[i], state[i], h, train=train, momentum=cfg.momentum, eps=cfg.eps,
+                                  axis_name=cfg.batch_axis)  # statistics over all B·T' rows of (B, T', H)
     h, c_act = (gated_tanh_forward if cfg.gated else tanh_forward)(h)
     return h, new, c_bn, c_act
 
