@@ -199,6 +199,9 @@ def cmd_train(args) -> int:
         name = "interrupted" if result.signal == signal.SIGINT else f"stopped by {signal.Signals(result.signal).name}"
         if args.out is None:
             print(f"jnnex: {name} at step {result.steps} (no --out: nothing saved)", file=sys.stderr)
+        elif not parallel.is_writer():
+            print(f"jnnex: {name} at step {result.steps} (process {jax.process_index()}; process 0 saves the run)",
+                  file=sys.stderr)
         elif result.saved:
             print(f"jnnex: {name} at step {result.steps}; saved to {args.out} (continue with: jnnex train --resume "
                   f"--out {args.out})", file=sys.stderr)
@@ -260,8 +263,10 @@ def cmd_diagnose(args) -> int:
     print(f"{model.name} {settings or ''} on {args.data}: loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}")
     print(f"\n-- step 0 (initialisation)\n{diagnostics.table(res.metrics, names, 0)}")
     print(f"\n-- step {args.steps - 1}\n{diagnostics.table(res.metrics, names, -1)}")
-    if model.per_position:  # every position predicted: how far back the last prediction's gradient reaches
-        X = jnp.asarray(splits.train[0][:512])
+    X = jnp.asarray(splits.train[0][:512])
+    first = jax.eval_shape(lambda: model.forward(res.ts.params, res.ts.state, X, train=False)).acts[:1]
+    if model.per_position and first and first[0].shape[:2] == X.shape:  # a state h_t per position t: how far back
+        # the last prediction's gradient reaches (the recurrent nets, the GPT's residual stream, the bag of words)
         y_last = jnp.asarray(splits.train[1][:512, 0])  # any valid character as the last position's target
         for label, p in (("initialisation", model.init(jax.random.key(args.seed))[0]), ("trained", res.ts.params)):
             prof = diagnostics.gradient_through_time(model, p, res.ts.state, X, y_last)

@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -171,6 +173,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if len(missing) == 3:
         if auto:
             jax.distributed.initialize(initialization_timeout=int(max(1, timeout)))
+            _keep_sigterm()
             return True
         return False
     if missing:
@@ -192,7 +195,17 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         wait_for_coordinator(address, timeout)
     jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=i,
                                initialization_timeout=int(max(1, timeout)))
+    _keep_sigterm()
     return True
+
+
+def _keep_sigterm() -> None:
+    """JAX's distributed runtime installs a SIGTERM handler of its own (for its preemption service), silently taking
+    the signal from Python's; put Python's back, so that SIGTERM stops training as Ctrl-C does (jnnex.train)."""
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGTERM)
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -23,5 +23,20 @@ def rejects_a_wrongly_shaped_gradient(pair) -> None:
         backward(bad, cache)
 
 
+def tests(pairs: dict):
+    """The two tests of a module's pairs, parametrized by name; bind them in the test file:
+    ``test_pair_backward_equals_vjp_float64, test_pair_rejects_a_wrongly_shaped_gradient = pairs.tests(PAIRS)``."""
+
+    @pytest.mark.parametrize("name", pairs)
+    def test_pair_backward_equals_vjp_float64(name):
+        equals_vjp(pairs[name])
+
+    @pytest.mark.parametrize("name", pairs)
+    def test_pair_rejects_a_wrongly_shaped_gradient(name):
+        rejects_a_wrongly_shaped_gradient(pairs[name])
+
+    return test_pair_backward_equals_vjp_float64, test_pair_rejects_a_wrongly_shaped_gradient
+
+
 def f64(*shape):
     return jax.random.normal(jax.random.key(len(shape)), shape, jnp.float64)

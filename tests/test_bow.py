@@ -4,7 +4,6 @@ jax.grad in float64 over drawn shapes (T from 1 to the block size, padded words)
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -59,15 +58,7 @@ def test_backward_equals_jax_grad_float64(problem):
 PAIRS = {"causal_average": (bow_module.causal_average_forward, bow_module.causal_average_backward,
                             strategies.causal_average_args(), ["x"], (f64(2, 4, 3),))}
 
-
-@pytest.mark.parametrize("name", PAIRS)
-def test_pair_backward_equals_vjp_float64(name):
-    pairs.equals_vjp(PAIRS[name])
-
-
-@pytest.mark.parametrize("name", PAIRS)
-def test_pair_rejects_a_wrongly_shaped_gradient(name):
-    pairs.rejects_a_wrongly_shaped_gradient(PAIRS[name])
+test_pair_backward_equals_vjp_float64, test_pair_rejects_a_wrongly_shaped_gradient = pairs.tests(PAIRS)
 
 
 def test_causal_average_is_makemores_masked_softmax():

@@ -288,3 +288,13 @@ def test_diagnose_wavenet_per_level(tmp_path, capsys):
 def test_diagnose_rnn_prints_the_gradient_through_time(capsys):
     code, stdout, _ = run(capsys, "diagnose", "--model", "rnn", "--steps", "5")
     assert code == 0 and "|dL_last/dh_t| for t = 0.." in stdout and "(initialisation)" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, shown", [("gpt", True), ("wavenet-conv", False)])
+def test_diagnose_shows_the_gradient_through_time_where_there_is_a_state_per_position(capsys, model, shown):
+    """The profile is printed for a per-position model whose first activation has one state per position (the GPT's
+    residual stream), not for one whose first level also spans the left padding (the convolution's): read off the
+    activation's shape, not the model's name."""
+    code, stdout, _ = run(capsys, "diagnose", "--model", model, "--steps", "3")
+    assert code == 0 and ("|dL_last/dh_t| for t = 0.." in stdout) == shown

@@ -220,16 +220,7 @@ def test_custom_vjp_adapter_runs_jax_grad_on_the_hand_written_backward():
     np.testing.assert_allclose(wrong.lm_head, 2 * plain.lm_head, rtol=1e-10)
 
 
-def attention_forward(qkv, n_head):
-    """The heads from a fused projection, then attention: the two pairs composed."""
-    (q, k, v), c_heads = G.split_heads_forward(qkv, n_head)
-    y, c_att = G.attend_forward(q, k, v)
-    return y, (c_heads, c_att)
-
-
-def attention_backward(dy, cache):
-    c_heads, c_att = cache
-    return G.split_heads_backward(G.attend_backward(dy, c_att), c_heads)
+attention_forward, attention_backward = G.qkv_attention_forward, G.qkv_attention_backward
 
 
 def test_attention_masked_positions_get_exactly_zero():
@@ -332,12 +323,4 @@ PAIRS = {
                  (f64(2, 3, 4), f64(2, 3, 4))),
 }
 
-
-@pytest.mark.parametrize("name", PAIRS)
-def test_pair_backward_equals_vjp_float64(name):
-    pairs.equals_vjp(PAIRS[name])
-
-
-@pytest.mark.parametrize("name", PAIRS)
-def test_pair_rejects_a_wrongly_shaped_gradient(name):
-    pairs.rejects_a_wrongly_shaped_gradient(PAIRS[name])
+test_pair_backward_equals_vjp_float64, test_pair_rejects_a_wrongly_shaped_gradient = pairs.tests(PAIRS)

@@ -31,14 +31,7 @@ PAIRS = {  # the pairs two or more models share; a model's own pairs are tested 
 }
 
 
-@pytest.mark.parametrize("name", PAIRS)
-def test_backward_equals_vjp_float64(name):
-    pairs.equals_vjp(PAIRS[name])
-
-
-@pytest.mark.parametrize("name", PAIRS)
-def test_wrongly_shaped_upstream_gradient_is_a_clear_error(name):
-    pairs.rejects_a_wrongly_shaped_gradient(PAIRS[name])
+test_pair_backward_equals_vjp_float64, test_pair_rejects_a_wrongly_shaped_gradient = pairs.tests(PAIRS)
 
 
 def test_the_kernels_are_in_curriculum_order():

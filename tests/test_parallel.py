@@ -232,3 +232,41 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
         assert p0[key] == p1[key]  # every process holds the same replicated parameters
         assert abs(p0[key] - one[key]) < 1e-5, (key, p0[key], one[key])
     assert (tmp_path / "p0" / "model.npz").is_file() and not (tmp_path / "p1").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_the_same_chunk(tmp_path):
+    """2 processes × 2 CPU devices training one run; SIGTERM to process 1 alone (a scheduler that stops one task
+    first), sent once process 0 has written its first checkpoint (an event, not a timer): both finish the chunk in
+    flight and stop at the same step (neither waits forever in the next step's collectives), process 0 saves it, both
+    exit with 143. Bounded by timeouts; killed on failure."""
+    import signal
+    import time
+
+    port = free_port()
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JNNEX_CACHE_DIR": "off", "PYTHONUNBUFFERED": "1"}
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
+        env.pop(var, None)
+    procs = []
+    for i in range(2):
+        args = [sys.executable, "-m", "jnnex", "train", "--model", "mlp", "--n-hidden", "16", "--steps", "10000000",
+                "--eval-every", "100", "--chunk", "100", "--devices", "4", "--no-progress", "--out", str(tmp_path / "r"),
+                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "r" / "checkpoint.npz").is_file():
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [143, 143], errs
+    steps = [int(e.split("stopped by SIGTERM at step ")[1].split()[0].rstrip(";")) for e in errs]
+    assert steps[0] == steps[1] and steps[0] % 100 == 0, errs
+    assert "saved to" in errs[0] and "process 1; process 0 saves the run" in errs[1]
+    with np.load(tmp_path / "r" / "checkpoint.npz") as f:
+        assert int(f[".step"]) == steps[0]

@@ -105,12 +105,4 @@ PAIRS = {
                  (f64(4, 3), f64(4, 2), f64(5, 2), f64(2), f64(5, 2), f64(2), f64(5, 2), f64(2))),
 }
 
-
-@pytest.mark.parametrize("name", PAIRS)
-def test_pair_backward_equals_vjp_float64(name):
-    pairs.equals_vjp(PAIRS[name])
-
-
-@pytest.mark.parametrize("name", PAIRS)
-def test_pair_rejects_a_wrongly_shaped_gradient(name):
-    pairs.rejects_a_wrongly_shaped_gradient(PAIRS[name])
+test_pair_backward_equals_vjp_float64, test_pair_rejects_a_wrongly_shaped_gradient = pairs.tests(PAIRS)

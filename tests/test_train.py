@@ -2,7 +2,6 @@
 resume and chunking, non-finite losses, the schedule, lr-find, Ctrl-C, gradient clipping, dropout masks per step."""
 
 import dataclasses
-import json
 import functools
 
 import jax

@@ -302,15 +302,7 @@ PAIRS = {
                     ["x", "W", "dilation"], (f64(2, 5, 3), f64(6, 4), 2)),
 }
 
-
-@pytest.mark.parametrize("name", PAIRS)
-def test_pair_backward_equals_vjp_float64(name):
-    pairs.equals_vjp(PAIRS[name])
-
-
-@pytest.mark.parametrize("name", PAIRS)
-def test_pair_rejects_a_wrongly_shaped_gradient(name):
-    pairs.rejects_a_wrongly_shaped_gradient(PAIRS[name])
+test_pair_backward_equals_vjp_float64, test_pair_rejects_a_wrongly_shaped_gradient = pairs.tests(PAIRS)
 
 
 def test_causal_conv_is_the_tree_at_every_position():

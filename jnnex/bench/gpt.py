@@ -27,18 +27,6 @@ from jnnex.train import init_train_state, make_optimizer, make_run, make_step
 T, C, NH, V = 16, 64, 4, 27  # makemore's transformer on names.txt
 
 
-def _attention_forward(qkv, n_head):
-    """The heads from the fused projection, then attention: the GPT's two pairs composed (one benchmark case)."""
-    (q, k, v), c_heads = G.split_heads_forward(qkv, n_head)
-    y, c_att = G.attend_forward(q, k, v)
-    return y, (c_heads, c_att)
-
-
-def _attention_backward(dy, cache):
-    c_heads, c_att = cache
-    return G.split_heads_backward(G.attend_backward(dy, c_att), c_heads)
-
-
 def cases():
     def emb(b, dt, s):
         return normal(s, (V, C), dt, 0.02), normal(s + 1, (T, C), dt, 0.02), ints(s + 2, (b, T), V)
@@ -72,8 +60,8 @@ def cases():
                    G.token_position_embedding_backward, emb, (0, 1)),
         layer_case(f"layernorm (B,{T},{C})", G.layernorm_forward, G.layernorm_backward, ln, (0, 1, 2)),
         layer_case(f"linear qkv (B,{T},{C})->{3 * C}", layers.linear_forward, layers.linear_backward, qkv, (0, 1, 2)),
-        layer_case(f"attention (B,{T},{3 * C}), {NH} heads", lambda q: _attention_forward(q, NH),
-                   _attention_backward, att, (0,)),
+        layer_case(f"attention (B,{T},{3 * C}), {NH} heads", lambda q: G.qkv_attention_forward(q, NH),
+                   G.qkv_attention_backward, att, (0,)),
         layer_case(f"self-attention layer (B,{T},{C})",
                    lambda *a: G.self_attention_forward(*a, NH), G.self_attention_backward, self_att,
                    (0, 1, 2, 3, 4)),

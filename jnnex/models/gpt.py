@@ -181,22 +181,34 @@ def attend_backward(dy, cache):
     return dpreatt @ k, dpreatt.transpose(0, 1, 3, 2) @ q, dv
 
 
+def qkv_attention_forward(qkv, n_head: int):
+    """Causal multi-head attention on the fused projection, ``qkv (B, T, 3C) -> y (B, T, C)`` (llm.c's
+    ``attention_forward``): :func:`split_heads_forward`, then :func:`attend_forward`."""
+    (q, k, v), c_heads = split_heads_forward(qkv, n_head)  # (B, nh, T, hs) each
+    y, c_att = attend_forward(q, k, v)  # (B, T, C)
+    return y, (c_heads, c_att)
+
+
+def qkv_attention_backward(dy, cache):
+    """:func:`attend_backward`, then :func:`split_heads_backward`: ``(dqkv, None)``."""
+    c_heads, c_att = cache
+    return split_heads_backward(attend_backward(dy, c_att), c_heads)
+
+
 def self_attention_forward(x, W_qkv, b_qkv, W_proj, b_proj, n_head: int):
     """The whole attention layer: the fused projection ``x (B, T, C) @ W_qkv (C, 3C)``, the heads, causal attention,
     the output projection ``(C, C)``."""
     qkv, c_qkv = linear_forward(x, W_qkv, b_qkv)  # (B, T, 3C)
-    (q, k, v), c_heads = split_heads_forward(qkv, n_head)  # (B, nh, T, hs) each
-    y, c_att = attend_forward(q, k, v)  # (B, T, C)
+    y, c_att = qkv_attention_forward(qkv, n_head)  # (B, T, C)
     out, c_proj = linear_forward(y, W_proj, b_proj)  # (B, T, C)
-    return out, (c_qkv, c_heads, c_att, c_proj)
+    return out, (c_qkv, c_att, c_proj)
 
 
 def self_attention_backward(dout, cache):
-    """The four backwards in reverse order: ``(dx, dW_qkv, db_qkv, dW_proj, db_proj, None)``."""
-    c_qkv, c_heads, c_att, c_proj = cache
+    """The backwards in reverse order: ``(dx, dW_qkv, db_qkv, dW_proj, db_proj, None)``."""
+    c_qkv, c_att, c_proj = cache
     dy, dW_proj, db_proj = linear_backward(dout, c_proj)
-    dheads = attend_backward(dy, c_att)
-    dqkv, _ = split_heads_backward(dheads, c_heads)
+    dqkv, _ = qkv_attention_backward(dy, c_att)
     dx, dW_qkv, db_qkv = linear_backward(dqkv, c_qkv)
     return dx, dW_qkv, db_qkv, dW_proj, db_proj, None
 
