@@ -7,8 +7,8 @@ A language model maps token ids to logits over the V tokens that come next, in o
   ``(B, T, V)``, targets ``(B, T)`` with ``-1`` where there is nothing to predict.
 
 In jnnex a model is a bundle of pure functions (:class:`LanguageModel`) around **one forward**,
-``forward(cfg, params, state, x, train, key=None) -> Forward(logits, state, caches, acts)``: ``apply`` keeps the logits and
-state, the hand-written backward consumes the caches, diagnostics reads the activations. ``state`` carries what is
+``forward(cfg, params, state, x, train, key=None) -> Forward(logits, state, caches, acts)``: ``apply`` keeps the
+logits and state, the hand-written backward consumes the caches, diagnostics reads the activations. ``state`` carries what is
 not learned by gradient (BatchNorm's running statistics); it is ``()`` for stateless models.
 """
 

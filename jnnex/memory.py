@@ -10,8 +10,8 @@ a few milliseconds to estimate):
 * the **training data** on the device.
 
 It is a floor, not XLA's exact figure (XLA may keep more temporaries, or fuse some away); what it is for is the
-settings that are off by a factor — a width of a million, a block size of ten thousand. ``$JNNEX_MEMORY_LIMIT`` (bytes,
-or with a suffix: ``8G``, ``512M``) caps what counts as available, for a machine shared with other work (and tests).
+settings that are off by a factor — a width of a million, a block size of ten thousand. ``$JNNEX_MEMORY_LIMIT``
+(bytes, or with a suffix: ``8G``, ``512M``) caps what counts as available, for a machine shared with other work (and tests).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A run, in one room: what it is, how it is made, trained, resumed, continued and loaded.
 
 A run is a :class:`RunConfig` — exactly what its ``config.json`` holds: the model and its settings, the training
-settings, the data (as given, its absolute path and its sha256), the vocabulary, the split, the gradient source — and a
-run directory (:mod:`jnnex.rundir`, the format) that :func:`train` fills::
+settings, the data (as given, its absolute path and its sha256), the vocabulary, the split, the gradient source —
+and a run directory (:mod:`jnnex.rundir`, the format) that :func:`train` fills::
 
     rc = RunConfig.new("wavenet", "names.txt", steps=20_000)   # the registry's settings, fitted to 20,000 steps
     result = train(rc, out="runs/w")                            # config.json, metrics, checkpoints, model.npz
@@ -29,6 +29,7 @@ from the first check to the last file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -136,7 +137,7 @@ class RunConfig:
                     raise ValueError(f"{where} has no field {name!r} (is it a jnnex run's config.json?)")
                 return default
             value = doc[name]
-            if not (isinstance(value, kind) and not isinstance(value, bool) or kind is bool and isinstance(value, bool)):
+            if not isinstance(value, kind) or isinstance(value, bool):
                 what = {dict: "an object", str: "a string", int: "an integer"}.get(kind, "a list")
                 raise ValueError(f"{where}: {name} must be {what}, got {value!r}")
             return value
@@ -206,14 +207,12 @@ def _train_config(spec: ModelSpec, preset: dict, given: dict) -> TrainConfig | N
         return None
     over = {**preset, **given}
     steps = over.pop("steps", None)
-    boundaries = given.get("lr_boundaries", dataclasses.MISSING)
     if steps is None:
         return dataclasses.replace(spec.train, **over)
-    over.pop("lr_boundaries", None) if boundaries is not dataclasses.MISSING else None
-    tcfg = dataclasses.replace(spec.train, **over).with_steps(steps)
-    if boundaries is not dataclasses.MISSING:
-        tcfg = dataclasses.replace(tcfg, lr_boundaries=boundaries)
-    return tcfg
+    if "lr_boundaries" not in given:  # the registry's or the preset's boundaries: fitted to the run
+        return dataclasses.replace(spec.train, **over).with_steps(steps)
+    boundaries = over.pop("lr_boundaries")
+    return dataclasses.replace(dataclasses.replace(spec.train, **over).with_steps(steps), lr_boundaries=boundaries)
 
 
 def sha256(words: list[str]) -> str:
@@ -363,7 +362,7 @@ def train(rc: RunConfig, out: str | Path | None = None, *, force: bool = False, 
     """
     out = rundir.check_run_dir(out) if out is not None else None
     write = out is not None and parallel.is_writer()  # a new run's directory belongs to process 0
-    with rundir.lock(out) if write else _nothing():
+    with rundir.lock(out) if write else contextlib.nullcontext():
         if write:
             rundir.remove_temporaries(out)
             if rundir.holds_run(out):
@@ -382,10 +381,13 @@ def resume(out: str | Path, *, steps: int | None = None, devices=None, progress:
     with them. ``steps`` above the run's continues it to that many steps (module docstring). A run stopped before
     its first checkpoint starts again from step 0."""
     out = rundir.check_run_dir(out)
+    missing = ValueError(f"--resume: no run in {str(out)!r} (expected its {rundir.CONFIG})")
+    if not out.is_dir():  # (before the lock, which would make the directory)
+        raise missing
     write = parallel.is_writer()
-    with rundir.lock(out) if write else _nothing():
+    with rundir.lock(out) if write else contextlib.nullcontext():  # a run in progress there: an error naming it
         if not (out / rundir.CONFIG).is_file():
-            raise ValueError(f"--resume: no run in {str(out)!r} (expected its {rundir.CONFIG})")
+            raise missing
         rc = load_config(out)
         if rc.train is None:
             raise ValueError(f"--resume: model {rc.model!r} is fitted in closed form; there is nothing to resume")
@@ -415,8 +417,11 @@ def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
         raise ValueError("--resume: --preset does not apply (the run's settings are in its config.json)")
     conflict("--model", given.pop("model", None), rc.model)
     data = given.pop("data", None)
-    if data is not None and data_file(data) != rc.data_path and str(data) != rc.data:
-        conflict("--data", str(data), rc.data)
+    if data is not None:  # the same file by its absolute path (from any directory), or the same corpus by name
+        path = data_file(data)
+        same = path == rc.data_path if path is not None and rc.data_path is not None else str(data) == rc.data
+        if not same:
+            conflict("--data", str(data), rc.data)
     split = given.pop("split", None)
     conflict("--split", None if split is None else tuple(float(f) for f in split), rc.split)
     conflict("--split-seed", given.pop("split_seed", None), rc.split_seed)
@@ -431,14 +436,6 @@ def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
             raise ValueError(f"{flag(name)} does not apply to model {rc.model!r}")
         else:
             raise ValueError(f"unknown setting {name!r}: neither a model setting nor a training setting")
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, progress: bool, log, on_chunk) -> RunResult:

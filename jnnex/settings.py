@@ -139,6 +139,10 @@ def from_json(cls, doc, where: str):
     if unknown:
         raise ValueError(f"{where} has unknown field(s) {unknown}; {cls.__name__} has {list(types)}")
     values = {k: _json_value(types[k], v, f"{where}.{k}") for k, v in doc.items()}
+    for f in dataclasses.fields(cls):
+        if not is_flag(f) and f.name in values and values[f.name] != f.default:
+            raise ValueError(f"{where}.{f.name} is set by code at run time, not by a file; it must be {f.default!r}, "
+                             f"got {values[f.name]!r}")
     try:
         return cls(**values)
     except (ValueError, TypeError) as e:

@@ -308,8 +308,8 @@ def fit(
     (``config.json``, ``model.npz``, ``metrics.json``, the lock, new / resume / force) is :func:`jnnex.run.train`'s.
     With ``resume=True`` training continues from ``out``'s checkpoint and ends with exactly the parameters an
     uninterrupted run would have. Ctrl-C or SIGTERM — at any moment, compilation included — stops after the chunk in
-    flight, saves it and returns with ``interrupted=True`` (``FitResult.signal`` says which). ``diagnostics=True`` adds the per-layer figures of
-    :mod:`jnnex.diagnostics` to every step's metrics (``FitResult.metrics``). ``on_chunk(step, metrics)`` is called
+    flight, saves it and returns with ``interrupted=True`` (``FitResult.signal`` says which). ``diagnostics=True``
+    adds the per-layer figures of :mod:`jnnex.diagnostics` to every step's metrics (``FitResult.metrics``). ``on_chunk(step, metrics)`` is called
     after each completed chunk (a hook for logging; its ``metrics`` are that chunk's, stacked per step).
 
     ``devices`` (a number, a device list or a mesh; :func:`jnnex.parallel.data_mesh`): data parallel over them, the

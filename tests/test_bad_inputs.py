@@ -14,6 +14,7 @@ from jnnex.cli import main
 from jnnex.data import Vocab, build_sequences, build_windows, load_words, read_words, split_words
 from jnnex.layers import cross_entropy_forward
 from jnnex.rundir import load_pytree
+from jnnex import run as run_module
 from jnnex.run import RunConfig
 from jnnex.train import TrainConfig
 
@@ -50,6 +51,8 @@ def files(tmp_path_factory):
         "unknown-field": lambda c: c["train_config"].update(learning_rate=0.1),
         "bad-lr": lambda c: c["train_config"].update(lr=-1),
         "split-sum": lambda c: c.update(split=[0.5, 0.1]),
+        "bn-axis": lambda c: c.update(model="bn-mlp", model_config={"vocab_size": c["model_config"]["vocab_size"],
+                                                                    "batch_axis": "data"}),
     }.items():
         shutil.copytree(d / "mlp", d / name)
         c = json.loads(json.dumps(good))
@@ -118,6 +121,9 @@ CLI = [
     (["train", "--resume", "--out", "{d}/bad-lr"], 2, "bad-lr/config.json: train_config: lr must be a finite number"),
     (["eval", "--from", "{d}/split-sum"], 2, "split-sum/config.json: split must be a list of fractions that sum to 1"),
     (["sample", "--from", "{d}/top-list"], 2, "top-list/config.json must hold a JSON object"),
+    (["sample", "--from", "{d}/bn-axis"], 2, "bn-axis/config.json: model_config.batch_axis is set by code at run time"),
+    (["train", "--resume", "--out", "{d}/mlp", "--data", "census-last"], 2, "--data 'census-last' conflicts with the "
+                                                                          "run's"),
     (["sample", "--from", "{d}"], 2, "not a finished jnnex run"),
     (["sample", "--from", "{d}/truncated"], 2, "model.npz' is not a jnnex .npz file"),
     (["sample", "--from", "{d}/random"], 2, "neither a zip archive nor a .npy array"),
@@ -142,6 +148,7 @@ def test_cli_bad_input(files, capsys, monkeypatch, argv, code, words):
         got = e.code
     err = capsys.readouterr().err
     assert got == code and words in err and "Traceback" not in err, (argv, got, err)
+    assert not (files / "nowhere").exists()  # a failed --resume makes nothing
 
 
 def _data():
@@ -189,9 +196,12 @@ LIBRARY = [
     (lambda: RunConfig.from_json({}, "x/config.json"), ValueError, "x/config.json has no field 'model'"),
     (lambda: RunConfig.from_json({**RunConfig.new("mlp").to_json(), "split_seed": "7"}, "y.json"), ValueError,
      "y.json: split_seed must be an integer, got '7'"),
-    (lambda: RunConfig.new("mlp", data="census-first", n_layer=3), ValueError, "--n-layer does not apply to model 'mlp'"),
+    (lambda: RunConfig.new("mlp", data="census-first", n_layer=3), ValueError,
+     "--n-layer does not apply to model 'mlp'"),
     (lambda: RunConfig.new("mlp", gradients="numeric"), ValueError, "gradients must be one of"),
     (lambda: RunConfig.new("neural-bigram", gradients="manual"), ValueError, "has no hand-written backward"),
+    (lambda: run_module._check_agrees(RunConfig.new("mlp"), None, {"data": "census-last"}), ValueError,
+     "--data 'census-last' conflicts with the run's 'census-first'"),
     (lambda: parallel.initialize("localhost", 2, 1), ValueError, "must be host:port"),
     (lambda: parallel.initialize("127.0.0.1:1", 2, 1, timeout=0.2), ValueError,
      "cannot reach the coordinator at 127.0.0.1:1"),

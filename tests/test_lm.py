@@ -63,8 +63,8 @@ def reference_sample(model, params, state, key, n, max_len):
                                             ("bow", {"block_size": 4}), ("wavenet-conv", {"block_size": 4}),
                                             ("mlp", {})])
 def test_sampling_past_the_block_size_equals_a_plain_loop(name, settings):
-    """Words longer than the context (a per-position model of block size 4 writing 16 tokens, 64 at once): the compiled sampler's
-    tokens equal the reference loop's, which slides the context along once it is full. Parameters randomised so that
+    """Words longer than the context (a per-position model of block size 4 writing 16 tokens, 64 at once): the
+    compiled sampler's tokens equal the reference loop's, which slides the context along once it is full. Parameters randomised so that
     every prediction depends on its context."""
     model = build_for_words(REGISTRY[name], WORDS, VOCAB, **settings)
     params, state = model.init(jax.random.key(0))

@@ -3,8 +3,8 @@ principles").
 
 ``init(key, sizes, activation)`` / ``apply(params, x)`` are the forward; :func:`backward` walks the same layers in
 reverse, calling each layer's hand-written backward (relu and the moons losses here, linear, tanh and the
-cross-entropy from :mod:`jnnex.layers`), and returns gradients with the structure of ``params``. The moons recipe is micrograd's demo: ``MLP(2, [16, 16, 1])`` with relu, max-margin (hinge) loss plus
-``alpha · Σ p²`` (α = 1e-4), 100 SGD steps with ``lr = 1.0 - 0.9·k/100``.
+cross-entropy from :mod:`jnnex.layers`), and returns gradients with the structure of ``params``. The moons recipe
+is micrograd's demo: ``MLP(2, [16, 16, 1])`` with relu, max-margin (hinge) loss plus ``alpha · Σ p²`` (α = 1e-4), 100 SGD steps with ``lr = 1.0 - 0.9·k/100``.
 """
 
 from __future__ import annotations

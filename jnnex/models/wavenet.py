@@ -21,8 +21,8 @@ n = 32·4 = 128 rows at level 0 (64 at level 1, 32 at level 2) the two normalisa
 
 The **convolutional form** (``wavenet-conv``) is the lecture's "next time": the tree at every position of a padded
 word at once. Level ``l`` is a kernel-2 causal convolution with dilation ``2^l``
-(:func:`causal_conv_forward`, above) whose weight is the tree's level weight read as two taps, so the parameters are the tree's, unchanged. The word is
-left-padded with ``T - 1`` start tokens (token 0), so position ``t`` sees exactly the window the tree sees for the
+(:func:`causal_conv_forward`, above) whose weight is the tree's level weight read as two taps, so the parameters are
+the tree's, unchanged. The word is left-padded with ``T - 1`` start tokens (token 0), so position ``t`` sees exactly the window the tree sees for the
 ``t``-th prediction, first positions included; each level's nodes are computed once and shared by every window that
 contains them (the tree recomputes them for each window). In eval mode the two forms agree to rounding. In train
 mode the convolutional form's BatchNorm pools over every position of every padded word, the tails after a word's end
@@ -47,8 +47,8 @@ import jax.numpy as jnp
 
 from jnnex.init import OUTPUT_SCALE, kaiming_scale, normals
 from jnnex.layers import (
-    BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_step, check_dropout_key, check_shape, dropout_backward, dropout_in_training, embedding_backward,
-    embedding_forward, linear_backward, linear_forward, tanh_backward, tanh_forward,
+    BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_step, check_dropout_key, check_shape,
+    dropout_backward, dropout_in_training, embedding_backward, embedding_forward, linear_backward, linear_forward, tanh_backward, tanh_forward,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.settings import positive_int, setting
