@@ -149,8 +149,9 @@ class RunConfig:
         model_config = from_json(spec.config_cls, field("model_config", dict), f"{where}: model_config")
         train_doc = doc.get("train_config")
         train = None if spec.fit_fn is not None else from_json(TrainConfig, train_doc, f"{where}: train_config")
+        chars, boundary = field("vocab", str), field("boundary", str, ".")
         try:
-            vocab = Vocab(field("vocab", str), field("boundary", str, "."))
+            vocab = Vocab(chars, boundary)
         except ValueError as e:
             raise ValueError(f"{where}: vocab: {e}") from None
         if model_config.vocab_size != vocab.size:

@@ -113,7 +113,7 @@ CLI = [
     (["train", "--resume", "--out", "{d}/no-model-config"], 2, "no-model-config/config.json has no field "
                                                                "'model_config'"),
     (["sample", "--from", "{d}/wrong-model"], 2, "wrong-model/config.json: model 'transformer' is not a registered"),
-    (["sample", "--from", "{d}/vocab-list"], 2, "vocab-list/config.json: vocab must be a string"),
+    (["sample", "--from", "{d}/vocab-list"], 2, "vocab-list/config.json: vocab must be a string, got ['a'"),
     (["sample", "--from", "{d}/config-list"], 2, "config-list/config.json: model_config must be an object"),
     (["eval", "--from", "{d}/hidden-text"], 2, "hidden-text/config.json: model_config.n_hidden must be int, got 'many'"),
     (["train", "--resume", "--out", "{d}/unknown-field"], 2, "unknown-field/config.json: train_config has unknown "
