@@ -8,8 +8,8 @@ A language model maps token ids to logits over the V tokens that come next, in o
 
 In jnnex a model is a bundle of pure functions (:class:`LanguageModel`) around **one forward**,
 ``forward(cfg, params, state, x, train, key=None) -> Forward(logits, state, caches, acts)``: ``apply`` keeps the
-logits and state, the hand-written backward consumes the caches, diagnostics reads the activations. ``state`` carries what is
-not learned by gradient (BatchNorm's running statistics); it is ``()`` for stateless models.
+logits and state, the hand-written backward consumes the caches, diagnostics reads the activations. ``state``
+carries what is not learned by gradient (BatchNorm's running statistics); it is ``()`` for stateless models.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ a few milliseconds to estimate):
 
 It is a floor, not XLA's exact figure (XLA may keep more temporaries, or fuse some away); what it is for is the
 settings that are off by a factor — a width of a million, a block size of ten thousand. ``$JNNEX_MEMORY_LIMIT``
-(bytes, or with a suffix: ``8G``, ``512M``) caps what counts as available, for a machine shared with other work (and tests).
+(bytes, or with a suffix: ``8G``, ``512M``) caps what counts as available, for a machine shared with other work
+(and tests).
 """
 
 from __future__ import annotations
@@ -107,22 +108,22 @@ def _per_batch(model, params, state, batch: int, *, train: bool) -> int:
     return batch * (made(3) - made(2))
 
 
-def sampling_bytes(model, n: int) -> int:
-    """The memory of sampling ``n`` sequences at once: one eval-mode forward over ``n`` contexts, its logits
-    twice (scaled and filtered for top-k), and the parameters."""
+def sampling_bytes(model, n: int) -> tuple[int, int]:
+    """The memory of sampling ``n`` sequences at once, ``(total, per_row)``: the parameters, and one eval-mode
+    forward over ``n`` contexts (its logits three times: scaled, filtered for top-k, drawn from)."""
     params, state = jax.eval_shape(model.init, jax.random.key(0))
-    return nbytes(params) + nbytes(state) + _per_batch(model, params, state, n, train=False)
+    per_row = _per_batch(model, params, state, 1, train=False)
+    return nbytes(params) + nbytes(state) + n * per_row, per_row
 
 
 def check_sampling_fits(model, n: int, *, available: int | None = None) -> None:
     """A ``ValueError`` with the figure and the largest ``n`` that fits, when sampling ``n`` sequences at once
     cannot fit in memory."""
     available = available_bytes() if available is None else available
-    need = sampling_bytes(model, n)
+    need, per_row = sampling_bytes(model, n)
     if need <= available:
         return
-    fixed, per_row = sampling_bytes(model, 0), sampling_bytes(model, 1) - sampling_bytes(model, 0)
-    largest = max(0, (available - fixed) // max(per_row, 1))
+    largest = max(0, (available - (need - n * per_row)) // max(per_row, 1))
     raise ValueError(f"n = {n:,} sequences at once need about {gib(need)} for model {model.name!r}, but "
                      f"{gib(available)} are available; the largest n that fits is about {largest:,} (sample in "
                      "several calls for more)")

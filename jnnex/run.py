@@ -42,7 +42,7 @@ import jax
 from jnnex import memory, parallel, rundir
 from jnnex.data import CORPORA, Splits, Vocab, load_words, make_splits
 from jnnex.lm import GRADIENTS, LanguageModel, count_params, evaluate
-from jnnex.models.registry import REGISTRY, ModelSpec, block_size_for, get_spec, has_manual_backward
+from jnnex.models.registry import REGISTRY, ModelSpec, config_for_words, get_spec, has_manual_backward
 from jnnex.settings import flag, from_json, is_flag
 from jnnex.train import FitResult, TrainConfig, fit, make_optimizer
 
@@ -102,11 +102,7 @@ class RunConfig:
         model_given, train_given = _sort_settings(spec, model, settings)
         words = load_words(data)
         vocab = Vocab.from_words(words)
-        model_over.update(model_given)
-        block = block_size_for(spec, words)
-        if block is not None and "block_size" not in model_over:
-            model_over["block_size"] = block
-        model_config = spec.config(vocab_size=vocab.size, **model_over)
+        model_config = config_for_words(spec, words, vocab, **{**model_over, **model_given})
         if gradients not in GRADIENTS:
             raise ValueError(f"gradients must be one of {GRADIENTS}, got {gradients!r}")
         if gradients == "manual" and not has_manual_backward(model):
@@ -257,7 +253,7 @@ def prepare(rc: RunConfig, words: list[str] | None = None) -> Prepared:
                                        per_position=model.per_position))
 
 
-def check_fits(rc: RunConfig, model: LanguageModel, n_train: int, *, available: int | None = None,
+def check_fits(rc: RunConfig, n_train: int, *, available: int | None = None,
                settings: dict | None = None) -> memory.Estimate:
     """The memory estimate of training ``rc`` (:mod:`jnnex.memory`); a ``ValueError`` with the figure and (about,
     to 1 %) the largest value of the batch size and of each integer model setting in ``settings`` (default: every
@@ -273,11 +269,8 @@ def check_fits(rc: RunConfig, model: LanguageModel, n_train: int, *, available: 
     if need.total <= available:
         return need
     if settings is None:
-        default = spec.config(vocab_size=rc.vocab.size)
-        settings = {f.name: getattr(rc.model_config, f.name) for f in dataclasses.fields(rc.model_config)
-                    if f.name != "vocab_size" and isinstance(getattr(rc.model_config, f.name), int)
-                    and not isinstance(getattr(rc.model_config, f.name), bool)
-                    and getattr(rc.model_config, f.name) != getattr(default, f.name)}
+        given, default = dataclasses.asdict(rc.model_config), dataclasses.asdict(spec.config(vocab_size=rc.vocab.size))
+        settings = {k: v for k, v in given.items() if k != "vocab_size" and type(v) is int and v != default[k]}
     hints = []
     for name, value in settings.items():
         def fits(v, name=name):
@@ -295,7 +288,8 @@ def check_fits(rc: RunConfig, model: LanguageModel, n_train: int, *, available: 
             hints.append(f"batch_size {min(largest, rc.train.batch_size - 1):,}")
     shown = ", ".join(f"{k}={v:,}" for k, v in settings.items())
     if spec.per_position and any(h.startswith("block_size") for h in hints):
-        hints.append(f"a per-position model's block_size is at least the longest word + 1 ({model.block_size - 1:,} "
+        hints.append(f"a per-position model's block_size is at least the longest word + 1 "
+                     f"({rc.model_config.block_size - 1:,} "
                      "characters here): words longer than the block size that fits would have to go")
     raise ValueError(
         f"model {rc.model!r}{f' with {shown}' if shown else ''} needs about {need.describe()} to train at batch "
@@ -457,7 +451,7 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, progress
             rundir.write_json(out / rundir.CONFIG, rc.to_json())
             rundir.save_pytree(out / rundir.MODEL, (params, state))
     else:
-        check_fits(rc, model, len(splits.train[0]))
+        check_fits(rc, len(splits.train[0]))
         if write:  # a new run's settings, or a continued run's new length
             rundir.write_json(out / rundir.CONFIG, rc.to_json())
         res = fit(model, splits.train, rc.train, dev=splits.dev, out=out, resume=resume,

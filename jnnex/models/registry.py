@@ -146,19 +146,17 @@ def build(name: str, **config) -> LanguageModel:
     return spec.build(spec.config(**config))
 
 
-def block_size_for(spec: ModelSpec, words) -> int | None:
-    """A per-position model's context for a corpus when none is set: the longest word + 1 (makemore's); ``None``
-    for a window model (its config's default holds)."""
-    return max(len(w) for w in words) + 1 if spec.per_position else None
+def config_for_words(spec: ModelSpec, words, vocab: Vocab, **overrides):
+    """``spec``'s model config for a corpus: its vocabulary size from ``vocab``, and a per-position model's context
+    the longest word + 1 (makemore's ``block_size``) unless ``overrides`` set ``block_size``."""
+    if spec.per_position and "block_size" not in overrides:
+        overrides = {**overrides, "block_size": max(len(w) for w in words) + 1}
+    return spec.config(vocab_size=vocab.size, **overrides)
 
 
 def build_for_words(spec: ModelSpec, words, vocab: Vocab, **overrides) -> LanguageModel:
-    """``spec``'s model for a corpus: its vocabulary size from ``vocab``, and a per-position model's context the
-    longest word + 1 (makemore's ``block_size``) unless ``overrides`` set ``block_size``."""
-    block = block_size_for(spec, words)
-    if block is not None and "block_size" not in overrides:
-        overrides = {**overrides, "block_size": block}
-    return spec.build(spec.config(vocab_size=vocab.size, **overrides))
+    """``spec``'s model for a corpus (:func:`config_for_words`), built once."""
+    return spec.build(config_for_words(spec, words, vocab, **overrides))
 
 
 def has_manual_backward(name: str) -> bool:
