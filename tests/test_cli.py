@@ -148,10 +148,7 @@ def test_backward_manual_really_trains_on_the_hand_written_backward(tmp_path, ca
     """`jnnex train --backward manual` ends with the parameters of the library's hand-written run bit for bit, and
     not with autodiff's (the two differ in the last bits after 300 steps), while the losses agree to 2e-3."""
     from jnnex import run as runs
-
-    def arrays(path):
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+    from runfiles import arrays
 
     cli = {}
     for backward in ("autodiff", "manual"):
@@ -201,14 +198,6 @@ def test_persistent_compilation_cache(tmp_path):
     assert not (tmp_path / "off").exists() and sorted(p.name for p in cache.iterdir()) == entries
 
 
-def _checkpoint_step(path) -> int:
-    """The step of a checkpoint file, or -1 while there is none (files are replaced atomically: never half-read)."""
-    if not path.is_file():
-        return -1
-    with np.load(path) as f:
-        return int(f[".step"])
-
-
 @pytest.mark.slow
 def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, sigint_default):
     """A real SIGINT to `jnnex train`, twice: each saves the chunk in flight and exits 130; `--resume` (no other
@@ -216,13 +205,12 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, sigint_default):
     run stopped at the same step. Every wait is on an event (a checkpoint appearing), not on a timer."""
     import os
     import signal
-    import subprocess
     import sys
-    import time
 
     from jnnex import rundir
     from jnnex.run import load_config, prepare
     from jnnex.train import fit
+    from runfiles import checkpoint_step, signal_after_checkpoint
 
     out = tmp_path / "run"
     # The child handles SIGINT the Python way even when this suite runs as a background job of a non-interactive
@@ -235,18 +223,11 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, sigint_default):
     env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
     def interrupt_after_checkpoint(argv, after: int) -> int:
-        proc = subprocess.Popen(child + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        try:
-            while _checkpoint_step(out / "checkpoint.npz") <= after:  # the event: a new checkpoint is on disk
-                assert proc.poll() is None, proc.communicate()
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            _, stderr = proc.communicate(timeout=600)
-        finally:
-            proc.kill()
-        assert proc.returncode == 130 and "interrupted at step" in stderr and "--resume" in stderr, stderr
+        code, stderr = signal_after_checkpoint(child + argv, out / "checkpoint.npz", signal.SIGINT, after=after,
+                                               env=env)
+        assert code == 130 and "interrupted at step" in stderr and "--resume" in stderr, stderr
         assert "Traceback" not in stderr
-        return _checkpoint_step(out / "checkpoint.npz")
+        return checkpoint_step(out / "checkpoint.npz")
 
     first = interrupt_after_checkpoint(["train", "--model", "mlp", "--n-hidden", "64", "--steps", "2000000",
                                         "--eval-every", "500", "--chunk", "500", "--out", str(out),

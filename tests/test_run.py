@@ -15,23 +15,12 @@ import numpy as np
 import pytest
 
 from jnnex import rundir, run
+from runfiles import arrays, assert_same_arrays, signal_after_checkpoint
 from jnnex.cli import main
 from jnnex.data import load_words
 from jnnex.models.registry import REGISTRY
 from jnnex.run import RunConfig
 from jnnex.train import TrainConfig, fit
-
-
-def arrays(path) -> dict:
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
-def assert_same_arrays(a, b) -> None:
-    a, b = arrays(a), arrays(b)
-    assert set(a) == set(b)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_with_steps_fits_the_schedule_to_the_run():
@@ -157,8 +146,8 @@ def test_one_run_per_directory(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, capsys):
     out = tmp_path / "r"
-    holder = "import sys, time; from jnnex import rundir\nwith rundir.lock(sys.argv[1]):\n print('locked', flush=True)" \
-             "\n time.sleep(600)"
+    holder = ("import sys, time; from jnnex import rundir\nwith rundir.lock(sys.argv[1]):\n"
+              " print('locked', flush=True)\n time.sleep(600)")
     with subprocess.Popen([sys.executable, "-c", holder, str(out)], stdout=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout.readline().strip() == "locked"  # the event: the child holds the lock
@@ -179,19 +168,10 @@ def test_sigterm_saves_like_ctrl_c(tmp_path):
     saved, the process says so and exits with 143; `--resume` continues from there. Synchronised on the checkpoint
     appearing, not on a timer."""
     out = tmp_path / "r"
-    proc = subprocess.Popen([sys.executable, "-m", "jnnex", "train", "--model", "mlp", "--n-hidden", "32", "--steps",
-                             "2000000", "--eval-every", "500", "--chunk", "500", "--out", str(out), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        while not (out / "checkpoint.npz").is_file():
-            assert proc.poll() is None, proc.communicate()
-            import time
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, err
+    code, err = signal_after_checkpoint([sys.executable, "-m", "jnnex", "train", "--model", "mlp", "--n-hidden", "32",
+                                         "--steps", "2000000", "--eval-every", "500", "--chunk", "500", "--out",
+                                         str(out), "--no-progress"], out / "checkpoint.npz", signal.SIGTERM)
+    assert code == 143, err
     assert "stopped by SIGTERM at step" in err and "jnnex train --resume --out" in err and "Traceback" not in err
     step = int(arrays(out / "checkpoint.npz")[".step"])
     assert step >= 500 and step % 500 == 0
@@ -232,15 +212,15 @@ def test_memory_is_estimated_before_anything_is_allocated(monkeypatch):
     monkeypatch.setenv("JNNEX_MEMORY_LIMIT", "2G")
     rc = RunConfig.new("gpt", n_embd=1_000_000)
     with pytest.raises(ValueError) as e:
-        run.check_fits(rc, run.prepare(rc).model, 1000)
+        run.check_fits(rc, 1000)
     msg = str(e.value)
     assert "needs about" in msg and "2.00 GiB are available" in msg and "n_embd=1,000,000" in msg
     largest = int(msg.split("n_embd ")[-1].split(";")[0].replace(",", ""))
     fits = RunConfig.new("gpt", n_embd=largest)
-    assert run.check_fits(fits, run.prepare(fits).model, 1000).total <= 2 * 2**30  # the figure named does fit
+    assert run.check_fits(fits, 1000).total <= 2 * 2**30  # the figure named does fit
     too_big = RunConfig.new("gpt", n_embd=(int(largest * 1.01) // 4 + 1) * 4)  # named to 1 %: 1 % more does not fit
     with pytest.raises(ValueError):
-        run.check_fits(too_big, run.prepare(too_big).model, 1000)
+        run.check_fits(too_big, 1000)
 
 
 def test_training_memory_estimate_against_xla():

@@ -1,0 +1,43 @@
+"""Run directories in tests: every array of an ``.npz`` by name, two files compared bit for bit, a checkpoint's step,
+and a training process signalled once its checkpoint is on disk."""
+
+import subprocess
+import time
+
+import numpy as np
+
+
+def arrays(path) -> dict:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def assert_same_arrays(a, b) -> None:
+    """The ``.npz`` files ``a`` and ``b`` hold the same arrays, bit for bit."""
+    a, b = arrays(a), arrays(b)
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def checkpoint_step(path) -> int:
+    """The step of a checkpoint file, or -1 while there is none (files are replaced atomically: never half-read)."""
+    if not path.is_file():
+        return -1
+    with np.load(path) as f:
+        return int(f[".step"])
+
+
+def signal_after_checkpoint(cmd, checkpoint, signum, *, after: int = -1, env=None) -> tuple[int, str]:
+    """Start ``cmd`` (a training run), wait for the event of ``checkpoint`` holding a step past ``after`` (not for a
+    timer), send ``signum``; ``(exit code, stderr)``. The process is killed if anything fails on the way."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while checkpoint_step(checkpoint) <= after:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    return proc.returncode, stderr
