@@ -457,8 +457,8 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, progress
         res = fit(model, splits.train, rc.train, dev=splits.dev, out=out, resume=resume,
                   progress=progress and parallel.is_writer(), devices=devices, on_chunk=on_chunk)
         params, state, steps, interrupted = res.ts.params, res.ts.state, int(res.ts.step), res.interrupted
-        if write and steps > res.start:
-            rundir.save_pytree(out / rundir.MODEL, (params, state))
+        if write and (steps > res.start or not (out / rundir.MODEL).is_file()):  # (killed after its last checkpoint:
+            rundir.save_pytree(out / rundir.MODEL, (params, state))              # no step left, the model unwritten)
         if res.evals and res.evals[-1]["step"] == steps:
             last = res.evals[-1]  # fit has just evaluated train and dev at the final step
     result = RunResult(rc, model, params, state, splits, steps, {}, interrupted, res.signal if res else None, res, out)

@@ -241,3 +241,19 @@ def test_training_memory_estimate_against_xla():
         ma = step.lower(ts, (x, y), jax.random.key(0)).compile().memory_analysis()
         xla = ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
         assert xla / 4 <= est.total <= 4 * xla, (name, est, xla)
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_model(tmp_path, capsys):
+    """Killed between writing the final checkpoint and model.npz (found by the SIGKILL test in CI): --resume has no
+    step left to take, and still writes the model and the final metrics, the same arrays as the finished run's."""
+    out = tmp_path / "r"
+    assert main(["train", "--model", "mlp", "--n-hidden", "16", "--steps", "20", "--out", str(out),
+                 "--no-progress"]) == 0
+    want = arrays(out / "model.npz")
+    (out / "model.npz").unlink()
+    (out / "metrics.json").unlink()
+    assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    got = arrays(out / "model.npz")
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert rundir.read_json(out / "metrics.json")["steps"] == 20
