@@ -73,6 +73,11 @@ def write_json(path: str | os.PathLike, obj) -> None:
     _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` as UTF-8, atomically."""
+    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
 def read_json(path: str | os.PathLike):
     """The JSON document in ``path``; a ``ValueError`` naming the file if it is missing or not valid JSON."""
     path = Path(path)
