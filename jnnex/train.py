@@ -34,6 +34,7 @@ from jnnex import parallel, rundir
 from jnnex.diagnostics import step_diagnostics
 from jnnex.lm import LanguageModel, check_batch, evaluate, manual_gradients
 from jnnex.settings import check_choice, positive_int, setting
+from jnnex.text import Stream, check_stream, estimate_loss, exact_windows
 
 
 class TrainState(NamedTuple):
@@ -45,6 +46,7 @@ class TrainState(NamedTuple):
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 DECAY_MASKS = ("all", "matrices")
+SCHEDULES = ("steps", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,11 @@ class TrainConfig:
                                                           "lr_factor (default: half of steps, the lecture's 100,000 of "
                                                           "200,000; empty: never)")
     lr_factor: float = setting(0.1, "the learning rate's factor at each boundary")
+    schedule: str = setting("steps", "learning-rate schedule: steps (x lr_factor at each of lr_boundaries) or cosine "
+                                     "(linear warmup, then a cosine from lr to min_lr: nanoGPT's)", choices=SCHEDULES)
+    warmup: int = setting(0, "cosine: steps of linear warmup to lr")
+    min_lr: float = setting(0.0, "cosine: the rate the cosine ends at")
+    lr_decay_steps: int | None = setting(None, "cosine: the step the cosine ends at, min_lr after it (default: steps)")
     optimizer: str = setting("sgd", "optax optimiser", choices=OPTIMIZERS)
     sgd_momentum: float = setting(0.9, "momentum: the momentum coefficient")
     betas: tuple[float, ...] = setting((0.9, 0.999), "adam, adamw: (b1, b2), the moment decay rates")
@@ -68,12 +75,19 @@ class TrainConfig:
                                      "nanoGPT's; biases, gains and shifts are not decayed)", choices=DECAY_MASKS)
     grad_clip: float | None = setting(None, "clip gradients to this global norm before the update (None: off)")
     eval_every: int = setting(20_000, "evaluate train/dev loss (and checkpoint) every this many steps, and at the end")
+    eval_iters: int = setting(20, "text streams: random batches averaged in the loss estimate (nanoGPT's eval_iters)")
     chunk: int = setting(1_000, "steps per compiled call; checkpoints fall on multiples of it")
     seed: int = setting(0, "seed of initialisation and minibatches")
 
     def __post_init__(self):
-        for name in ("steps", "eval_every", "chunk"):
+        for name in ("steps", "eval_every", "chunk", "eval_iters"):
             positive_int(name, getattr(self, name))
+        check_choice("schedule", self.schedule, SCHEDULES)
+        positive_int("warmup", self.warmup, minimum=0)
+        if self.lr_decay_steps is not None:
+            positive_int("lr_decay_steps", self.lr_decay_steps)
+        if self.schedule == "cosine" and not self.warmup < self.decay_steps:
+            raise ValueError(f"warmup ({self.warmup}) must be shorter than the cosine's {self.decay_steps} steps")
         if self.batch_size is not None:
             positive_int("batch_size", self.batch_size)
         positive_int("seed", self.seed, minimum=0)
@@ -81,6 +95,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not (isinstance(self.min_lr, int | float) and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"min_lr must be in [0, lr] = [0, {self.lr}], got {self.min_lr!r}")
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("decay_mask", self.decay_mask, DECAY_MASKS)
         if self.lr_boundaries is not None and sorted(self.lr_boundaries) != list(self.lr_boundaries):
@@ -99,6 +115,11 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be None or > 0, got {self.grad_clip!r}")
 
     @property
+    def decay_steps(self) -> int:
+        """The step a cosine schedule ends at: ``lr_decay_steps``, or ``steps``."""
+        return self.steps if self.lr_decay_steps is None else self.lr_decay_steps
+
+    @property
     def boundaries(self) -> tuple[int, ...]:
         """The learning-rate boundaries in force: ``lr_boundaries``, or half of ``steps`` when it is ``None``."""
         return (self.steps // 2,) if self.lr_boundaries is None else self.lr_boundaries
@@ -113,7 +134,9 @@ class TrainConfig:
         """
         positive_int("steps", steps)
         boundaries = None if self.lr_boundaries is None else tuple(b * steps // self.steps for b in self.lr_boundaries)
-        return dataclasses.replace(self, steps=steps, lr_boundaries=boundaries, eval_every=min(self.eval_every, steps))
+        decay = None if self.lr_decay_steps is None else self.lr_decay_steps * steps // self.steps
+        return dataclasses.replace(self, steps=steps, lr_boundaries=boundaries, eval_every=min(self.eval_every, steps),
+                                   lr_decay_steps=decay, warmup=min(self.warmup, (decay or steps) - 1))
 
     def continued(self, steps: int) -> TrainConfig:
         """These settings continued to ``steps`` steps (more than before): the learning-rate boundaries stay at the
@@ -121,16 +144,31 @@ class TrainConfig:
         their schedule and the added ones run at the rate in force at the old end."""
         if not (isinstance(steps, int) and steps > self.steps):
             raise ValueError(f"steps: a run of {self.steps:,} steps can be continued to more steps, not to {steps!r}")
-        return dataclasses.replace(self, steps=steps, lr_boundaries=self.boundaries)
+        return dataclasses.replace(self, steps=steps, lr_boundaries=self.boundaries, lr_decay_steps=self.decay_steps)
 
 
 def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
-    """Piecewise-constant: ``lr`` until the first boundary, × ``lr_factor`` from each (the lecture's 0.1 → 0.01).
-    The one definition of the rate: the step uses it, and so does the log (``float(lr_schedule(tcfg)(step))``).
+    """The learning rate at each step; the one definition of it: the step uses it, and so does the log
+    (``float(lr_schedule(tcfg)(step))``).
 
-    Same values as ``optax.piecewise_constant_schedule``, written without its int/float mixing so it also runs under
-    strict dtype promotion; the result is weakly typed and follows the parameters' dtype.
+    ``steps``: piecewise-constant, ``lr`` until the first boundary, × ``lr_factor`` from each (the lecture's 0.1 →
+    0.01); the same values as ``optax.piecewise_constant_schedule``, written without its int/float mixing so it also
+    runs under strict dtype promotion; the result is weakly typed and follows the parameters' dtype.
+
+    ``cosine``: ``optax.warmup_cosine_decay_schedule`` — from ``lr / (warmup + 1)`` linearly to ``lr`` at step
+    ``warmup``, then half a cosine down to ``min_lr`` at ``decay_steps``, ``min_lr`` after (nanoGPT's ``get_lr``, whose
+    first step is also ``lr / (warmup + 1)``).
     """
+    if tcfg.schedule == "cosine":
+        cosine = optax.warmup_cosine_decay_schedule(init_value=tcfg.lr / (tcfg.warmup + 1), peak_value=tcfg.lr,
+                                                    warmup_steps=tcfg.warmup, decay_steps=tcfg.decay_steps,
+                                                    end_value=tcfg.min_lr)
+
+        def schedule(count):
+            with jax.numpy_dtype_promotion("standard"):  # (optax mixes the integer count with float constants)
+                return cosine(count)
+
+        return schedule
 
     def schedule(count):
         lr = tcfg.lr
@@ -198,7 +236,7 @@ def make_step(model: LanguageModel, optimizer: optax.GradientTransformation, *, 
     return step
 
 
-def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4, mesh=None) -> Callable:
+def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4, mesh=None, window: int | None = None) -> Callable:
     """``run(ts, X, Y, key, n_steps) -> (ts, metrics)``, jitted: ``n_steps`` steps of ``step`` in one ``lax.scan``.
 
     Step ``s`` draws ``batch_size`` example indices uniformly (with replacement, as the lecture's ``randint``) from
@@ -210,6 +248,10 @@ def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4, mesh=No
     ``mesh`` (:func:`jnnex.parallel.data_mesh`): data parallel, the global view — pass ``ts``, ``X``, ``Y`` replicated
     over it (:func:`jnnex.parallel.replicate`; ``key`` may come as raw key data); each step's index draw and minibatch
     are sharded along its ``"data"`` axis, everything else stays replicated, and ``step`` itself is unchanged.
+
+    ``window=T``: ``X`` is a text's token stream ``(N,)`` (:class:`jnnex.text.Stream`; ``Y`` is unused) and a row
+    is ``T + 1`` contiguous tokens at a uniform offset in ``[0, N - T)``: ``x = X[o : o + T]``, ``y = X[o + 1 : o + T
+    + 1]`` (nanoGPT's ``get_batch``), gathered inside the step.
     """
 
     def shard(a, leading=0):
@@ -225,14 +267,22 @@ def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4, mesh=No
             k_batch, k_step = jax.random.split(jax.random.fold_in(key, s))
             if batch_size is None:
                 return jnp.zeros((0,), jnp.int32), k_step
-            return jax.random.randint(k_batch, (batch_size,), 0, X.shape[0], dtype=jnp.int32), k_step  # (B,)
+            rows = X.shape[0] if window is None else X.shape[0] - window  # (a window's offset: [0, N - T))
+            return jax.random.randint(k_batch, (batch_size,), 0, rows, dtype=jnp.int32), k_step  # (B,)
 
         IX, keys = jax.vmap(step_keys)(ts.step + jnp.arange(n_steps, dtype=jnp.int32))  # (n, B), (n,)
         IX = IX if batch_size is None else shard(IX, leading=1)  # each device draws its own rows' indices
 
         def body(ts, ix_key):
             ix, k_step = ix_key
-            batch = (X, Y) if batch_size is None else (X[ix], Y[ix])  # (B, T), (B,)
+            if batch_size is None:
+                batch = (X, Y)
+            elif window is not None:
+                rows = ix[:, None] + jnp.arange(window + 1, dtype=jnp.int32)[None, :]  # (B, T + 1) positions
+                tokens = X[rows].astype(jnp.int32)  # (B, T + 1)
+                batch = (tokens[:, :-1], tokens[:, 1:])  # (B, T), (B, T)
+            else:
+                batch = (X[ix], Y[ix])  # (B, T), (B,)
             return step(ts, tuple(shard(a) for a in batch), k_step)
 
         return jax.lax.scan(body, ts, (IX, keys), unroll=min(unroll, n_steps))
@@ -288,10 +338,11 @@ class FitResult:
 
 def fit(
     model: LanguageModel,
-    train: tuple[np.ndarray, np.ndarray],
+    train: tuple[np.ndarray, np.ndarray] | Stream,
     tcfg: TrainConfig,
     *,
-    dev: tuple[np.ndarray, np.ndarray] | None = None,
+    dev: tuple[np.ndarray, np.ndarray] | Stream | None = None,
+    dev_name: str = "dev",
     out: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -300,7 +351,8 @@ def fit(
     on_chunk: Callable[[int, dict], None] | None = None,
     devices=None,
 ) -> FitResult:
-    """Train ``model`` on ``train = (X, Y)`` for ``tcfg.steps`` steps.
+    """Train ``model`` on ``train = (X, Y)``, or on a text's token :class:`jnnex.text.Stream`, for ``tcfg.steps``
+    steps.
 
     Every chunk's mean minibatch loss is logged; every ``eval_every`` steps (and at the end) the full train and dev
     losses join it. With ``out`` (a directory) each row is appended to ``metrics.jsonl`` and at every evaluation a
@@ -318,16 +370,38 @@ def fit(
     span processes: every process calls ``fit`` alike, and only process 0 writes ``out``. Checkpoints are plain
     arrays, so a run saved on N devices resumes on M.
 
+    A text stream (a per-position model's): each row is ``block_size + 1`` contiguous tokens at a random offset
+    (:func:`make_run`'s ``window``). Its train loss is nanoGPT's estimate (``train_loss_estimate``: ``eval_iters``
+    random batches); a ``dev`` stream is scored both exactly (``{dev_name}_loss``, every token once:
+    :func:`jnnex.text.exact_windows`) and as the estimate (``{dev_name}_loss_estimate``).
+
     Raises:
         NonFiniteLossError: a step produced a NaN/inf loss (the last checkpoint is left as it was).
     """
-    check_batch(model, *train, "train data")
-    if dev is not None:
+    stream = isinstance(train, Stream)
+    if stream:
+        if not model.per_position:
+            raise ValueError(f"model {model.name!r} reads a window and predicts one token; a text stream trains a "
+                             "per-position model (gpt, rnn, gru, bow, wavenet-conv)")
+        if tcfg.batch_size is None:
+            raise ValueError("a text stream is trained on minibatches: batch_size cannot be None")
+        check_stream(train, model.block_size, model.vocab_size, "the train split")
+    else:
+        check_batch(model, *train, "train data")
+    dev_stream = dev if isinstance(dev, Stream) else None
+    if dev_stream is not None:
+        check_stream(dev_stream, model.block_size, model.vocab_size, f"the {dev_name} split")
+        dev = exact_windows(np.asarray(dev_stream.tokens), model.block_size)
+        dev_tokens = jnp.asarray(np.asarray(dev_stream.tokens))
+    elif dev is not None:
         check_batch(model, *dev, "dev data")
     mesh = parallel.data_mesh(devices) if devices is not None else None
     if mesh is not None:
         parallel.check_batch_size(tcfg.batch_size, mesh.size, len(train[0]))
-    X, Y = (jnp.asarray(a, jnp.int32) for a in train)
+    if stream:  # the tokens as they are stored (uint16 for a vocabulary up to 65,536): widened row by row in the step
+        X, Y = jnp.asarray(np.asarray(train.tokens)), jnp.zeros((0,), jnp.int32)
+    else:
+        X, Y = (jnp.asarray(a, jnp.int32) for a in train)
     out = rundir.check_run_dir(out) if out is not None else None
     write = out is not None and parallel.is_writer()  # one writer of the run directory, whatever the processes
     if write:
@@ -340,8 +414,10 @@ def fit(
     chunks, evals, interrupted = [], [], False
     with ctrl_c_guard() as ctrl_c:  # in place before the first compile: the first Ctrl-C never raises
         optimizer = make_optimizer(tcfg)
-        run = make_run(make_step(model, optimizer, diagnostics=diagnostics), tcfg.batch_size, mesh=mesh)
+        run = make_run(make_step(model, optimizer, diagnostics=diagnostics), tcfg.batch_size, mesh=mesh,
+                       window=model.block_size if stream else None)
         k_init, k_train = _keys(tcfg.seed)
+        k_eval = jax.random.fold_in(k_train, 0x7FFFFFFF)  # the loss estimates' batches: fixed per step, resumable
         ts = init_train_state(model, optimizer, k_init)
         if resume:
             ts = rundir.load_pytree(out / rundir.CHECKPOINT, ts)
@@ -377,10 +453,18 @@ def fit(
                 if step % tcfg.eval_every == 0 or step == tcfg.steps:
                     row["time"] = time.perf_counter() - t0
                     here = _here(ts, mesh)  # this process's copy: evaluated, and checkpointed below
-                    if eval_train:
+                    k_step = jax.random.fold_in(k_eval, step)
+                    if eval_train and stream:
+                        row["train_loss_estimate"] = estimate_loss(model, here.params, here.state, X, k_step,
+                                                                   tcfg.eval_iters, tcfg.batch_size)
+                    elif eval_train:
                         row["train_loss"] = evaluate(model, here.params, here.state, X, Y)
                     if dev is not None:
-                        row["dev_loss"] = evaluate(model, here.params, here.state, *dev)
+                        row[f"{dev_name}_loss"] = evaluate(model, here.params, here.state, *dev)
+                    if dev_stream is not None:
+                        row[f"{dev_name}_loss_estimate"] = estimate_loss(
+                            model, here.params, here.state, dev_tokens, jax.random.fold_in(k_step, 1),
+                            tcfg.eval_iters, tcfg.batch_size)
                     evals.append(row)
                 if write:  # every chunk's row (a curve even for short runs), then at evaluations the state
                     rundir.append_metrics(out, row)

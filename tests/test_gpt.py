@@ -99,19 +99,42 @@ def test_every_tensor_equals_jax_grad_float64_with_the_table(record_property):
 @settings(max_examples=min(6, settings().max_examples))  # each drawn example compiles a new program (~3 s)
 @given(n_layer=st.sampled_from([1, 2]), n_head=st.sampled_from([1, 2]), head_size=st.sampled_from([1, 3]),
        V=st.sampled_from([5, 27]), block_size=st.sampled_from([1, 3, 6]), B=st.sampled_from([1, 3]),
-       dropout=st.sampled_from([0.0, 0.3]), data=st.data())
-def test_backward_equals_jax_grad_float64(n_layer, n_head, head_size, V, block_size, B, dropout, data):
+       dropout=st.sampled_from([0.0, 0.3]), bias=st.booleans(), tie=st.booleans(), data=st.data())
+def test_backward_equals_jax_grad_float64(n_layer, n_head, head_size, V, block_size, B, dropout, bias, tie, data):
     """Drawn shapes (T = 1 and one-element heads included), random parameters, padded targets, with and without
-    dropout (the same key on both sides): every tensor within 1e-10 of its own scale."""
+    dropout (the same key on both sides), biases and a tied head: every tensor within 1e-10 of its own scale."""
     T = data.draw(st.integers(1, block_size))
     cfg = GPTConfig(vocab_size=V, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_head * head_size,
-                    dropout=dropout)
+                    dropout=dropout, bias=bias, tie=tie)
     model = gpt(cfg)
     params, x, y = random_problem(cfg, B, T, seed=data.draw(strategies.seeds()))
     errors, loss_m, loss_a = per_tensor_errors(model, params, x, y, jax.random.key(7) if dropout else None)
     np.testing.assert_allclose(loss_m, loss_a, rtol=1e-12)
     bad = {k: v for k, v in errors.items() if not v <= 1e-10}
     assert not bad, bad
+
+
+def test_nanogpts_layout_no_biases_and_a_tied_head():
+    """nanoGPT's Shakespeare models (bias=False, the head tied to wte): its CPU recipe's 804,096 parameters (nanoGPT
+    prints 0.80M: it leaves out the position table's 8,192); the tied table's gradient is the sum of both uses, by
+    hand as by jax.grad, to 1e-12 per tensor; without the head's share it is wrong, and only there."""
+    cfg = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False, tie=True)
+    params, _ = gpt(cfg).init(jax.random.key(0))
+    assert count_params(params) == 804_096 and params.lm_head is None and params.blocks[0].qkv.b is None
+    small = GPTConfig(vocab_size=7, block_size=5, n_layer=2, n_head=2, n_embd=4, bias=False, tie=True)
+    params, x, y = random_problem(small, 3, 5, seed=3)
+    errors, loss_m, loss_a = per_tensor_errors(gpt(small), params, x, y)
+    np.testing.assert_allclose(loss_m, loss_a, rtol=1e-13)
+    assert len(errors) == 2 + 2 * 6 + 1 and max(errors.values()) <= 1e-12, errors
+    model = gpt(small)
+    untied = model.backward_fn  # the slip: the head's share of the table forgotten
+
+    def backward(cfg, params, caches, dlogits):
+        grads, act_grads = untied(dataclasses.replace(cfg, tie=False), params, caches, dlogits)
+        return grads._replace(lm_head=None), act_grads
+
+    errors, _, _ = per_tensor_errors(dataclasses.replace(model, backward_fn=backward), params, x, y)
+    assert {k for k, v in errors.items() if not v <= 1e-10} == {".wte"}
 
 
 @pytest.mark.parametrize("row_sum", [True, False])
@@ -279,7 +302,7 @@ def test_attention_at_extremes_stays_finite():
 def test_layernorm_backward_recomputes_from_mean_and_rstd():
     """The cache is llm.c's — the input, the gain, mean and rstd per row — not the normalised input."""
     x = jax.random.normal(jax.random.key(0), (2, 3, 5), jnp.float64)
-    _, (x_c, w_c, mean, rstd) = G.layernorm_forward(x, jnp.ones(5, jnp.float64), jnp.zeros(5, jnp.float64))
+    _, (x_c, w_c, mean, rstd, _) = G.layernorm_forward(x, jnp.ones(5, jnp.float64), jnp.zeros(5, jnp.float64))
     assert mean.shape == rstd.shape == (2, 3, 1)
     np.testing.assert_allclose(rstd[..., 0], 1 / np.sqrt(np.var(np.asarray(x), -1) + 1e-5), rtol=1e-12)
 

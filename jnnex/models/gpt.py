@@ -5,12 +5,16 @@ order llm.c's ``gpt2_backward`` takes them.
     for each of the n_layer blocks (pre-LayerNorm):
         x = x + proj(attention(qkv(ln1(x))))               (B, T, C)   causal multi-head self-attention
         x = x + fcproj(gelu(fc(ln2(x))))                   (B, T, C)   MLP, C -> 4C -> C
-    logits = lnf(x) @ lm_head                              (B, T, V)   no bias, not tied to wte
+    logits = lnf(x) @ lm_head                              (B, T, V)   no bias; lm_head = wteᵀ when tied
 
 At makemore.py's defaults (4 layers, 4 heads, n_embd 64, block size 16 on names.txt, 27 tokens): **204,544
 parameters**. Initialisation is GPT-2's: every weight ``N(0, 0.02)``, the two residual projections of each block
 ``N(0, 0.02 / sqrt(2 · n_layer))`` (the residual stream sums 2 · n_layer branches), biases 0, LayerNorms 1 and 0.
 (makemore.py itself keeps PyTorch's default initialisation.)
+
+``bias=False`` (nanoGPT's ``bias=False``) leaves out every linear's and LayerNorm's bias; ``tie=True`` (GPT-2's and
+nanoGPT's) makes the LM head the token table's transpose, one tensor used twice: its gradient is the sum of both
+uses, the embedding's scatter-add and the head's ``(dW_head)ᵀ``. nanoGPT's Shakespeare models are both.
 
 ``dropout > 0`` (not in makemore.py) drops the embedding sum and each branch's output before it joins the residual
 stream (GPT-2's residual dropout), in training only; the model is then stochastic: train-mode calls pass a key.
@@ -71,28 +75,30 @@ def token_position_embedding_backward(dout, cache):
     return dwte, dwpe, None
 
 
-def layernorm_forward(x, w, b, eps: float = 1e-5):
-    """Normalise each row over its last axis (biased variance), then scale and shift: ``x (..., C)``, ``w, b (C,)``.
-    Caches ``mean`` and ``rstd = 1/sqrt(var + eps)`` (``(..., 1)`` each), as llm.c does, not the normalised input."""
-    if w.shape != x.shape[-1:] or b.shape != x.shape[-1:]:
+def layernorm_forward(x, w, b=None, eps: float = 1e-5):
+    """Normalise each row over its last axis (biased variance), then scale and shift: ``x (..., C)``, ``w, b (C,)``
+    (``b=None``: no shift). Caches ``mean`` and ``rstd = 1/sqrt(var + eps)`` (``(..., 1)`` each), as llm.c does, not
+    the normalised input."""
+    if w.shape != x.shape[-1:] or (b is not None and b.shape != x.shape[-1:]):
         raise ValueError(f"layernorm: w and b must have shape ({x.shape[-1]},) for x {x.shape}, got {w.shape} and "
-                         f"{b.shape}")
+                         f"{None if b is None else b.shape}")
     mean = x.mean(-1, keepdims=True)
     xc = x - mean
     rstd = jax.lax.rsqrt((xc * xc).mean(-1, keepdims=True) + eps)
-    return xc * rstd * per_channel(w, x.ndim) + per_channel(b, x.ndim), (x, w, mean, rstd)
+    y = xc * rstd * per_channel(w, x.ndim)
+    return (y if b is None else y + per_channel(b, x.ndim)), (x, w, mean, rstd, b is not None)
 
 
 def layernorm_backward(dy, cache):
     """llm.c's form: ``n`` recomputed from ``mean`` and ``rstd``, ``g = w ⊙ dy``, then two reductions per row:
     ``dx = rstd · (g − mean(g) − n ⊙ mean(g ⊙ n))``; ``dw = Σ dy ⊙ n``, ``db = Σ dy`` over the leading axes."""
-    x, w, mean, rstd = cache
+    x, w, mean, rstd, has_shift = cache
     check_shape("layernorm_backward: dy", dy, x.shape)
     n = (x - mean) * rstd
     g = dy * per_channel(w, x.ndim)
     dx = rstd * (g - g.mean(-1, keepdims=True) - n * (g * n).mean(-1, keepdims=True))
     C = x.shape[-1]
-    return dx, (dy * n).reshape(-1, C).sum(0), dy.reshape(-1, C).sum(0)
+    return dx, (dy * n).reshape(-1, C).sum(0), dy.reshape(-1, C).sum(0) if has_shift else None
 
 
 GELU_C = float(np.sqrt(2.0 / np.pi))
@@ -222,6 +228,8 @@ class GPTConfig:
     n_embd: int = setting(64, "C: the residual stream's width")
     dropout: float = setting(0.0, "residual dropout in training: embeddings and each branch's output (0: off, as "
                                   "makemore.py)")
+    bias: bool = setting(True, "biases in every linear and LayerNorm (false: none, nanoGPT's bias=False)")
+    tie: bool = setting(False, "the LM head is the token embedding's transpose (GPT-2's and nanoGPT's weight tying)")
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -234,7 +242,7 @@ class GPTConfig:
 
 class LayerNorm(NamedTuple):
     w: jax.Array  # (C,) gain
-    b: jax.Array  # (C,) shift
+    b: jax.Array | None  # (C,) shift; None without biases
 
 
 class Block(NamedTuple):
@@ -251,7 +259,7 @@ class GPTParams(NamedTuple):
     wpe: jax.Array  # (block_size, C) position embeddings
     blocks: tuple  # n_layer Blocks
     lnf: LayerNorm
-    lm_head: jax.Array  # (C, V), no bias
+    lm_head: jax.Array | None  # (C, V), no bias; None when tied to wte
 
 
 def init(key, cfg: GPTConfig):
@@ -263,15 +271,15 @@ def init(key, cfg: GPTConfig):
         return std * jax.random.normal(next(keys), shape, jnp.float32)
 
     def ln():
-        return LayerNorm(jnp.ones((C,), jnp.float32), jnp.zeros((C,), jnp.float32))
+        return LayerNorm(jnp.ones((C,), jnp.float32), jnp.zeros((C,), jnp.float32) if cfg.bias else None)
 
     def linear(n_in, n_out, std=INIT_STD):
-        return Linear(normal((n_in, n_out), std), jnp.zeros((n_out,), jnp.float32))
+        return Linear(normal((n_in, n_out), std), jnp.zeros((n_out,), jnp.float32) if cfg.bias else None)
 
     wte, wpe = normal((V, C)), normal((cfg.block_size, C))
     blocks = tuple(Block(ln(), linear(C, 3 * C), linear(C, C, resid_std), ln(), linear(C, 4 * C),
                          linear(4 * C, C, resid_std)) for _ in range(L))
-    return GPTParams(wte, wpe, blocks, ln(), normal((C, V))), ()
+    return GPTParams(wte, wpe, blocks, ln(), None if cfg.tie else normal((C, V))), ()
 
 
 def forward(cfg: GPTConfig, params: GPTParams, state, x, train: bool, key=None) -> Forward:
@@ -297,7 +305,7 @@ def forward(cfg: GPTConfig, params: GPTParams, state, x, train: bool, key=None) 
         block_caches.append((c_ln1, c_attn, c_drop1, c_res1, c_ln2, c_fc, c_gelu, c_fcproj, c_drop2, c_res2))
         acts.append(h)
     h, c_lnf = layernorm_forward(h, params.lnf.w, params.lnf.b)
-    logits, c_head = linear_forward(h, params.lm_head)
+    logits, c_head = linear_forward(h, params.wte.T if cfg.tie else params.lm_head)  # (B, T, V)
     return Forward(logits, state, (c_emb, c_drop0, tuple(block_caches), c_lnf, c_head), tuple(acts))
 
 
@@ -306,7 +314,7 @@ def backward(cfg: GPTConfig, params: GPTParams, caches, dlogits):
     residual add passes it unchanged to the stream *and* to its branch, and what the branch sends back to the stream
     is added to it (llm.c's ``+=``). ``act_grads[i]`` is the loss gradient at block ``i``'s output."""
     c_emb, c_drop0, block_caches, c_lnf, c_head = caches
-    dh, dlm_head, _ = linear_backward(dlogits, c_head)
+    dh, dlm_head, _ = linear_backward(dlogits, c_head)  # (when tied: the gradient of wteᵀ, added to dwte below)
     dh, dlnf_w, dlnf_b = layernorm_backward(dh, c_lnf)
     dblocks, act_grads = [], []
     for c_ln1, c_attn, c_drop1, c_res1, c_ln2, c_fc, c_gelu, c_fcproj, c_drop2, c_res2 in reversed(block_caches):
@@ -330,6 +338,8 @@ def backward(cfg: GPTConfig, params: GPTParams, caches, dlogits):
     if c_drop0 is not None:
         dh, _, _ = dropout_backward(dh, c_drop0)
     dwte, dwpe, _ = token_position_embedding_backward(dh, c_emb)
+    if cfg.tie:  # one table, two uses: the gradients add
+        dwte, dlm_head = dwte + dlm_head.T, None
     grads = GPTParams(dwte, dwpe, tuple(reversed(dblocks)), LayerNorm(dlnf_w, dlnf_b), dlm_head)
     return grads, tuple(reversed(act_grads))
 
