@@ -236,7 +236,8 @@ class Tokenizer:
         out = []
         for i in ids:
             if int(i) not in vocab:
-                raise ValueError(f"token id {int(i)} is outside this tokenizer's vocabulary (0 .. {self.vocab_size - 1})")
+                raise ValueError(f"token id {int(i)} is outside this tokenizer's vocabulary "
+                                 f"(0 .. {self.vocab_size - 1})")
             out.append(vocab[int(i)])
         return b"".join(out)
 

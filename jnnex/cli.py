@@ -26,9 +26,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jnnex import __version__, parallel, rundir, run
+from jnnex import __version__, parallel, rundir, run, text
 from jnnex.data import CORPORA
-from jnnex.lm import sample_words
+from jnnex.lm import continue_text, sample_words
 from jnnex.models.registry import REGISTRY, has_manual_backward
 from jnnex.settings import add_flags
 from jnnex.train import NonFiniteLossError, TrainConfig, ctrl_c_guard, fit, lr_find
@@ -76,7 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", choices=sorted(REGISTRY),
                    help="(default mlp) " + "; ".join(f"{k}: {v.summary}" for k, v in REGISTRY.items()))
     t.add_argument("--data", metavar="PATH|" + "|".join(CORPORA),
-                   help="a UTF-8 text file with one word per line, or an embedded corpus (default: census-first)")
+                   help="a UTF-8 file: one word per line, or any text (--corpus); or an embedded corpus (default: "
+                        "census-first)")
+    t.add_argument("--corpus", choices=text.CORPUS_KINDS,
+                   help="read --data as a word list (one example per word) or as one long text (a token stream for "
+                        "the per-position models; split 90/10 by position); default: words if no line holds "
+                        "whitespace inside it, else text")
+    t.add_argument("--tokenizer", choices=text.TOKENIZERS,
+                   help="a text's tokens: its characters (default) or byte-level BPE trained on its train part")
+    t.add_argument("--vocab-size", type=int, help="--tokenizer bpe: the vocabulary, 256 bytes + merges (default 512)")
     presets = "; ".join(f"{k}: {', '.join(v.presets)}" for k, v in REGISTRY.items() if v.presets)
     t.add_argument("--preset", help=f"a named set of settings for the model ({presets})")
     t.add_argument("--out", help="run directory for config, parameters, checkpoint and metrics")
@@ -87,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "starts again from step 0")
     t.add_argument("--force", action="store_true", help="start a new run in an --out that holds one (its run files "
                                                         "are deleted first)")
-    t.add_argument("--split", type=_fractions, help="word fractions, e.g. 0.8,0.1,0.1 (bigram models: 1 = all words)")
+    t.add_argument("--split", type=_fractions, help="word fractions, e.g. 0.8,0.1,0.1 (bigram models: 1 = all words); "
+                                                     "a text's: train,val by position (default 0.9,0.1)")
     t.add_argument("--split-seed", type=int, help="seed of the word shuffle before splitting (default 42)")
     t.add_argument("--backward", choices=["autodiff", "manual"],
                    help="gradients from jax.grad (default), or from the model's hand-written backward "
@@ -115,13 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--seed", type=int, default=0, help="seed of the points and the initial weights (default 0)")
     mo.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
-    s = sub.add_parser("sample", help="generate words from a trained model")
+    s = sub.add_parser("sample", help="generate words, or continue a text, from a trained model")
     s.add_argument("--from", dest="run", required=True, help="run directory written by `jnnex train --out`")
-    s.add_argument("-n", type=int, default=20, help="number of words (default 20)")
+    s.add_argument("-n", type=int, help="number of words (default 20); a text run's: tokens to generate (default 500)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     s.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (default 1)")
-    s.add_argument("--top-k", type=int, help="sample only among the k most likely characters")
+    s.add_argument("--top-k", type=int, help="sample only among the k most likely tokens")
+    s.add_argument("--top-p", type=float, default=1.0, help="a text run's: sample only among the most likely tokens "
+                                                             "whose probability reaches this (default 1: all)")
     s.add_argument("--max-len", type=int, default=32, help="longest word generated (default 32)")
+    s.add_argument("--prompt", help="a text run's: the text to continue (default a newline)")
+    s.add_argument("--no-cache", action="store_true", help="a text run's: re-run the whole context for every token "
+                                                           "instead of the KV cache")
 
     e = sub.add_parser("eval", help="loss of a trained model on the train/dev/test splits of some data")
     e.add_argument("--from", dest="run", required=True, help="run directory written by `jnnex train --out`")
@@ -189,11 +203,13 @@ def cmd_train(args) -> int:
         if args.out is None:
             raise ValueError("--resume: give the run directory with --out")
         result = run.resume(args.out, model=args.model, data=args.data, split=args.split, split_seed=args.split_seed,
-                            gradients=args.backward, preset=args.preset, **settings, **common)
+                            gradients=args.backward, preset=args.preset, corpus=args.corpus,
+                            tokenizer=args.tokenizer, vocab_size=args.vocab_size, **settings, **common)
     else:
         rc = run.RunConfig.new(args.model or "mlp", args.data or "census-first", preset=args.preset, split=args.split,
                                split_seed=42 if args.split_seed is None else args.split_seed,
-                               gradients=args.backward or "autodiff", **settings)
+                               gradients=args.backward or "autodiff", corpus=args.corpus, tokenizer=args.tokenizer,
+                               vocab_size=args.vocab_size, **settings)
         result = run.train(rc, args.out, force=args.force, **common)
     if result.interrupted:
         name = "interrupted" if result.signal == signal.SIGINT else f"stopped by {signal.Signals(result.signal).name}"
@@ -210,15 +226,30 @@ def cmd_train(args) -> int:
                   f"--out {args.out})", file=sys.stderr)
         return 128 + int(result.signal)
     m = result.metrics
-    print(json.dumps(m) if args.json else "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k.endswith("_loss"))
+    print(json.dumps(m) if args.json else "  ".join(f"{k} {v:.4f}" for k, v in m.items() if "_loss" in k)
           + f"  ({m['steps']} steps, {m['seconds']:.1f} s)")
     return 0
 
 
 def cmd_sample(args) -> int:
     loaded = run.load(args.run)
+    if loaded.config.corpus == "text":
+        tok = loaded.vocab
+        prompt = "\n" if args.prompt is None else args.prompt
+        try:
+            ids = tok.encode(prompt) if loaded.config.tokenizer == "char" else tok.encode(prompt, "none")
+        except ValueError as e:
+            raise ValueError(f"--prompt: {e}") from None
+        new = continue_text(loaded.model, loaded.params, loaded.state, ids, 500 if args.n is None else args.n,
+                            jax.random.key(args.seed), temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, cache=not args.no_cache and loaded.model.decode_fn is not None)
+        print(prompt + tok.decode(new[0]))
+        return 0
+    if args.prompt is not None:
+        raise ValueError("--prompt continues a text; this run is a word list's (it samples whole words)")
     for word in sample_words(loaded.model, loaded.params, loaded.state, loaded.vocab, jax.random.key(args.seed),
-                             args.n, max_len=args.max_len, temperature=args.temperature, top_k=args.top_k):
+                             20 if args.n is None else args.n, max_len=args.max_len, temperature=args.temperature,
+                             top_k=args.top_k):
         print(word)
     return 0
 
@@ -263,17 +294,22 @@ def cmd_diagnose(args) -> int:
     print(f"{model.name} {settings or ''} on {args.data}: loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}")
     print(f"\n-- step 0 (initialisation)\n{diagnostics.table(res.metrics, names, 0)}")
     print(f"\n-- step {args.steps - 1}\n{diagnostics.table(res.metrics, names, -1)}")
-    X = jnp.asarray(splits.train[0][:512])
+    if rc.corpus == "text":  # a batch of a text: consecutive windows of its beginning, every position predicted
+        T = model.block_size
+        rows = text.exact_windows(np.asarray(splits.train.tokens[: 512 * T + 1]), T, stride=T)
+    else:
+        rows = splits.train
+    X = jnp.asarray(rows[0][:512])
     first = jax.eval_shape(lambda: model.forward(res.ts.params, res.ts.state, X, train=False)).acts[:1]
     if model.per_position and first and first[0].shape[:2] == X.shape:  # a state h_t per position t: how far back
         # the last prediction's gradient reaches (the recurrent nets, the GPT's residual stream, the bag of words)
-        y_last = jnp.asarray(splits.train[1][:512, 0])  # any valid character as the last position's target
+        y_last = jnp.asarray(rows[1][:512, 0])  # any valid character as the last position's target
         for label, p in (("initialisation", model.init(jax.random.key(args.seed))[0]), ("trained", res.ts.params)):
             prof = diagnostics.gradient_through_time(model, p, res.ts.state, X, y_last)
             print(f"\n|dL_last/dh_t| for t = 0..{X.shape[1] - 1} ({label}): "
                   + " ".join(f"{v:.2e}" for v in prof.tolist()))
     if args.out:
-        X, Y = (jnp.asarray(a[:512]) for a in splits.train)  # one batch of the training data, in train mode
+        X, Y = (jnp.asarray(a[:512]) for a in rows)  # one batch of the training data, in train mode
         acts, act_grads = diagnostics.activation_gradients(model, res.ts.params, res.ts.state, X, Y)
         for p in plot.plot_diagnostics(res.metrics, names, acts, act_grads, args.out):
             print(p)

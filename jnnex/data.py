@@ -128,6 +128,11 @@ class Vocab:
         return len(self.chars) + 1
 
     @property
+    def vocab_size(self) -> int:
+        """V, as a tokenizer names it (:class:`jnnex.text.Chars`, :class:`jnnex.bpe.Tokenizer`)."""
+        return self.size
+
+    @property
     def itos(self) -> str:
         return self.boundary + self.chars
 

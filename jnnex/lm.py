@@ -77,6 +77,9 @@ class LanguageModel:
             ``True``: a sequence ``x (B, T)`` predicts every next token, logits ``(B, T, V)``, targets ``(B, T)``
             with ``-1`` where nothing is predicted (:func:`jnnex.data.build_sequences`).
         embeddings_fn: optional ``params -> (V, C)`` token embedding table, for pictures.
+        prefill_fn, decode_fn: optional incremental decoding with a KV cache (a per-position model's):
+            ``prefill_fn(cfg, params, x (B, T)) -> (logits (B, T, V), cache)`` and ``decode_fn(cfg, params, cache,
+            token (B,), pos) -> (logits (B, V), cache)``; :func:`continue_text` uses them.
     """
 
     name: str
@@ -89,6 +92,8 @@ class LanguageModel:
     stochastic: bool = False
     per_position: bool = False
     embeddings_fn: Callable | None = None
+    prefill_fn: Callable | None = None
+    decode_fn: Callable | None = None
 
     def __post_init__(self):
         if self.gradients not in GRADIENTS:
@@ -307,3 +312,116 @@ def generate(
 def sample_words(model: LanguageModel, params, state, vocab, key, n: int = 20, **kwargs) -> list[str]:
     """``n`` generated words, decoded with ``vocab`` (each stops at its boundary token)."""
     return [vocab.decode(row) for row in generate(model, params, state, key, n, **kwargs)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Continuing a text
+
+
+def filter_logits(logits, temperature, top_k: int | None, top_p):
+    """``logits (B, V)`` for sampling: divided by ``temperature``, then only the ``top_k`` most likely tokens kept
+    (``None``: all), then only the smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus
+    sampling; 1: all; the most likely token always stays). Dropped tokens get ``-inf``."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1)
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    order = jnp.argsort(-logits, axis=-1)  # (B, V), most likely first
+    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # the probability of the tokens ranked above each
+    keep_sorted = before < top_p
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "n_new", "top_k", "cached", "with_logits"))
+def _continue(model, params, state, window, length, key, n_new, temperature, top_k, top_p, cached, with_logits):
+    T = model.block_size
+    keys = jax.random.split(key, n_new)
+    B = window.shape[0]
+
+    def last_logits(logits, length):
+        return jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False)  # (B, V)
+
+    def put(window, length, tok):
+        return jax.lax.dynamic_update_slice(window, tok[:, None], (jnp.int32(0), length))
+
+    if not cached:  # the whole window again for every token; a full window slides by one (nanoGPT's crop)
+        def body(carry, k):
+            window, length = carry
+            logits = last_logits(model.apply(params, state, window, train=False)[0], length)
+            tok = jax.random.categorical(k, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+            full = length == T
+            window = jnp.where(full, jnp.roll(window, -1, axis=1), window)
+            length = jnp.where(full, T - 1, length)
+            return (put(window, length, tok), length + 1), (tok, logits if with_logits else jnp.zeros((B, 0)))
+
+        _, (toks, logits) = jax.lax.scan(body, (window, length), keys)
+        return toks.T, logits
+
+    def prefill(window):
+        logits, cache = model.prefill_fn(model.cfg, params, window)
+        return logits, cache
+
+    logits, cache = prefill(window)
+    first = last_logits(logits, length)
+
+    def refill(window_cache):  # the last T // 2 tokens become positions 0 .. T // 2 - 1, encoded in one forward
+        window, _ = window_cache
+        window = jnp.roll(window, -(T - T // 2), axis=1)
+        return window, prefill(window)[1]
+
+    def body(carry, k):
+        window, length, cache, logits = carry
+        tok = jax.random.categorical(k, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+        full = length == T
+        window, cache = jax.lax.cond(full, refill, lambda wc: wc, (window, cache))
+        length = jnp.where(full, T // 2, length)
+        new_logits, cache = model.decode_fn(model.cfg, params, cache, tok, length)
+        return (put(window, length, tok), length + 1, cache, new_logits), \
+            (tok, logits if with_logits else jnp.zeros((B, 0)))
+
+    _, (toks, logits) = jax.lax.scan(body, (window, length, cache, first), keys)
+    return toks.T, logits
+
+
+def continue_text(model: LanguageModel, params, state, prompt, n_new: int, key, *, n: int = 1,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, cache: bool | None = None,
+                  with_logits: bool = False):
+    """``n`` continuations of the token ids ``prompt``, ``n_new`` tokens each: ``tokens (n, n_new) int32`` (and,
+    ``with_logits``, the logits each token was drawn from, ``(n_new, n, V)``). Deterministic for a given ``key``.
+
+    ``cache`` (default: when the model has one, a GPT's): incremental decoding — the prompt is read in one forward,
+    then each token runs the blocks once over its one position, reading and appending the cached keys and values
+    (:func:`jnnex.models.gpt.decode`). Past ``block_size`` the context slides by halves: once the buffer is full, its
+    last ``T // 2`` tokens are encoded again at positions ``0 .. T/2 - 1`` (one forward) and decoding goes on, so
+    every token is drawn from between ``T/2`` and ``T`` tokens of context, for one forward per ``T/2`` tokens (a
+    learned position table cannot slide a cache by one). Without a cache each token re-runs the whole window, which
+    slides by one (the last ``T`` tokens, nanoGPT's crop). Only the prompt's last ``T`` tokens are read.
+    """
+    if not model.per_position:
+        raise ValueError(f"model {model.name!r} predicts one token from a window; continuing a text needs a "
+                         "per-position model")
+    positive_int("n", n)
+    positive_int("n_new", n_new)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= model.vocab_size):
+        raise ValueError(f"top_k must be None or an integer in [1, {model.vocab_size}], got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    prompt = [int(i) for i in prompt][-model.block_size:]
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token to continue")
+    if not all(0 <= i < model.vocab_size for i in prompt):
+        raise ValueError(f"the prompt has token ids outside the vocabulary [0, {model.vocab_size})")
+    if cache is None:
+        cache = model.decode_fn is not None
+    if cache and model.decode_fn is None:
+        raise ValueError(f"model {model.name!r} has no KV cache; sample without one")
+    memory.check_sampling_fits(model, n)
+    window = np.zeros((n, model.block_size), np.int32)
+    window[:, : len(prompt)] = prompt
+    toks, logits = _continue(model, params, state, jnp.asarray(window), jnp.int32(len(prompt)), key, n_new,
+                             jnp.float32(temperature), top_k, jnp.float32(top_p), bool(cache), bool(with_logits))
+    return (np.asarray(toks), np.asarray(logits)) if with_logits else np.asarray(toks)

@@ -82,14 +82,15 @@ def gib(n: int) -> str:
     return f"{n / GiB:,.2f} GiB" if n < 1000 * GiB else f"{n / GiB:,.0f} GiB"
 
 
-def training_estimate(model, optimizer, batch_size: int, n_train: int) -> Estimate:
-    """The memory of training ``model`` with ``optimizer`` at ``batch_size`` rows a step on ``n_train`` examples."""
+def training_estimate(model, optimizer, batch_size: int, n_train: int, *, data_bytes: int | None = None) -> Estimate:
+    """The memory of training ``model`` with ``optimizer`` at ``batch_size`` rows a step on ``n_train`` examples
+    (``data_bytes``: what the training data takes instead, a text's token stream)."""
     key = jax.random.key(0)
     params, state = jax.eval_shape(model.init, key)
     with jax.numpy_dtype_promotion("standard"):  # optax mixes integer counts and floats (see jnnex.train)
         opt_state = jax.eval_shape(optimizer.init, params)
     activations = _per_batch(model, params, state, batch_size, train=True)
-    data = n_train * model.block_size * 4 * 2  # X and Y, int32 (per position: Y is (N, T) too)
+    data = n_train * model.block_size * 4 * 2 if data_bytes is None else data_bytes  # X, Y int32 ((N, T) per position)
     return Estimate(nbytes(params) + nbytes(state), nbytes(params), nbytes(opt_state), activations, data)
 
 

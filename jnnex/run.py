@@ -23,6 +23,13 @@ added ones run at the rate in force at the old end: a constant-rate run continue
 uninterrupted 800-step run, bit for bit; a run with the default schedule continued from 400 to 800 equals an 800-step
 run with ``lr_boundaries=(200,)``. ``config.json`` records it (``continued``: from how many steps to how many).
 
+**Words or text.** A run reads a word list (``corpus="words"``: one example per word, :mod:`jnnex.data`) or one long
+text (``corpus="text"``: a token stream, :mod:`jnnex.text`, for the per-position models), guessed from the file when
+not given (:func:`jnnex.text.corpus_kind`). A text's tokenizer is ``char`` (its characters) or ``bpe`` (byte-level BPE
+trained on the training part, :mod:`jnnex.bpe`, saved beside the run as ``tokenizer.bpe``); a text's block size is
+64 unless given; its tokens are kept in token files beside the run; its final metrics hold the exact val loss, nanoGPT's
+estimates, and the val loss per byte, which compares runs of different tokenizers.
+
 **One run per directory at a time**: the process that writes a run directory holds its lock (:func:`jnnex.rundir.lock`)
 from the first check to the last file.
 """
@@ -38,8 +45,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
-from jnnex import memory, parallel, rundir
+from jnnex import bpe, memory, parallel, rundir, text
 from jnnex.data import CORPORA, Splits, Vocab, load_words, make_splits
 from jnnex.lm import GRADIENTS, LanguageModel, count_params, evaluate
 from jnnex.models.registry import REGISTRY, ModelSpec, config_for_words, get_spec, has_manual_backward
@@ -73,21 +81,30 @@ class RunConfig:
     model_config: Any  # the model's frozen config
     train: TrainConfig | None  # None for a model fitted in closed form (the counting bigram)
     data: str  # as given: an embedded corpus's name, or a file's path as typed
-    data_sha256: str  # of the words, "\n"-joined
-    vocab: Vocab
-    split: tuple[float, ...] = (0.8, 0.1, 0.1)  # word fractions of the parts (train, dev, test)
+    data_sha256: str  # of the words, "\n"-joined; of a text, its file's bytes
+    vocab: Vocab | text.Chars | bpe.Tokenizer  # words: characters + boundary; a text: its tokenizer
+    split: tuple[float, ...] = (0.8, 0.1, 0.1)  # word fractions of the parts (train, dev, test); a text's (train, val)
     split_seed: int = 42  # of the word shuffle before splitting
     gradients: str = "autodiff"  # or "manual": the model's hand-written backward
     data_path: str | None = None  # a data file's absolute path (None for an embedded corpus): resume from anywhere
     continued: tuple[tuple[int, int], ...] = ()  # (steps before, steps after) each time the run was continued
+    corpus: str = "words"  # or "text": one long text as a token stream
+    tokenizer: str = "char"  # a text's: char or bpe
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab.vocab_size
 
     @classmethod
     def new(cls, model: str = "mlp", data: str = "census-first", *, preset: str | None = None,
             split: tuple[float, ...] | None = None, split_seed: int = 42, gradients: str = "autodiff",
+            corpus: str | None = None, tokenizer: str | None = None, vocab_size: int | None = None,
             **settings) -> RunConfig:
-        """A new run of registered ``model`` on ``data`` (a corpus name or a file of words): the registry's
-        settings, then the ``preset``'s, then ``settings`` — model-config fields and :class:`TrainConfig` fields by
-        name (``n_hidden=300``, ``steps=20_000``, ``optimizer="adamw"``).
+        """A new run of registered ``model`` on ``data`` (a corpus name or a file of words, or a text): the
+        registry's settings, then the ``preset``'s, then ``settings`` — model-config fields and :class:`TrainConfig`
+        fields by name (``n_hidden=300``, ``steps=20_000``, ``optimizer="adamw"``). ``corpus`` (``"words"`` or
+        ``"text"``; guessed from the file when ``None``), ``tokenizer`` (a text's: ``"char"``, default, or
+        ``"bpe"``) and ``vocab_size`` (a BPE tokenizer's, default 512) say how the data is read.
 
         >>> rc = RunConfig.new("wavenet", steps=20_000)
         >>> rc.train.lr_boundaries, rc.vocab.size
@@ -100,30 +117,55 @@ class RunConfig:
                 raise ValueError(f"model {model!r} has no preset {preset!r}; it has {sorted(spec.presets)}")
             model_over, train_over = (dict(d) for d in spec.presets[preset])
         model_given, train_given = _sort_settings(spec, model, settings)
-        words = load_words(data)
-        vocab = Vocab.from_words(words)
-        model_config = config_for_words(spec, words, vocab, **{**model_over, **model_given})
+        corpus = _corpus(data, corpus)
+        if corpus == "text":
+            if not spec.per_position:
+                per_position = ", ".join(n for n, s in REGISTRY.items() if s.per_position)
+                raise ValueError(f"model {model!r} reads a window and predicts one character; a text (--corpus text) "
+                                 f"trains a per-position model: {per_position}")
+            path = text.check_text_file(data)
+            split = tuple(float(f) for f in (split or (1 - text.VAL_FRACTION, text.VAL_FRACTION)))
+            if len(split) != 2 or not 0 < split[1] < 1 or abs(sum(split) - 1) > 1e-9:
+                raise ValueError(f"a text splits into two parts by position (train, val), as fractions that sum to 1: "
+                                 f"--split 0.9,0.1; got {split}")
+            tok = _text_tokenizer(path, tokenizer or "char", vocab_size, split)
+            model_config = spec.config(vocab_size=tok.vocab_size,
+                                       **{"block_size": TEXT_BLOCK_SIZE, **model_over, **model_given})
+            sha, vocab = text.file_sha256(path), tok
+        else:
+            if tokenizer is not None or vocab_size is not None:
+                raise ValueError("--tokenizer and --vocab-size apply to a text (--corpus text); a word list is read "
+                                 "as characters")
+            words = load_words(data)
+            vocab = Vocab.from_words(words)
+            model_config = config_for_words(spec, words, vocab, **{**model_over, **model_given})
+            sha, split = sha256(words), tuple(float(f) for f in (split or spec.split))
         if gradients not in GRADIENTS:
             raise ValueError(f"gradients must be one of {GRADIENTS}, got {gradients!r}")
         if gradients == "manual" and not has_manual_backward(model):
             raise ValueError(f"gradients 'manual' (--backward manual): model {model!r} has no hand-written backward "
                              f"(available for {', '.join(n for n in REGISTRY if has_manual_backward(n))})")
-        return cls(model, model_config, _train_config(spec, train_over, train_given), str(data), sha256(words), vocab,
-                   tuple(float(f) for f in (split or spec.split)), split_seed, gradients, data_file(data))
+        return cls(model, model_config, _train_config(spec, train_over, train_given), str(data), sha, vocab, split,
+                   split_seed, gradients, data_file(data), corpus=corpus,
+                   tokenizer="char" if corpus == "words" else (tokenizer or "char"))
 
     def to_json(self) -> dict:
         """The ``config.json`` document."""
         return {"model": self.model, "model_config": dataclasses.asdict(self.model_config),
                 "train_config": None if self.train is None else dataclasses.asdict(self.train),
                 "data": self.data, "data_path": self.data_path, "data_sha256": self.data_sha256,
-                "vocab": self.vocab.chars, "boundary": self.vocab.boundary, "split": list(self.split),
-                "split_seed": self.split_seed, "backward": self.gradients,
-                "continued": [{"from_steps": a, "steps": b} for a, b in self.continued]}
+                "split": list(self.split), "split_seed": self.split_seed, "backward": self.gradients,
+                "continued": [{"from_steps": a, "steps": b} for a, b in self.continued],
+                "corpus": self.corpus, "tokenizer": self.tokenizer,
+                **({"vocab": self.vocab.chars, "boundary": self.vocab.boundary} if self.corpus == "words" else
+                   {"vocab": self.vocab.chars} if self.tokenizer == "char" else
+                   {"tokenizer_file": rundir.TOKENIZER, "tokenizer_sha256": text.tokenizer_sha256(self.vocab)})}
 
     @classmethod
-    def from_json(cls, doc, where: str = "config.json") -> RunConfig:
-        """A :class:`RunConfig` from its ``config.json`` document (also as written before ``data_path`` and
-        ``continued`` existed); every field checked, each error naming ``where`` and the field."""
+    def from_json(cls, doc, where: str = "config.json", tokenizer: bpe.Tokenizer | None = None) -> RunConfig:
+        """A :class:`RunConfig` from its ``config.json`` document (also as written before ``data_path``,
+        ``continued`` and ``corpus`` existed); every field checked, each error naming ``where`` and the field. A BPE
+        run's ``tokenizer`` is read from its own file (:func:`load_config`)."""
         if not isinstance(doc, dict):
             raise ValueError(f"{where} must hold a JSON object, got {type(doc).__name__}")
 
@@ -145,14 +187,26 @@ class RunConfig:
         model_config = from_json(spec.config_cls, field("model_config", dict), f"{where}: model_config")
         train_doc = doc.get("train_config")
         train = None if spec.fit_fn is not None else from_json(TrainConfig, train_doc, f"{where}: train_config")
-        chars, boundary = field("vocab", str), field("boundary", str, ".")
+        corpus, tokenizer_kind = field("corpus", str, "words"), field("tokenizer", str, "char")
+        if corpus not in text.CORPUS_KINDS or tokenizer_kind not in text.TOKENIZERS:
+            raise ValueError(f"{where}: corpus must be one of {text.CORPUS_KINDS} and tokenizer one of "
+                             f"{text.TOKENIZERS}, got {corpus!r} and {tokenizer_kind!r}")
         try:
-            vocab = Vocab(chars, boundary)
+            if corpus == "words":
+                vocab = Vocab(field("vocab", str), field("boundary", str, "."))
+            elif tokenizer_kind == "char":
+                vocab = text.Chars(field("vocab", str))
+            else:
+                if tokenizer is None:
+                    raise ValueError(f"its tokenizer ({field('tokenizer_file', str)}) was not given")
+                if text.tokenizer_sha256(tokenizer) != field("tokenizer_sha256", str):
+                    raise ValueError("its tokenizer file is not the one the run was trained with (sha256 differs)")
+                vocab = tokenizer
         except ValueError as e:
             raise ValueError(f"{where}: vocab: {e}") from None
-        if model_config.vocab_size != vocab.size:
+        if model_config.vocab_size != vocab.vocab_size:
             raise ValueError(f"{where}: model_config.vocab_size {model_config.vocab_size} does not match the "
-                             f"vocabulary's {vocab.size} characters")
+                             f"vocabulary's {vocab.vocab_size} tokens")
         split = field("split", list | tuple)
         if not split or not all(isinstance(f, int | float) and not isinstance(f, bool) and f >= 0 for f in split) \
                 or abs(sum(split) - 1) > 1e-9:
@@ -169,7 +223,7 @@ class RunConfig:
                 from None
         data_path = field("data_path", str, None) if doc.get("data_path") is not None else None
         return cls(name, model_config, train, field("data", str), field("data_sha256", str), vocab,
-                   tuple(float(f) for f in split), split_seed, gradients, data_path, continued)
+                   tuple(float(f) for f in split), split_seed, gradients, data_path, continued, corpus, tokenizer_kind)
 
     def continued_to(self, steps: int) -> RunConfig:
         """This run continued to ``steps`` steps (see the module docstring for what the schedule does)."""
@@ -221,6 +275,37 @@ def data_file(data) -> str | None:
     return None if str(data) in CORPORA else str(Path(data).resolve())
 
 
+TEXT_BLOCK_SIZE = 64  # a text's context when none is given (nanoGPT's CPU recipe)
+BPE_VOCAB_SIZE = 512
+
+
+def _corpus(data, corpus: str | None) -> str:
+    """``corpus`` checked, or guessed: an embedded corpus is words; a file, :func:`jnnex.text.corpus_kind`."""
+    if corpus is not None and corpus not in text.CORPUS_KINDS:
+        raise ValueError(f"corpus must be one of {text.CORPUS_KINDS}, got {corpus!r}")
+    if str(data) in CORPORA:
+        if corpus == "text":
+            raise ValueError(f"--corpus text: {data!r} is an embedded word list; give a text file")
+        return "words"
+    return corpus or text.corpus_kind(text.check_text_file(data))
+
+
+def _text_tokenizer(path: Path, kind: str, vocab_size: int | None, split: tuple[float, float]):
+    """A text's tokenizer: its characters (all of the text's, as nanoGPT's), or BPE trained on the training part."""
+    if kind not in text.TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {text.TOKENIZERS}, got {kind!r}")
+    if kind == "char":
+        if vocab_size is not None:
+            raise ValueError("--vocab-size applies to --tokenizer bpe; a character tokenizer has the text's characters")
+        return text.Chars.from_text(text.read_pieces(path))
+    size = BPE_VOCAB_SIZE if vocab_size is None else vocab_size
+    if type(size) is not int or size < 256:
+        raise ValueError(f"--vocab-size must be an integer of at least 256 (a byte-level BPE tokenizer starts from "
+                         f"the 256 bytes), got {size!r}")
+    train_part, _ = text.split_pieces(path, text.split_point(path, split[1]))
+    return bpe.train("".join(train_part), size)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # What a run is made of
 
@@ -230,10 +315,14 @@ class Prepared(NamedTuple):
     splits: Splits
 
 
+def _source(rc: RunConfig) -> str:
+    """Where the run's data is read from: its absolute path where it has one, so a run resumes from any directory."""
+    return rc.data_path if rc.data_path is not None and Path(rc.data_path).exists() else rc.data
+
+
 def read_words(rc: RunConfig) -> list[str]:
-    """The run's words — from its absolute path where it has one, so a run resumes from any directory — checked
-    against the sha256 the run started with."""
-    source = rc.data_path if rc.data_path is not None and Path(rc.data_path).exists() else rc.data
+    """The run's words, checked against the sha256 the run started with."""
+    source = _source(rc)
     words = load_words(source)
     if sha256(words) != rc.data_sha256:
         raise ValueError(f"the data {source!r} changed since the run started (sha256 {sha256(words)[:12]}… now, "
@@ -241,13 +330,29 @@ def read_words(rc: RunConfig) -> list[str]:
     return words
 
 
-def prepare(rc: RunConfig, words: list[str] | None = None) -> Prepared:
+def text_splits(rc: RunConfig, source: str | None = None, out: Path | None = None) -> text.TextSplits:
+    """A text run's train and val streams: of its own text (checked against its sha256), or of ``source`` split
+    alike; kept in token files in ``out`` when given."""
+    path = text.check_text_file(_source(rc) if source is None else source)
+    sha = text.file_sha256(path)
+    if source is None and sha != rc.data_sha256:
+        raise ValueError(f"the data {str(path)!r} changed since the run started (sha256 {sha[:12]}… now, "
+                         f"{rc.data_sha256[:12]}… then)")
+    cut = text.split_point(path, rc.split[1])
+    streams = text.token_files(path, rc.vocab, cut, out, sha) if out is not None else \
+        text.encode_streams(path, rc.vocab, cut)
+    return text.TextSplits(rc.vocab, rc.model_config.block_size, streams)
+
+
+def prepare(rc: RunConfig, words: list[str] | None = None, out: Path | None = None) -> Prepared:
     """The run's model (built once, on its gradients) and its splits of the data (``words``: the run's, read and
-    checked, by default)."""
+    checked, by default; a text's streams, kept in token files in ``out`` when given)."""
     spec = get_spec(rc.model)
     model = spec.build(rc.model_config)
     if rc.gradients != model.gradients:
         model = model.with_gradients(rc.gradients)
+    if rc.corpus == "text":
+        return Prepared(model, text_splits(rc, out=out))
     words = read_words(rc) if words is None else words
     return Prepared(model, make_splits(words, model.block_size, rc.split, rc.split_seed, rc.vocab,
                                        per_position=model.per_position))
@@ -261,15 +366,17 @@ def check_fits(rc: RunConfig, n_train: int, *, available: int | None = None,
     available = memory.available_bytes() if available is None else available
     spec = get_spec(rc.model)
 
+    data_bytes = n_train * text.token_dtype(rc.vocab_size).itemsize if rc.corpus == "text" else None
+
     def estimate(model_config, tcfg):
         return memory.training_estimate(spec.build(model_config), make_optimizer(tcfg), tcfg.batch_size or n_train,
-                                        n_train)
+                                        n_train, data_bytes=data_bytes)
 
     need = estimate(rc.model_config, rc.train)
     if need.total <= available:
         return need
     if settings is None:
-        given, default = dataclasses.asdict(rc.model_config), dataclasses.asdict(spec.config(vocab_size=rc.vocab.size))
+        given, default = dataclasses.asdict(rc.model_config), dataclasses.asdict(spec.config(vocab_size=rc.vocab_size))
         settings = {k: v for k, v in given.items() if k != "vocab_size" and type(v) is int and v != default[k]}
     hints = []
     for name, value in settings.items():
@@ -421,6 +528,9 @@ def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
     conflict("--split", None if split is None else tuple(float(f) for f in split), rc.split)
     conflict("--split-seed", given.pop("split_seed", None), rc.split_seed)
     conflict("--backward", given.pop("gradients", None), rc.gradients)
+    conflict("--corpus", given.pop("corpus", None), rc.corpus)
+    conflict("--tokenizer", given.pop("tokenizer", None), rc.tokenizer)
+    conflict("--vocab-size", given.pop("vocab_size", None), rc.vocab_size)
     model_own = {f.name for f in dataclasses.fields(rc.model_config) if is_flag(f)}
     for name, value in given.items():
         if name in TRAIN_FIELDS:
@@ -436,10 +546,15 @@ def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
 def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, progress: bool, log, on_chunk) -> RunResult:
     """The run itself, once ``out``'s policy is settled: ``out`` is where this process writes (None: nowhere)."""
     write = out is not None and parallel.is_writer()
-    model, splits = prepare(rc)
+    model, splits = prepare(rc, out=out if write else None)
+    is_text = rc.corpus == "text"
     if log is not None:
-        counts = ", ".join(f"{n} {int((Y >= 0).sum()):,}" for n, (_, Y) in zip(splits.names, splits.parts))
-        log(f"jnnex: {model.name} on {rc.data} ({counts} predicted characters, V={rc.vocab.size})"
+        if is_text:
+            counts = ", ".join(f"{n} {len(s.tokens):,}" for n, s in zip(splits.names, splits.parts)) + " tokens"
+        else:
+            counts = ", ".join(f"{n} {int((Y >= 0).sum()):,}" for n, (_, Y) in zip(splits.names, splits.parts)) \
+                + " predicted characters"
+        log(f"jnnex: {model.name} on {rc.data} ({counts}, V={rc.vocab_size})"
             + ("" if rc.train is None else f", seed {rc.train.seed}"))
     t0 = time.perf_counter()
     last: dict = {}
@@ -453,8 +568,11 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, progress
     else:
         check_fits(rc, len(splits.train[0]))
         if write:  # a new run's settings, or a continued run's new length
+            if rc.tokenizer == "bpe":
+                rc.vocab.save(out / rundir.TOKENIZER)
             rundir.write_json(out / rundir.CONFIG, rc.to_json())
-        res = fit(model, splits.train, rc.train, dev=splits.dev, out=out, resume=resume,
+        dev_name = splits.names[1] if len(splits.names) > 1 else "dev"
+        res = fit(model, splits.train, rc.train, dev=splits.dev, dev_name=dev_name, out=out, resume=resume,
                   progress=progress and parallel.is_writer(), devices=devices, on_chunk=on_chunk)
         params, state, steps, interrupted = res.ts.params, res.ts.state, int(res.ts.step), res.interrupted
         if write and (steps > res.start or not (out / rundir.MODEL).is_file()):  # (killed after its last checkpoint:
@@ -468,7 +586,9 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, progress
     if rc.train is not None:
         metrics["seed"] = rc.train.seed
     metrics.update(params=count_params(params), seconds=round(time.perf_counter() - t0, 3))
-    for name, (X, Y) in zip(splits.names, splits.parts):
+    if is_text:
+        metrics.update(text_losses(model, params, state, splits, last))
+    for name, (X, Y) in [] if is_text else zip(splits.names, splits.parts):
         key = f"{name}_loss"
         metrics[key] = last[key] if key in last else evaluate(model, params, state, X, Y)
     if devices is not None:
@@ -479,6 +599,25 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, progress
     return result
 
 
+def per_byte(loss: float, tokenizer, stream: text.Stream) -> float:
+    """A loss per token of ``stream``'s predictions as a loss per byte of the text they predict (the total nats over
+    the bytes of every token but the first): what compares runs with different tokenizers."""
+    tokens = np.asarray(stream.tokens)
+    return loss * (len(tokens) - 1) / text.utf8_bytes(tokenizer, tokens[1:])
+
+
+def text_losses(model, params, state, splits: text.TextSplits, last: dict) -> dict:
+    """A text run's final figures: the val loss exact and per byte, and nanoGPT's estimates, labelled (the ones the
+    last evaluation made, at this step)."""
+    name = splits.names[1]
+    out = {k: last[k] for k in ("train_loss_estimate", f"{name}_loss", f"{name}_loss_estimate") if k in last}
+    if f"{name}_loss" not in out:
+        out[f"{name}_loss"] = evaluate(model, params, state, *text.exact_windows(np.asarray(splits.dev.tokens),
+                                                                               model.block_size))
+    out[f"{name}_loss_per_byte"] = per_byte(out[f"{name}_loss"], splits.vocab, splits.dev)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -486,7 +625,11 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, progress
 def load_config(run: str | Path) -> RunConfig:
     """The :class:`RunConfig` of the run directory ``run``; every field checked, errors naming the file."""
     path = Path(run) / rundir.CONFIG
-    return RunConfig.from_json(rundir.read_json(path), str(path))
+    doc = rundir.read_json(path)
+    tokenizer = None
+    if isinstance(doc, dict) and doc.get("tokenizer") == "bpe":
+        tokenizer = bpe.load(Path(run) / rundir.TOKENIZER)
+    return RunConfig.from_json(doc, str(path), tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,7 +642,7 @@ class TrainedRun:
     state: Any
 
     @property
-    def vocab(self) -> Vocab:
+    def vocab(self) -> Vocab | text.Chars | bpe.Tokenizer:
         return self.config.vocab
 
 
@@ -518,6 +661,14 @@ def evaluate_run(run: TrainedRun, data: str | None = None) -> dict[str, float]:
     """``{split}_loss`` of a loaded run on each part of ``data`` (default: the run's own, checked), split as the
     run was."""
     rc = run.config
+    if rc.corpus == "text":
+        splits = text_splits(rc, data)
+        out = {}
+        for name, stream in zip(splits.names, splits.parts):
+            out[f"{name}_loss"] = evaluate(run.model, run.params, run.state,
+                                           *text.exact_windows(np.asarray(stream.tokens), rc.model_config.block_size))
+            out[f"{name}_loss_per_byte"] = per_byte(out[f"{name}_loss"], rc.vocab, stream)
+        return out
     words = None if data is None else load_words(data)
     splits = make_splits(words if words is not None else read_words(rc), run.model.block_size, rc.split,
                          rc.split_seed, rc.vocab, per_position=run.model.per_position)

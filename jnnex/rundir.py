@@ -165,9 +165,10 @@ def load_pytree(path: str | os.PathLike, like):
 CONFIG, METRICS, CHECKPOINT, MODEL, FINAL_METRICS = "config.json", "metrics.jsonl", "checkpoint.npz", "model.npz", \
     "metrics.json"
 LOCK = "lock"
+TOKENIZER = "tokenizer.bpe"  # a BPE text run's tokenizer (jnnex.bpe's file); token files (tokens-*) are a cache
 
 
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT, MODEL, FINAL_METRICS)
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, MODEL, FINAL_METRICS, TOKENIZER)
 
 
 def check_run_dir(run: str | os.PathLike) -> Path:

@@ -321,3 +321,35 @@ def estimate_loss(model, params, state, tokens, key, batches: int, batch_size: i
     """nanoGPT's ``estimate_loss``: the mean of ``batches`` random batches' mean losses, in eval mode. ``tokens``
     ``(N,)``, on the device or not; ``key`` draws the offsets."""
     return float(_estimate(model, params, state, jnp.asarray(tokens), key, batches, batch_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSplits:
+    """A text's two parts as streams, with its tokenizer: what :class:`jnnex.data.Splits` is for words."""
+
+    vocab: object  # the tokenizer (Chars or jnnex.bpe.Tokenizer)
+    block_size: int
+    parts: tuple[Stream, Stream]  # (train, val)
+
+    @property
+    def names(self) -> tuple[str, str]:
+        return ("train", "val")
+
+    @property
+    def train(self) -> Stream:
+        return self.parts[0]
+
+    @property
+    def dev(self) -> Stream:
+        return self.parts[1]
+
+    @property
+    def test(self) -> None:
+        return None
+
+
+def utf8_bytes(tokenizer, ids) -> int:
+    """How many bytes of UTF-8 the tokens ``ids`` stand for (to turn a loss per token into one per byte)."""
+    if hasattr(tokenizer, "decode_bytes"):
+        return len(tokenizer.decode_bytes(ids))
+    return len(tokenizer.decode(ids).encode("utf-8"))

@@ -236,7 +236,8 @@ def make_step(model: LanguageModel, optimizer: optax.GradientTransformation, *, 
     return step
 
 
-def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4, mesh=None, window: int | None = None) -> Callable:
+def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4, mesh=None,
+             window: int | None = None) -> Callable:
     """``run(ts, X, Y, key, n_steps) -> (ts, metrics)``, jitted: ``n_steps`` steps of ``step`` in one ``lax.scan``.
 
     Step ``s`` draws ``batch_size`` example indices uniformly (with replacement, as the lecture's ``randint``) from

@@ -76,7 +76,8 @@ def shakespeare_txt() -> Path:
     """char-rnn's tiny Shakespeare: $JNNEX_SHAKESPEARE_TXT, else ../shared/data/tinyshakespeare.txt."""
     path = Path(os.environ.get("JNNEX_SHAKESPEARE_TXT", REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
     if not path.is_file():
-        pytest.skip(f"tinyshakespeare.txt not found at {path} (set JNNEX_SHAKESPEARE_TXT; get it from karpathy/char-rnn)")
+        pytest.skip(f"tinyshakespeare.txt not found at {path} (set JNNEX_SHAKESPEARE_TXT; get it from "
+                    "karpathy/char-rnn)")
     return path
 
 

@@ -69,7 +69,7 @@ def files(tmp_path_factory):
 CLI = [
     # argv (with {d} for the fixture's directory), exit code, words of the message
     (["train", "--data", "{d}/nope.txt"], 2, "does not exist"),
-    (["train", "--data", "{d}/empty.txt"], 2, "no usable lines"),
+    (["train", "--data", "{d}/empty.txt"], 2, "empty.txt' is empty"),
     (["train", "--data", "{d}/bin.txt"], 2, "not valid UTF-8"),
     (["train", "--data", "{d}/dots.txt"], 2, "boundary token"),
     (["train", "--data", "{d}/a-dir"], 2, "a-dir' is a directory"),

@@ -4,6 +4,7 @@
 known before anything is allocated."""
 
 import dataclasses
+import re
 import json
 import os
 import signal
@@ -257,3 +258,107 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_model(tmp_path, c
     got = arrays(out / "model.npz")
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
     assert rundir.read_json(out / "metrics.json")["steps"] == 20
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text runs: one long text as a token stream
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory, shakespeare_txt):
+    """The first 30,000 characters of tiny Shakespeare: a text, not a word list."""
+    path = tmp_path_factory.mktemp("text") / "shakespeare-30k.txt"
+    path.write_text(shakespeare_txt.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    return path
+
+
+TEXT_FLAGS = ["--model", "gpt", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
+              "--batch-size", "4", "--optimizer", "adamw", "--lr", "3e-3", "--lr-boundaries", "", "--eval-iters", "2",
+              "--chunk", "20", "--no-progress"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_a_text_run_from_the_cli_and_the_library(tmp_path, capsys, small_text, tokenizer):
+    """A text is guessed as one (whitespace inside lines), split 90/10 by position; `jnnex train` and `run.train`
+    make the same run; it loads, evaluates to its own exact val loss, continues a prompt; per byte is per token times
+    tokens over bytes (below it for BPE's multi-byte tokens)."""
+    extra = ["--tokenizer", "bpe", "--vocab-size", "300"] if tokenizer == "bpe" else []
+    cli, lib = tmp_path / "cli", tmp_path / "lib"
+    assert main(["train", *TEXT_FLAGS, *extra, "--data", str(small_text), "--steps", "40", "--eval-every", "20",
+                 "--out", str(cli)]) == 0
+    settings = dict(n_layer=1, n_embd=16, n_head=2, block_size=16, batch_size=4, optimizer="adamw", lr=3e-3,
+                    lr_boundaries=(), eval_iters=2, chunk=20, steps=40, eval_every=20)
+    rc = RunConfig.new("gpt", str(small_text), tokenizer=tokenizer, vocab_size=300 if tokenizer == "bpe" else None,
+                       **settings)
+    run.train(rc, lib, progress=False)
+    capsys.readouterr()
+    assert rundir.read_json(cli / "config.json") == rundir.read_json(lib / "config.json")
+    for name in ("model.npz", "checkpoint.npz"):
+        assert_same_arrays(cli / name, lib / name)
+    cfg = rundir.read_json(cli / "config.json")
+    assert (cfg["corpus"], cfg["tokenizer"], cfg["split"]) == ("text", tokenizer, [0.9, 0.1])
+    loaded = run.load(cli)
+    assert loaded.config == rc and loaded.vocab.vocab_size == (300 if tokenizer == "bpe" else 58)
+    metrics = rundir.read_json(cli / "metrics.json")
+    assert {"train_loss_estimate", "val_loss", "val_loss_estimate", "val_loss_per_byte"} <= set(metrics)
+    evaluated = run.evaluate_run(loaded)
+    assert evaluated["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
+    body = small_text.read_text(encoding="utf-8")
+    val_text, val = body[int(len(body) * 0.9):], run.text_splits(loaded.config).dev.tokens
+    predicted_bytes = len(val_text.encode()) - len(loaded.vocab.decode(val[:1]).encode())  # all but the first token
+    assert metrics["val_loss_per_byte"] == pytest.approx(metrics["val_loss"] * (len(val) - 1) / predicted_bytes,
+                                                         rel=1e-12)
+    assert (metrics["val_loss_per_byte"] < metrics["val_loss"]) == (tokenizer == "bpe")  # ASCII: a char is a byte
+    assert main(["sample", "--from", str(cli), "--prompt", "ROMEO:", "-n", "50", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ROMEO:") and len(out) > 50
+    assert main(["sample", "--from", str(cli), "--prompt", "ROMEO:", "-n", "50", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == out  # a seed gives the same text
+
+
+@pytest.mark.slow
+def test_a_text_run_continues_exactly(tmp_path, capsys, small_text):
+    """40 steps continued to 80 (`--resume --steps 80`, the token files reused) equal 80 steps straight, bit for bit."""
+    cont, whole = tmp_path / "cont", tmp_path / "whole"
+    assert main(["train", *TEXT_FLAGS, "--data", str(small_text), "--steps", "40", "--eval-every", "40",
+                 "--out", str(cont)]) == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in cont.glob("tokens-*")}
+    assert len(stamps) == 2
+    assert main(["train", "--resume", "--out", str(cont), "--steps", "80", "--no-progress"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in cont.glob("tokens-*")} == stamps
+    assert main(["train", *TEXT_FLAGS, "--data", str(small_text), "--steps", "80", "--eval-every", "40",
+                 "--out", str(whole)]) == 0
+    capsys.readouterr()
+    for name in ("model.npz", "checkpoint.npz"):
+        assert_same_arrays(cont / name, whole / name)
+
+
+def test_bad_text_input_is_named(tmp_path, capsys, small_text):
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be, that is the question\n" * 3)  # 123 characters: val 13 < 65
+    cases = [
+        (["train", "--model", "gpt", "--data", str(short), "--steps", "1"],
+         r"the val split has 13 tokens, fewer than block_size \+ 1 = 65"),
+        (["train", "--model", "gpt", "--data", str(short), "--steps", "1", "--block-size", "8", "--split", "0.5,0.3,0.2"],
+         r"a text splits into two parts by position \(train, val\)"),
+        (["train", "--model", "gpt", "--data", str(short), "--steps", "1", "--vocab-size", "300"],
+         "--vocab-size applies to --tokenizer bpe"),
+        (["train", "--model", "gpt", "--vocab-size", "300", "--steps", "1"], "apply to a text"),
+        (["train", "--model", "gpt", "--corpus", "text", "--steps", "1"], "is an embedded word list"),
+        (["train", "--model", "mlp", "--data", str(short), "--steps", "1"], "trains a per-position model"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, (argv, err)
+    out = tmp_path / "bpe"
+    assert main(["train", *TEXT_FLAGS, "--data", str(small_text), "--tokenizer", "bpe", "--vocab-size", "260",
+                 "--steps", "1", "--eval-every", "1", "--out", str(out)]) == 0
+    (out / "tokenizer.bpe").write_text("jnnex-bpe 1\npattern null\nspecial 0\nmerges 1\n97\n")
+    assert main(["sample", "--from", str(out)]) == 2
+    assert "tokenizer.bpe', line 5: expected a merge, two ids, found '97'" in capsys.readouterr().err
+    words = tmp_path / "words"
+    assert main(["train", "--model", "bigram", "--out", str(words)]) == 0
+    assert main(["sample", "--from", str(words), "--prompt", "em"]) == 2
+    assert "--prompt continues a text" in capsys.readouterr().err

@@ -344,6 +344,64 @@ def backward(cfg: GPTConfig, params: GPTParams, caches, dlogits):
     return grads, tuple(reversed(act_grads))
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling with a KV cache: each new token runs the blocks once, over its one position
+
+
+class KVCache(NamedTuple):
+    """Every block's keys and values of the positions read so far, in a buffer of the full context; positions at
+    and after the one being decoded hold stale values that the causal mask never reads."""
+
+    k: jax.Array  # (L, B, nh, T, hs)
+    v: jax.Array  # (L, B, nh, T, hs)
+
+
+def prefill(cfg: GPTConfig, params: GPTParams, x):
+    """The forward over ``x (B, block_size)`` (eval mode), keeping each block's keys and values: ``(logits (B, T, V),
+    KVCache)``. Reads them from the attention caches the forward already makes for the backward."""
+    if x.shape[1] != cfg.block_size:
+        raise ValueError(f"gpt.prefill: x must be (B, {cfg.block_size}), a full context buffer; got {x.shape}")
+    out = forward(cfg, params, (), x, train=False)
+    kv = [c[1][1][1][1:3] for c in out.caches[2]]  # c_attn -> (c_heads, (q, k, v, att)) -> (k, v)
+    return out.logits, KVCache(jnp.stack([k for k, _ in kv]), jnp.stack([v for _, v in kv]))
+
+
+def attend_cached(q, K, V, pos):
+    """One query position against the cache: ``q (B, nh, 1, hs)``, ``K, V (B, nh, T, hs)`` valid up to ``pos``
+    (included) -> ``y (B, 1, nh·hs)``. The same softmax as :func:`attend_forward`, one row of it."""
+    T, hs = K.shape[2], K.shape[3]
+    scores = (q @ K.transpose(0, 1, 3, 2)) * hs**-0.5  # (B, nh, 1, T)
+    scores = jnp.where((jnp.arange(T, dtype=jnp.int32) <= pos)[None, None, None, :], scores, -jnp.inf)
+    e = jnp.exp(scores - scores.max(-1, keepdims=True))
+    return _merge_heads((e / e.sum(-1, keepdims=True)) @ V)
+
+
+def decode(cfg: GPTConfig, params: GPTParams, cache: KVCache, token, pos):
+    """The next position: ``token (B,)`` read at position ``pos`` (``< block_size``; traced: one program for all
+    positions). Its keys and values are written into the cache (``lax.dynamic_update_slice``) and its query attends
+    over positions ``0 .. pos``. Returns ``(logits (B, V), cache)``: the full forward's logits at ``pos``."""
+    pos = jnp.asarray(pos, jnp.int32)
+    at = (jnp.int32(0), jnp.int32(0), pos, jnp.int32(0))  # where this position's keys and values go in the cache
+    h = (params.wte[token] + jax.lax.dynamic_index_in_dim(params.wpe, pos, keepdims=True))[:, None, :]  # (B, 1, C)
+    ks, vs = [], []
+    for i, blk in enumerate(params.blocks):
+        a, _ = layernorm_forward(h, blk.ln1.w, blk.ln1.b)
+        qkv, _ = linear_forward(a, blk.qkv.W, blk.qkv.b)  # (B, 1, 3C)
+        (q, k, v), _ = split_heads_forward(qkv, cfg.n_head)  # (B, nh, 1, hs) each
+        K = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k.dtype), at)  # (B, nh, T, hs)
+        V = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v.dtype), at)
+        a, _ = linear_forward(attend_cached(q, K, V, pos), blk.attproj.W, blk.attproj.b)
+        h = h + a
+        m, _ = layernorm_forward(h, blk.ln2.w, blk.ln2.b)
+        m, _ = linear_forward(gelu_forward(linear_forward(m, blk.fc.W, blk.fc.b)[0])[0], blk.fcproj.W, blk.fcproj.b)
+        h = h + m
+        ks.append(K)
+        vs.append(V)
+    h, _ = layernorm_forward(h, params.lnf.w, params.lnf.b)
+    logits, _ = linear_forward(h, params.wte.T if cfg.tie else params.lm_head)  # (B, 1, V)
+    return logits[:, 0], KVCache(jnp.stack(ks), jnp.stack(vs))
+
+
 def embeddings(params: GPTParams) -> jax.Array:
     return params.wte
 
@@ -351,4 +409,4 @@ def embeddings(params: GPTParams) -> jax.Array:
 def gpt(cfg: GPTConfig = GPTConfig()) -> LanguageModel:
     """makemore.py's transformer; ``.with_gradients("manual")`` trains it on :func:`backward`."""
     return LanguageModel("gpt", cfg, init, forward, backward, stochastic=cfg.dropout > 0, per_position=True,
-                         embeddings_fn=embeddings)
+                         embeddings_fn=embeddings, prefill_fn=prefill, decode_fn=decode)
