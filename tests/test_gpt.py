@@ -347,3 +347,39 @@ PAIRS = {
 }
 
 test_pair_backward_equals_vjp_float64, test_pair_rejects_a_wrongly_shaped_gradient = pairs.tests(PAIRS)
+
+
+def test_nanogpts_shakespeare_presets_are_its_recipes():
+    """The CPU command of nanoGPT's README and config/train_shakespeare_char.py, field by field."""
+    spec = REGISTRY["gpt"]
+    for name, layout, train in [
+        ("shakespeare-cpu", dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),
+         dict(steps=2_000, batch_size=12)),
+        ("shakespeare", dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
+         dict(steps=5_000, batch_size=64)),
+    ]:
+        model_over, train_over = spec.presets[name]
+        assert model_over == {**layout, "bias": False, "tie": True}
+        tcfg = dataclasses.replace(spec.train, **train_over)
+        assert {k: getattr(tcfg, k) for k in train} == train
+        assert (tcfg.optimizer, tcfg.lr, tcfg.schedule, tcfg.warmup, tcfg.min_lr, tcfg.decay_steps, tcfg.betas,
+                tcfg.weight_decay, tcfg.decay_mask, tcfg.grad_clip, tcfg.eval_iters) == \
+            ("adamw", 1e-3, "cosine", 100, 1e-4, train["steps"], (0.9, 0.99), 0.1, "matrices", 1.0, 20)
+    params, _ = jax.eval_shape(gpt(GPTConfig(vocab_size=65, **spec.presets["shakespeare"][0])).init,
+                               jax.random.key(0))
+    assert count_params(params) - 256 * 384 == 10_646_784  # nanoGPT's "10.65M" leaves out the position table
+
+
+@pytest.mark.slow
+def test_the_shakespeare_gpu_model_per_tensor_float64(record_property):
+    """nanoGPT's GPU model (6 layers, n_embd 384, block 256, tied, no biases) at batch 1 of 256 positions, float64:
+    every one of its tensors' hand-written gradients against jax.grad (dropout on, the same key both sides)."""
+    cfg = GPTConfig(vocab_size=65, **REGISTRY["gpt"].presets["shakespeare"][0])
+    params, x, y = random_problem(cfg, 1, 256, seed=2)
+    errors, loss_m, loss_a = per_tensor_errors(gpt(cfg), params, x, y, jax.random.key(4))
+    np.testing.assert_allclose(loss_m, loss_a, rtol=1e-12)
+    assert len(errors) == 2 + 6 * 6 + 1
+    record_property("table", "nanoGPT's Shakespeare GPT (6 x 384, T 256, batch 1, dropout 0.2), float64: worst "
+                             f"tensor {max(errors, key=errors.get)} {max(errors.values()):.1e}, best "
+                             f"{min(errors, key=errors.get)} {min(errors.values()):.1e} (of {len(errors)})")
+    assert max(errors.values()) <= 1e-10, errors

@@ -128,3 +128,60 @@ def make_torch_gpt_step(model: LanguageModel, X: np.ndarray, Y: np.ndarray, batc
         return float(loss.detach())
 
     return steps
+
+
+def make_torch_nanogpt_step(model: LanguageModel, tokens: np.ndarray, batch: int, tcfg):
+    """``steps(n)``: ``n`` steps of nanoGPT's Shakespeare recipe in PyTorch eager, written as nanoGPT's ``model.py``
+    computes it (no biases, the head tied to the token table, ``F.scaled_dot_product_attention`` causal, tanh GELU),
+    from ``model``'s initial parameters: windows of ``block_size + 1`` tokens at random offsets, AdamW (weight decay
+    on the matrices only), gradients clipped to norm ``tcfg.grad_clip``. On the CPU (or the GPU, as JAX)."""
+    import jax
+
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    params, _ = model.init(jax.random.key(0))
+    cfg = model.cfg
+    if cfg.bias or not cfg.tie:
+        raise ValueError("the nanoGPT peer is nanoGPT's layout: bias=False, tie=True")
+    C, nh, T = cfg.n_embd, cfg.n_head, cfg.block_size
+
+    def t(a):
+        return torch.tensor(np.asarray(a, np.float32), device=device, requires_grad=True)
+
+    wte, wpe, lnf_w = t(params.wte), t(params.wpe), t(params.lnf.w)
+    blocks = [(t(b.ln1.w), t(b.qkv.W), t(b.attproj.W), t(b.ln2.w), t(b.fc.W), t(b.fcproj.W)) for b in params.blocks]
+    matrices = [wte, wpe, *(p for b in blocks for p in (b[1], b[2], b[4], b[5]))]
+    gains = [lnf_w, *(p for b in blocks for p in (b[0], b[3]))]
+
+    def forward(x):
+        B = x.shape[0]
+        h = wte[x] + wpe[:T]
+        for ln1w, qkvW, projW, ln2w, fcW, fcprojW in blocks:
+            q, k, v = (F.layer_norm(h, (C,), ln1w, None, 1e-5) @ qkvW).split(C, dim=2)
+            q, k, v = (z.view(B, T, nh, C // nh).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = h + y.transpose(1, 2).reshape(B, T, C) @ projW
+            h = h + F.gelu(F.layer_norm(h, (C,), ln2w, None, 1e-5) @ fcW, approximate="tanh") @ fcprojW
+        return F.layer_norm(h, (C,), lnf_w, None, 1e-5) @ wte.T
+
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": tcfg.weight_decay},
+                             {"params": gains, "weight_decay": 0.0}], lr=tcfg.lr, betas=tuple(tcfg.betas),
+                            eps=tcfg.adam_eps)
+    data = torch.from_numpy(np.asarray(tokens, np.int64)).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    offsets = torch.arange(T + 1, device=device)
+
+    def steps(n: int) -> float:
+        for _ in range(n):
+            ix = torch.randint(0, len(data) - T, (batch,), generator=gen, device=device)
+            rows = data[ix[:, None] + offsets]
+            logits = forward(rows[:, :-1])
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([*matrices, *gains], tcfg.grad_clip)
+            opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return float(loss.detach())
+
+    return steps

@@ -352,8 +352,8 @@ class KVCache(NamedTuple):
     """Every block's keys and values of the positions read so far, in a buffer of the full context; positions at
     and after the one being decoded hold stale values that the causal mask never reads."""
 
-    k: jax.Array  # (L, B, nh, T, hs)
-    v: jax.Array  # (L, B, nh, T, hs)
+    k: tuple  # per block, (B, nh, T, hs)
+    v: tuple  # per block, (B, nh, T, hs)
 
 
 def prefill(cfg: GPTConfig, params: GPTParams, x):
@@ -363,7 +363,7 @@ def prefill(cfg: GPTConfig, params: GPTParams, x):
         raise ValueError(f"gpt.prefill: x must be (B, {cfg.block_size}), a full context buffer; got {x.shape}")
     out = forward(cfg, params, (), x, train=False)
     kv = [c[1][1][1][1:3] for c in out.caches[2]]  # c_attn -> (c_heads, (q, k, v, att)) -> (k, v)
-    return out.logits, KVCache(jnp.stack([k for k, _ in kv]), jnp.stack([v for _, v in kv]))
+    return out.logits, KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv))
 
 
 def attend_cached(q, K, V, pos):
@@ -388,8 +388,8 @@ def decode(cfg: GPTConfig, params: GPTParams, cache: KVCache, token, pos):
         a, _ = layernorm_forward(h, blk.ln1.w, blk.ln1.b)
         qkv, _ = linear_forward(a, blk.qkv.W, blk.qkv.b)  # (B, 1, 3C)
         (q, k, v), _ = split_heads_forward(qkv, cfg.n_head)  # (B, nh, 1, hs) each
-        K = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k.dtype), at)  # (B, nh, T, hs)
-        V = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v.dtype), at)
+        K = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), at)  # (B, nh, T, hs)
+        V = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), at)
         a, _ = linear_forward(attend_cached(q, K, V, pos), blk.attproj.W, blk.attproj.b)
         h = h + a
         m, _ = layernorm_forward(h, blk.ln2.w, blk.ln2.b)
@@ -399,7 +399,7 @@ def decode(cfg: GPTConfig, params: GPTParams, cache: KVCache, token, pos):
         vs.append(V)
     h, _ = layernorm_forward(h, params.lnf.w, params.lnf.b)
     logits, _ = linear_forward(h, params.wte.T if cfg.tie else params.lm_head)  # (B, 1, V)
-    return logits[:, 0], KVCache(jnp.stack(ks), jnp.stack(vs))
+    return logits[:, 0], KVCache(tuple(ks), tuple(vs))
 
 
 def embeddings(params: GPTParams) -> jax.Array:

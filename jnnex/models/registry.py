@@ -54,6 +54,11 @@ class ModelSpec:
 MAKEMORE_TRAIN = TrainConfig(steps=50_000, lr=5e-4, lr_boundaries=(), optimizer="adamw", betas=(0.9, 0.99),
                         weight_decay=0.01, eval_every=5_000)
 
+NANOGPT_LAYOUT = {"bias": False, "tie": True, "dropout": 0.0}
+NANOGPT_TRAIN = {"optimizer": "adamw", "lr": 1e-3, "schedule": "cosine", "warmup": 100, "min_lr": 1e-4,
+                 "betas": (0.9, 0.99), "weight_decay": 0.1, "decay_mask": "matrices", "grad_clip": 1.0,
+                 "eval_iters": 20}
+
 REGISTRY: dict[str, ModelSpec] = {
     "bigram": ModelSpec(
         counting_bigram, BigramConfig, None, split=(1.0,), fit_fn=bigram.fit,
@@ -124,6 +129,16 @@ REGISTRY: dict[str, ModelSpec] = {
             # matrices only, lr x 0.1 at steps 30,000 and 45,000 of 50,000. Chosen on the dev split only.
             "improved": ({"n_embd": 128, "dropout": 0.3},
                          {"lr": 1e-3, "weight_decay": 0.1, "decay_mask": "matrices", "lr_boundaries": (30_000, 45_000)}),
+            # nanoGPT's Shakespeare recipes, for a text (--data tinyshakespeare.txt): its layout (no biases, the head
+            # tied to wte), AdamW lr 1e-3 with 100 warmup steps and a cosine to 1e-4, betas (0.9, 0.99), weight decay
+            # 0.1 on the matrices, gradients clipped to norm 1; the loss estimated on 20 random batches a split.
+            # The README's CPU command: 4 layers, 4 heads, n_embd 128, block 64, batch 12, 2,000 iterations.
+            "shakespeare-cpu": (dict(NANOGPT_LAYOUT, n_layer=4, n_head=4, n_embd=128, block_size=64),
+                                dict(NANOGPT_TRAIN, steps=2_000, batch_size=12, eval_every=2_000, chunk=500)),
+            # config/train_shakespeare_char.py (for a GPU): 6 layers, 6 heads, n_embd 384, block 256, batch 64,
+            # dropout 0.2, 5,000 iterations: 10.65 M parameters (nanoGPT's count, without the position table).
+            "shakespeare": (dict(NANOGPT_LAYOUT, n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
+                            dict(NANOGPT_TRAIN, steps=5_000, batch_size=64, eval_every=500, chunk=250)),
         },
         summary="GPT-2 transformer (makemore.py's: 4 layers, 4 heads, n_embd 64), every gradient by hand (llm.c)",
     ),
