@@ -7,7 +7,8 @@ The package in four roles, plus the first stage on its own:
   models, each with its one forward (and, where written, its backward by hand under it), and the registry behind
   ``jnnex train --model``
 * **kernels** — :mod:`jnnex.layers` (forward/backward pairs) and :mod:`jnnex.init` (Kaiming initialisation)
-* **machinery** — :mod:`jnnex.data` (corpora, vocabulary, windows and sequences, splits), :mod:`jnnex.lm` (what a
+* **machinery** — :mod:`jnnex.data` (corpora, vocabulary, windows and sequences, splits), :mod:`jnnex.text` (a text
+  as a token stream), :mod:`jnnex.bpe` (the byte-level BPE tokenizer), :mod:`jnnex.lm` (what a
   language model is; evaluation and sampling), :mod:`jnnex.train` (the jitted step, scan, ``fit``, lr finder),
   :mod:`jnnex.run` (a run: its config, new / resume / continue / load), :mod:`jnnex.rundir` (the run directory's
   format, atomic and pickle-free), :mod:`jnnex.memory` (what a run will take, before it allocates),
@@ -31,6 +32,7 @@ _EXPORTS = {
     "REGISTRY": "jnnex.models.registry", "build": "jnnex.models.registry",
     "RunConfig": "jnnex.run", "load_run": ("jnnex.run", "load"), "train_run": ("jnnex.run", "train"),
     "resume_run": ("jnnex.run", "resume"),
+    "Stream": "jnnex.text", "load_text": "jnnex.text", "continue_text": "jnnex.lm",
     "TrainConfig": "jnnex.train", "TrainState": "jnnex.train", "fit": "jnnex.train", "lr_find": "jnnex.train",
     "make_run": "jnnex.train", "make_step": "jnnex.train",
 }

@@ -353,3 +353,28 @@ def utf8_bytes(tokenizer, ids) -> int:
     if hasattr(tokenizer, "decode_bytes"):
         return len(tokenizer.decode_bytes(ids))
     return len(tokenizer.decode(ids).encode("utf-8"))
+
+
+def load_text(path: str | os.PathLike, tokenizer: str = "char", *, vocab_size: int = 512,
+              val_fraction: float = VAL_FRACTION) -> TextSplits:
+    """A text file as train and val token streams, split by position (the last ``val_fraction`` for val), with its
+    tokenizer: ``"char"`` (the text's characters) or ``"bpe"`` (byte-level BPE of ``vocab_size`` tokens, trained on
+    the train part). What a text run reads, without a run (``block_size`` is 0 here: the model's sets it).
+
+    >>> data = load_text("tinyshakespeare.txt")                                # doctest: +SKIP
+    >>> data.vocab.vocab_size, len(data.train.tokens), len(data.dev.tokens)   # doctest: +SKIP
+    (65, 1003854, 111540)
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    path = check_text_file(path)
+    cut = split_point(path, val_fraction)
+    if tokenizer == "char":
+        tok = Chars.from_text(read_pieces(path))
+    elif tokenizer == "bpe":
+        from jnnex import bpe
+
+        tok = bpe.train("".join(split_pieces(path, cut)[0]), vocab_size)
+    else:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    return TextSplits(tok, 0, encode_streams(path, tok, cut))

@@ -193,3 +193,12 @@ def test_a_gpt_learns_a_stream(tmp_path):
     last = res.evals[-1]
     assert set(last) >= {"train_loss_estimate", "val_loss", "val_loss_estimate"}
     assert last["val_loss"] < 0.3 and last["val_loss_estimate"] < 0.3, last
+
+
+def test_load_text_is_what_a_run_reads(shakespeare_txt):
+    data = text.load_text(shakespeare_txt)
+    assert (data.vocab.vocab_size, len(data.train.tokens), len(data.dev.tokens)) == (65, 1_003_854, 111_540)
+    import jnnex
+    assert jnnex.load_text is text.load_text and jnnex.Stream is text.Stream
+    with pytest.raises(ValueError, match="tokenizer must be one of"):
+        text.load_text(shakespeare_txt, "words")
