@@ -32,6 +32,11 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
         assert data["torch"] is None and "torch: not installed" in text
     if suite == "gpt":
         assert {r["step"] for r in data["steps"]} == {"jax.grad", "manual"} and "torch: not installed" in text
+    if suite == "text":
+        assert {r["step"] for r in data["steps"]} == {"jax.grad", "manual"} and "torch: not installed" in text
+        sizes = [r["bytes_per_token"] for r in data["compression"]]
+        assert data["compression"][0]["vocab_size"] == 256 and sizes[0] == 1.0 and sizes == sorted(sizes)
+        assert {r["sampler"] for r in data["kv_cache"]} == {"KV cache", "whole context"}
     if suite == "devices":  # the suite's processes have 4 CPU devices (conftest): measured here, no child process
         assert {r["devices"] for r in data["rows"]} == {"cpu x1", "cpu x2", "cpu x4"}
 

@@ -149,7 +149,7 @@ def run(quick: bool = False) -> dict:
     path = shakespeare()
     body = text.read_text(path)
     if quick:
-        body = body[:100_000]
+        body = body[:20_000]
     tok_rows, compression, peer = tokenizer(body, quick)
     kv_rows = kv_cache(quick)
     step_rows, torch_info = training_step(path, quick)
@@ -162,7 +162,7 @@ def run(quick: bool = False) -> dict:
            + f"\n\nTraining step, nanoGPT's CPU recipe (batch 12 x 64 tokens); {torch_info}\n\n"
            + table(step_rows, ["step", "us_per_step", "tokens_per_s", "spread", "gflops", "of_xla_peak",
                                "xla_peak_gflops", "numpy_peak_gflops", "torch_over_this"]))
-    return {"name": "text", "tokenizer": tok_rows, "compression": compression, "tokenizer_peer": peer,
+    return {"name": "text", "rows": step_rows, "tokenizer": tok_rows, "compression": compression, "tokenizer_peer": peer,
             "kv_cache": kv_rows, "steps": step_rows, "torch": torch_info, "device": str(jax.devices()[0]),
             "table": out}
 
