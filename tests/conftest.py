@@ -71,6 +71,16 @@ def names_txt() -> Path:
     return path
 
 
+@pytest.fixture
+def optimized():
+    """XLA's optimisation passes on for one test (off for the others, above): for the few whose programs run long on
+    large arrays, where unfused they cost more to run than the passes cost to compile (the neural bigram's 500
+    full-batch steps: 28 s -> 9 s)."""
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", True)
+
+
 @pytest.fixture(scope="session")
 def shakespeare_txt() -> Path:
     """char-rnn's tiny Shakespeare: $JNNEX_SHAKESPEARE_TXT, else ../shared/data/tinyshakespeare.txt."""

@@ -92,7 +92,7 @@ def test_l2_penalty_is_in_the_objective_only():
 
 
 @pytest.mark.slow
-def test_neural_bigram_converges_to_counting_model(names_txt):
+def test_neural_bigram_converges_to_counting_model(names_txt, optimized):
     words = read_words(names_txt)
     v = Vocab.from_words(words)
     X, Y = build_windows(words, v, 1)

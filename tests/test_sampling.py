@@ -50,8 +50,8 @@ def test_cached_logits_equal_the_full_forward_everywhere(dtype, tol, bias, tie):
 
 def test_without_the_cache_the_window_slides_by_one():
     model, params, state = problem(jnp.float64)
-    prompt, n_new, T = [4, 5], 15, model.block_size
-    toks, logits = continue_text(model, params, state, prompt, n_new, jax.random.key(5), with_logits=True,
+    prompt, n_new, T = [4, 5, 6], 30, model.block_size
+    toks, logits = continue_text(model, params, state, prompt, n_new, jax.random.key(5), n=2, with_logits=True,
                                  cache=False)
     seq = np.concatenate([prompt, toks[0]])
     for s in range(n_new):
@@ -60,13 +60,18 @@ def test_without_the_cache_the_window_slides_by_one():
         np.testing.assert_allclose(logits[s, 0], want, rtol=1e-12, atol=1e-12)
 
 
+# The calls below share the compiled programs of the tests above (the same static arguments: n = 2, logits kept).
+
+
 def test_a_seed_gives_the_same_text_and_the_cache_the_same_tokens_before_it_slides():
     model, params, state = problem(jnp.float64)
-    a = continue_text(model, params, state, [1], 20, jax.random.key(9), n=3)
-    assert (a == continue_text(model, params, state, [1], 20, jax.random.key(9), n=3)).all()
-    assert not (a == continue_text(model, params, state, [1], 20, jax.random.key(10), n=3)).all()
-    b = continue_text(model, params, state, [1], 20, jax.random.key(9), n=3, cache=False)
-    assert (a[:, : model.block_size - 1] == b[:, : model.block_size - 1]).all()  # the same context until full
+    kw = dict(n=2, with_logits=True)
+    a = continue_text(model, params, state, [1, 2, 3], 30, jax.random.key(9), **kw)[0]
+    assert (a == continue_text(model, params, state, [1, 2, 3], 30, jax.random.key(9), **kw)[0]).all()
+    assert not (a == continue_text(model, params, state, [1, 2, 3], 30, jax.random.key(10), **kw)[0]).all()
+    b = continue_text(model, params, state, [1, 2, 3], 30, jax.random.key(9), cache=False, **kw)[0]
+    full = model.block_size - 3  # the prompt's 3 tokens, then the same context until the buffer is full
+    assert (a[:, :full] == b[:, :full]).all()
 
 
 @given(logits=st.lists(st.floats(-5, 5), min_size=6, max_size=6), top_p=st.floats(0.01, 1.0),
@@ -88,9 +93,11 @@ def test_filters_keep_what_the_docstring_says(logits, top_p, top_k):
 
 
 def test_greedy_is_the_argmax():
+    """top_p near 0 keeps the most likely token alone (top_k=1 likewise: test_filters_keep_what_the_docstring_says)."""
     model, params, state = problem(jnp.float64)
-    toks, logits = continue_text(model, params, state, [2, 3], 10, jax.random.key(0), top_k=1, with_logits=True)
-    np.testing.assert_array_equal(toks[0], np.argmax(logits[:, 0], axis=-1))
+    toks, logits = continue_text(model, params, state, [2, 3, 4], 30, jax.random.key(0), n=2, top_p=1e-6,
+                                 with_logits=True)
+    np.testing.assert_array_equal(toks.T, np.argmax(logits, axis=-1))
 
 
 def test_bad_sampling_input_is_named():

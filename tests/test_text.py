@@ -91,9 +91,11 @@ def test_the_exact_loss_is_each_prediction_from_its_context():
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (15,), 0, 5), np.uint16)
     nll = []
     for j in range(len(tokens) - 1):
-        ctx = tokens[max(0, j - 3) : j + 1].astype(np.int32)[None]
-        logits, _ = model.apply(params, state, jnp.asarray(ctx), train=False)
-        nll.append(-float(jax.nn.log_softmax(logits[0, -1])[tokens[j + 1]]))
+        ctx = tokens[max(0, j - 3) : j + 1].astype(np.int32)
+        padded = np.zeros((1, 4), np.int32)  # one compiled shape: what follows the context cannot reach it (causal)
+        padded[0, : len(ctx)] = ctx
+        logits, _ = model.apply(params, state, jnp.asarray(padded), train=False)
+        nll.append(-float(jax.nn.log_softmax(logits[0, len(ctx) - 1])[tokens[j + 1]]))
     assert evaluate(model, params, state, *text.exact_windows(tokens, 4, stride=1)) == pytest.approx(np.mean(nll),
                                                                                                     rel=1e-6)
 
