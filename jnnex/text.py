@@ -359,11 +359,10 @@ def load_text(path: str | os.PathLike, tokenizer: str = "char", *, vocab_size: i
               val_fraction: float = VAL_FRACTION) -> TextSplits:
     """A text file as train and val token streams, split by position (the last ``val_fraction`` for val), with its
     tokenizer: ``"char"`` (the text's characters) or ``"bpe"`` (byte-level BPE of ``vocab_size`` tokens, trained on
-    the train part). What a text run reads, without a run (``block_size`` is 0 here: the model's sets it).
+    the train part). What a text run reads, without a run (``block_size`` is 0 here: the model's sets it)::
 
-    >>> data = load_text("tinyshakespeare.txt")                                # doctest: +SKIP
-    >>> data.vocab.vocab_size, len(data.train.tokens), len(data.dev.tokens)   # doctest: +SKIP
-    (65, 1003854, 111540)
+        data = load_text("tinyshakespeare.txt")
+        data.vocab.vocab_size, len(data.train.tokens), len(data.dev.tokens)   # (65, 1003854, 111540)
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")

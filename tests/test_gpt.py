@@ -368,6 +368,10 @@ def test_nanogpts_shakespeare_presets_are_its_recipes():
     params, _ = jax.eval_shape(gpt(GPTConfig(vocab_size=65, **spec.presets["shakespeare"][0])).init,
                                jax.random.key(0))
     assert count_params(params) - 256 * 384 == 10_646_784  # nanoGPT's "10.65M" leaves out the position table
+    bpe_model, bpe_train = spec.presets["shakespeare-cpu-bpe"]  # the CPU recipe on 512 BPE tokens, ~ as many weights
+    assert bpe_train == spec.presets["shakespeare-cpu"][1]
+    params, _ = jax.eval_shape(gpt(GPTConfig(vocab_size=512, **bpe_model)).init, jax.random.key(0))
+    assert count_params(params) == 810_588 and abs(810_588 / 804_096 - 1) < 0.01
 
 
 @pytest.mark.slow
