@@ -100,21 +100,6 @@ def sigint_default():
     signal.signal(signal.SIGINT, original)
 
 
-# The suite's longest tests (20-60 s each on 2 cores, from `--durations`), started first: picked up last, one of them
-# would leave the other test process idle at the end. Order only; every test still runs, and alone.
-LONGEST_FIRST = (
-    "test_faults.py::test_sigkill_at_random_moments", "test_parallel.py::test_two_processes",
-    "test_benchmarks.py::test_quick_benchmarks_run_and_write_json", "test_atomic.py::test_every_atomic_gradient",
-    "test_gpt.py::test_backward_equals_jax_grad_float64", "test_bow.py::test_backward_equals_jax_grad_float64",
-    "test_check.py::test_the_readme_recipe", "test_parallel.py::test_sigterm_to_one_process",
-    "test_models.py::test_cli_train_sample_eval", "test_cli.py::test_persistent_compilation_cache",
-)
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: not any(name in item.nodeid for name in LONGEST_FIRST))  # stable: the rest as found
-
-
 def pytest_terminal_summary(terminalreporter):
     """Tables a test recorded with ``record_property("table", text)`` (the GPT's per-tensor gradient errors), printed
     after the run; they travel with the reports, so they show under ``-n 2`` as well."""
