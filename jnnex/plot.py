@@ -1,5 +1,5 @@
 """Pictures of a run, through the optional ``plot`` extra (``pip install 'jnnex[plot]'``): the loss curve and the
-learned character embeddings (makemore part 2's picture of vowels clustering when ``n_embd = 2``)."""
+learned token embeddings (makemore part 2's picture of vowels clustering when ``n_embd = 2``)."""
 
 from __future__ import annotations
 
@@ -43,19 +43,23 @@ def plot_loss(metrics_jsonl: str | Path, path: str | Path) -> Path:
 
 
 def plot_embeddings(C, vocab, path: str | Path, dims: tuple[int, int] = (0, 1)) -> Path:
-    """Each character at its learned embedding (two of its dimensions), labelled — the lecture's scatter plot."""
+    """Each token at its learned embedding (two of its dimensions), labelled — the lecture's scatter plot. ``vocab``:
+    a word list's :class:`jnnex.data.Vocab` or a text's tokenizer (each id labelled by what it decodes to)."""
     import numpy as np
 
     C = np.asarray(C)
-    if C.ndim != 2 or C.shape[0] != vocab.size or C.shape[1] < 2:
-        raise ValueError(f"expected an embedding table (V={vocab.size}, ≥2), got shape {C.shape}")
+    V = vocab.vocab_size
+    if C.ndim != 2 or C.shape[0] != V or C.shape[1] < 2:
+        raise ValueError(f"expected an embedding table (V={V}, ≥2), got shape {C.shape}")
+    labels = vocab.itos if hasattr(vocab, "itos") else [vocab.decode([k]) for k in range(V)]
+    labels = ["".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in label) for label in labels]  # no glyphless
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 6))
     i, j = dims
     ax.scatter(C[:, i], C[:, j], s=200, c="lightsteelblue")
-    for k, ch in enumerate(vocab.itos):
+    for k, ch in enumerate(labels):
         ax.text(C[k, i], C[k, j], ch, ha="center", va="center")
-    ax.set(xlabel=f"dim {i}", ylabel=f"dim {j}", title="learned character embeddings")
+    ax.set(xlabel=f"dim {i}", ylabel=f"dim {j}", title="learned token embeddings")
     ax.grid(alpha=0.3)
     return _save(fig, path, plt)
 

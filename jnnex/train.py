@@ -127,7 +127,8 @@ class TrainConfig:
     def with_steps(self, steps: int) -> TrainConfig:
         """These settings for a run of ``steps`` steps: explicit learning-rate boundaries keep their fraction of the
         run (WaveNet's 150,000 of 200,000 becomes 15,000 of 20,000; the default, ``None``, is half of any run
-        already), and ``eval_every`` is at most the run. What ``jnnex train --steps`` does to a model's settings.
+        already), and so does a cosine's ``lr_decay_steps`` when set; ``eval_every`` is at most the run and
+        ``warmup`` shorter than the cosine. What ``jnnex train --steps`` does to a model's settings.
 
         >>> TrainConfig(steps=200_000, lr_boundaries=(150_000,)).with_steps(20_000).lr_boundaries
         (15000,)
