@@ -128,7 +128,7 @@ class RunConfig:
             if len(split) != 2 or not 0 < split[1] < 1 or abs(sum(split) - 1) > 1e-9:
                 raise ValueError(f"a text splits into two parts by position (train, val), as fractions that sum to 1: "
                                  f"--split 0.9,0.1; got {split}")
-            tok = _text_tokenizer(path, tokenizer or "char", vocab_size, split)
+            tok = text.make_tokenizer(path, tokenizer or "char", vocab_size, split[1])
             model_config = spec.config(vocab_size=tok.vocab_size,
                                        **{"block_size": TEXT_BLOCK_SIZE, **model_over, **model_given})
             sha, vocab = text.file_sha256(path), tok
@@ -276,7 +276,6 @@ def data_file(data) -> str | None:
 
 
 TEXT_BLOCK_SIZE = 64  # a text's context when none is given (nanoGPT's CPU recipe)
-BPE_VOCAB_SIZE = 512
 
 
 def _corpus(data, corpus: str | None) -> str:
@@ -288,22 +287,6 @@ def _corpus(data, corpus: str | None) -> str:
             raise ValueError(f"--corpus text: {data!r} is an embedded word list; give a text file")
         return "words"
     return corpus or text.corpus_kind(text.check_text_file(data))
-
-
-def _text_tokenizer(path: Path, kind: str, vocab_size: int | None, split: tuple[float, float]):
-    """A text's tokenizer: its characters (all of the text's, as nanoGPT's), or BPE trained on the training part."""
-    if kind not in text.TOKENIZERS:
-        raise ValueError(f"tokenizer must be one of {text.TOKENIZERS}, got {kind!r}")
-    if kind == "char":
-        if vocab_size is not None:
-            raise ValueError("--vocab-size applies to --tokenizer bpe; a character tokenizer has the text's characters")
-        return text.Chars.from_text(text.read_pieces(path))
-    size = BPE_VOCAB_SIZE if vocab_size is None else vocab_size
-    if type(size) is not int or size < 256:
-        raise ValueError(f"--vocab-size must be an integer of at least 256 (a byte-level BPE tokenizer starts from "
-                         f"the 256 bytes), got {size!r}")
-    train_part, _ = text.split_pieces(path, text.split_point(path, split[1]))
-    return bpe.train("".join(train_part), size)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

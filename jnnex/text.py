@@ -304,13 +304,19 @@ def exact_windows(tokens: np.ndarray, block_size: int, stride: int | None = None
     return X, Y
 
 
+def rows_at(tokens, offsets, block_size: int):
+    """``block_size + 1`` contiguous tokens at each offset, widened to int32: ``offsets (B,) -> (B, T + 1)`` (the
+    model reads the first T and predicts the last T). Traceable: the jitted step draws its batches with it."""
+    return tokens[offsets[:, None] + jnp.arange(block_size + 1, dtype=jnp.int32)[None, :]].astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "batches", "batch_size"))
 def _estimate(model, params, state, tokens, key, batches: int, batch_size: int):
     T = model.block_size
     offsets = jax.random.randint(key, (batches, batch_size), 0, tokens.shape[0] - T, dtype=jnp.int32)  # (n, B)
 
     def batch_loss(o):  # o (B,)
-        rows = tokens[o[:, None] + jnp.arange(T + 1, dtype=jnp.int32)[None, :]].astype(jnp.int32)  # (B, T + 1)
+        rows = rows_at(tokens, o, T)  # (B, T + 1)
         loss, _ = model.loss(params, state, rows[:, :-1], rows[:, 1:], train=False)
         return loss.astype(jnp.float32)
 
@@ -355,11 +361,30 @@ def utf8_bytes(tokenizer, ids) -> int:
     return len(tokenizer.decode(ids).encode("utf-8"))
 
 
-def load_text(path: str | os.PathLike, tokenizer: str = "char", *, vocab_size: int = 512,
+def make_tokenizer(path: str | os.PathLike, kind: str = "char", vocab_size: int | None = None,
+                   val_fraction: float = VAL_FRACTION):
+    """A text's tokenizer: ``"char"``, its characters (all of the text's, as nanoGPT's), or ``"bpe"``, byte-level
+    BPE of ``vocab_size`` tokens (default 512) trained on the training part (all but the last ``val_fraction``)."""
+    if kind not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {kind!r}")
+    if kind == "char":
+        if vocab_size is not None:
+            raise ValueError("--vocab-size applies to --tokenizer bpe; a character tokenizer has the text's "
+                             "characters")
+        return Chars.from_text(read_pieces(path))
+    size = 512 if vocab_size is None else vocab_size
+    if type(size) is not int or size < 256:
+        raise ValueError(f"--vocab-size must be an integer of at least 256 (a byte-level BPE tokenizer starts from "
+                         f"the 256 bytes), got {size!r}")
+    from jnnex import bpe
+
+    return bpe.train("".join(split_pieces(path, split_point(path, val_fraction))[0]), size)
+
+
+def load_text(path: str | os.PathLike, tokenizer: str = "char", *, vocab_size: int | None = None,
               val_fraction: float = VAL_FRACTION) -> TextSplits:
     """A text file as train and val token streams, split by position (the last ``val_fraction`` for val), with its
-    tokenizer: ``"char"`` (the text's characters) or ``"bpe"`` (byte-level BPE of ``vocab_size`` tokens, trained on
-    the train part). What a text run reads, without a run (``block_size`` is 0 here: the model's sets it)::
+    tokenizer (:func:`make_tokenizer`). What a text run reads, without a run (``block_size`` is 0 here: the model's sets it)::
 
         data = load_text("tinyshakespeare.txt")
         data.vocab.vocab_size, len(data.train.tokens), len(data.dev.tokens)   # (65, 1003854, 111540)
@@ -367,13 +392,5 @@ def load_text(path: str | os.PathLike, tokenizer: str = "char", *, vocab_size: i
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     path = check_text_file(path)
-    cut = split_point(path, val_fraction)
-    if tokenizer == "char":
-        tok = Chars.from_text(read_pieces(path))
-    elif tokenizer == "bpe":
-        from jnnex import bpe
-
-        tok = bpe.train("".join(split_pieces(path, cut)[0]), vocab_size)
-    else:
-        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
-    return TextSplits(tok, 0, encode_streams(path, tok, cut))
+    tok = make_tokenizer(path, tokenizer, vocab_size, val_fraction)
+    return TextSplits(tok, 0, encode_streams(path, tok, split_point(path, val_fraction)))

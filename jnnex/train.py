@@ -34,7 +34,7 @@ from jnnex import parallel, rundir
 from jnnex.diagnostics import step_diagnostics
 from jnnex.lm import LanguageModel, check_batch, evaluate, manual_gradients
 from jnnex.settings import check_choice, positive_int, setting
-from jnnex.text import Stream, check_stream, estimate_loss, exact_windows
+from jnnex.text import Stream, check_stream, estimate_loss, exact_windows, rows_at
 
 
 class TrainState(NamedTuple):
@@ -280,8 +280,7 @@ def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4, mesh=No
             if batch_size is None:
                 batch = (X, Y)
             elif window is not None:
-                rows = ix[:, None] + jnp.arange(window + 1, dtype=jnp.int32)[None, :]  # (B, T + 1) positions
-                tokens = X[rows].astype(jnp.int32)  # (B, T + 1)
+                tokens = rows_at(X, ix, window)  # (B, T + 1)
                 batch = (tokens[:, :-1], tokens[:, 1:])  # (B, T), (B, T)
             else:
                 batch = (X[ix], Y[ix])  # (B, T), (B,)
