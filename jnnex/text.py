@@ -384,7 +384,8 @@ def make_tokenizer(path: str | os.PathLike, kind: str = "char", vocab_size: int 
 def load_text(path: str | os.PathLike, tokenizer: str = "char", *, vocab_size: int | None = None,
               val_fraction: float = VAL_FRACTION) -> TextSplits:
     """A text file as train and val token streams, split by position (the last ``val_fraction`` for val), with its
-    tokenizer (:func:`make_tokenizer`). What a text run reads, without a run (``block_size`` is 0 here: the model's sets it)::
+    tokenizer (:func:`make_tokenizer`). What a text run reads, without a run (``block_size`` is 0 here: the model's
+    sets it)::
 
         data = load_text("tinyshakespeare.txt")
         data.vocab.vocab_size, len(data.train.tokens), len(data.dev.tokens)   # (65, 1003854, 111540)
