@@ -27,8 +27,9 @@ the guess; the run's ``config.json`` records the choice.
 **Token files.** Encoding a long text takes a while, so a run keeps its tokens: ``tokens-<key>.train.u16`` and
 ``.val.u16`` beside the run (``uint16`` for vocabularies up to 65,536, else ``uint32``), keyed by the sha256 of the
 text and of the tokenizer, read back through ``np.memmap``. The text is read, and encoded, in pieces of a few MB, so
-the whole text never sits in memory as a Python string; the training tokens are placed on the device whole
-(2 bytes a token), which bounds a run at about half the device's memory in tokens.
+a character run never holds the whole text as a Python string (BPE training reads its training part whole); the
+training tokens are placed on the device whole (2 bytes a token), which bounds a run at about half the device's
+memory in tokens.
 """
 
 from __future__ import annotations
