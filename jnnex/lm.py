@@ -255,6 +255,14 @@ def evaluate(model: LanguageModel, params, state, X, Y, *, chunk: int = 16384) -
 # Sampling
 
 
+def check_sampling(model: LanguageModel, temperature, top_k) -> None:
+    """A ``ValueError`` naming ``temperature`` or ``top_k`` unless they are a sampler's: > 0, and None or 1 .. V."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= model.vocab_size):
+        raise ValueError(f"top_k must be None or an integer in [1, {model.vocab_size}], got {top_k!r}")
+
+
 @functools.partial(jax.jit, static_argnames=("model", "n", "max_len", "top_k"))
 def _generate(model, params, state, key, n, max_len, temperature, top_k):
     T = model.block_size
@@ -301,10 +309,7 @@ def generate(
     """
     positive_int("n", n)
     positive_int("max_len", max_len)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= model.vocab_size):
-        raise ValueError(f"top_k must be None or an integer in [1, {model.vocab_size}], got {top_k!r}")
+    check_sampling(model, temperature, top_k)
     memory.check_sampling_fits(model, n)  # before anything is allocated: a clear error, not RESOURCE_EXHAUSTED
     return np.asarray(_generate(model, params, state, key, n, max_len, jnp.float32(temperature), top_k))
 
@@ -404,10 +409,7 @@ def continue_text(model: LanguageModel, params, state, prompt, n_new: int, key, 
                          "per-position model")
     positive_int("n", n)
     positive_int("n_new", n_new)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= model.vocab_size):
-        raise ValueError(f"top_k must be None or an integer in [1, {model.vocab_size}], got {top_k!r}")
+    check_sampling(model, temperature, top_k)
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     prompt = [int(i) for i in prompt][-model.block_size:]
