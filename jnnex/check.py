@@ -56,7 +56,8 @@ def compare(forward: Callable, backward: Callable, *args, names: Sequence[str] |
     """Per differentiable argument: does ``backward`` equal ``jax.vjp`` of ``forward``'s output? ``rtol``/``atol``
     default to :func:`tolerances` of the output's dtype."""
     key = jax.random.key(0) if key is None else key
-    float_idx = [i for i, a in enumerate(args) if jnp.issubdtype(jnp.result_type(a), jnp.floating)]
+    float_idx = [i for i, a in enumerate(args)  # None (an optional setting left out) is a float to result_type
+                 if a is not None and jnp.issubdtype(jnp.result_type(a), jnp.floating)]
     array_idx = [i for i, a in enumerate(args) if isinstance(a, jax.Array | np.ndarray)]  # the rest: static settings
 
     @jax.jit  # one program per shape: far cheaper than compiling every op eagerly

@@ -239,6 +239,76 @@ def sequence_cross_entropy_args(draw, dtype=None):
     return logits, jnp.asarray(np.where(np.arange(T)[None] < lengths[:, None], y, -1).astype(np.int32))
 
 
+# The Llama block's pairs (jnnex.models.llama) and the tiled attention (jnnex.models.flash)
+
+
+@st.composite
+def rmsnorm_args(draw, dtype=None):
+    """``(x (..., C), g (C,))``: rows of scale 0.1 … 10 and offset 0 or 3 (RMSNorm does not centre), ``g`` around 1."""
+    C = draw(st.sampled_from((1, 3, 8)))
+    lead = draw(st.sampled_from([(draw(batch_sizes(max_size=8)),), (2, draw(st.sampled_from((1, 3))))]))
+    return (draw(arrays(lead + (C,), dtype=dtype, scale=draw(st.sampled_from([0.1, 1.0, 10.0])),
+                        offset=draw(st.sampled_from([0.0, 3.0])))),
+            draw(arrays((C,), dtype=dtype, scale=0.3, offset=1.0)))
+
+
+@st.composite
+def rope_args(draw, dtype=None):
+    """``(x (B, nh, T, hs), pos0)``: even head sizes (2 included), positions from 0 or far along a KV cache."""
+    B, T, nh, _ = _attention_shape(draw)
+    hs = draw(st.sampled_from((2, 4, 8)))
+    return draw(arrays((B, nh, T, hs), dtype=dtype)), draw(st.sampled_from((0, 3, 1000)))
+
+
+@st.composite
+def swiglu_args(draw, dtype=None):
+    """``(h (B, T, 2H),)`` over the gate's negative tail, its bend and its linear side."""
+    B, T, H = draw(st.sampled_from((1, 3))), draw(st.sampled_from((1, 4))), draw(st.sampled_from(WIDTHS))
+    return (draw(arrays((B, T, 2 * H), dtype=dtype, scale=3.0)),)
+
+
+def _gqa_heads(draw):
+    """``(n_head, n_kv_head)``: one shared head, groups of two and three, and plain multi-head."""
+    return draw(st.sampled_from(((1, 1), (2, 1), (2, 2), (4, 2), (3, 1), (6, 2))))
+
+
+@st.composite
+def split_gqa_args(draw, dtype=None):
+    """``(qkv (B, T, (nh + 2 nkv) hs), n_head, n_kv_head)``."""
+    B, T, _, hs = _attention_shape(draw)
+    nh, nkv = _gqa_heads(draw)
+    return draw(arrays((B, T, (nh + 2 * nkv) * hs), dtype=dtype)), nh, nkv
+
+
+@st.composite
+def repeat_kv_args(draw, dtype=None):
+    """``(x (B, nkv, T, hs), n_rep)``."""
+    B, T, nkv, hs = _attention_shape(draw)
+    return draw(arrays((B, nkv, T, hs), dtype=dtype)), draw(st.sampled_from((1, 2, 3)))
+
+
+@st.composite
+def flash_attend_args(draw, dtype=None):
+    """``(q, k, v, tile)``: lengths that are and are not multiples of the tile, ``T = 1``, a tile longer than the
+    sequence, and queries and keys of scale up to 3."""
+    B, _, nh, hs = _attention_shape(draw)
+    T, tile = draw(st.sampled_from((1, 2, 5, 8, 13))), draw(st.sampled_from((1, 2, 4, 16)))
+    scale = draw(st.sampled_from([0.5, 3.0]))
+    return (*(draw(arrays((B, nh, T, hs), dtype=dtype, scale=scale)) for _ in range(3)), tile)
+
+
+@st.composite
+def llama_attention_args(draw, dtype=None):
+    """``(x (B, T, C), W_qkv (C, (nh + 2 nkv) hs), W_proj (C, C), n_head, n_kv_head, tile)``, ``tile`` None (the plain
+    attention) or a tile size."""
+    B, T, _, _ = _attention_shape(draw)
+    nh, nkv = _gqa_heads(draw)
+    hs = draw(st.sampled_from((2, 4)))
+    C = nh * hs
+    return (draw(arrays((B, T, C), dtype=dtype)), draw(arrays((C, (nh + 2 * nkv) * hs), dtype=dtype, scale=2 * C**-0.5)),
+            draw(arrays((C, C), dtype=dtype, scale=C**-0.5)), nh, nkv, draw(st.sampled_from((None, 2, 3))))
+
+
 @st.composite
 def lm_configs(draw, shapes=("bn-mlp", "deep", "no-batchnorm")):
     """Small :class:`~jnnex.bn_mlp.BNMLPConfig` s over T, n_embd, n_hidden and V: the lecture's single-BatchNorm

@@ -8,6 +8,8 @@
 * :mod:`jnnex.models.rnn`      — makemore.py's RNN and GRU, backprop through time by hand
 * :mod:`jnnex.models.bow`      — makemore.py's causal bag of words
 * :mod:`jnnex.models.gpt`      — makemore.py's transformer (GPT-2 blocks), every gradient by hand in llm.c's order
+* :mod:`jnnex.models.llama`    — the Llama block (RMSNorm, rotary positions, SwiGLU, grouped-query attention), by hand
+* :mod:`jnnex.models.flash`    — tiled causal attention (FlashAttention-2), forward and backward by hand
 * :mod:`jnnex.models.registry` — :data:`REGISTRY`, :func:`build`: the one place a model declares itself
 
 Every model is a :class:`jnnex.lm.LanguageModel` around one forward; those with a hand-written backward keep it in

@@ -129,13 +129,13 @@ def residual_backward(dout, shape):
     return dout, dout
 
 
-def _heads(x, n_head: int):
+def heads(x, n_head: int):
     """``(B, T, C) -> (B, nh, T, hs)``."""
     B, T, C = x.shape
     return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
 
-def _merge_heads(x):
+def merge_heads(x):
     """``(B, nh, T, hs) -> (B, T, C)``."""
     B, nh, T, hs = x.shape
     return x.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)
@@ -147,7 +147,7 @@ def split_heads_forward(qkv, n_head: int):
     if qkv.ndim != 3 or qkv.shape[-1] % 3 or (qkv.shape[-1] // 3) % n_head:
         raise ValueError(f"attention: qkv must be (B, T, 3C) with C divisible by n_head = {n_head}, got {qkv.shape}")
     C = qkv.shape[-1] // 3
-    return tuple(_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3)), (qkv.shape, n_head)
+    return tuple(heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3)), (qkv.shape, n_head)
 
 
 def split_heads_backward(dheads, cache):
@@ -155,7 +155,7 @@ def split_heads_backward(dheads, cache):
     (B, T, C3), n_head = cache
     for name, d in zip(("dq", "dk", "dv"), dheads):
         check_shape(f"split_heads_backward: {name}", d, (B, n_head, T, C3 // 3 // n_head))
-    return jnp.concatenate([_merge_heads(d) for d in dheads], axis=-1), None
+    return jnp.concatenate([merge_heads(d) for d in dheads], axis=-1), None
 
 
 def attend_forward(q, k, v):
@@ -170,7 +170,7 @@ def attend_forward(q, k, v):
     preatt = jnp.where(causal, (q @ k.transpose(0, 1, 3, 2)) * hs**-0.5, -jnp.inf)
     e = jnp.exp(preatt - preatt.max(-1, keepdims=True))  # the diagonal is never masked: a finite maximum per row
     att = e / e.sum(-1, keepdims=True)  # (B, nh, T, T), exactly 0 above the diagonal
-    return _merge_heads(att @ v), (q, k, v, att)
+    return merge_heads(att @ v), (q, k, v, att)
 
 
 def attend_backward(dy, cache):
@@ -180,7 +180,7 @@ def attend_backward(dy, cache):
     q, k, v, att = cache
     B, nh, T, hs = q.shape
     check_shape("attend_backward: dy", dy, (B, T, nh * hs))
-    dyh = _heads(dy, nh)  # (B, nh, T, hs)
+    dyh = heads(dy, nh)  # (B, nh, T, hs)
     datt = dyh @ v.transpose(0, 1, 3, 2)  # (B, nh, T, T)
     dv = att.transpose(0, 1, 3, 2) @ dyh
     dpreatt = att * (datt - (att * datt).sum(-1, keepdims=True)) * hs**-0.5
@@ -373,7 +373,7 @@ def attend_cached(q, K, V, pos):
     scores = (q @ K.transpose(0, 1, 3, 2)) * hs**-0.5  # (B, nh, 1, T)
     scores = jnp.where((jnp.arange(T, dtype=jnp.int32) <= pos)[None, None, None, :], scores, -jnp.inf)
     e = jnp.exp(scores - scores.max(-1, keepdims=True))
-    return _merge_heads((e / e.sum(-1, keepdims=True)) @ V)
+    return merge_heads((e / e.sum(-1, keepdims=True)) @ V)
 
 
 def decode(cfg: GPTConfig, params: GPTParams, cache: KVCache, token, pos):

@@ -22,6 +22,7 @@ from jnnex.models.bigram import BigramConfig, counting_bigram, neural_bigram
 from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp
 from jnnex.models.bow import BoWConfig, bow
 from jnnex.models.gpt import GPTConfig, gpt
+from jnnex.models.llama import LlamaConfig, llama
 from jnnex.models.mlp_lm import MLPConfig, mlp_lm
 from jnnex.models.rnn import RNNConfig, rnn
 from jnnex.models.wavenet import WaveNetConfig, WaveNetConvConfig, wavenet, wavenet_conv
@@ -146,6 +147,11 @@ REGISTRY: dict[str, ModelSpec] = {
                             dict(NANOGPT_TRAIN, steps=5_000, batch_size=64, eval_every=500, chunk=250)),
         },
         summary="GPT-2 transformer (makemore.py's: 4 layers, 4 heads, n_embd 64), every gradient by hand (llm.c)",
+    ),
+    "llama": ModelSpec(
+        llama, LlamaConfig, MAKEMORE_TRAIN, per_position=True,
+        summary="Llama block: RMSNorm, rotary positions, SwiGLU, grouped-query attention (plain or tiled), every "
+                "gradient by hand",
     ),
 }
 

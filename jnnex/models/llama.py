@@ -1,0 +1,420 @@
+"""A Llama (Touvron et al. 2023; Llama 2 and 3's block) with every gradient written by hand, beside its forwards, in
+the order llm.c's ``llama3`` branch takes them.
+
+    x = wte[idx]                                                (B, T, C)   no position table
+    for each of the n_layer blocks (pre-RMSNorm):
+        x = x + proj(attention(rope(q), rope(k), v))            (B, T, C)   grouped-query causal attention
+        x = x + fcproj(silu(x W₁) ⊙ (x W₃))                     (B, T, C)   SwiGLU, C -> H -> C
+    logits = rmsnorm(x) @ lm_head                               (B, T, V)
+
+What changed since GPT-2 (:mod:`jnnex.models.gpt`), each a forward/backward pair below:
+
+* **RMSNorm** (Zhang & Sennrich 2019) instead of LayerNorm: no mean, no shift, ``x · rsqrt(mean(x²) + eps) · g``.
+* **Rotary position embeddings** (Su et al. 2021) instead of a learned table: queries and keys are rotated, pair of
+  channels by pair, by an angle proportional to their position, so ``q · k`` depends on the distance between them.
+* **SwiGLU** (Shazeer 2020) instead of GELU: a gated MLP of hidden width ``H = ⌈(2/3 · 4C) / m⌉ · m``, Llama's rule
+  (three matrices of ``C × H`` cost what two of ``C × 4C`` did).
+* **Grouped-query attention** (Ainslie et al. 2023): ``n_kv_head`` key/value heads, each shared by ``n_head /
+  n_kv_head`` query heads; the KV cache shrinks by that factor.
+* **No biases** anywhere; the head untied by default (``tie=True`` ties it, as the GPT can).
+* Attention plain (:func:`jnnex.models.gpt.attend_forward`, the ``T × T`` matrix) or tiled
+  (:func:`jnnex.models.flash.flash_attend_forward`, memory linear in T), by a setting.
+
+Initialisation is the GPT's (GPT-2's): ``N(0, 0.02)``, the residual projections ``N(0, 0.02 / sqrt(2 · n_layer))``,
+norm gains 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jnnex.layers import (
+    Linear, check_dropout_key, check_shape, dropout_backward, dropout_in_training, embedding_backward,
+    embedding_forward, linear_backward, linear_forward, per_channel,
+)
+from jnnex.lm import Forward, LanguageModel
+from jnnex.models import flash
+from jnnex.models.gpt import INIT_STD, attend_backward, attend_cached, attend_forward, heads, merge_heads
+from jnnex.settings import check_choice, positive_int, setting
+
+ROPE_BASE = 10_000.0  # the rotation's base (Llama 2's; Llama 3 uses 500,000)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RMSNorm: y = x · rstd · g,  rstd = 1 / sqrt(mean(x²) + eps)
+
+
+def rmsnorm_forward(x, g, eps: float = 1e-5):
+    """Scale each row of ``x (..., C)`` to unit root-mean-square, then by the gain ``g (C,)``. Caches ``rstd``
+    ``(..., 1)``, as llm.c caches LayerNorm's."""
+    if x.shape[-1:] != g.shape:
+        raise ValueError(f"rmsnorm: x (..., C) and g (C,) must agree on C, got {x.shape} and {g.shape}")
+    rstd = jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps)
+    return x * rstd * per_channel(g, x.ndim), (x, g, rstd)
+
+
+def rmsnorm_backward(dy, cache):
+    """With ``x̂ = x · rstd``: ``dg = Σ_rows dy ⊙ x̂`` and ``dx = rstd · (dy ⊙ g − x̂ · mean(dy ⊙ g ⊙ x̂))`` — one
+    reduction per row (LayerNorm's two, less the mean's). Returns ``(dx, dg)``."""
+    x, g, rstd = cache
+    check_shape("rmsnorm_backward: dy", dy, x.shape)
+    xhat = x * rstd
+    dxhat = dy * per_channel(g, x.ndim)
+    dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdims=True))
+    return dx, (dy * xhat).reshape(-1, x.shape[-1]).sum(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rotary position embedding, the rotate-half form: channel i and channel i + hs/2 of a head are one pair, rotated by
+# the angle pos · base^(-2i/hs).
+
+
+def rope_angles(T: int, hs: int, pos0=0, base: float = ROPE_BASE, dtype=jnp.float32):
+    """``(cos, sin)``, each ``(T, hs/2)``, of positions ``pos0 .. pos0 + T − 1`` (``pos0`` may be traced: the KV
+    cache's position), computed in ``dtype``."""
+    freq = jnp.asarray(base, dtype) ** (-jnp.arange(0, hs, 2, dtype=dtype) / hs)  # (hs/2,)
+    angle = (jnp.asarray(pos0, dtype) + jnp.arange(T, dtype=dtype))[:, None] * freq[None, :]
+    return jnp.cos(angle), jnp.sin(angle)
+
+
+def check_head_size(hs: int) -> None:
+    if hs % 2:
+        raise ValueError(f"rotary positions rotate pairs of channels: the head size n_embd / n_head must be even, "
+                         f"got {hs}")
+
+
+def rope_forward(x, pos0=0, base: float = ROPE_BASE):
+    """Rotate the heads ``x (B, nh, T, hs)`` at positions ``pos0 ..``: with ``x = [x₁, x₂]`` (halves),
+    ``y = [x₁ cos − x₂ sin, x₂ cos + x₁ sin]``."""
+    if x.ndim != 4:
+        raise ValueError(f"rope: x must be heads (B, nh, T, hs), got {x.shape}")
+    check_head_size(x.shape[-1])
+    # The angles in float32 at least (as Llama computes them for bfloat16), float64 for a float64 model: an exact
+    # rotation, cos² + sin² = 1 to the model's precision.
+    dtype = x.dtype if jnp.finfo(x.dtype).bits >= 32 else jnp.float32
+    cos, sin = (a.astype(x.dtype)[None, None] for a in rope_angles(x.shape[2], x.shape[3], pos0, base, dtype))
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1), (x.shape, cos, sin)
+
+
+def rope_backward(dy, cache):
+    """The rotation by the negative angle: a rotation is orthogonal, so its transpose — what carries a gradient
+    back — is its inverse. ``dx = [dy₁ cos + dy₂ sin, dy₂ cos − dy₁ sin]``; ``(dx, None)`` (``pos0`` and ``base``
+    are settings, as a norm's ``eps``)."""
+    shape, cos, sin = cache
+    check_shape("rope_backward: dy", dy, shape)
+    d1, d2 = jnp.split(dy, 2, axis=-1)
+    return jnp.concatenate([d1 * cos + d2 * sin, d2 * cos - d1 * sin], axis=-1), None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SwiGLU on the fused projection: h = [x W₁, x W₃] (B, T, 2H) -> silu(h₁) ⊙ h₃ (B, T, H)
+
+
+def hidden_width(n_embd: int, multiple: int) -> int:
+    """Llama's rule: ``2/3 · 4C``, rounded up to a multiple of ``multiple``. ``hidden_width(4096, 256) == 11008``."""
+    return multiple * math.ceil(int(2 * 4 * n_embd / 3) / multiple)
+
+
+def swiglu_forward(h):
+    """``h (..., 2H) -> silu(h₁) ⊙ h₃ (..., H)``, ``silu(a) = a · σ(a)``; caches ``h``."""
+    if h.shape[-1] % 2:
+        raise ValueError(f"swiglu: the fused projection's last axis must be even (the gate and the value), got "
+                         f"{h.shape}")
+    a, b = jnp.split(h, 2, axis=-1)
+    return jax.nn.sigmoid(a) * a * b, h
+
+
+def swiglu_backward(dy, h):
+    """``da = dy ⊙ b ⊙ silu'(a)``, ``silu'(a) = σ(a) (1 + a (1 − σ(a)))``; ``db = dy ⊙ silu(a)``, side by side."""
+    check_shape("swiglu_backward: dy", dy, h.shape[:-1] + (h.shape[-1] // 2,))
+    a, b = jnp.split(h, 2, axis=-1)
+    s = jax.nn.sigmoid(a)
+    return jnp.concatenate([dy * b * s * (1 + a * (1 - s)), dy * a * s], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Grouped-query heads: n_head query heads, n_kv_head key/value heads, query head j reads key/value head j // rep
+
+
+def split_gqa_forward(qkv, n_head: int, n_kv_head: int):
+    """The heads from the fused projection ``qkv (B, T, (nh + 2·nkv)·hs)``: ``q (B, nh, T, hs)``, ``k, v (B, nkv, T,
+    hs)``."""
+    check_heads(n_head, n_kv_head)
+    width = qkv.shape[-1]
+    if qkv.ndim != 3 or width % (n_head + 2 * n_kv_head):
+        raise ValueError(f"attention: qkv must be (B, T, (n_head + 2 n_kv_head) · hs) with n_head = {n_head}, "
+                         f"n_kv_head = {n_kv_head}, got {qkv.shape}")
+    hs = width // (n_head + 2 * n_kv_head)
+    q, k, v = jnp.split(qkv, [n_head * hs, (n_head + n_kv_head) * hs], axis=-1)
+    return (heads(q, n_head), heads(k, n_kv_head), heads(v, n_kv_head)), qkv.shape
+
+
+def split_gqa_backward(dheads, shape):
+    """The heads put back side by side (a reshape): ``(dqkv, None, None)``."""
+    dq, dk, dv = dheads
+    B, T, _ = shape
+    check_shape("split_gqa_backward: dk", dk, (B, dk.shape[1], T, dq.shape[-1]))
+    return jnp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1), None, None
+
+
+def check_heads(n_head: int, n_kv_head: int) -> None:
+    positive_int("n_head", n_head)
+    positive_int("n_kv_head", n_kv_head)
+    if n_head % n_kv_head:
+        raise ValueError(f"n_head ({n_head}) must be divisible by n_kv_head ({n_kv_head}): each key/value head "
+                         f"serves the same number of query heads")
+
+
+def repeat_kv_forward(x, n_rep: int):
+    """``(B, nkv, T, hs) -> (B, nkv · n_rep, T, hs)``: each key/value head repeated for its ``n_rep`` query heads."""
+    return jnp.repeat(x, n_rep, axis=1), (x.shape, n_rep)
+
+
+def repeat_kv_backward(dy, cache):
+    """llm.c's ``repkv_backward``: a shared head's gradient is the sum of its group's. ``(dx, None)``."""
+    shape, n_rep = cache
+    B, nkv, T, hs = shape
+    check_shape("repeat_kv_backward: dy", dy, (B, nkv * n_rep, T, hs))
+    return dy.reshape(B, nkv, n_rep, T, hs).sum(2), None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The attention layer: fused projection, grouped heads, rotary positions on q and k, causal attention (plain or
+# tiled), output projection
+
+
+def attention_forward(x, W_qkv, W_proj, n_head: int, n_kv_head: int, tile: int | None = None, pos0=0,
+                      base: float = ROPE_BASE):
+    """``x (B, T, C) -> (B, T, C)``; ``tile=None``: the plain attention pair, else the tiled one with tiles of
+    ``tile``. The cache holds the rotated keys and values too (what a KV cache keeps)."""
+    qkv, c_qkv = linear_forward(x, W_qkv)
+    (q, k, v), c_split = split_gqa_forward(qkv, n_head, n_kv_head)
+    q, c_rq = rope_forward(q, pos0, base)
+    k, c_rk = rope_forward(k, pos0, base)
+    kr, c_rep_k = repeat_kv_forward(k, n_head // n_kv_head)
+    vr, c_rep_v = repeat_kv_forward(v, n_head // n_kv_head)
+    y, c_att = attend_forward(q, kr, vr) if tile is None else flash.flash_attend_forward(q, kr, vr, tile)
+    out, c_proj = linear_forward(y, W_proj)
+    return out, (c_qkv, c_split, c_rq, c_rk, c_rep_k, c_rep_v, tile, c_att, c_proj, (k, v))
+
+
+def attention_backward(dout, cache):
+    """In reverse: ``(dx, dW_qkv, dW_proj, None, None, None)`` (the head counts and the tile get ``None``; ``pos0``
+    and ``base`` are settings, as a norm's ``eps``)."""
+    c_qkv, c_split, c_rq, c_rk, c_rep_k, c_rep_v, tile, c_att, c_proj, _ = cache
+    dy, dW_proj, _ = linear_backward(dout, c_proj)
+    dq, dkr, dvr, *_ = attend_backward(dy, c_att) if tile is None else flash.flash_attend_backward(dy, c_att)
+    dk, _ = repeat_kv_backward(dkr, c_rep_k)
+    dv, _ = repeat_kv_backward(dvr, c_rep_v)
+    dk, *_ = rope_backward(dk, c_rk)
+    dq, *_ = rope_backward(dq, c_rq)
+    dqkv, *_ = split_gqa_backward((dq, dk, dv), c_split)
+    dx, dW_qkv, _ = linear_backward(dqkv, c_qkv)
+    return dx, dW_qkv, dW_proj, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+ATTENTION = ("plain", "tiled")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = setting(27, "V: tokens in the vocabulary (set from the data)")
+    block_size: int = setting(16, "T: the longest word + 1 (set from the data); the longest context")
+    n_layer: int = setting(4, "transformer blocks")
+    n_head: int = setting(4, "query heads per block (n_embd must divide by it)")
+    n_kv_head: int = setting(4, "key/value heads per block (n_head must divide by it; fewer: grouped-query)")
+    n_embd: int = setting(64, "C: the residual stream's width")
+    ffn_multiple: int = setting(32, "the SwiGLU width is 2/3 of 4 n_embd rounded up to a multiple of this (Llama: 256)")
+    rope_base: float = setting(ROPE_BASE, "the rotary positions' base (Llama 2: 10,000; Llama 3: 500,000)")
+    norm_eps: float = setting(1e-5, "RMSNorm's eps")
+    dropout: float = setting(0.0, "residual dropout in training, as the GPT's (0: off, as Llama)")
+    tie: bool = setting(False, "the LM head is the token embedding's transpose")
+    attention: str = setting("plain", "causal attention: plain (the T x T matrix) or tiled (flash: memory linear in "
+                                      "T)", choices=ATTENTION)
+    tile: int = setting(flash.TILE, "rows and columns of an attention tile (attention tiled)")
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "ffn_multiple"):
+            positive_int(name, getattr(self, name))
+        check_heads(self.n_head, self.n_kv_head)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        check_head_size(self.n_embd // self.n_head)
+        check_choice("attention", self.attention, ATTENTION)
+        flash.check_tile(self.tile)
+        if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("rope_base", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        return hidden_width(self.n_embd, self.ffn_multiple)
+
+    @property
+    def tiled(self) -> int | None:
+        """The tile size when attention is tiled, else ``None`` (what :func:`attention_forward` takes)."""
+        return self.tile if self.attention == "tiled" else None
+
+
+class Block(NamedTuple):
+    norm1: jax.Array  # (C,) RMSNorm gain
+    qkv: Linear  # (C, (nh + 2 nkv) hs): queries, then the shared keys and values, fused; no bias
+    attproj: Linear  # (C, C)
+    norm2: jax.Array  # (C,)
+    fc: Linear  # (C, 2H): W₁ (the gate) and W₃ side by side
+    fcproj: Linear  # (H, C): W₂
+
+
+class LlamaParams(NamedTuple):
+    wte: jax.Array  # (V, C)
+    blocks: tuple  # n_layer Blocks
+    normf: jax.Array  # (C,)
+    lm_head: jax.Array | None  # (C, V); None when tied to wte
+
+
+def init(key, cfg: LlamaConfig):
+    C, V, L, H = cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.hidden
+    kv = 2 * cfg.n_kv_head * cfg.head_size
+    resid_std = INIT_STD / math.sqrt(2 * L)
+    keys = iter(jax.random.split(key, 2 + 4 * L))
+
+    def linear(n_in, n_out, std=INIT_STD):
+        return Linear(std * jax.random.normal(next(keys), (n_in, n_out), jnp.float32), None)
+
+    ones = jnp.ones((C,), jnp.float32)
+    wte = INIT_STD * jax.random.normal(next(keys), (V, C), jnp.float32)
+    blocks = tuple(Block(ones, linear(C, C + kv), linear(C, C, resid_std), ones, linear(C, 2 * H),
+                         linear(H, C, resid_std)) for _ in range(L))
+    head = None if cfg.tie else INIT_STD * jax.random.normal(next(keys), (C, V), jnp.float32)
+    return LlamaParams(wte, blocks, ones, head), ()
+
+
+def forward(cfg: LlamaConfig, params: LlamaParams, state, x, train: bool, key=None) -> Forward:
+    """``Forward(logits (B, T, V), (), caches, acts)`` for ``x (B, T)``, ``T <= block_size``; ``acts``: each block's
+    output, ``(B, T, C)``."""
+    check_dropout_key(cfg.dropout, train, key)
+    if x.ndim != 2 or not 1 <= x.shape[1] <= cfg.block_size:
+        raise ValueError(f"llama: x must have shape (B, T <= {cfg.block_size}), got {x.shape}")
+    h, c_emb = embedding_forward(params.wte, x)
+    h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train)
+    block_caches, acts = [], []
+    for i, blk in enumerate(params.blocks):
+        a, c_n1 = rmsnorm_forward(h, blk.norm1, cfg.norm_eps)
+        a, c_attn = attention_forward(a, blk.qkv.W, blk.attproj.W, cfg.n_head, cfg.n_kv_head, cfg.tiled,
+                                      base=cfg.rope_base)
+        a, c_drop1 = dropout_in_training(a, key, 2 * i + 1, cfg.dropout, train)
+        h = h + a
+        m, c_n2 = rmsnorm_forward(h, blk.norm2, cfg.norm_eps)
+        m, c_fc = linear_forward(m, blk.fc.W)  # (B, T, 2H)
+        m, c_swiglu = swiglu_forward(m)  # (B, T, H)
+        m, c_fcproj = linear_forward(m, blk.fcproj.W)  # (B, T, C)
+        m, c_drop2 = dropout_in_training(m, key, 2 * i + 2, cfg.dropout, train)
+        h = h + m
+        block_caches.append((c_n1, c_attn, c_drop1, c_n2, c_fc, c_swiglu, c_fcproj, c_drop2))
+        acts.append(h)
+    h, c_nf = rmsnorm_forward(h, params.normf, cfg.norm_eps)
+    logits, c_head = linear_forward(h, params.wte.T if cfg.tie else params.lm_head)  # (B, T, V)
+    return Forward(logits, state, (c_emb, c_drop0, tuple(block_caches), c_nf, c_head), tuple(acts))
+
+
+def backward(cfg: LlamaConfig, params: LlamaParams, caches, dlogits):
+    """Every gradient by hand, in reverse order of :func:`forward`; ``dh``, the residual stream's gradient, goes to
+    each branch unchanged and gets back what the branch sends (the residual add's backward, written inline)."""
+    c_emb, c_drop0, block_caches, c_nf, c_head = caches
+    dh, dlm_head, _ = linear_backward(dlogits, c_head)
+    dh, dnormf = rmsnorm_backward(dh, c_nf)
+    dblocks, act_grads = [], []
+    for c_n1, c_attn, c_drop1, c_n2, c_fc, c_swiglu, c_fcproj, c_drop2 in reversed(block_caches):
+        act_grads.append(dh)
+        dm = dh if c_drop2 is None else dropout_backward(dh, c_drop2)[0]  # the MLP branch
+        dm, dfcproj, _ = linear_backward(dm, c_fcproj)
+        dm = swiglu_backward(dm, c_swiglu)
+        dm, dfc, _ = linear_backward(dm, c_fc)
+        dm, dnorm2 = rmsnorm_backward(dm, c_n2)
+        dh = dh + dm
+        da = dh if c_drop1 is None else dropout_backward(dh, c_drop1)[0]  # the attention branch
+        da, dqkv, dattproj, *_ = attention_backward(da, c_attn)
+        da, dnorm1 = rmsnorm_backward(da, c_n1)
+        dh = dh + da
+        dblocks.append(Block(dnorm1, Linear(dqkv, None), Linear(dattproj, None), dnorm2, Linear(dfc, None),
+                             Linear(dfcproj, None)))
+    if c_drop0 is not None:
+        dh, _, _ = dropout_backward(dh, c_drop0)
+    dwte, _ = embedding_backward(dh, c_emb)
+    if cfg.tie:  # one table, two uses: the gradients add
+        dwte, dlm_head = dwte + dlm_head.T, None
+    return LlamaParams(dwte, tuple(reversed(dblocks)), dnormf, dlm_head), tuple(reversed(act_grads))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling with a KV cache. The cache holds the keys after their rotation (each at its own position, which never
+# changes) and only the n_kv_head shared heads: n_head / n_kv_head times smaller than the GPT's.
+
+
+class KVCache(NamedTuple):
+    k: tuple  # per block, (B, nkv, T, hs), rotated
+    v: tuple  # per block, (B, nkv, T, hs)
+
+
+def prefill(cfg: LlamaConfig, params: LlamaParams, x):
+    """The forward over ``x (B, block_size)`` (eval mode), keeping each block's rotated keys and values."""
+    if x.shape[1] != cfg.block_size:
+        raise ValueError(f"llama.prefill: x must be (B, {cfg.block_size}), a full context buffer; got {x.shape}")
+    out = forward(cfg, params, (), x, train=False)
+    kv = [c[1][-1] for c in out.caches[2]]  # c_attn's last entry: (k rotated, v), (B, nkv, T, hs) each
+    return out.logits, KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv))
+
+
+def decode(cfg: LlamaConfig, params: LlamaParams, cache: KVCache, token, pos):
+    """The next position: ``token (B,)`` at position ``pos`` (traced). Its query and key are rotated by ``pos``, its
+    key and value written into the cache, its query attends over ``0 .. pos``. ``(logits (B, V), cache)``."""
+    pos = jnp.asarray(pos, jnp.int32)
+    at = (jnp.int32(0), jnp.int32(0), pos, jnp.int32(0))
+    rep = cfg.n_head // cfg.n_kv_head
+    h = params.wte[token][:, None, :]  # (B, 1, C)
+    ks, vs = [], []
+    for i, blk in enumerate(params.blocks):
+        a, _ = rmsnorm_forward(h, blk.norm1, cfg.norm_eps)
+        qkv, _ = linear_forward(a, blk.qkv.W)
+        (q, k, v), _ = split_gqa_forward(qkv, cfg.n_head, cfg.n_kv_head)
+        q, _ = rope_forward(q, pos, cfg.rope_base)
+        k, _ = rope_forward(k, pos, cfg.rope_base)
+        K = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), at)
+        V = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), at)
+        y = attend_cached(q, jnp.repeat(K, rep, axis=1), jnp.repeat(V, rep, axis=1), pos)
+        h = h + linear_forward(y, blk.attproj.W)[0]
+        m, _ = rmsnorm_forward(h, blk.norm2, cfg.norm_eps)
+        m = linear_forward(swiglu_forward(linear_forward(m, blk.fc.W)[0])[0], blk.fcproj.W)[0]
+        h = h + m
+        ks.append(K)
+        vs.append(V)
+    h, _ = rmsnorm_forward(h, params.normf, cfg.norm_eps)
+    logits, _ = linear_forward(h, params.wte.T if cfg.tie else params.lm_head)
+    return logits[:, 0], KVCache(tuple(ks), tuple(vs))
+
+
+def embeddings(params: LlamaParams) -> jax.Array:
+    return params.wte
+
+
+def llama(cfg: LlamaConfig = LlamaConfig()) -> LanguageModel:
+    """The Llama block's model; ``.with_gradients("manual")`` trains it on :func:`backward`."""
+    return LanguageModel("llama", cfg, init, forward, backward, stochastic=cfg.dropout > 0, per_position=True,
+                         embeddings_fn=embeddings, prefill_fn=prefill, decode_fn=decode)
