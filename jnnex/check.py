@@ -18,6 +18,7 @@ forward has one argument).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -56,21 +57,14 @@ def compare(forward: Callable, backward: Callable, *args, names: Sequence[str] |
     """Per differentiable argument: does ``backward`` equal ``jax.vjp`` of ``forward``'s output? ``rtol``/``atol``
     default to :func:`tolerances` of the output's dtype."""
     key = jax.random.key(0) if key is None else key
-    float_idx = [i for i, a in enumerate(args)  # None (an optional setting left out) is a float to result_type
-                 if a is not None and jnp.issubdtype(jnp.result_type(a), jnp.floating)]
-    array_idx = [i for i, a in enumerate(args) if isinstance(a, jax.Array | np.ndarray)]  # the rest: static settings
-
-    @jax.jit  # one program per shape: far cheaper than compiling every op eagerly
-    def run(arrays, key):
-        full = merge_args(args, array_idx, arrays)
-        out, cache = forward(*full)
-        leaves, treedef = jax.tree.flatten(out)  # one output array, or several (a tuple of them)
-        dout = treedef.unflatten([jax.random.normal(k, jnp.shape(o), jnp.result_type(o))  # random, never all ones
-                                  for k, o in zip(jax.random.split(key, len(leaves)), leaves)])
-        mine = _as_tuple(backward(dout, cache))
-        _, vjp = jax.vjp(lambda *fl: forward(*merge_args(full, float_idx, fl))[0], *(full[i] for i in float_idx))
-        return dout, mine, vjp(dout)
-
+    float_idx = tuple(i for i, a in enumerate(args)  # None (an optional setting left out) is a float to result_type
+                      if a is not None and jnp.issubdtype(jnp.result_type(a), jnp.floating))
+    array_idx = tuple(i for i, a in enumerate(args) if isinstance(a, jax.Array | np.ndarray))  # the rest: settings
+    statics = tuple((type(a), None if i in array_idx else a) for i, a in enumerate(args))  # typed: 1 is not True
+    try:
+        run = _vjp_program(forward, backward, statics, array_idx, float_idx)
+    except TypeError:  # a setting that is not hashable: a program of its own
+        run = _vjp_program.__wrapped__(forward, backward, statics, array_idx, float_idx)
     dout, mine, ref = run([args[i] for i in array_idx], key)
     if len(mine) != len(args):
         raise ValueError(f"backward returned {len(mine)} gradients for {len(args)} forward arguments")
@@ -81,6 +75,27 @@ def compare(forward: Callable, backward: Callable, *args, names: Sequence[str] |
     atol = default_atol if atol is None else atol
     names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]
     return [compare_arrays(names[i], mine[i], r, rtol=rtol, atol=atol) for i, r in zip(float_idx, ref)]
+
+
+@functools.lru_cache(maxsize=512)
+def _vjp_program(forward: Callable, backward: Callable, statics: tuple, array_idx: tuple, float_idx: tuple):
+    """The jitted check of one pair with these settings (``statics``: ``(type, value)`` of each argument, the value
+    ``None`` for arrays): ``run(arrays, key) -> (dout, backward's gradients, jax.vjp's)``. Kept, so that the examples
+    a property draws reuse the program of a shape seen before instead of tracing and compiling it again."""
+    settings = [value for _, value in statics]
+
+    @jax.jit  # one program per shape: far cheaper than compiling every op eagerly
+    def run(arrays, key):
+        full = merge_args(settings, array_idx, arrays)
+        out, cache = forward(*full)
+        leaves, treedef = jax.tree.flatten(out)  # one output array, or several (a tuple of them)
+        dout = treedef.unflatten([jax.random.normal(k, jnp.shape(o), jnp.result_type(o))  # random, never all ones
+                                  for k, o in zip(jax.random.split(key, len(leaves)), leaves)])
+        mine = _as_tuple(backward(dout, cache))
+        _, vjp = jax.vjp(lambda *fl: forward(*merge_args(full, float_idx, fl))[0], *(full[i] for i in float_idx))
+        return dout, mine, vjp(dout)
+
+    return run
 
 
 def compare_arrays(name: str, mine, ref, *, rtol: float = 1e-10, atol: float = 1e-12) -> Row:

@@ -23,9 +23,12 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
         assert all(v == v for v in row.values() if isinstance(v, float))  # no NaN figures
     if suite == "moons":
         assert "| engine" in text
-    if suite in ("backward", "gpt"):
+    if suite in ("backward", "gpt", "llama"):
         assert "| case" in text and {r["backward"] for r in data["rows"]} == {"manual", "jax.grad", "jax.vjp"}
         assert all(r["f64 max rel"] < 1e-12 for r in data["accuracy"])  # the hand-written gradients are right
+    if suite == "backward":  # every code path of the quick run: the cases it names, each measured
+        from jnnex.bench.backward import QUICK
+        assert {r["case"] for r in data["rows"]} == set(QUICK)
     if suite == "training":
         assert "| model" in text and "matmul GFLOP/s" in text
         assert all(0 < r["of_peak"] and r["steps_per_s"] > 0 for r in data["rows"])
@@ -37,6 +40,10 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
         sizes = [r["bytes_per_token"] for r in data["compression"]]
         assert data["compression"][0]["vocab_size"] == 256 and sizes[0] == 1.0 and sizes == sorted(sizes)
         assert {r["sampler"] for r in data["kv_cache"]} == {"KV cache", "whole context"}
+    if suite == "llama":  # the tiled attention's rows beside the plain one's, equal gradients
+        assert {r["attention"] for r in data["attention"]} == {"plain (by hand)", "tiled 16 (by hand)",
+                                                               "jax.vjp of plain", "jax.nn.dot_product_attention"}
+        assert all(r["dq_rel_diff"] < 1e-5 and r["temp_MiB"] >= 0 for r in data["attention"])
     if suite == "devices":  # the suite's processes have 4 CPU devices (conftest): measured here, no child process
         assert {r["devices"] for r in data["rows"]} == {"cpu x1", "cpu x2", "cpu x4"}
 

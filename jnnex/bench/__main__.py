@@ -11,7 +11,7 @@ import time
 
 from jnnex.bench.harness import RESULTS, write
 
-SUITES = ["moons", "backward", "training", "wavenet", "gpt", "devices", "text"]
+SUITES = ["moons", "backward", "training", "wavenet", "gpt", "llama", "devices", "text"]
 
 
 def main(argv=None) -> int:

@@ -32,9 +32,10 @@ from jnnex.models.registry import REGISTRY, has_manual_backward
 V, T, N_EMBD = 27, 3, 10  # the lecture's sizes: vocabulary, context, embedding per character
 WIDTHS = (200, 1000)  # hidden widths H of the layer cases: the lecture's, and a wide layer
 CONTENDERS = ("manual", "jax.grad", "jax.vjp")
-# --quick exercises the code paths; these add compile time only
-QUICK_SKIP = ("moons-mlp 2-16-16-1", "deep-mlp", "wavenet-conv", "rnn", "gru", "bow")  # the quick run: code paths
-OWN_SUITE = ("gpt",)  # benchmarked by its own suite (jnnex.bench.gpt), at batches of sequences
+# --quick exercises the code paths — a layer of float inputs, one with integer inputs, one of three dimensions, a
+# model — each once; every other case would add compile time only
+QUICK = ("linear 30->200", "embedding (27x10, T=3)", "causal-conv d=1 (B,23,24)->128", "mlp")
+OWN_SUITE = ("gpt", "llama")  # benchmarked by their own suites (jnnex.bench.gpt, .llama), at batches of sequences
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +274,7 @@ def run(quick: bool = False) -> dict:
     batches = (64,) if quick else (32, 256, 1024, 4096, 8192)
     repeats = 2 if quick else 9
     accuracy_batch = 64 if quick else 256
-    case_list = [c for c in cases(WIDTHS[:1] if quick else WIDTHS) if not (quick and c.name in QUICK_SKIP)]
+    case_list = [c for c in cases(WIDTHS[:1] if quick else WIDTHS) if not quick or c.name in QUICK]
     rows, acc_rows = measure(case_list, batches, repeats, accuracy_batch)
     text = table(rows, SPEED_COLS) + "\n\nAccuracy (batch %d): manual vs jax.grad\n\n" % accuracy_batch + \
         table(acc_rows, ACC_COLS)
