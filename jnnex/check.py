@@ -160,6 +160,43 @@ def compare_model(model, params, state, x, y, key=None, *, rtol: float = MODEL_R
     return rows, extra
 
 
+@dataclasses.dataclass(frozen=True)
+class PrecisionRow:
+    name: str  # the parameter's path
+    manual: float  # max |hand-written gradient at the model's precision − float64| / scale
+    autodiff: float  # the same for jax.grad at the model's precision
+    scale: float  # max |float64 gradient| of the tensor (at least SCALE_FLOOR of the largest)
+
+
+def compare_precision(model, params, state, x, y, key=None) -> list[PrecisionRow]:
+    """What a lower precision costs, per tensor: the hand-written gradients and ``jax.grad``'s, both computed at
+    ``model``'s precision (``cfg.precision = "bfloat16"``: the forward and backward in bfloat16), against ``jax.grad``
+    in float64 at the same parameters (``params`` cast up; needs ``jax_enable_x64``). Errors relative to the float64
+    tensor's scale, as :func:`compare_model`'s."""
+    if not jax.config.jax_enable_x64:
+        raise ValueError("compare_precision needs float64 for its reference: turn on jax_enable_x64")
+    exact = dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, precision="float32"))
+    params64 = jax.tree.map(lambda p: p.astype(jnp.float64) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+    @jax.jit
+    def grads(params, params64):
+        manual = model.value_and_grad_manual(params, state, x, y, key)[1]
+        auto = jax.grad(lambda p: model.objective(p, state, x, y, key)[0])(params)
+        ref = jax.grad(lambda p: exact.objective(p, state, x, y, key)[0])(params64)
+        return manual, auto, ref
+
+    manual, auto, ref = grads(params, params64)
+    flat_ref = jax.tree_util.tree_flatten_with_path(ref)[0]
+    largest = max((float(np.abs(np.asarray(g)).max()) for _, g in flat_ref if np.size(g)), default=0.0)
+    rows = []
+    for (path, r), m, a in zip(flat_ref, jax.tree.leaves(manual), jax.tree.leaves(auto)):
+        r = np.asarray(r, np.float64)
+        scale = max(float(np.abs(r).max()) if r.size else 0.0, SCALE_FLOOR * largest)
+        err = [float(np.abs(np.asarray(g, np.float64) - r).max()) / scale if r.size else 0.0 for g in (m, a)]
+        rows.append(PrecisionRow(jax.tree_util.keystr(path), err[0], err[1], scale))
+    return rows
+
+
 def format_model_table(rows: Sequence[TensorRow]) -> str:
     width = max((len(r.name) for r in rows), default=6)
     return "\n".join(f"{r.name:<{width}}  max|manual - jax.grad| / scale {r.rel:.1e}  (scale {r.scale:.2e})"

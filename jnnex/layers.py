@@ -47,6 +47,37 @@ def per_channel(v, ndim: int):
 # Linear: y = x @ W + b
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Mixed precision: a model's forward and backward may compute in bfloat16 while its parameters (and the optimiser's
+# state) stay float32. Where it matters the sums are kept wide: matrix products accumulate in float32, norms take
+# their statistics in float32, softmax and the loss run in float32, embedding gradients are scatter-added in float32.
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def wide(dtype):
+    """The dtype sums are kept in: float32 for a 16-bit float, else ``dtype`` itself (float32, float64)."""
+    return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
+
+
+def matmul(a, b):
+    """``a @ b`` accumulated (and returned) in :func:`wide` of ``a``'s dtype: float32 for bfloat16 inputs."""
+    return jnp.matmul(a, b, preferred_element_type=wide(a.dtype))
+
+
+def compute_params(params, precision: str):
+    """The parameters a forward computes with: themselves (``"float32"``: the parameters' own dtype, float64 in the
+    proofs), or cast to bfloat16. The cast's backward casts the gradients back (:func:`param_grads`)."""
+    if precision == "float32":
+        return params
+    return jax.tree.map(lambda p: p.astype(jnp.bfloat16) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
+def param_grads(grads, params):
+    """Gradients in each parameter's own dtype (float32 from a bfloat16 backward: the backward of the cast)."""
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
 class Linear(NamedTuple):
     """Parameters of a linear layer."""
 
@@ -58,19 +89,19 @@ def linear_forward(x, W, b=None):
     """``x (..., Cin) @ W (Cin, Cout) + b (Cout,) -> y (..., Cout)``."""
     if x.shape[-1] != W.shape[0]:
         raise ValueError(f"linear: x has {x.shape[-1]} input channels but W expects {W.shape[0]} (W is {W.shape})")
-    y = x @ W
+    y = matmul(x, W)  # accumulated in float32 for bfloat16
     if b is not None:
-        y = y + per_channel(b, y.ndim)
-    return y, (x, W, b is not None)
+        y = y + per_channel(b.astype(y.dtype), y.ndim)
+    return y.astype(x.dtype), (x, W, b is not None)
 
 
 def linear_backward(dy, cache):
     """``dx = dy @ Wᵀ``, ``dW = xᵀ @ dy`` (leading axes flattened), ``db = Σ dy`` over leading axes."""
     x, W, has_bias = cache
     check_shape("linear_backward: dy", dy, x.shape[:-1] + (W.shape[1],))
-    dx = dy @ W.T  # (..., Cin)
-    dW = x.reshape(-1, x.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])  # (Cin, Cout)
-    db = dy.reshape(-1, dy.shape[-1]).sum(0) if has_bias else None  # (Cout,)
+    dx = matmul(dy, W.T).astype(dy.dtype)  # (..., Cin)
+    dW = matmul(x.reshape(-1, x.shape[-1]).T, dy.reshape(-1, dy.shape[-1]))  # (Cin, Cout), kept wide
+    db = dy.reshape(-1, dy.shape[-1]).astype(dW.dtype).sum(0) if has_bias else None  # (Cout,)
     return dx, dW, db
 
 
@@ -108,7 +139,8 @@ def embedding_backward(demb, cache):
     """``dC[v] = Σ_{i: ix_i = v} demb_i`` — a scatter-add, so a repeated index accumulates; unseen rows stay 0."""
     ix, C_shape = cache
     check_shape("embedding_backward: demb", demb, ix.shape + (C_shape[1],))
-    dC = jnp.zeros(C_shape, demb.dtype).at[ix.reshape(-1)].add(demb.reshape(-1, C_shape[1]))
+    acc = wide(demb.dtype)  # a row's many additions, in float32 for bfloat16
+    dC = jnp.zeros(C_shape, acc).at[ix.reshape(-1)].add(demb.reshape(-1, C_shape[1]).astype(acc))
     return dC, None
 
 

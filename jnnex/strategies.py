@@ -306,7 +306,8 @@ def llama_attention_args(draw, dtype=None):
     nh, nkv = _gqa_heads(draw)
     hs = draw(st.sampled_from((2, 4)))
     C = nh * hs
-    return (draw(arrays((B, T, C), dtype=dtype)), draw(arrays((C, (nh + 2 * nkv) * hs), dtype=dtype, scale=2 * C**-0.5)),
+    return (draw(arrays((B, T, C), dtype=dtype)),
+            draw(arrays((C, (nh + 2 * nkv) * hs), dtype=dtype, scale=2 * C**-0.5)),
             draw(arrays((C, C), dtype=dtype, scale=C**-0.5)), nh, nkv, draw(st.sampled_from((None, 2, 3))))
 
 

@@ -38,7 +38,8 @@ PAIRS = {
     "flash_attend": (F.flash_attend_forward, F.flash_attend_backward, strategies.flash_attend_args(),
                      ["q", "k", "v", "tile"], (f64(2, 2, 5, 2), f64(2, 2, 5, 2) * 0.5, f64(2, 2, 5, 2) * 2.0, 2)),
     "attention": (L.attention_forward, L.attention_backward, strategies.llama_attention_args(),
-                  ["x", "W_qkv", "W_proj", "n_head", "n_kv_head", "tile"], (f64(2, 3, 8), f64(8, 16), f64(8, 8), 2, 1, 2)),
+                  ["x", "W_qkv", "W_proj", "n_head", "n_kv_head", "tile"],
+                  (f64(2, 3, 8), f64(8, 16), f64(8, 8), 2, 1, 2)),
 }
 
 test_pair_backward_equals_vjp_float64, test_pair_rejects_a_wrongly_shaped_gradient = pairs.tests(PAIRS)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jnnex.layers import check_shape
+from jnnex.layers import check_shape, matmul, wide
 
 TILE = 64  # rows and columns of a tile; a setting of the models that use it
 
@@ -59,7 +59,7 @@ def _rows(x, i, tile: int):
 def _scores(qi, kj, i, j, tile: int):
     """``q_i k_jᵀ / √hs`` of tiles ``i`` and ``j``, ``-inf`` where the key comes after the query: ``(B, nh, tile,
     tile)``."""
-    s = (qi @ kj.transpose(0, 1, 3, 2)) * qi.shape[-1] ** -0.5
+    s = matmul(qi, kj.transpose(0, 1, 3, 2)) * qi.shape[-1] ** -0.5  # float32 for bfloat16
     rows = i * tile + jnp.arange(tile)
     cols = j * tile + jnp.arange(tile)
     return jnp.where(rows[:, None] >= cols[None, :], s, -jnp.inf)
@@ -85,15 +85,17 @@ def flash_attend_forward(q, k, v, tile: int = TILE):
             m_new = jnp.maximum(m, s.max(-1))  # finite: tile j <= i has a key at or before every query row
             p = jnp.exp(s - m_new[..., None])
             shrink = jnp.exp(m - m_new)  # 0 on the first tile (m = -inf)
-            return m_new, l * shrink + p.sum(-1), acc * shrink[..., None] + p @ _rows(vp, j, tile)
+            vj = _rows(vp, j, tile)
+            return m_new, l * shrink + p.sum(-1), acc * shrink[..., None] + matmul(p.astype(vj.dtype), vj)
 
-        init = (jnp.full((B, nh, tile), -jnp.inf, q.dtype), jnp.zeros((B, nh, tile), q.dtype),
-                jnp.zeros((B, nh, tile, hs), q.dtype))
+        acc_dtype = wide(q.dtype)  # the running max, sum and output: float32 for bfloat16
+        init = (jnp.full((B, nh, tile), -jnp.inf, acc_dtype), jnp.zeros((B, nh, tile), acc_dtype),
+                jnp.zeros((B, nh, tile, hs), acc_dtype))
         # Over all n key tiles, those after the diagonal skipped: a loop of fixed length, so that jax.grad can
         # differentiate this forward too (keeping every tile's intermediates: quadratic memory, unlike the backward
         # below).
         m, l, acc = jax.lax.fori_loop(0, n, lambda j, c: jax.lax.cond(j <= i, key_tile, lambda j, c: c, j, c), init)
-        return acc / l[..., None], m + jnp.log(l)
+        return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
 
     o, lse = jax.lax.map(query_tile, jnp.arange(n))  # (n, B, nh, tile, hs), (n, B, nh, tile)
     o = o.transpose(1, 2, 0, 3, 4).reshape(B, nh, n * tile, hs)[:, :, :T]
@@ -109,7 +111,8 @@ def flash_attend_backward(dy, cache):
     B, nh, T, hs = q.shape
     check_shape("attend_backward: dy", dy, (B, T, nh * hs))
     do = dy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
-    D = (do * o).sum(-1)  # (B, nh, T): softmax's <att, datt> per row, from the output instead of the T × T matrix
+    acc = wide(q.dtype)  # what accumulates: float32 for bfloat16
+    D = (do.astype(acc) * o.astype(acc)).sum(-1)  # (B, nh, T): softmax's <att, datt> per row, from the output
     qp, kp, vp, dop = _tiles(q, tile), _tiles(k, tile), _tiles(v, tile), _tiles(do, tile)
     lsep, Dp = _tiles(lse, tile), _tiles(D, tile)  # padded rows: lse 0, dO 0, D 0 -> they contribute nothing
     n = qp.shape[2] // tile
@@ -122,19 +125,20 @@ def flash_attend_backward(dy, cache):
             dq, dk, dv = carry
             qi, doi = _rows(qp, i, tile), _rows(dop, i, tile)
             p = jnp.exp(_scores(qi, kj, i, j, tile) - _rows(lsep, i, tile)[..., None])  # (B, nh, tile, tile)
-            dv = dv + p.transpose(0, 1, 3, 2) @ doi
-            ds = p * (doi @ vj.transpose(0, 1, 3, 2) - _rows(Dp, i, tile)[..., None]) * scale
-            dk = dk + ds.transpose(0, 1, 3, 2) @ qi
-            dq = jax.lax.dynamic_update_slice_in_dim(dq, _rows(dq, i, tile) + ds @ kj, i * tile, axis=2)
+            dv = dv + matmul(p.astype(doi.dtype).transpose(0, 1, 3, 2), doi)
+            ds = p * (matmul(doi, vj.transpose(0, 1, 3, 2)) - _rows(Dp, i, tile)[..., None]) * scale
+            ds = ds.astype(q.dtype)
+            dk = dk + matmul(ds.transpose(0, 1, 3, 2), qi)
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, _rows(dq, i, tile) + matmul(ds, kj), i * tile, axis=2)
             return dq, dk, dv
 
-        zeros = jnp.zeros((B, nh, tile, hs), q.dtype)
+        zeros = jnp.zeros((B, nh, tile, hs), acc)
         dq, dk, dv = jax.lax.fori_loop(j, n, query_tile, (dq, zeros, zeros))
         return dq, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(key_tile, jnp.zeros_like(qp), jnp.arange(n))
+    dq, (dk, dv) = jax.lax.scan(key_tile, jnp.zeros(qp.shape, acc), jnp.arange(n))
 
     def untile(x):  # (n, B, nh, tile, hs) -> (B, nh, T, hs)
-        return x.transpose(1, 2, 0, 3, 4).reshape(B, nh, n * tile, hs)[:, :, :T]
+        return x.transpose(1, 2, 0, 3, 4).reshape(B, nh, n * tile, hs)[:, :, :T].astype(q.dtype)
 
-    return dq[:, :, :T], untile(dk), untile(dv), None
+    return dq[:, :, :T].astype(q.dtype), untile(dk), untile(dv), None

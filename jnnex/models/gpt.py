@@ -38,11 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jnnex.layers import (
-    Linear, check_dropout_key, check_shape, dropout_backward, dropout_in_training, linear_backward, linear_forward,
-    per_channel,
+    PRECISIONS, Linear, check_dropout_key, check_shape, compute_params, dropout_backward, dropout_in_training,
+    linear_backward, linear_forward, matmul, param_grads, per_channel, wide,
 )
 from jnnex.lm import Forward, LanguageModel
-from jnnex.settings import positive_int, setting
+from jnnex.settings import check_choice, positive_int, setting
 
 INIT_STD = 0.02  # GPT-2's
 
@@ -69,9 +69,9 @@ def token_position_embedding_backward(dout, cache):
     ``T`` positions used, 0 beyond."""
     ix, wte_shape, wpe_shape = cache
     check_shape("token_position_embedding_backward: dout", dout, ix.shape + (wte_shape[1],))
-    C = wte_shape[1]
-    dwte = jnp.zeros(wte_shape, dout.dtype).at[ix.reshape(-1)].add(dout.reshape(-1, C))
-    dwpe = jnp.zeros(wpe_shape, dout.dtype).at[:ix.shape[1]].set(dout.sum(0))
+    C, acc = wte_shape[1], wide(dout.dtype)  # sums in float32 for bfloat16
+    dwte = jnp.zeros(wte_shape, acc).at[ix.reshape(-1)].add(dout.reshape(-1, C).astype(acc))
+    dwpe = jnp.zeros(wpe_shape, acc).at[:ix.shape[1]].set(dout.astype(acc).sum(0))
     return dwte, dwpe, None
 
 
@@ -82,11 +82,13 @@ def layernorm_forward(x, w, b=None, eps: float = 1e-5):
     if w.shape != x.shape[-1:] or (b is not None and b.shape != x.shape[-1:]):
         raise ValueError(f"layernorm: w and b must have shape ({x.shape[-1]},) for x {x.shape}, got {w.shape} and "
                          f"{None if b is None else b.shape}")
-    mean = x.mean(-1, keepdims=True)
-    xc = x - mean
+    xw = x.astype(wide(x.dtype))  # statistics in float32 for bfloat16
+    mean = xw.mean(-1, keepdims=True)
+    xc = xw - mean
     rstd = jax.lax.rsqrt((xc * xc).mean(-1, keepdims=True) + eps)
-    y = xc * rstd * per_channel(w, x.ndim)
-    return (y if b is None else y + per_channel(b, x.ndim)), (x, w, mean, rstd, b is not None)
+    y = xc * rstd * per_channel(w.astype(xw.dtype), x.ndim)
+    y = y if b is None else y + per_channel(b.astype(xw.dtype), x.ndim)
+    return y.astype(x.dtype), (x, w, mean, rstd, b is not None)
 
 
 def layernorm_backward(dy, cache):
@@ -94,11 +96,12 @@ def layernorm_backward(dy, cache):
     ``dx = rstd · (g − mean(g) − n ⊙ mean(g ⊙ n))``; ``dw = Σ dy ⊙ n``, ``db = Σ dy`` over the leading axes."""
     x, w, mean, rstd, has_shift = cache
     check_shape("layernorm_backward: dy", dy, x.shape)
-    n = (x - mean) * rstd
-    g = dy * per_channel(w, x.ndim)
+    dyw = dy.astype(mean.dtype)  # in float32 for bfloat16, as the forward's statistics
+    n = (x.astype(mean.dtype) - mean) * rstd
+    g = dyw * per_channel(w.astype(mean.dtype), x.ndim)
     dx = rstd * (g - g.mean(-1, keepdims=True) - n * (g * n).mean(-1, keepdims=True))
     C = x.shape[-1]
-    return dx, (dy * n).reshape(-1, C).sum(0), dy.reshape(-1, C).sum(0) if has_shift else None
+    return dx.astype(dy.dtype), (dyw * n).reshape(-1, C).sum(0), dyw.reshape(-1, C).sum(0) if has_shift else None
 
 
 GELU_C = float(np.sqrt(2.0 / np.pi))
@@ -167,10 +170,10 @@ def attend_forward(q, k, v):
         raise ValueError(f"attend: q, k, v must all be (B, nh, T, hs), got {q.shape}, {k.shape}, {v.shape}")
     T, hs = q.shape[2], q.shape[3]
     causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # (1, 1, T, T): position t sees t' <= t
-    preatt = jnp.where(causal, (q @ k.transpose(0, 1, 3, 2)) * hs**-0.5, -jnp.inf)
+    preatt = jnp.where(causal, matmul(q, k.transpose(0, 1, 3, 2)) * hs**-0.5, -jnp.inf)  # softmax: float32 for bf16
     e = jnp.exp(preatt - preatt.max(-1, keepdims=True))  # the diagonal is never masked: a finite maximum per row
     att = e / e.sum(-1, keepdims=True)  # (B, nh, T, T), exactly 0 above the diagonal
-    return merge_heads(att @ v), (q, k, v, att)
+    return merge_heads(matmul(att.astype(v.dtype), v).astype(q.dtype)), (q, k, v, att)
 
 
 def attend_backward(dy, cache):
@@ -181,10 +184,10 @@ def attend_backward(dy, cache):
     B, nh, T, hs = q.shape
     check_shape("attend_backward: dy", dy, (B, T, nh * hs))
     dyh = heads(dy, nh)  # (B, nh, T, hs)
-    datt = dyh @ v.transpose(0, 1, 3, 2)  # (B, nh, T, T)
-    dv = att.transpose(0, 1, 3, 2) @ dyh
-    dpreatt = att * (datt - (att * datt).sum(-1, keepdims=True)) * hs**-0.5
-    return dpreatt @ k, dpreatt.transpose(0, 1, 3, 2) @ q, dv
+    datt = matmul(dyh, v.transpose(0, 1, 3, 2))  # (B, nh, T, T), as wide as att
+    dv = matmul(att.astype(dy.dtype).transpose(0, 1, 3, 2), dyh).astype(dy.dtype)
+    dpreatt = (att * (datt - (att * datt).sum(-1, keepdims=True)) * hs**-0.5).astype(dy.dtype)
+    return (matmul(dpreatt, k).astype(dy.dtype), matmul(dpreatt.transpose(0, 1, 3, 2), q).astype(dy.dtype), dv)
 
 
 def qkv_attention_forward(qkv, n_head: int):
@@ -230,10 +233,14 @@ class GPTConfig:
                                   "makemore.py)")
     bias: bool = setting(True, "biases in every linear and LayerNorm (false: none, nanoGPT's bias=False)")
     tie: bool = setting(False, "the LM head is the token embedding's transpose (GPT-2's and nanoGPT's weight tying)")
+    precision: str = setting("float32", "the forward's and backward's arithmetic: float32 (the parameters' own), or "
+                                        "bfloat16 with float32 sums, norms, softmax and loss (parameters stay float32)",
+                             choices=PRECISIONS)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             positive_int(name, getattr(self, name))
+        check_choice("precision", self.precision, PRECISIONS)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
@@ -288,6 +295,7 @@ def forward(cfg: GPTConfig, params: GPTParams, state, x, train: bool, key=None) 
     check_dropout_key(cfg.dropout, train, key)
     if x.ndim != 2 or not 1 <= x.shape[1] <= cfg.block_size:
         raise ValueError(f"gpt: x must have shape (B, T <= {cfg.block_size}), got {x.shape}")
+    params = compute_params(params, cfg.precision)  # bfloat16: every layer below computes in it
     h, c_emb = token_position_embedding_forward(params.wte, params.wpe, x)
     h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train)  # the embeddings
     block_caches, acts = [], []
@@ -305,8 +313,14 @@ def forward(cfg: GPTConfig, params: GPTParams, state, x, train: bool, key=None) 
         block_caches.append((c_ln1, c_attn, c_drop1, c_res1, c_ln2, c_fc, c_gelu, c_fcproj, c_drop2, c_res2))
         acts.append(h)
     h, c_lnf = layernorm_forward(h, params.lnf.w, params.lnf.b)
-    logits, c_head = linear_forward(h, params.wte.T if cfg.tie else params.lm_head)  # (B, T, V)
+    logits, c_head = head_forward(h, params.wte.T if cfg.tie else params.lm_head)  # (B, T, V)
     return Forward(logits, state, (c_emb, c_drop0, tuple(block_caches), c_lnf, c_head), tuple(acts))
+
+
+def head_forward(h, W):
+    """The LM head, ``h @ W`` without a bias, its logits left in float32 for bfloat16 (the loss's softmax reads them
+    there); :func:`jnnex.layers.linear_backward` is its backward, given ``dlogits`` in ``h``'s dtype."""
+    return matmul(h, W), (h, W, False)
 
 
 def backward(cfg: GPTConfig, params: GPTParams, caches, dlogits):
@@ -314,6 +328,7 @@ def backward(cfg: GPTConfig, params: GPTParams, caches, dlogits):
     residual add passes it unchanged to the stream *and* to its branch, and what the branch sends back to the stream
     is added to it (llm.c's ``+=``). ``act_grads[i]`` is the loss gradient at block ``i``'s output."""
     c_emb, c_drop0, block_caches, c_lnf, c_head = caches
+    dlogits = dlogits.astype(c_head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
     dh, dlm_head, _ = linear_backward(dlogits, c_head)  # (when tied: the gradient of wteᵀ, added to dwte below)
     dh, dlnf_w, dlnf_b = layernorm_backward(dh, c_lnf)
     dblocks, act_grads = [], []
@@ -341,6 +356,8 @@ def backward(cfg: GPTConfig, params: GPTParams, caches, dlogits):
     if cfg.tie:  # one table, two uses: the gradients add
         dwte, dlm_head = dwte + dlm_head.T, None
     grads = GPTParams(dwte, dwpe, tuple(reversed(dblocks)), LayerNorm(dlnf_w, dlnf_b), dlm_head)
+    if cfg.precision != "float32":  # the cast's backward: float32 gradients again
+        grads = param_grads(grads, params)
     return grads, tuple(reversed(act_grads))
 
 
@@ -370,10 +387,10 @@ def attend_cached(q, K, V, pos):
     """One query position against the cache: ``q (B, nh, 1, hs)``, ``K, V (B, nh, T, hs)`` valid up to ``pos``
     (included) -> ``y (B, 1, nh·hs)``. The same softmax as :func:`attend_forward`, one row of it."""
     T, hs = K.shape[2], K.shape[3]
-    scores = (q @ K.transpose(0, 1, 3, 2)) * hs**-0.5  # (B, nh, 1, T)
+    scores = matmul(q, K.transpose(0, 1, 3, 2)) * hs**-0.5  # (B, nh, 1, T)
     scores = jnp.where((jnp.arange(T, dtype=jnp.int32) <= pos)[None, None, None, :], scores, -jnp.inf)
     e = jnp.exp(scores - scores.max(-1, keepdims=True))
-    return merge_heads((e / e.sum(-1, keepdims=True)) @ V)
+    return merge_heads(matmul((e / e.sum(-1, keepdims=True)).astype(V.dtype), V).astype(q.dtype))
 
 
 def decode(cfg: GPTConfig, params: GPTParams, cache: KVCache, token, pos):
@@ -382,6 +399,7 @@ def decode(cfg: GPTConfig, params: GPTParams, cache: KVCache, token, pos):
     over positions ``0 .. pos``. Returns ``(logits (B, V), cache)``: the full forward's logits at ``pos``."""
     pos = jnp.asarray(pos, jnp.int32)
     at = (jnp.int32(0), jnp.int32(0), pos, jnp.int32(0))  # where this position's keys and values go in the cache
+    params = compute_params(params, cfg.precision)
     h = (params.wte[token] + jax.lax.dynamic_index_in_dim(params.wpe, pos, keepdims=True))[:, None, :]  # (B, 1, C)
     ks, vs = [], []
     for i, blk in enumerate(params.blocks):
@@ -398,7 +416,7 @@ def decode(cfg: GPTConfig, params: GPTParams, cache: KVCache, token, pos):
         ks.append(K)
         vs.append(V)
     h, _ = layernorm_forward(h, params.lnf.w, params.lnf.b)
-    logits, _ = linear_forward(h, params.wte.T if cfg.tie else params.lm_head)  # (B, 1, V)
+    logits, _ = head_forward(h, params.wte.T if cfg.tie else params.lm_head)  # (B, 1, V)
     return logits[:, 0], KVCache(tuple(ks), tuple(vs))
 
 

@@ -34,12 +34,14 @@ import jax
 import jax.numpy as jnp
 
 from jnnex.layers import (
-    Linear, check_dropout_key, check_shape, dropout_backward, dropout_in_training, embedding_backward,
-    embedding_forward, linear_backward, linear_forward, per_channel,
+    PRECISIONS, Linear, check_dropout_key, check_shape, compute_params, dropout_backward, dropout_in_training,
+    embedding_backward, embedding_forward, linear_backward, linear_forward, param_grads, per_channel, wide,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.models import flash
-from jnnex.models.gpt import INIT_STD, attend_backward, attend_cached, attend_forward, heads, merge_heads
+from jnnex.models.gpt import (
+    INIT_STD, attend_backward, attend_cached, attend_forward, head_forward, heads, merge_heads,
+)
 from jnnex.settings import check_choice, positive_int, setting
 
 ROPE_BASE = 10_000.0  # the rotation's base (Llama 2's; Llama 3 uses 500,000)
@@ -54,8 +56,9 @@ def rmsnorm_forward(x, g, eps: float = 1e-5):
     ``(..., 1)``, as llm.c caches LayerNorm's."""
     if x.shape[-1:] != g.shape:
         raise ValueError(f"rmsnorm: x (..., C) and g (C,) must agree on C, got {x.shape} and {g.shape}")
-    rstd = jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps)
-    return x * rstd * per_channel(g, x.ndim), (x, g, rstd)
+    xw = x.astype(wide(x.dtype))  # the statistic in float32 for bfloat16
+    rstd = jax.lax.rsqrt((xw * xw).mean(-1, keepdims=True) + eps)
+    return (xw * rstd * per_channel(g.astype(xw.dtype), x.ndim)).astype(x.dtype), (x, g, rstd)
 
 
 def rmsnorm_backward(dy, cache):
@@ -63,10 +66,11 @@ def rmsnorm_backward(dy, cache):
     reduction per row (LayerNorm's two, less the mean's). Returns ``(dx, dg)``."""
     x, g, rstd = cache
     check_shape("rmsnorm_backward: dy", dy, x.shape)
-    xhat = x * rstd
-    dxhat = dy * per_channel(g, x.ndim)
+    dyw = dy.astype(rstd.dtype)  # in float32 for bfloat16, as the forward's statistic
+    xhat = x.astype(rstd.dtype) * rstd
+    dxhat = dyw * per_channel(g.astype(rstd.dtype), x.ndim)
     dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdims=True))
-    return dx, (dy * xhat).reshape(-1, x.shape[-1]).sum(0)
+    return dx.astype(dy.dtype), (dyw * xhat).reshape(-1, x.shape[-1]).sum(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -242,6 +246,9 @@ class LlamaConfig:
     attention: str = setting("plain", "causal attention: plain (the T x T matrix) or tiled (flash: memory linear in "
                                       "T)", choices=ATTENTION)
     tile: int = setting(flash.TILE, "rows and columns of an attention tile (attention tiled)")
+    precision: str = setting("float32", "the forward's and backward's arithmetic: float32 (the parameters' own), or "
+                                        "bfloat16 with float32 sums, norms, softmax and loss (parameters stay float32)",
+                             choices=PRECISIONS)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "ffn_multiple"):
@@ -251,6 +258,7 @@ class LlamaConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         check_head_size(self.n_embd // self.n_head)
         check_choice("attention", self.attention, ATTENTION)
+        check_choice("precision", self.precision, PRECISIONS)
         flash.check_tile(self.tile)
         if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -312,6 +320,7 @@ def forward(cfg: LlamaConfig, params: LlamaParams, state, x, train: bool, key=No
     check_dropout_key(cfg.dropout, train, key)
     if x.ndim != 2 or not 1 <= x.shape[1] <= cfg.block_size:
         raise ValueError(f"llama: x must have shape (B, T <= {cfg.block_size}), got {x.shape}")
+    params = compute_params(params, cfg.precision)  # bfloat16: every layer below computes in it
     h, c_emb = embedding_forward(params.wte, x)
     h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train)
     block_caches, acts = [], []
@@ -330,7 +339,7 @@ def forward(cfg: LlamaConfig, params: LlamaParams, state, x, train: bool, key=No
         block_caches.append((c_n1, c_attn, c_drop1, c_n2, c_fc, c_swiglu, c_fcproj, c_drop2))
         acts.append(h)
     h, c_nf = rmsnorm_forward(h, params.normf, cfg.norm_eps)
-    logits, c_head = linear_forward(h, params.wte.T if cfg.tie else params.lm_head)  # (B, T, V)
+    logits, c_head = head_forward(h, params.wte.T if cfg.tie else params.lm_head)  # (B, T, V), float32 for bfloat16
     return Forward(logits, state, (c_emb, c_drop0, tuple(block_caches), c_nf, c_head), tuple(acts))
 
 
@@ -338,6 +347,7 @@ def backward(cfg: LlamaConfig, params: LlamaParams, caches, dlogits):
     """Every gradient by hand, in reverse order of :func:`forward`; ``dh``, the residual stream's gradient, goes to
     each branch unchanged and gets back what the branch sends (the residual add's backward, written inline)."""
     c_emb, c_drop0, block_caches, c_nf, c_head = caches
+    dlogits = dlogits.astype(c_head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
     dh, dlm_head, _ = linear_backward(dlogits, c_head)
     dh, dnormf = rmsnorm_backward(dh, c_nf)
     dblocks, act_grads = [], []
@@ -360,7 +370,10 @@ def backward(cfg: LlamaConfig, params: LlamaParams, caches, dlogits):
     dwte, _ = embedding_backward(dh, c_emb)
     if cfg.tie:  # one table, two uses: the gradients add
         dwte, dlm_head = dwte + dlm_head.T, None
-    return LlamaParams(dwte, tuple(reversed(dblocks)), dnormf, dlm_head), tuple(reversed(act_grads))
+    grads = LlamaParams(dwte, tuple(reversed(dblocks)), dnormf, dlm_head)
+    if cfg.precision != "float32":  # the cast's backward: float32 gradients again
+        grads = param_grads(grads, params)
+    return grads, tuple(reversed(act_grads))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -388,6 +401,7 @@ def decode(cfg: LlamaConfig, params: LlamaParams, cache: KVCache, token, pos):
     pos = jnp.asarray(pos, jnp.int32)
     at = (jnp.int32(0), jnp.int32(0), pos, jnp.int32(0))
     rep = cfg.n_head // cfg.n_kv_head
+    params = compute_params(params, cfg.precision)
     h = params.wte[token][:, None, :]  # (B, 1, C)
     ks, vs = [], []
     for i, blk in enumerate(params.blocks):
@@ -406,7 +420,7 @@ def decode(cfg: LlamaConfig, params: LlamaParams, cache: KVCache, token, pos):
         ks.append(K)
         vs.append(V)
     h, _ = rmsnorm_forward(h, params.normf, cfg.norm_eps)
-    logits, _ = linear_forward(h, params.wte.T if cfg.tie else params.lm_head)
+    logits, _ = head_forward(h, params.wte.T if cfg.tie else params.lm_head)
     return logits[:, 0], KVCache(tuple(ks), tuple(vs))
 
 
