@@ -44,10 +44,6 @@ def per_channel(v, ndim: int):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Linear: y = x @ W + b
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Mixed precision: a model's forward and backward may compute in bfloat16 while its parameters (and the optimiser's
 # state) stay float32. Where it matters the sums are kept wide: matrix products accumulate in float32, norms take
 # their statistics in float32, softmax and the loss run in float32, embedding gradients are scatter-added in float32.
@@ -76,6 +72,10 @@ def compute_params(params, precision: str):
 def param_grads(grads, params):
     """Gradients in each parameter's own dtype (float32 from a bfloat16 backward: the backward of the cast)."""
     return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Linear: y = x @ W + b
 
 
 class Linear(NamedTuple):

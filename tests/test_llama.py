@@ -122,19 +122,22 @@ def test_tiled_attention_rows_that_see_only_their_diagonal():
     T, hs = 7, 8
     q = jnp.tile(jnp.eye(T, hs, dtype=jnp.float64)[None, None] * 100.0, (1, 2, 1, 1))  # q_t · k_t' = 1e4 δ(t, t')
     v = jax.random.normal(jax.random.key(0), (1, 2, T, hs), jnp.float64)
-    y, cache = F.flash_attend_forward(q, q * np.sqrt(hs), v, 3)
+    y, _ = jax.jit(F.flash_attend_forward, static_argnums=3)(q, q * np.sqrt(hs), v, 3)
     np.testing.assert_allclose(y, v.transpose(0, 2, 1, 3).reshape(1, T, 2 * hs), rtol=1e-12, atol=1e-300)
     assert np.asarray(tiled_against_plain(q, q * np.sqrt(hs), v, 3)).max() <= 1e-12
 
 
 def test_a_wrong_tiled_backward_is_caught():
     """The classic slip in FlashAttention's backward — ``D`` left out of ``ds`` — fails the comparison."""
+    @jax.jit  # one program (the loops compiled once, not op by op)
+    def grads(q, k, v, dy):
+        _, (q_, k_, v_, o, lse, tile) = F.flash_attend_forward(q, k, v, 2)
+        good = F.flash_attend_backward(dy, (q_, k_, v_, o, lse, tile))
+        wrong = F.flash_attend_backward(dy, (q_, k_, v_, jnp.zeros_like(o), lse, tile))  # D = rowsum(dO ⊙ 0) = 0
+        return good, wrong, attend_backward(dy, attend_forward(q, k, v)[1])
+
     q, k, v = (jax.random.normal(jax.random.key(i), (1, 2, 5, 4), jnp.float64) for i in range(3))
-    y, (q_, k_, v_, o, lse, tile) = F.flash_attend_forward(q, k, v, 2)
-    dy = jax.random.normal(jax.random.key(5), y.shape, jnp.float64)
-    good = F.flash_attend_backward(dy, (q_, k_, v_, o, lse, tile))
-    wrong = F.flash_attend_backward(dy, (q_, k_, v_, jnp.zeros_like(o), lse, tile))  # D = rowsum(dO ⊙ 0) = 0
-    ref = attend_backward(dy, attend_forward(q, k, v)[1])
+    good, wrong, ref = grads(q, k, v, jax.random.normal(jax.random.key(5), (1, 5, 8), jnp.float64))
     assert all(np.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(good[:3], ref))
     assert not np.allclose(wrong[0], ref[0], rtol=1e-3)
 
@@ -365,6 +368,6 @@ def test_the_kv_cache_keeps_only_the_shared_heads():
     cfg = LlamaConfig(vocab_size=11, block_size=7, n_layer=2, n_head=4, n_kv_head=1, n_embd=8, ffn_multiple=4)
     model = llama(cfg)
     params, _ = model.init(jax.random.key(0))
-    _, cache = L.prefill(cfg, params, jnp.zeros((2, 7), jnp.int32))
+    _, cache = jax.eval_shape(lambda p: L.prefill(cfg, p, jnp.zeros((2, 7), jnp.int32)), params)  # shapes only
     assert cache.k[0].shape == (2, 1, 7, 2) and len(cache.v) == 2
     assert isinstance(params, LlamaParams)

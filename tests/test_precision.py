@@ -75,9 +75,10 @@ def test_float32_precision_is_the_parameters_own():
         params, state = MODELS[name]().init(jax.random.key(0))
         p64 = jax.tree.map(lambda p: p.astype(jnp.float64), params)
         x, _ = batch()
-        assert MODELS[name]().apply(p64, state, x, train=False)[0].dtype == jnp.float64
-        bf = MODELS[name](precision="bfloat16")
-        assert bf.apply(params, state, x, train=False)[0].dtype == jnp.float32
+        exact, bf = MODELS[name](), MODELS[name](precision="bfloat16")
+        # the dtypes, from the traced programs (eval_shape: nothing computed)
+        assert jax.eval_shape(lambda p: exact.apply(p, state, x, train=False)[0], p64).dtype == jnp.float64
+        assert jax.eval_shape(lambda p: bf.apply(p, state, x, train=False)[0], params).dtype == jnp.float32
 
 
 def test_precision_errors_name_the_setting():
