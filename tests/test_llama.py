@@ -12,16 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import llmc
 import pairs
 import jnnex.models.flash as F
 import jnnex.models.llama as L
-from jnnex import rundir, strategies
+from jnnex import strategies
 from jnnex.check import compare_model, randomise
 from jnnex.data import Vocab, load_words, make_splits
-from jnnex.lm import continue_text, count_params, generate, manual_vjp
+from jnnex.lm import continue_text, count_params, manual_vjp
 from jnnex.models.gpt import attend_backward, attend_forward
 from jnnex.models.llama import LlamaConfig, LlamaParams, llama
-from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_step
 from pairs import f64
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -283,19 +283,7 @@ def test_ten_steps_on_one_batch_manual_equals_autodiff(attention):
     model = small_model(attention=attention, tile=4)
     splits = make_splits(WORDS, model.block_size, vocab=VOCAB, per_position=True)
     x, y = (jnp.asarray(a[:8]) for a in splits.train)
-    tcfg = TrainConfig(optimizer="adamw", lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01)
-    losses = {}
-    for gradients in ("manual", "autodiff"):
-        m = model.with_gradients(gradients)
-        opt = make_optimizer(tcfg)
-        ts = init_train_state(m, opt, jax.random.key(0))
-        ts = jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, ts)
-        step = jax.jit(make_step(m, opt))
-        trajectory = []
-        for _ in range(10):
-            ts, metrics = step(ts, (x, y), jax.random.key(1))
-            trajectory.append(float(metrics["loss"]))
-        losses[gradients] = np.array(trajectory)
+    losses = llmc.ten_steps(model, x, y)
     np.testing.assert_allclose(losses["manual"], losses["autodiff"], rtol=1e-10)
     assert losses["manual"][-1] < 0.75 * losses["manual"][0] and (np.diff(losses["manual"]) < 0).all()
 
@@ -306,25 +294,10 @@ def test_save_reload_rerun_is_bit_identical(tmp_path):
     model = small_model(dropout=0.2).with_gradients("manual")
     splits = make_splits(WORDS, model.block_size, vocab=VOCAB, per_position=True)
     X, Y = (jnp.asarray(a) for a in splits.train)
-    opt = make_optimizer(REGISTRY["llama"].train)
-    step = jax.jit(make_step(model, opt))
-    ts = init_train_state(model, opt, jax.random.key(0))
-
-    def five(ts, start):
-        losses = []
-        for s in range(start, start + 5):
-            ix = jax.random.randint(jax.random.key(s), (16,), 0, X.shape[0])
-            ts, metrics = step(ts, (X[ix], Y[ix]), jax.random.key(100 + s))
-            losses.append(np.asarray(metrics["loss"]))
-        return ts, np.array(losses)
-
-    ts, _ = five(ts, 0)
-    rundir.save_pytree(tmp_path / "checkpoint.npz", ts)
-    ts_a, losses_a = five(ts, 5)
-    ts_b, losses_b = five(rundir.load_pytree(tmp_path / "checkpoint.npz", ts), 5)
+    losses_a, losses_b, samples_a, samples_b = llmc.save_reload_rerun(model, X, Y, REGISTRY["llama"].train,
+                                                                      tmp_path / "checkpoint.npz")
     np.testing.assert_array_equal(losses_a, losses_b)
-    samples = [generate(model, t.params, t.state, jax.random.key(3), 8, max_len=20) for t in (ts_a, ts_b)]
-    np.testing.assert_array_equal(*samples)
+    np.testing.assert_array_equal(samples_a, samples_b)
 
 
 def test_manual_vjp_runs_jax_grad_on_the_hand_written_backward():
