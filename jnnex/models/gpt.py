@@ -369,8 +369,16 @@ class KVCache(NamedTuple):
     """Every block's keys and values of the positions read so far, in a buffer of the full context; positions at
     and after the one being decoded hold stale values that the causal mask never reads."""
 
-    k: tuple  # per block, (B, nh, T, hs)
+    k: tuple  # per block, (B, nh, T, hs) (the Llama's: its n_kv_head shared heads, rotated)
     v: tuple  # per block, (B, nh, T, hs)
+
+
+def write_kv(cache: KVCache, i: int, k, v, pos):
+    """Block ``i``'s cached keys and values with position ``pos`` (traced) set to ``k, v (B, heads, 1, hs)``
+    (``lax.dynamic_update_slice``: one program for every position). Returns ``(K, V)``, each ``(B, heads, T, hs)``."""
+    at = (jnp.int32(0), jnp.int32(0), jnp.asarray(pos, jnp.int32), jnp.int32(0))
+    return (jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), at),
+            jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), at))
 
 
 def prefill(cfg: GPTConfig, params: GPTParams, x):
@@ -398,7 +406,6 @@ def decode(cfg: GPTConfig, params: GPTParams, cache: KVCache, token, pos):
     positions). Its keys and values are written into the cache (``lax.dynamic_update_slice``) and its query attends
     over positions ``0 .. pos``. Returns ``(logits (B, V), cache)``: the full forward's logits at ``pos``."""
     pos = jnp.asarray(pos, jnp.int32)
-    at = (jnp.int32(0), jnp.int32(0), pos, jnp.int32(0))  # where this position's keys and values go in the cache
     params = compute_params(params, cfg.precision)
     h = (params.wte[token] + jax.lax.dynamic_index_in_dim(params.wpe, pos, keepdims=True))[:, None, :]  # (B, 1, C)
     ks, vs = [], []
@@ -406,8 +413,7 @@ def decode(cfg: GPTConfig, params: GPTParams, cache: KVCache, token, pos):
         a, _ = layernorm_forward(h, blk.ln1.w, blk.ln1.b)
         qkv, _ = linear_forward(a, blk.qkv.W, blk.qkv.b)  # (B, 1, 3C)
         (q, k, v), _ = split_heads_forward(qkv, cfg.n_head)  # (B, nh, 1, hs) each
-        K = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), at)  # (B, nh, T, hs)
-        V = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), at)
+        K, V = write_kv(cache, i, k, v, pos)  # (B, nh, T, hs) each
         a, _ = linear_forward(attend_cached(q, K, V, pos), blk.attproj.W, blk.attproj.b)
         h = h + a
         m, _ = layernorm_forward(h, blk.ln2.w, blk.ln2.b)

@@ -40,7 +40,7 @@ from jnnex.layers import (
 from jnnex.lm import Forward, LanguageModel
 from jnnex.models import flash
 from jnnex.models.gpt import (
-    INIT_STD, attend_backward, attend_cached, attend_forward, head_forward, heads, merge_heads,
+    INIT_STD, KVCache, attend_backward, attend_cached, attend_forward, head_forward, heads, merge_heads, write_kv,
 )
 from jnnex.settings import check_choice, positive_int, setting
 
@@ -381,11 +381,6 @@ def backward(cfg: LlamaConfig, params: LlamaParams, caches, dlogits):
 # changes) and only the n_kv_head shared heads: n_head / n_kv_head times smaller than the GPT's.
 
 
-class KVCache(NamedTuple):
-    k: tuple  # per block, (B, nkv, T, hs), rotated
-    v: tuple  # per block, (B, nkv, T, hs)
-
-
 def prefill(cfg: LlamaConfig, params: LlamaParams, x):
     """The forward over ``x (B, block_size)`` (eval mode), keeping each block's rotated keys and values."""
     if x.shape[1] != cfg.block_size:
@@ -399,7 +394,6 @@ def decode(cfg: LlamaConfig, params: LlamaParams, cache: KVCache, token, pos):
     """The next position: ``token (B,)`` at position ``pos`` (traced). Its query and key are rotated by ``pos``, its
     key and value written into the cache, its query attends over ``0 .. pos``. ``(logits (B, V), cache)``."""
     pos = jnp.asarray(pos, jnp.int32)
-    at = (jnp.int32(0), jnp.int32(0), pos, jnp.int32(0))
     rep = cfg.n_head // cfg.n_kv_head
     params = compute_params(params, cfg.precision)
     h = params.wte[token][:, None, :]  # (B, 1, C)
@@ -410,8 +404,7 @@ def decode(cfg: LlamaConfig, params: LlamaParams, cache: KVCache, token, pos):
         (q, k, v), _ = split_gqa_forward(qkv, cfg.n_head, cfg.n_kv_head)
         q, _ = rope_forward(q, pos, cfg.rope_base)
         k, _ = rope_forward(k, pos, cfg.rope_base)
-        K = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), at)
-        V = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), at)
+        K, V = write_kv(cache, i, k, v, pos)  # (B, nkv, T, hs) each
         y = attend_cached(q, jnp.repeat(K, rep, axis=1), jnp.repeat(V, rep, axis=1), pos)
         h = h + linear_forward(y, blk.attproj.W)[0]
         m, _ = rmsnorm_forward(h, blk.norm2, cfg.norm_eps)
