@@ -11,23 +11,27 @@ from jnnex.lm import generate
 from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_step
 
 
+def steps_on_one_batch(model, tcfg, x, y, n: int = 10, dtype=None):
+    """``n`` optimiser steps of ``model`` on the one batch ``x, y`` from the same init: ``(losses (n,), final training
+    state)``; ``dtype`` (float64 for the proofs) casts the training state's floats first."""
+    opt = make_optimizer(tcfg)
+    ts = init_train_state(model, opt, jax.random.key(0))
+    if dtype is not None:
+        ts = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, ts)
+    step = jax.jit(make_step(model, opt))
+    trajectory = []
+    for _ in range(n):
+        ts, metrics = step(ts, (x, y), jax.random.key(1))
+        trajectory.append(float(metrics["loss"]))
+    return np.array(trajectory), ts
+
+
 def ten_steps(model, x, y):
     """The 10 losses of each backward, ``{"manual": …, "autodiff": …}``, in float64 from the same init; the caller
     asserts. AdamW lr 1e-2, betas (0.9, 0.99), weight decay 0.01."""
     tcfg = TrainConfig(optimizer="adamw", lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01)
-    losses = {}
-    for gradients in ("manual", "autodiff"):
-        m = model.with_gradients(gradients)
-        opt = make_optimizer(tcfg)
-        ts = init_train_state(m, opt, jax.random.key(0))
-        ts = jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, ts)
-        step = jax.jit(make_step(m, opt))
-        trajectory = []
-        for _ in range(10):
-            ts, metrics = step(ts, (x, y), jax.random.key(1))
-            trajectory.append(float(metrics["loss"]))
-        losses[gradients] = np.array(trajectory)
-    return losses
+    return {g: steps_on_one_batch(model.with_gradients(g), tcfg, x, y, dtype=jnp.float64)[0]
+            for g in ("manual", "autodiff")}
 
 
 def save_reload_rerun(model, X, Y, tcfg, path):

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import llmc
 from jnnex.check import compare_precision
 from jnnex.models.gpt import GPTConfig, gpt
 from jnnex.models.llama import LlamaConfig, llama
-from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_step
+from jnnex.train import TrainConfig
 
 MODELS = {
     "gpt": lambda **kw: gpt(GPTConfig(vocab_size=27, block_size=16, **kw)),
@@ -51,16 +52,10 @@ def test_ten_bfloat16_steps_follow_float32(name):
     every step, the parameters and the optimiser's moments float32 throughout."""
     losses = {}
     x, y = batch()
+    tcfg = TrainConfig(optimizer="adamw", lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01)
     for precision in ("float32", "bfloat16"):
         model = MODELS[name](precision=precision).with_gradients("manual")
-        opt = make_optimizer(TrainConfig(optimizer="adamw", lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01))
-        ts = init_train_state(model, opt, jax.random.key(0))
-        step = jax.jit(make_step(model, opt))
-        trajectory = []
-        for _ in range(10):
-            ts, metrics = step(ts, (x, y), jax.random.key(1))
-            trajectory.append(float(metrics["loss"]))
-        losses[precision] = np.array(trajectory)
+        losses[precision], ts = llmc.steps_on_one_batch(model, tcfg, x, y)
         floats = [a for a in jax.tree.leaves((ts.params, ts.opt_state)) if jnp.issubdtype(a.dtype, jnp.floating)]
         assert {a.dtype for a in floats} == {jnp.dtype(jnp.float32)}
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], atol=0.02)
