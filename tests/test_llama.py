@@ -265,6 +265,8 @@ def test_config_errors_name_the_setting():
         (dict(attention="flash"), "attention must be one of"),
         (dict(rope_base=0), "rope_base must be a number > 0"),
         (dict(n_kv_head=0), "n_kv_head must be an integer >= 1"),
+        (dict(ffn_multiple=0), "ffn_multiple must be an integer >= 1"),
+        (dict(norm_eps=-1e-5), "norm_eps must be a number > 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             LlamaConfig(**kwargs)
