@@ -10,10 +10,12 @@ from jnnex.bench.__main__ import SUITES, main
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suite", SUITES)
-def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatch):
+def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatch, request):
     """Each suite on its own (so the two test processes share them): it runs, prints its table and writes JSON with
     no NaN figure."""
     monkeypatch.setitem(sys.modules, "torch", None)  # as on a machine without torch (never a dependency)
+    if suite == "text":
+        request.getfixturevalue("shakespeare_txt")  # skipped, with the reason, where tiny Shakespeare is absent
     assert main(["--quick", "--only", suite, "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert [p.name for p in tmp_path.glob("*.json")] == [f"{suite}-quick.json"]
