@@ -17,10 +17,6 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
-# The CLI turns on JAX's persistent compilation cache; in-process CLI tests would then write every later test's
-# programs to ~/.cache. The suite runs without it; test_cli checks the cache in subprocesses of its own.
-os.environ["JNNEX_CACHE_DIR"] = "off"
-
 # One compilation cache for the session, shared by the test processes: many tests compile the same programs (a model's
 # training step, its evaluation) as new Python functions, which JAX's in-memory cache cannot match but its persistent
 # cache does (by the program). A fresh directory per run, made by the first process (its children inherit the
@@ -31,6 +27,11 @@ if "JNNEX_TEST_XLA_CACHE" not in os.environ:
 else:
     _OWN_CACHE = False
 jax.config.update("jax_compilation_cache_dir", os.environ["JNNEX_TEST_XLA_CACHE"])
+# The CLI turns on JAX's persistent compilation cache in $JNNEX_CACHE_DIR (default ~/.cache): here it is the session's
+# cache, so the CLI run in-process writes nothing outside it, and the subprocess tests (kills and resumes start
+# `jnnex train` up to nine times on the same model) compile each program once. test_cli checks the cache itself in
+# directories of its own.
+os.environ["JNNEX_CACHE_DIR"] = os.environ["JNNEX_TEST_XLA_CACHE"]
 # Most of this suite's time is XLA compiling small programs once each; in-process tests skip XLA's costlier
 # optimisation passes (a fifth less time, measured on the GPT and RNN files). What they check is values, which the
 # passes must not change; the subprocess tests (the CLI, kills and resumes, two processes) and the benchmarks run the
@@ -44,6 +45,21 @@ jax.config.update("jax_num_cpu_devices", int(os.environ.get("JNNEX_TEST_CPU_DEVI
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# XLA's CPU fusion emitters off for the programs the test processes compile: they halve the compile time of the
+# suite's many small programs (the Llama's attention pair and model check: 19 s of compiling -> 9 s), where the run
+# time is a few milliseconds. The flag is read when the backend starts, which it does here; then XLA_FLAGS is put back,
+# so the subprocess tests and the benchmarks' children compile with XLA's defaults, as a user's run does.
+# A subprocess that must compile exactly as the tests do (to compare bits with an in-process run) is given
+# XLA_FLAGS=$JNNEX_TEST_XLA_FLAGS and JAX_DISABLE_MOST_OPTIMIZATIONS=1.
+os.environ["JNNEX_TEST_XLA_FLAGS"] = "--xla_cpu_use_fusion_emitters=false"
+_XLA_FLAGS = os.environ.get("XLA_FLAGS")
+os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS or ''} {os.environ['JNNEX_TEST_XLA_FLAGS']}".strip()
+jax.devices()
+if _XLA_FLAGS is None:
+    del os.environ["XLA_FLAGS"]
+else:
+    os.environ["XLA_FLAGS"] = _XLA_FLAGS
 
 settings.register_profile(
     "ci", max_examples=10, deadline=None, derandomize=True, print_blob=True,

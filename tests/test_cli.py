@@ -218,9 +218,9 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, sigint_default):
     child = [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
              "from jnnex.cli import main; sys.exit(main(sys.argv[1:]))"]
 
-    # The child compiles as this process does (conftest: XLA's costlier passes off), so the in-process unbroken run
-    # below is the same program, bit for bit.
-    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    # The child compiles as this process does (conftest: XLA's costlier passes and its CPU fusion emitters off), so
+    # the in-process unbroken run below is the same program, bit for bit.
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "XLA_FLAGS": os.environ["JNNEX_TEST_XLA_FLAGS"]}
 
     def interrupt_after_checkpoint(argv, after: int) -> int:
         code, stderr = signal_after_checkpoint(child + argv, out / "checkpoint.npz", signal.SIGINT, after=after,
