@@ -52,7 +52,7 @@ from jnnex.data import CORPORA, Splits, Vocab, load_words, make_splits
 from jnnex.lm import GRADIENTS, LanguageModel, count_params, evaluate
 from jnnex.models.registry import REGISTRY, ModelSpec, config_for_words, get_spec, has_manual_backward
 from jnnex.settings import flag, from_json, is_flag
-from jnnex.train import FitResult, TrainConfig, fit, make_optimizer
+from jnnex.train import FitResult, TrainConfig, check_optimizer, fit, make_optimizer
 
 # ----------------------------------------------------------------------------------------------------------------------
 # What a run is
@@ -145,7 +145,10 @@ class RunConfig:
         if gradients == "manual" and not has_manual_backward(model):
             raise ValueError(f"gradients 'manual' (--backward manual): model {model!r} has no hand-written backward "
                              f"(available for {', '.join(n for n in REGISTRY if has_manual_backward(n))})")
-        return cls(model, model_config, _train_config(spec, train_over, train_given), str(data), sha, vocab, split,
+        tcfg = _train_config(spec, train_over, train_given)
+        if tcfg is not None:
+            check_optimizer(tcfg, spec.build(model_config))
+        return cls(model, model_config, tcfg, str(data), sha, vocab, split,
                    split_seed, gradients, data_file(data), corpus=corpus,
                    tokenizer="char" if corpus == "words" else (tokenizer or "char"))
 

@@ -32,6 +32,7 @@ import optax
 
 from jnnex import parallel, rundir
 from jnnex.diagnostics import step_diagnostics
+from jnnex.layers import Linear
 from jnnex.lm import LanguageModel, check_batch, evaluate, manual_gradients
 from jnnex.settings import check_choice, positive_int, setting
 from jnnex.text import Stream, check_stream, estimate_loss, exact_windows, rows_at
@@ -44,7 +45,7 @@ class TrainState(NamedTuple):
     step: jax.Array  # () int32, the number of steps taken
 
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "muon")
 DECAY_MASKS = ("all", "matrices")
 SCHEDULES = ("steps", "cosine")
 
@@ -66,13 +67,15 @@ class TrainConfig:
     warmup: int = setting(0, "cosine: steps of linear warmup to lr")
     min_lr: float = setting(0.0, "cosine: the rate the cosine ends at")
     lr_decay_steps: int | None = setting(None, "cosine: the step the cosine ends at, min_lr after it (default: steps)")
-    optimizer: str = setting("sgd", "optax optimiser", choices=OPTIMIZERS)
+    optimizer: str = setting("sgd", "optax optimiser; muon: Muon for the linear layers' weight matrices, adamw (with "
+                                    "these betas, weight decay and mask) for the rest", choices=OPTIMIZERS)
     sgd_momentum: float = setting(0.9, "momentum: the momentum coefficient")
     betas: tuple[float, ...] = setting((0.9, 0.999), "adam, adamw: (b1, b2), the moment decay rates")
     adam_eps: float = setting(1e-8, "adam, adamw: epsilon added to the second moment's root")
     weight_decay: float = setting(0.0, "adamw: decoupled weight decay")
     decay_mask: str = setting("all", "adamw: which parameters decay: all (makemore) or matrices (>= 2-D only, "
                                      "nanoGPT's; biases, gains and shifts are not decayed)", choices=DECAY_MASKS)
+    muon_beta: float = setting(0.95, "muon: the momentum of the matrices' updates (modded-nanogpt's 0.95)")
     grad_clip: float | None = setting(None, "clip gradients to this global norm before the update (None: off)")
     eval_every: int = setting(20_000, "evaluate train/dev loss (and checkpoint) every this many steps, and at the end")
     eval_iters: int = setting(20, "text streams: random batches averaged in the loss estimate (nanoGPT's eval_iters)")
@@ -107,8 +110,9 @@ class TrainConfig:
                              "fits a schedule written for another length to this one)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not 0 <= self.sgd_momentum < 1:
-            raise ValueError(f"sgd_momentum must be in [0, 1), got {self.sgd_momentum!r}")
+        for name in ("sgd_momentum", "muon_beta"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -185,19 +189,57 @@ def matrices_only(params):
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+def muon_labels(params):
+    """Which optimiser trains each parameter under ``optimizer="muon"`` (modded-nanogpt's split): ``"muon"`` for the
+    weight matrix of every linear layer (:class:`jnnex.layers.Linear`), ``"adamw"`` for the rest — embedding tables,
+    the output head (a bare matrix in the GPT and the Llama), gains, biases. The rule is by layer kind, not by name
+    or shape: an embedding table is a matrix too, but a lookup, not a map Muon's orthogonalised step is made for.
+
+    >>> import jax.numpy as jnp
+    >>> muon_labels({"wte": jnp.zeros((5, 4)), "fc": Linear(jnp.zeros((4, 8)), jnp.zeros(8))})
+    {'fc': Linear(W='muon', b='adamw'), 'wte': 'adamw'}
+    """
+    def label(node):
+        if isinstance(node, Linear):
+            return Linear("muon", None if node.b is None else "adamw")
+        return "adamw"
+
+    return jax.tree.map(label, params, is_leaf=lambda node: isinstance(node, Linear))
+
+
+def check_optimizer(tcfg: TrainConfig, model: LanguageModel) -> None:
+    """A clear error for an optimiser the model cannot take: Muon for a model without linear layers."""
+    if tcfg.optimizer != "muon":
+        return
+    params, _ = jax.eval_shape(model.init, jax.random.key(0))
+    if "muon" not in jax.tree.leaves(muon_labels(params)):
+        raise ValueError(f"optimizer muon: it trains the weight matrices of linear layers (jnnex.layers.Linear), and "
+                         f"model {model.name!r} has none; choose adamw")
+
+
 def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
-    """The optax optimiser ``tcfg`` describes, on :func:`lr_schedule`, after global-norm clipping if asked."""
+    """The optax optimiser ``tcfg`` describes, on :func:`lr_schedule`, after global-norm clipping if asked.
+
+    ``muon``: ``optax.contrib.muon`` (momentum ``muon_beta``, Nesterov, five Newton–Schulz steps) on the matrices
+    :func:`muon_labels` names, AdamW exactly as ``optimizer="adamw"`` on the rest, one learning rate and schedule for
+    both: the update of each matrix is scaled to AdamW's typical size (``consistent_rms=0.2``, "Muon is Scalable",
+    Liu et al. 2025), so ``lr`` and ``weight_decay`` carry over from an AdamW run unchanged.
+    """
     lr = lr_schedule(tcfg)
     b1, b2 = tcfg.betas
+    mask = matrices_only if tcfg.decay_mask == "matrices" else None
     if tcfg.optimizer == "sgd":
         opt = optax.sgd(lr)
     elif tcfg.optimizer == "momentum":
         opt = optax.sgd(lr, momentum=tcfg.sgd_momentum)
     elif tcfg.optimizer == "adam":
         opt = optax.adam(lr, b1=b1, b2=b2, eps=tcfg.adam_eps)
-    else:
-        mask = matrices_only if tcfg.decay_mask == "matrices" else None
+    elif tcfg.optimizer == "adamw":
         opt = optax.adamw(lr, b1=b1, b2=b2, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay, mask=mask)
+    else:
+        muon = optax.contrib.muon(lr, beta=tcfg.muon_beta, weight_decay=tcfg.weight_decay, consistent_rms=0.2)
+        adamw = optax.adamw(lr, b1=b1, b2=b2, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay, mask=mask)
+        opt = optax.partition({"muon": muon, "adamw": adamw}, muon_labels)
     return opt if tcfg.grad_clip is None else optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), opt)
 
 
@@ -379,6 +421,7 @@ def fit(
     Raises:
         NonFiniteLossError: a step produced a NaN/inf loss (the last checkpoint is left as it was).
     """
+    check_optimizer(tcfg, model)
     stream = isinstance(train, Stream)
     if stream:
         if not model.per_position:

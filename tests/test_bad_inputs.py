@@ -109,6 +109,9 @@ CLI = [
     (["train", "--model", "llama", "--attention", "tiled", "--tile", "0"], 2, "tile must be a positive integer"),
     (["train", "--model", "bigram", "--precision", "bfloat16"], 2, "--precision does not apply to model 'bigram'"),
     (["moons", "--engine", "scalar", "--precision", "bfloat16"], 2, "unrecognized arguments: --precision"),
+    (["train", "--model", "mlp", "--optimizer", "muon"], 2, "optimizer muon: it trains the weight matrices of linear "
+                                                            "layers (jnnex.layers.Linear), and model 'mlp' has none"),
+    (["train", "--model", "llama", "--optimizer", "muon", "--muon-beta", "1"], 2, "muon_beta must be in [0, 1)"),
     (["train", "--coordinator", "localhost", "--num-processes", "2", "--process-id", "1"], 2,
      "the coordinator address must be host:port"),
     (["train", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1", "--coordinator-timeout",

@@ -283,3 +283,39 @@ def test_consecutive_steps_draw_different_dropout_masks(name):
             np.testing.assert_allclose(np.asarray(again["loss"]), losses[dropout][1:], rtol=1e-6)
     assert len(set(losses[0.0].tolist())) == 1, losses[0.0]  # nothing else changes between the steps
     assert len(set(losses[0.5].tolist())) == 3, losses[0.5]  # every step its own masks
+
+
+def test_muon_orthogonalises_each_linear_matrix_and_adamw_trains_the_rest():
+    """``optimizer="muon"``, one step on a small Llama: each linear layer's weight matrix moves by an orthogonalised
+    matrix — the singular values of ``ΔW / (lr · 0.2 · √max(fan_in, fan_out))`` near 1 in every direction where the
+    gradient is not negligible (over 1 % of its Frobenius norm; Newton–Schulz leaves the rest near 0), where the
+    gradient's own are spread — and every other parameter (the embedding table, the head, the RMSNorm gains) moves
+    exactly as under ``optimizer="adamw"`` with the same settings."""
+    from jnnex.models.llama import LlamaConfig, llama
+    from jnnex.train import muon_labels
+
+    model = llama(LlamaConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_kv_head=1, n_embd=16))
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.randint(k[1], (4, 8), 0, 11, jnp.int32)
+    y = jax.random.randint(k[2], (4, 8), 0, 11, jnp.int32)
+    lr = 0.01
+    new = {}
+    for name in ("muon", "adamw"):
+        opt = make_optimizer(TrainConfig(optimizer=name, lr=lr, lr_boundaries=(), weight_decay=0.1))
+        ts = init_train_state(model, opt, k[0])
+        new[name], _ = make_step(model, opt)(ts, (x, y), jax.random.key(1))
+    _, grads, _ = model.value_and_grad(ts.params, ts.state, x, y)
+    labels = jax.tree.leaves(muon_labels(ts.params))
+    assert labels.count("muon") == 4 * 2  # qkv, attproj, fc, fcproj in each of the 2 blocks
+    for label, p0, pm, pa, g in zip(labels, *(jax.tree.leaves(t) for t in (ts.params, new["muon"].params,
+                                                                           new["adamw"].params, grads))):
+        if label == "adamw":
+            np.testing.assert_array_equal(pm, pa)
+            continue
+        # Muon's decay is decoupled as AdamW's: (1 - lr·wd) W, then the orthogonalised step.
+        step = (np.asarray(pm) - (1 - lr * 0.1) * np.asarray(p0)) / (lr * 0.2 * np.sqrt(max(p0.shape)))
+        sv = np.linalg.svd(step, compute_uv=False)  # both in descending order
+        sg = np.linalg.svd(np.asarray(g), compute_uv=False)
+        kept = sg > 0.01 * np.linalg.norm(sg)
+        assert kept.sum() >= len(sg) // 2 and sg[0] / sg[kept][-1] > 3, sg  # far from orthogonal: the test can tell
+        assert 0.5 < sv[kept].min() and sv.max() < 1.3, (p0.shape, sv, sg)
