@@ -6,12 +6,9 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from jnnex.init import GAINS, gain, kaiming_normal, normals
-
+from jnnex.init import GAINS, gain, kaiming_normal
 
 DRAW_FOR_DRAW = """
 import jax, jax.numpy as jnp, numpy as np

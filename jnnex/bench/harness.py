@@ -6,7 +6,6 @@ every benchmark times its contenders round-robin (A B C A B C …) and reports m
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time

@@ -50,7 +50,7 @@ def training(data: dict) -> str:
     header = ["model", "batch", "step", "µs/step", "steps/s", "vs jax.grad", "GFLOP/s", "of peak (XLA matmul in its rounds)",
               "faster than torch"]
     peak = data["matmul"]
-    return (f"float32 matmul rates at the start of the run (GFLOP/s): "
+    return ("float32 matmul rates at the start of the run (GFLOP/s): "
             + ", ".join(f"{k} {v:.0f}" for k, v in peak["gflops"].items()) + f"; torch {data['torch']}. "
             + "\"Of peak\" divides by XLA's `jnp.dot` rate timed in the same rounds as the steps.\n\n"
             + _md(rows, header))

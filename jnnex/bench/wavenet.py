@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jnnex.bench.harness import interleaved, table
 from jnnex.data import Vocab, load_words, make_splits

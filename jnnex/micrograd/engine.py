@@ -236,7 +236,7 @@ def to_dot(root: Value, rankdir: str = "LR") -> str:
 
     Render it with ``dot -Tsvg`` or any online Graphviz viewer; jnnex itself needs no graphviz install.
     """
-    lines = [f"digraph jnnex {{", f"  rankdir={rankdir};", '  node [fontname="monospace"];']
+    lines = ["digraph jnnex {", f"  rankdir={rankdir};", '  node [fontname="monospace"];']
     for node in root.topological_order():
         nid = f"n{id(node)}"
         lines.append(f'  {nid} [shape=record, label="{{ data {node.data:.4f} | grad {node.grad:.4f} }}"];')
