@@ -150,6 +150,14 @@ REGISTRY: dict[str, ModelSpec] = {
     ),
     "llama": ModelSpec(
         llama, LlamaConfig, MAKEMORE_TRAIN, per_position=True,
+        presets={
+            # The GPT's shakespeare-cpu recipe, block for block: the same training settings and shape (4 layers, 4
+            # heads, n_embd 128, block 64, the head tied), no biases as in every Llama, SwiGLU 342 wide (a multiple
+            # of 2): 796,928 parameters against the GPT's 804,096 (whose position table the rotary positions drop).
+            "shakespeare-cpu": ({"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "tie": True,
+                                 "ffn_multiple": 2},
+                                dict(NANOGPT_TRAIN, steps=2_000, batch_size=12, eval_every=2_000, chunk=500)),
+        },
         summary="Llama block: RMSNorm, rotary positions, SwiGLU, grouped-query attention (plain or tiled), every "
                 "gradient by hand",
     ),
