@@ -346,3 +346,21 @@ def test_the_kv_cache_keeps_only_the_shared_heads():
     _, cache = jax.eval_shape(lambda p: L.prefill(cfg, p, jnp.zeros((2, 7), jnp.int32)), params)  # shapes only
     assert cache.k[0].shape == (2, 1, 7, 2) and len(cache.v) == 2
     assert isinstance(params, LlamaParams)
+
+
+def test_the_shakespeare_preset_is_the_gpts_recipe_block_for_block():
+    """``llama --preset shakespeare-cpu``: the GPT's CPU recipe's shape (4 layers, 4 heads, n_embd 128, block 64, tied
+    head) and training settings exactly; no biases and no position table, so SwiGLU 342 wide brings the parameter
+    count within 1 % of the GPT's (the GPT-vs-Llama table compares the two at equal steps and size)."""
+    from jnnex.models.gpt import GPTConfig, gpt
+    from jnnex.models.registry import REGISTRY
+
+    model_over, train_over = REGISTRY["llama"].presets["shakespeare-cpu"]
+    gpt_over, gpt_train = REGISTRY["gpt"].presets["shakespeare-cpu"]
+    assert train_over == gpt_train
+    assert {k: model_over[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "tie")} == \
+        {k: gpt_over[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "tie")}
+    cfg = LlamaConfig(vocab_size=65, **model_over)
+    params, _ = jax.eval_shape(llama(cfg).init, jax.random.key(0))
+    gpt_params, _ = jax.eval_shape(gpt(GPTConfig(vocab_size=65, **gpt_over)).init, jax.random.key(0))
+    assert cfg.hidden == 342 and count_params(params) == 796_928 and count_params(gpt_params) == 804_096
