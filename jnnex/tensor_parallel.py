@@ -18,7 +18,9 @@ With them:
   all-reduced; the backward sends nothing);
 * the **MLP** column- then row-parallel (``fc`` by columns, GELU on each device's own columns, ``fcproj`` by rows)
   and **attention** split by heads (``qkv`` by the columns of each device's heads, attention local to the device,
-  the projection by rows): one all-reduce forward and one backward each — Megatron's 2 + 2 per block.
+  the projection by rows): one all-reduce forward and one backward each — Megatron's 2 + 2 per block;
+* the **Llama's grouped-query attention** the same way, each device its query heads and the key/value heads their
+  groups share.
 
 Weights are stored whole (the global view, as every jnnex model's); ``shard_map`` hands each device its slice
 (``in_specs`` ``P(None, MODEL)`` for a column split, ``P(MODEL, None)`` for a row split), after
@@ -37,6 +39,7 @@ import numpy as np
 from jax.sharding import AxisType
 
 from jnnex.layers import linear_backward, linear_forward, per_channel
+from jnnex.models import llama
 from jnnex.models.gpt import gelu_backward, gelu_forward, qkv_attention_backward, qkv_attention_forward
 
 MODEL = "model"  # the mesh axis a layer is split along
@@ -169,29 +172,58 @@ def attention_backward(dout, cache):
     return dx, dW_qkv, db_qkv, dW_proj, db_proj, None
 
 
+def llama_attention_forward(x, W_qkv, W_proj, n_head: int, n_kv_head: int, tile: int | None = None, pos0=0,
+                            base: float = llama.ROPE_BASE, axis: str = MODEL):
+    """The Llama's grouped-query attention split by heads: each device its ``n_head / n`` query heads and the
+    ``n_kv_head / n`` key/value heads their groups share (:func:`qkv_for_devices` with ``n_kv_head``), the Llama's own
+    attention pair (rotary positions, plain or tiled) on them, the projection's partial sums all-reduced (``g``).
+    No biases, so the layer is ``f``, :func:`jnnex.models.llama.attention_forward` on the device's heads, ``g``."""
+    n = jax.lax.axis_size(axis)
+    check_divides("n_head", n_head, n)
+    check_divides("n_kv_head", n_kv_head, n)
+    x, c_f = f_forward(x)
+    partial, c_att = llama.attention_forward(x, W_qkv, W_proj, n_head // n, n_kv_head // n, tile, pos0, base)
+    out, c_g = g_forward(partial, axis)
+    return out, (c_f, c_att, c_g, axis)
+
+
+def llama_attention_backward(dout, cache):
+    """In reverse: ``(dx, dW_qkv, dW_proj, None, None, None)``; one all-reduce, of ``dx`` (``f``'s backward)."""
+    c_f, c_att, c_g, axis = cache
+    dx, dW_qkv, dW_proj, *_ = llama.attention_backward(g_backward(dout, c_g), c_att)
+    return f_backward(dx, c_f, axis), dW_qkv, dW_proj, None, None, None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Whole weights, laid out for the split
 
 
-def qkv_for_devices(W, n_head: int, n: int):
-    """The fused ``W_qkv (..., 3C)`` (``[q | k | v]``, each head's ``hs`` columns in order) with its columns reordered
-    so that ``n`` equal contiguous blocks (what ``P(..., MODEL)`` hands the devices) are each ``[q | k | v]`` of
-    ``n_head / n`` consecutive heads — what :func:`attention_forward` expects on a device. Works for the bias
-    ``(3C,)`` too; :func:`qkv_from_devices` undoes it. A plain column split (``fc``) needs no reordering.
+def qkv_for_devices(W, n_head: int, n: int, n_kv_head: int | None = None):
+    """The fused ``W_qkv (..., width)`` — ``[q | k | v]``, ``n_head`` query heads and ``n_kv_head`` key/value heads
+    (``None``: as many as query heads, the GPT's) of ``hs`` columns each, in order — with its columns reordered so
+    that ``n`` equal contiguous blocks (what ``P(..., MODEL)`` hands the devices) are each ``[q | k | v]`` of
+    ``n_head / n`` consecutive query heads and the ``n_kv_head / n`` key/value heads their groups share — what
+    :func:`attention_forward` and :func:`llama_attention_forward` expect on a device. Works for a bias too;
+    :func:`qkv_from_devices` undoes it. A plain column split (``fc``) needs no reordering.
 
     >>> qkv_for_devices(jnp.arange(12), n_head=4, n=2)  # q0 q1 q2 q3 | k0 .. | v0 .. with hs = 1
     Array([ 0,  1,  4,  5,  8,  9,  2,  3,  6,  7, 10, 11], dtype=int32)
     """
+    nkv = n_head if n_kv_head is None else n_kv_head
     check_divides("n_head", n_head, n)
-    *lead, C3 = W.shape
-    hs = C3 // 3 // n_head
-    parts = W.reshape(*lead, 3, n, n_head // n, hs)  # (..., q/k/v, device, its heads, hs)
-    return jnp.swapaxes(parts, -4, -3).reshape(*lead, C3)  # (..., device, q/k/v, its heads, hs)
+    check_divides("n_kv_head", nkv, n)
+    *lead, width = W.shape
+    hs = width // (n_head + 2 * nkv)
+    q, k, v = jnp.split(W, [n_head * hs, (n_head + nkv) * hs], axis=-1)
+    per_device = [part.reshape(*lead, n, part.shape[-1] // n) for part in (q, k, v)]  # (..., device, its columns)
+    return jnp.concatenate(per_device, axis=-1).reshape(*lead, width)
 
 
-def qkv_from_devices(W, n_head: int, n: int):
+def qkv_from_devices(W, n_head: int, n: int, n_kv_head: int | None = None):
     """The inverse of :func:`qkv_for_devices`: the columns back in ``[q | k | v]`` order."""
-    *lead, C3 = W.shape
-    hs = C3 // 3 // n_head
-    parts = W.reshape(*lead, n, 3, n_head // n, hs)
-    return jnp.swapaxes(parts, -4, -3).reshape(*lead, C3)
+    nkv = n_head if n_kv_head is None else n_kv_head
+    *lead, width = W.shape
+    hs = width // (n_head + 2 * nkv)
+    blocks = W.reshape(*lead, n, width // n)
+    q, k, v = jnp.split(blocks, [n_head // n * hs, (n_head + nkv) // n * hs], axis=-1)
+    return jnp.concatenate([part.reshape(*lead, part.shape[-1] * n) for part in (q, k, v)], axis=-1)

@@ -1,5 +1,5 @@
 """Tensor parallelism (:mod:`jnnex.tensor_parallel`): the column- and row-parallel linears, Megatron's MLP and
-attention split by heads, each forward and hand-written backward run under ``jax.shard_map`` on 1, 2 and 4 CPU
+attention split by heads, the Llama's grouped-query attention split with its groups, each forward and hand-written backward run under ``jax.shard_map`` on 1, 2 and 4 CPU
 devices and proven against ``jax.vjp`` of the unsplit layer in float64; ``f``'s all-reduce is what makes ``dx``
 right; the compiled block holds Megatron's 2 + 2 all-reduces of ``B·T·C``."""
 
@@ -124,6 +124,29 @@ def test_megatron_mlp_and_attention_equal_the_gpts_layers_float64(n, B, T, heads
     assert_close(got, [want_y, *vjp(dy)], ["y", "dx", "dW_qkv", "db_qkv", "dW_proj", "db_proj"])
 
 
+@settings(max_examples=min(4, settings().max_examples))
+@given(n=DEVICES, group=st.sampled_from([1, 2]), kv_per_device=st.sampled_from([1, 2]), T=st.sampled_from([1, 6]),
+       tile=st.sampled_from([None, 4]), seed=st.integers(0, 2**16))
+def test_the_llamas_grouped_query_attention_split_by_heads_float64(n, group, kv_per_device, T, tile, seed):
+    """Each device its query heads and the key/value heads their groups share, the Llama's own attention pair (rotary
+    positions; plain or tiled) on them: against ``jax.vjp`` of :func:`jnnex.models.llama.attention_forward` on one
+    device, output and every gradient tensor."""
+    import jnnex.models.llama as L
+
+    n_kv = n * kv_per_device
+    H, hs = n_kv * group, 2
+    C = H * hs
+    k = jax.random.split(jax.random.key(seed), 4)
+    x, dy = normal(k[0], 2, T, C), normal(k[1], 2, T, C)
+    W_qkv, W_proj = normal(k[2], C, (H + 2 * n_kv) * hs) * C**-0.5, normal(k[3], C, C)
+    want_y, vjp = jax.vjp(lambda x, Wq, Wp: L.attention_forward(x, Wq, Wp, H, n_kv, tile)[0], x, W_qkv, W_proj)
+    y, (dx, dW_qkv, dW_proj) = split_run(
+        lambda x, Wq, Wp: TP.llama_attention_forward(x, Wq, Wp, H, n_kv, tile), TP.llama_attention_backward, n,
+        (x, TP.qkv_for_devices(W_qkv, H, n, n_kv), W_proj), (WHOLE, COLUMNS, ROWS), WHOLE, dy)
+    got = [y, dx, TP.qkv_from_devices(dW_qkv, H, n, n_kv), dW_proj]
+    assert_close(got, [want_y, *vjp(dy)], ["y", "dx", "dW_qkv", "dW_proj"])
+
+
 def test_a_block_holds_two_all_reduces_of_BTC_forward_and_two_backward():
     """Megatron's count, read from the program: attention and MLP on 4 devices, forward and backward, hold exactly
     4 all-reduces, each of ``B·T·C`` numbers (the forward's outputs and the backward's ``dx``)."""
@@ -150,5 +173,7 @@ def test_a_split_that_does_not_divide_is_named():
     with pytest.raises(ValueError, match=r"n_head \(6\) must be divisible by the model axis \(4 devices\); it splits "
                                          r"over \[1, 2, 3, 6\]"):
         TP.qkv_for_devices(jnp.zeros((6, 18)), n_head=6, n=4)
+    with pytest.raises(ValueError, match=r"n_kv_head \(2\) must be divisible by the model axis \(4 devices\)"):
+        TP.qkv_for_devices(jnp.zeros((8, 16)), n_head=4, n=4, n_kv_head=2)
     with pytest.raises(ValueError, match="devices: the model axis needs 1 to 4 devices"):
         TP.model_mesh(5)

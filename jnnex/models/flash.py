@@ -65,6 +65,14 @@ def _scores(qi, kj, i, j, tile: int):
     return jnp.where(rows[:, None] >= cols[None, :], s, -jnp.inf)
 
 
+def _varying_as(x, ref):
+    """``x`` typed as varying over the mesh axes ``ref`` varies over: under ``jax.shard_map`` (tensor parallelism
+    splits heads over devices) a loop's carry must keep one type, and the zeros it starts from vary over nothing
+    until the first tile's values are added. Outside ``shard_map``, ``x`` itself."""
+    vma = tuple(sorted(jax.typeof(ref).manual_axis_type.varying))
+    return jax.lax.pcast(x, vma, to="varying") if vma else x
+
+
 def flash_attend_forward(q, k, v, tile: int = TILE):
     """Causal attention per head, tile by tile: ``q, k, v (B, nh, T, hs) -> y (B, T, nh·hs)``, equal to
     :func:`jnnex.models.gpt.attend_forward`'s. Caches ``(q, k, v, o, lse, tile)``: the output and the log-sum-exp
@@ -91,6 +99,7 @@ def flash_attend_forward(q, k, v, tile: int = TILE):
         acc_dtype = wide(q.dtype)  # the running max, sum and output: float32 for bfloat16
         init = (jnp.full((B, nh, tile), -jnp.inf, acc_dtype), jnp.zeros((B, nh, tile), acc_dtype),
                 jnp.zeros((B, nh, tile, hs), acc_dtype))
+        init = tuple(_varying_as(a, qi) for a in init)
         # Over all n key tiles, those after the diagonal skipped: a loop of fixed length, so that jax.grad can
         # differentiate this forward too (keeping every tile's intermediates: quadratic memory, unlike the backward
         # below).
@@ -132,11 +141,11 @@ def flash_attend_backward(dy, cache):
             dq = jax.lax.dynamic_update_slice_in_dim(dq, _rows(dq, i, tile) + matmul(ds, kj), i * tile, axis=2)
             return dq, dk, dv
 
-        zeros = jnp.zeros((B, nh, tile, hs), acc)
+        zeros = _varying_as(jnp.zeros((B, nh, tile, hs), acc), kj)
         dq, dk, dv = jax.lax.fori_loop(j, n, query_tile, (dq, zeros, zeros))
         return dq, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(key_tile, jnp.zeros(qp.shape, acc), jnp.arange(n))
+    dq, (dk, dv) = jax.lax.scan(key_tile, _varying_as(jnp.zeros(qp.shape, acc), qp), jnp.arange(n))
 
     def untile(x):  # (n, B, nh, tile, hs) -> (B, nh, T, hs)
         return x.transpose(1, 2, 0, 3, 4).reshape(B, nh, n * tile, hs)[:, :, :T].astype(q.dtype)
