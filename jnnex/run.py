@@ -255,18 +255,20 @@ def _sort_settings(spec: ModelSpec, model: str, settings: dict) -> tuple[dict, d
 
 
 def _train_config(spec: ModelSpec, preset: dict, given: dict) -> TrainConfig | None:
-    """The registry's training settings, then the preset's, then the given ones; ``steps`` fits the schedule to the
-    run (an ``lr_boundaries`` given with it is taken as it is)."""
+    """The registry's training settings, then the preset's, then the given ones; a given ``steps`` fits the schedule
+    to the run (an ``lr_boundaries`` given with it is taken as it is). A preset is one schedule: the steps it states
+    go with the boundaries it states."""
     if spec.train is None:
         return None
-    over = {**preset, **given}
+    base = dataclasses.replace(spec.train, **preset)
+    over = dict(given)
     steps = over.pop("steps", None)
     if steps is None:
-        return dataclasses.replace(spec.train, **over)
+        return dataclasses.replace(base, **over)
     if "lr_boundaries" not in given:  # the registry's or the preset's boundaries: fitted to the run
-        return dataclasses.replace(spec.train, **over).with_steps(steps)
+        return dataclasses.replace(base, **over).with_steps(steps)
     boundaries = over.pop("lr_boundaries")
-    return dataclasses.replace(dataclasses.replace(spec.train, **over).with_steps(steps), lr_boundaries=boundaries)
+    return dataclasses.replace(dataclasses.replace(base, **over).with_steps(steps), lr_boundaries=boundaries)
 
 
 def sha256(words: list[str]) -> str:

@@ -44,6 +44,10 @@ def test_settings_compose_registry_then_preset_then_given():
     assert (rc.model_config.n_embd, rc.model_config.dropout, rc.model_config.n_layer) == (128, 0.3, 2)  # preset, given
     assert rc.train.lr == 1e-3 and rc.train.lr_boundaries == (300, 450)  # the preset's 30k/45k of 50k, fitted to 500
     assert rc.model_config.block_size == max(len(w) for w in load_words("census-first")) + 1  # per position: longest+1
+    # A preset that states its steps states its boundaries for them (the Llama's 30,000 with drops at 18k and 27k);
+    # a given --steps fits both to the run.
+    assert RunConfig.new("llama", preset="improved").train.lr_boundaries == (18_000, 27_000)
+    assert RunConfig.new("llama", preset="improved", steps=3_000).train.lr_boundaries == (1_800, 2_700)
     with pytest.raises(ValueError, match="--n-hidden does not apply to model 'gpt'"):
         RunConfig.new("gpt", n_hidden=3)
     with pytest.raises(ValueError, match="unknown setting 'n_hiden'"):
