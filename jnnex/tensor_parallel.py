@@ -206,7 +206,7 @@ def qkv_for_devices(W, n_head: int, n: int, n_kv_head: int | None = None):
     :func:`attention_forward` and :func:`llama_attention_forward` expect on a device. Works for a bias too;
     :func:`qkv_from_devices` undoes it. A plain column split (``fc``) needs no reordering.
 
-    >>> qkv_for_devices(jnp.arange(12), n_head=4, n=2)  # q0 q1 q2 q3 | k0 .. | v0 .. with hs = 1
+    >>> qkv_for_devices(jnp.arange(12, dtype=jnp.int32), n_head=4, n=2)  # q0 q1 q2 q3 | k0 .. | v0 .., hs = 1
     Array([ 0,  1,  4,  5,  8,  9,  2,  3,  6,  7, 10, 11], dtype=int32)
     """
     nkv = n_head if n_kv_head is None else n_kv_head
