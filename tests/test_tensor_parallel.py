@@ -36,7 +36,7 @@ def split_run(forward, backward, n, args, arg_specs, out_spec, dy):
         return y, tuple(backward(dy, cache))[:len(arg_specs)]  # (the attention's last, for n_head, is None)
 
     run = jax.shard_map(local, mesh=TP.model_mesh(n), in_specs=(*arg_specs, out_spec),
-                        out_specs=(out_spec, tuple(s for s in arg_specs)))
+                        out_specs=(out_spec, tuple(arg_specs)))
     return jax.jit(run)(*args, dy)
 
 
@@ -76,7 +76,7 @@ def test_without_fs_all_reduce_dx_is_one_devices_part(monkeypatch):
     share, and the check names ``dx`` (``dW`` and ``db`` stay right)."""
     k = jax.random.split(jax.random.key(0), 3)
     x, W, dy = normal(k[0], 2, 3, 4), normal(k[1], 4, 8), normal(k[2], 2, 3, 8)
-    want_y, vjp = jax.vjp(lambda x, W: linear_forward(x, W)[0], x, W)
+    _, vjp = jax.vjp(lambda x, W: linear_forward(x, W)[0], x, W)
     monkeypatch.setattr(TP, "f_backward", lambda dx, cache, axis=M: dx)
     with pytest.raises(AssertionError, match="dx"):
         # (the local dx varies by device; out_specs P() would refuse it, so gather all four and compare each)

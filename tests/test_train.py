@@ -18,7 +18,7 @@ from jnnex.lm import evaluate
 from jnnex.models.mlp_lm import MLPConfig, mlp_lm
 from jnnex.train import (
     NonFiniteLossError, TrainConfig, TrainState, ctrl_c_guard, fit, init_train_state, lr_find, make_optimizer, make_run,
-    make_step,
+    make_step, muon_labels,
 )
 
 WORDS = load_words("census-first")[:600]
@@ -292,7 +292,6 @@ def test_muon_orthogonalises_each_linear_matrix_and_adamw_trains_the_rest():
     gradient's own are spread — and every other parameter (the embedding table, the head, the RMSNorm gains) moves
     exactly as under ``optimizer="adamw"`` with the same settings."""
     from jnnex.models.llama import LlamaConfig, llama
-    from jnnex.train import muon_labels
 
     model = llama(LlamaConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_kv_head=1, n_embd=16))
     k = jax.random.split(jax.random.key(0), 3)
