@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp = t.add_argument_group("devices and machines (data parallel: the batch split over devices)")
     dp.add_argument("--devices", type=int, help="train on this many devices (of all processes'), the batch split "
                                                 "over them (default: one device; CPU: JAX_NUM_CPU_DEVICES=N first)")
+    dp.add_argument("--shard-params", action="store_true",
+                    help="with --devices: split every parameter and its optimiser state over the devices (ZeRO-3 / "
+                         "FSDP), each device keeping 1/N; the same run, and a checkpoint that resumes on any count")
     dp.add_argument("--coordinator", help="host:port of process 0, to join several processes (machines) into one "
                                           "run (default $JAX_COORDINATOR_ADDRESS)")
     dp.add_argument("--num-processes", type=int, help="processes in the run (default $JAX_NUM_PROCESSES)")
@@ -198,7 +201,9 @@ def cmd_train(args) -> int:
         raise ValueError("--resume continues the run in --out and --force starts it over: give one of them")
     settings = _settings(args, [*run.model_fields(), *run.TRAIN_FIELDS])
     log = (lambda line: print(line, file=sys.stderr if args.json else sys.stdout, flush=True))
-    common = dict(devices=args.devices, progress=not (args.no_progress or args.json), log=log)
+    if args.shard_params and args.devices is None:
+        raise ValueError("--shard-params splits the parameters over devices: give --devices N too")
+    common = dict(devices=args.devices, shard_params=args.shard_params, progress=not (args.no_progress or args.json), log=log)
     if args.resume:
         if args.out is None:
             raise ValueError("--resume: give the run directory with --out")

@@ -101,14 +101,60 @@ def replicate(tree, mesh):
 
 
 def local(tree):
-    """This process's copy of replicated global arrays, as host arrays (what files and evaluation need: a global
-    array that spans other processes cannot be read whole)."""
+    """This process's copy of global arrays, as host arrays (what files and evaluation need: a global array that
+    spans other processes cannot be read whole); arrays split across processes (FSDP) are gathered first."""
     def one(a):
         if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            a = a.addressable_data(0)
+            if a.sharding.is_fully_replicated:
+                a = a.addressable_data(0)
+            else:  # split across processes (FSDP): every process gathers the whole
+                from jax.experimental import multihost_utils
+                a = multihost_utils.process_allgather(a, tiled=True)
         return np.asarray(a)
 
     return jax.tree.map(one, tree)
+
+
+def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
+    """Where FSDP splits a tensor of ``shape`` over ``n`` devices: along its largest axis whose size divides by ``n``
+    (the first of equals), ``P()`` (replicated) when none does — a scalar, a 27-wide bias on 4 devices."""
+    axes = [i for i, size in enumerate(shape) if size % n == 0 and size >= n]
+    if n == 1 or not axes:
+        return P()
+    best = max(axes, key=lambda i: (shape[i], -i))
+    return P(*([None] * best), DATA)
+
+
+def fsdp_shardings(tree, mesh):
+    """The :class:`NamedSharding` of every leaf of ``tree`` (parameters, optimiser state) under FSDP: split along
+    ``"data"`` by :func:`fsdp_spec`."""
+    n = mesh.shape[DATA]
+    return jax.tree.map(lambda a: NamedSharding(mesh, fsdp_spec(np.shape(a), n)), tree)
+
+
+def unsplit(tree, n: int) -> list[str]:
+    """The paths of the leaves FSDP leaves replicated on ``n`` devices (none of their axes divides by ``n``)."""
+    return [jax.tree_util.keystr(path) for path, a in jax.tree_util.tree_leaves_with_path(tree)
+            if np.size(a) > 1 and fsdp_spec(np.shape(a), n) == P()]
+
+
+def place(tree, shardings):
+    """Host data (the same on every process) as global arrays laid out by ``shardings`` (a matching tree of
+    shardings): each process builds only its own devices' shards, so it works across processes too."""
+    def one(a, sharding):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def bytes_per_device(tree) -> dict:
+    """``{device: bytes}`` the leaves of ``tree`` (global arrays) hold on each device, read from their shards."""
+    held: dict = {}
+    for a in jax.tree.leaves(tree):
+        for shard in a.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return held
 
 
 def is_writer() -> bool:

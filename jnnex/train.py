@@ -247,7 +247,8 @@ def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
 # The compiled core
 
 
-def make_step(model: LanguageModel, optimizer: optax.GradientTransformation, *, diagnostics: bool = False) -> Callable:
+def make_step(model: LanguageModel, optimizer: optax.GradientTransformation, *, diagnostics: bool = False,
+              shardings=None) -> Callable:
     """``step(ts, batch, key) -> (ts, metrics)``: one optax update from ``model.value_and_grad`` (the hand-written
     backward or ``jax.grad``, as the model says). Pure; jit it or scan it. ``key`` feeds a stochastic model's random
     layers (dropout): each step gets its own, from ``fold_in(key, step)``.
@@ -255,17 +256,24 @@ def make_step(model: LanguageModel, optimizer: optax.GradientTransformation, *, 
     ``diagnostics=True`` adds :func:`jnnex.diagnostics.step_diagnostics` to the metrics. Those figures are read off
     the model's hand-written backward (activations from its forward, their gradients from its backward, one pass),
     so the step then trains on the hand-written gradients — proven equal to ``jax.grad``'s.
+
+    ``shardings=(gathered, split)`` (FSDP, :func:`jnnex.parallel.fsdp_shardings`; trees matching the parameters): the
+    parameters arrive split over the devices; the step gathers them whole for the forward and backward (an
+    all-gather) and splits the gradients back (a reduce-scatter), so the optimiser updates each device's own slice.
     """
     if diagnostics and model.backward_fn is None:
         raise ValueError(f"model {model.name!r} has no hand-written backward, which diagnostics read")
 
     def step(ts: TrainState, batch, key):
         x, y = batch
+        params = ts.params if shardings is None else jax.lax.with_sharding_constraint(ts.params, shardings[0])
         if diagnostics:
-            out = manual_gradients(model, ts.params, ts.state, x, y, key)
+            out = manual_gradients(model, params, ts.state, x, y, key)
             loss, grads, new_state = out.loss, out.grads, out.state
         else:
-            loss, grads, new_state = model.value_and_grad(ts.params, ts.state, x, y, key)
+            loss, grads, new_state = model.value_and_grad(params, ts.state, x, y, key)
+        if shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, shardings[1])
         # optax mixes integer step counts with float constants internally; our code stays under the caller's
         # (possibly strict) promotion rules, the optimiser's under the standard ones.
         with jax.numpy_dtype_promotion("standard"):
@@ -280,7 +288,7 @@ def make_step(model: LanguageModel, optimizer: optax.GradientTransformation, *, 
 
 
 def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4, mesh=None,
-             window: int | None = None) -> Callable:
+             window: int | None = None, state_shardings=None) -> Callable:
     """``run(ts, X, Y, key, n_steps) -> (ts, metrics)``, jitted: ``n_steps`` steps of ``step`` in one ``lax.scan``.
 
     Step ``s`` draws ``batch_size`` example indices uniformly (with replacement, as the lecture's ``randint``) from
@@ -292,6 +300,7 @@ def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4, mesh=No
     ``mesh`` (:func:`jnnex.parallel.data_mesh`): data parallel, the global view — pass ``ts``, ``X``, ``Y`` replicated
     over it (:func:`jnnex.parallel.replicate`; ``key`` may come as raw key data); each step's index draw and minibatch
     are sharded along its ``"data"`` axis, everything else stays replicated, and ``step`` itself is unchanged.
+    ``state_shardings`` (a tree of shardings matching ``ts``; FSDP): ``ts`` is laid out so, in and out, instead.
 
     ``window=T``: ``X`` is a text's token stream ``(N,)`` (:class:`jnnex.text.Stream`; ``Y`` is unused) and a row
     is ``T + 1`` contiguous tokens at a uniform offset in ``[0, N - T)``: ``x = X[o : o + T]``, ``y = X[o + 1 : o + T
@@ -326,13 +335,18 @@ def make_run(step: Callable, batch_size: int | None, *, unroll: int = 4, mesh=No
                 batch = (tokens[:, :-1], tokens[:, 1:])  # (B, T), (B, T)
             else:
                 batch = (X[ix], Y[ix])  # (B, T), (B,)
-            return step(ts, tuple(shard(a) for a in batch), k_step)
+            ts, metrics = step(ts, tuple(shard(a) for a in batch), k_step)
+            if state_shardings is not None:  # the carry stays split as it came in
+                ts = jax.lax.with_sharding_constraint(ts, state_shardings)
+            return ts, metrics
 
         return jax.lax.scan(body, ts, (IX, keys), unroll=min(unroll, n_steps))
 
     if mesh is None:
         return jax.jit(run, static_argnames="n_steps")
-    return jax.jit(run, static_argnames="n_steps", out_shardings=parallel.replicated(mesh))
+    rep = parallel.replicated(mesh)
+    return jax.jit(run, static_argnames="n_steps", out_shardings=rep if state_shardings is None else
+                   (state_shardings, rep))
 
 
 def init_train_state(model: LanguageModel, optimizer: optax.GradientTransformation, key) -> TrainState:
@@ -393,6 +407,7 @@ def fit(
     diagnostics: bool = False,
     on_chunk: Callable[[int, dict], None] | None = None,
     devices=None,
+    shard_params: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``train = (X, Y)``, or on a text's token :class:`jnnex.text.Stream`, for ``tcfg.steps``
     steps.
@@ -412,6 +427,12 @@ def fit(
     result as one device up to the order of float additions. After :func:`jnnex.parallel.initialize` the devices may
     span processes: every process calls ``fit`` alike, and only process 0 writes ``out``. Checkpoints are plain
     arrays, so a run saved on N devices resumes on M.
+
+    ``shard_params=True`` (with ``devices``; ZeRO-3 / FSDP in the global view): every parameter and its optimiser
+    state is split over the devices along its largest axis that divides by their number (:func:`jnnex.parallel.
+    fsdp_spec`; a tensor none of whose axes divides stays replicated), gathered whole for each step's forward and
+    backward and its gradient split back, so each device keeps and updates ``1/N`` of them. The step and the result
+    are the same as unsplit; the checkpoint is the same plain arrays, whatever the layout it was saved from.
 
     A text stream (a per-position model's): each row is ``block_size + 1`` contiguous tokens at a random offset
     (:func:`make_run`'s ``window``). Its train loss is nanoGPT's estimate (``train_loss_estimate``: ``eval_iters``
@@ -442,6 +463,8 @@ def fit(
     mesh = parallel.data_mesh(devices) if devices is not None else None
     if mesh is not None:
         parallel.check_batch_size(tcfg.batch_size, mesh.size, len(train[0]))
+    if shard_params and mesh is None:
+        raise ValueError("shard_params: split the parameters over what? give devices too (--devices N --shard-params)")
     if stream:  # the tokens as they are stored (uint16 for a vocabulary up to 65,536): widened row by row in the step
         X, Y = jnp.asarray(np.asarray(train.tokens)), jnp.zeros((0,), jnp.int32)
     else:
@@ -458,11 +481,18 @@ def fit(
     chunks, evals, interrupted = [], [], False
     with ctrl_c_guard() as ctrl_c:  # in place before the first compile: the first Ctrl-C never raises
         optimizer = make_optimizer(tcfg)
-        run = make_run(make_step(model, optimizer, diagnostics=diagnostics), tcfg.batch_size, mesh=mesh,
-                       window=model.block_size if stream else None)
         k_init, k_train = _keys(tcfg.seed)
         k_eval = jax.random.fold_in(k_train, 0x7FFFFFFF)  # the loss estimates' batches: fixed per step, resumable
         ts = init_train_state(model, optimizer, k_init)
+        layout = step_shardings = None
+        if shard_params:  # the parameters and optimiser state split, the rest replicated
+            rep = parallel.replicated(mesh)
+            split = parallel.fsdp_shardings((ts.params, ts.opt_state), mesh)
+            layout = TrainState(split[0], jax.tree.map(lambda _: rep, ts.state), split[1], rep)
+            step_shardings = (jax.tree.map(lambda _: rep, ts.params), split[0])
+        run = make_run(make_step(model, optimizer, diagnostics=diagnostics, shardings=step_shardings),
+                       tcfg.batch_size, mesh=mesh, window=model.block_size if stream else None,
+                       state_shardings=layout)
         if resume:
             ts = rundir.load_pytree(out / rundir.CHECKPOINT, ts)
             if int(ts.step) > tcfg.steps:
@@ -470,8 +500,10 @@ def fit(
                                  f"{tcfg.steps:,} steps")
             if write:
                 rundir.truncate_metrics(out, int(ts.step))
+        if layout is not None:  # split over the mesh (FSDP), from host arrays: any layout resumes into any other
+            ts = parallel.place(parallel.local(ts), layout)
         if mesh is not None:  # the step's inputs, replicated over the mesh (the batch is sharded inside the step)
-            ts = parallel.replicate(parallel.local(ts), mesh)
+            ts = ts if layout is not None else parallel.replicate(parallel.local(ts), mesh)
             X_run, Y_run, k_run = parallel.replicate((np.asarray(X), np.asarray(Y),
                                                      np.asarray(jax.random.key_data(k_train))), mesh)
         else:

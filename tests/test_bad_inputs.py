@@ -76,6 +76,8 @@ CLI = [
     (["train", "--block-size", "0", "--steps", "5"], 2, "block_size must be an integer >= 1"),
     (["train", "--split", "0.5,0.1", "--steps", "5"], 2, "sum to 1"),
     (["train", "--split", "a,b"], 2, "expected comma-separated fractions"),
+    (["train", "--shard-params", "--steps", "5"], 2, "--shard-params splits the parameters over devices: give "
+                                                     "--devices N too"),
     (["train", "--model", "bigram", "--n-hidden", "5"], 2, "--n-hidden does not apply to model 'bigram'"),
     (["train", "--model", "mlp", "--smoothing", "0"], 2, "--smoothing does not apply to model 'mlp'"),
     (["train", "--model", "nope"], 2, "invalid choice: 'nope'"),
@@ -182,6 +184,8 @@ LIBRARY = [
     (lambda: build("gpt", n_embd=10), ValueError, "n_embd (10) must be divisible by n_head (4)"),
     (lambda: fit(build("mlp", vocab_size=27), _data().train, TrainConfig(steps=2, batch_size=30), devices=4),
      ValueError, "batch_size 30 does not divide evenly over 4 devices"),
+    (lambda: fit(build("mlp", vocab_size=27), _data().train, TrainConfig(steps=2), shard_params=True), ValueError,
+     "shard_params: split the parameters over what? give devices too"),
     (lambda: fit(build("mlp", vocab_size=27), _data().train, TrainConfig(steps=2), devices=5), ValueError,
      "devices=5 asked for, but only 4 cpu device(s) exist"),
     (lambda: parallel.initialize("127.0.0.1:1", process_id=0), ValueError, "missing ['num_processes']"),

@@ -211,11 +211,13 @@ def final_json(path):
 
 @pytest.mark.slow
 def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
-    """2 processes × 2 CPU devices on 127.0.0.1 (JAX's distributed runtime, gloo collectives) against 1 process × 4:
-    the same final losses; only process 0 writes its run directory. Bounded by a timeout; killed on failure."""
+    """2 processes × 2 CPU devices on 127.0.0.1 (JAX's distributed runtime, gloo collectives), the parameters split
+    over the 4 devices (FSDP: each process holds half of each, and gathers the whole to evaluate and save), against
+    1 process × 4 replicated: the same final losses; only process 0 writes its run directory. (Plain data parallel
+    over two processes: the SIGTERM test below.) Bounded by a timeout; killed on failure."""
     port = free_port()
     procs = [train_cli(tmp_path, f"p{i}", 2, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                              "--process-id", str(i)]) for i in range(2)]
+                                              "--process-id", str(i), "--shard-params"]) for i in range(2)]
     single = train_cli(tmp_path, "single", 4, [])
     try:
         for proc, _ in [*procs, single]:
@@ -227,6 +229,7 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
                 proc.wait()
     p0, p1, one = (final_json(out) for _, out in [*procs, single])
     assert p0["processes"] == 2 and one["processes"] == 1 and p0["devices"] == one["devices"] == 4
+    assert p0["shard_params"] and not one["shard_params"]
     for key in ("train_loss", "dev_loss", "test_loss"):
         assert p0[key] == p1[key]  # every process holds the same replicated parameters
         assert abs(p0[key] - one[key]) < 1e-5, (key, p0[key], one[key])

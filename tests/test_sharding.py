@@ -1,0 +1,123 @@
+"""Sharded parameters (ZeRO-3 / FSDP) in the global view: where each tensor splits, one step with the parameters and
+optimiser state split over 4 devices equal to one device (every trained model, both gradients, float64), the
+compiled step gathering and scattering, checkpoints moving between layouts and device counts, and the errors. The
+suite's processes have 4 CPU devices (``conftest.py``)."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jnnex import parallel, rundir
+from jnnex.train import TrainConfig, TrainState, fit, init_train_state, make_optimizer, make_run, make_step
+from tests.test_parallel import TRAINED, float64_problem, model_and_data, rel_errors
+
+
+def test_fsdp_splits_the_largest_axis_that_divides():
+    assert parallel.fsdp_spec((27, 64), 4) == P(None, "data")  # 27 does not divide: the other axis
+    assert parallel.fsdp_spec((64, 256), 4) == P(None, "data")  # the larger of two that divide
+    assert parallel.fsdp_spec((256, 64), 4) == P("data")
+    assert parallel.fsdp_spec((8, 8), 4) == P("data")  # equals: the first
+    assert parallel.fsdp_spec((27,), 4) == P() and parallel.fsdp_spec((), 4) == P()  # nothing divides: replicated
+    assert parallel.fsdp_spec((2, 3), 4) == P()  # smaller than the device count
+    assert parallel.fsdp_spec((64, 256), 1) == P()
+    tree = {"W": np.zeros((8, 27)), "b": np.zeros((27,)), "count": np.zeros(())}
+    assert parallel.unsplit(tree, 4) == ["['b']"]  # the scalar is not worth listing
+
+
+def fsdp_layout(ts, mesh):
+    rep = parallel.replicated(mesh)
+    split = parallel.fsdp_shardings((ts.params, ts.opt_state), mesh)
+    layout = TrainState(split[0], jax.tree.map(lambda _: rep, ts.state), split[1], rep)
+    return layout, (jax.tree.map(lambda _: rep, ts.params), split[0])
+
+
+@pytest.mark.parametrize("gradients", ["autodiff", "manual"])
+@pytest.mark.parametrize("name", TRAINED)
+def test_one_fsdp_step_equals_one_device_float64(name, gradients):
+    """One AdamW step (weight decay and gradient clipping on: the clip's global norm spans every device's slice) with
+    the parameters and optimiser state split over 4 devices, the batch too: the loss, every new parameter, every
+    moment and the BatchNorm state agree with one device to 1e-12; each device holds a quarter of every tensor that
+    has an axis divisible by 4, the whole of the others."""
+    model, splits = model_and_data(name)
+    if gradients == "manual":
+        if model.backward_fn is None or model.penalty_fn is not None:
+            pytest.skip(f"{name} has no hand-written backward")
+        model = model.with_gradients("manual")
+    params, state, x, y = float64_problem(model, splits)
+    opt = make_optimizer(TrainConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1, grad_clip=0.5))
+    ts = init_train_state(model, opt, jax.random.key(0))
+    ts = ts._replace(params=params, state=state, opt_state=jax.jit(opt.init)(params))
+    ts = jax.jit(make_step(model, opt))(ts, (x, y), jax.random.key(2))[0]  # moments that are not zero
+    one, m_one = jax.jit(make_step(model, opt))(ts, (x, y), jax.random.key(3))
+
+    mesh = parallel.data_mesh(4)
+    layout, step_shardings = fsdp_layout(ts, mesh)
+    step = jax.jit(make_step(model, opt, shardings=step_shardings), out_shardings=(layout, parallel.replicated(mesh)))
+    ts4 = parallel.place(parallel.local(ts), layout)
+    batch = jax.device_put((x, y), parallel.batch_sharded(mesh))
+    four, m_four = step(ts4, batch, jax.random.key(3))
+
+    np.testing.assert_allclose(m_four["loss"], m_one["loss"], rtol=1e-12)
+    assert max(rel_errors(four.params, one.params)) <= 1e-12
+    assert max(rel_errors(four.opt_state, one.opt_state)) <= 1e-12
+    assert max(rel_errors(four.state, one.state), default=0.0) <= 1e-12
+    for a in jax.tree.leaves((four.params, four.opt_state)):  # split where an axis divides by 4, else replicated
+        split = parallel.fsdp_spec(a.shape, 4) != P()
+        assert {s.data.size for s in a.addressable_shards} == {a.size // 4 if split else a.size}
+    if name != "neural-bigram":  # (its one tensor, 27 × 27, has no axis that divides by 4)
+        assert not all(a.sharding.is_fully_replicated for a in jax.tree.leaves(four.params))
+    held = parallel.bytes_per_device((four.params, four.opt_state))
+    whole = sum(a.nbytes for a in jax.tree.leaves((four.params, four.opt_state)))
+    unsplit = sum(a.nbytes for a in jax.tree.leaves((four.params, four.opt_state)) if a.sharding.is_fully_replicated)
+    assert set(held.values()) == {unsplit + (whole - unsplit) // 4}
+
+
+def test_the_compiled_fsdp_step_gathers_the_weights_and_scatters_their_gradients():
+    """In the compiled program each device receives a quarter of every split weight (its argument shapes), gathers it
+    whole for the step and reduces the gradient back to its quarter (a reduce-scatter, or an all-reduce and a slice:
+    XLA's choice on CPU); the state that comes out is still split."""
+    model, splits = model_and_data("gpt", n_embd=16)
+    opt = make_optimizer(TrainConfig(optimizer="adamw"))
+    ts = init_train_state(model, opt, jax.random.key(0))
+    mesh = parallel.data_mesh(4)
+    layout, step_shardings = fsdp_layout(ts, mesh)
+    run = make_run(make_step(model, opt, shardings=step_shardings), 8, mesh=mesh, state_shardings=layout)
+    ts4 = parallel.place(parallel.local(ts), layout)
+    X, Y, k = parallel.replicate((*splits.train, np.asarray(jax.random.key_data(jax.random.key(1)))), mesh)
+    hlo = run.lower(ts4, X, Y, k, n_steps=1).compile().as_text()
+    assert "all-gather" in hlo
+    assert "reduce-scatter" in hlo or "all-reduce" in hlo
+    out, _ = run(ts4, X, Y, k, n_steps=1)
+    assert not out.params.blocks[0].fc.W.sharding.is_fully_replicated  # the carry stays split
+
+
+def test_a_sharded_checkpoint_from_four_devices_resumes_on_one_and_on_two(tmp_path):
+    """100 steps with the parameters split over 4 devices, saved (plain whole arrays); resumed to 200 on 1 device
+    unsplit and on 2 devices split: both end where 200 uninterrupted steps on 1 device do."""
+    model, splits = model_and_data("gpt")
+    # SGD with momentum: a state tensor per parameter that must come back, and no Adam to magnify float32 rounding
+    # (AdamW on 4 devices against 1 differs by 1e-3 after 200 steps, split or not: dividing by tiny √v)
+    short = TrainConfig(steps=100, eval_every=100, chunk=100, lr_boundaries=(), optimizer="momentum", lr=0.1)
+    tcfg = short.with_steps(200)
+    fit(model, splits.train, short, out=tmp_path / "r", progress=False, devices=4, shard_params=True)
+    saved = dict(np.load(tmp_path / "r" / rundir.CHECKPOINT))
+    whole_fc = model.init(jax.random.key(0))[0].blocks[0].fc.W.shape
+    assert any(v.shape == whole_fc for v in saved.values())  # whole arrays, not a device's slice
+    shutil.copytree(tmp_path / "r", tmp_path / "r2")
+    on_one = fit(model, splits.train, tcfg, out=tmp_path / "r", resume=True, progress=False)
+    on_two = fit(model, splits.train, tcfg, out=tmp_path / "r2", resume=True, progress=False, devices=2,
+                 shard_params=True)
+    whole = fit(model, splits.train, tcfg, progress=False)
+    for resumed in (on_one, on_two):
+        assert int(resumed.ts.step) == 200
+        assert max(rel_errors(resumed.ts.params, whole.ts.params)) < 1e-5
+        assert abs(resumed.evals[-1]["train_loss"] - whole.evals[-1]["train_loss"]) < 1e-5
+
+
+def test_shard_params_needs_devices():
+    model, splits = model_and_data("bn-mlp")
+    with pytest.raises(ValueError, match="shard_params: split the parameters over what"):
+        fit(model, splits.train, TrainConfig(steps=2), progress=False, shard_params=True)
