@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--shard-params", action="store_true",
                     help="with --devices: split every parameter and its optimiser state over the devices (ZeRO-3 / "
                          "FSDP), each device keeping 1/N; the same run, and a checkpoint that resumes on any count")
+    dp.add_argument("--model-parallel", type=int, metavar="M",
+                    help="with --devices N: split every block over M of them (Megatron's tensor parallelism: a data "
+                         "N/M × model M mesh; the gpt's attention heads and MLP)")
     dp.add_argument("--coordinator", help="host:port of process 0, to join several processes (machines) into one "
                                           "run (default $JAX_COORDINATOR_ADDRESS)")
     dp.add_argument("--num-processes", type=int, help="processes in the run (default $JAX_NUM_PROCESSES)")
@@ -203,7 +206,9 @@ def cmd_train(args) -> int:
     log = (lambda line: print(line, file=sys.stderr if args.json else sys.stdout, flush=True))
     if args.shard_params and args.devices is None:
         raise ValueError("--shard-params splits the parameters over devices: give --devices N too")
-    common = dict(devices=args.devices, shard_params=args.shard_params, progress=not (args.no_progress or args.json), log=log)
+    if args.model_parallel is not None and args.devices is None:
+        raise ValueError("--model-parallel splits each block over devices: give --devices N too (a multiple of it)")
+    common = dict(devices=args.devices, shard_params=args.shard_params, model_parallel=args.model_parallel, progress=not (args.no_progress or args.json), log=log)
     if args.resume:
         if args.out is None:
             raise ValueError("--resume: give the run directory with --out")

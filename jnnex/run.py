@@ -442,14 +442,15 @@ class RunResult:
 
 
 def train(rc: RunConfig, out: str | Path | None = None, *, force: bool = False, devices=None,
-          shard_params: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
-          on_chunk=None) -> RunResult:
+          shard_params: bool = False, model_parallel: int | None = None, progress: bool = True,
+          log: Callable[[str], None] | None = None, on_chunk=None) -> RunResult:
     """Run ``rc`` into the run directory ``out`` (or nowhere, with ``None``): ``config.json`` first, then
     ``fit`` (metrics and checkpoints), then ``model.npz`` and ``metrics.json`` with every split's final loss.
 
     ``out`` holding a run is an error unless ``force`` (its run files are deleted first; :func:`resume` continues
     it). ``devices``: data parallel (:func:`jnnex.train.fit`), with ``shard_params`` the parameters and optimiser
-    state split over them too (FSDP); every process calls this alike and only process 0 writes. ``log`` receives one line about the data before training starts.
+    state split over them too (FSDP), with ``model_parallel`` each block split over that many of them too (tensor
+    parallel); every process calls this alike and only process 0 writes. ``log`` receives one line about the data before training starts.
     """
     out = rundir.check_run_dir(out) if out is not None else None
     write = out is not None and parallel.is_writer()  # a new run's directory belongs to process 0
@@ -462,16 +463,17 @@ def train(rc: RunConfig, out: str | Path | None = None, *, force: bool = False, 
                                      f"--out {out}` (jnnex.run.resume), or start it over with --force")
                 rundir.clear(out)
         return _execute(rc, out if write else None, resume=False, devices=devices, shard_params=shard_params,
-                        progress=progress, log=log, on_chunk=on_chunk)
+                        model_parallel=model_parallel, progress=progress, log=log, on_chunk=on_chunk)
 
 
 def resume(out: str | Path, *, steps: int | None = None, devices=None, shard_params: bool = False,
-           progress: bool = True, log: Callable[[str], None] | None = None, on_chunk=None, **given) -> RunResult:
+           model_parallel: int | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
+           on_chunk=None, **given) -> RunResult:
     """Continue the run in ``out`` from its checkpoint, with the settings of its ``config.json`` — ``given``
     settings (``model``, ``data``, ``split``, ``split_seed``, ``gradients``, model and training fields) must agree
     with them. ``steps`` above the run's continues it to that many steps (module docstring). A run stopped before
-    its first checkpoint starts again from step 0. ``devices`` and ``shard_params`` are this call's: a run saved
-    on any number of devices, split or not, resumes on any other."""
+    its first checkpoint starts again from step 0. ``devices``, ``shard_params`` and ``model_parallel`` are this
+    call's: a run saved on any number of devices, split or not, resumes on any other."""
     out = rundir.check_run_dir(out)
     missing = ValueError(f"--resume: no run in {str(out)!r} (expected its {rundir.CONFIG})")
     if not out.is_dir():  # (before the lock, which would make the directory)
@@ -492,7 +494,7 @@ def resume(out: str | Path, *, steps: int | None = None, devices=None, shard_par
         if write and not from_checkpoint:  # stopped before its first checkpoint: the same run again, from step 0
             rundir.clear(out)
         return _execute(rc, out, resume=from_checkpoint, devices=devices, shard_params=shard_params,
-                        progress=progress, log=log, on_chunk=on_chunk)
+                        model_parallel=model_parallel, progress=progress, log=log, on_chunk=on_chunk)
 
 
 def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
@@ -533,8 +535,8 @@ def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
             raise ValueError(f"unknown setting {name!r}: neither a model setting nor a training setting")
 
 
-def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, shard_params: bool, progress: bool, log,
-             on_chunk) -> RunResult:
+def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, shard_params: bool, model_parallel,
+             progress: bool, log, on_chunk) -> RunResult:
     """The run itself, once ``out``'s policy is settled: ``out`` is where this process writes (None: nowhere)."""
     write = out is not None and parallel.is_writer()
     model, splits = prepare(rc, out=out if write else None)
@@ -565,7 +567,7 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, shard_pa
         dev_name = splits.names[1] if len(splits.names) > 1 else "dev"
         res = fit(model, splits.train, rc.train, dev=splits.dev, dev_name=dev_name, out=out, resume=resume,
                   progress=progress and parallel.is_writer(), devices=devices, shard_params=shard_params,
-                  on_chunk=on_chunk)
+                  model_parallel=model_parallel, on_chunk=on_chunk)
         params, state, steps, interrupted = res.ts.params, res.ts.state, int(res.ts.step), res.interrupted
         if write and (steps > res.start or not (out / rundir.MODEL).is_file()):  # (killed after its last checkpoint:
             rundir.save_pytree(out / rundir.MODEL, (params, state))              # no step left, the model unwritten)
@@ -585,7 +587,7 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, shard_pa
         metrics[key] = last[key] if key in last else evaluate(model, params, state, X, Y)
     if devices is not None:
         metrics["devices"], metrics["processes"] = devices, jax.process_count()
-        metrics["shard_params"] = bool(shard_params)
+        metrics["shard_params"], metrics["model_parallel"] = bool(shard_params), model_parallel or 1
     if write:
         rundir.write_json(out / rundir.FINAL_METRICS, metrics)
     result.metrics = metrics

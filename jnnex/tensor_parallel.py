@@ -31,16 +31,21 @@ in float64 (``tests/test_tensor_parallel.py``), where the all-reduces of the com
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jnnex.layers import linear_backward, linear_forward, per_channel
-from jnnex.models import llama
+from jnnex.layers import (
+    Linear, cross_entropy_backward, cross_entropy_forward, linear_backward, linear_forward, per_channel,
+)
+from jnnex.models import gpt as gpt_model, llama
 from jnnex.models.gpt import gelu_backward, gelu_forward, qkv_attention_backward, qkv_attention_forward
+from jnnex.parallel import DATA
 
 MODEL = "model"  # the mesh axis a layer is split along
 
@@ -227,3 +232,229 @@ def qkv_from_devices(W, n_head: int, n: int, n_kv_head: int | None = None):
     blocks = W.reshape(*lead, n, width // n)
     q, k, v = jnp.split(blocks, [n_head // n * hs, (n_head + nkv) // n * hs], axis=-1)
     return jnp.concatenate([part.reshape(*lead, part.shape[-1] * n) for part in (q, k, v)], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole GPT on a data × model mesh: its hand-written step, Megatron's layout
+
+
+def mesh_2d(data: int, model: int, devices: Sequence | None = None) -> jax.sharding.Mesh:
+    """A ``("data", "model")`` mesh of ``data × model`` devices (the first of ``jax.devices()``, or those given):
+    the batch split along ``"data"``, each layer along ``"model"`` (a device's neighbours on the model axis are
+    adjacent in the device list: on a GPU node, the tensor-parallel all-reduces stay on its fastest links)."""
+    for name, size in (("data", data), ("model", model)):
+        if not (isinstance(size, int) and size >= 1):
+            raise ValueError(f"mesh: the {name} axis must be an integer >= 1, got {size!r}")
+    available = list(jax.devices()) if devices is None else list(devices)
+    if data * model > len(available):
+        raise ValueError(f"mesh: data {data} × model {model} = {data * model} devices, but only {len(available)} "
+                         f"exist (on CPU, start with JAX_NUM_CPU_DEVICES={data * model} for more)")
+    grid = np.array(available[:data * model]).reshape(data, model)
+    return jax.sharding.Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def gpt_specs(params: gpt_model.GPTParams) -> gpt_model.GPTParams:
+    """Where each GPT tensor lives on the model axis (``PartitionSpec``s, the tree of ``params``): ``qkv`` and ``fc``
+    split by columns (their biases with them), ``attproj`` and ``fcproj`` by rows (their biases replicated: added
+    once, after the all-reduce); the embeddings, every LayerNorm and the head replicated."""
+    col, row, rep = P(None, MODEL), P(MODEL, None), P()
+
+    def lin(layer, spec):
+        return Linear(spec, None if layer.b is None else (P(MODEL) if spec == col else rep))
+
+    def ln(layer):
+        return gpt_model.LayerNorm(rep, None if layer.b is None else rep)
+
+    blocks = tuple(gpt_model.Block(ln(b.ln1), lin(b.qkv, col), lin(b.attproj, row), ln(b.ln2), lin(b.fc, col),
+                                   lin(b.fcproj, row)) for b in params.blocks)
+    return gpt_model.GPTParams(rep, rep, blocks, ln(params.lnf), None if params.lm_head is None else rep)
+
+
+def check_gpt_split(cfg: gpt_model.GPTConfig, model: int) -> None:
+    """What the split needs of a GPT config: heads and the MLP's width divisible by the model axis, the step's own
+    arithmetic (no dropout, float32/64)."""
+    check_divides("n_head", cfg.n_head, model)
+    check_divides("the MLP width 4·n_embd", 4 * cfg.n_embd, model)
+    if cfg.dropout:
+        raise ValueError(f"tensor parallel: the split GPT step trains without dropout (got dropout {cfg.dropout}); "
+                         "set it to 0")
+    if cfg.precision != "float32":
+        raise ValueError(f"tensor parallel: the split GPT step computes in the parameters' dtype (precision "
+                         f"float32), got {cfg.precision!r}")
+
+
+def gpt_layout(params_like, cfg: gpt_model.GPTConfig, n: int, inverse: bool = False):
+    """A tree of functions, one per leaf of ``params_like``: the ``qkv`` leaves' :func:`qkv_for_devices` (or, with
+    ``inverse``, :func:`qkv_from_devices`), the identity elsewhere — for what has the parameters' tree leaf by leaf
+    (the optimiser's moments: :func:`optimizer_state_map`)."""
+    move = qkv_from_devices if inverse else qkv_for_devices
+
+    def perm(a):
+        return move(a, cfg.n_head, n)
+
+    fns = jax.tree.map(lambda _: (lambda a: a), params_like)
+    return fns._replace(blocks=tuple(b._replace(qkv=Linear(perm, None if b.qkv.b is None else perm))
+                                     for b in fns.blocks))
+
+
+def gpt_for_devices(params: gpt_model.GPTParams, cfg: gpt_model.GPTConfig, n: int) -> gpt_model.GPTParams:
+    """The GPT's parameters (or anything shaped like them: gradients, Adam's moments) with every ``qkv`` weight and
+    bias laid out for ``n`` devices (:func:`qkv_for_devices`); :func:`gpt_from_devices` undoes it."""
+    def blk(b):
+        qkv = Linear(qkv_for_devices(b.qkv.W, cfg.n_head, n),
+                     None if b.qkv.b is None else qkv_for_devices(b.qkv.b, cfg.n_head, n))
+        return b._replace(qkv=qkv)
+
+    return params._replace(blocks=tuple(blk(b) for b in params.blocks))
+
+
+def gpt_from_devices(params: gpt_model.GPTParams, cfg: gpt_model.GPTConfig, n: int) -> gpt_model.GPTParams:
+    def blk(b):
+        qkv = Linear(qkv_from_devices(b.qkv.W, cfg.n_head, n),
+                     None if b.qkv.b is None else qkv_from_devices(b.qkv.b, cfg.n_head, n))
+        return b._replace(qkv=qkv)
+
+    return params._replace(blocks=tuple(blk(b) for b in params.blocks))
+
+
+def gpt_forward(cfg: gpt_model.GPTConfig, params: gpt_model.GPTParams, x, axis: str = MODEL):
+    """One device's GPT forward: ``x (B_d, T)`` its rows, ``params`` its slices (:func:`gpt_specs`). The embeddings,
+    LayerNorms, residual stream and head replicated along ``axis``; each block's attention and MLP split
+    (:func:`attention_forward`, :func:`mlp_forward`: one all-reduce each). Returns the logits ``(B_d, T, V)``, whole
+    on every device of the model axis, and the caches."""
+    h, c_emb = gpt_model.token_position_embedding_forward(params.wte, params.wpe, x)
+    block_caches = []
+    for blk in params.blocks:
+        a, c_ln1 = gpt_model.layernorm_forward(h, blk.ln1.w, blk.ln1.b)
+        a, c_att = attention_forward(a, blk.qkv.W, blk.qkv.b, blk.attproj.W, blk.attproj.b, cfg.n_head, axis)
+        h = h + a
+        m, c_ln2 = gpt_model.layernorm_forward(h, blk.ln2.w, blk.ln2.b)
+        m, c_mlp = mlp_forward(m, blk.fc.W, blk.fc.b, blk.fcproj.W, blk.fcproj.b, axis)
+        h = h + m
+        block_caches.append((c_ln1, c_att, c_ln2, c_mlp))
+    h, c_lnf = gpt_model.layernorm_forward(h, params.lnf.w, params.lnf.b)
+    logits, c_head = gpt_model.head_forward(h, params.wte.T if cfg.tie else params.lm_head)
+    return logits, (c_emb, tuple(block_caches), c_lnf, c_head)
+
+
+def gpt_backward(cfg: gpt_model.GPTConfig, caches, dlogits):
+    """In reverse: the gradients of this device's slices (a replicated tensor's the same on every device of the model
+    axis: the stream's gradient is whole there, after each split layer's all-reduce of ``dx``)."""
+    c_emb, block_caches, c_lnf, c_head = caches
+    dh, dlm_head, _ = linear_backward(dlogits, c_head)
+    dh, dlnf_w, dlnf_b = gpt_model.layernorm_backward(dh, c_lnf)
+    dblocks = []
+    for c_ln1, c_att, c_ln2, c_mlp in reversed(block_caches):
+        dm, dfc_W, dfc_b, dfcproj_W, dfcproj_b = mlp_backward(dh, c_mlp)  # the residual: dh to both
+        dm, dln2_w, dln2_b = gpt_model.layernorm_backward(dm, c_ln2)
+        dh = dh + dm
+        da, dqkv_W, dqkv_b, dproj_W, dproj_b, _ = attention_backward(dh, c_att)
+        da, dln1_w, dln1_b = gpt_model.layernorm_backward(da, c_ln1)
+        dh = dh + da
+        dblocks.append(gpt_model.Block(gpt_model.LayerNorm(dln1_w, dln1_b), Linear(dqkv_W, dqkv_b),
+                                       Linear(dproj_W, dproj_b), gpt_model.LayerNorm(dln2_w, dln2_b),
+                                       Linear(dfc_W, dfc_b), Linear(dfcproj_W, dfcproj_b)))
+    dwte, dwpe, _ = gpt_model.token_position_embedding_backward(dh, c_emb)
+    if cfg.tie:
+        dwte, dlm_head = dwte + dlm_head.T, None
+    return gpt_model.GPTParams(dwte, dwpe, tuple(reversed(dblocks)), gpt_model.LayerNorm(dlnf_w, dlnf_b), dlm_head)
+
+
+def gpt_value_and_grad(cfg: gpt_model.GPTConfig, mesh: jax.sharding.Mesh, params_like) -> Callable:
+    """``(loss, grads) = f(params, x, y)`` over ``mesh`` (:func:`mesh_2d`), written with ``jax.shard_map``:
+    ``params`` whole in the device layout (:func:`gpt_for_devices`; ``params_like`` gives the tree's shape), ``x, y
+    (B, T)`` split by rows along ``"data"``. Each device runs :func:`gpt_forward` on its rows and slices, seeds the
+    cross-entropy's backward with its share of the global mean (``n_d / n``: its valid targets over the batch's),
+    runs :func:`gpt_backward` and sums the gradients over ``"data"`` (``psum``). Communication per block and step:
+    two all-reduces of ``(B_d, T, C)`` forward and two backward along ``"model"``; one gradient all-reduce along
+    ``"data"``."""
+    check_gpt_split(cfg, mesh.shape[MODEL])
+    specs = gpt_specs(params_like)
+
+    def local(params, x, y):
+        logits, caches = gpt_forward(cfg, params, x)
+        loss_d, c_ce = cross_entropy_forward(logits, y)
+        n_d = (y >= 0).sum(dtype=jnp.int32)
+        share = n_d.astype(logits.dtype) / jax.lax.psum(n_d, DATA).astype(logits.dtype)  # dL/dL_d
+        dlogits, _ = cross_entropy_backward(share, c_ce)
+        grads = jax.lax.psum(gpt_backward(cfg, caches, dlogits), DATA)
+        return jax.lax.psum(loss_d * share, DATA), grads
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(DATA), P(DATA)), out_specs=(P(), specs))
+
+
+def gpt_step(cfg: gpt_model.GPTConfig, optimizer, mesh: jax.sharding.Mesh, params_like) -> Callable:
+    """``step(ts, batch, key) -> (ts, metrics)`` (:func:`jnnex.train.make_step`'s signature; ``key`` unused, the
+    split step has no dropout): the gradients from :func:`gpt_value_and_grad`, the optimiser in the global view
+    outside ``shard_map`` (so a global-norm clip sums every device's slice, and Muon sees whole matrices). Jit it;
+    ``ts.params`` in the device layout."""
+    value_and_grad = gpt_value_and_grad(cfg, mesh, params_like)
+
+    def step(ts, batch, key):
+        loss, grads = value_and_grad(ts.params, *batch)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        return type(ts)(optax.apply_updates(ts.params, updates), ts.state, opt_state, ts.step + 1), {"loss": loss}
+
+    return step
+
+
+def shardings(mesh: jax.sharding.Mesh, specs):
+    """``NamedSharding``s for a tree of ``PartitionSpec``s (``None`` leaves kept)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What training needs of a split model
+
+
+class Split(NamedTuple):
+    """A model's tensor-parallel split, for :func:`jnnex.train.fit` (``model_parallel=M``): its parameters' layout
+    on ``n`` devices and back, their specs along ``"model"``, and its split training step."""
+
+    layout: Callable  # (params_like, n, inverse) -> a function per leaf: to the layout for n devices, or back
+    specs: Callable  # params -> PartitionSpecs
+    step: Callable  # (optimizer, mesh, params_like) -> step(ts, batch, key)
+
+
+def split_of(model) -> Split:
+    """The split of a registered ``model`` (a :class:`jnnex.lm.LanguageModel`); a clear error naming the models that
+    have one otherwise."""
+    if model.name != "gpt":
+        raise ValueError(f"tensor parallel: model {model.name!r} has no split across devices (its layers are not "
+                         f"Megatron's column/row pairs); the models that have one: gpt")
+    cfg = model.cfg
+    return Split(lambda like, n, inverse=False: gpt_layout(like, cfg, n, inverse), gpt_specs,
+                 lambda opt, mesh, like: gpt_step(cfg, opt, mesh, like))
+
+
+def optimizer_state_map(optimizer, fn: Callable, opt_state, *trees, other: Callable = lambda x: x):
+    """``fn(leaf, *matching leaves of trees)`` applied to every parameter-shaped leaf of ``opt_state`` (Adam's moments,
+    momentum; ``optax.tree_utils.tree_map_params``), ``other`` to the other fields (step counts: kept). The parts of
+    a partitioned optimiser's state that belong to its other half (``optax.MaskedNode``), and absent tensors (a
+    bias-free layer's ``None``), stay as they are."""
+    def one(leaf, *rest):
+        return leaf if leaf is None or isinstance(leaf, optax.MaskedNode) else fn(leaf, *rest)
+
+    return optax.tree_utils.tree_map_params(optimizer, one, opt_state, *trees, transform_non_params=other,
+                                            is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode))
+
+
+def train_layout(split: Split, optimizer, mesh: jax.sharding.Mesh, ts):
+    """For :func:`jnnex.train.fit`: ``(to_devices, to_host, shardings)`` — functions taking a training state (host
+    arrays, the parameters' own layout) to the device layout and back, and the state's ``NamedSharding``s there."""
+    n = mesh.shape[MODEL]
+    apply = lambda fn, a: fn(a)  # noqa: E731
+    there, back = split.layout(ts.params, n), split.layout(ts.params, n, True)
+
+    def moved(fns, ts):
+        params = jax.tree.map(apply, fns, ts.params)
+        opt_state = optimizer_state_map(optimizer, lambda a, fn: fn(a), ts.opt_state, fns)
+        return type(ts)(params, ts.state, opt_state, ts.step)
+
+    rep = NamedSharding(mesh, P())
+    param_shardings = shardings(mesh, split.specs(ts.params))
+    opt_shardings = optimizer_state_map(optimizer, lambda _, s: s, ts.opt_state, param_shardings,
+                                        other=lambda x: None if x is None else rep)
+    layout = type(ts)(param_shardings, jax.tree.map(lambda _: rep, ts.state), opt_shardings, rep)
+    return (lambda ts: moved(there, ts)), (lambda ts: moved(back, ts)), layout

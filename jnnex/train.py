@@ -408,6 +408,7 @@ def fit(
     on_chunk: Callable[[int, dict], None] | None = None,
     devices=None,
     shard_params: bool = False,
+    model_parallel: int | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train = (X, Y)``, or on a text's token :class:`jnnex.text.Stream`, for ``tcfg.steps``
     steps.
@@ -433,6 +434,12 @@ def fit(
     fsdp_spec`; a tensor none of whose axes divides stays replicated), gathered whole for each step's forward and
     backward and its gradient split back, so each device keeps and updates ``1/N`` of them. The step and the result
     are the same as unsplit; the checkpoint is the same plain arrays, whatever the layout it was saved from.
+
+    ``model_parallel=M`` (with ``devices=N``, a multiple of ``M``; Megatron-LM's tensor parallelism): a ``data × model``
+    mesh of ``N/M × M`` devices (:func:`jnnex.tensor_parallel.mesh_2d`); each step's batch split along ``"data"``,
+    every block's attention heads and MLP split along ``"model"``, the model's hand-written split step
+    (:func:`jnnex.tensor_parallel.split_of`: the GPT's) with the optimiser in the global view. Checkpoints are in the
+    parameters' own layout: a run resumes on any mesh, or on one device.
 
     A text stream (a per-position model's): each row is ``block_size + 1`` contiguous tokens at a random offset
     (:func:`make_run`'s ``window``). Its train loss is nanoGPT's estimate (``train_loss_estimate``: ``eval_iters``
@@ -460,9 +467,24 @@ def fit(
         dev_tokens = jnp.asarray(np.asarray(dev_stream.tokens))
     elif dev is not None:
         check_batch(model, *dev, "dev data")
-    mesh = parallel.data_mesh(devices) if devices is not None else None
+    split = None
+    if model_parallel is not None:
+        from jnnex import tensor_parallel  # (here: it imports the models, whose registry imports this module)
+        split = tensor_parallel.split_of(model)  # (a model without one: named first)
+        if shard_params:
+            raise ValueError("shard_params and model_parallel together (FSDP × tensor parallel) are not a training "
+                             "mode yet: choose one (jnnex plan shows both on paper)")
+        if diagnostics:
+            raise ValueError("diagnostics read the unsplit model's backward: train without model_parallel")
+        if not (isinstance(devices, int) and isinstance(model_parallel, int) and model_parallel >= 1
+                and devices % model_parallel == 0):
+            raise ValueError(f"model_parallel {model_parallel!r}: give devices as a number that divides by it (the "
+                             f"mesh is devices / model_parallel × model_parallel), got devices {devices!r}")
+        mesh = tensor_parallel.mesh_2d(devices // model_parallel, model_parallel)
+    else:
+        mesh = parallel.data_mesh(devices) if devices is not None else None
     if mesh is not None:
-        parallel.check_batch_size(tcfg.batch_size, mesh.size, len(train[0]))
+        parallel.check_batch_size(tcfg.batch_size, mesh.shape[parallel.DATA], len(train[0]))
     if shard_params and mesh is None:
         raise ValueError("shard_params: split the parameters over what? give devices too (--devices N --shard-params)")
     if stream:  # the tokens as they are stored (uint16 for a vocabulary up to 65,536): widened row by row in the step
@@ -485,13 +507,18 @@ def fit(
         k_eval = jax.random.fold_in(k_train, 0x7FFFFFFF)  # the loss estimates' batches: fixed per step, resumable
         ts = init_train_state(model, optimizer, k_init)
         layout = step_shardings = None
-        if shard_params:  # the parameters and optimiser state split, the rest replicated
-            rep = parallel.replicated(mesh)
-            split = parallel.fsdp_shardings((ts.params, ts.opt_state), mesh)
-            layout = TrainState(split[0], jax.tree.map(lambda _: rep, ts.state), split[1], rep)
-            step_shardings = (jax.tree.map(lambda _: rep, ts.params), split[0])
-        run = make_run(make_step(model, optimizer, diagnostics=diagnostics, shardings=step_shardings),
-                       tcfg.batch_size, mesh=mesh, window=model.block_size if stream else None,
+        to_devices = to_host = None
+        if split is not None:  # the split's own step, its parameters laid out for the model axis
+            to_devices, to_host, layout = tensor_parallel.train_layout(split, optimizer, mesh, ts)
+            step_fn = split.step(optimizer, mesh, ts.params)
+        else:
+            if shard_params:  # the parameters and optimiser state split, the rest replicated
+                rep = parallel.replicated(mesh)
+                p_split, o_split = parallel.fsdp_shardings((ts.params, ts.opt_state), mesh)
+                layout = TrainState(p_split, jax.tree.map(lambda _: rep, ts.state), o_split, rep)
+                step_shardings = (jax.tree.map(lambda _: rep, ts.params), p_split)
+            step_fn = make_step(model, optimizer, diagnostics=diagnostics, shardings=step_shardings)
+        run = make_run(step_fn, tcfg.batch_size, mesh=mesh, window=model.block_size if stream else None,
                        state_shardings=layout)
         if resume:
             ts = rundir.load_pytree(out / rundir.CHECKPOINT, ts)
@@ -500,8 +527,9 @@ def fit(
                                  f"{tcfg.steps:,} steps")
             if write:
                 rundir.truncate_metrics(out, int(ts.step))
-        if layout is not None:  # split over the mesh (FSDP), from host arrays: any layout resumes into any other
-            ts = parallel.place(parallel.local(ts), layout)
+        if layout is not None:  # split over the mesh (FSDP, TP), from host arrays: any layout resumes into any other
+            host = parallel.local(ts)
+            ts = parallel.place(host if to_devices is None else to_devices(host), layout)
         if mesh is not None:  # the step's inputs, replicated over the mesh (the batch is sharded inside the step)
             ts = ts if layout is not None else parallel.replicate(parallel.local(ts), mesh)
             X_run, Y_run, k_run = parallel.replicate((np.asarray(X), np.asarray(Y),
@@ -528,7 +556,7 @@ def fit(
                 row = {"step": step, "lr": float(lr_at(step - 1)), "loss": float(metrics["loss"].mean())}
                 if step % tcfg.eval_every == 0 or step == tcfg.steps:
                     row["time"] = time.perf_counter() - t0
-                    here = _here(ts, mesh)  # this process's copy: evaluated, and checkpointed below
+                    here = _here(ts, mesh, to_host)  # this process's copy: evaluated, and checkpointed below
                     k_step = jax.random.fold_in(k_eval, step)
                     if eval_train and stream:
                         row["train_loss_estimate"] = estimate_loss(model, here.params, here.state, X, k_step,
@@ -557,7 +585,7 @@ def fit(
                 bar.close()
         stop = stop or ctrl_c.pressed
         interrupted = interrupted or bool(stop and step < tcfg.steps)
-        ts = _here(ts, mesh)
+        ts = _here(ts, mesh, to_host)
         if write and step > saved:  # interrupted between evaluations: keep the chunks done since
             rundir.save_pytree(out / rundir.CHECKPOINT, ts)
     stacked = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
@@ -566,10 +594,14 @@ def fit(
                      signal=(stop or signal.SIGINT) if interrupted else None, start=start)
 
 
-def _here(ts: TrainState, mesh) -> TrainState:
+def _here(ts: TrainState, mesh, to_host: Callable | None = None) -> TrainState:
     """The training state as this process holds it: as is on one device; off a mesh, this process's copy (on its
-    default device), which files and evaluation can read."""
-    return ts if mesh is None else jax.tree.map(jnp.asarray, parallel.local(ts))
+    default device; ``to_host``: from a split model's layout back to the parameters' own), which files and
+    evaluation can read."""
+    if mesh is None:
+        return ts
+    host = parallel.local(ts)
+    return jax.tree.map(jnp.asarray, host if to_host is None else to_host(host))
 
 
 def _show(bar, n: int, row: dict) -> None:

@@ -76,6 +76,10 @@ CLI = [
     (["train", "--block-size", "0", "--steps", "5"], 2, "block_size must be an integer >= 1"),
     (["train", "--split", "0.5,0.1", "--steps", "5"], 2, "sum to 1"),
     (["train", "--split", "a,b"], 2, "expected comma-separated fractions"),
+    (["train", "--model", "gpt", "--model-parallel", "2", "--steps", "5"], 2, "--model-parallel splits each block "
+                                                                              "over devices: give --devices N too"),
+    (["train", "--model", "rnn", "--devices", "2", "--model-parallel", "2", "--steps", "5"], 2,
+     "model 'rnn' has no split across devices"),
     (["train", "--shard-params", "--steps", "5"], 2, "--shard-params splits the parameters over devices: give "
                                                      "--devices N too"),
     (["train", "--model", "bigram", "--n-hidden", "5"], 2, "--n-hidden does not apply to model 'bigram'"),

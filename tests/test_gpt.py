@@ -59,6 +59,20 @@ def test_makemore_transformer_has_204544_parameters():
     assert len(params.blocks) == 4 and params.blocks[0].qkv.W.shape == (64, 192)
 
 
+def test_the_gpt2_124m_preset_is_gpt2_small():
+    """The preset's shape at GPT-2's own vocabulary has GPT-2 small's 124,439,808 parameters (the tied table counted
+    once); nanoGPT's padding to 50,304 adds 47 rows of 768; shapes only (``jax.eval_shape``), nothing allocated."""
+    shape, train = REGISTRY["gpt"].presets["gpt2-124m"]
+
+    def n_params(vocab):
+        cfg = GPTConfig(vocab_size=vocab, **shape)
+        return count_params(jax.eval_shape(lambda k: gpt(cfg).init(k)[0], jax.random.key(0)))
+
+    assert shape == G.GPT2_SMALL and train["batch_size"] == 12 and train["lr"] == 6e-4
+    assert n_params(G.GPT2_VOCAB) == 124_439_808
+    assert n_params(G.GPT2_VOCAB_PADDED) - n_params(G.GPT2_VOCAB) == 47 * 768 == 36_096
+
+
 def test_init_is_gpt2s():
     cfg = GPTConfig(n_layer=8, n_embd=256)
     params, _ = gpt(cfg).init(jax.random.key(0))

@@ -192,13 +192,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_cli(tmp_path, tag, cpu_devices, extra, timeout=240):
+def train_cli(tmp_path, tag, cpu_devices, extra, timeout=240, model=("--model", "bn-mlp")):
     """``jnnex train`` in a subprocess with ``cpu_devices`` CPU devices: a Popen, its stdout file."""
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(cpu_devices), "JNNEX_CACHE_DIR": "off", "PYTHONUNBUFFERED": "1"}
     for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
         env.pop(var, None)
     stdout = tmp_path / f"{tag}.out"
-    args = [sys.executable, "-m", "jnnex", "train", "--model", "bn-mlp", "--steps", "300", "--eval-every", "100",
+    args = [sys.executable, "-m", "jnnex", "train", *model, "--steps", "300", "--eval-every", "100",
             "--chunk", "100", "--devices", "4", "--json", "--out", str(tmp_path / tag), *extra]
     with stdout.open("w") as f:  # the child holds its own descriptor
         return subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT), stdout
@@ -209,16 +209,24 @@ def final_json(path):
     return json.loads(next(line for line in reversed(path.read_text().splitlines()) if line.startswith("{")))
 
 
+SPLIT_GPT = ("--model", "gpt", "--n-layer", "2", "--n-embd", "16", "--n-head", "4", "--batch-size", "8")
+
+
 @pytest.mark.slow
-def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
-    """2 processes × 2 CPU devices on 127.0.0.1 (JAX's distributed runtime, gloo collectives), the parameters split
-    over the 4 devices (FSDP: each process holds half of each, and gathers the whole to evaluate and save), against
-    1 process × 4 replicated: the same final losses; only process 0 writes its run directory. (Plain data parallel
-    over two processes: the SIGTERM test below.) Bounded by a timeout; killed on failure."""
+@pytest.mark.parametrize("split", ["fsdp", "tensor-parallel"])
+def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path, split):
+    """2 processes × 2 CPU devices on 127.0.0.1 (JAX's distributed runtime, gloo collectives) against 1 process × 4
+    with the plain data-parallel layout: the same final losses; only process 0 writes its run directory. The two
+    processes split the model: ``fsdp`` every parameter over the 4 devices (each process holds half of each, and
+    gathers the whole to evaluate and save); ``tensor-parallel`` the GPT's blocks over a 2 × 2 data × model mesh whose
+    model axis lies within each process. (Plain data parallel over two processes: the SIGTERM test below.) Bounded
+    by a timeout; killed on failure."""
     port = free_port()
+    how, model = (["--shard-params"], ("--model", "bn-mlp")) if split == "fsdp" else \
+        (["--model-parallel", "2"], SPLIT_GPT)
     procs = [train_cli(tmp_path, f"p{i}", 2, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                              "--process-id", str(i), "--shard-params"]) for i in range(2)]
-    single = train_cli(tmp_path, "single", 4, [])
+                                              "--process-id", str(i), *how], model=model) for i in range(2)]
+    single = train_cli(tmp_path, "single", 4, [], model=model)
     try:
         for proc, _ in [*procs, single]:
             assert proc.wait(timeout=240) == 0
@@ -229,7 +237,8 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
                 proc.wait()
     p0, p1, one = (final_json(out) for _, out in [*procs, single])
     assert p0["processes"] == 2 and one["processes"] == 1 and p0["devices"] == one["devices"] == 4
-    assert p0["shard_params"] and not one["shard_params"]
+    assert (p0["shard_params"], p0["model_parallel"]) == ((True, 1) if split == "fsdp" else (False, 2))
+    assert not one["shard_params"] and one["model_parallel"] == 1
     for key in ("train_loss", "dev_loss", "test_loss"):
         assert p0[key] == p1[key]  # every process holds the same replicated parameters
         assert abs(p0[key] - one[key]) < 1e-5, (key, p0[key], one[key])

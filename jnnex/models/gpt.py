@@ -46,6 +46,13 @@ from jnnex.settings import check_choice, positive_int, setting
 
 INIT_STD = 0.02  # GPT-2's
 
+# GPT-2 small (124M, Radford et al. 2019; nanoGPT's `gpt2`): its shape, biases everywhere, the LM head tied to the
+# token table. Its vocabulary, 50,257 byte-level BPE tokens, nanoGPT pads to 50,304 (a multiple of 64: faster matmuls);
+# the 47 extra rows are never a target, and their logits learn to stay low.
+GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "bias": True, "tie": True,
+              "dropout": 0.0}
+GPT2_VOCAB, GPT2_VOCAB_PADDED = 50_257, 50_304
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Transformer layers (GPT-2, as llm.c writes them by hand): token + position embedding, LayerNorm, GELU, causal

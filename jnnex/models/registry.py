@@ -21,7 +21,7 @@ from jnnex.models import bigram
 from jnnex.models.bigram import BigramConfig, counting_bigram, neural_bigram
 from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp
 from jnnex.models.bow import BoWConfig, bow
-from jnnex.models.gpt import GPTConfig, gpt
+from jnnex.models.gpt import GPT2_SMALL, GPTConfig, gpt
 from jnnex.models.llama import LlamaConfig, llama
 from jnnex.models.mlp_lm import MLPConfig, mlp_lm
 from jnnex.models.rnn import RNNConfig, rnn
@@ -145,6 +145,15 @@ REGISTRY: dict[str, ModelSpec] = {
             # dropout 0.2, 5,000 iterations: 10.65 M parameters (nanoGPT's count, without the position table).
             "shakespeare": (dict(NANOGPT_LAYOUT, n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
                             dict(NANOGPT_TRAIN, steps=5_000, batch_size=64, eval_every=500, chunk=250)),
+            # GPT-2 small's shape (jnnex.models.gpt.GPT2_SMALL; 124,439,808 parameters at GPT-2's 50,257 tokens,
+            # 124,475,904 at nanoGPT's padded 50,304 — the vocabulary comes from the data or --vocab-size) and
+            # nanoGPT's train_gpt2.py optimisation: AdamW lr 6e-4, 2,000 warmup steps, a cosine to 6e-5 over 600,000,
+            # betas (0.9, 0.95), weight decay 0.1 on the matrices, clipped to norm 1; its batch is 12 × 1,024 tokens
+            # a device (nanoGPT accumulates 40 of those on each of 8 GPUs: ~0.5 M tokens a step). For GPUs:
+            # `jnnex plan --preset gpt2-124m` gives its memory per device.
+            "gpt2-124m": (dict(GPT2_SMALL),
+                          dict(NANOGPT_TRAIN, lr=6e-4, warmup=2_000, min_lr=6e-5, betas=(0.9, 0.95), steps=600_000,
+                               batch_size=12, eval_every=2_000, chunk=100, eval_iters=200)),
         },
         summary="GPT-2 transformer (makemore.py's: 4 layers, 4 heads, n_embd 64), every gradient by hand (llm.c)",
     ),
