@@ -24,9 +24,16 @@ With them:
 
 Weights are stored whole (the global view, as every jnnex model's); ``shard_map`` hands each device its slice
 (``in_specs`` ``P(None, MODEL)`` for a column split, ``P(MODEL, None)`` for a row split), after
-:func:`qkv_for_devices` has put each device's heads' query, key and value columns side by side; :func:`model_mesh`
-is the mesh. The pairs are proven against ``jax.vjp`` of the unsplit layers
-in float64 (``tests/test_tensor_parallel.py``), where the all-reduces of the compiled block are also counted.
+:func:`qkv_for_devices` has put each device's heads' query, key and value columns side by side (and
+:func:`swiglu_for_devices` each device's SwiGLU gate and value columns); :func:`model_mesh` is a one-axis mesh.
+
+**Whole models on a data × model mesh** (:func:`mesh_2d`): :func:`gpt_forward` / :func:`gpt_backward` and
+:func:`llama_forward` / :func:`llama_backward` are one device's model — embeddings, norms, residual stream and head
+replicated, every block split — and :func:`split_value_and_grad` runs them under ``shard_map`` with the batch's rows
+along ``"data"`` (the gradients summed there by ``psum``); :func:`split_step` adds the optimiser in the global view.
+``jnnex.train.fit(..., devices=N, model_parallel=M)`` (``jnnex train --devices N --model-parallel M``) trains with
+it (:func:`split_of`, :func:`train_layout`). Every pair and both models' steps are proven against the unsplit
+layers and models in float64 (``tests/test_tensor_parallel.py``), where the all-reduces are also counted.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jnnex.layers import (
-    Linear, cross_entropy_backward, cross_entropy_forward, linear_backward, linear_forward, per_channel,
+    Linear, cross_entropy_backward, cross_entropy_forward, embedding_backward, embedding_forward, linear_backward,
+    linear_forward, per_channel,
 )
 from jnnex.models import gpt as gpt_model, llama
 from jnnex.models.gpt import gelu_backward, gelu_forward, qkv_attention_backward, qkv_attention_forward
@@ -360,35 +368,40 @@ def gpt_backward(cfg: gpt_model.GPTConfig, caches, dlogits):
     return gpt_model.GPTParams(dwte, dwpe, tuple(reversed(dblocks)), gpt_model.LayerNorm(dlnf_w, dlnf_b), dlm_head)
 
 
-def gpt_value_and_grad(cfg: gpt_model.GPTConfig, mesh: jax.sharding.Mesh, params_like) -> Callable:
+def split_value_and_grad(local_forward: Callable, local_backward: Callable, mesh: jax.sharding.Mesh,
+                         specs) -> Callable:
     """``(loss, grads) = f(params, x, y)`` over ``mesh`` (:func:`mesh_2d`), written with ``jax.shard_map``:
-    ``params`` whole in the device layout (:func:`gpt_for_devices`; ``params_like`` gives the tree's shape), ``x, y
-    (B, T)`` split by rows along ``"data"``. Each device runs :func:`gpt_forward` on its rows and slices, seeds the
+    ``params`` whole in the device layout (``specs`` says what each device holds), ``x, y (B, T)`` split by rows along
+    ``"data"``. Each device runs ``local_forward(params, x) -> (logits, caches)`` on its rows and slices, seeds the
     cross-entropy's backward with its share of the global mean (``n_d / n``: its valid targets over the batch's),
-    runs :func:`gpt_backward` and sums the gradients over ``"data"`` (``psum``). Communication per block and step:
-    two all-reduces of ``(B_d, T, C)`` forward and two backward along ``"model"``; one gradient all-reduce along
-    ``"data"``."""
-    check_gpt_split(cfg, mesh.shape[MODEL])
-    specs = gpt_specs(params_like)
+    runs ``local_backward(caches, dlogits) -> grads`` and sums the gradients over ``"data"`` (``psum``)."""
 
     def local(params, x, y):
-        logits, caches = gpt_forward(cfg, params, x)
+        logits, caches = local_forward(params, x)
         loss_d, c_ce = cross_entropy_forward(logits, y)
         n_d = (y >= 0).sum(dtype=jnp.int32)
         share = n_d.astype(logits.dtype) / jax.lax.psum(n_d, DATA).astype(logits.dtype)  # dL/dL_d
         dlogits, _ = cross_entropy_backward(share, c_ce)
-        grads = jax.lax.psum(gpt_backward(cfg, caches, dlogits), DATA)
+        grads = jax.lax.psum(local_backward(caches, dlogits), DATA)
         return jax.lax.psum(loss_d * share, DATA), grads
 
     return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(DATA), P(DATA)), out_specs=(P(), specs))
 
 
-def gpt_step(cfg: gpt_model.GPTConfig, optimizer, mesh: jax.sharding.Mesh, params_like) -> Callable:
-    """``step(ts, batch, key) -> (ts, metrics)`` (:func:`jnnex.train.make_step`'s signature; ``key`` unused, the
-    split step has no dropout): the gradients from :func:`gpt_value_and_grad`, the optimiser in the global view
-    outside ``shard_map`` (so a global-norm clip sums every device's slice, and Muon sees whole matrices). Jit it;
+def gpt_value_and_grad(cfg: gpt_model.GPTConfig, mesh: jax.sharding.Mesh, params_like) -> Callable:
+    """The GPT's :func:`split_value_and_grad` (``params_like`` gives the tree's shape). Communication per block and
+    step: two all-reduces of ``(B_d, T, C)`` forward and two backward along ``"model"``; one gradient all-reduce
+    along ``"data"``."""
+    check_gpt_split(cfg, mesh.shape[MODEL])
+    return split_value_and_grad(lambda p, x: gpt_forward(cfg, p, x), lambda c, d: gpt_backward(cfg, c, d), mesh,
+                                gpt_specs(params_like))
+
+
+def split_step(value_and_grad: Callable, optimizer) -> Callable:
+    """``step(ts, batch, key) -> (ts, metrics)`` (:func:`jnnex.train.make_step`'s signature; ``key`` unused, a split
+    step has no dropout): the gradients from a :func:`split_value_and_grad`, the optimiser in the global view outside
+    ``shard_map`` (so a global-norm clip sums every device's slice, and Muon sees whole matrices). Jit it;
     ``ts.params`` in the device layout."""
-    value_and_grad = gpt_value_and_grad(cfg, mesh, params_like)
 
     def step(ts, batch, key):
         loss, grads = value_and_grad(ts.params, *batch)
@@ -397,6 +410,116 @@ def gpt_step(cfg: gpt_model.GPTConfig, optimizer, mesh: jax.sharding.Mesh, param
         return type(ts)(optax.apply_updates(ts.params, updates), ts.state, opt_state, ts.step + 1), {"loss": loss}
 
     return step
+
+
+def gpt_step(cfg: gpt_model.GPTConfig, optimizer, mesh: jax.sharding.Mesh, params_like) -> Callable:
+    """The GPT's :func:`split_step`."""
+    return split_step(gpt_value_and_grad(cfg, mesh, params_like), optimizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole Llama the same way: its grouped-query attention by heads with their groups, SwiGLU by hidden units
+
+
+def swiglu_for_devices(W, n: int):
+    """The fused ``fc`` weight ``(..., 2H) = [W₁ | W₃]`` with its columns reordered so that ``n`` contiguous blocks are
+    each ``[W₁ | W₃]`` of the same ``H / n`` hidden units — a device's SwiGLU gate and value side by side, what
+    :func:`jnnex.models.llama.swiglu_forward` splits in two. :func:`swiglu_from_devices` undoes it."""
+    *lead, width = W.shape
+    check_divides("the SwiGLU width H", width // 2, n)
+    gate, value = (part.reshape(*lead, n, width // 2 // n) for part in jnp.split(W, 2, axis=-1))
+    return jnp.concatenate([gate, value], axis=-1).reshape(*lead, width)
+
+
+def swiglu_from_devices(W, n: int):
+    *lead, width = W.shape
+    gate, value = jnp.split(W.reshape(*lead, n, width // n), 2, axis=-1)
+    return jnp.concatenate([gate.reshape(*lead, width // 2), value.reshape(*lead, width // 2)], axis=-1)
+
+
+def llama_specs(params: llama.LlamaParams) -> llama.LlamaParams:
+    """The Llama's tensors on the model axis: ``qkv`` and ``fc`` by columns, ``attproj`` and ``fcproj`` by rows
+    (no biases), the embedding, every RMSNorm gain and the head replicated."""
+    col, row, rep = Linear(P(None, MODEL), None), Linear(P(MODEL, None), None), P()
+    blocks = tuple(llama.Block(rep, col, row, rep, col, row) for _ in params.blocks)
+    return llama.LlamaParams(rep, blocks, rep, None if params.lm_head is None else rep)
+
+
+def check_llama_split(cfg: llama.LlamaConfig, model: int) -> None:
+    check_divides("n_head", cfg.n_head, model)
+    check_divides("n_kv_head", cfg.n_kv_head, model)
+    check_divides("the SwiGLU width", cfg.hidden, model)
+    if cfg.dropout:
+        raise ValueError(f"tensor parallel: the split Llama step trains without dropout (got dropout {cfg.dropout}); "
+                         "set it to 0")
+    if cfg.precision != "float32":
+        raise ValueError(f"tensor parallel: the split Llama step computes in the parameters' dtype (precision "
+                         f"float32), got {cfg.precision!r}")
+
+
+def llama_layout(params_like, cfg: llama.LlamaConfig, n: int, inverse: bool = False):
+    """One function per leaf: ``qkv`` by :func:`qkv_for_devices` with the key/value groups, ``fc`` by
+    :func:`swiglu_for_devices` (or back, with ``inverse``), the identity elsewhere."""
+    def qkv(a):
+        return (qkv_from_devices if inverse else qkv_for_devices)(a, cfg.n_head, n, cfg.n_kv_head)
+
+    def fc(a):
+        return (swiglu_from_devices if inverse else swiglu_for_devices)(a, n)
+
+    fns = jax.tree.map(lambda _: (lambda a: a), params_like)
+    return fns._replace(blocks=tuple(b._replace(qkv=Linear(qkv, None), fc=Linear(fc, None)) for b in fns.blocks))
+
+
+def llama_forward(cfg: llama.LlamaConfig, params: llama.LlamaParams, x, axis: str = MODEL):
+    """One device's Llama forward (as :func:`gpt_forward`): RMSNorms, embedding, residual stream and head replicated;
+    attention by :func:`llama_attention_forward`, the SwiGLU MLP column- then row-parallel (``f``, the device's hidden
+    units, ``g``)."""
+    h, c_emb = embedding_forward(params.wte, x)
+    block_caches = []
+    for blk in params.blocks:
+        a, c_n1 = llama.rmsnorm_forward(h, blk.norm1, cfg.norm_eps)
+        a, c_att = llama_attention_forward(a, blk.qkv.W, blk.attproj.W, cfg.n_head, cfg.n_kv_head, cfg.tiled,
+                                           base=cfg.rope_base, axis=axis)
+        h = h + a
+        m, c_n2 = llama.rmsnorm_forward(h, blk.norm2, cfg.norm_eps)
+        m, c_fc = column_linear_forward(m, blk.fc.W, None, axis)  # (B, T, 2H/n): this device's gate and value
+        m, c_swiglu = llama.swiglu_forward(m)
+        m, c_fcproj = row_linear_forward(m, blk.fcproj.W, None, axis)
+        h = h + m
+        block_caches.append((c_n1, c_att, c_n2, c_fc, c_swiglu, c_fcproj))
+    h, c_nf = llama.rmsnorm_forward(h, params.normf, cfg.norm_eps)
+    logits, c_head = gpt_model.head_forward(h, params.wte.T if cfg.tie else params.lm_head)
+    return logits, (c_emb, tuple(block_caches), c_nf, c_head)
+
+
+def llama_backward(cfg: llama.LlamaConfig, caches, dlogits):
+    c_emb, block_caches, c_nf, c_head = caches
+    dh, dlm_head, _ = linear_backward(dlogits, c_head)
+    dh, dnormf = llama.rmsnorm_backward(dh, c_nf)
+    dblocks = []
+    for c_n1, c_att, c_n2, c_fc, c_swiglu, c_fcproj in reversed(block_caches):
+        dm, dfcproj, _ = row_linear_backward(dh, c_fcproj)
+        dm = llama.swiglu_backward(dm, c_swiglu)
+        dm, dfc, _ = column_linear_backward(dm, c_fc)
+        dm, dnorm2 = llama.rmsnorm_backward(dm, c_n2)
+        dh = dh + dm
+        da, dqkv, dattproj, *_ = llama_attention_backward(dh, c_att)
+        da, dnorm1 = llama.rmsnorm_backward(da, c_n1)
+        dh = dh + da
+        dblocks.append(llama.Block(dnorm1, Linear(dqkv, None), Linear(dattproj, None), dnorm2, Linear(dfc, None),
+                                   Linear(dfcproj, None)))
+    dwte, _ = embedding_backward(dh, c_emb)
+    if cfg.tie:
+        dwte, dlm_head = dwte + dlm_head.T, None
+    return llama.LlamaParams(dwte, tuple(reversed(dblocks)), dnormf, dlm_head)
+
+
+def llama_step(cfg: llama.LlamaConfig, optimizer, mesh: jax.sharding.Mesh, params_like) -> Callable:
+    """The Llama's :func:`split_step`: per block and step, the same 2 + 2 all-reduces of ``(B_d, T, C)``."""
+    check_llama_split(cfg, mesh.shape[MODEL])
+    value_and_grad = split_value_and_grad(lambda p, x: llama_forward(cfg, p, x),
+                                          lambda c, d: llama_backward(cfg, c, d), mesh, llama_specs(params_like))
+    return split_step(value_and_grad, optimizer)
 
 
 def shardings(mesh: jax.sharding.Mesh, specs):
@@ -417,15 +540,21 @@ class Split(NamedTuple):
     step: Callable  # (optimizer, mesh, params_like) -> step(ts, batch, key)
 
 
+SPLIT_MODELS = ("gpt", "llama")  # the registered models with a split
+
+
 def split_of(model) -> Split:
     """The split of a registered ``model`` (a :class:`jnnex.lm.LanguageModel`); a clear error naming the models that
     have one otherwise."""
-    if model.name != "gpt":
-        raise ValueError(f"tensor parallel: model {model.name!r} has no split across devices (its layers are not "
-                         f"Megatron's column/row pairs); the models that have one: gpt")
     cfg = model.cfg
-    return Split(lambda like, n, inverse=False: gpt_layout(like, cfg, n, inverse), gpt_specs,
-                 lambda opt, mesh, like: gpt_step(cfg, opt, mesh, like))
+    if model.name == "gpt":
+        return Split(lambda like, n, inverse=False: gpt_layout(like, cfg, n, inverse), gpt_specs,
+                     lambda opt, mesh, like: gpt_step(cfg, opt, mesh, like))
+    if model.name == "llama":
+        return Split(lambda like, n, inverse=False: llama_layout(like, cfg, n, inverse), llama_specs,
+                     lambda opt, mesh, like: llama_step(cfg, opt, mesh, like))
+    raise ValueError(f"tensor parallel: model {model.name!r} has no split across devices (its layers are not "
+                     f"Megatron's column/row pairs); the models that have one: {', '.join(SPLIT_MODELS)}")
 
 
 def optimizer_state_map(optimizer, fn: Callable, opt_state, *trees, other: Callable = lambda x: x):

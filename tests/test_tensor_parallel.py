@@ -1,7 +1,9 @@
 """Tensor parallelism (:mod:`jnnex.tensor_parallel`): the column- and row-parallel linears, Megatron's MLP and
-attention split by heads, the Llama's grouped-query attention split with its groups, each forward and hand-written backward run under ``jax.shard_map`` on 1, 2 and 4 CPU
-devices and proven against ``jax.vjp`` of the unsplit layer in float64; ``f``'s all-reduce is what makes ``dx``
-right; the compiled block holds Megatron's 2 + 2 all-reduces of ``B·T·C``."""
+attention split by heads, the Llama's grouped-query attention split with its groups, each forward and hand-written
+backward run under ``jax.shard_map`` on 1, 2 and 4 CPU devices and proven against ``jax.vjp`` of the unsplit layer in
+float64; ``f``'s all-reduce is what makes ``dx`` right; the compiled block holds Megatron's 2 + 2 all-reduces of
+``B·T·C``. Then the whole GPT and Llama split on data × model meshes (2 × 2, 1 × 4): one training step equal to one
+device's per tensor in float64, training and resuming through ``fit``, and the errors."""
 
 import re
 
@@ -183,25 +185,33 @@ def test_a_split_that_does_not_divide_is_named():
 # The whole GPT on a data × model mesh
 
 
-def gpt_problem(**over):
+SMALL_LLAMA = {"n_layer": 2, "n_embd": 16, "n_head": 4, "ffn_multiple": 4}  # SwiGLU 44 wide: 11 a device on 4
+
+
+def gpt_problem(name="gpt", **over):
     from tests.test_parallel import float64_problem, model_and_data
-    model, splits = model_and_data("gpt", **{"n_head": 4, **over})
+    model, splits = model_and_data(name, **{"n_head": 4, **(SMALL_LLAMA if name == "llama" else {}), **over})
     params, state, x, y = float64_problem(model.with_gradients("manual"), splits)
     return model, params, x, y
 
 
-@pytest.mark.parametrize("layout", [{"tie": False, "bias": True}, {"tie": True, "bias": False}],
-                         ids=["untied-biases", "tied-no-biases"])
-@pytest.mark.parametrize("data,model_axis", [(2, 2), (1, 4)])
-def test_the_gpt_step_on_a_data_by_model_mesh_equals_one_device_float64(data, model_axis, layout):
-    """One AdamW step (weight decay, global-norm clipping) of the hand-written split GPT — rows along ``"data"``,
+@pytest.mark.parametrize("name,layout,data,model_axis", [
+    ("gpt", {"tie": False, "bias": True}, 2, 2), ("gpt", {"tie": False, "bias": True}, 1, 4),
+    ("gpt", {"tie": True, "bias": False}, 2, 2), ("gpt", {"tie": True, "bias": False}, 1, 4),
+    ("llama", {"n_kv_head": 2, "tie": True}, 2, 2),  # grouped: each device 2 query heads and their 1 key/value head
+    ("llama", {"n_kv_head": 4, "attention": "tiled", "tile": 4}, 1, 4),
+], ids=["gpt-untied-biases-2x2", "gpt-untied-biases-1x4", "gpt-tied-2x2", "gpt-tied-1x4", "llama-gqa-tied-2x2",
+        "llama-tiled-1x4"])
+def test_the_split_step_on_a_data_by_model_mesh_equals_one_device_float64(name, layout, data, model_axis):
+    """One AdamW step (weight decay, global-norm clipping) of the hand-written split model — rows along ``"data"``,
     heads and MLP columns along ``"model"``, the optimiser in the global view — against the same step of the unsplit
-    GPT on one device: the loss, every new parameter and every Adam moment agree to 1e-12, per tensor; each device
-    holds its ``1/M`` of every split weight."""
+    model on one device: the loss, every new parameter and every Adam moment agree to 1e-12, per tensor; each device
+    holds its ``1/M`` of every split weight. The GPT with and without biases and tying; the Llama grouped-query and
+    tied, and with tiled attention."""
     from tests.test_parallel import rel_errors
     from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_step
 
-    model, params, x, y = gpt_problem(**layout)
+    model, params, x, y = gpt_problem(name, **layout)
     opt = make_optimizer(TrainConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1, grad_clip=0.5))
     ts = init_train_state(model, opt, jax.random.key(0))
     ts = ts._replace(params=params, opt_state=jax.jit(opt.init)(params))
@@ -260,7 +270,8 @@ def test_bad_tensor_parallel_settings_are_named():
     with pytest.raises(ValueError, match=r"n_head \(2\) must be divisible by the model axis \(4 devices\)"):
         fit(model, splits.train, tcfg, progress=False, devices=4, model_parallel=4)
     rnn, rnn_splits = model_and_data("rnn")
-    with pytest.raises(ValueError, match="model 'rnn' has no split across devices .* the models that have one: gpt"):
+    with pytest.raises(ValueError, match="model 'rnn' has no split across devices .* the models that have one: gpt, "
+                                         "llama"):
         fit(rnn, rnn_splits.train, tcfg, progress=False, devices=4, model_parallel=2)
     with pytest.raises(ValueError, match=r"mesh: data 4 × model 2 = 8 devices, but only 4 exist"):
         fit(model, splits.train, tcfg, progress=False, devices=8, model_parallel=2)
@@ -268,6 +279,9 @@ def test_bad_tensor_parallel_settings_are_named():
         fit(model, splits.train, tcfg, progress=False, devices=3, model_parallel=2)
     with pytest.raises(ValueError, match="FSDP × tensor parallel"):
         fit(model, splits.train, tcfg, progress=False, devices=4, model_parallel=2, shard_params=True)
+    odd, odd_splits = model_and_data("llama", **{**SMALL_LLAMA, "ffn_multiple": 2})  # SwiGLU 42 wide
+    with pytest.raises(ValueError, match=r"the SwiGLU width \(42\) must be divisible by the model axis \(4 devices\)"):
+        fit(odd, odd_splits.train, tcfg, progress=False, devices=4, model_parallel=4)
     dropout, d_splits = model_and_data("gpt", n_head=2, dropout=0.1)
     with pytest.raises(ValueError, match="trains without dropout"):
         fit(dropout, d_splits.train, tcfg, progress=False, devices=2, model_parallel=2)
