@@ -181,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
     f.add_argument("--seed", type=int, default=0, help="seed of initialisation and minibatches (default 0)")
     f.add_argument("--json", action="store_true", help="print {lrs, losses} as JSON")
+    pl = sub.add_parser("plan", help="memory per device of training a transformer: data parallel, FSDP, tensor "
+                                     "parallel, both; XLA's figures beside (--check)")
+    pl.add_argument("--model", choices=["gpt", "llama"], default="gpt", help="the model (default gpt)")
+    pl.add_argument("--preset", default="gpt2-124m", help="its preset's shape (default gpt2-124m)")
+    pl.add_argument("--vocab-size", type=int, default=50_304, help="tokens in the vocabulary (default 50,304: GPT-2's "
+                                                                  "padded)")
+    pl.add_argument("--devices", type=int, default=8, help="devices in all (default 8)")
+    pl.add_argument("--parallel", choices=["dp", "fsdp", "tp", "fsdp+tp"], action="append",
+                    help="one scheme (repeatable; default: all four)")
+    pl.add_argument("--model-parallel", type=int, help="the model axis of tp (default: every device) and fsdp+tp "
+                                                      "(default 2)")
+    pl.add_argument("--batch-size", type=int, default=1, help="sequences per data shard (default 1)")
+    pl.add_argument("--block", type=int, help="tokens per sequence (default: the model's block size)")
+    pl.add_argument("--check", action="store_true",
+                    help="also compile each step (shapes only, on CPU devices forced to --devices) and print XLA's "
+                         "memory analysis beside the plan")
+    pl.add_argument("--json", action="store_true", help="print the rows as JSON")
     sub.add_parser("bench", add_help=False,
                    help="the benchmarks: hand-written backwards vs autodiff, training throughput "
                         "(`jnnex bench --help`)")
@@ -361,8 +378,25 @@ def cmd_moons(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from jnnex import plan
+
+    for name in ("devices", "batch_size", "vocab_size", "block"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.check and jax.config.jax_platforms in (None, "", "cpu") and "JAX_NUM_CPU_DEVICES" not in os.environ:
+        jax.config.update("jax_num_cpu_devices", args.devices)  # (before the backend starts: nothing has run yet)
+    over = {"vocab_size": args.vocab_size, **({"block_size": args.block} if args.block else {})}
+    model = plan.build_model(args.model, args.preset, **over)
+    result = plan.report(model, args.devices, schemes=args.parallel or plan.SCHEMES,
+                         model_parallel=args.model_parallel, batch=args.batch_size, check=args.check)
+    print(json.dumps({"rows": result["rows"], "family": result["family"]}) if args.json else result["table"])
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "moons": cmd_moons, "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot,
-            "diagnose": cmd_diagnose, "ladder": cmd_ladder, "lr-find": cmd_lr_find}
+            "diagnose": cmd_diagnose, "ladder": cmd_ladder, "lr-find": cmd_lr_find, "plan": cmd_plan}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""The memory plan (:mod:`jnnex.plan`, ``jnnex plan``): its per-device bytes against the arrays' own sizes, against
+:mod:`jnnex.memory`'s estimate of the unsplit model, and against XLA's memory analysis of the compiled step (the
+parameters and AdamW's state, per device, to the byte); the command and its errors. The suite's processes have 4
+CPU devices (``conftest.py``)."""
+
+import json
+
+import jax
+import pytest
+
+from jnnex import plan as PL
+from jnnex.cli import main
+from jnnex.lm import count_params
+from jnnex.memory import training_estimate
+from jnnex.train import TrainConfig, make_optimizer
+
+
+@pytest.fixture(scope="module")
+def small():
+    return PL.build_model("gpt", "shakespeare-cpu", vocab_size=64, block_size=32)  # 4 heads, n_embd 128
+
+
+def test_the_plan_divides_what_each_scheme_splits(small):
+    n = count_params(jax.eval_shape(lambda k: small.init(k)[0], jax.random.key(0)))
+    dp, fsdp, tp = (PL.plan(small, s, 4) for s in ("dp", "fsdp", "tp"))
+    assert dp.params == dp.grads == 4 * n and dp.optimizer == 8 * n and dp.gathered == 0
+    assert fsdp.params < dp.params / 3.9  # every tensor of this GPT but the 128-wide vectors splits by 4
+    assert fsdp.gathered == 2 * (dp.params - fsdp.params)
+    matrices = 4 * 12 * 128 * 128  # 4 blocks of qkv + attproj + fc + fcproj: 12 C² each (no biases in this preset)
+    assert dp.params - tp.params == 4 * matrices * 3 // 4  # float32, each device keeping a quarter
+    assert tp.activations < dp.activations and (tp.data, tp.model) == (1, 4)
+
+
+def test_the_unsplit_activations_are_the_forwards_caches(small):
+    """With one device on the model axis the plan's activations are :mod:`jnnex.memory`'s estimate of the model's
+    forward to the byte, less the per-block outputs that forward also keeps (for diagnostics)."""
+    est = training_estimate(small, make_optimizer(TrainConfig(optimizer="adamw")), 4, 10)
+    cfg = small.cfg
+    assert PL.plan(small, "dp", 1, batch=4).activations + 4 * cfg.n_layer * 4 * cfg.block_size * cfg.n_embd \
+        == est.activations
+
+
+@pytest.mark.parametrize("scheme,devices", [("dp", 4), ("fsdp", 4), ("tp", 4), ("tp", 2)])
+def test_the_resident_bytes_are_xlas_arguments(small, scheme, devices):
+    """The plan's parameters + AdamW state per device against XLA's argument bytes of the compiled step (which also
+    hold the batch's tokens and the step counters): equal to within those."""
+    p = PL.plan(small, scheme, devices, batch=2)
+    xla = PL.xla_check(small, scheme, devices, batch=2)
+    batch_bytes = 2 * 4 * 2 * p.data * small.block_size // p.data  # x and y, int32, this device's rows
+    assert 0 <= xla["arguments"] - (p.params + p.optimizer) <= batch_bytes + 64
+    assert xla["temporaries"] > 0
+
+
+def test_the_command_prints_every_scheme_and_the_family(capsys):
+    assert main(["plan", "--preset", "shakespeare-cpu", "--vocab-size", "64", "--devices", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["scheme"] for r in out["rows"]] == list(PL.SCHEMES)
+    assert [r["mesh"] for r in out["rows"]] == ["4 x 1", "4 x 1", "1 x 4", "2 x 2"]
+    assert all(r["total_GB"] > 0 for r in out["rows"])
+    assert {r["scheme"] for r in out["family"]} == set(PL.SCHEMES)
+
+
+def test_the_gpt2_plan_and_the_largest_that_fits():
+    """GPT-2 small on 8 devices, data parallel: 124,475,904 float32 parameters each (0.498 GB), their gradients, two
+    moments; the shape family's largest that fits is larger under FSDP than under plain data parallelism."""
+    gpt2 = PL.build_model()
+    dp = PL.plan(gpt2, "dp", 8)
+    assert dp.params == 4 * 124_475_904 and dp.optimizer == 2 * dp.params
+    names = list(PL.FAMILY)
+    dp80, fsdp80 = (PL.largest_fitting(8, s, 80e9) for s in ("dp", "fsdp"))
+    assert names.index(fsdp80) > names.index(dp80)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--parallel", "tp", "--model-parallel", "3"], "--model-parallel 3 must divide --devices 4"),
+    (["--parallel", "tp", "--model-parallel", "4", "--preset", "shakespeare-cpu", "--n-head-x"], "unrecognized"),
+    (["--preset", "nope"], "model 'gpt' has no preset 'nope'"),
+    (["--devices", "0"], "--devices must be >= 1"),
+])
+def test_bad_plans_are_named(argv, words, capsys):
+    try:
+        code = main(["plan", "--devices", "4", *argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2 and words in capsys.readouterr().err
