@@ -46,6 +46,13 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
         assert {r["attention"] for r in data["attention"]} == {"plain (by hand)", "tiled 16 (by hand)",
                                                                "jax.vjp of plain", "jax.nn.dot_product_attention"}
         assert all(r["dq_rel_diff"] < 1e-5 and r["temp_MiB"] >= 0 for r in data["attention"])
+    if suite == "sharding":  # FSDP leaves 1/N on each device; the split step's all-reduces are Megatron's formula
+        assert all(abs(r["of_1_device (arrays)"] - r["1/N"]) < 1e-9 and abs(r["of_1_device (XLA)"] - r["1/N"]) < 1e-9
+                   for r in data["rows"])
+        split = [r for r in data["collectives"] if r["scheme"] == "tp"]
+        assert split and all(r["all-reduce model MB"] == r["Megatron 4·L·B_d·T·C MB"] for r in split)
+    if suite == "gpt2":
+        assert data["worst_f64_rel"] < 1e-12 and {r["step"] for r in data["rows"]} == {"jax.grad", "manual"}
     if suite == "devices":  # the suite's processes have 4 CPU devices (conftest): measured here, no child process
         assert {r["devices"] for r in data["rows"]} == {"cpu x1", "cpu x2", "cpu x4"}
 
