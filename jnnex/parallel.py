@@ -157,6 +157,49 @@ def bytes_per_device(tree) -> dict:
     return held
 
 
+def state_bytes_per_device(tree, shardings) -> int:
+    """The bytes the largest share of ``tree`` (arrays or shapes) takes on one device, laid out by ``shardings`` (a
+    matching tree; ``None``: whole on every device) — before anything is placed."""
+    per: dict = {}
+    shard_list = jax.tree.leaves(shardings) if shardings is not None else None
+    for i, a in enumerate(jax.tree.leaves(tree)):
+        itemsize = np.dtype(a.dtype).itemsize
+        if shard_list is None:
+            per[None] = per.get(None, 0) + int(np.prod(a.shape)) * itemsize
+            continue
+        sharding = shard_list[i]
+        for device in sharding.device_set:
+            per[device] = per.get(device, 0) + int(np.prod(sharding.shard_shape(a.shape))) * itemsize
+    return max(per.values(), default=0)
+
+
+def check_state_fits(ts, shardings, mesh, *, available: int | None = None, what: str = "devices") -> None:
+    """A ``ValueError`` with the figures and what would work, when the training state (parameters, model and
+    optimiser state) laid out by ``shardings`` on ``mesh`` cannot be held: per device on an accelerator (its free
+    memory), all devices together on CPU (forced CPU devices share the host's memory: splitting does not help)."""
+    from jnnex.memory import available_bytes, gib
+
+    per_device = state_bytes_per_device(ts, shardings)
+    device = mesh.devices.flat[0]
+    cpu = device.platform == "cpu"
+    local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+    need = per_device * (local if cpu else 1)
+    available = available_bytes(device) if available is None else available
+    if need <= available:
+        return
+    whole = state_bytes_per_device(ts, None)
+    if cpu:
+        hint = ("CPU devices share this machine's memory, so splitting over more of them does not help: run on "
+                "accelerators, or make the model smaller")
+    else:
+        k = next((k for k in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if whole / k <= available), None)
+        hint = (f"split them over {k} devices or more (--devices {k} --shard-params: about {gib(whole // k)} each)"
+                if k else "no split over up to 1,024 devices holds them: make the model smaller")
+    raise ValueError(f"{what}: the parameters and optimiser state take {gib(per_device)} per device as laid out on "
+                     f"{mesh.size} device(s) ({gib(need)} in all on this {'machine' if cpu else 'device'}), but "
+                     f"{gib(available)} are available; {hint}")
+
+
 def is_writer() -> bool:
     """Only process 0 writes run files."""
     return jax.process_index() == 0

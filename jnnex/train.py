@@ -527,6 +527,9 @@ def fit(
                                  f"{tcfg.steps:,} steps")
             if write:
                 rundir.truncate_metrics(out, int(ts.step))
+        if mesh is not None:  # a state too large for these devices: the figure and what would work, not an OOM
+            parallel.check_state_fits(ts, layout, mesh, what=f"{'resuming' if resume else 'training'} on "
+                                                             f"{mesh.size} device(s)")
         if layout is not None:  # split over the mesh (FSDP, TP), from host arrays: any layout resumes into any other
             host = parallel.local(ts)
             ts = parallel.place(host if to_devices is None else to_devices(host), layout)

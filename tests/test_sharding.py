@@ -121,3 +121,28 @@ def test_shard_params_needs_devices():
     model, splits = model_and_data("bn-mlp")
     with pytest.raises(ValueError, match="shard_params: split the parameters over what"):
         fit(model, splits.train, TrainConfig(steps=2), progress=False, shard_params=True)
+
+
+def test_a_state_the_devices_cannot_hold_is_named(tmp_path, monkeypatch):
+    """Resuming a split run where the devices cannot hold its parameters and optimiser state stops before placing
+    anything, with the figures and what would work: on CPU, that splitting over forced devices does not help (they
+    share the host); on accelerators, how many devices would hold it."""
+    model, splits = model_and_data("gpt")
+    tcfg = TrainConfig(steps=20, eval_every=20, chunk=20, batch_size=8)
+    fit(model, splits.train, tcfg, out=tmp_path / "r", progress=False, devices=4, shard_params=True)
+    monkeypatch.setenv("JNNEX_MEMORY_LIMIT", "1K")  # the state: ~6 KiB a device
+    with pytest.raises(ValueError, match=r"resuming on 2 device\(s\): the parameters and optimiser state take .* per "
+                                         r"device .* CPU devices share this machine's memory"):
+        fit(model, splits.train, tcfg.with_steps(40), out=tmp_path / "r", resume=True, progress=False, devices=2,
+            shard_params=True)
+
+    class Device:  # an accelerator, as the check sees one
+        platform, process_index = "gpu", 0
+
+    class Mesh:
+        devices, size = np.array([Device(), Device()]), 2
+
+    ts = {"W": jax.ShapeDtypeStruct((1024, 1024), np.float32)}  # 4 MiB whole on each device
+    with pytest.raises(ValueError, match=r"split them over 4 devices or more \(--devices 4 --shard-params"):
+        parallel.check_state_fits(ts, None, Mesh(), available=1_100_000)
+    parallel.check_state_fits(ts, None, Mesh(), available=5_000_000)  # fits: no error
