@@ -560,6 +560,12 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, shard_pa
             rundir.save_pytree(out / rundir.MODEL, (params, state))
     else:
         check_fits(rc, len(splits.train[0]))
+        if shard_params and devices is not None and log is not None:  # FSDP: which tensors stay whole
+            n = parallel.data_mesh(devices).size
+            whole = parallel.unsplit(jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0)), n)
+            log(f"jnnex: parameters and optimiser state split over {n} devices (FSDP); "
+                + (f"whole on each device (no axis divides by {n}): {', '.join(whole)}" if whole else
+                   "every tensor split"))
         if write:  # a new run's settings, or a continued run's new length
             if rc.tokenizer == "bpe":
                 rc.vocab.save(out / rundir.TOKENIZER)

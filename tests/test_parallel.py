@@ -238,6 +238,9 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path, spl
     p0, p1, one = (final_json(out) for _, out in [*procs, single])
     assert p0["processes"] == 2 and one["processes"] == 1 and p0["devices"] == one["devices"] == 4
     assert (p0["shard_params"], p0["model_parallel"]) == ((True, 1) if split == "fsdp" else (False, 2))
+    if split == "fsdp":  # the tensors left whole are named: the 27 × 10 table and the 27-wide output bias
+        line = next(x for x in procs[0][1].read_text().splitlines() if "(FSDP)" in x)
+        assert "split over 4 devices (FSDP); whole on each device (no axis divides by 4): " in line and ".C" in line
     assert not one["shard_params"] and one["model_parallel"] == 1
     for key in ("train_loss", "dev_loss", "test_loss"):
         assert p0[key] == p1[key]  # every process holds the same replicated parameters
