@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast imports bench clean
+.PHONY: demo test test-fast imports bench lessons clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.stamp-base: pyproject.toml | $(PY)
 
 $(VENV)/.stamp-test: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test,plot]"
+	touch $@
+
+$(VENV)/.stamp-lessons: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[lessons]"
 	touch $@
 
 demo: $(VENV)/.stamp-base
@@ -35,6 +39,12 @@ test-fast: $(VENV)/.stamp-test
 # The package's import graph; fails on a cycle, a private name imported across modules, or the benchmarks imported.
 imports: $(VENV)/.stamp-test
 	$(PY) tests/test_imports.py
+
+# Every lesson (lessons/*.py, jupytext percent files) executed into lessons/out/*.ipynb with its outputs and pictures.
+# SIZE=tiny runs each in seconds; the default, full, reproduces the lectures' numbers (~20 min on 2 cores in all).
+SIZE ?= full
+lessons: $(VENV)/.stamp-lessons
+	JNNEX_LESSON_SIZE=$(SIZE) $(PY) -m jnnex.learn lessons/out
 
 bench: $(VENV)/.stamp-test
 	$(VENV)/bin/jnnex bench --quick --out benchmarks/results

@@ -47,8 +47,9 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
                                                                "jax.vjp of plain", "jax.nn.dot_product_attention"}
         assert all(r["dq_rel_diff"] < 1e-5 and r["temp_MiB"] >= 0 for r in data["attention"])
     if suite == "sharding":  # FSDP leaves 1/N on each device; the split step's all-reduces are Megatron's formula
-        assert all(abs(r["of_1_device (arrays)"] - r["1/N"]) < 1e-9 and abs(r["of_1_device (XLA)"] - r["1/N"]) < 1e-9
-                   for r in data["rows"])
+        for r in data["rows"]:  # 1/N, but for the optimiser's step counters (scalars, replicated): a few bytes more
+            for key in ("of_1_device (arrays)", "of_1_device (XLA)"):
+                assert r["1/N"] <= r[key] < r["1/N"] + 1e-3, (r["devices"], key, r[key])
         split = [r for r in data["collectives"] if r["scheme"] == "tp"]
         assert split and all(r["all-reduce model MB"] == r["Megatron 4·L·B_d·T·C MB"] for r in split)
     if suite == "gpt2":

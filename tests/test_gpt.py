@@ -18,6 +18,7 @@ from jnnex import strategies
 from pairs import f64
 from jnnex.check import compare_model, randomise
 from jnnex.data import Vocab, load_words, make_splits
+from jnnex.layers import linear_forward
 from jnnex.lm import count_params, manual_vjp
 from jnnex.models.gpt import GPTConfig, GPTParams, gpt
 from jnnex.models.registry import REGISTRY, build_for_words
@@ -71,6 +72,24 @@ def test_the_gpt2_124m_preset_is_gpt2_small():
     assert shape == G.GPT2_SMALL and train["batch_size"] == 12 and train["lr"] == 6e-4
     assert n_params(G.GPT2_VOCAB) == 124_439_808
     assert n_params(G.GPT2_VOCAB_PADDED) - n_params(G.GPT2_VOCAB) == 47 * 768 == 36_096
+
+
+def test_attention_maps_are_causal_softmax_rows():
+    """``attention_maps``: (n_layer, B, n_head, T, T), every row a distribution over the positions up to its own —
+    zero above the diagonal, summing to 1 — and the first block's equal to a softmax recomputed from its q and k."""
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=6, vocab_size=11)
+    params, _ = gpt(cfg).init(jax.random.key(0))
+    x = jax.random.randint(jax.random.key(1), (3, 6), 0, 11)
+    att = G.attention_maps(cfg, params, x)
+    assert att.shape == (2, 3, 2, 6, 6)
+    np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-6)
+    assert float(jnp.abs(jnp.triu(att, 1)).max()) == 0.0
+    h = G.token_position_embedding_forward(params.wte, params.wpe, x)[0]
+    a = G.layernorm_forward(h, params.blocks[0].ln1.w, params.blocks[0].ln1.b)[0]
+    q, k, _ = jnp.split(linear_forward(a, params.blocks[0].qkv.W, params.blocks[0].qkv.b)[0], 3, axis=-1)
+    q, k = (G.heads(t, 2) for t in (q, k))
+    scores = jnp.where(jnp.tril(jnp.ones((6, 6), bool)), q @ k.transpose(0, 1, 3, 2) / 2.0, -jnp.inf)
+    np.testing.assert_allclose(att[0], jax.nn.softmax(scores, -1), rtol=1e-5, atol=1e-6)
 
 
 def test_init_is_gpt2s():

@@ -437,6 +437,14 @@ def embeddings(params: GPTParams) -> jax.Array:
     return params.wte
 
 
+def attention_maps(cfg: GPTConfig, params: GPTParams, x) -> jax.Array:
+    """Every block's attention weights on ``x (B, T)`` in eval mode: ``(n_layer, B, n_head, T, T)``, row ``t`` the
+    softmax over the positions ``t' <= t`` that position ``t`` reads (the picture of what a trained model attends to).
+    Read from the forward's own caches (:func:`attend_forward` keeps ``att`` for its backward)."""
+    caches = forward(cfg, params, (), x, train=False).caches
+    return jnp.stack([c_attn[1][1][3] for _, c_attn, *_ in caches[2]])
+
+
 def gpt(cfg: GPTConfig = GPTConfig()) -> LanguageModel:
     """makemore.py's transformer; ``.with_gradients("manual")`` trains it on :func:`backward`."""
     return LanguageModel("gpt", cfg, init, forward, backward, stochastic=cfg.dropout > 0, per_position=True,
