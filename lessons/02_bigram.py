@@ -15,7 +15,8 @@
 # normalising the counts; sampling names from it; the negative log-likelihood as the number that says how good a
 # model is; and a one-layer neural net, trained by gradient descent, that arrives at the counts' answer.
 #
-# Lecture: *The spelled-out intro to language modeling: building makemore* (<https://www.youtube.com/watch?v=PaCmpygFfXo>).
+# Lecture: *The spelled-out intro to language modeling: building makemore*
+# (<https://www.youtube.com/watch?v=PaCmpygFfXo>).
 # Code: `jnnex/models/bigram.py`.
 #
 # **Full size** (`python lessons/02_bigram.py`, names.txt, 2 cores, 14 s, measured): the counting model's loss over
@@ -48,16 +49,9 @@ print(f"{len(words):,} words from {source}; the first: {words[:5]}")
 vocab = Vocab.from_words(words)
 xs, ys = bigram_pairs(words, vocab)
 N = np.asarray(count_matrix(xs, ys, vocab.size))
-print(f"{len(xs):,} bigrams over a vocabulary of {vocab.size}")
-
-fig, ax = plt.subplots(figsize=(8, 8))
-ax.imshow(N, cmap="Blues")
-labels = list(vocab.boundary + vocab.chars)  # token 0 is the boundary '.'
-
-ax.set_xticks(range(vocab.size), labels)
-ax.set_yticks(range(vocab.size), labels)
-ax.set(title="bigram counts N[first, next]", xlabel="next character", ylabel="first character")
-learn.show(fig, "02-counts")
+print(f"{len(xs):,} bigrams over a vocabulary of {vocab.size}; the commonest:",
+      sorted(((int(N[i, j]), a + b) for i, a in enumerate(vocab.boundary + vocab.chars)
+              for j, b in enumerate(vocab.boundary + vocab.chars)), reverse=True)[:5])
 
 # %% [markdown]
 # ## 2. Normalise each row into probabilities, and sample
@@ -67,6 +61,14 @@ learn.show(fig, "02-counts")
 
 # %%
 P = np.asarray(probs_from_counts(N, smoothing=1.0))
+labels = list(vocab.boundary + vocab.chars)  # token 0 is the boundary '.'
+fig, ax = plt.subplots(figsize=(8, 8))
+ax.imshow(P, cmap="Blues")
+ax.set_xticks(range(vocab.size), labels)
+ax.set_yticks(range(vocab.size), labels)
+ax.set(title="P[first, next]: each row the next character's probabilities", xlabel="next character",
+       ylabel="first character")
+learn.show(fig, "02-probabilities")
 q = vocab.encode("q")[0]
 print("after 'q':", {labels[j]: round(float(P[q, j]), 3) for j in np.argsort(-P[q])[:3]})
 spec = REGISTRY["bigram"]

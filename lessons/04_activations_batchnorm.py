@@ -15,7 +15,8 @@
 # Kaiming's gain keeps activations alive through five layers, what BatchNorm does about it, and how to watch a
 # net's health while it trains (the update:data ratio).
 #
-# Lecture: *Building makemore Part 3: Activations & Gradients, BatchNorm* (<https://www.youtube.com/watch?v=P6sfmUTpUmc>).
+# Lecture: *Building makemore Part 3: Activations & Gradients, BatchNorm*
+# (<https://www.youtube.com/watch?v=P6sfmUTpUmc>).
 # Code: `jnnex/models/mlp_lm.py` (the ladder), `jnnex/models/bn_mlp.py`, `jnnex/diagnostics.py`.
 #
 # **Full size** (`python lessons/04_activations_batchnorm.py`, names.txt, 2 cores, 101 s, measured): the lecture's

@@ -44,9 +44,9 @@ for name in ("embcat", "hprebn", "bnraw", "h", "logits", "probs"):
 # %% [markdown]
 # ## Your turn
 #
-# Replace each `todo(...)` by your expression, `lambda f, g: ...`. Shapes: `f.logprobs (32, 27)`, `f.y (32,)`, `f.h (32, 64)`,
-# `f.bnvar (1, 64)`, `f.C (27, 10)`, `f.x (32, 3)`; `g.dh`, `g.dbnraw`, `g.demb` are the gradients arriving from
-# above. Until you fill one in, its row (and everything it feeds) reads `exact: False`.
+# Replace each `todo(...)` by your expression, `lambda f, g: ...`. Shapes: `f.logprobs (32, 27)`, `f.y (32,)`,
+# `f.h (32, 64)`, `f.bnvar (1, 64)`, `f.C (27, 10)`, `f.x (32, 3)`; `g.dh`, `g.dbnraw`, `g.demb` are the gradients
+# arriving from above. Until you fill one in, its row (and everything it feeds) reads `exact: False`.
 
 # %%
 def todo(name):  # a placeholder, zeros of the right shape: the check marks it wrong until you replace it

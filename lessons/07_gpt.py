@@ -94,7 +94,7 @@ print("all right!" if not wrong else f"wrong: {', '.join(wrong)}")
 
 # %%
 spec = REGISTRY["gpt"]
-model = build_for_words(spec, words, vocab).with_gradients("manual")
+model = build_for_words(spec, words, vocab, **learn.pick({}, {"n_layer": 1, "n_embd": 32})).with_gradients("manual")
 splits = make_splits(words, model.block_size, vocab=vocab, per_position=True)
 jax.config.update("jax_enable_x64", False)
 tcfg = spec.train.with_steps(STEPS)

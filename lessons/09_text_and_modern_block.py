@@ -66,7 +66,8 @@ learn.show(fig, "09-bpe")
 # and optimiser: `jnnex train --model gpt --preset shakespeare-cpu --data tinyshakespeare.txt`.
 
 # %%
-rc = run.RunConfig.new("gpt", path, preset="shakespeare-cpu", corpus="text", steps=STEPS, eval_every=STEPS)
+rc = run.RunConfig.new("gpt", path, preset="shakespeare-cpu", corpus="text", steps=STEPS, eval_every=STEPS,
+                       **learn.pick({}, {"n_layer": 1, "n_embd": 32}))  # (the tiny size: a one-block GPT)
 result = run.train(rc, progress=False)
 val = result.metrics["val_loss"]
 print(f"val {val:.4f} per character (exact, every window scored once)")

@@ -23,6 +23,9 @@ def run_lesson(name: str, tmp_path, answers: str = "mine", timeout: int = 300) -
         env.pop(var, None)
     if os.environ.get("JNNEX_TEST_XLA_FLAGS"):  # the suite's faster compile settings, as its other children get
         env["XLA_FLAGS"] = os.environ["JNNEX_TEST_XLA_FLAGS"]
+    if os.environ.get("JNNEX_TEST_XLA_CACHE"):  # and its compilation cache: a program one lesson compiled, the next
+        env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JNNEX_TEST_XLA_CACHE"]  # reads back
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     proc = subprocess.run([sys.executable, str(LESSONS / f"{name}.py")], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -138,5 +141,5 @@ def test_lesson_9_text_and_modern_block(tmp_path):
 
 def test_lesson_10_many_devices(tmp_path):
     r, _ = run_lesson("10_many_devices", tmp_path)
-    assert r["dp_gap"] < 1e-12 and abs(r["pitfall_ratio"] - 4) < 1e-9
+    assert r["dp_gap"] < 1e-12 and abs(r["pitfall_ratio"] - 4) < 1e-9 and r["explicit_gap"] < 1e-12
     assert r["fsdp_fraction"] < 0.26 and abs(r["tp_dev_loss"] - r["one_dev_loss"]) < 1e-4
