@@ -278,17 +278,22 @@ def gpt_specs(params: gpt_model.GPTParams) -> gpt_model.GPTParams:
     return gpt_model.GPTParams(rep, rep, blocks, ln(params.lnf), None if params.lm_head is None else rep)
 
 
+def check_split_step(what: str, cfg) -> None:
+    """The split steps' own arithmetic: no dropout, the parameters' dtype (float32, or float64 under x64)."""
+    if cfg.dropout:
+        raise ValueError(f"tensor parallel: the split {what} step trains without dropout (got dropout {cfg.dropout});"
+                         " set it to 0")
+    if cfg.precision != "float32":
+        raise ValueError(f"tensor parallel: the split {what} step computes in the parameters' dtype (precision "
+                         f"float32), got {cfg.precision!r}")
+
+
 def check_gpt_split(cfg: gpt_model.GPTConfig, model: int) -> None:
-    """What the split needs of a GPT config: heads and the MLP's width divisible by the model axis, the step's own
-    arithmetic (no dropout, float32/64)."""
+    """What the split needs of a GPT config: heads and the MLP's width divisible by the model axis, no dropout,
+    float32/64."""
     check_divides("n_head", cfg.n_head, model)
     check_divides("the MLP width 4·n_embd", 4 * cfg.n_embd, model)
-    if cfg.dropout:
-        raise ValueError(f"tensor parallel: the split GPT step trains without dropout (got dropout {cfg.dropout}); "
-                         "set it to 0")
-    if cfg.precision != "float32":
-        raise ValueError(f"tensor parallel: the split GPT step computes in the parameters' dtype (precision "
-                         f"float32), got {cfg.precision!r}")
+    check_split_step("GPT", cfg)
 
 
 def gpt_layout(params_like, cfg: gpt_model.GPTConfig, n: int, inverse: bool = False):
@@ -446,15 +451,12 @@ def llama_specs(params: llama.LlamaParams) -> llama.LlamaParams:
 
 
 def check_llama_split(cfg: llama.LlamaConfig, model: int) -> None:
+    """The Llama's: query and key/value heads and the SwiGLU width divisible by the model axis, no dropout,
+    float32/64."""
     check_divides("n_head", cfg.n_head, model)
     check_divides("n_kv_head", cfg.n_kv_head, model)
     check_divides("the SwiGLU width", cfg.hidden, model)
-    if cfg.dropout:
-        raise ValueError(f"tensor parallel: the split Llama step trains without dropout (got dropout {cfg.dropout}); "
-                         "set it to 0")
-    if cfg.precision != "float32":
-        raise ValueError(f"tensor parallel: the split Llama step computes in the parameters' dtype (precision "
-                         f"float32), got {cfg.precision!r}")
+    check_split_step("Llama", cfg)
 
 
 def llama_layout(params_like, cfg: llama.LlamaConfig, n: int, inverse: bool = False):
