@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from jnnex.learn import read_result
 
@@ -21,8 +22,9 @@ def run_lesson(name: str, tmp_path, answers: str = "mine", timeout: int = 300) -
            "JNNEX_LESSON_ANSWERS": answers, "PYTHONUNBUFFERED": "1"}
     for var in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAX_ENABLE_X64"):
         env.pop(var, None)
-    if os.environ.get("JNNEX_TEST_XLA_FLAGS"):  # the suite's faster compile settings, as its other children get
-        env["XLA_FLAGS"] = os.environ["JNNEX_TEST_XLA_FLAGS"]
+    if os.environ.get("JNNEX_TEST_XLA_FLAGS"):  # the suite's faster compile settings (the lessons' checks are of
+        env["XLA_FLAGS"] = os.environ["JNNEX_TEST_XLA_FLAGS"]  # values, which XLA's optimisations must not change)
+        env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
     if os.environ.get("JNNEX_TEST_XLA_CACHE"):  # and its compilation cache: a program one lesson compiled, the next
         env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JNNEX_TEST_XLA_CACHE"]  # reads back
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -48,23 +50,27 @@ def test_every_lesson_is_a_jupytext_percent_script_with_a_header_and_a_next_step
         assert "learn.result(" in text, name
 
 
+@pytest.mark.slow
 def test_lesson_1_micrograd(tmp_path):
     r, _ = run_lesson("01_micrograd", tmp_path)
     assert abs(r["scalar_loss"] - r["tensor_loss"]) < 1e-4  # the scalar engine and the tensor backward agree
     assert 0.5 <= r["scalar_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_lesson_2_bigram(tmp_path):
     r, _ = run_lesson("02_bigram", tmp_path)
     assert r["counts_nll"] < r["neural_nll"] < math.log(27)  # learning, and not yet at the counts' optimum
 
 
+@pytest.mark.slow
 def test_lesson_3_mlp(tmp_path):
     r, _ = run_lesson("03_mlp", tmp_path)
     assert r["dev_loss"] < 10  # down from N(0, 1) init's ~27 (at the tiny size, not yet below ln 27)
     assert r["overfit_train"] < r["overfit_dev"] - 0.5  # 30 names memorised
 
 
+@pytest.mark.slow
 def test_lesson_4_activations_batchnorm(tmp_path):
     r, _ = run_lesson("04_activations_batchnorm", tmp_path)
     assert r["original_first_loss"] > 10 and abs(r["kaiming_first_loss"] - math.log(27)) < 0.5
@@ -76,6 +82,7 @@ def solutions(lesson: str) -> dict:
     return runpy.run_path(str(LESSONS / "solutions" / f"{lesson}.py"))
 
 
+@pytest.mark.slow
 def test_lesson_5_backprop_ninja_names_the_planted_slip(tmp_path):
     """The lesson run with the solutions and one planted slip (dbnvar without its -1/2): the check names dbnvar
     first; what the backward computes before it stays right."""
@@ -99,11 +106,13 @@ def test_lesson_5_solutions_pass_the_lessons_check():
         assert "dprobs" in [r.name for r in atomic.compare(*problem, overrides=placeholder) if not r.approx]
 
 
+@pytest.mark.slow
 def test_lesson_6_wavenet(tmp_path):
     r, _ = run_lesson("06_wavenet", tmp_path)
     assert r["tree_vs_conv"] < 1e-5 and r["test_loss"] < math.log(27)
 
 
+@pytest.mark.slow
 def test_lesson_7_gpt_names_the_planted_layernorm_slip(tmp_path):
     """The lesson run with the LayerNorm backward's slip (the variance's path left out of dx): the check names dx
     alone; the GPT trains."""
@@ -129,16 +138,19 @@ def test_lesson_7_solution_passes_the_lessons_check():
                                                  lambda dy, c: solution(dy, c)[:2], x, 1 + w))
 
 
+@pytest.mark.slow
 def test_lesson_8_rnn(tmp_path):
     r, _ = run_lesson("08_rnn", tmp_path)
     assert r["reach_rnn_init"] < r["reach_gru_init"]  # the plain RNN's gradient vanishes faster going back
 
 
+@pytest.mark.slow
 def test_lesson_9_text_and_modern_block(tmp_path):
     r, _ = run_lesson("09_text_and_modern_block", tmp_path)
     assert r["modern_block_worst"] < 1e-12 and r["bytes_per_token"] > 1.0 and r["merges"] > 0
 
 
+@pytest.mark.slow
 def test_lesson_10_many_devices(tmp_path):
     r, _ = run_lesson("10_many_devices", tmp_path)
     assert r["dp_gap"] < 1e-12 and abs(r["pitfall_ratio"] - 4) < 1e-9 and r["explicit_gap"] < 1e-12
