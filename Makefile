@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast imports bench lessons clean
+.PHONY: demo test test-fast test-lessons imports bench lessons clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,11 +30,15 @@ demo: $(VENV)/.stamp-base
 
 # The whole suite on two processes (pytest-xdist); it passes on one too: `.venv/bin/python -m pytest -q`.
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -n 2 --dist worksteal
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not lessons"
+
+# Every lesson executed at its tiny size (lessons/, tests/test_lessons.py), graded exercises included.
+test-lessons: $(VENV)/.stamp-test
+	$(PY) -m pytest -q -n 2 --dist worksteal -m lessons tests/test_lessons.py
 
 # The edit-test loop: everything but the tests marked `slow`, each property on 2 examples, on two processes.
 test-fast: $(VENV)/.stamp-test
-	JNNEX_HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -m "not slow" -n 2 --dist worksteal
+	JNNEX_HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -m "not slow and not lessons" -n 2 --dist worksteal
 
 # The package's import graph; fails on a cycle, a private name imported across modules, or the benchmarks imported.
 imports: $(VENV)/.stamp-test

@@ -1,7 +1,10 @@
 """The lessons (``lessons/*.py``), each run as a script at the tiny size (``JNNEX_LESSON_SIZE=tiny``) in a child
 process, as a learner runs it: it ends with its ``RESULT`` line, every picture it names is a PNG on disk, and its
 figures say what the lesson says they show. The exercises are graded both ways: with the solutions every gradient
-passes; with the planted slip (``JNNEX_LESSON_ANSWERS=slip``) the check names exactly the slipped tensor first."""
+passes; with the planted slip (``JNNEX_LESSON_ANSWERS=slip``) the check names exactly the slipped tensor first.
+
+The runs (marked ``lessons``: ten child processes, ~3 minutes of CPU) are ``make test-lessons``; ``make test`` keeps
+the rest of this file (the files' structure, the solutions against the lessons' own checks) within its 12 minutes."""
 
 import math
 import os
@@ -50,27 +53,27 @@ def test_every_lesson_is_a_jupytext_percent_script_with_a_header_and_a_next_step
         assert "learn.result(" in text, name
 
 
-@pytest.mark.slow
+@pytest.mark.lessons
 def test_lesson_1_micrograd(tmp_path):
     r, _ = run_lesson("01_micrograd", tmp_path)
     assert abs(r["scalar_loss"] - r["tensor_loss"]) < 1e-4  # the scalar engine and the tensor backward agree
     assert 0.5 <= r["scalar_accuracy"] <= 1.0
 
 
-@pytest.mark.slow
+@pytest.mark.lessons
 def test_lesson_2_bigram(tmp_path):
     r, _ = run_lesson("02_bigram", tmp_path)
     assert r["counts_nll"] < r["neural_nll"] < math.log(27)  # learning, and not yet at the counts' optimum
 
 
-@pytest.mark.slow
+@pytest.mark.lessons
 def test_lesson_3_mlp(tmp_path):
     r, _ = run_lesson("03_mlp", tmp_path)
     assert r["dev_loss"] < 10  # down from N(0, 1) init's ~27 (at the tiny size, not yet below ln 27)
     assert r["overfit_train"] < r["overfit_dev"] - 0.5  # 30 names memorised
 
 
-@pytest.mark.slow
+@pytest.mark.lessons
 def test_lesson_4_activations_batchnorm(tmp_path):
     r, _ = run_lesson("04_activations_batchnorm", tmp_path)
     assert r["original_first_loss"] > 10 and abs(r["kaiming_first_loss"] - math.log(27)) < 0.5
@@ -82,7 +85,7 @@ def solutions(lesson: str) -> dict:
     return runpy.run_path(str(LESSONS / "solutions" / f"{lesson}.py"))
 
 
-@pytest.mark.slow
+@pytest.mark.lessons
 def test_lesson_5_backprop_ninja_names_the_planted_slip(tmp_path):
     """The lesson run with the solutions and one planted slip (dbnvar without its -1/2): the check names dbnvar
     first; what the backward computes before it stays right."""
@@ -106,13 +109,13 @@ def test_lesson_5_solutions_pass_the_lessons_check():
         assert "dprobs" in [r.name for r in atomic.compare(*problem, overrides=placeholder) if not r.approx]
 
 
-@pytest.mark.slow
+@pytest.mark.lessons
 def test_lesson_6_wavenet(tmp_path):
     r, _ = run_lesson("06_wavenet", tmp_path)
     assert r["tree_vs_conv"] < 1e-5 and r["test_loss"] < math.log(27)
 
 
-@pytest.mark.slow
+@pytest.mark.lessons
 def test_lesson_7_gpt_names_the_planted_layernorm_slip(tmp_path):
     """The lesson run with the LayerNorm backward's slip (the variance's path left out of dx): the check names dx
     alone; the GPT trains."""
@@ -138,19 +141,19 @@ def test_lesson_7_solution_passes_the_lessons_check():
                                                  lambda dy, c: solution(dy, c)[:2], x, 1 + w))
 
 
-@pytest.mark.slow
+@pytest.mark.lessons
 def test_lesson_8_rnn(tmp_path):
     r, _ = run_lesson("08_rnn", tmp_path)
     assert r["reach_rnn_init"] < r["reach_gru_init"]  # the plain RNN's gradient vanishes faster going back
 
 
-@pytest.mark.slow
+@pytest.mark.lessons
 def test_lesson_9_text_and_modern_block(tmp_path):
     r, _ = run_lesson("09_text_and_modern_block", tmp_path)
     assert r["modern_block_worst"] < 1e-12 and r["bytes_per_token"] > 1.0 and r["merges"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.lessons
 def test_lesson_10_many_devices(tmp_path):
     r, _ = run_lesson("10_many_devices", tmp_path)
     assert r["dp_gap"] < 1e-12 and abs(r["pitfall_ratio"] - 4) < 1e-9 and r["explicit_gap"] < 1e-12

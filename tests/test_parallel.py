@@ -235,39 +235,41 @@ SPLIT_GPT = ("--model", "gpt", "--n-layer", "1", "--n-embd", "16", "--n-head", "
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("split", ["fsdp", "tensor-parallel"])
-def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path, split):
-    """2 processes × 2 CPU devices on 127.0.0.1 (JAX's distributed runtime, gloo collectives) against 1 process × 4
-    with the plain data-parallel layout: the same final losses; only process 0 writes its run directory. The two
-    processes split the model: ``fsdp`` every parameter over the 4 devices (each process holds half of each, and
-    gathers the whole to evaluate and save); ``tensor-parallel`` the GPT's blocks over a 2 × 2 data × model mesh whose
-    model axis lies within each process. (Plain data parallel over two processes: the SIGTERM test below.) Bounded
-    by a timeout; killed on failure."""
-    port = free_port()
-    how, model = (["--shard-params"], ("--model", "bn-mlp")) if split == "fsdp" else \
-        (["--model-parallel", "2"], SPLIT_GPT)
-    procs = [train_cli(tmp_path, f"p{i}", 2, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                              "--process-id", str(i), *how], model=model) for i in range(2)]
-    single = train_cli(tmp_path, "single", 4, [], model=model)
+def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
+    """Two runs of 2 processes × 2 CPU devices on 127.0.0.1 (JAX's distributed runtime, gloo collectives), each
+    splitting a GPT its own way, against 1 process × 4 with the plain data-parallel layout: the same final losses;
+    only process 0 writes its run directory. ``fsdp``: every parameter over the 4 devices (each process holds half of
+    each, and gathers the whole to evaluate and save); ``tp``: the blocks over a 2 × 2 data × model mesh whose model
+    axis lies within each process. (Plain data parallel over two processes: the SIGTERM test below.) Bounded by a
+    timeout; killed on failure."""
+    runs = {}
+    for split, how in (("fsdp", ["--shard-params"]), ("tp", ["--model-parallel", "2"])):
+        port = free_port()
+        runs[split] = [train_cli(tmp_path, f"{split}{i}", 2, ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                                                               "2", "--process-id", str(i), *how], model=SPLIT_GPT)
+                       for i in range(2)]
+    single = train_cli(tmp_path, "single", 4, [], model=SPLIT_GPT)
+    every = [*runs["fsdp"], *runs["tp"], single]
     try:
-        for proc, _ in [*procs, single]:
-            assert proc.wait(timeout=240) == 0
+        for proc, _ in every:
+            assert proc.wait(timeout=300) == 0
     finally:
-        for proc, _ in [*procs, single]:
+        for proc, _ in every:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    p0, p1, one = (final_json(out) for _, out in [*procs, single])
-    assert p0["processes"] == 2 and one["processes"] == 1 and p0["devices"] == one["devices"] == 4
-    assert (p0["shard_params"], p0["model_parallel"]) == ((True, 1) if split == "fsdp" else (False, 2))
-    if split == "fsdp":  # the tensors left whole are named: the 27 × 10 table and the 27-wide output bias
-        line = next(x for x in procs[0][1].read_text().splitlines() if "(FSDP)" in x)
-        assert "split over 4 devices (FSDP); whole on each device (no axis divides by 4): " in line and ".C" in line
-    assert not one["shard_params"] and one["model_parallel"] == 1
-    for key in ("train_loss", "dev_loss", "test_loss"):
-        assert p0[key] == p1[key]  # every process holds the same replicated parameters
-        assert abs(p0[key] - one[key]) < 1e-5, (key, p0[key], one[key])
-    assert (tmp_path / "p0" / "model.npz").is_file() and not (tmp_path / "p1").exists()
+    one = final_json(single[1])
+    assert one["processes"] == 1 and one["devices"] == 4 and not one["shard_params"] and one["model_parallel"] == 1
+    for split, expected in (("fsdp", (True, 1)), ("tp", (False, 2))):
+        p0, p1 = (final_json(out) for _, out in runs[split])
+        assert p0["processes"] == 2 and p0["devices"] == 4
+        assert (p0["shard_params"], p0["model_parallel"]) == expected
+        for key in ("train_loss", "dev_loss", "test_loss"):
+            assert p0[key] == p1[key]  # every process ends with the same parameters
+            assert abs(p0[key] - one[key]) < 1e-5, (split, key, p0[key], one[key])
+        assert (tmp_path / f"{split}0" / "model.npz").is_file() and not (tmp_path / f"{split}1").exists()
+    line = next(x for x in runs["fsdp"][0][1].read_text().splitlines() if "(FSDP)" in x)
+    assert "parameters and optimiser state split over 4 devices (FSDP)" in line
 
 
 @pytest.mark.slow
