@@ -438,8 +438,8 @@ def fit(
     ``model_parallel=M`` (with ``devices=N``, a multiple of ``M``; Megatron-LM's tensor parallelism): a ``data × model``
     mesh of ``N/M × M`` devices (:func:`jnnex.tensor_parallel.mesh_2d`); each step's batch split along ``"data"``,
     every block's attention heads and MLP split along ``"model"``, the model's hand-written split step
-    (:func:`jnnex.tensor_parallel.split_of`: the GPT's) with the optimiser in the global view. Checkpoints are in the
-    parameters' own layout: a run resumes on any mesh, or on one device.
+    (:func:`jnnex.tensor_parallel.split_of`: the GPT's and the Llama's) with the optimiser in the global view.
+    Checkpoints are in the parameters' own layout: a run resumes on any mesh, or on one device.
 
     A text stream (a per-position model's): each row is ``block_size + 1`` contiguous tokens at a random offset
     (:func:`make_run`'s ``window``). Its train loss is nanoGPT's estimate (``train_loss_estimate``: ``eval_iters``
