@@ -132,6 +132,16 @@ def fsdp_shardings(tree, mesh):
     return jax.tree.map(lambda a: NamedSharding(mesh, fsdp_spec(np.shape(a), n)), tree)
 
 
+def fsdp_layout(ts, mesh):
+    """FSDP's layout of a training state ``ts`` (a ``TrainState``) on ``mesh``: ``(layout, step_shardings)`` — the
+    state's shardings (parameters and optimiser state split by :func:`fsdp_shardings`, model state and step count
+    replicated) and :func:`jnnex.train.make_step`'s ``shardings=(gathered, split)`` for the parameters."""
+    rep = replicated(mesh)
+    params, opt_state = fsdp_shardings((ts.params, ts.opt_state), mesh)
+    layout = type(ts)(params, jax.tree.map(lambda _: rep, ts.state), opt_state, rep)
+    return layout, (jax.tree.map(lambda _: rep, ts.params), params)
+
+
 def unsplit(tree, n: int) -> list[str]:
     """The paths of the leaves FSDP leaves replicated on ``n`` devices (none of their axes divides by ``n``)."""
     return [jax.tree_util.keystr(path) for path, a in jax.tree_util.tree_leaves_with_path(tree)

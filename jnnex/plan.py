@@ -186,7 +186,7 @@ def xla_check(model, scheme: str, devices: int, *, model_parallel: int | None = 
               T: int | None = None) -> dict:
     """XLA's memory analysis of the training step for ``scheme`` (AdamW), compiled for ``devices`` of
     ``jax.devices()`` from shapes alone: ``{"arguments", "outputs", "temporaries"}`` bytes per device."""
-    from jnnex.train import TrainConfig, TrainState, init_train_state, make_optimizer, make_step
+    from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_step
 
     d, m = axes(scheme, devices, model_parallel)
     if scheme == "fsdp+tp":
@@ -206,9 +206,8 @@ def xla_check(model, scheme: str, devices: int, *, model_parallel: int | None = 
         mesh = parallel.data_mesh(devices)
         rep = rep_of(mesh)
         if scheme == "fsdp":
-            p_split, o_split = parallel.fsdp_shardings((ts.params, ts.opt_state), mesh)
-            layout = TrainState(p_split, jax.tree.map(lambda _: rep, ts.state), o_split, rep)
-            step = make_step(model, opt, shardings=(jax.tree.map(lambda _: rep, ts.params), p_split))
+            layout, step_shardings = parallel.fsdp_layout(ts, mesh)
+            step = make_step(model, opt, shardings=step_shardings)
         else:
             layout = jax.tree.map(lambda _: rep, ts)
             step = make_step(model, opt)

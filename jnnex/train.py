@@ -513,10 +513,7 @@ def fit(
             step_fn = split.step(optimizer, mesh, ts.params)
         else:
             if shard_params:  # the parameters and optimiser state split, the rest replicated
-                rep = parallel.replicated(mesh)
-                p_split, o_split = parallel.fsdp_shardings((ts.params, ts.opt_state), mesh)
-                layout = TrainState(p_split, jax.tree.map(lambda _: rep, ts.state), o_split, rep)
-                step_shardings = (jax.tree.map(lambda _: rep, ts.params), p_split)
+                layout, step_shardings = parallel.fsdp_layout(ts, mesh)
             step_fn = make_step(model, optimizer, diagnostics=diagnostics, shardings=step_shardings)
         run = make_run(step_fn, tcfg.batch_size, mesh=mesh, window=model.block_size if stream else None,
                        state_shardings=layout)

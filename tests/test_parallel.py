@@ -61,7 +61,6 @@ def test_one_step_on_four_devices_equals_one_device_float64(name, gradients):
     parameters and optimiser state replicated (data parallel), and split over the devices (FSDP: each device holds a
     quarter of every tensor that has an axis divisible by 4, the whole of the others). Both agree with one device
     to 1e-12 — the loss, every new parameter, every moment and the BatchNorm state."""
-    from jnnex.train import TrainState
 
     model, splits = model_and_data(name)
     if gradients == "manual":
@@ -81,10 +80,8 @@ def test_one_step_on_four_devices_equals_one_device_float64(name, gradients):
     batch = jax.device_put((x, y), parallel.batch_sharded(mesh))
     assert len(batch[0].sharding.device_set) == 4
     replicated, m_dp = step(jax.device_put(ts, rep), batch, jax.random.key(3))  # the same function, now on 4
-    p_split, o_split = parallel.fsdp_shardings((ts.params, ts.opt_state), mesh)
-    layout = TrainState(p_split, jax.tree.map(lambda _: rep, ts.state), o_split, rep)
-    fsdp_step = jax.jit(make_step(model, opt, shardings=(jax.tree.map(lambda _: rep, ts.params), p_split)),
-                        out_shardings=(layout, rep))
+    layout, step_shardings = parallel.fsdp_layout(ts, mesh)
+    fsdp_step = jax.jit(make_step(model, opt, shardings=step_shardings), out_shardings=(layout, rep))
     split, m_fsdp = fsdp_step(parallel.place(parallel.local(ts), layout), batch, jax.random.key(3))
     for got, metrics in ((replicated, m_dp), (split, m_fsdp)):
         np.testing.assert_allclose(metrics["loss"], m_one["loss"], rtol=1e-12)

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jnnex import parallel, rundir
-from jnnex.train import TrainConfig, TrainState, fit, init_train_state, make_optimizer, make_run, make_step
+from jnnex.train import TrainConfig, fit, init_train_state, make_optimizer, make_run, make_step
 from tests.test_parallel import model_and_data, rel_errors
 
 
@@ -28,13 +28,6 @@ def test_fsdp_splits_the_largest_axis_that_divides():
     assert parallel.unsplit(tree, 4) == ["['b']"]  # the scalar is not worth listing
 
 
-def fsdp_layout(ts, mesh):
-    rep = parallel.replicated(mesh)
-    split = parallel.fsdp_shardings((ts.params, ts.opt_state), mesh)
-    layout = TrainState(split[0], jax.tree.map(lambda _: rep, ts.state), split[1], rep)
-    return layout, (jax.tree.map(lambda _: rep, ts.params), split[0])
-
-
 def test_the_compiled_fsdp_step_gathers_the_weights_and_scatters_their_gradients():
     """In the compiled program each device receives a quarter of every split weight (its argument shapes), gathers it
     whole for the step and reduces the gradient back to its quarter (a reduce-scatter, or an all-reduce and a slice:
@@ -43,7 +36,7 @@ def test_the_compiled_fsdp_step_gathers_the_weights_and_scatters_their_gradients
     opt = make_optimizer(TrainConfig(optimizer="adamw"))
     ts = init_train_state(model, opt, jax.random.key(0))
     mesh = parallel.data_mesh(4)
-    layout, step_shardings = fsdp_layout(ts, mesh)
+    layout, step_shardings = parallel.fsdp_layout(ts, mesh)
     run = make_run(make_step(model, opt, shardings=step_shardings), 8, mesh=mesh, state_shardings=layout)
     ts4 = parallel.place(parallel.local(ts), layout)
     X, Y, k = parallel.replicate((*splits.train, np.asarray(jax.random.key_data(jax.random.key(1)))), mesh)

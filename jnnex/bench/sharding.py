@@ -32,7 +32,7 @@ from jnnex import parallel, tensor_parallel
 from jnnex.bench.harness import table
 from jnnex.lm import count_params
 from jnnex.models.registry import REGISTRY
-from jnnex.train import TrainConfig, TrainState, init_train_state, make_optimizer, make_step
+from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_step
 
 COUNTS = (1, 2, 4, 8)
 # Each model at its registry size (the GPT and Llama at their Shakespeare CPU presets' shape, a 65-character vocabulary;
@@ -56,9 +56,8 @@ def _fsdp_step(model, opt, mesh, ts):
     if mesh.size == 1:
         layout = jax.tree.map(lambda _: rep, ts)
         return make_step(model, opt), layout
-    p_split, o_split = parallel.fsdp_shardings((ts.params, ts.opt_state), mesh)
-    layout = TrainState(p_split, jax.tree.map(lambda _: rep, ts.state), o_split, rep)
-    return make_step(model, opt, shardings=(jax.tree.map(lambda _: rep, ts.params), p_split)), layout
+    layout, step_shardings = parallel.fsdp_layout(ts, mesh)
+    return make_step(model, opt, shardings=step_shardings), layout
 
 
 def _batch(model, rows: int, mesh):
