@@ -1,10 +1,18 @@
 """Run directories in tests: every array of an ``.npz`` by name, two files compared bit for bit, a checkpoint's step,
 and a training process signalled once its checkpoint is on disk."""
 
+import os
 import subprocess
 import time
 
 import numpy as np
+
+
+def suite_compile_env() -> dict:
+    """Environment variables that make a child process compile as the test processes do (conftest: XLA's costlier
+    passes and its CPU fusion emitters off): for children whose results are values, which those passes must not
+    change, and whose time is mostly compiling — or that must match an in-process run bit for bit."""
+    return {"XLA_FLAGS": os.environ["JNNEX_TEST_XLA_FLAGS"], "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 
 def arrays(path) -> dict:

@@ -83,13 +83,16 @@ for which in ("correct", "wrong"):
 def test_the_readme_recipe_passes_a_correct_pair_and_fails_a_wrong_one(dtype, tmp_path):
     """The README's check_backward recipe as a user runs it (a fresh process, default Hypothesis settings, x64 on or
     off): the library's BatchNorm backward passes; one that forgets γ fails."""
+    import os
     import subprocess
     import sys
 
     script = tmp_path / "recipe.py"
     script.write_text(RECIPE)
+    from runfiles import suite_compile_env
+
     proc = subprocess.run([sys.executable, str(script), dtype], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path)
+                          cwd=tmp_path, env={**os.environ, **suite_compile_env()})  # compiled as the suite compiles
     lines = proc.stdout.splitlines()
     assert lines[0] == "correct PASSED" and lines[1].startswith("wrong FAILED"), (dtype, proc.stdout,
                                                                                    proc.stderr[-2000:])

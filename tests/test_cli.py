@@ -180,8 +180,10 @@ def test_persistent_compilation_cache(tmp_path):
     import subprocess
     import sys
 
-    def train(cache):
-        env = {**os.environ, "JNNEX_CACHE_DIR": str(cache)}
+    from runfiles import suite_compile_env
+
+    def train(cache):  # (compiled as the suite compiles: what is checked is what is cached and read back)
+        env = {**os.environ, **suite_compile_env(), "JNNEX_CACHE_DIR": str(cache)}
         proc = subprocess.run([sys.executable, "-m", "jnnex", "train", "--model", "bn-mlp", "--steps", "200", "--json"],
                               capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
@@ -210,7 +212,7 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, sigint_default):
     from jnnex import rundir
     from jnnex.run import load_config, prepare
     from jnnex.train import fit
-    from runfiles import checkpoint_step, signal_after_checkpoint
+    from runfiles import checkpoint_step, signal_after_checkpoint, suite_compile_env
 
     out = tmp_path / "run"
     # The child handles SIGINT the Python way even when this suite runs as a background job of a non-interactive
@@ -220,7 +222,7 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, sigint_default):
 
     # The child compiles as this process does (conftest: XLA's costlier passes and its CPU fusion emitters off), so
     # the in-process unbroken run below is the same program, bit for bit.
-    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "XLA_FLAGS": os.environ["JNNEX_TEST_XLA_FLAGS"]}
+    env = {**os.environ, **suite_compile_env()}
 
     def interrupt_after_checkpoint(argv, after: int) -> int:
         code, stderr = signal_after_checkpoint(child + argv, out / "checkpoint.npz", signal.SIGINT, after=after,

@@ -20,6 +20,7 @@ from jnnex.check import randomise
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.models.registry import REGISTRY, build_for_words
 from jnnex.train import TrainConfig, fit, init_train_state, make_optimizer, make_step
+from runfiles import suite_compile_env
 
 WORDS = load_words("census-first")[:400]
 VOCAB = Vocab.from_words(WORDS)
@@ -211,14 +212,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_cli(tmp_path, tag, cpu_devices, extra, timeout=240, model=("--model", "bn-mlp")):
+def train_cli(tmp_path, tag, cpu_devices, extra, model=("--model", "bn-mlp"), steps=300):
     """``jnnex train`` in a subprocess with ``cpu_devices`` CPU devices: a Popen, its stdout file."""
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(cpu_devices), "JNNEX_CACHE_DIR": "off", "PYTHONUNBUFFERED": "1"}
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(cpu_devices), "JNNEX_CACHE_DIR": "off", "PYTHONUNBUFFERED": "1",
+           **suite_compile_env()}
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(var, None)
     stdout = tmp_path / f"{tag}.out"
-    args = [sys.executable, "-m", "jnnex", "train", *model, "--steps", "300", "--eval-every", "100",
-            "--chunk", "100", "--devices", "4", "--json", "--out", str(tmp_path / tag), *extra]
+    args = [sys.executable, "-m", "jnnex", "train", *model, "--steps", str(steps), "--eval-every", str(steps // 3),
+            "--chunk", str(steps // 3), "--devices", "4", "--json", "--out", str(tmp_path / tag), *extra]
     with stdout.open("w") as f:  # the child holds its own descriptor
         return subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT), stdout
 
@@ -243,9 +245,10 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
     for split, how in (("fsdp", ["--shard-params"]), ("tp", ["--model-parallel", "2"])):
         port = free_port()
         runs[split] = [train_cli(tmp_path, f"{split}{i}", 2, ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
-                                                               "2", "--process-id", str(i), *how], model=SPLIT_GPT)
+                                                               "2", "--process-id", str(i), *how], model=SPLIT_GPT,
+                                 steps=90)
                        for i in range(2)]
-    single = train_cli(tmp_path, "single", 4, [], model=SPLIT_GPT)
+    single = train_cli(tmp_path, "single", 4, [], model=SPLIT_GPT, steps=90)
     every = [*runs["fsdp"], *runs["tp"], single]
     try:
         for proc, _ in every:
@@ -279,8 +282,9 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_chunk(tmp_path):
     import time
 
     port = free_port()
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JNNEX_CACHE_DIR": "off", "PYTHONUNBUFFERED": "1"}
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JNNEX_CACHE_DIR": "off", "PYTHONUNBUFFERED": "1",
+           **suite_compile_env()}
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(var, None)
     procs = []
     for i in range(2):

@@ -42,6 +42,15 @@ def split_run(forward, backward, n, args, arg_specs, out_spec, dy):
     return jax.jit(run)(*args, dy)
 
 
+def vjp_of(f, dy, *args):
+    """``f``'s output and ``jax.vjp`` of it at ``args`` for the upstream gradient ``dy``, the unsplit reference, as
+    one compiled program (run op by op, each example's new shapes would compile every operation on its own)."""
+    def both(dy, *args):
+        y, vjp = jax.vjp(f, *args)
+        return y, vjp(dy)
+    return jax.jit(both)(dy, *args)
+
+
 def assert_close(got, want, names):
     for name, g, w in zip(names, got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12 * float(np.abs(w).max()), err_msg=name)
@@ -58,18 +67,18 @@ def test_column_and_row_linears_equal_the_unsplit_linear_float64(n, B, T, C, per
     # column: x (B, T, C) whole, W (C, wide) split by columns
     x, W, b, dy = normal(k[0], B, T, C), normal(k[1], C, wide), normal(k[2], wide) if bias else None, \
         normal(k[3], B, T, wide)
-    want_y, vjp = jax.vjp(lambda x, W, b: linear_forward(x, W, b)[0], x, W, b)
+    want_y, want = vjp_of(lambda x, W, b: linear_forward(x, W, b)[0], dy, x, W, b)
     y, grads = split_run(TP.column_linear_forward, TP.column_linear_backward, n, (x, W, b),
                          (WHOLE, COLUMNS, P(M) if bias else WHOLE), SPLIT_LAST, dy)
-    assert_close([g for g in (y, *grads) if g is not None], [g for g in (want_y, *vjp(dy)) if g is not None],
+    assert_close([g for g in (y, *grads) if g is not None], [g for g in (want_y, *want) if g is not None],
                  ["y", "dx", "dW", "db"][:3 + bias])
     # row: x (B, T, wide) split by channels, W (wide, C) split by rows, b (C,) whole
     x, W, b, dy = normal(k[4], B, T, wide), normal(k[5], wide, C), normal(k[2], C) if bias else None, \
         normal(k[3], B, T, C)
-    want_y, vjp = jax.vjp(lambda x, W, b: linear_forward(x, W, b)[0], x, W, b)
+    want_y, want = vjp_of(lambda x, W, b: linear_forward(x, W, b)[0], dy, x, W, b)
     y, grads = split_run(TP.row_linear_forward, TP.row_linear_backward, n, (x, W, b),
                          (SPLIT_LAST, ROWS, WHOLE), WHOLE, dy)
-    assert_close([g for g in (y, *grads) if g is not None], [g for g in (want_y, *vjp(dy)) if g is not None],
+    assert_close([g for g in (y, *grads) if g is not None], [g for g in (want_y, *want) if g is not None],
                  ["y", "dx", "dW", "db"][:3 + bias])
 
 
@@ -110,20 +119,20 @@ def test_megatron_mlp_and_attention_equal_the_gpts_layers_float64(n, B, T, heads
     k = jax.random.split(jax.random.key(seed), 10)
     x, dy = normal(k[0], B, T, C), normal(k[1], B, T, C)
     W_fc, b_fc, W_proj, b_proj = normal(k[2], C, 4 * C), normal(k[3], 4 * C), normal(k[4], 4 * C, C), normal(k[5], C)
-    want_y, vjp = jax.vjp(unsplit_mlp, x, W_fc, b_fc, W_proj, b_proj)
+    want_y, want = vjp_of(unsplit_mlp, dy, x, W_fc, b_fc, W_proj, b_proj)
     y, grads = split_run(TP.mlp_forward, TP.mlp_backward, n, (x, W_fc, b_fc, W_proj, b_proj),
                          (WHOLE, COLUMNS, P(M), ROWS, WHOLE), WHOLE, dy)
-    assert_close([y, *grads], [want_y, *vjp(dy)], ["y", "dx", "dW_fc", "db_fc", "dW_proj", "db_proj"])
+    assert_close([y, *grads], [want_y, *want], ["y", "dx", "dW_fc", "db_fc", "dW_proj", "db_proj"])
 
     W_qkv, b_qkv = normal(k[6], C, 3 * C) * C**-0.5, normal(k[7], 3 * C)
     W_proj, b_proj = normal(k[8], C, C), normal(k[9], C)
-    want_y, vjp = jax.vjp(lambda *a: self_attention_forward(*a, H)[0], x, W_qkv, b_qkv, W_proj, b_proj)
+    want_y, want = vjp_of(lambda *a: self_attention_forward(*a, H)[0], dy, x, W_qkv, b_qkv, W_proj, b_proj)
     y, (dx, dW_qkv, db_qkv, dW_proj, db_proj) = split_run(
         lambda *a: TP.attention_forward(*a, n_head=H), TP.attention_backward, n,
         (x, TP.qkv_for_devices(W_qkv, H, n), TP.qkv_for_devices(b_qkv, H, n), W_proj, b_proj),
         (WHOLE, COLUMNS, P(M), ROWS, WHOLE), WHOLE, dy)
     got = [y, dx, TP.qkv_from_devices(dW_qkv, H, n), TP.qkv_from_devices(db_qkv, H, n), dW_proj, db_proj]
-    assert_close(got, [want_y, *vjp(dy)], ["y", "dx", "dW_qkv", "db_qkv", "dW_proj", "db_proj"])
+    assert_close(got, [want_y, *want], ["y", "dx", "dW_qkv", "db_qkv", "dW_proj", "db_proj"])
 
 
 @settings(max_examples=min(4, settings().max_examples))
@@ -141,12 +150,12 @@ def test_the_llamas_grouped_query_attention_split_by_heads_float64(n, group, kv_
     k = jax.random.split(jax.random.key(seed), 4)
     x, dy = normal(k[0], 2, T, C), normal(k[1], 2, T, C)
     W_qkv, W_proj = normal(k[2], C, (H + 2 * n_kv) * hs) * C**-0.5, normal(k[3], C, C)
-    want_y, vjp = jax.vjp(lambda x, Wq, Wp: L.attention_forward(x, Wq, Wp, H, n_kv, tile)[0], x, W_qkv, W_proj)
+    want_y, want = vjp_of(lambda x, Wq, Wp: L.attention_forward(x, Wq, Wp, H, n_kv, tile)[0], dy, x, W_qkv, W_proj)
     y, (dx, dW_qkv, dW_proj) = split_run(
         lambda x, Wq, Wp: TP.llama_attention_forward(x, Wq, Wp, H, n_kv, tile), TP.llama_attention_backward, n,
         (x, TP.qkv_for_devices(W_qkv, H, n, n_kv), W_proj), (WHOLE, COLUMNS, ROWS), WHOLE, dy)
     got = [y, dx, TP.qkv_from_devices(dW_qkv, H, n, n_kv), dW_proj]
-    assert_close(got, [want_y, *vjp(dy)], ["y", "dx", "dW_qkv", "dW_proj"])
+    assert_close(got, [want_y, *want], ["y", "dx", "dW_qkv", "dW_proj"])
 
 
 def test_a_block_holds_two_all_reduces_of_BTC_forward_and_two_backward():
