@@ -68,8 +68,8 @@ def compare(forward: Callable, backward: Callable, *args, names: Sequence[str] |
     dout, mine, ref = run([args[i] for i in array_idx], key)
     if len(mine) != len(args):
         raise ValueError(f"backward returned {len(mine)} gradients for {len(args)} forward arguments")
-    scale = max([float(jnp.max(jnp.abs(d))) for d in jax.tree.leaves(dout)]
-                + [float(jnp.max(jnp.abs(r))) for r in ref if jnp.size(r)])
+    scale = max([float(np.max(np.abs(np.asarray(d)))) for d in jax.tree.leaves(dout)]  # (numpy: eager jnp would
+                + [float(np.max(np.abs(np.asarray(r)))) for r in ref if np.size(r)])  # compile per shape)
     default_rtol, default_atol = tolerances(jnp.result_type(jax.tree.leaves(dout)[0]), scale)
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
@@ -222,6 +222,11 @@ def assert_model_gradients(model, params, state, x, y, key=None, *, rtol: float 
 def randomise(params, key, dtype=jnp.float64, scale: float = 0.3):
     """``params`` cast to ``dtype`` with every vector (biases, BatchNorm γ and β) perturbed by ``scale · N(0, 1)``:
     zeros and ones hide a wrong backward (a forgotten ``γ`` or bias term), so checks run on random ones."""
+    return _randomise(params, key, jnp.dtype(dtype), float(scale))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))  # one program per model: eager, every tensor's draw compiles
+def _randomise(params, key, dtype, scale: float):
     params = jax.tree.map(lambda p: p.astype(dtype), params)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
