@@ -170,10 +170,10 @@ def test_every_registered_language_model_starts_near_ln_V():
     y1 = jax.random.randint(jax.random.key(2), (512, 16), 0, V, dtype=jnp.int32)
     for name, spec in REGISTRY.items():
         model = spec.build(spec.config(vocab_size=V))
-        params, state = model.init(jax.random.key(0))
+        params, state = jax.jit(model.init)(jax.random.key(0))  # (one program each: eager, a compile an op)
         T = model.block_size
         y = y1[:, :T] if model.per_position else y1[:, 0]  # (512, T) per position, (512,) for a window
-        loss, _ = model.loss(params, state, x1[:, :T], y)
+        loss, _ = jax.jit(model.loss)(params, state, x1[:, :T], y)
         assert abs(float(loss) - math.log(V)) < 0.05, name
 
 

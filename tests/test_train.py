@@ -162,8 +162,8 @@ def test_bad_train_config():
 
 @given(st.integers(0, 10_000), st.sampled_from([1, 3]), st.sampled_from([2, 32]))
 def test_hand_written_gradient_path_through_the_machinery(seed, T, B):
-    """A model on gradients="manual" trains on its hand-written backward: the manual MLP backward equals jax.grad (float64), and training on it
-    through `fit` follows the autodiff run step by step."""
+    """A model on gradients="manual" trains on its hand-written backward: the manual MLP backward, as the training
+    machinery calls it (``value_and_grad``), equals jax.grad (float64)."""
 
     cfg = MLPConfig(vocab_size=V, block_size=T, n_embd=3, n_hidden=8)
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
@@ -172,8 +172,8 @@ def test_hand_written_gradient_path_through_the_machinery(seed, T, B):
     x = jax.random.randint(k2, (B, T), 0, V, dtype=jnp.int32)
     x = x.at[0].set(x[1 % B])  # a repeated context: the embedding scatter-add must accumulate
     y = jax.random.randint(k3, (B,), 0, V, dtype=jnp.int32)
-    loss_m, grads_m, _ = mlp_lm(cfg).with_gradients("manual").value_and_grad(params, state, x, y)
-    loss_a, grads_a, _ = mlp_lm(cfg).value_and_grad(params, state, x, y)
+    loss_m, grads_m, _ = jax.jit(mlp_lm(cfg).with_gradients("manual").value_and_grad)(params, state, x, y)
+    loss_a, grads_a, _ = jax.jit(mlp_lm(cfg).value_and_grad)(params, state, x, y)
     assert float(loss_m) == pytest.approx(float(loss_a), rel=1e-12)
     for gm, ga in zip(grads_m, grads_a):
         np.testing.assert_allclose(gm, ga, rtol=1e-10, atol=1e-13)
@@ -302,8 +302,8 @@ def test_muon_orthogonalises_each_linear_matrix_and_adamw_trains_the_rest():
     for name in ("muon", "adamw"):
         opt = make_optimizer(TrainConfig(optimizer=name, lr=lr, lr_boundaries=(), weight_decay=0.1))
         ts = init_train_state(model, opt, k[0])
-        new[name], _ = make_step(model, opt)(ts, (x, y), jax.random.key(1))
-    _, grads, _ = model.value_and_grad(ts.params, ts.state, x, y)
+        new[name], _ = jax.jit(make_step(model, opt))(ts, (x, y), jax.random.key(1))  # (eager: a compile an op)
+    _, grads, _ = jax.jit(model.value_and_grad)(ts.params, ts.state, x, y)
     labels = jax.tree.leaves(muon_labels(ts.params))
     assert labels.count("muon") == 4 * 2  # qkv, attproj, fc, fcproj in each of the 2 blocks
     for label, p0, pm, pa, g in zip(labels, *(jax.tree.leaves(t) for t in (ts.params, new["muon"].params,
