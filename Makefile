@@ -28,11 +28,12 @@ demo: $(VENV)/.stamp-base
 	$(VENV)/bin/jnnex train --model mlp --data census-first --steps 20000 --out runs/demo --seed 0
 	$(VENV)/bin/jnnex sample --from runs/demo -n 20 --seed 0
 
-# The whole suite on two processes (pytest-xdist); it passes on one too: `.venv/bin/python -m pytest -q`.
+# The whole suite on two processes (pytest-xdist), every lesson run at its tiny size included; it passes on one too:
+# `.venv/bin/python -m pytest -q`.
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -n 2 --dist worksteal -m "not lessons"
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
-# Every lesson executed at its tiny size (lessons/, tests/test_lessons.py), graded exercises included.
+# Only the lessons, each executed at its tiny size (lessons/, tests/test_lessons.py), graded exercises included.
 test-lessons: $(VENV)/.stamp-test
 	$(PY) -m pytest -q -n 2 --dist worksteal -m lessons tests/test_lessons.py
 
