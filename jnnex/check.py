@@ -222,16 +222,16 @@ def assert_model_gradients(model, params, state, x, y, key=None, *, rtol: float 
 def randomise(params, key, dtype=jnp.float64, scale: float = 0.3):
     """``params`` cast to ``dtype`` with every vector (biases, BatchNorm γ and β) perturbed by ``scale · N(0, 1)``:
     zeros and ones hide a wrong backward (a forgotten ``γ`` or bias term), so checks run on random ones."""
-    return _randomise(params, key, jnp.dtype(dtype), float(scale))
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3))  # one program per model: eager, every tensor's draw compiles
-def _randomise(params, key, dtype, scale: float):
-    params = jax.tree.map(lambda p: p.astype(dtype), params)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
-    leaves = [p + scale * jax.random.normal(k, p.shape, dtype) if p.ndim == 1 else p for p, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, leaves)
+    return jax.tree.unflatten(treedef, [_perturbed(p, k, jnp.dtype(dtype), float(scale))
+                                        for p, k in zip(leaves, keys)])
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))  # one small program per tensor shape, reused by every model
+def _perturbed(p, key, dtype, scale: float):
+    p = p.astype(dtype)
+    return p + scale * jax.random.normal(key, p.shape, dtype) if p.ndim == 1 else p
 
 
 def merge_args(args, float_idx, floats):
