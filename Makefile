@@ -28,7 +28,8 @@ demo: $(VENV)/.stamp-base
 	$(VENV)/bin/jnnex train --model mlp --data census-first --steps 20000 --out runs/demo --seed 0
 	$(VENV)/bin/jnnex sample --from runs/demo -n 20 --seed 0
 
-# The whole suite on two processes (pytest-xdist) but the lesson runs; it passes on one too: `.venv/bin/python -m pytest -q`.
+# The whole suite on two processes (pytest-xdist) but the lesson runs; it passes on one too:
+# `.venv/bin/python -m pytest -q -m "not lessons"`.
 test: $(VENV)/.stamp-test
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not lessons"
 
