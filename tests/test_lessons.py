@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from jnnex.learn import read_result
+from runfiles import suite_compile_env
 
 LESSONS = Path(__file__).resolve().parents[1] / "lessons"
 
@@ -25,11 +26,9 @@ LESSONS = Path(__file__).resolve().parents[1] / "lessons"
 def run_lesson(name: str, tmp_path, answers: str = "mine", timeout: int = 300) -> tuple[dict, str]:
     env = {**os.environ, "JNNEX_LESSON_SIZE": "tiny", "JNNEX_LESSON_OUT": str(tmp_path),
            "JNNEX_LESSON_ANSWERS": answers, "PYTHONUNBUFFERED": "1"}
-    for var in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAX_ENABLE_X64"):
+    for var in ("JAX_NUM_CPU_DEVICES", "JAX_ENABLE_X64"):
         env.pop(var, None)
-    if os.environ.get("JNNEX_TEST_XLA_FLAGS"):  # the suite's faster compile settings (the lessons' checks are of
-        env["XLA_FLAGS"] = os.environ["JNNEX_TEST_XLA_FLAGS"]  # values, which XLA's optimisations must not change)
-        env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    env.update(suite_compile_env())  # the suite's faster compile settings (the lessons' checks are of values)
     if os.environ.get("JNNEX_TEST_XLA_CACHE"):  # and its compilation cache: a program one lesson compiled, the next
         env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JNNEX_TEST_XLA_CACHE"]  # reads back
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
