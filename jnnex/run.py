@@ -560,12 +560,8 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, shard_pa
             rundir.save_pytree(out / rundir.MODEL, (params, state))
     else:
         check_fits(rc, len(splits.train[0]))
-        if shard_params and devices is not None and log is not None:  # FSDP: which tensors stay whole
-            n = parallel.data_mesh(devices).size
-            whole = parallel.unsplit(jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0)), n)
-            log(f"jnnex: parameters and optimiser state split over {n} devices (FSDP); "
-                + (f"whole on each device (no axis divides by {n}): {', '.join(whole)}" if whole else
-                   "every tensor split"))
+        if shard_params and devices is not None and log is not None:
+            log(f"jnnex: {fsdp_summary(model, parallel.data_mesh(devices).size)}")
         if write:  # a new run's settings, or a continued run's new length
             if rc.tokenizer == "bpe":
                 rc.vocab.save(out / rundir.TOKENIZER)
@@ -696,3 +692,11 @@ def ladder(data: str = "census-first", steps: int = 200_000, seed: int = 0) -> l
                      "val": res.evals[-1]["dev_loss"], "lecture_train": lecture[0], "lecture_val": lecture[1],
                      "initial_loss": float(res.losses[0]), "seconds": round(time.perf_counter() - t0, 1)})
     return rows
+
+
+def fsdp_summary(model, n: int) -> str:
+    """The line ``jnnex train --shard-params`` prints: FSDP over ``n`` devices, and the parameters that stay whole on
+    each device because no axis of theirs divides by ``n`` (read from the shapes alone: nothing is allocated)."""
+    whole = parallel.unsplit(jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0)), n)
+    return (f"parameters and optimiser state split over {n} devices (FSDP); "
+            + (f"whole on each device (no axis divides by {n}): {', '.join(whole)}" if whole else "every tensor split"))

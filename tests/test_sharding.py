@@ -70,6 +70,19 @@ def test_a_sharded_checkpoint_from_four_devices_resumes_on_one_and_on_two(tmp_pa
         assert abs(resumed.evals[-1]["train_loss"] - whole.evals[-1]["train_loss"]) < 1e-5
 
 
+def test_the_run_names_the_tensors_fsdp_leaves_whole():
+    """What ``jnnex train --shard-params`` prints: the bn-mlp on 4 devices keeps its 27 x 10 table and the 27-wide
+    output bias whole (no axis divides by 4); a GPT of widths that divide splits every tensor."""
+    from jnnex.run import fsdp_summary
+
+    model, _ = model_and_data("bn-mlp")
+    line = fsdp_summary(model, 4)
+    assert line.startswith("parameters and optimiser state split over 4 devices (FSDP); whole on each device (no axis "
+                           "divides by 4): ") and ".C" in line and ".dense[1].b" in line
+    gpt, _ = model_and_data("gpt", n_layer=1, n_embd=16, n_head=4)
+    assert fsdp_summary(gpt, 4).endswith("every tensor split")
+
+
 def test_shard_params_needs_devices():
     model, splits = model_and_data("bn-mlp")
     with pytest.raises(ValueError, match="shard_params: split the parameters over what"):
