@@ -59,8 +59,13 @@ def activation_gradients(model: LanguageModel, params, state, x, y, key=None):
     a stochastic model's dropout masks (default: ``jax.random.key(0)``)."""
     if key is None and model.stochastic:
         key = jax.random.key(0)
-    out = manual_gradients(model, params, state, x, y, key)
+    out = _manual_gradients(model, params, state, x, y, key)
     return out.acts, out.act_grads
+
+
+# One compiled program for the forward and the hand-written backward (op by op, a GPT's took 2 s a call, mostly
+# compiling each op for its shape); the model is static: equal configs share the program.
+_manual_gradients = jax.jit(manual_gradients, static_argnums=0)
 
 
 def table(metrics: dict, names: list[str], step: int = -1) -> str:
@@ -94,5 +99,5 @@ def gradient_through_time(model: LanguageModel, params, state, x, y_last, key=No
     if not model.per_position:
         raise ValueError(f"gradient_through_time needs a per-position model, got {model.name!r}")
     y = jnp.full(x.shape, -1, jnp.int32).at[:, -1].set(y_last)  # only the last position is predicted
-    out = manual_gradients(model, params, state, x, y, key)
+    out = _manual_gradients(model, params, state, x, y, key)
     return jnp.linalg.norm(out.act_grads[0], axis=-1).mean(0)  # (T,)
