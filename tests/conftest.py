@@ -48,11 +48,13 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 # XLA's CPU fusion emitters off for the programs the test processes compile: they halve the compile time of the
 # suite's many small programs (the Llama's attention pair and model check: 19 s of compiling -> 9 s), where the run
-# time is a few milliseconds. The flag is read when the backend starts, which it does here; then XLA_FLAGS is put back,
+# time is a few milliseconds. And each program's machine code generated as one piece, not split into 32 for a thread
+# pool that two busy cores cannot use (test_models + test_tensor_parallel on 2 processes, alternated: 61, 57 s against
+# 76, 67 s split). The flag is read when the backend starts, which it does here; then XLA_FLAGS is put back,
 # so the subprocess tests and the benchmarks' children compile with XLA's defaults, as a user's run does.
 # A subprocess that must compile exactly as the tests do (to compare bits with an in-process run) is given
 # XLA_FLAGS=$JNNEX_TEST_XLA_FLAGS and JAX_DISABLE_MOST_OPTIMIZATIONS=1.
-os.environ["JNNEX_TEST_XLA_FLAGS"] = "--xla_cpu_use_fusion_emitters=false"
+os.environ["JNNEX_TEST_XLA_FLAGS"] = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
 _XLA_FLAGS = os.environ.get("XLA_FLAGS")
 os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS or ''} {os.environ['JNNEX_TEST_XLA_FLAGS']}".strip()
 jax.devices()
