@@ -51,7 +51,8 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write(tmp_path):
     assert not list(tmp_path.glob(".*.tmp")) and path.is_file()
 
 
-TRAIN = ["train", "--model", "mlp", "--steps", "24000", "--eval-every", "1000", "--chunk", "500", "--no-progress",
+STEPS = 12000
+TRAIN = ["train", "--model", "mlp", "--steps", str(STEPS), "--eval-every", "1000", "--chunk", "500", "--no-progress",
          "--json"]
 
 
@@ -66,9 +67,12 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     writes: wherever the moment falls); after each, the directory loads and `jnnex train --resume` (or the original
     command, when the kill came before config.json existed) ends with the uninterrupted run's model, bit for bit."""
     reference = tmp_path / "reference"
+    start = time.monotonic()
     proc = _jnnex([*TRAIN, "--out", str(reference)])
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
+    span = time.monotonic() - start  # this machine's speed now; the later runs read the programs it compiled from
+    # the cache and run shorter: the kills fall in the first 70 % of its span
     want = json.loads(out)
     with np.load(reference / "model.npz") as f:
         want_arrays = {k: f[k] for k in f.files}
@@ -76,7 +80,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     report = []
     for trial in range(4):
         run = tmp_path / f"killed{trial}"
-        delay = rng.uniform(0.5, 7.0)
+        delay = rng.uniform(0.05, 0.7) * span
         proc = _jnnex([*TRAIN, "--out", str(run)])
         time.sleep(delay)  # only *where* the kill lands depends on time; what is asserted holds wherever it lands
         proc.send_signal(signal.SIGKILL)
@@ -96,7 +100,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
             identical = all(np.array_equal(f[k], want_arrays[k]) for k in want_arrays) and set(f.files) == set(
                 want_arrays)
         report.append((trial, round(delay, 2), proc.returncode, saved, temporaries, identical))
-        assert identical and got["dev_loss"] == want["dev_loss"] and got["steps"] == 24000, report[-1]
+        assert identical and got["dev_loss"] == want["dev_loss"] and got["steps"] == STEPS, report[-1]
         assert not list(run.glob(".*.tmp"))  # the resumed run cleaned up after the killed one
     print("\ntrial  kill after (s)  checkpoint step at kill  temporary bytes left  resumed bit-identical")
     for trial, delay, _, saved, temporaries, identical in report:
