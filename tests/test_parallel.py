@@ -246,9 +246,9 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
         port = free_port()
         runs[split] = [train_cli(tmp_path, f"{split}{i}", 2, ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
                                                                "2", "--process-id", str(i), *how], model=SPLIT_GPT,
-                                 steps=90)
+                                 steps=30)
                        for i in range(2)]
-    single = train_cli(tmp_path, "single", 4, [], model=SPLIT_GPT, steps=90)
+    single = train_cli(tmp_path, "single", 4, [], model=SPLIT_GPT, steps=30)
     every = [*runs["fsdp"], *runs["tp"], single]
     try:
         for proc, _ in every:
