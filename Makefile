@@ -28,13 +28,13 @@ demo: $(VENV)/.stamp-base
 	$(VENV)/bin/jnnex train --model mlp --data census-first --steps 20000 --out runs/demo --seed 0
 	$(VENV)/bin/jnnex sample --from runs/demo -n 20 --seed 0
 
-# The whole suite on two processes (pytest-xdist) but the lesson runs; it passes on one too:
-# `.venv/bin/python -m pytest -q -m "not lessons"`.
+# The whole suite on two processes (pytest-xdist), every lesson run included; it passes on one too:
+# `.venv/bin/python -m pytest -q`.
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -n 2 --dist worksteal -m "not lessons"
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
-# Every lesson executed at its tiny size (lessons/, tests/test_lessons.py), graded exercises included. Not yet part of
-# `make test`: with them it took 10 min 45 s and 11 min 59 s on fresh clones here, too close to the 12-minute budget.
+# Only the lesson runs (lessons/, tests/test_lessons.py): every lesson executed at its tiny size, graded exercises
+# included. `make test` runs them too.
 test-lessons: $(VENV)/.stamp-test
 	$(PY) -m pytest -q -n 2 --dist worksteal -m lessons tests/test_lessons.py
 

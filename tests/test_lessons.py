@@ -3,10 +3,8 @@ process, as a learner runs it: it ends with its ``RESULT`` line, every picture i
 figures say what the lesson says they show. The exercises are graded both ways: with the solutions every gradient
 passes; with the planted slip (``JNNEX_LESSON_ANSWERS=slip``) the check names exactly the slipped tensor first.
 
-The runs are marked ``lessons`` (ten child processes, 53 s on 2 cores, 1 min 31 s of CPU) and run by ``make
-test-lessons``; ``make test`` keeps the rest of this file (the files' structure, the solutions against the lessons'
-own checks): with the runs inside, a fresh clone's ``make test`` took 10 min 45 s and 11 min 59 s here, too close to
-its 12-minute budget."""
+The runs are marked ``lessons`` (ten child processes, about 100 s of the suite's processes' time on 2 cores):
+``make test`` runs them with the rest, ``make test-lessons`` alone, ``make test-fast`` leaves them out."""
 
 import math
 import os
