@@ -214,6 +214,9 @@ def _settings(args, names) -> dict:
 
 
 def cmd_train(args) -> int:
+    if args.data is not None and args.data not in CORPORA and not Path(args.data).exists():  # before joining: a
+        raise ValueError(f"--data: file {args.data!r} does not exist (expected a UTF-8 text file, or one of "  # process
+                         f"{', '.join(CORPORA)})")  # that stops after joining leaves the others waiting for it
     # Before anything starts JAX's backend: join the other processes, if there are any.
     parallel.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
                         timeout=args.coordinator_timeout)
@@ -434,6 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C
         print("jnnex: interrupted", file=sys.stderr)
         return 130
+    except jax.errors.JaxRuntimeError as e:  # a collective of several processes that cannot complete
+        if jax.process_count() == 1:
+            raise  # one process: a bug, with its traceback
+        said = str(e).splitlines()[0][:300]
+        print(f"jnnex: error: process {jax.process_index()} of {jax.process_count()}: the other processes did not "
+              f"join a collective step (one stopped — see its own output — or the network failed); start every "
+              f"process again with the same command (--resume continues from the last checkpoint). XLA: {said}",
+              file=sys.stderr)
+        return 1
     if ctrl_c.pressed and code == 0:  # received while a command other than training finished its work
         print("jnnex: interrupted", file=sys.stderr)
         return 128 + int(ctrl_c.pressed)

@@ -295,6 +295,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=i,
                                initialization_timeout=int(max(1, timeout)))
     _keep_sigterm()
+    # Start the backend now, while every process is here: it exchanges the device topology through the coordinator,
+    # a wait of its own (5 minutes, not `timeout`). Left to the first array, a process that stops in between (bad
+    # input seen by process 0 alone) would leave the others in that wait, then a traceback.
+    jax.devices()
     return True
 
 

@@ -309,3 +309,36 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_chunk(tmp_path):
     assert "saved to" in errs[0] and "process 1; process 0 saves the run" in errs[1]
     with np.load(tmp_path / "r" / "checkpoint.npz") as f:
         assert int(f[".step"]) == steps[0]
+
+
+@pytest.mark.slow
+def test_a_process_that_stops_early_leaves_the_others_a_named_error_not_a_hang(tmp_path):
+    """Two 2-process runs where process 0 alone meets bad input: a data file that does not exist (refused before
+    joining: process 1 is told it cannot reach the coordinator within --coordinator-timeout) and one that is not
+    UTF-8 (found after joining: process 1's first collective cannot complete; it says so in one line, exit 1). No
+    traceback either way, and no wait beyond the runtime's own timeouts (5 s to join; 30 s for gloo's set-up)."""
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JNNEX_CACHE_DIR": "off", **suite_compile_env()}
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(var, None)
+    procs = []
+    for case, data in (("missing", str(tmp_path / "nope.txt")), ("not-utf8", str(tmp_path / "bad.txt"))):
+        port = free_port()
+        for i in range(2):
+            args = [sys.executable, "-m", "jnnex", "train", "--model", "mlp", "--n-hidden", "16", "--steps", "300",
+                    "--devices", "4", "--no-progress", "--out", str(tmp_path / case), "--coordinator-timeout", "5",
+                    "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                    *(["--data", data] if i == 0 else [])]
+            procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    errs = [err for _, err in outs]
+    assert [p.returncode for p in procs] == [2, 2, 2, 1], errs
+    assert all("Traceback" not in e for e in errs), errs
+    assert "--data: file" in errs[0] and "does not exist" in errs[0]
+    assert "cannot reach the coordinator" in errs[1]
+    assert "is not valid UTF-8" in errs[2]
+    assert "process 1 of 2: the other processes did not join a collective step" in errs[3]
