@@ -214,9 +214,10 @@ def _settings(args, names) -> dict:
 
 
 def cmd_train(args) -> int:
-    if args.data is not None and args.data not in CORPORA and not Path(args.data).exists():  # before joining: a
-        raise ValueError(f"--data: file {args.data!r} does not exist (expected a UTF-8 text file, or one of "  # process
-                         f"{', '.join(CORPORA)})")  # that stops after joining leaves the others waiting for it
+    # Refused before joining: a process that stops after joining leaves the others waiting for it.
+    if args.data is not None and args.data not in CORPORA and not Path(args.data).exists():
+        raise ValueError(f"--data: file {args.data!r} does not exist (expected a UTF-8 text file, or one of "
+                         f"{', '.join(CORPORA)})")
     # Before anything starts JAX's backend: join the other processes, if there are any.
     parallel.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
                         timeout=args.coordinator_timeout)

@@ -50,7 +50,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # suite's many small programs (the Llama's attention pair and model check: 19 s of compiling -> 9 s), where the run
 # time is a few milliseconds. And each program's machine code generated as one piece, not split into 32 for a thread
 # pool that two busy cores cannot use (test_models + test_tensor_parallel on 2 processes, alternated: 61, 57 s against
-# 76, 67 s split). The flag is read when the backend starts, which it does here; then XLA_FLAGS is put back,
+# 76, 67 s split). The flags are read when the backend starts, which it does here; then XLA_FLAGS is put back,
 # so the subprocess tests and the benchmarks' children compile with XLA's defaults, as a user's run does.
 # A subprocess that must compile exactly as the tests do (to compare bits with an in-process run) is given
 # XLA_FLAGS=$JNNEX_TEST_XLA_FLAGS and JAX_DISABLE_MOST_OPTIMIZATIONS=1.
