@@ -212,12 +212,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_cli(tmp_path, tag, cpu_devices, extra, model=("--model", "bn-mlp"), steps=300):
-    """``jnnex train`` in a subprocess with ``cpu_devices`` CPU devices: a Popen, its stdout file."""
+def child_env(cpu_devices: int) -> dict:
+    """A `jnnex` child's environment: ``cpu_devices`` CPU devices, the suite's compile settings, no compilation cache,
+    unbuffered output, and no distributed settings inherited (each child gets its own on the command line)."""
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(cpu_devices), "JNNEX_CACHE_DIR": "off", "PYTHONUNBUFFERED": "1",
            **suite_compile_env()}
     for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(var, None)
+    return env
+
+
+def train_cli(tmp_path, tag, cpu_devices, extra, model=("--model", "bn-mlp"), steps=300):
+    """``jnnex train`` in a subprocess with ``cpu_devices`` CPU devices: a Popen, its stdout file."""
+    env = child_env(cpu_devices)
     stdout = tmp_path / f"{tag}.out"
     args = [sys.executable, "-m", "jnnex", "train", *model, "--steps", str(steps), "--eval-every", str(steps // 3),
             "--chunk", str(steps // 3), "--devices", "4", "--json", "--out", str(tmp_path / tag), *extra]
@@ -282,10 +289,7 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_chunk(tmp_path):
     import time
 
     port = free_port()
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JNNEX_CACHE_DIR": "off", "PYTHONUNBUFFERED": "1",
-           **suite_compile_env()}
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(var, None)
+    env = child_env(2)
     procs = []
     for i in range(2):
         args = [sys.executable, "-m", "jnnex", "train", "--model", "mlp", "--n-hidden", "16", "--steps", "10000000",
@@ -318,9 +322,7 @@ def test_a_process_that_stops_early_leaves_the_others_a_named_error_not_a_hang(t
     UTF-8 (found after joining: process 1's first collective cannot complete; it says so in one line, exit 1). No
     traceback either way, and no wait beyond the runtime's own timeouts (5 s to join; 30 s for gloo's set-up)."""
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JNNEX_CACHE_DIR": "off", **suite_compile_env()}
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(var, None)
+    env = child_env(2)
     procs = []
     for case, data in (("missing", str(tmp_path / "nope.txt")), ("not-utf8", str(tmp_path / "bad.txt"))):
         port = free_port()
