@@ -209,10 +209,13 @@ def render(lesson: str | Path, out_dir: str | Path, *, timeout: int = 1800) -> P
     """Execute one lesson (a jupytext percent file) as a notebook and write it, outputs and pictures inline, to
     ``out_dir/<name>.ipynb`` (the ``lessons`` extra: jupytext, nbclient, ipykernel). ``timeout``: seconds a cell
     may take. Returns the notebook's path."""
+    import tempfile
+
     try:
         import jupytext
         import nbclient
         import nbformat
+        from jupyter_client import KernelManager
     except ImportError:
         raise ImportError("rendering the lessons needs the lessons extra: pip install 'jnnex[lessons]' (or make "
                           "lessons)") from None
@@ -220,8 +223,15 @@ def render(lesson: str | Path, out_dir: str | Path, *, timeout: int = 1800) -> P
     out_dir.mkdir(parents=True, exist_ok=True)
     notebook = jupytext.read(lesson)
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(out_dir)}}).execute()
+    with tempfile.TemporaryDirectory(prefix="jnnex-kernel-") as sockets:  # the kernel's sockets: local files, not TCP
+        # (ipykernel warns of an unencrypted TCP kernel on every lesson otherwise)
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
+        try:
+            nbclient.NotebookClient(notebook, km=km, timeout=timeout, kernel_name="python3",
+                                    resources={"metadata": {"path": str(out_dir)}}).execute()
+        finally:
+            if km.has_kernel:
+                km.shutdown_kernel(now=True)
     path = out_dir / f"{lesson.stem}.ipynb"
     tmp = path.with_suffix(".ipynb.tmp")
     nbformat.write(notebook, str(tmp))
