@@ -320,15 +320,18 @@ def test_a_process_that_stops_early_leaves_the_others_a_named_error_not_a_hang(t
     """Two 2-process runs where process 0 alone meets bad input: a data file that does not exist (refused before
     joining: process 1 is told it cannot reach the coordinator within --coordinator-timeout) and one that is not
     UTF-8 (found after joining: process 1's first collective cannot complete; it says so in one line, exit 1). No
-    traceback either way, and no wait beyond the runtime's own timeouts (5 s to join; 30 s for gloo's set-up)."""
+    traceback either way, and no wait beyond the timeouts (--coordinator-timeout; 30 s for gloo's set-up)."""
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
     env = child_env(2)
     procs = []
-    for case, data in (("missing", str(tmp_path / "nope.txt")), ("not-utf8", str(tmp_path / "bad.txt"))):
+    # (the wait to join: 5 s where process 1 is to give up on a coordinator that never starts; 120 s where both must
+    # join, however busy the machine — joining ends as soon as both are there)
+    for case, data, wait in (("missing", str(tmp_path / "nope.txt"), "5"), ("not-utf8", str(tmp_path / "bad.txt"),
+                                                                             "120")):
         port = free_port()
         for i in range(2):
             args = [sys.executable, "-m", "jnnex", "train", "--model", "mlp", "--n-hidden", "16", "--steps", "300",
-                    "--devices", "4", "--no-progress", "--out", str(tmp_path / case), "--coordinator-timeout", "5",
+                    "--devices", "4", "--no-progress", "--out", str(tmp_path / case), "--coordinator-timeout", wait,
                     "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
                     *(["--data", data] if i == 0 else [])]
             procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
