@@ -61,6 +61,39 @@ def matmul(a, b):
     return jnp.matmul(a, b, preferred_element_type=wide(a.dtype))
 
 
+# The backward's products take one operand transposed (``dx = dy Wᵀ``, ``dW = xᵀ dy``). Written as ``matmul(a, b.T)``
+# they compute the same numbers, but XLA's CPU backend keeps a bfloat16 product on its fast kernel (YNNPACK, which
+# uses the CPU's AMX tiles where it has them) only for ``a @ b`` and ``a @ bᵀ`` stated as one dot: a transpose in front
+# of the dot, or ``aᵀ @ b`` in any form, makes it convert both operands to float32 first (5–8× slower for the GPT's
+# bfloat16 shapes here: `jnnex bench --only text`). So ``a @ bᵀ`` is one dot_general, and for ``aᵀ @ b`` a 16-bit ``a``
+# is first copied into the transposed layout (a pass over ``a``, small beside the product). float32 and float64 are
+# computed as before.
+
+
+def matmul_nt(a, b):
+    """``a @ bᵀ`` over the last two axes, as one dot contracting both last axes; ``b`` is 2-D (a weight, shared by
+    all of ``a``'s leading axes) or has ``a``'s leading (batch) axes."""
+    if b.ndim == 2:  # one matrix product over all of a's rows (XLA's CPU runtime fails on bfloat16 otherwise)
+        return matmul_nt(a.reshape(1, -1, a.shape[-1]), b[None]).reshape(a.shape[:-1] + b.shape[:1])
+    batch = tuple(range(b.ndim - 2))
+    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 1,)), (batch, batch)),
+                               preferred_element_type=wide(a.dtype))
+
+
+def transpose(a):
+    """``a`` with its last two axes swapped, to be multiplied: a 16-bit float ``a`` as a copy laid out transposed (a
+    reshape XLA cannot fold away behind an optimisation barrier), any other as a view XLA folds into the product."""
+    t = jnp.swapaxes(a, -1, -2)
+    if jnp.finfo(a.dtype).bits >= 32:
+        return t
+    return jax.lax.optimization_barrier(t.reshape(t.shape[:-2] + (-1,))).reshape(t.shape)
+
+
+def matmul_tn(a, b):
+    """``aᵀ @ b`` over the last two axes (leading axes batched)."""
+    return matmul(transpose(a), b)
+
+
 def compute_params(params, precision: str):
     """The parameters a forward computes with: themselves (``"float32"``: the parameters' own dtype, float64 in the
     proofs), or cast to bfloat16. The cast's backward casts the gradients back (:func:`param_grads`)."""
@@ -99,8 +132,8 @@ def linear_backward(dy, cache):
     """``dx = dy @ Wᵀ``, ``dW = xᵀ @ dy`` (leading axes flattened), ``db = Σ dy`` over leading axes."""
     x, W, has_bias = cache
     check_shape("linear_backward: dy", dy, x.shape[:-1] + (W.shape[1],))
-    dx = matmul(dy, W.T).astype(dy.dtype)  # (..., Cin)
-    dW = matmul(x.reshape(-1, x.shape[-1]).T, dy.reshape(-1, dy.shape[-1]))  # (Cin, Cout), kept wide
+    dx = matmul_nt(dy, W).astype(dy.dtype)  # (..., Cin)
+    dW = matmul_tn(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))  # (Cin, Cout), kept wide
     db = dy.reshape(-1, dy.shape[-1]).astype(dW.dtype).sum(0) if has_bias else None  # (Cout,)
     return dx, dW, db
 

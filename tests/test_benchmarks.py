@@ -38,7 +38,8 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
     if suite == "gpt":
         assert {r["step"] for r in data["steps"]} == {"jax.grad", "manual"} and "torch: not installed" in text
     if suite == "text":
-        assert {r["step"] for r in data["steps"]} == {"jax.grad", "manual"} and "torch: not installed" in text
+        assert {r["step"] for r in data["steps"]} == {"jax.grad", "manual", "manual, bfloat16"}
+        assert "torch: not installed" in text
         sizes = [r["bytes_per_token"] for r in data["compression"]]
         assert data["compression"][0]["vocab_size"] == 256 and sizes[0] == 1.0 and sizes == sorted(sizes)
         assert {r["sampler"] for r in data["kv_cache"]} == {"KV cache", "whole context"}

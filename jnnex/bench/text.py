@@ -1,8 +1,8 @@
 """The text suite: the BPE tokenizer (train to 512 and encode tiny Shakespeare, beside Hugging Face ``tokenizers``
 when installed; bytes per token for vocabularies 256 … 4,096), sampling with the KV cache against re-running the
 whole context (1,000 tokens at block size 256), and the training step of nanoGPT's CPU recipe (tokens per second, on
-the hand-written backward and on ``jax.grad``, beside the same step in PyTorch eager when installed, and as a
-fraction of the matmul rate measured in the same rounds).
+the hand-written backward in float32 and in bfloat16 and on ``jax.grad``, beside the same step in PyTorch eager
+when installed, and as a fraction of the matmul rate measured in the same rounds).
 
 Tiny Shakespeare is read from ``$JNNEX_SHAKESPEARE_TXT`` or ``../shared/data/tinyshakespeare.txt`` beside the
 repository; never copied, never downloaded.
@@ -110,8 +110,11 @@ def training_step(path: Path, quick: bool) -> tuple[list[dict], str]:
                                                key=peak["gflops"].get))
     n_steps = 5 if quick else 50
     contenders, flops = {}, {}
-    for name, g in (("jax.grad", "autodiff"), ("manual", "manual")):
-        m = model.with_gradients(g)
+    bf16 = runs.prepare(runs.RunConfig.new("gpt", str(path), preset="shakespeare-cpu", precision="bfloat16",
+                                           **settings))[0]
+    for name, g, mdl in (("jax.grad", "autodiff", model), ("manual", "manual", model),
+                         ("manual, bfloat16", "manual", bf16)):
+        m = mdl.with_gradients(g)
         opt = make_optimizer(tcfg)
         step = make_step(m, opt)
         ts = init_train_state(m, opt, jax.random.key(0))

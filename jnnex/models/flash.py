@@ -34,7 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jnnex.layers import check_shape, matmul, wide
+from jnnex.layers import check_shape, matmul, matmul_nt, matmul_tn, wide
 
 TILE = 64  # rows and columns of a tile; a setting of the models that use it
 
@@ -59,7 +59,7 @@ def _rows(x, i, tile: int):
 def _scores(qi, kj, i, j, tile: int):
     """``q_i k_jᵀ / √hs`` of tiles ``i`` and ``j``, ``-inf`` where the key comes after the query: ``(B, nh, tile,
     tile)``."""
-    s = matmul(qi, kj.transpose(0, 1, 3, 2)) * qi.shape[-1] ** -0.5  # float32 for bfloat16
+    s = matmul_nt(qi, kj) * qi.shape[-1] ** -0.5  # float32 for bfloat16
     rows = i * tile + jnp.arange(tile)
     cols = j * tile + jnp.arange(tile)
     return jnp.where(rows[:, None] >= cols[None, :], s, -jnp.inf)
@@ -134,10 +134,10 @@ def flash_attend_backward(dy, cache):
             dq, dk, dv = carry
             qi, doi = _rows(qp, i, tile), _rows(dop, i, tile)
             p = jnp.exp(_scores(qi, kj, i, j, tile) - _rows(lsep, i, tile)[..., None])  # (B, nh, tile, tile)
-            dv = dv + matmul(p.astype(doi.dtype).transpose(0, 1, 3, 2), doi)
-            ds = p * (matmul(doi, vj.transpose(0, 1, 3, 2)) - _rows(Dp, i, tile)[..., None]) * scale
+            dv = dv + matmul_tn(p.astype(doi.dtype), doi)
+            ds = p * (matmul_nt(doi, vj) - _rows(Dp, i, tile)[..., None]) * scale
             ds = ds.astype(q.dtype)
-            dk = dk + matmul(ds.transpose(0, 1, 3, 2), qi)
+            dk = dk + matmul_tn(ds, qi)
             dq = jax.lax.dynamic_update_slice_in_dim(dq, _rows(dq, i, tile) + matmul(ds, kj), i * tile, axis=2)
             return dq, dk, dv
 

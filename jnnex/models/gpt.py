@@ -39,7 +39,7 @@ import numpy as np
 
 from jnnex.layers import (
     PRECISIONS, Linear, check_dropout_key, check_shape, compute_params, dropout_backward, dropout_in_training,
-    linear_backward, linear_forward, matmul, param_grads, per_channel, wide,
+    linear_backward, linear_forward, matmul, matmul_nt, matmul_tn, param_grads, per_channel, transpose, wide,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.settings import check_choice, positive_int, setting
@@ -177,7 +177,7 @@ def attend_forward(q, k, v):
         raise ValueError(f"attend: q, k, v must all be (B, nh, T, hs), got {q.shape}, {k.shape}, {v.shape}")
     T, hs = q.shape[2], q.shape[3]
     causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # (1, 1, T, T): position t sees t' <= t
-    preatt = jnp.where(causal, matmul(q, k.transpose(0, 1, 3, 2)) * hs**-0.5, -jnp.inf)  # softmax: float32 for bf16
+    preatt = jnp.where(causal, matmul_nt(q, k) * hs**-0.5, -jnp.inf)  # softmax: float32 for bf16
     e = jnp.exp(preatt - preatt.max(-1, keepdims=True))  # the diagonal is never masked: a finite maximum per row
     att = e / e.sum(-1, keepdims=True)  # (B, nh, T, T), exactly 0 above the diagonal
     return merge_heads(matmul(att.astype(v.dtype), v).astype(q.dtype)), (q, k, v, att)
@@ -191,10 +191,10 @@ def attend_backward(dy, cache):
     B, nh, T, hs = q.shape
     check_shape("attend_backward: dy", dy, (B, T, nh * hs))
     dyh = heads(dy, nh)  # (B, nh, T, hs)
-    datt = matmul(dyh, v.transpose(0, 1, 3, 2))  # (B, nh, T, T), as wide as att
-    dv = matmul(att.astype(dy.dtype).transpose(0, 1, 3, 2), dyh).astype(dy.dtype)
+    datt = matmul_nt(dyh, v)  # (B, nh, T, T), as wide as att
+    dv = matmul_tn(att.astype(dy.dtype), dyh).astype(dy.dtype)
     dpreatt = (att * (datt - (att * datt).sum(-1, keepdims=True)) * hs**-0.5).astype(dy.dtype)
-    return (matmul(dpreatt, k).astype(dy.dtype), matmul(dpreatt.transpose(0, 1, 3, 2), q).astype(dy.dtype), dv)
+    return (matmul(dpreatt, k).astype(dy.dtype), matmul_tn(dpreatt, q).astype(dy.dtype), dv)
 
 
 def qkv_attention_forward(qkv, n_head: int):
@@ -320,7 +320,7 @@ def forward(cfg: GPTConfig, params: GPTParams, state, x, train: bool, key=None) 
         block_caches.append((c_ln1, c_attn, c_drop1, c_res1, c_ln2, c_fc, c_gelu, c_fcproj, c_drop2, c_res2))
         acts.append(h)
     h, c_lnf = layernorm_forward(h, params.lnf.w, params.lnf.b)
-    logits, c_head = head_forward(h, params.wte.T if cfg.tie else params.lm_head)  # (B, T, V)
+    logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)  # (B, T, V)
     return Forward(logits, state, (c_emb, c_drop0, tuple(block_caches), c_lnf, c_head), tuple(acts))
 
 
@@ -330,13 +330,27 @@ def head_forward(h, W):
     return matmul(h, W), (h, W, False)
 
 
+def head_backward(dlogits, cache, tied: bool):
+    """:func:`head_forward`'s backward: ``dh = dlogits Wᵀ`` and ``W``'s gradient ``hᵀ dlogits`` (C, V), or, ``tied``
+    (``W`` is the token table transposed), the table's own gradient ``dlogitsᵀ h`` (V, C): the same numbers, computed
+    in the table's layout instead of transposed after the product (XLA's CPU backend rewrites that transpose into a
+    bfloat16 product its runtime cannot run)."""
+    if not tied:
+        dh, dW, _ = linear_backward(dlogits, cache)
+        return dh, dW
+    h, W, _ = cache
+    check_shape("head_backward: dlogits", dlogits, h.shape[:-1] + (W.shape[1],))
+    dh = matmul_nt(dlogits, W).astype(dlogits.dtype)
+    return dh, matmul_tn(dlogits.reshape(-1, dlogits.shape[-1]), h.reshape(-1, h.shape[-1]))
+
+
 def backward(cfg: GPTConfig, params: GPTParams, caches, dlogits):
     """Every gradient by hand, in reverse order of :func:`forward`. ``dh`` is the residual stream's gradient: each
     residual add passes it unchanged to the stream *and* to its branch, and what the branch sends back to the stream
     is added to it (llm.c's ``+=``). ``act_grads[i]`` is the loss gradient at block ``i``'s output."""
     c_emb, c_drop0, block_caches, c_lnf, c_head = caches
     dlogits = dlogits.astype(c_head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
-    dh, dlm_head, _ = linear_backward(dlogits, c_head)  # (when tied: the gradient of wteᵀ, added to dwte below)
+    dh, dlm_head = head_backward(dlogits, c_head, cfg.tie)  # (when tied: the gradient of wte, added to dwte below)
     dh, dlnf_w, dlnf_b = layernorm_backward(dh, c_lnf)
     dblocks, act_grads = [], []
     for c_ln1, c_attn, c_drop1, c_res1, c_ln2, c_fc, c_gelu, c_fcproj, c_drop2, c_res2 in reversed(block_caches):
@@ -361,7 +375,7 @@ def backward(cfg: GPTConfig, params: GPTParams, caches, dlogits):
         dh, _, _ = dropout_backward(dh, c_drop0)
     dwte, dwpe, _ = token_position_embedding_backward(dh, c_emb)
     if cfg.tie:  # one table, two uses: the gradients add
-        dwte, dlm_head = dwte + dlm_head.T, None
+        dwte, dlm_head = dwte + dlm_head, None
     grads = GPTParams(dwte, dwpe, tuple(reversed(dblocks)), LayerNorm(dlnf_w, dlnf_b), dlm_head)
     if cfg.precision != "float32":  # the cast's backward: float32 gradients again
         grads = param_grads(grads, params)
@@ -402,7 +416,7 @@ def attend_cached(q, K, V, pos):
     """One query position against the cache: ``q (B, nh, 1, hs)``, ``K, V (B, nh, T, hs)`` valid up to ``pos``
     (included) -> ``y (B, 1, nh·hs)``. The same softmax as :func:`attend_forward`, one row of it."""
     T, hs = K.shape[2], K.shape[3]
-    scores = matmul(q, K.transpose(0, 1, 3, 2)) * hs**-0.5  # (B, nh, 1, T)
+    scores = matmul_nt(q, K) * hs**-0.5  # (B, nh, 1, T)
     scores = jnp.where((jnp.arange(T, dtype=jnp.int32) <= pos)[None, None, None, :], scores, -jnp.inf)
     e = jnp.exp(scores - scores.max(-1, keepdims=True))
     return merge_heads(matmul((e / e.sum(-1, keepdims=True)).astype(V.dtype), V).astype(q.dtype))
@@ -429,7 +443,7 @@ def decode(cfg: GPTConfig, params: GPTParams, cache: KVCache, token, pos):
         ks.append(K)
         vs.append(V)
     h, _ = layernorm_forward(h, params.lnf.w, params.lnf.b)
-    logits, _ = head_forward(h, params.wte.T if cfg.tie else params.lm_head)  # (B, 1, V)
+    logits, _ = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)  # (B, 1, V)
     return logits[:, 0], KVCache(tuple(ks), tuple(vs))
 
 

@@ -35,12 +35,14 @@ import jax.numpy as jnp
 
 from jnnex.layers import (
     PRECISIONS, Linear, check_dropout_key, check_shape, compute_params, dropout_backward, dropout_in_training,
-    embedding_backward, embedding_forward, linear_backward, linear_forward, param_grads, per_channel, wide,
+    embedding_backward, embedding_forward, linear_backward, linear_forward, param_grads, per_channel, transpose,
+    wide,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.models import flash
 from jnnex.models.gpt import (
-    INIT_STD, KVCache, attend_backward, attend_cached, attend_forward, head_forward, heads, merge_heads, write_kv,
+    INIT_STD, KVCache, attend_backward, attend_cached, attend_forward, head_backward, head_forward, heads, merge_heads,
+    write_kv,
 )
 from jnnex.settings import check_choice, positive_int, setting
 
@@ -339,7 +341,7 @@ def forward(cfg: LlamaConfig, params: LlamaParams, state, x, train: bool, key=No
         block_caches.append((c_n1, c_attn, c_drop1, c_n2, c_fc, c_swiglu, c_fcproj, c_drop2))
         acts.append(h)
     h, c_nf = rmsnorm_forward(h, params.normf, cfg.norm_eps)
-    logits, c_head = head_forward(h, params.wte.T if cfg.tie else params.lm_head)  # (B, T, V), float32 for bfloat16
+    logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)  # (B, T, V); float32
     return Forward(logits, state, (c_emb, c_drop0, tuple(block_caches), c_nf, c_head), tuple(acts))
 
 
@@ -348,7 +350,7 @@ def backward(cfg: LlamaConfig, params: LlamaParams, caches, dlogits):
     each branch unchanged and gets back what the branch sends (the residual add's backward, written inline)."""
     c_emb, c_drop0, block_caches, c_nf, c_head = caches
     dlogits = dlogits.astype(c_head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
-    dh, dlm_head, _ = linear_backward(dlogits, c_head)
+    dh, dlm_head = head_backward(dlogits, c_head, cfg.tie)  # (when tied: the gradient of wte, added below)
     dh, dnormf = rmsnorm_backward(dh, c_nf)
     dblocks, act_grads = [], []
     for c_n1, c_attn, c_drop1, c_n2, c_fc, c_swiglu, c_fcproj, c_drop2 in reversed(block_caches):
@@ -369,7 +371,7 @@ def backward(cfg: LlamaConfig, params: LlamaParams, caches, dlogits):
         dh, _, _ = dropout_backward(dh, c_drop0)
     dwte, _ = embedding_backward(dh, c_emb)
     if cfg.tie:  # one table, two uses: the gradients add
-        dwte, dlm_head = dwte + dlm_head.T, None
+        dwte, dlm_head = dwte + dlm_head, None
     grads = LlamaParams(dwte, tuple(reversed(dblocks)), dnormf, dlm_head)
     if cfg.precision != "float32":  # the cast's backward: float32 gradients again
         grads = param_grads(grads, params)
@@ -413,7 +415,7 @@ def decode(cfg: LlamaConfig, params: LlamaParams, cache: KVCache, token, pos):
         ks.append(K)
         vs.append(V)
     h, _ = rmsnorm_forward(h, params.normf, cfg.norm_eps)
-    logits, _ = head_forward(h, params.wte.T if cfg.tie else params.lm_head)
+    logits, _ = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)
     return logits[:, 0], KVCache(tuple(ks), tuple(vs))
 
 
