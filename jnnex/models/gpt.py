@@ -115,15 +115,19 @@ GELU_C = float(np.sqrt(2.0 / np.pi))
 
 
 def gelu_forward(x):
-    """GELU in GPT-2's tanh form: ``0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))``. Caches ``x`` (llm.c's ``fch``)."""
-    return 0.5 * x * (1.0 + jnp.tanh(GELU_C * (x + 0.044715 * x**3))), x
+    """GELU in GPT-2's tanh form: ``0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))``. Caches ``x`` (llm.c's ``fch``).
+    bfloat16 in and out, float32 inside: XLA's CPU backend has no fast bfloat16 tanh (2–4× slower than this)."""
+    xw = x.astype(wide(x.dtype))
+    return (0.5 * xw * (1.0 + jnp.tanh(GELU_C * (xw + 0.044715 * xw**3)))).astype(x.dtype), x
 
 
 def gelu_backward(dy, x):
     """``dx = dy · [0.5 (1 + tanh u) + 0.5 x sech²u · √(2/π) (1 + 3 · 0.044715 x²)]``, ``u`` recomputed from ``x``."""
     check_shape("gelu_backward: dy", dy, x.shape)
-    t = jnp.tanh(GELU_C * (x + 0.044715 * x**3))
-    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x))
+    xw = x.astype(wide(x.dtype))
+    t = jnp.tanh(GELU_C * (xw + 0.044715 * xw**3))
+    slope = 0.5 * (1.0 + t) + 0.5 * xw * (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * xw * xw)
+    return (dy.astype(xw.dtype) * slope).astype(dy.dtype)
 
 
 def residual_forward(a, b):
