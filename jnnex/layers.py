@@ -73,8 +73,6 @@ def matmul(a, b):
 def matmul_nt(a, b):
     """``a @ bᵀ`` over the last two axes, as one dot contracting both last axes; ``b`` is 2-D (a weight, shared by
     all of ``a``'s leading axes) or has ``a``'s leading (batch) axes."""
-    if b.ndim == 2:  # one matrix product over all of a's rows (XLA's CPU runtime fails on bfloat16 otherwise)
-        return matmul_nt(a.reshape(1, -1, a.shape[-1]), b[None]).reshape(a.shape[:-1] + b.shape[:1])
     batch = tuple(range(b.ndim - 2))
     return jax.lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 1,)), (batch, batch)),
                                preferred_element_type=wide(a.dtype))
