@@ -341,7 +341,7 @@ def forward(cfg: LlamaConfig, params: LlamaParams, state, x, train: bool, key=No
         block_caches.append((c_n1, c_attn, c_drop1, c_n2, c_fc, c_swiglu, c_fcproj, c_drop2))
         acts.append(h)
     h, c_nf = rmsnorm_forward(h, params.normf, cfg.norm_eps)
-    logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)  # (B, T, V), float32 for bf16
+    logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)  # (B, T, V), f32 for bf16
     return Forward(logits, state, (c_emb, c_drop0, tuple(block_caches), c_nf, c_head), tuple(acts))
 
 
