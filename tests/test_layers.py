@@ -195,24 +195,23 @@ def test_bad_batchnorm_inputs():
         batchnorm(params, state, jnp.ones((4, 3), jnp.float32), train=jnp.array(True))
 
 
-@pytest.mark.parametrize("a_shape, b_shape", [((12, 64, 40), (24, 40)), ((3, 4, 10, 6), (3, 4, 10, 6)),
-                                              ((7, 5), (7, 3))])
-def test_the_transposed_products_in_bfloat16_equal_float32s(a_shape, b_shape):
+@pytest.mark.parametrize("product, a_shape, b_shape", [
+    ("nt", (12, 64, 40), (24, 40)),  # a weight shared by every row: the linear layer's dx
+    ("nt", (3, 4, 10, 6), (3, 4, 10, 6)),  # batched: attention's scores
+    ("tn", (3, 4, 10, 6), (3, 4, 10, 6)),  # batched: attention's dv, dk
+    ("tn", (7, 5), (7, 3)),  # the linear layer's dW
+])
+def test_the_transposed_products_in_bfloat16_equal_float32s(product, a_shape, b_shape):
     """``matmul_nt`` (``a bᵀ``) and ``matmul_tn`` (``aᵀ b``) in bfloat16 take a path of their own (one dot stated as
     such; ``aᵀ`` copied into its layout, see :func:`jnnex.layers.transpose`): jitted, they equal float32's products of
     the same bfloat16 values up to the float32 sums' order."""
     ka, kb = jax.random.split(jax.random.key(0))
     a = jax.random.normal(ka, a_shape).astype(jnp.bfloat16)
     b = jax.random.normal(kb, b_shape).astype(jnp.bfloat16)
-    wide = (a.astype(jnp.float32), b.astype(jnp.float32))
-    if len(a_shape) == len(b_shape) and a_shape[-1] == b_shape[-1]:
-        got, want = jax.jit(layers.matmul_nt)(a, b), jnp.matmul(wide[0], jnp.swapaxes(wide[1], -1, -2))
-        assert got.dtype == jnp.float32
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    if b.ndim == 2 and a.ndim == 3:  # a weight shared by every row
-        got, want = jax.jit(layers.matmul_nt)(a, b), wide[0] @ wide[1].T
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    if a_shape[:-1] == b_shape[:-1]:
-        got, want = jax.jit(layers.matmul_tn)(a, b), jnp.matmul(jnp.swapaxes(wide[0], -1, -2), wide[1])
-        assert got.dtype == jnp.float32
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+    if product == "nt":
+        got, want = jax.jit(layers.matmul_nt)(a, b), jnp.matmul(a32, jnp.swapaxes(b32, -1, -2))
+    else:
+        got, want = jax.jit(layers.matmul_tn)(a, b), jnp.matmul(jnp.swapaxes(a32, -1, -2), b32)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ repository; never copied, never downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -110,8 +111,7 @@ def training_step(path: Path, quick: bool) -> tuple[list[dict], str]:
                                                key=peak["gflops"].get))
     n_steps = 5 if quick else 50
     contenders, flops = {}, {}
-    bf16 = runs.prepare(runs.RunConfig.new("gpt", str(path), preset="shakespeare-cpu", precision="bfloat16",
-                                           **settings))[0]
+    bf16 = gpt(dataclasses.replace(rc.model_config, precision="bfloat16"))  # the same model, computing in bfloat16
     for name, g, mdl in (("jax.grad", "autodiff", model), ("manual", "manual", model),
                          ("manual, bfloat16", "manual", bf16)):
         m = mdl.with_gradients(g)
