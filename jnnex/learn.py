@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 SIZE_ENV, OUT_ENV = "JNNEX_LESSON_SIZE", "JNNEX_LESSON_OUT"
@@ -209,8 +210,6 @@ def render(lesson: str | Path, out_dir: str | Path, *, timeout: int = 1800) -> P
     """Execute one lesson (a jupytext percent file) as a notebook and write it, outputs and pictures inline, to
     ``out_dir/<name>.ipynb`` (the ``lessons`` extra: jupytext, nbclient, ipykernel). ``timeout``: seconds a cell
     may take. Returns the notebook's path."""
-    import tempfile
-
     try:
         import jupytext
         import nbclient
