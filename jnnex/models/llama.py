@@ -65,14 +65,15 @@ def rmsnorm_forward(x, g, eps: float = 1e-5):
 
 def rmsnorm_backward(dy, cache):
     """With ``x̂ = x · rstd``: ``dg = Σ_rows dy ⊙ x̂`` and ``dx = rstd · (dy ⊙ g − x̂ · mean(dy ⊙ g ⊙ x̂))`` — one
-    reduction per row (LayerNorm's two, less the mean's). Returns ``(dx, dg)``."""
+    reduction per row (LayerNorm's two, less the mean's). Computed as ``rstd · dy⊙g − x · rstd³ · mean(dy⊙g⊙x)``:
+    the per-row factors outside the sums, no ``x̂`` formed (XLA's program for this form is the faster one on CPU from
+    512 sequences: ``jnnex bench --only llama``). Returns ``(dx, dg)``."""
     x, g, rstd = cache
     check_shape("rmsnorm_backward: dy", dy, x.shape)
-    dyw = dy.astype(rstd.dtype)  # in float32 for bfloat16, as the forward's statistic
-    xhat = x.astype(rstd.dtype) * rstd
-    dxhat = dyw * per_channel(g.astype(rstd.dtype), x.ndim)
-    dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdims=True))
-    return dx.astype(dy.dtype), (dyw * xhat).reshape(-1, x.shape[-1]).sum(0)
+    dyw, xw = dy.astype(rstd.dtype), x.astype(rstd.dtype)  # in float32 for bfloat16, as the forward's statistic
+    dyg = dyw * per_channel(g.astype(rstd.dtype), x.ndim)
+    dx = rstd * dyg - xw * ((dyg * xw).mean(-1, keepdims=True) * rstd**3)
+    return dx.astype(dy.dtype), (dyw * xw * rstd).reshape(-1, x.shape[-1]).sum(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
