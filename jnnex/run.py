@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -368,13 +369,13 @@ def check_fits(rc: RunConfig, n_train: int, *, available: int | None = None,
         settings = {k: v for k, v in given.items() if k != "vocab_size" and type(v) is int and v != default[k]}
     hints = []
     for name, value in settings.items():
-        def fits(v, name=name):
+        def need_at(v, name=name):
             try:
                 model_config = dataclasses.replace(rc.model_config, **{name: v})
             except ValueError:  # not a valid setting (say, a width the heads do not divide)
                 return None
-            return estimate(model_config, rc.train).total <= available
-        largest = _largest(fits, value)
+            return estimate(model_config, rc.train).total
+        largest = _largest(need_at, value, need.total, available)
         if largest:
             hints.append(f"{name} {largest:,}")
     if rc.train.batch_size is not None and need.activations > 0:  # activations grow with the batch, the rest not
@@ -393,26 +394,47 @@ def check_fits(rc: RunConfig, n_train: int, *, available: int | None = None,
            "no smaller batch or setting brings it within reach"))
 
 
-def _largest(fits: Callable[[int], bool | None], above: int) -> int:
-    """About the largest ``v < above`` with ``fits(v)`` (to 1 %; 0 if none), ``fits`` monotone and ``None`` for a
-    value that is no valid setting (a width its heads do not divide: the next value down is tried instead)."""
-    def probe(v):  # (the valid value at or below v, whether it fits); (0, True) when there is none
-        while v > 0 and (ok := fits(v)) is None:
-            v -= 1
-        return (v, ok) if v > 0 else (0, True)
+def _largest(need_at: Callable[[int], int | None], above: int, need_above: int, available: int) -> int:
+    """About the largest ``v < above`` with ``need_at(v) <= available`` (to 1 %; 0 if none), given ``need_at(above) =
+    need_above > available``; ``need_at`` grows with ``v`` and is ``None`` for a value that is no valid setting (a
+    width its heads do not divide: the next value down is tried instead). Each ``need_at`` traces the model, so the
+    next value tried is where a power law through the two nearest values tried (``need ∝ vᵖ``: p = 2 for a width, 1
+    for a depth) crosses ``available``, aimed 0.5 % low, then a value 1 % above the last that fits to close the
+    bracket; a bisection step whenever two steps did not halve it."""
+    seen: dict[int, int | None] = {}
 
-    lo, hi = 0, above  # lo fits (or is 0), hi does not
-    v, ok = probe(above // 2)
-    while not ok and v > 0:  # halve until something fits: few probes for a setting far too large
-        hi, (v, ok) = v, probe(v // 2)
-    lo = v
+    def need(v):  # each value traced once
+        if v not in seen:
+            seen[v] = need_at(v)
+        return seen[v]
+
+    def probe(v):  # (the valid value at or below v, its need); (0, 0) when there is none
+        while v > 0 and (n := need(v)) is None:
+            v -= 1
+        return (v, n) if v > 0 else (0, 0)
+
+    # hi does not fit; lo fits, or is 0, or no valid value lies in (best, lo]; best: the largest found that fits
+    (lo, n_lo), (hi, n_hi), best, widths = (0, 0), (above, need_above), 0, [above]
     while hi - lo > max(1, lo // 100):
-        v, ok = probe((lo + hi) // 2)
-        if ok and v > lo:
-            lo = v
-        else:
-            hi = (lo + hi) // 2
-    return lo
+        if n_hi > n_lo > 0:  # the power law through lo and hi
+            p = math.log(n_hi / n_lo) / math.log(hi / lo)
+            aim = lo * math.exp(min(math.log(available / n_lo) / p, math.log(hi / lo)))  # (at most hi: a flat law)
+        else:  # only hi known: a quadratic law through it (low for a steeper need, high for a flatter one), at
+            aim = min(hi * (available / n_hi) ** 0.5, hi / 2)  # most half of hi (as fast as halving when none fits)
+        guess = int(aim * 0.995)
+        if n_lo and guess <= lo:  # lo is within 0.5 % of the crossing: close the bracket just past 1 % above it
+            guess = lo + max(1, lo // 100)
+        if (len(widths) >= 3 and widths[-1] > widths[-3] / 2) or not lo < guess < hi:  # too slow, or outside
+            guess = (lo + hi) // 2 if lo else hi // 2
+        v, n = probe(guess)
+        if v > lo and n <= available:
+            lo, n_lo, best = v, n, v
+        elif v > lo:
+            hi, n_hi = v, n
+        else:  # no valid value in (lo, guess]: the answer is best or lies above guess
+            lo, n_lo = guess, 0
+        widths.append(hi - lo)
+    return best
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -228,6 +228,44 @@ def test_memory_is_estimated_before_anything_is_allocated(monkeypatch):
         run.check_fits(too_big, 1000)
 
 
+def test_the_largest_setting_that_fits_is_named_to_1_percent_in_few_traces():
+    """The search behind the hint (each value tried traces the model): against need laws of a width (quadratic, plus a
+    constant), a depth (linear), steeper and flatter ones, one that never fits, and settings valid only at multiples
+    (heads dividing a width). The value named is valid and fits, the next valid value 1 % above it does not; a width
+    of a million takes at most 4 tries (halving took 19), and none fitting no more than halving does."""
+    rng = np.random.default_rng(0)
+    laws = [(2.0, 5e6, 40.0, 1), (1.0, 1e7, 3e8, 1), (3.0, 1e3, 1.0, 1), (2.0, 5e6, 40.0, 64), (0.6, 0.0, 1e4, 6),
+            (2.0, 3e9, 1.0, 1)]  # the last: its constant alone is more than is available
+    laws += [(rng.uniform(0.5, 3.5), rng.choice([0.0, rng.uniform(0, 1e9)]), rng.uniform(1, 1e4),
+              int(rng.choice([1, 2, 4, 6, 64]))) for _ in range(300)]
+    available = 2 * 2**30
+    for p, c, k, multiple in laws:
+        def need(v):
+            return c + k * v**p
+
+        tried = []
+
+        def need_at(v):
+            if v % multiple:
+                return None
+            tried.append(v)
+            return need(v)
+
+        above = 1_000_000
+        if need(above) <= available:
+            continue
+        got = run._largest(need_at, above, need(above), available)
+        if need(multiple) > available:
+            assert got == 0, (p, c, k, multiple, got)
+            assert len(tried) <= 25, (p, c, k, multiple, len(tried))  # no slower than halving to 1 (20 tries)
+            continue
+        assert got > 0 and got % multiple == 0 and need(got) <= available, (p, c, k, multiple, got)
+        over = (int(got * 1.01) // multiple + 1) * multiple
+        assert over >= above or need(over) > available, (p, c, k, multiple, got)
+        if (p, c, k, multiple) == (2.0, 5e6, 40.0, 1):
+            assert len(tried) <= 4, tried
+
+
 def test_training_memory_estimate_against_xla():
     """The estimate is of the right size: within a factor of 4 of what XLA's own memory_analysis of the compiled
     training step says it needs (arguments + temporaries + outputs), for a window model and a per-position one."""
