@@ -232,7 +232,7 @@ def test_the_largest_setting_that_fits_is_named_to_1_percent_in_few_traces():
     """The search behind the hint (each value tried traces the model): against need laws of a width (quadratic, plus a
     constant), a depth (linear), steeper and flatter ones, one that never fits, and settings valid only at multiples
     (heads dividing a width). The value named is valid and fits, the next valid value 1 % above it does not; a width
-    of a million takes at most 4 tries (halving then bisection: 18 for the GPT's), none fitting no more than halving."""
+    of a million takes at most 4 tries (halving then bisection: 15 for the GPT's), none fitting no more than halving."""
     rng = np.random.default_rng(0)
     laws = [(2.0, 5e6, 40.0, 1), (1.0, 1e7, 3e8, 1), (3.0, 1e3, 1.0, 1), (2.0, 5e6, 40.0, 64), (0.6, 0.0, 1e4, 6),
             (2.0, 3e9, 1.0, 1)]  # the last: its constant alone is more than is available
