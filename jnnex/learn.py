@@ -184,8 +184,9 @@ def shakespeare() -> tuple[str, str]:
     """char-rnn's tiny Shakespeare (the text of nanoGPT's ``shakespeare_char``) as ``(path, what)``:
     ``$JNNEX_SHAKESPEARE``, else ``tinyshakespeare.txt`` in the current directory or beside the project
     (``../shared/data``). At the tiny size — or where it is not found — a small stand-in text (the embedded names,
-    one a line, written to a temporary file), which the lesson says it used."""
-    import tempfile
+    one a line, written once to the temporary directory as ``jnnex-standin-<hash of its text>.txt`` and reused, so
+    lesson runs leave no file behind each), which the lesson says it used."""
+    import hashlib
 
     if not tiny():
         given = os.environ.get(SHAKESPEARE_ENV)
@@ -201,8 +202,13 @@ def shakespeare() -> tuple[str, str]:
         print(f"tinyshakespeare.txt not found (set {SHAKESPEARE_ENV}); using a stand-in text: the numbers will differ")
     from jnnex.data import load_words
 
-    path = Path(tempfile.mkdtemp(prefix="jnnex-lesson-")) / "standin.txt"
-    path.write_text("\n".join(load_words("census-first")) + "\n")
+    standin = "\n".join(load_words("census-first")) + "\n"
+    path = Path(tempfile.gettempdir()) / f"jnnex-standin-{hashlib.sha256(standin.encode()).hexdigest()[:16]}.txt"
+    if not path.is_file() or path.read_text() != standin:
+        fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)  # atomically: lessons may run side by side
+        with os.fdopen(fd, "w") as f:
+            f.write(standin)
+        os.replace(tmp, path)
     return str(path), "a stand-in text (the embedded names)"
 
 

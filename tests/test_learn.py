@@ -67,6 +67,7 @@ def test_the_data_is_found_or_stood_in_for(monkeypatch, tmp_path):
     assert source == "census-first" and len(words) > 1000
     path, what = learn.shakespeare()
     assert "stand-in" in what and Path(path).read_text().count("\n") == len(words)
+    assert learn.shakespeare()[0] == path  # one file for every run, not a new one each (lessons leaked them)
     monkeypatch.setenv(learn.SIZE_ENV, "full")
     monkeypatch.setenv(learn.NAMES_ENV, str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="JNNEX_NAMES=.*missing.txt'.*no such file"):
