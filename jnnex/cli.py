@@ -428,7 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ctrl_c_guard() as ctrl_c:  # from here on, a first Ctrl-C or SIGTERM never raises inside JAX: see fit
             args = build_parser().parse_args(argv)
-            code = COMMANDS[args.command](args)
+            try:
+                code = COMMANDS[args.command](args)
+            except BaseException as e:  # stopped before training started: the other processes are told why
+                parallel.stopped_before_start(e)
+                raise
     except (ValueError, TypeError, ImportError) as e:
         print(f"jnnex: error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,8 @@ transpose; differentiate the globally reduced loss instead.
 process id; or nothing on Slurm, Open MPI, Kubernetes, TPU, where JAX detects the cluster). Afterwards
 ``jax.devices()`` lists every process's devices, and a mesh over them spans the machines; each process computes its
 own devices' rows of every batch, collectives travel over NCCL (GPU) or gloo (CPU). Only process 0 writes files.
+The first run after joining starts together (:func:`start_together`): a process that stops while setting up tells
+the others why, and they stop with it at once.
 
 On CPU, ``JAX_NUM_CPU_DEVICES=N`` (before JAX starts) gives one process N devices — how the tests run every path on
 2 cores (it shows the overhead of partitioning, not a speed-up: the cores are the same).
@@ -31,6 +33,7 @@ On CPU, ``JAX_NUM_CPU_DEVICES=N`` (before JAX starts) gives one process N device
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import socket
@@ -262,6 +265,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     cannot reach the coordinator in that time gets a ``ValueError`` naming the address; process 0 says on stderr
     whom it waits for (if they never come, JAX itself ends the process after ``timeout``).
     """
+    global _start_within
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
     for k, env in ENV.items():
         if given[k] is None and os.environ.get(env):
@@ -273,6 +277,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if auto:
             jax.distributed.initialize(initialization_timeout=int(max(1, timeout)))
             _keep_sigterm()
+            _start_within = timeout
             return True
         return False
     if missing:
@@ -299,7 +304,82 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # a wait of its own (5 minutes, not `timeout`). Left to the first array, a process that stops in between (bad
     # input seen by process 0 alone) would leave the others in that wait, then a traceback.
     jax.devices()
+    _start_within = timeout  # the first run starts together: start_together
     return True
+
+
+# Starting together. The first collective of a run (its first training chunk) gives the processes gloo's 30 s to
+# arrive, and a process that stops before it (bad input it alone meets: its data file, say) leaves the others waiting
+# and then a message that cannot say why. So the first run after joining starts with a barrier of the distributed
+# runtime, not a collective: it waits for every process's set-up (up to initialize's timeout), and a process that
+# stops instead checks in there with its reason, so that every other one stops with it, naming it, at once.
+
+_start_within: float | None = None  # joined, the first run not yet started together: how long to wait for it
+
+
+def _client():
+    """The distributed runtime's client where this process joined others, else None. JAX keeps it private
+    (``jax._src.distributed``, what ``jax.experimental.multihost_utils`` uses); a JAX without it: None, and no
+    barrier."""
+    if jax.process_count() == 1:
+        return None
+    try:
+        from jax._src import distributed
+        return distributed.global_state.client
+    except (ImportError, AttributeError):
+        return None
+
+
+def start_together() -> None:
+    """Called by :func:`jnnex.train.fit` before its first collective: wait until every process has set its run up
+    (at most :func:`initialize`'s ``timeout``). A ``ValueError`` naming each process that stopped instead
+    (:func:`stopped_before_start`), and why. Only the first run after joining waits; later ones go straight on."""
+    global _start_within
+    client, timeout = _client(), _start_within
+    if timeout is None or client is None:
+        return
+    _start_within = None
+    who = f"process {jax.process_index()} of {jax.process_count()}"
+    try:
+        client.wait_at_barrier("jnnex-start", int(timeout * 1000))
+    except jax.errors.JaxRuntimeError as e:
+        raise ValueError(f"{who}: the other processes did not finish setting up within {timeout:g} s (a slow one: "
+                         f"raise --coordinator-timeout; a killed one: see its own output); XLA: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    stopped = sorted(client.key_value_dir_get("jnnex-stopped/"), key=lambda kv: int(kv[0].rsplit("/", 1)[1]))
+    if stopped:
+        raise ValueError(f"{who}: stopping, as " + "; ".join(f"process {k.rsplit('/', 1)[1]} stopped before "
+                                                            f"training: {v}" for k, v in stopped))
+
+
+def stopped_before_start(error: BaseException) -> None:
+    """This process stops (``error``) before its first run started together: tell the others, waiting in
+    :func:`start_together`, and wait until they have heard. Nothing once the run has started, or in one process.
+    The command line calls it on any error it reports; :func:`tells_the_others` wraps the library's entry points."""
+    global _start_within
+    client, timeout = _client(), _start_within
+    if timeout is None or client is None:
+        return
+    _start_within = None
+    said = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+    try:
+        client.key_value_set(f"jnnex-stopped/{jax.process_index()}", said)
+        client.wait_at_barrier("jnnex-start", int(timeout * 1000))
+    except jax.errors.JaxRuntimeError:  # the others are gone already, or never came: nothing more to tell
+        pass
+
+
+def tells_the_others(fn: Callable) -> Callable:
+    """``fn``, but an exception it raises before the first run started together is told to the other processes
+    first (:func:`stopped_before_start`)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:
+            stopped_before_start(e)
+            raise
+    return wrapped
 
 
 def _keep_sigterm() -> None:

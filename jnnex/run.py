@@ -463,6 +463,7 @@ class RunResult:
         return self.out is not None and (self.out / rundir.CHECKPOINT).is_file()
 
 
+@parallel.tells_the_others
 def train(rc: RunConfig, out: str | Path | None = None, *, force: bool = False, devices=None,
           shard_params: bool = False, model_parallel: int | None = None, progress: bool = True,
           log: Callable[[str], None] | None = None, on_chunk=None) -> RunResult:
@@ -488,6 +489,7 @@ def train(rc: RunConfig, out: str | Path | None = None, *, force: bool = False, 
                         model_parallel=model_parallel, progress=progress, log=log, on_chunk=on_chunk)
 
 
+@parallel.tells_the_others
 def resume(out: str | Path, *, steps: int | None = None, devices=None, shard_params: bool = False,
            model_parallel: int | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
            on_chunk=None, **given) -> RunResult:

@@ -396,6 +396,7 @@ class FitResult:
     start: int = 0  # the step this call started from (the checkpoint's, on resume)
 
 
+@parallel.tells_the_others
 def fit(
     model: LanguageModel,
     train: tuple[np.ndarray, np.ndarray] | Stream,
@@ -539,6 +540,7 @@ def fit(
                                                      np.asarray(jax.random.key_data(k_train))), mesh)
         else:
             X_run, Y_run, k_run = X, Y, k_train
+        parallel.start_together()  # several processes: all set up, or all told which one stopped and why
         step = start = saved = int(ts.step)
         stop = 0
         bar = _progress(tcfg.steps, start, progress)

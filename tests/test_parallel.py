@@ -319,8 +319,9 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_chunk(tmp_path):
 def test_a_process_that_stops_early_leaves_the_others_a_named_error_not_a_hang(tmp_path):
     """Two 2-process runs where process 0 alone meets bad input: a data file that does not exist (refused before
     joining: process 1 is told it cannot reach the coordinator within --coordinator-timeout) and one that is not
-    UTF-8 (found after joining: process 1's first collective cannot complete; it says so in one line, exit 1). No
-    traceback either way, and no wait beyond the timeouts (--coordinator-timeout; 30 s for gloo's set-up)."""
+    UTF-8 (found after joining: process 0 checks in at the barrier that starts the first run, and process 1 stops
+    there at once, naming process 0 and its reason, exit 2). No traceback either way, and no wait beyond the first
+    case's 5 s (the second case's 120 s bounds only a slow start)."""
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
     env = child_env(2)
     procs = []
@@ -341,9 +342,10 @@ def test_a_process_that_stops_early_leaves_the_others_a_named_error_not_a_hang(t
         for p in procs:
             p.kill()
     errs = [err for _, err in outs]
-    assert [p.returncode for p in procs] == [2, 2, 2, 1], errs
+    assert [p.returncode for p in procs] == [2, 2, 2, 2], errs
     assert all("Traceback" not in e for e in errs), errs
     assert "--data: file" in errs[0] and "does not exist" in errs[0]
     assert "cannot reach the coordinator" in errs[1]
     assert "is not valid UTF-8" in errs[2]
-    assert "process 1 of 2: the other processes did not join a collective step" in errs[3]
+    assert "process 1 of 2: stopping, as process 0 stopped before training:" in errs[3]
+    assert "is not valid UTF-8" in errs[3].split("process 0 stopped before training:")[1]
