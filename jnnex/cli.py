@@ -136,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     s.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (default 1)")
     s.add_argument("--top-k", type=int, help="sample only among the k most likely tokens")
-    s.add_argument("--top-p", type=float, default=1.0, help="a text run's: sample only among the most likely tokens "
-                                                             "whose probability reaches this (default 1: all)")
-    s.add_argument("--max-len", type=int, default=32, help="longest word generated (default 32)")
+    s.add_argument("--top-p", type=float, help="a text run's: sample only among the most likely tokens whose "
+                                                "probability reaches this (default 1: all)")
+    s.add_argument("--max-len", type=int, help="a word list's: longest word generated (default 32)")
     s.add_argument("--prompt", help="a text run's: the text to continue (default a newline)")
     s.add_argument("--no-cache", action="store_true", help="a text run's: re-run the whole context for every token "
                                                            "instead of the KV cache")
@@ -262,25 +262,44 @@ def cmd_train(args) -> int:
     return 0
 
 
+# The library's names for the sampling settings, as the flags that set them (its errors name the former).
+_SAMPLE_FLAGS = {"n": "-n", "n_new": "-n", "max_len": "--max-len", "temperature": "--temperature", "top_k": "--top-k",
+                 "top_p": "--top-p"}
+
+
 def cmd_sample(args) -> int:
     loaded = run.load(args.run)
-    if loaded.config.corpus == "text":
-        tok = loaded.vocab
-        prompt = "\n" if args.prompt is None else args.prompt
-        try:
-            ids = tok.encode(prompt) if loaded.config.tokenizer == "char" else tok.encode(prompt, "none")
-        except ValueError as e:
-            raise ValueError(f"--prompt: {e}") from None
-        new = continue_text(loaded.model, loaded.params, loaded.state, ids, 500 if args.n is None else args.n,
-                            jax.random.key(args.seed), temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, cache=not args.no_cache and loaded.model.decode_fn is not None)
-        print(prompt + tok.decode(new[0]))
-        return 0
-    if args.prompt is not None:
-        raise ValueError("--prompt continues a text; this run is a word list's (it samples whole words)")
-    for word in sample_words(loaded.model, loaded.params, loaded.state, loaded.vocab, jax.random.key(args.seed),
-                             20 if args.n is None else args.n, max_len=args.max_len, temperature=args.temperature,
-                             top_k=args.top_k):
+    text_run = loaded.config.corpus == "text"
+    for flag_, given, for_text in (("--prompt", args.prompt is not None, True), ("--top-p", args.top_p is not None,
+                                   True), ("--no-cache", args.no_cache, True), ("--max-len", args.max_len is not None,
+                                                                                False)):
+        if given and for_text != text_run:
+            raise ValueError(f"{flag_} applies to a run on a {'text' if for_text else 'word list'}; this run is on "
+                             f"a {'text' if text_run else 'word list'} (it "
+                             f"{'continues the text' if text_run else 'samples whole words'})")
+    try:
+        if text_run:
+            tok = loaded.vocab
+            prompt = "\n" if args.prompt is None else args.prompt
+            try:
+                ids = tok.encode(prompt) if loaded.config.tokenizer == "char" else tok.encode(prompt, "none")
+            except ValueError as e:
+                raise ValueError(f"--prompt: {e}") from None
+            new = continue_text(loaded.model, loaded.params, loaded.state, ids, 500 if args.n is None else args.n,
+                                jax.random.key(args.seed), temperature=args.temperature, top_k=args.top_k,
+                                top_p=1.0 if args.top_p is None else args.top_p,
+                                cache=not args.no_cache and loaded.model.decode_fn is not None)
+            print(prompt + tok.decode(new[0]))
+            return 0
+        words = sample_words(loaded.model, loaded.params, loaded.state, loaded.vocab, jax.random.key(args.seed),
+                             20 if args.n is None else args.n, max_len=32 if args.max_len is None else args.max_len,
+                             temperature=args.temperature, top_k=args.top_k)
+    except ValueError as e:  # a setting refused: named by its flag
+        name, _, rest = str(e).partition(" ")
+        if name in _SAMPLE_FLAGS:
+            raise ValueError(f"{_SAMPLE_FLAGS[name]} {rest}") from None
+        raise
+    for word in words:
         print(word)
     return 0
 

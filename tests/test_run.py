@@ -397,10 +397,22 @@ def test_bad_text_input_is_named(tmp_path, capsys, small_text):
     out = tmp_path / "bpe"
     assert main(["train", *TEXT_FLAGS, "--data", str(small_text), "--tokenizer", "bpe", "--vocab-size", "260",
                  "--steps", "1", "--eval-every", "1", "--out", str(out)]) == 0
+    words = tmp_path / "words"
+    assert main(["train", "--model", "bigram", "--out", str(words)]) == 0
+    capsys.readouterr()
+    for run_dir, flags, message in [  # sampling settings: named by their flags, and each for its kind of run
+        (out, ["-n", "0"], "-n must be an integer >= 1, got 0"),
+        (out, ["--top-p", "2"], r"--top-p must be in \(0, 1\]"),
+        (out, ["--temperature", "0"], "--temperature must be > 0"), (out, ["--top-k", "0"], "--top-k must be"),
+        (out, ["--max-len", "5"], "--max-len applies to a run on a word list; this run is on a text"),
+        (words, ["-n", "0"], "-n must be an integer >= 1"), (words, ["--max-len", "0"], "--max-len must be an integer"),
+        (words, ["--prompt", "em"], "--prompt applies to a run on a text; this run is on a word list"),
+        (words, ["--top-p", "0.5"], "--top-p applies to a run on a text"),
+        (words, ["--no-cache"], "--no-cache applies to a run on a text"),
+    ]:
+        assert main(["sample", "--from", str(run_dir), *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, (flags, err)
     (out / "tokenizer.bpe").write_text("jnnex-bpe 1\npattern null\nspecial 0\nmerges 1\n97\n")
     assert main(["sample", "--from", str(out)]) == 2
     assert "tokenizer.bpe', line 5: expected a merge, two ids, found '97'" in capsys.readouterr().err
-    words = tmp_path / "words"
-    assert main(["train", "--model", "bigram", "--out", str(words)]) == 0
-    assert main(["sample", "--from", str(words), "--prompt", "em"]) == 2
-    assert "--prompt continues a text" in capsys.readouterr().err
