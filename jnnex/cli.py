@@ -46,7 +46,8 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 def _add_data(p, default="census-first"):
     p.add_argument("--data", default=default, metavar="PATH|" + "|".join(CORPORA),
-                   help=f"a UTF-8 text file with one word per line, or an embedded corpus (default: {default})")
+                   help=f"a UTF-8 text file — a word list, one word a line, or a text (the guess: --corpus) — "
+                        f"or an embedded corpus (default: {default})")
 
 
 def _add_model_flags(p) -> None:
@@ -171,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seed of initialisation and minibatches (default 0)")
     r.add_argument("--json", action="store_true", help="print the rows as JSON")
 
-    f = sub.add_parser("lr-find", help="exponential learning-rate sweep (the lecture's 1e-3 … 1)")
+    f = sub.add_parser("lr-find", help="exponential learning-rate sweep (the lecture's 1e-3 … 1)",
+                       description="One run whose learning rate grows exponentially from --lo to --hi; the loss at "
+                                   "each step. Model flags as for `jnnex train`.")
     f.add_argument("--model", default="mlp", choices=sorted(k for k, v in REGISTRY.items() if v.fit_fn is None),
                    help="a model trained by gradient steps (default mlp)")
     _add_data(f)
@@ -181,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
     f.add_argument("--seed", type=int, default=0, help="seed of initialisation and minibatches (default 0)")
     f.add_argument("--json", action="store_true", help="print {lrs, losses} as JSON")
+    _add_model_flags(f.add_argument_group("model settings"))
     pl = sub.add_parser("plan", help="memory per device of training a transformer: data parallel, FSDP, tensor "
                                      "parallel, both; XLA's figures beside (--check)")
     pl.add_argument("--model", choices=["gpt", "llama"], default="gpt", help="the model (default gpt)")
@@ -377,15 +381,15 @@ def cmd_ladder(args) -> int:
 
 
 def cmd_lr_find(args) -> int:
-    model, splits = run.prepare(run.RunConfig.new(args.model, args.data))
+    model, splits = run.prepare(run.RunConfig.new(args.model, args.data, **_settings(args, run.model_fields())))
     lrs, losses = lr_find(model, splits.train, lo=args.lo, hi=args.hi, steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed)
     if args.json:
         print(json.dumps({"lrs": lrs.tolist(), "losses": losses.tolist()}))
         return 0
     window = max(1, args.steps // 20)
-    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    best = int(np.argmin(smooth)) + window // 2
+    smooth = np.convolve(np.where(np.isfinite(losses), losses, np.inf), np.ones(window) / window, mode="valid")
+    best = int(np.argmin(smooth)) + window // 2  # (a window that met a NaN or an overflow: never the lowest)
     for i in np.linspace(0, args.steps - 1, 13).astype(int):
         print(f"lr {lrs[i]:9.5f}  loss {losses[i]:.4f}")
     print(f"lowest smoothed loss at lr ≈ {lrs[best]:.4g}; pick a rate somewhat below it")

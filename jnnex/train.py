@@ -455,15 +455,7 @@ def fit(
     """
     check_optimizer(tcfg, model)
     stream = isinstance(train, Stream)
-    if stream:
-        if not model.per_position:
-            raise ValueError(f"model {model.name!r} reads a window and predicts one token; a text stream trains a "
-                             "per-position model (gpt, rnn, gru, bow, wavenet-conv)")
-        if tcfg.batch_size is None:
-            raise ValueError("a text stream is trained on minibatches: batch_size cannot be None")
-        check_stream(train, model.block_size, model.vocab_size, "the train split")
-    else:
-        check_batch(model, *train, "train data")
+    check_train_data(model, train, tcfg.batch_size)
     dev_stream = dev if isinstance(dev, Stream) else None
     if dev_stream is not None:
         check_stream(dev_stream, model.block_size, model.vocab_size, f"the {dev_name} split")
@@ -682,9 +674,23 @@ def _progress(total: int, initial: int, enabled: bool):
 # Learning-rate finder
 
 
+def check_train_data(model: LanguageModel, train, batch_size: int | None) -> None:
+    """A ``ValueError`` unless ``train`` is ``model``'s training data: rows ``(X, Y)``, or a text's token
+    :class:`jnnex.text.Stream` for a per-position model, drawn in minibatches."""
+    if isinstance(train, Stream):
+        if not model.per_position:
+            raise ValueError(f"model {model.name!r} reads a window and predicts one token; a text stream trains a "
+                             "per-position model (gpt, rnn, gru, bow, wavenet-conv)")
+        if batch_size is None:
+            raise ValueError("a text stream is trained on minibatches: batch_size cannot be None")
+        check_stream(train, model.block_size, model.vocab_size, "the train split")
+    else:
+        check_batch(model, *train, "train data")
+
+
 def lr_find(
     model: LanguageModel,
-    train: tuple[np.ndarray, np.ndarray],
+    train: tuple[np.ndarray, np.ndarray] | Stream,
     *,
     lo: float = 1e-3,
     hi: float = 1.0,
@@ -693,6 +699,7 @@ def lr_find(
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The lecture's exponential learning-rate sweep: step ``i`` of one run uses ``lo·(hi/lo)^(i/(steps-1))``.
+    ``train``: rows ``(X, Y)``, or a text's token stream (rows of ``block_size + 1`` tokens drawn as :func:`fit` does).
 
     Returns:
         ``(lrs (steps,), losses (steps,))``: the rate each step used and that step's minibatch loss. A good rate is a
@@ -702,10 +709,15 @@ def lr_find(
         raise ValueError(f"need 0 < lo < hi, got lo={lo!r}, hi={hi!r}")
     if steps < 2:
         raise ValueError(f"steps must be >= 2, got {steps!r}")
+    check_train_data(model, train, batch_size)
+    stream = isinstance(train, Stream)
     lrs = jnp.asarray(np.geomspace(lo, hi, steps), jnp.float32)
     optimizer = optax.sgd(lambda count: lrs[jnp.minimum(count, steps - 1)])
-    run = make_run(make_step(model, optimizer), batch_size)
+    run = make_run(make_step(model, optimizer), batch_size, window=model.block_size if stream else None)
     k_init, k_train = _keys(seed)
-    X, Y = (jnp.asarray(a, jnp.int32) for a in train)
+    if stream:
+        X, Y = jnp.asarray(np.asarray(train.tokens)), jnp.zeros((0,), jnp.int32)
+    else:
+        X, Y = (jnp.asarray(a, jnp.int32) for a in train)
     _, metrics = run(init_train_state(model, optimizer, k_init), X, Y, k_train, n_steps=steps)
     return np.asarray(lrs), np.asarray(metrics["loss"])

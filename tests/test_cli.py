@@ -2,12 +2,14 @@
 moons, lr-find, diagnose, ladder, the compilation cache, Ctrl-C then resume, --backward manual really manual."""
 
 import json
+import re
 
 import jax
 import numpy as np
 import pytest
 
 from jnnex.cli import main
+from jnnex.data import load_words
 
 
 def run(capsys, *argv):
@@ -117,6 +119,30 @@ def test_lr_find_cli(capsys):
     assert code == 0 and len(data["lrs"]) == len(data["losses"]) == 40
     code, stdout, _ = run(capsys, "lr-find", "--model", "mlp", "--steps", "40")
     assert code == 0 and "lowest smoothed loss at lr" in stdout
+
+
+@pytest.mark.slow
+def test_lr_find_sweeps_a_text_with_the_model_flags_and_names_no_rate_past_an_overflow(tmp_path, capsys):
+    """lr-find trains what `jnnex train` would: a text's stream (rows drawn from it) and the model flags given (one
+    that does not apply to the model is refused); the rate it names is one that trains (its loss below the first
+    step's), not the last before the loss overflowed (a NaN in the smoothing window once made that window the
+    "lowest")."""
+    words = load_words("census-first")[:4000]
+    text = tmp_path / "text.txt"  # eight names a line: a text, not a word list
+    text.write_text("\n".join(" ".join(words[i : i + 8]) for i in range(0, len(words), 8)) + "\n")
+    flags = ["--model", "gpt", "--data", str(text), "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+             "--block-size", "16", "--steps", "60", "--lo", "1e-3", "--hi", "1e4"]
+    code, stdout, err = run(capsys, "lr-find", *flags, "--json")
+    assert code == 0, err
+    lrs, losses = (np.array(v) for v in json.loads(stdout).values())
+    overflowed = np.flatnonzero(~np.isfinite(losses))
+    assert overflowed.size and np.isfinite(losses[: overflowed[0]]).all()  # the sweep went past the overflow
+    code, stdout, _ = run(capsys, "lr-find", *flags)
+    named = float(re.search(r"lowest smoothed loss at lr ≈ (\S+);", stdout).group(1))
+    at = int(np.argmin(np.abs(np.log(lrs / named))))  # its step
+    assert code == 0 and at < overflowed[0] and losses[at] < losses[0], (named, losses[at - 2 : at + 3])
+    code, _, err = run(capsys, "lr-find", "--model", "mlp", "--n-layer", "3", "--steps", "5")
+    assert code == 2 and "--n-layer does not apply to model 'mlp'" in err
 
 
 @pytest.mark.slow
