@@ -226,10 +226,10 @@ def describe(plans: list[Plan], extra: list[dict] | None = None) -> list[dict]:
     return rows
 
 def widest_split(model, devices: int, most: int | None = None) -> int:
-    """The largest model axis (at most ``most``, default ``devices``) that divides ``devices`` and the model's heads
-    (GPT-2 small's 12 heads on 8 devices: 4)."""
+    """The largest model axis (at most ``most``, default ``devices``) that divides ``devices``, the model's heads
+    (GPT-2 small's 12 heads on 8 devices: 4) and a Llama's SwiGLU width (the GPT's 4C divides as its heads do)."""
     cfg = model.cfg
-    sizes = [cfg.n_head, getattr(cfg, "n_kv_head", cfg.n_head)]
+    sizes = [cfg.n_head, getattr(cfg, "n_kv_head", cfg.n_head), getattr(cfg, "hidden", cfg.n_head)]
     return max(m for m in range(1, (most or devices) + 1) if devices % m == 0 and all(s % m == 0 for s in sizes))
 
 

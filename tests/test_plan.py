@@ -61,6 +61,18 @@ def test_the_command_prints_the_schemes_asked_for_and_the_family(capsys):
     assert [r["scheme"] for r in out["family"]] == ["fsdp", "fsdp+tp"]
 
 
+def test_the_llamas_tensor_parallel_split_divides_its_swiglu_width_too(capsys):
+    """The Llama's CPU recipe (4 heads, SwiGLU 342 wide: 2 · 3² · 19) on 8 devices: its heads allow a model axis of
+    4, its SwiGLU width only 2 — the default split of `jnnex plan` (every scheme) is 2, not an error for 4."""
+    llama = PL.build_model("llama", "shakespeare-cpu", vocab_size=64)
+    assert llama.cfg.hidden == 342 and PL.widest_split(llama, 8) == 2
+    assert PL.widest_split(PL.build_model("gpt", "shakespeare-cpu", vocab_size=64), 8) == 4
+    assert main(["plan", "--model", "llama", "--preset", "shakespeare-cpu", "--vocab-size", "64", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["scheme"], r["mesh"]) for r in rows] == [("dp", "8 x 1"), ("fsdp", "8 x 1"), ("tp", "4 x 2"),
+                                                        ("fsdp+tp", "4 x 2")]
+
+
 def test_the_gpt2_plan_and_the_largest_that_fits():
     """GPT-2 small on 8 devices, data parallel: 124,475,904 float32 parameters each (0.498 GB), their gradients, two
     moments; the shape family's largest that fits is larger under FSDP than under plain data parallelism."""
