@@ -274,9 +274,9 @@ _SAMPLE_FLAGS = {"n": "-n", "n_new": "-n", "max_len": "--max-len", "temperature"
 def cmd_sample(args) -> int:
     loaded = run.load(args.run)
     text_run = loaded.config.corpus == "text"
-    for flag_, given, for_text in (("--prompt", args.prompt is not None, True), ("--top-p", args.top_p is not None,
-                                   True), ("--no-cache", args.no_cache, True), ("--max-len", args.max_len is not None,
-                                                                                False)):
+    kind_of = [("--prompt", args.prompt is not None, True), ("--top-p", args.top_p is not None, True),  # (flag,
+               ("--no-cache", args.no_cache, True), ("--max-len", args.max_len is not None, False)]  # given, for text)
+    for flag_, given, for_text in kind_of:
         if given and for_text != text_run:
             raise ValueError(f"{flag_} applies to a run on a {'text' if for_text else 'word list'}; this run is on "
                              f"a {'text' if text_run else 'word list'} (it "
