@@ -201,14 +201,12 @@ def shakespeare() -> tuple[str, str]:
                 return str(candidate), "tiny Shakespeare"
         print(f"tinyshakespeare.txt not found (set {SHAKESPEARE_ENV}); using a stand-in text: the numbers will differ")
     from jnnex.data import load_words
+    from jnnex.rundir import write_text
 
     standin = "\n".join(load_words("census-first")) + "\n"
     path = Path(tempfile.gettempdir()) / f"jnnex-standin-{hashlib.sha256(standin.encode()).hexdigest()[:16]}.txt"
     if not path.is_file() or path.read_text() != standin:
-        fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)  # atomically: lessons may run side by side
-        with os.fdopen(fd, "w") as f:
-            f.write(standin)
-        os.replace(tmp, path)
+        write_text(path, standin)  # atomically: lessons may run side by side
     return str(path), "a stand-in text (the embedded names)"
 
 
