@@ -335,8 +335,9 @@ def start_together() -> None:
     (at most :func:`initialize`'s ``timeout``). A ``ValueError`` naming each process that stopped instead
     (:func:`stopped_before_start`), and why. Only the first run after joining waits; later ones go straight on."""
     global _start_within
-    client, timeout = _client(), _start_within
-    if timeout is None or client is None:
+    timeout = _start_within
+    client = None if timeout is None else _client()  # (not joined: JAX's backend left unstarted)
+    if client is None:
         return
     _start_within = None
     who = f"process {jax.process_index()} of {jax.process_count()}"
@@ -357,8 +358,9 @@ def stopped_before_start(error: BaseException) -> None:
     :func:`start_together`, and wait until they have heard. Nothing once the run has started, or in one process.
     The command line calls it on any error it reports; :func:`tells_the_others` wraps the library's entry points."""
     global _start_within
-    client, timeout = _client(), _start_within
-    if timeout is None or client is None:
+    timeout = _start_within
+    client = None if timeout is None else _client()  # (not joined: JAX's backend left unstarted)
+    if client is None:
         return
     _start_within = None
     said = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
