@@ -24,6 +24,7 @@ arguments are shapes) and reads ``memory_analysis()``: arguments (parameters + o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -118,20 +119,24 @@ def activation_bytes(model, batch: int, T: int, m: int) -> int:
     reference cost nothing), plus the logits twice more, times ``batch``. Read off the model with 1 and 2 blocks
     (every block keeps the same), so a 96-block model costs what a 2-block one does."""
     tensor_parallel.split_of(model)  # (a model without a split: named)
-    spec = get_spec(model.name)
-    one, two = (_activation_bytes(spec.build(dataclasses.replace(model.cfg, n_layer=n)), batch, T, m) for n in (1, 2))
-    return one + (model.cfg.n_layer - 1) * (two - one)
+    one, two = (_row_bytes(model.name, dataclasses.replace(model.cfg, n_layer=n), T, m) for n in (1, 2))
+    return batch * (one + (model.cfg.n_layer - 1) * (two - one))
 
 
-def _activation_bytes(model, batch: int, T: int, m: int) -> int:
-    params = jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))
+@functools.cache
+def _row_bytes(name: str, cfg, T: int, m: int) -> int:
+    """The bytes one row adds to the activations of model ``name`` at ``cfg`` (read off traced shapes: a pure function
+    of its arguments, so each is traced once a process — the schemes with the same model axis, ``dp`` and ``fsdp``,
+    plan the same activations)."""
+    model = get_spec(name).build(cfg)
+    params = _param_shapes(name, cfg)
     local = jax.tree.map(lambda p: jax.ShapeDtypeStruct((m, *p.shape), p.dtype), _tp_shapes(model, params, m))
-    forward = tensor_parallel.gpt_forward if model.name == "gpt" else tensor_parallel.llama_forward
-    check = tensor_parallel.check_gpt_split if model.name == "gpt" else tensor_parallel.check_llama_split
-    check(model.cfg, m)
+    forward = tensor_parallel.gpt_forward if name == "gpt" else tensor_parallel.llama_forward
+    check = tensor_parallel.check_gpt_split if name == "gpt" else tensor_parallel.check_llama_split
+    check(cfg, m)
 
     def arrays(p, x):
-        logits, caches = forward(model.cfg, p, x)
+        logits, caches = forward(cfg, p, x)
         return logits, [leaf for leaf in jax.tree.leaves(caches) if isinstance(leaf, jax.Array)]
 
     def made(rows):
@@ -140,7 +145,15 @@ def _activation_bytes(model, batch: int, T: int, m: int) -> int:
                                                  axis_size=m), local, x)
         return (nbytes(caches) + 3 * nbytes(logits)) // m
 
-    return batch * (made(2) - made(1))
+    return made(2) - made(1)
+
+
+@functools.cache
+def _param_shapes(name: str, cfg):
+    """Model ``name``'s parameters at ``cfg`` as ``ShapeDtypeStruct``s (traced once a process: every scheme plans the
+    same model, and a 96-block model's initialisation takes a second to trace)."""
+    model = get_spec(name).build(cfg)
+    return jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))
 
 
 def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None, batch: int = 1,
@@ -150,7 +163,7 @@ def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None,
     parameter (AdamW: 2)."""
     d, m = axes(scheme, devices, model_parallel)
     T = model.block_size if T is None else T
-    params = jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))
+    params = _param_shapes(model.name, model.cfg)
     local = jax.tree.leaves(_tp_shapes(model, params, m))
     whole = nbytes(local)  # a device's TP slice, before FSDP
     if scheme.startswith("fsdp"):
