@@ -31,7 +31,7 @@ from jnnex.data import CORPORA
 from jnnex.lm import continue_text, sample_words
 from jnnex.models.registry import REGISTRY, has_manual_backward
 from jnnex.settings import add_flags
-from jnnex.train import NonFiniteLossError, TrainConfig, ctrl_c_guard, fit, lr_find
+from jnnex.train import NonFiniteLossError, TrainConfig, ctrl_c_guard, fit, initial_params, lr_find
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The parser
@@ -358,7 +358,7 @@ def cmd_diagnose(args) -> int:
     if model.per_position and first and first[0].shape[:2] == X.shape:  # a state h_t per position t: how far back
         # the last prediction's gradient reaches (the recurrent nets, the GPT's residual stream, the bag of words)
         y_last = jnp.asarray(rows[1][:512, 0])  # any valid character as the last position's target
-        for label, p in (("initialisation", model.init(jax.random.key(args.seed))[0]), ("trained", res.ts.params)):
+        for label, p in (("initialisation", initial_params(model, rc.train.seed)[0]), ("trained", res.ts.params)):
             prof = diagnostics.gradient_through_time(model, p, res.ts.state, X, y_last)
             print(f"\n|dL_last/dh_t| for t = 0..{X.shape[1] - 1} ({label}): "
                   + " ".join(f"{v:.2e}" for v in prof.tolist()))

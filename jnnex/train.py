@@ -370,6 +370,11 @@ def _keys(seed: int):
     return k_init, k_train
 
 
+def initial_params(model: LanguageModel, seed: int):
+    """The parameters (and model state) a run of :func:`fit` with ``seed`` starts from, as one compiled program."""
+    return jax.jit(model.init)(_keys(seed)[0])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The loop
 

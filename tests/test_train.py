@@ -17,8 +17,8 @@ from jnnex.data import Vocab, load_words, make_splits
 from jnnex.lm import evaluate
 from jnnex.models.mlp_lm import MLPConfig, mlp_lm
 from jnnex.train import (
-    NonFiniteLossError, TrainConfig, TrainState, ctrl_c_guard, fit, init_train_state, lr_find, make_optimizer, make_run,
-    make_step, muon_labels,
+    NonFiniteLossError, TrainConfig, TrainState, ctrl_c_guard, fit, init_train_state, initial_params, lr_find,
+    make_optimizer, make_run, make_step, muon_labels,
 )
 
 WORDS = load_words("census-first")[:600]
@@ -318,3 +318,15 @@ def test_muon_orthogonalises_each_linear_matrix_and_adamw_trains_the_rest():
         kept = sg > 0.01 * np.linalg.norm(sg)
         assert kept.sum() >= len(sg) // 2 and sg[0] / sg[kept][-1] > 3, sg  # far from orthogonal: the test can tell
         assert 0.5 < sv[kept].min() and sv.max() < 1.3, (p0.shape, sv, sg)
+
+
+def test_initial_params_are_where_fit_starts():
+    """`initial_params(model, seed)` (what `jnnex diagnose` profiles as the initialisation) is the run's own start:
+    a step at learning rate 1e-30 leaves them where they began (to 1e-25: zero-initialised biases move by ~1e-31)."""
+    model = mlp_lm(MLPConfig(vocab_size=V, n_hidden=16))
+    res = fit(model, SPLITS.train, TrainConfig(steps=1, lr=1e-30, lr_boundaries=(), eval_every=1, seed=7),
+              progress=False, eval_train=False)
+    start, _ = initial_params(model, 7)
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(res.ts.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-25)
+    assert not np.array_equal(jax.tree.leaves(initial_params(model, 8)[0])[0], jax.tree.leaves(start)[0])
