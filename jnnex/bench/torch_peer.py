@@ -134,8 +134,12 @@ def make_torch_nanogpt_step(model: LanguageModel, tokens: np.ndarray, batch: int
     """``steps(n)``: ``n`` steps of nanoGPT's Shakespeare recipe in PyTorch eager, written as nanoGPT's ``model.py``
     computes it (no biases, the head tied to the token table, ``F.scaled_dot_product_attention`` causal, tanh GELU),
     from ``model``'s initial parameters: windows of ``block_size + 1`` tokens at random offsets, AdamW (weight decay
-    on the matrices only), gradients clipped to norm ``tcfg.grad_clip``. On the CPU (or the GPU, as JAX)."""
+    on the matrices only) at ``tcfg``'s learning rate for the step (jnnex's own schedule: nanoGPT's warmup and
+    cosine), gradients clipped to norm ``tcfg.grad_clip``. On the CPU (or the GPU, as JAX). ``steps.forward(x)``:
+    the logits of rows ``x`` (a ``torch`` tensor of token ids), for an estimate under ``torch.no_grad()``."""
     import jax
+
+    from jnnex.train import lr_schedule
 
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     params, _ = model.init(jax.random.key(0))
@@ -170,8 +174,14 @@ def make_torch_nanogpt_step(model: LanguageModel, tokens: np.ndarray, batch: int
     gen = torch.Generator(device=device).manual_seed(0)
     offsets = torch.arange(T + 1, device=device)
 
+    rates = np.asarray(jax.jit(jax.vmap(lr_schedule(tcfg)))(np.arange(tcfg.steps + 1)), np.float64)
+    done = [0]  # steps taken, across calls: where the schedule is
+
     def steps(n: int) -> float:
         for _ in range(n):
+            for group in opt.param_groups:
+                group["lr"] = float(rates[min(done[0], len(rates) - 1)])
+            done[0] += 1
             ix = torch.randint(0, len(data) - T, (batch,), generator=gen, device=device)
             rows = data[ix[:, None] + offsets]
             logits = forward(rows[:, :-1])
@@ -184,4 +194,5 @@ def make_torch_nanogpt_step(model: LanguageModel, tokens: np.ndarray, batch: int
             torch.cuda.synchronize()
         return float(loss.detach())
 
+    steps.forward = forward
     return steps
