@@ -260,7 +260,7 @@ def check_sampling(model: LanguageModel, temperature, top_k) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= model.vocab_size):
-        raise ValueError(f"top_k must be None or an integer in [1, {model.vocab_size}], got {top_k!r}")
+        raise ValueError(f"top_k must be an integer in [1, {model.vocab_size}] or left out (None), got {top_k!r}")
 
 
 @functools.partial(jax.jit, static_argnames=("model", "n", "max_len", "top_k"))
