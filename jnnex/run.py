@@ -118,12 +118,13 @@ class RunConfig:
                 raise ValueError(f"model {model!r} has no preset {preset!r}; it has {sorted(spec.presets)}")
             model_over, train_over = (dict(d) for d in spec.presets[preset])
         model_given, train_given = _sort_settings(spec, model, settings)
-        corpus = _corpus(data, corpus)
+        corpus_given, corpus = corpus, _corpus(data, corpus)
         if corpus == "text":
             if not spec.per_position:
                 per_position = ", ".join(n for n, s in REGISTRY.items() if s.per_position)
-                raise ValueError(f"model {model!r} reads a window and predicts one character; a text (--corpus text) "
-                                 f"trains a per-position model: {per_position}")
+                how = "as --corpus text asks" if corpus_given == "text" else "its lines hold spaces"
+                raise ValueError(f"model {model!r} reads a window and predicts one character; {data} is read as a "
+                                 f"text ({how}), which trains a per-position model: {per_position}")
             path = text.check_text_file(data)
             split = tuple(float(f) for f in (split or (1 - text.VAL_FRACTION, text.VAL_FRACTION)))
             if len(split) != 2 or not 0 < split[1] < 1 or abs(sum(split) - 1) > 1e-9:

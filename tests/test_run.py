@@ -379,6 +379,8 @@ def test_a_text_run_continues_exactly(tmp_path, capsys, small_text):
 def test_bad_text_input_is_named(tmp_path, capsys, small_text):
     short = tmp_path / "short.txt"
     short.write_text("to be or not to be, that is the question\n" * 3)  # 123 characters: val 13 < 65
+    words_file = tmp_path / "few-words.txt"
+    words_file.write_text("emma\nolivia\nava\n")
     cases = [
         (["train", "--model", "gpt", "--data", str(short), "--steps", "1"],
          r"the val split has 13 tokens, fewer than block_size \+ 1 = 65"),
@@ -388,7 +390,11 @@ def test_bad_text_input_is_named(tmp_path, capsys, small_text):
          "--vocab-size applies to --tokenizer bpe"),
         (["train", "--model", "gpt", "--vocab-size", "300", "--steps", "1"], "apply to a text"),
         (["train", "--model", "gpt", "--corpus", "text", "--steps", "1"], "is an embedded word list"),
-        (["train", "--model", "mlp", "--data", str(short), "--steps", "1"], "trains a per-position model"),
+        (["train", "--model", "mlp", "--data", str(short), "--steps", "1"],
+         r"short.txt is read as a text \(its lines hold spaces\), which trains a per-position model"),
+        (["ladder", "--data", str(short), "--steps", "1"], r"read as a text \(its lines hold spaces\)"),
+        (["train", "--model", "mlp", "--corpus", "text", "--data", str(words_file), "--steps", "1"],
+         r"read as a text \(as --corpus text asks\)"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
