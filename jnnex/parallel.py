@@ -330,16 +330,26 @@ def _client():
         return None
 
 
+def _take_start() -> tuple[object, float] | None:
+    """``(client, timeout)`` for the first run after joining, once (the next call: ``None``); ``None`` when this
+    process never joined — asked without starting JAX's backend — or JAX's client is missing."""
+    global _start_within
+    timeout = _start_within
+    client = None if timeout is None else _client()
+    if client is None:
+        return None
+    _start_within = None
+    return client, timeout
+
+
 def start_together() -> None:
     """Called by :func:`jnnex.train.fit` before its first collective: wait until every process has set its run up
     (at most :func:`initialize`'s ``timeout``). A ``ValueError`` naming each process that stopped instead
     (:func:`stopped_before_start`), and why. Only the first run after joining waits; later ones go straight on."""
-    global _start_within
-    timeout = _start_within
-    client = None if timeout is None else _client()  # (not joined: JAX's backend left unstarted)
-    if client is None:
+    taken = _take_start()
+    if taken is None:
         return
-    _start_within = None
+    client, timeout = taken
     who = f"process {jax.process_index()} of {jax.process_count()}"
     try:
         client.wait_at_barrier("jnnex-start", int(timeout * 1000))
@@ -357,12 +367,10 @@ def stopped_before_start(error: BaseException) -> None:
     """This process stops (``error``) before its first run started together: tell the others, waiting in
     :func:`start_together`, and wait until they have heard. Nothing once the run has started, or in one process.
     The command line calls it on any error it reports; :func:`tells_the_others` wraps the library's entry points."""
-    global _start_within
-    timeout = _start_within
-    client = None if timeout is None else _client()  # (not joined: JAX's backend left unstarted)
-    if client is None:
+    taken = _take_start()
+    if taken is None:
         return
-    _start_within = None
+    client, timeout = taken
     said = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
     try:
         client.key_value_set(f"jnnex-stopped/{jax.process_index()}", said)
