@@ -1,8 +1,11 @@
 """nanoGPT's CPU recipe as whole runs, side by side: `jnnex train` against the PyTorch peer, wall clock from the
 process's start to its exit (start-up, data, compilation, 2,000 steps, evaluation), alternated round by round.
 
-    .venv/bin/python benchmarks/nanogpt_cpu_run.py [--data ../shared/data/tinyshakespeare.txt] [--rounds 2]
-        [--float32] [--out benchmarks/results/nanogpt_cpu_run.json]
+    .venv/bin/python benchmarks/nanogpt_cpu_run.py [--rounds 2] [--float32]
+        [--out benchmarks/results/nanogpt_cpu_run.json]
+
+Tiny Shakespeare is read where the text benchmark reads it (`$JNNEX_SHAKESPEARE_TXT`, else
+../shared/data/tinyshakespeare.txt beside the repository).
 
 The peer (`jnnex.bench.torch_peer.make_torch_nanogpt_step`, needs torch) spends a run as nanoGPT's `train.py` does
 with its README's CPU command: the same 2,000 steps of 12 × 64 tokens from the same initial parameters and schedule,
@@ -12,6 +15,7 @@ machine (design notes; not re-run here): the issue's goal is 0.7 × that. Writes
 """
 
 import argparse
+import importlib.util
 import json
 import shutil
 import statistics
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 
 from jnnex.bench.harness import machine
+from jnnex.bench.text import shakespeare
 from jnnex.rundir import write_json
 
 NANOGPT_S = 85.0  # nanoGPT's train.py, its README's CPU command, on a 2-core machine of this kind (design notes)
@@ -75,24 +80,28 @@ def timed(argv: list[str]) -> tuple[float, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
-                                          "tinyshakespeare.txt"))
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="alternated rounds (>= 1)")
     ap.add_argument("--float32", action="store_true", help="also time the float32 run")
     ap.add_argument("--out", default="benchmarks/results/nanogpt_cpu_run.json")
     ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)  # (the child: one peer run)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    if importlib.util.find_spec("torch") is None:
+        ap.error("the peer needs torch, an optional benchmark peer: pip install torch==2.13.0 (benchmarks/README.md)")
+    try:
+        data = str(shakespeare())
+    except ValueError as e:
+        ap.error(str(e))
     if args.peer:
-        print(json.dumps(peer(args.data)))
+        print(json.dumps(peer(data)))
         return
-    if not Path(args.data).is_file():
-        raise SystemExit(f"--data {args.data}: no such file (tiny Shakespeare: ../shared/data/tinyshakespeare.txt)")
     jnnex = [str(Path(sys.executable).with_name("jnnex")), "train", "--model", "gpt", "--preset", "shakespeare-cpu",
-             "--data", args.data, "--backward", "manual", "--seed", "0", "--no-progress", "--json"]
+             "--data", data, "--backward", "manual", "--seed", "0", "--no-progress", "--json"]
     contenders = {"jnnex, bfloat16": [*jnnex, "--precision", "bfloat16"]}
     if args.float32:
         contenders["jnnex, float32"] = jnnex
-    contenders["torch peer"] = [sys.executable, __file__, "--peer", "--data", args.data]
+    contenders["torch peer"] = [sys.executable, __file__, "--peer"]
     walls = {name: [] for name in contenders}
     results = {}
     scratch = Path(tempfile.mkdtemp(prefix="jnnex-nanogpt-run-"))  # the jnnex runs' directories, removed at the end
