@@ -28,6 +28,7 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
     if suite in ("backward", "gpt", "llama"):
         assert "| case" in text and {r["backward"] for r in data["rows"]} == {"manual", "jax.grad", "jax.vjp"}
         assert all(r["f64 max rel"] < 1e-12 for r in data["accuracy"])  # the hand-written gradients are right
+        assert all(r["flops"] > 0 and r["bytes_accessed"] > 0 for r in data["rows"])  # XLA's count, each program
     if suite == "backward":  # every code path of the quick run: the cases it names, each measured
         from jnnex.bench.backward import QUICK
         assert {r["case"] for r in data["rows"]} == set(QUICK)

@@ -219,8 +219,12 @@ def _compile(fn, args):
     compiled = jax.jit(fn).lower(*args).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     return compiled, {"compile_s": seconds, "temp_bytes": int(mem.temp_size_in_bytes),
-                      "output_bytes": int(mem.output_size_in_bytes), "buffers": hlo_buffers(compiled)}
+                      "output_bytes": int(mem.output_size_in_bytes), "buffers": hlo_buffers(compiled),
+                      "flops": float(cost.get("flops", float("nan"))),
+                      "bytes_accessed": float(cost.get("bytes accessed", float("nan")))}
 
 
 def _inner_repeats(fn, target_s: float = 0.01) -> int:
@@ -266,7 +270,10 @@ def measure(case_list, batches, repeats: int, accuracy_batch: int) -> tuple[list
     return rows, acc_rows
 
 
-SPEED_COLS = ["case", "batch", "backward", "us_per_grad", "spread", "vs_jax_grad", "compile_s", "temp_bytes", "buffers"]
+# flops and bytes_accessed: XLA's own count for the compiled program (cost_analysis). For an elementwise pair the bytes
+# set the time: equal bytes, the same time (rope, SwiGLU and the key/value repeat compile to autodiff's bytes).
+SPEED_COLS = ["case", "batch", "backward", "us_per_grad", "spread", "vs_jax_grad", "compile_s", "temp_bytes", "buffers",
+              "flops", "bytes_accessed"]
 ACC_COLS = ["case", "f64 max abs", "f64 max rel", "f32 max abs", "f32 max rel", "f32 jax.grad vs f64"]
 
 
