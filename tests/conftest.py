@@ -2,7 +2,7 @@
 
 float64 is enabled so hand-written backwards can be compared with autodiff to 1e-10; jnnex itself states every dtype
 it creates, so its float32 defaults are unaffected. Hypothesis profiles: ``ci`` (default; small, derandomised: 10
-examples a property, what fits ``make test`` in 10 minutes on 2 cores with every model in it),
+examples a property; fewer where a test says each example compiles a new program),
 ``fast`` (``make test-fast``: 2 examples a property) and ``thorough`` (local, deeper):
 ``JNNEX_HYPOTHESIS_PROFILE=thorough pytest``.
 """
