@@ -33,7 +33,7 @@ _EXPORTS = {
     "RunConfig": "jnnex.run", "load_run": ("jnnex.run", "load"), "train_run": ("jnnex.run", "train"),
     "resume_run": ("jnnex.run", "resume"),
     "Stream": "jnnex.text", "load_text": "jnnex.text", "continue_text": "jnnex.lm",
-    "TrainConfig": "jnnex.train", "TrainState": "jnnex.train", "fit": "jnnex.train", "lr_find": "jnnex.train",
+    "TrainConfig": "jnnex.optim", "TrainState": "jnnex.train", "fit": "jnnex.train", "lr_find": "jnnex.train",
     "make_run": "jnnex.train", "make_step": "jnnex.train",
 }
 __all__ = sorted(_EXPORTS)

@@ -31,7 +31,8 @@ from jnnex.data import CORPORA
 from jnnex.lm import continue_text, sample_words
 from jnnex.models.registry import REGISTRY, has_manual_backward
 from jnnex.settings import add_flags
-from jnnex.train import NonFiniteLossError, TrainConfig, ctrl_c_guard, fit, initial_params, lr_find
+from jnnex.optim import TrainConfig
+from jnnex.train import NonFiniteLossError, ctrl_c_guard, fit, initial_params, lr_find
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The parser

@@ -199,7 +199,8 @@ def xla_check(model, scheme: str, devices: int, *, model_parallel: int | None = 
               T: int | None = None) -> dict:
     """XLA's memory analysis of the training step for ``scheme`` (AdamW), compiled for ``devices`` of
     ``jax.devices()`` from shapes alone: ``{"arguments", "outputs", "temporaries"}`` bytes per device."""
-    from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_step
+    from jnnex.optim import TrainConfig, make_optimizer
+    from jnnex.train import init_train_state, make_step
 
     d, m = axes(scheme, devices, model_parallel)
     if scheme == "fsdp+tp":

@@ -13,7 +13,7 @@ and a run directory (:mod:`jnnex.rundir`, the format) that :func:`train` fills::
 the same run, bit for bit.
 
 **Settings compose in one order**: the model's registry entry, then its ``preset``, then the settings given. A
-``steps`` given fits the schedule to the run (:meth:`jnnex.train.TrainConfig.with_steps`: the learning-rate
+``steps`` given fits the schedule to the run (:meth:`jnnex.optim.TrainConfig.with_steps`: the learning-rate
 boundaries keep their fraction of the run, unless ``lr_boundaries`` is given too).
 
 **Continuing** a run for more steps (``resume(out, steps=N)``, ``jnnex train --resume --out DIR --steps N``): the
@@ -53,7 +53,8 @@ from jnnex.data import CORPORA, Splits, Vocab, load_words, make_splits
 from jnnex.lm import GRADIENTS, LanguageModel, count_params, evaluate
 from jnnex.models.registry import REGISTRY, ModelSpec, config_for_words, get_spec, has_manual_backward
 from jnnex.settings import flag, from_json, is_flag
-from jnnex.train import FitResult, TrainConfig, check_optimizer, fit, make_optimizer
+from jnnex.optim import TrainConfig, check_optimizer, make_optimizer
+from jnnex.train import FitResult, fit
 
 # ----------------------------------------------------------------------------------------------------------------------
 # What a run is

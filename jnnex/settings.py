@@ -1,7 +1,7 @@
 """Settings as data: config dataclass fields that carry their own help text, and what is made from them — command-line
 flags (:func:`add_flags`) and configs read back from JSON with every field checked (:func:`from_json`).
 
-Every model config and :class:`jnnex.train.TrainConfig` declares its fields with :func:`setting`, so the help a user
+Every model config and :class:`jnnex.optim.TrainConfig` declares its fields with :func:`setting`, so the help a user
 reads next to ``jnnex train --n-hidden`` is written once, beside the field it describes, and a new model's settings
 become command-line flags without editing the CLI.
 """

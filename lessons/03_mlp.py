@@ -31,7 +31,8 @@ from jnnex import learn
 from jnnex.data import Vocab, make_splits
 from jnnex.lm import sample_words
 from jnnex.models.registry import REGISTRY, build_for_words
-from jnnex.train import TrainConfig, fit, lr_find
+from jnnex.optim import TrainConfig
+from jnnex.train import fit, lr_find
 
 plt = learn.pyplot()
 words, source = learn.names()

@@ -32,7 +32,8 @@ from jnnex import learn, run
 from jnnex.data import Vocab, make_splits
 from jnnex.diagnostics import activation_gradients, weight_names
 from jnnex.models.registry import REGISTRY, build_for_words
-from jnnex.train import TrainConfig, fit
+from jnnex.optim import TrainConfig
+from jnnex.train import fit
 
 plt = learn.pyplot()
 words, source = learn.names()

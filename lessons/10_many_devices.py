@@ -36,7 +36,8 @@ from jnnex import learn, parallel, tensor_parallel  # noqa: E402
 from jnnex.check import randomise  # noqa: E402
 from jnnex.data import Vocab, make_splits  # noqa: E402
 from jnnex.models.registry import REGISTRY, build_for_words  # noqa: E402
-from jnnex.train import TrainConfig, fit, init_train_state, make_optimizer, make_step  # noqa: E402
+from jnnex.optim import TrainConfig, make_optimizer  # noqa: E402
+from jnnex.train import fit, init_train_state, make_step  # noqa: E402
 
 plt = learn.pyplot()
 words, source = learn.names()

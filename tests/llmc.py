@@ -8,7 +8,8 @@ import numpy as np
 
 from jnnex import rundir
 from jnnex.lm import generate
-from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_step
+from jnnex.optim import TrainConfig, make_optimizer
+from jnnex.train import init_train_state, make_step
 
 
 def steps_on_one_batch(model, tcfg, x, y, n: int = 10, dtype=None):

@@ -16,7 +16,7 @@ from jnnex.layers import cross_entropy_forward
 from jnnex.rundir import load_pytree
 from jnnex import run as run_module
 from jnnex.run import RunConfig
-from jnnex.train import TrainConfig
+from jnnex.optim import TrainConfig
 
 
 @pytest.fixture(scope="module")

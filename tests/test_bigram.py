@@ -18,7 +18,8 @@ from jnnex.models.bigram import (
 )
 from jnnex.data import Vocab, bigram_pairs, build_windows, read_words
 from jnnex.lm import evaluate, generate
-from jnnex.train import TrainConfig, fit
+from jnnex.optim import TrainConfig
+from jnnex.train import fit
 
 
 def test_counts_probs_nll_by_hand():

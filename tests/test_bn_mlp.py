@@ -14,7 +14,8 @@ from jnnex import strategies
 from jnnex.layers import BatchNormParams, batchnorm
 from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, bn_mlp, calibrate, fold_batchnorm
 from jnnex.data import load_words, make_splits
-from jnnex.train import TrainConfig, fit
+from jnnex.optim import TrainConfig
+from jnnex.train import fit
 
 
 def value_and_grad(cfg, params, state, x, y):

@@ -12,7 +12,8 @@ from jnnex.data import load_words, make_splits
 from jnnex.diagnostics import SATURATION, table, weight_names
 from jnnex.models.bigram import BigramConfig, neural_bigram
 from jnnex.models.mlp_lm import MLPConfig, mlp_lm
-from jnnex.train import TrainConfig, TrainState, fit, make_step
+from jnnex.optim import TrainConfig
+from jnnex.train import TrainState, fit, make_step
 
 
 def test_in_step_diagnostics_equal_the_same_figures_computed_outside():

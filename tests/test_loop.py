@@ -14,7 +14,8 @@ import pytest
 from jnnex import build, make_splits
 from jnnex.cli import main
 from jnnex.data import bigram_pairs, load_words, split_words
-from jnnex.train import TrainConfig, TrainState, fit, lr_find, make_optimizer, make_run, make_step
+from jnnex.optim import TrainConfig, make_optimizer
+from jnnex.train import TrainState, fit, lr_find, make_run, make_step
 
 WORDS = load_words("census-first")[:200]
 SPLITS = make_splits(WORDS, 3)

@@ -15,7 +15,7 @@ from jnnex.cli import main
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.lm import evaluate, generate
 from jnnex.models.registry import REGISTRY, ModelSpec, build_for_words, has_manual_backward
-from jnnex.train import TrainConfig
+from jnnex.optim import TrainConfig
 
 import toy_model
 

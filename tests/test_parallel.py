@@ -19,7 +19,8 @@ from jnnex import parallel
 from jnnex.check import randomise
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.models.registry import REGISTRY, build_for_words
-from jnnex.train import TrainConfig, fit, init_train_state, make_optimizer, make_step
+from jnnex.optim import TrainConfig, make_optimizer
+from jnnex.train import fit, init_train_state, make_step
 from runfiles import suite_compile_env
 
 WORDS = load_words("census-first")[:400]

@@ -12,7 +12,7 @@ from jnnex import plan as PL
 from jnnex.cli import main
 from jnnex.lm import count_params
 from jnnex.memory import training_estimate
-from jnnex.train import TrainConfig, make_optimizer
+from jnnex.optim import TrainConfig, make_optimizer
 
 
 @pytest.fixture(scope="module")

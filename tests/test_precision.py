@@ -14,7 +14,7 @@ import llmc
 from jnnex.check import compare_precision
 from jnnex.models.gpt import GPTConfig, gpt
 from jnnex.models.llama import LlamaConfig, llama
-from jnnex.train import TrainConfig
+from jnnex.optim import TrainConfig
 
 MODELS = {
     "gpt": lambda **kw: gpt(GPTConfig(vocab_size=27, block_size=16, **kw)),

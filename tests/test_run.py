@@ -21,7 +21,8 @@ from jnnex.cli import main
 from jnnex.data import load_words
 from jnnex.models.registry import REGISTRY
 from jnnex.run import RunConfig
-from jnnex.train import TrainConfig, fit
+from jnnex.optim import TrainConfig
+from jnnex.train import fit
 
 
 def test_with_steps_fits_the_schedule_to_the_run():
@@ -270,7 +271,8 @@ def test_training_memory_estimate_against_xla():
     """The estimate is of the right size: within a factor of 4 of what XLA's own memory_analysis of the compiled
     training step says it needs (arguments + temporaries + outputs), for a window model and a per-position one."""
     from jnnex import memory
-    from jnnex.train import init_train_state, make_optimizer, make_step
+    from jnnex.optim import make_optimizer
+    from jnnex.train import init_train_state, make_step
 
     for name, settings in (("mlp", {"n_hidden": 512}), ("gpt", {"n_layer": 2})):
         rc = RunConfig.new(name, batch_size=256, **settings)

@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jnnex import parallel, rundir
-from jnnex.train import TrainConfig, fit, init_train_state, make_optimizer, make_run, make_step
+from jnnex.optim import TrainConfig, make_optimizer
+from jnnex.train import fit, init_train_state, make_run, make_step
 from tests.test_parallel import model_and_data, rel_errors
 
 

@@ -218,7 +218,8 @@ def test_the_split_step_on_a_data_by_model_mesh_equals_one_device_float64(name, 
     holds its ``1/M`` of every split weight. The GPT with and without biases and tying; the Llama grouped-query and
     tied, and with tiled attention."""
     from tests.test_parallel import rel_errors
-    from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_step
+    from jnnex.optim import TrainConfig, make_optimizer
+    from jnnex.train import init_train_state, make_step
 
     model, params, x, y = gpt_problem(name, **layout)
     opt = make_optimizer(TrainConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1, grad_clip=0.5))
@@ -262,7 +263,8 @@ def test_training_split_over_a_mesh_ends_where_one_device_does(tmp_path):
     momentum left in the devices' column order moves the resumed parameters by ~1e-2; float32 rounding of the
     split's other summation order, ~1e-6 after 40 steps)."""
     from tests.test_parallel import model_and_data, rel_errors
-    from jnnex.train import TrainConfig, fit
+    from jnnex.optim import TrainConfig
+    from jnnex.train import fit
     model, splits = model_and_data("gpt", n_head=4)
     short = TrainConfig(steps=20, eval_every=20, chunk=20, lr_boundaries=(), optimizer="momentum", lr=0.1)
     fit(model, splits.train, short, out=tmp_path / "r", progress=False, devices=4, model_parallel=2)
@@ -274,7 +276,8 @@ def test_training_split_over_a_mesh_ends_where_one_device_does(tmp_path):
 
 def test_bad_tensor_parallel_settings_are_named():
     from tests.test_parallel import model_and_data
-    from jnnex.train import TrainConfig, fit
+    from jnnex.optim import TrainConfig
+    from jnnex.train import fit
     model, splits = model_and_data("gpt", n_head=2)
     tcfg = TrainConfig(steps=2, batch_size=8)
     with pytest.raises(ValueError, match=r"n_head \(2\) must be divisible by the model axis \(4 devices\)"):

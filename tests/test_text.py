@@ -13,7 +13,8 @@ from hypothesis import given, strategies as st
 from jnnex import text
 from jnnex.lm import evaluate
 from jnnex.models.gpt import GPTConfig, gpt
-from jnnex.train import TrainConfig, TrainState, fit, lr_schedule, make_run
+from jnnex.optim import TrainConfig, lr_schedule
+from jnnex.train import TrainState, fit, make_run
 
 
 def test_chars_encode_decode_and_name_what_is_missing():

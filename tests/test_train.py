@@ -16,9 +16,9 @@ from jnnex import rundir
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.lm import evaluate
 from jnnex.models.mlp_lm import MLPConfig, mlp_lm
+from jnnex.optim import TrainConfig, make_optimizer, muon_labels
 from jnnex.train import (
-    NonFiniteLossError, TrainConfig, TrainState, ctrl_c_guard, fit, init_train_state, initial_params, lr_find,
-    make_optimizer, make_run, make_step, muon_labels,
+    NonFiniteLossError, TrainState, ctrl_c_guard, fit, init_train_state, initial_params, lr_find, make_run, make_step,
 )
 
 WORDS = load_words("census-first")[:600]
@@ -127,7 +127,7 @@ def test_non_finite_loss_names_the_step_and_keeps_checkpoint(tmp_path):
 
 
 def test_piecewise_schedule_matches_lecture():
-    from jnnex.train import lr_schedule
+    from jnnex.optim import lr_schedule
 
     s = lr_schedule(TrainConfig())
     assert float(s(0)) == pytest.approx(0.1) and float(s(99_999)) == pytest.approx(0.1)
@@ -238,7 +238,8 @@ def test_grad_clip_scales_the_update_to_the_global_norm(clip):
     """``grad_clip``: the update is the SGD step of the gradient rescaled to global norm ``clip`` when it is longer,
     untouched when it is shorter (the recurrent nets' guard against exploding gradients through time)."""
     from jnnex.models.rnn import RNNConfig, rnn
-    from jnnex.train import TrainConfig, TrainState, make_optimizer, make_step
+    from jnnex.optim import TrainConfig, make_optimizer
+    from jnnex.train import TrainState, make_step
 
     model = rnn(RNNConfig(vocab_size=5, block_size=4, n_embd=3, n_embd2=4)).with_gradients("manual")
     tcfg = TrainConfig(lr=0.5, lr_boundaries=(), grad_clip=clip)

@@ -250,7 +250,8 @@ def test_dropout_runs_resume_exactly():
     """Each step's dropout key depends on the step number alone: 20 steps in one call draw the masks of 10 + 10 (what
     makes a resumed run of a stochastic model equal an unbroken one; `fit` resumes with the same compiled chunk, so
     bit-identically — here the 20- and 10-step programs differ, and float32 rounding with them, in the last bit)."""
-    from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_run, make_step
+    from jnnex.optim import TrainConfig, make_optimizer
+    from jnnex.train import init_train_state, make_run, make_step
 
     model = wavenet(WaveNetConfig(vocab_size=VOCAB.size, n_embd=3, n_hidden=4, dropout=0.5)).with_gradients("manual")
     X, Y = (jnp.asarray(a) for a in build_windows(WORDS, VOCAB, 8))

@@ -28,7 +28,8 @@ from jnnex.bench.harness import interleaved, table
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.lm import count_params
 from jnnex.models.registry import REGISTRY, build_for_words
-from jnnex.train import init_train_state, make_optimizer, make_run, make_step
+from jnnex.optim import make_optimizer
+from jnnex.train import init_train_state, make_run, make_step
 
 COUNTS = (1, 2, 4)
 MODELS = {"mlp": {}, "wavenet": {}, "gpt": {}}  # at their registry defaults

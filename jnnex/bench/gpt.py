@@ -22,7 +22,8 @@ from jnnex.bench.harness import interleaved, table
 from jnnex.bench.training import matmul_peak, peak_contender
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.models.registry import REGISTRY, build_for_words
-from jnnex.train import init_train_state, make_optimizer, make_run, make_step
+from jnnex.optim import make_optimizer
+from jnnex.train import init_train_state, make_run, make_step
 
 T, C, NH, V = 16, 64, 4, 27  # makemore's transformer on names.txt
 

@@ -24,7 +24,8 @@ from jnnex.check import randomise
 from jnnex.lm import count_params
 from jnnex.models.gpt import GPT2_SMALL, GPT2_VOCAB_PADDED, GPTConfig, gpt
 from jnnex.models.registry import REGISTRY
-from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_step
+from jnnex.optim import TrainConfig, make_optimizer
+from jnnex.train import init_train_state, make_step
 
 QUICK = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64, "vocab_size": 512}
 

@@ -32,7 +32,8 @@ from jnnex import parallel, tensor_parallel
 from jnnex.bench.harness import table
 from jnnex.lm import count_params
 from jnnex.models.registry import REGISTRY
-from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_step
+from jnnex.optim import TrainConfig, make_optimizer
+from jnnex.train import init_train_state, make_step
 
 COUNTS = (1, 2, 4, 8)
 # Each model at its registry size (the GPT and Llama at their Shakespeare CPU presets' shape, a 65-character vocabulary;

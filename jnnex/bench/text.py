@@ -24,7 +24,8 @@ from jnnex.bench.harness import interleaved, table
 from jnnex.bench.training import matmul_peak, peak_contender
 from jnnex.lm import continue_text
 from jnnex.models.gpt import GPTConfig, gpt
-from jnnex.train import init_train_state, make_optimizer, make_run, make_step
+from jnnex.optim import make_optimizer
+from jnnex.train import init_train_state, make_run, make_step
 
 VOCABS = (256, 512, 1024, 2048, 4096)
 

@@ -139,7 +139,7 @@ def make_torch_nanogpt_step(model: LanguageModel, tokens: np.ndarray, batch: int
     the logits of rows ``x`` (a ``torch`` tensor of token ids), for an estimate under ``torch.no_grad()``."""
     import jax
 
-    from jnnex.train import lr_schedule
+    from jnnex.optim import lr_schedule
 
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     params, _ = model.init(jax.random.key(0))

@@ -20,7 +20,8 @@ import numpy as np
 from jnnex.bench.harness import interleaved, table
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.models.registry import REGISTRY, build_for_words
-from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_run, make_step
+from jnnex.optim import TrainConfig, make_optimizer
+from jnnex.train import init_train_state, make_run, make_step
 
 STEPS_PER_CALL = {32: 200, 256: 50, 4096: 5}  # one timing sample ≈ tens of milliseconds at every batch size
 

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from jnnex.bench.harness import interleaved, table
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.models.registry import REGISTRY, build_for_words
-from jnnex.train import TrainConfig, init_train_state, make_optimizer, make_run, make_step
+from jnnex.optim import TrainConfig, make_optimizer
+from jnnex.train import init_train_state, make_run, make_step
 
 
 def _contender(model, X, Y, batch, n_steps):

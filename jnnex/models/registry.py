@@ -26,7 +26,7 @@ from jnnex.models.llama import LlamaConfig, llama
 from jnnex.models.mlp_lm import MLPConfig, mlp_lm
 from jnnex.models.rnn import RNNConfig, rnn
 from jnnex.models.wavenet import WaveNetConfig, WaveNetConvConfig, wavenet, wavenet_conv
-from jnnex.train import TrainConfig
+from jnnex.optim import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
