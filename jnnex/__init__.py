@@ -6,13 +6,16 @@ The package in four roles, plus the first stage on its own:
 * **models** (:mod:`jnnex.models`) — the bigram, MLP, BatchNorm MLP, WaveNet, RNN/GRU, bag-of-words and GPT language
   models, each with its one forward (and, where written, its backward by hand under it), and the registry behind
   ``jnnex train --model``
-* **kernels** — :mod:`jnnex.layers` (forward/backward pairs) and :mod:`jnnex.init` (Kaiming initialisation)
+* **kernels** — :mod:`jnnex.layers` (forward/backward pairs), :mod:`jnnex.collectives` (Megatron's ``f``/``g`` and the
+  column/row-parallel linears: with no mesh axis, the linear) and :mod:`jnnex.init` (Kaiming initialisation)
 * **machinery** — :mod:`jnnex.data` (corpora, vocabulary, windows and sequences, splits), :mod:`jnnex.text` (a text
   as a token stream), :mod:`jnnex.bpe` (the byte-level BPE tokenizer), :mod:`jnnex.lm` (what a
-  language model is; evaluation and sampling), :mod:`jnnex.train` (the jitted step, scan, ``fit``, lr finder),
+  language model is; evaluation and sampling), :mod:`jnnex.optim` (``TrainConfig``, the schedule, one function per
+  optimiser), :mod:`jnnex.train` (the jitted step, scan, ``fit``, lr finder),
   :mod:`jnnex.run` (a run: its config, new / resume / continue / load), :mod:`jnnex.rundir` (the run directory's
   format, atomic and pickle-free), :mod:`jnnex.memory` (what a run will take, before it allocates),
-  :mod:`jnnex.parallel`, :mod:`jnnex.diagnostics`, :mod:`jnnex.plot`, :mod:`jnnex.settings`, :mod:`jnnex.cli`
+  :mod:`jnnex.parallel`, :mod:`jnnex.tensor_parallel`, :mod:`jnnex.diagnostics`, :mod:`jnnex.plot`,
+  :mod:`jnnex.settings`, :mod:`jnnex.cli`
 * **verification** — :mod:`jnnex.check` (backwards against ``jax.vjp``), :mod:`jnnex.strategies` (Hypothesis; needs
   the ``test`` extra), :mod:`jnnex.atomic` (makemore part 4's exercise, every intermediate gradient by name)
 

@@ -29,9 +29,9 @@ import numpy as np
 from jnnex import __version__, parallel, rundir, run, text
 from jnnex.data import CORPORA
 from jnnex.lm import continue_text, sample_words
-from jnnex.models.registry import REGISTRY, has_manual_backward
+from jnnex.models.registry import REGISTRY, has_manual_backward, splittable
 from jnnex.settings import add_flags
-from jnnex.optim import TrainConfig
+from jnnex.optim import OPTIMIZER_NAMES, TrainConfig
 from jnnex.train import NonFiniteLossError, ctrl_c_guard, fit, initial_params, lr_find
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(f.add_argument_group("model settings"))
     pl = sub.add_parser("plan", help="memory per device of training a transformer: data parallel, FSDP, tensor "
                                      "parallel, both; XLA's figures beside (--check)")
-    pl.add_argument("--model", choices=["gpt", "llama"], default="gpt", help="the model (default gpt)")
+    pl.add_argument("--model", choices=splittable(), default="gpt", help="the model (default gpt): one with a "
+                                                                          "tensor-parallel split")
     pl.add_argument("--preset", default="gpt2-124m", help="its preset's shape (default gpt2-124m)")
     pl.add_argument("--vocab-size", type=int, default=50_304, help="tokens in the vocabulary (default 50,304: GPT-2's "
                                                                   "padded)")
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model-parallel", type=int, help="the model axis of tp (default: every device) and fsdp+tp "
                                                       "(default 2)")
     pl.add_argument("--batch-size", type=int, default=1, help="sequences per data shard (default 1)")
+    pl.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="adamw", help="the optimiser whose state is "
+                                                                                  "planned, read by shape (default "
+                                                                                  "adamw)")
     pl.add_argument("--block", type=int, help="tokens per sequence (default: the model's block size)")
     pl.add_argument("--check", action="store_true",
                     help="also compile each step (shapes only, on CPU devices forced to --devices) and print XLA's "
@@ -418,7 +422,8 @@ def cmd_plan(args) -> int:
     over = {"vocab_size": args.vocab_size, **({"block_size": args.block} if args.block else {})}
     model = plan.build_model(args.model, args.preset, **over)
     result = plan.report(model, args.devices, schemes=args.parallel or plan.SCHEMES,
-                         model_parallel=args.model_parallel, batch=args.batch_size, check=args.check)
+                         model_parallel=args.model_parallel, batch=args.batch_size, check=args.check,
+                         optimizer=args.optimizer)
     print(json.dumps({"rows": result["rows"], "family": result["family"]}) if args.json else result["table"])
     return 0
 

@@ -375,12 +375,21 @@ def batchnorm(
 # Dropout (Srivastava et al. 2014), inverted: scaled in training so that eval mode is the identity
 
 
-def dropout_forward(x, key, rate: float):
+def dropout_forward(x, key, rate: float, batch_axis: str | None = None):
     """Zero each element with probability ``rate``, scale the rest by ``1 / (1 - rate)``: ``E[y] = x``. The cache is
-    the scaled mask ``m / (1 - rate)``, ``m ~ Bernoulli(1 - rate)``, drawn from ``key``."""
+    the scaled mask ``m / (1 - rate)``, ``m ~ Bernoulli(1 - rate)``, drawn from ``key``.
+
+    ``batch_axis`` (inside ``jax.shard_map``): ``x (B_d, ...)`` is this device's rows of a batch split along that mesh
+    axis; the mask is drawn for the whole batch's shape and this device's rows taken, so a split run drops exactly
+    what one device does with the whole batch."""
     if not 0 <= rate < 1:
         raise ValueError(f"dropout: rate must be in [0, 1), got {rate!r}")
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    if batch_axis is None:
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    else:
+        rows = x.shape[0]
+        whole = jax.random.bernoulli(key, 1.0 - rate, (rows * jax.lax.axis_size(batch_axis), *x.shape[1:]))
+        keep = jax.lax.dynamic_slice_in_dim(whole, jax.lax.axis_index(batch_axis) * rows, rows)
     scale = jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(x.dtype)
     return x * scale, scale
 
@@ -398,9 +407,10 @@ def check_dropout_key(rate: float, train, key) -> None:
         raise ValueError(f"dropout {rate} in train mode needs a key (forward(..., train=True, key=...))")
 
 
-def dropout_in_training(x, key, i: int, rate: float, train: bool):
+def dropout_in_training(x, key, i: int, rate: float, train: bool, batch_axis: str | None = None):
     """A model's dropout number ``i``: in training, :func:`dropout_forward` with a key of its own
-    (``fold_in(key, i)``); otherwise the identity. ``(x, cache)``, cache None when nothing was dropped."""
+    (``fold_in(key, i)``; ``batch_axis`` as there); otherwise the identity. ``(x, cache)``, cache None when nothing
+    was dropped."""
     if not (train and rate > 0):
         return x, None
-    return dropout_forward(x, jax.random.fold_in(key, i), rate)
+    return dropout_forward(x, jax.random.fold_in(key, i), rate, batch_axis)

@@ -80,6 +80,11 @@ class LanguageModel:
         prefill_fn, decode_fn: optional incremental decoding with a KV cache (a per-position model's):
             ``prefill_fn(cfg, params, x (B, T)) -> (logits (B, T, V), cache)`` and ``decode_fn(cfg, params, cache,
             token (B,), pos) -> (logits (B, V), cache)``; :func:`continue_text` uses them.
+        split_fn: optional ``cfg -> {block field: rule}``, the model's tensor-parallel split as data
+            (:class:`jnnex.collectives.Column`, :data:`jnnex.collectives.ROW`): which linear of each block splits
+            how. A model with one has a ``model_axis`` config field its kernels read; :mod:`jnnex.tensor_parallel`
+            lays the parameters out from the rules and runs the model's own forward and backward under
+            ``shard_map``.
     """
 
     name: str
@@ -94,6 +99,7 @@ class LanguageModel:
     embeddings_fn: Callable | None = None
     prefill_fn: Callable | None = None
     decode_fn: Callable | None = None
+    split_fn: Callable | None = None
 
     def __post_init__(self):
         if self.gradients not in GRADIENTS:

@@ -187,7 +187,8 @@ def muon_labels(params):
 
 
 def check_optimizer(tcfg: TrainConfig, model) -> None:
-    """A clear error for an optimiser ``model`` (a :class:`jnnex.lm.LanguageModel`) cannot take: Muon for a model without linear layers."""
+    """A clear error for an optimiser ``model`` (a :class:`jnnex.lm.LanguageModel`) cannot take: Muon for a model
+    without linear layers."""
     if tcfg.optimizer != "muon":
         return
     params, _ = jax.eval_shape(model.init, jax.random.key(0))

@@ -3,7 +3,7 @@ is allocated — and XLA's own figures for the same step beside it, where it com
 
 For ``devices`` devices, one of four schemes (``model_parallel`` ``M`` for the last two):
 
-* ``dp``      — data parallel: every device a whole copy of the parameters, gradients and AdamW's two moments;
+* ``dp``      — data parallel: every device a whole copy of the parameters, gradients and optimiser state;
 * ``fsdp``    — ZeRO-3 / FSDP (``jnnex train --shard-params``): parameters, gradients and moments split ``1/N``
   (:func:`jnnex.parallel.fsdp_spec`), and during the step the whole parameters and gradients *gathered* — at once,
   as jnnex's global-view step compiles; a layer-by-layer gather (PyTorch FSDP's) would hold one block instead;
@@ -11,7 +11,8 @@ For ``devices`` devices, one of four schemes (``model_parallel`` ``M`` for the l
   every block's matrices ``1/M``, the embeddings, norms and head whole; activations inside a block split too;
 * ``fsdp+tp`` — on paper only (not a training mode yet): the tensor-parallel slices, split ``1/(N/M)`` again by FSDP.
 
-Per device, in bytes: **parameters**, **gradients**, **optimizer** (AdamW: two float32 moments), **gathered** (FSDP's
+Per device, in bytes: **parameters**, **gradients**, **optimizer** (the optimiser's state, read by shape from the
+optimiser: AdamW's two float32 moments by default), **gathered** (FSDP's
 transient whole copies), **activations** (one step's forward caches at the device's micro-batch, read off shapes:
 ``jax.eval_shape`` of the very forward that trains — the split one under ``jax.vmap`` over a stand-in model axis — and
 the logits three times: themselves, their softmax, their gradient). Everything is float32 (the parameters' dtype).
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jnnex import parallel, tensor_parallel
+from jnnex import optim, parallel, tensor_parallel
 from jnnex.memory import nbytes
 from jnnex.models.registry import get_spec
 
@@ -108,7 +109,7 @@ def _tp_shapes(model, params, m: int):
     ``m == 1``)."""
     if m == 1:
         return params
-    specs = tensor_parallel.split_of(model).specs(params)
+    specs = tensor_parallel.specs(model, params)
     return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(_local_shape(p.shape, s, m), p.dtype), params, specs,
                         is_leaf=lambda x: isinstance(x, P))
 
@@ -118,7 +119,7 @@ def activation_bytes(model, batch: int, T: int, m: int) -> int:
     the bytes each row adds to the split forward's caches (the difference between 2 rows and 1: weights held by
     reference cost nothing), plus the logits twice more, times ``batch``. Read off the model with 1 and 2 blocks
     (every block keeps the same), so a 96-block model costs what a 2-block one does."""
-    tensor_parallel.split_of(model)  # (a model without a split: named)
+    tensor_parallel.rules_of(model)  # (a model without a split: named)
     one, two = (_row_bytes(model.name, dataclasses.replace(model.cfg, n_layer=n), T, m) for n in (1, 2))
     return batch * (one + (model.cfg.n_layer - 1) * (two - one))
 
@@ -131,13 +132,12 @@ def _row_bytes(name: str, cfg, T: int, m: int) -> int:
     model = get_spec(name).build(cfg)
     params = _param_shapes(name, cfg)
     local = jax.tree.map(lambda p: jax.ShapeDtypeStruct((m, *p.shape), p.dtype), _tp_shapes(model, params, m))
-    forward = tensor_parallel.gpt_forward if name == "gpt" else tensor_parallel.llama_forward
-    check = tensor_parallel.check_gpt_split if name == "gpt" else tensor_parallel.check_llama_split
-    check(cfg, m)
+    tensor_parallel.check_split(model, m)
+    split = dataclasses.replace(model, cfg=dataclasses.replace(cfg, model_axis=tensor_parallel.MODEL))
 
     def arrays(p, x):
-        logits, caches = forward(cfg, p, x)
-        return logits, [leaf for leaf in jax.tree.leaves(caches) if isinstance(leaf, jax.Array)]
+        out = split.forward(p, (), x, train=False)  # the model's own forward, each block split m ways
+        return out.logits, [leaf for leaf in jax.tree.leaves(out.caches) if isinstance(leaf, jax.Array)]
 
     def made(rows):
         x = jax.ShapeDtypeStruct((rows, T), jnp.int32)
@@ -157,21 +157,27 @@ def _param_shapes(name: str, cfg):
 
 
 def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None, batch: int = 1,
-         T: int | None = None, moments: int = 2) -> Plan:
+         T: int | None = None, optimizer=None) -> Plan:
     """The per-device memory of training ``model`` under ``scheme`` on ``devices`` devices, ``batch`` sequences of
-    ``T`` tokens (default: the model's block) per data shard, an optimiser keeping ``moments`` float32 tensors per
-    parameter (AdamW: 2)."""
+    ``T`` tokens (default: the model's block) per data shard, with ``optimizer`` (an optax transformation; default
+    AdamW) — its state read from the optimiser itself, by shape, over a device's slice of the parameters
+    (:func:`jnnex.optim.state_shapes`: SGD keeps nothing, AdamW two moments, Muon one momentum per matrix)."""
     d, m = axes(scheme, devices, model_parallel)
     T = model.block_size if T is None else T
+    optimizer = optim.adamw(optim.TrainConfig(optimizer="adamw")) if optimizer is None else optimizer
     params = _param_shapes(model.name, model.cfg)
-    local = jax.tree.leaves(_tp_shapes(model, params, m))
+    local_tree = _tp_shapes(model, params, m)
+    local, state = jax.tree.leaves(local_tree), jax.tree.leaves(optim.state_shapes(optimizer, local_tree))
     whole = nbytes(local)  # a device's TP slice, before FSDP
-    if scheme.startswith("fsdp"):
-        resident = sum(nbytes(p) // (d if parallel.fsdp_spec(p.shape, d) != P() else 1) for p in local)
-        gathered = 2 * (whole - resident)  # the rest of the parameters and of the gradients, during the step
-    else:
-        resident, gathered = whole, 0
-    return Plan(scheme, d, m, resident, resident, moments * resident, gathered, activation_bytes(model, batch, T, m))
+
+    def resident(leaves) -> int:  # FSDP splits each tensor (parameters, optimiser state) along an axis that divides
+        if not scheme.startswith("fsdp"):
+            return nbytes(leaves)
+        return sum(nbytes(p) // (d if parallel.fsdp_spec(p.shape, d) != P() else 1) for p in leaves)
+
+    held = resident(local)
+    gathered = 2 * (whole - held)  # FSDP: the rest of the parameters and of the gradients, during the step
+    return Plan(scheme, d, m, held, held, resident(state), gathered, activation_bytes(model, batch, T, m))
 
 
 def largest_fitting(devices: int, scheme: str, size: float, *, model_parallel: int | None = None,
@@ -182,7 +188,7 @@ def largest_fitting(devices: int, scheme: str, size: float, *, model_parallel: i
 
 
 def largest_fitting_each(devices: int, scheme: str, sizes, *, model_parallel: int | None = None, batch: int = 1,
-                         T: int = 1024, vocab: int = 50_304) -> list[str | None]:
+                         T: int = 1024, vocab: int = 50_304, optimizer=None) -> list[str | None]:
     """:func:`largest_fitting` for each of ``sizes``, each family member planned once."""
     best = [None] * len(sizes)
     m = axes(scheme, devices, model_parallel)[1]
@@ -190,16 +196,17 @@ def largest_fitting_each(devices: int, scheme: str, sizes, *, model_parallel: in
         if shape["n_head"] % m or (4 * shape["n_embd"]) % m:
             continue
         model = build_model("gpt", None, vocab_size=vocab, block_size=T, bias=True, tie=True, **shape)
-        total = plan(model, scheme, devices, model_parallel=model_parallel, batch=batch, T=T).total
+        total = plan(model, scheme, devices, model_parallel=model_parallel, batch=batch, T=T,
+                     optimizer=optimizer).total
         best = [name if total <= size else b for b, size in zip(best, sizes)]
     return best
 
 
 def xla_check(model, scheme: str, devices: int, *, model_parallel: int | None = None, batch: int = 1,
-              T: int | None = None) -> dict:
-    """XLA's memory analysis of the training step for ``scheme`` (AdamW), compiled for ``devices`` of
-    ``jax.devices()`` from shapes alone: ``{"arguments", "outputs", "temporaries"}`` bytes per device."""
-    from jnnex.optim import TrainConfig, make_optimizer
+              T: int | None = None, optimizer=None) -> dict:
+    """XLA's memory analysis of the training step for ``scheme`` with ``optimizer`` (default AdamW), compiled for
+    ``devices`` of ``jax.devices()`` from shapes alone: ``{"arguments", "outputs", "temporaries"}`` bytes per
+    device."""
     from jnnex.train import init_train_state, make_step
 
     d, m = axes(scheme, devices, model_parallel)
@@ -209,13 +216,13 @@ def xla_check(model, scheme: str, devices: int, *, model_parallel: int | None = 
         raise ValueError(f"plan --check: {devices} devices asked for, but only {len(jax.devices())} exist (on CPU, "
                          f"JAX_NUM_CPU_DEVICES={devices})")
     T = model.block_size if T is None else T
-    opt = make_optimizer(TrainConfig(optimizer="adamw"))
+    opt = optim.adamw(optim.TrainConfig(optimizer="adamw")) if optimizer is None else optimizer
     ts = jax.eval_shape(lambda k: init_train_state(model, opt, k), jax.random.key(0))
     rep_of = lambda mesh: jax.sharding.NamedSharding(mesh, P())  # noqa: E731
     if m > 1:
         mesh = tensor_parallel.mesh_2d(d, m)
-        _, _, layout = tensor_parallel.train_layout(tensor_parallel.split_of(model), opt, mesh, ts)
-        step = tensor_parallel.split_of(model).step(opt, mesh, ts.params)
+        _, _, layout = tensor_parallel.train_layout(model, opt, mesh, ts)
+        step = tensor_parallel.split_step(model, opt, mesh, ts.params)
     else:
         mesh = parallel.data_mesh(devices)
         rep = rep_of(mesh)
@@ -248,36 +255,40 @@ def widest_split(model, devices: int, most: int | None = None) -> int:
 
 
 def report(model, devices: int, *, schemes=SCHEMES, model_parallel: int | None = None, batch: int = 1,
-           T: int | None = None, check: bool = False) -> dict:
+           T: int | None = None, check: bool = False, optimizer: str = "adamw") -> dict:
     """Every scheme's plan on ``devices`` (``tp``: ``model_parallel``, default the widest split of the heads that
     divides ``devices``; ``fsdp+tp``: ``model_parallel``, default the widest up to 2), XLA's figures beside the plans
     that compile (``check``), and the largest model of :data:`FAMILY` that fits each device size under each scheme.
-    ``{"rows", "family", "table"}``."""
+    ``optimizer``: the name of the optimiser (:data:`jnnex.optim.OPTIMIZERS`, at its default settings) whose state is
+    planned and compiled. ``{"rows", "family", "table"}``."""
     from jnnex.bench.harness import table
+
+    opt = optim.make_optimizer(optim.TrainConfig(optimizer=optimizer))
 
     rows, family = [], []
     T = model.block_size if T is None else T
     for scheme in schemes:
         m = None if scheme in ("dp", "fsdp") else (model_parallel or widest_split(model, devices,
                                                                                   None if scheme == "tp" else 2))
-        p = plan(model, scheme, devices, model_parallel=m, batch=batch, T=T)
+        p = plan(model, scheme, devices, model_parallel=m, batch=batch, T=T, optimizer=opt)
         row = p.row()
         if check and scheme != "fsdp+tp":
-            xla = xla_check(model, scheme, devices, model_parallel=m, batch=batch, T=T)
+            xla = xla_check(model, scheme, devices, model_parallel=m, batch=batch, T=T, optimizer=opt)
             row.update({"xla_arguments": xla["arguments"] / GB, "xla_temporaries": xla["temporaries"] / GB,
                         "xla_outputs": xla["outputs"] / GB,
                         "resident/xla_args": (p.params + p.optimizer) / xla["arguments"],
                         "step/xla_temp": (p.grads + p.gathered + p.activations) / xla["temporaries"]})
         rows.append(row)
-        fits = largest_fitting_each(devices, scheme, DEVICE_SIZES.values(), model_parallel=m, batch=batch, T=T)
+        fits = largest_fitting_each(devices, scheme, DEVICE_SIZES.values(), model_parallel=m, batch=batch, T=T,
+                                    optimizer=opt)
         family.append({"scheme": scheme, "mesh": row["mesh"],
                        **{label: name or "none" for label, name in zip(DEVICE_SIZES, fits)}})
     cols = ["scheme", "mesh", "params", "grads", "optimizer", "gathered", "activations", "total_GB"]
     if check:
         cols += ["xla_arguments", "xla_temporaries", "resident/xla_args", "step/xla_temp"]
     n = sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))))
-    text = (f"{model.name}, {n:,} parameters, on {devices} devices: GB per device, float32, AdamW, {batch} x {T} "
-            f"tokens per data shard\n\n{table(rows, cols)}\n\nThe largest of the GPT-2/GPT-3 shapes that fits one device"
+    text = (f"{model.name}, {n:,} parameters, on {devices} devices: GB per device, float32, {optimizer}, {batch} x "
+            f"{T} tokens per data shard\n\n{table(rows, cols)}\n\nThe largest of the GPT-2/GPT-3 shapes that fits one device"
             f" (this micro-batch, vocabulary 50,304):\n\n{table(family, ['scheme', 'mesh', *DEVICE_SIZES])}")
     if check:
         text += ("\n\nxla_*: XLA's memory analysis of the compiled step (arguments: parameters, optimiser state, batch; "

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jnnex import parallel, rundir
+from jnnex import parallel, rundir, tensor_parallel
 from jnnex.diagnostics import step_diagnostics
 from jnnex.lm import LanguageModel, check_batch, evaluate, manual_gradients
 from jnnex.optim import TrainConfig, check_optimizer, lr_schedule, make_optimizer  # noqa: F401 (re-exported)
@@ -246,8 +246,10 @@ def fit(
 
     ``model_parallel=M`` (with ``devices=N``, a multiple of ``M``; Megatron-LM's tensor parallelism): a ``data × model``
     mesh of ``N/M × M`` devices (:func:`jnnex.tensor_parallel.mesh_2d`); each step's batch split along ``"data"``,
-    every block's attention heads and MLP split along ``"model"``, the model's hand-written split step
-    (:func:`jnnex.tensor_parallel.split_of`: the GPT's and the Llama's) with the optimiser in the global view.
+    every block's attention heads and MLP split along ``"model"`` as the model's split rules say (``model.split_fn``:
+    the GPT's and the Llama's), the model's own forward and hand-written backward on each device
+    (:func:`jnnex.tensor_parallel.split_step`) with the optimiser in the global view; dropout, bfloat16 and
+    ``diagnostics`` as on one device.
     Checkpoints are in the parameters' own layout: a run resumes on any mesh, or on one device.
 
     A text stream (a per-position model's): each row is ``block_size + 1`` contiguous tokens at a random offset
@@ -268,15 +270,12 @@ def fit(
         dev_tokens = jnp.asarray(np.asarray(dev_stream.tokens))
     elif dev is not None:
         check_batch(model, *dev, "dev data")
-    split = None
-    if model_parallel is not None:
-        from jnnex import tensor_parallel  # (here: it imports the models, whose registry imports this module)
-        split = tensor_parallel.split_of(model)  # (a model without one: named first)
+    split = model_parallel is not None
+    if split:
+        tensor_parallel.rules_of(model)  # (a model without a split: named first)
         if shard_params:
             raise ValueError("shard_params and model_parallel together (FSDP × tensor parallel) are not a training "
                              "mode yet: choose one (jnnex plan shows both on paper)")
-        if diagnostics:
-            raise ValueError("diagnostics read the unsplit model's backward: train without model_parallel")
         if not (isinstance(devices, int) and isinstance(model_parallel, int) and model_parallel >= 1
                 and devices % model_parallel == 0):
             raise ValueError(f"model_parallel {model_parallel!r}: give devices as a number that divides by it (the "
@@ -309,9 +308,9 @@ def fit(
         ts = init_train_state(model, optimizer, k_init)
         layout = step_shardings = None
         to_devices = to_host = None
-        if split is not None:  # the split's own step, its parameters laid out for the model axis
-            to_devices, to_host, layout = tensor_parallel.train_layout(split, optimizer, mesh, ts)
-            step_fn = split.step(optimizer, mesh, ts.params)
+        if split:  # the model's own forward and backward on each device's slices, its parameters laid out for them
+            to_devices, to_host, layout = tensor_parallel.train_layout(model, optimizer, mesh, ts)
+            step_fn = tensor_parallel.split_step(model, optimizer, mesh, ts.params, diagnostics=diagnostics)
         else:
             if shard_params:  # the parameters and optimiser state split, the rest replicated
                 layout, step_shardings = parallel.fsdp_layout(ts, mesh)

@@ -111,7 +111,7 @@ p_split, o_split = parallel.fsdp_shardings((ts.params, ts.opt_state), mesh)
 held["FSDP over 4"] = parallel.bytes_per_device(parallel.place(parallel.local((ts.params, ts.opt_state)),
                                                                (p_split, o_split)))
 tp_mesh = tensor_parallel.mesh_2d(2, 2)
-there, _, layout = tensor_parallel.train_layout(tensor_parallel.split_of(model), opt, tp_mesh, ts)
+there, _, layout = tensor_parallel.train_layout(model, opt, tp_mesh, ts)
 placed = parallel.place(there(parallel.local(ts)), layout)
 held["TP 2 x 2"] = parallel.bytes_per_device((placed.params, placed.opt_state))
 per_device = {k: max(v.values()) / 1024 for k, v in held.items()}

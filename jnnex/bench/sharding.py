@@ -157,9 +157,8 @@ def collectives(quick: bool) -> list[dict]:
         for scheme, (d, m) in [("dp", (4, 1)), ("fsdp", (4, 1)), ("tp", (2, 2)), ("tp", (1, 4))]:
             if m > 1:
                 mesh = tensor_parallel.mesh_2d(d, m)
-                split = tensor_parallel.split_of(model)
-                _, _, layout = tensor_parallel.train_layout(split, opt, mesh, ts)
-                step = split.step(opt, mesh, ts.params)
+                _, _, layout = tensor_parallel.train_layout(model, opt, mesh, ts)
+                step = tensor_parallel.split_step(model, opt, mesh, ts.params)
             else:
                 mesh = parallel.data_mesh(devices)
                 if scheme == "fsdp":
@@ -173,7 +172,7 @@ def collectives(quick: bool) -> list[dict]:
             found = hlo_collectives(text, mesh)
             per_model = sum(4 * count_params(p) for p in jax.tree.leaves(
                 jax.tree.map(lambda p, s: p if tensor_parallel.MODEL not in tuple(s) else None, ts.params,
-                             tensor_parallel.split_of(model).specs(ts.params), is_leaf=lambda x: isinstance(x, P))))
+                             tensor_parallel.specs(model, ts.params), is_leaf=lambda x: isinstance(x, P))))
             split_bytes = 4 * n_params - per_model
             local_params = 4 * n_params if m == 1 else per_model + split_bytes // m
             row = {"model": name, "scheme": scheme, "mesh": f"{d} x {m}"}

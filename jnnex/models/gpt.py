@@ -37,9 +37,13 @@ import jax.numpy as jnp
 
 import numpy as np
 
+from jnnex.collectives import (
+    ROW, Column, Part, column_linear_backward, column_linear_forward, local_count, row_linear_backward,
+    row_linear_forward,
+)
 from jnnex.layers import (
     PRECISIONS, Linear, check_dropout_key, check_shape, compute_params, dropout_backward, dropout_in_training,
-    linear_backward, linear_forward, matmul, matmul_nt, matmul_tn, param_grads, per_channel, transpose, wide,
+    linear_backward, matmul, matmul_nt, matmul_tn, param_grads, per_channel, transpose, wide,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.settings import check_choice, positive_int, setting
@@ -172,6 +176,15 @@ def split_heads_backward(dheads, cache):
     return jnp.concatenate([merge_heads(d) for d in dheads], axis=-1), None
 
 
+class AttendCache(NamedTuple):
+    """What :func:`attend_backward` reads: the heads and the softmax's output."""
+
+    q: jax.Array  # (B, nh, T, hs)
+    k: jax.Array  # (B, nh, T, hs): the keys attended over (a KV cache's keys, for prefill)
+    v: jax.Array  # (B, nh, T, hs)
+    att: jax.Array  # (B, nh, T, T), exactly 0 above the diagonal
+
+
 def attend_forward(q, k, v):
     """Causal attention per head (llm.c's ``attention_forward`` after the split): ``att = softmax(q kᵀ / √hs)`` over
     the positions ``t' <= t`` (later ones get exactly 0), then ``y = att v``, the heads merged: ``q, k, v (B, nh, T,
@@ -184,7 +197,7 @@ def attend_forward(q, k, v):
     preatt = jnp.where(causal, matmul_nt(q, k) * hs**-0.5, -jnp.inf)  # softmax: float32 for bf16
     e = jnp.exp(preatt - preatt.max(-1, keepdims=True))  # the diagonal is never masked: a finite maximum per row
     att = e / e.sum(-1, keepdims=True)  # (B, nh, T, T), exactly 0 above the diagonal
-    return merge_heads(matmul(att.astype(v.dtype), v).astype(q.dtype)), (q, k, v, att)
+    return merge_heads(matmul(att.astype(v.dtype), v).astype(q.dtype)), AttendCache(q, k, v, att)
 
 
 def attend_backward(dy, cache):
@@ -215,21 +228,47 @@ def qkv_attention_backward(dy, cache):
     return split_heads_backward(attend_backward(dy, c_att), c_heads)
 
 
-def self_attention_forward(x, W_qkv, b_qkv, W_proj, b_proj, n_head: int):
+class AttentionCache(NamedTuple):
+    """The attention layer's caches, by name (llm.c's activation buffers)."""
+
+    qkv: tuple  # the fused projection's (a column-parallel linear's)
+    heads: tuple  # split_heads_forward's
+    att: AttendCache | None  # attend_forward's; None when decoding one position against a KV cache
+    proj: tuple  # the output projection's (a row-parallel linear's)
+    kv: tuple | None  # decoding: the layer's keys and values after this position's were written, (B, nh, T, hs)
+
+
+def self_attention_forward(x, W_qkv, b_qkv, W_proj, b_proj, n_head: int, axis: str | None = None, kv=None):
     """The whole attention layer: the fused projection ``x (B, T, C) @ W_qkv (C, 3C)``, the heads, causal attention,
-    the output projection ``(C, C)``."""
-    qkv, c_qkv = linear_forward(x, W_qkv, b_qkv)  # (B, T, 3C)
-    y, c_att = qkv_attention_forward(qkv, n_head)  # (B, T, C)
-    out, c_proj = linear_forward(y, W_proj, b_proj)  # (B, T, C)
-    return out, (c_qkv, c_att, c_proj)
+    the output projection ``(C, C)``.
+
+    ``axis`` (a mesh axis, inside ``shard_map``; Megatron's split by heads): ``W_qkv``/``b_qkv`` hold this device's
+    ``n_head / n`` heads' query, key and value columns (:func:`jnnex.tensor_parallel.for_devices` lays them out),
+    ``W_proj`` the matching rows; the projection's partial sums are all-reduced (one all-reduce forward, one of
+    ``dx`` backward). ``n_head`` is the layer's whole count. ``None``: one device, the plain layer.
+
+    ``kv = (K, V, pos)`` decodes one position (``x (B, 1, C)``) against a KV cache: its key and value are written at
+    ``pos`` and its query attends over positions ``0 .. pos`` (:func:`attend_cached`); the cache's ``kv`` holds the
+    updated ``(K, V)``. Eval mode only (no backward)."""
+    n_local = local_count("n_head", n_head, axis)
+    qkv, c_qkv = column_linear_forward(x, W_qkv, b_qkv, axis)  # (B, T, 3C/n)
+    (q, k, v), c_heads = split_heads_forward(qkv, n_local)  # (B, nh/n, T, hs) each
+    if kv is None:
+        y, c_att = attend_forward(q, k, v)  # (B, T, C/n)
+        new_kv = None
+    else:
+        K, V, pos = kv
+        new_kv = write_kv(K, V, k, v, pos)  # (B, nh/n, T, hs) each
+        y, c_att = attend_cached(q, *new_kv, pos), None
+    out, c_proj = row_linear_forward(y, W_proj, b_proj, axis)  # (B, T, C)
+    return out, AttentionCache(c_qkv, c_heads, c_att, c_proj, new_kv)
 
 
 def self_attention_backward(dout, cache):
     """The backwards in reverse order: ``(dx, dW_qkv, db_qkv, dW_proj, db_proj, None)``."""
-    c_qkv, c_att, c_proj = cache
-    dy, dW_proj, db_proj = linear_backward(dout, c_proj)
-    dqkv, _ = qkv_attention_backward(dy, c_att)
-    dx, dW_qkv, db_qkv = linear_backward(dqkv, c_qkv)
+    dy, dW_proj, db_proj = row_linear_backward(dout, cache.proj)
+    dqkv, _ = split_heads_backward(attend_backward(dy, cache.att), cache.heads)
+    dx, dW_qkv, db_qkv = column_linear_backward(dqkv, cache.qkv)
     return dx, dW_qkv, db_qkv, dW_proj, db_proj, None
 
 
@@ -247,6 +286,10 @@ class GPTConfig:
     precision: str = setting("float32", "the forward's and backward's arithmetic: float32 (the parameters' own), or "
                                         "bfloat16 with float32 sums, norms, softmax and loss (parameters stay float32)",
                              choices=PRECISIONS)
+    model_axis: str | None = setting(None, "the mesh axis the blocks' heads and MLP split along under jax.shard_map "
+                                           "(Megatron's tensor parallelism; set by jnnex.tensor_parallel)", flag=False)
+    batch_axis: str | None = setting(None, "the mesh axis the batch's rows split along under jax.shard_map: dropout "
+                                           "masks drawn for the whole batch (set by jnnex.tensor_parallel)", flag=False)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -300,32 +343,107 @@ def init(key, cfg: GPTConfig):
     return GPTParams(wte, wpe, blocks, ln(), None if cfg.tie else normal((C, V))), ()
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The block: one function each way, which the training forward, the KV-cache decode and every parallel scheme call
+
+
+class BlockCache(NamedTuple):
+    """One block's caches, by name, in forward order."""
+
+    ln1: tuple
+    attn: AttentionCache
+    drop1: jax.Array | None  # the attention branch's dropout mask (scaled); None when nothing was dropped
+    res1: tuple
+    ln2: tuple
+    fc: tuple  # a column-parallel linear's
+    gelu: jax.Array
+    fcproj: tuple  # a row-parallel linear's
+    drop2: jax.Array | None
+    res2: tuple
+
+
+def block_forward(cfg: GPTConfig, blk: Block, h, i=0, *, train: bool = False, key=None, kv=None):
+    """Block ``i`` (its dropout masks are numbers ``2i + 1`` and ``2i + 2`` of the forward's ``key``) on the residual
+    stream ``h (B, T, C)``: ``h + attention(ln1(h))``, then ``+ mlp(ln2(·))``. ``cfg.model_axis`` splits the attention
+    by heads and the MLP by hidden units (Megatron: ``qkv`` and ``fc`` column-parallel, ``attproj`` and ``fcproj``
+    row-parallel); ``kv = (K, V, pos)`` decodes one position against a KV cache. Returns ``(h, BlockCache)``."""
+    a, c_ln1 = layernorm_forward(h, blk.ln1.w, blk.ln1.b)
+    a, c_attn = self_attention_forward(a, blk.qkv.W, blk.qkv.b, blk.attproj.W, blk.attproj.b, cfg.n_head,
+                                       cfg.model_axis, kv)  # (B, T, C)
+    a, c_drop1 = dropout_in_training(a, key, 2 * i + 1, cfg.dropout, train, cfg.batch_axis)
+    h, c_res1 = residual_forward(h, a)
+    m, c_ln2 = layernorm_forward(h, blk.ln2.w, blk.ln2.b)
+    m, c_fc = column_linear_forward(m, blk.fc.W, blk.fc.b, cfg.model_axis)  # (B, T, 4C/n)
+    m, c_gelu = gelu_forward(m)
+    m, c_fcproj = row_linear_forward(m, blk.fcproj.W, blk.fcproj.b, cfg.model_axis)  # (B, T, C)
+    m, c_drop2 = dropout_in_training(m, key, 2 * i + 2, cfg.dropout, train, cfg.batch_axis)
+    h, c_res2 = residual_forward(h, m)
+    return h, BlockCache(c_ln1, c_attn, c_drop1, c_res1, c_ln2, c_fc, c_gelu, c_fcproj, c_drop2, c_res2)
+
+
+def block_backward(dh, c: BlockCache):
+    """:func:`block_forward` in reverse: ``dh (B, T, C)``, the gradient at the block's output, to ``(dh at its input,
+    the block's gradients)``. Each residual add passes ``dh`` unchanged to the stream *and* to its branch, and what the
+    branch sends back is added to it (llm.c's ``+=``)."""
+    dh, dm = residual_backward(dh, c.res2)  # the MLP branch
+    if c.drop2 is not None:
+        dm, _, _ = dropout_backward(dm, c.drop2)
+    dm, dfcproj_W, dfcproj_b = row_linear_backward(dm, c.fcproj)
+    dm = gelu_backward(dm, c.gelu)
+    dm, dfc_W, dfc_b = column_linear_backward(dm, c.fc)
+    dm, dln2_w, dln2_b = layernorm_backward(dm, c.ln2)
+    dh = dh + dm
+    dh, da = residual_backward(dh, c.res1)  # the attention branch
+    if c.drop1 is not None:
+        da, _, _ = dropout_backward(da, c.drop1)
+    da, dqkv_W, dqkv_b, dproj_W, dproj_b, _ = self_attention_backward(da, c.attn)
+    da, dln1_w, dln1_b = layernorm_backward(da, c.ln1)
+    dblk = Block(LayerNorm(dln1_w, dln1_b), Linear(dqkv_W, dqkv_b), Linear(dproj_W, dproj_b),
+                 LayerNorm(dln2_w, dln2_b), Linear(dfc_W, dfc_b), Linear(dfcproj_W, dfcproj_b))
+    return dh + da, dblk
+
+
+def split(cfg: GPTConfig) -> dict:
+    """Megatron's split of a block, as data (:mod:`jnnex.tensor_parallel` reads it): ``qkv`` by the columns of each
+    device's heads (its queries, keys and values side by side), ``fc`` by hidden units; ``attproj`` and ``fcproj`` by
+    the matching rows. Everything outside the blocks is replicated."""
+    hs = cfg.n_embd // cfg.n_head
+    heads = Part("n_head", cfg.n_head, hs)
+    return {"qkv": Column((heads, heads, heads)), "attproj": ROW,
+            "fc": Column((Part("the MLP width 4·n_embd", 4 * cfg.n_embd),)), "fcproj": ROW}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class Caches(NamedTuple):
+    """The forward's caches, by name."""
+
+    emb: tuple
+    drop0: jax.Array | None
+    blocks: tuple  # n_layer BlockCaches
+    lnf: tuple
+    head: tuple
+
+
 def forward(cfg: GPTConfig, params: GPTParams, state, x, train: bool, key=None) -> Forward:
-    """``Forward(logits (B, T, V), (), caches, acts)`` for ``x (B, T)``, ``T <= block_size``. ``acts`` holds each
+    """``Forward(logits (B, T, V), (), Caches, acts)`` for ``x (B, T)``, ``T <= block_size``. ``acts`` holds each
     block's output (the residual stream after it), ``(B, T, C)``, for diagnostics."""
     check_dropout_key(cfg.dropout, train, key)
     if x.ndim != 2 or not 1 <= x.shape[1] <= cfg.block_size:
         raise ValueError(f"gpt: x must have shape (B, T <= {cfg.block_size}), got {x.shape}")
     params = compute_params(params, cfg.precision)  # bfloat16: every layer below computes in it
     h, c_emb = token_position_embedding_forward(params.wte, params.wpe, x)
-    h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train)  # the embeddings
+    h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train, cfg.batch_axis)  # the embeddings
     block_caches, acts = [], []
     for i, blk in enumerate(params.blocks):
-        a, c_ln1 = layernorm_forward(h, blk.ln1.w, blk.ln1.b)
-        a, c_attn = self_attention_forward(a, blk.qkv.W, blk.qkv.b, blk.attproj.W, blk.attproj.b, cfg.n_head)
-        a, c_drop1 = dropout_in_training(a, key, 2 * i + 1, cfg.dropout, train)
-        h, c_res1 = residual_forward(h, a)
-        m, c_ln2 = layernorm_forward(h, blk.ln2.w, blk.ln2.b)
-        m, c_fc = linear_forward(m, blk.fc.W, blk.fc.b)  # (B, T, 4C)
-        m, c_gelu = gelu_forward(m)
-        m, c_fcproj = linear_forward(m, blk.fcproj.W, blk.fcproj.b)  # (B, T, C)
-        m, c_drop2 = dropout_in_training(m, key, 2 * i + 2, cfg.dropout, train)
-        h, c_res2 = residual_forward(h, m)
-        block_caches.append((c_ln1, c_attn, c_drop1, c_res1, c_ln2, c_fc, c_gelu, c_fcproj, c_drop2, c_res2))
+        h, c_block = block_forward(cfg, blk, h, i, train=train, key=key)
+        block_caches.append(c_block)
         acts.append(h)
     h, c_lnf = layernorm_forward(h, params.lnf.w, params.lnf.b)
     logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)  # (B, T, V)
-    return Forward(logits, state, (c_emb, c_drop0, tuple(block_caches), c_lnf, c_head), tuple(acts))
+    return Forward(logits, state, Caches(c_emb, c_drop0, tuple(block_caches), c_lnf, c_head), tuple(acts))
 
 
 def head_forward(h, W):
@@ -348,36 +466,21 @@ def head_backward(dlogits, cache, tied: bool):
     return dh, matmul_tn(dlogits.reshape(-1, dlogits.shape[-1]), h.reshape(-1, h.shape[-1]))
 
 
-def backward(cfg: GPTConfig, params: GPTParams, caches, dlogits):
-    """Every gradient by hand, in reverse order of :func:`forward`. ``dh`` is the residual stream's gradient: each
-    residual add passes it unchanged to the stream *and* to its branch, and what the branch sends back to the stream
-    is added to it (llm.c's ``+=``). ``act_grads[i]`` is the loss gradient at block ``i``'s output."""
-    c_emb, c_drop0, block_caches, c_lnf, c_head = caches
-    dlogits = dlogits.astype(c_head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
-    dh, dlm_head = head_backward(dlogits, c_head, cfg.tie)  # (when tied: the gradient of wte, added to dwte below)
-    dh, dlnf_w, dlnf_b = layernorm_backward(dh, c_lnf)
+def backward(cfg: GPTConfig, params: GPTParams, caches: Caches, dlogits):
+    """Every gradient by hand, in reverse order of :func:`forward`: the head, the final LayerNorm, each block's
+    :func:`block_backward` (last first), the embeddings. ``act_grads[i]`` is the loss gradient at block ``i``'s
+    output."""
+    dlogits = dlogits.astype(caches.head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
+    dh, dlm_head = head_backward(dlogits, caches.head, cfg.tie)  # (when tied: the gradient of wte, added below)
+    dh, dlnf_w, dlnf_b = layernorm_backward(dh, caches.lnf)
     dblocks, act_grads = [], []
-    for c_ln1, c_attn, c_drop1, c_res1, c_ln2, c_fc, c_gelu, c_fcproj, c_drop2, c_res2 in reversed(block_caches):
+    for c_block in reversed(caches.blocks):
         act_grads.append(dh)
-        dh, dm = residual_backward(dh, c_res2)  # the MLP branch
-        if c_drop2 is not None:
-            dm, _, _ = dropout_backward(dm, c_drop2)
-        dm, dfcproj_W, dfcproj_b = linear_backward(dm, c_fcproj)
-        dm = gelu_backward(dm, c_gelu)
-        dm, dfc_W, dfc_b = linear_backward(dm, c_fc)
-        dm, dln2_w, dln2_b = layernorm_backward(dm, c_ln2)
-        dh = dh + dm
-        dh, da = residual_backward(dh, c_res1)  # the attention branch
-        if c_drop1 is not None:
-            da, _, _ = dropout_backward(da, c_drop1)
-        da, dqkv_W, dqkv_b, dproj_W, dproj_b, _ = self_attention_backward(da, c_attn)
-        da, dln1_w, dln1_b = layernorm_backward(da, c_ln1)
-        dh = dh + da
-        dblocks.append(Block(LayerNorm(dln1_w, dln1_b), Linear(dqkv_W, dqkv_b), Linear(dproj_W, dproj_b),
-                             LayerNorm(dln2_w, dln2_b), Linear(dfc_W, dfc_b), Linear(dfcproj_W, dfcproj_b)))
-    if c_drop0 is not None:
-        dh, _, _ = dropout_backward(dh, c_drop0)
-    dwte, dwpe, _ = token_position_embedding_backward(dh, c_emb)
+        dh, dblk = block_backward(dh, c_block)
+        dblocks.append(dblk)
+    if caches.drop0 is not None:
+        dh, _, _ = dropout_backward(dh, caches.drop0)
+    dwte, dwpe, _ = token_position_embedding_backward(dh, caches.emb)
     if cfg.tie:  # one table, two uses: the gradients add
         dwte, dlm_head = dwte + dlm_head, None
     grads = GPTParams(dwte, dwpe, tuple(reversed(dblocks)), LayerNorm(dlnf_w, dlnf_b), dlm_head)
@@ -398,12 +501,12 @@ class KVCache(NamedTuple):
     v: tuple  # per block, (B, nh, T, hs)
 
 
-def write_kv(cache: KVCache, i: int, k, v, pos):
-    """Block ``i``'s cached keys and values with position ``pos`` (traced) set to ``k, v (B, heads, 1, hs)``
-    (``lax.dynamic_update_slice``: one program for every position). Returns ``(K, V)``, each ``(B, heads, T, hs)``."""
+def write_kv(K, V, k, v, pos):
+    """A layer's cached keys and values ``K, V (B, heads, T, hs)`` with position ``pos`` (traced) set to ``k, v (B,
+    heads, 1, hs)`` (``lax.dynamic_update_slice``: one program for every position). Returns ``(K, V)``."""
     at = (jnp.int32(0), jnp.int32(0), jnp.asarray(pos, jnp.int32), jnp.int32(0))
-    return (jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), at),
-            jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), at))
+    return (jax.lax.dynamic_update_slice(K, k.astype(K.dtype), at),
+            jax.lax.dynamic_update_slice(V, v.astype(V.dtype), at))
 
 
 def prefill(cfg: GPTConfig, params: GPTParams, x):
@@ -412,8 +515,8 @@ def prefill(cfg: GPTConfig, params: GPTParams, x):
     if x.shape[1] != cfg.block_size:
         raise ValueError(f"gpt.prefill: x must be (B, {cfg.block_size}), a full context buffer; got {x.shape}")
     out = forward(cfg, params, (), x, train=False)
-    kv = [c[1][1][1][1:3] for c in out.caches[2]]  # c_attn -> (c_heads, (q, k, v, att)) -> (k, v)
-    return out.logits, KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv))
+    atts = [c.attn.att for c in out.caches.blocks]
+    return out.logits, KVCache(tuple(a.k for a in atts), tuple(a.v for a in atts))
 
 
 def attend_cached(q, K, V, pos):
@@ -428,27 +531,19 @@ def attend_cached(q, K, V, pos):
 
 def decode(cfg: GPTConfig, params: GPTParams, cache: KVCache, token, pos):
     """The next position: ``token (B,)`` read at position ``pos`` (``< block_size``; traced: one program for all
-    positions). Its keys and values are written into the cache (``lax.dynamic_update_slice``) and its query attends
-    over positions ``0 .. pos``. Returns ``(logits (B, V), cache)``: the full forward's logits at ``pos``."""
+    positions), through each :func:`block_forward` with its layer's cache: its keys and values are written there and
+    its query attends over positions ``0 .. pos``. Returns ``(logits (B, V), cache)``: the full forward's logits at
+    ``pos``."""
     pos = jnp.asarray(pos, jnp.int32)
     params = compute_params(params, cfg.precision)
     h = (params.wte[token] + jax.lax.dynamic_index_in_dim(params.wpe, pos, keepdims=True))[:, None, :]  # (B, 1, C)
-    ks, vs = [], []
+    kvs = []
     for i, blk in enumerate(params.blocks):
-        a, _ = layernorm_forward(h, blk.ln1.w, blk.ln1.b)
-        qkv, _ = linear_forward(a, blk.qkv.W, blk.qkv.b)  # (B, 1, 3C)
-        (q, k, v), _ = split_heads_forward(qkv, cfg.n_head)  # (B, nh, 1, hs) each
-        K, V = write_kv(cache, i, k, v, pos)  # (B, nh, T, hs) each
-        a, _ = linear_forward(attend_cached(q, K, V, pos), blk.attproj.W, blk.attproj.b)
-        h = h + a
-        m, _ = layernorm_forward(h, blk.ln2.w, blk.ln2.b)
-        m, _ = linear_forward(gelu_forward(linear_forward(m, blk.fc.W, blk.fc.b)[0])[0], blk.fcproj.W, blk.fcproj.b)
-        h = h + m
-        ks.append(K)
-        vs.append(V)
+        h, c_block = block_forward(cfg, blk, h, i, kv=(cache.k[i], cache.v[i], pos))
+        kvs.append(c_block.attn.kv)
     h, _ = layernorm_forward(h, params.lnf.w, params.lnf.b)
     logits, _ = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)  # (B, 1, V)
-    return logits[:, 0], KVCache(tuple(ks), tuple(vs))
+    return logits[:, 0], KVCache(tuple(K for K, _ in kvs), tuple(V for _, V in kvs))
 
 
 def embeddings(params: GPTParams) -> jax.Array:
@@ -460,10 +555,10 @@ def attention_maps(cfg: GPTConfig, params: GPTParams, x) -> jax.Array:
     softmax over the positions ``t' <= t`` that position ``t`` reads (the picture of what a trained model attends to).
     Read from the forward's own caches (:func:`attend_forward` keeps ``att`` for its backward)."""
     caches = forward(cfg, params, (), x, train=False).caches
-    return jnp.stack([c_attn[1][1][3] for _, c_attn, *_ in caches[2]])
+    return jnp.stack([c.attn.att.att for c in caches.blocks])
 
 
 def gpt(cfg: GPTConfig = GPTConfig()) -> LanguageModel:
     """makemore.py's transformer; ``.with_gradients("manual")`` trains it on :func:`backward`."""
     return LanguageModel("gpt", cfg, init, forward, backward, stochastic=cfg.dropout > 0, per_position=True,
-                         embeddings_fn=embeddings, prefill_fn=prefill, decode_fn=decode)
+                         embeddings_fn=embeddings, prefill_fn=prefill, decode_fn=decode, split_fn=split)

@@ -33,10 +33,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jnnex.collectives import (
+    ROW, Column, Part, column_linear_backward, column_linear_forward, local_count, row_linear_backward,
+    row_linear_forward,
+)
 from jnnex.layers import (
     PRECISIONS, Linear, check_dropout_key, check_shape, compute_params, dropout_backward, dropout_in_training,
-    embedding_backward, embedding_forward, linear_backward, linear_forward, param_grads, per_channel, transpose,
-    wide,
+    embedding_backward, embedding_forward, param_grads, per_channel, transpose, wide,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.models import flash
@@ -196,33 +199,61 @@ def repeat_kv_backward(dy, cache):
 # tiled), output projection
 
 
+class AttentionCache(NamedTuple):
+    """The attention layer's caches, by name."""
+
+    qkv: tuple  # the fused projection's (a column-parallel linear's)
+    split: tuple  # split_gqa_forward's
+    rope_q: tuple
+    rope_k: tuple
+    repeat_k: tuple
+    repeat_v: tuple
+    tile: int | None  # the attention's tile (None: plain)
+    att: tuple | None  # the attention pair's (plain or tiled); None when decoding against a KV cache
+    proj: tuple  # the output projection's (a row-parallel linear's)
+    kv: tuple  # the keys (rotated) and values of the n_kv_head shared heads, (B, nkv, T, hs) each: what a KV cache
+    #            keeps (when decoding, the cache's after this position's were written)
+
+
 def attention_forward(x, W_qkv, W_proj, n_head: int, n_kv_head: int, tile: int | None = None, pos0=0,
-                      base: float = ROPE_BASE):
+                      base: float = ROPE_BASE, axis: str | None = None, kv=None):
     """``x (B, T, C) -> (B, T, C)``; ``tile=None``: the plain attention pair, else the tiled one with tiles of
-    ``tile``. The cache holds the rotated keys and values too (what a KV cache keeps)."""
-    qkv, c_qkv = linear_forward(x, W_qkv)
-    (q, k, v), c_split = split_gqa_forward(qkv, n_head, n_kv_head)
+    ``tile``. The cache holds the rotated keys and values too (what a KV cache keeps).
+
+    ``axis`` (inside ``shard_map``; Megatron's split by heads): each device its ``n_head / n`` query heads and the
+    ``n_kv_head / n`` key/value heads their groups share (:func:`jnnex.tensor_parallel.for_devices` lays ``W_qkv``
+    out), ``W_proj`` the matching rows, the projection's partial sums all-reduced. ``kv = (K, V, pos)`` decodes one
+    position against a KV cache: rotated by ``pos``, written there, its query attending over ``0 .. pos``."""
+    nh, nkv = local_count("n_head", n_head, axis), local_count("n_kv_head", n_kv_head, axis)
+    pos0 = pos0 if kv is None else kv[2]
+    qkv, c_qkv = column_linear_forward(x, W_qkv, None, axis)
+    (q, k, v), c_split = split_gqa_forward(qkv, nh, nkv)
     q, c_rq = rope_forward(q, pos0, base)
     k, c_rk = rope_forward(k, pos0, base)
-    kr, c_rep_k = repeat_kv_forward(k, n_head // n_kv_head)
-    vr, c_rep_v = repeat_kv_forward(v, n_head // n_kv_head)
+    if kv is not None:  # one position: into the cache, then attend over it
+        K, V = write_kv(kv[0], kv[1], k, v, pos0)  # (B, nkv, T, hs) each
+        y = attend_cached(q, jnp.repeat(K, nh // nkv, axis=1), jnp.repeat(V, nh // nkv, axis=1), pos0)
+        out, c_proj = row_linear_forward(y, W_proj, None, axis)
+        return out, AttentionCache(c_qkv, c_split, c_rq, c_rk, None, None, tile, None, c_proj, (K, V))
+    kr, c_rep_k = repeat_kv_forward(k, nh // nkv)
+    vr, c_rep_v = repeat_kv_forward(v, nh // nkv)
     y, c_att = attend_forward(q, kr, vr) if tile is None else flash.flash_attend_forward(q, kr, vr, tile)
-    out, c_proj = linear_forward(y, W_proj)
-    return out, (c_qkv, c_split, c_rq, c_rk, c_rep_k, c_rep_v, tile, c_att, c_proj, (k, v))
+    out, c_proj = row_linear_forward(y, W_proj, None, axis)
+    return out, AttentionCache(c_qkv, c_split, c_rq, c_rk, c_rep_k, c_rep_v, tile, c_att, c_proj, (k, v))
 
 
-def attention_backward(dout, cache):
+def attention_backward(dout, cache: AttentionCache):
     """In reverse: ``(dx, dW_qkv, dW_proj, None, None, None)`` (the head counts and the tile get ``None``; ``pos0``
     and ``base`` are settings, as a norm's ``eps``)."""
-    c_qkv, c_split, c_rq, c_rk, c_rep_k, c_rep_v, tile, c_att, c_proj, _ = cache
-    dy, dW_proj, _ = linear_backward(dout, c_proj)
-    dq, dkr, dvr, *_ = attend_backward(dy, c_att) if tile is None else flash.flash_attend_backward(dy, c_att)
-    dk, _ = repeat_kv_backward(dkr, c_rep_k)
-    dv, _ = repeat_kv_backward(dvr, c_rep_v)
-    dk, *_ = rope_backward(dk, c_rk)
-    dq, *_ = rope_backward(dq, c_rq)
-    dqkv, *_ = split_gqa_backward((dq, dk, dv), c_split)
-    dx, dW_qkv, _ = linear_backward(dqkv, c_qkv)
+    c = cache
+    dy, dW_proj, _ = row_linear_backward(dout, c.proj)
+    dq, dkr, dvr, *_ = attend_backward(dy, c.att) if c.tile is None else flash.flash_attend_backward(dy, c.att)
+    dk, _ = repeat_kv_backward(dkr, c.repeat_k)
+    dv, _ = repeat_kv_backward(dvr, c.repeat_v)
+    dk, *_ = rope_backward(dk, c.rope_k)
+    dq, *_ = rope_backward(dq, c.rope_q)
+    dqkv, *_ = split_gqa_backward((dq, dk, dv), c.split)
+    dx, dW_qkv, _ = column_linear_backward(dqkv, c.qkv)
     return dx, dW_qkv, dW_proj, None, None, None
 
 
@@ -252,6 +283,11 @@ class LlamaConfig:
     precision: str = setting("float32", "the forward's and backward's arithmetic: float32 (the parameters' own), or "
                                         "bfloat16 with float32 sums, norms, softmax and loss (parameters stay float32)",
                              choices=PRECISIONS)
+    model_axis: str | None = setting(None, "the mesh axis the blocks' heads and SwiGLU split along under "
+                                           "jax.shard_map (Megatron's tensor parallelism; set by "
+                                           "jnnex.tensor_parallel)", flag=False)
+    batch_axis: str | None = setting(None, "the mesh axis the batch's rows split along under jax.shard_map: dropout "
+                                           "masks drawn for the whole batch (set by jnnex.tensor_parallel)", flag=False)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "ffn_multiple"):
@@ -317,60 +353,114 @@ def init(key, cfg: LlamaConfig):
     return LlamaParams(wte, blocks, ones, head), ()
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The block: one function each way, which the training forward, the KV-cache decode and every parallel scheme call
+
+
+class BlockCache(NamedTuple):
+    """One block's caches, by name, in forward order."""
+
+    norm1: tuple
+    attn: AttentionCache
+    drop1: jax.Array | None
+    norm2: tuple
+    fc: tuple  # a column-parallel linear's: the gate and value side by side
+    swiglu: jax.Array
+    fcproj: tuple  # a row-parallel linear's
+    drop2: jax.Array | None
+
+
+def block_forward(cfg: LlamaConfig, blk: Block, h, i=0, *, train: bool = False, key=None, kv=None):
+    """Block ``i`` on the residual stream ``h (B, T, C)``: ``h + attention(rmsnorm(h))``, then ``+ swiglu_mlp(·)``
+    (dropout numbers ``2i + 1``, ``2i + 2``). ``cfg.model_axis`` splits the attention by heads with their key/value
+    groups and the SwiGLU by hidden units; ``kv = (K, V, pos)`` decodes one position against a KV cache. Returns
+    ``(h, BlockCache)``."""
+    a, c_n1 = rmsnorm_forward(h, blk.norm1, cfg.norm_eps)
+    a, c_attn = attention_forward(a, blk.qkv.W, blk.attproj.W, cfg.n_head, cfg.n_kv_head, cfg.tiled,
+                                  base=cfg.rope_base, axis=cfg.model_axis, kv=kv)
+    a, c_drop1 = dropout_in_training(a, key, 2 * i + 1, cfg.dropout, train, cfg.batch_axis)
+    h = h + a
+    m, c_n2 = rmsnorm_forward(h, blk.norm2, cfg.norm_eps)
+    m, c_fc = column_linear_forward(m, blk.fc.W, None, cfg.model_axis)  # (B, T, 2H/n)
+    m, c_swiglu = swiglu_forward(m)  # (B, T, H/n)
+    m, c_fcproj = row_linear_forward(m, blk.fcproj.W, None, cfg.model_axis)  # (B, T, C)
+    m, c_drop2 = dropout_in_training(m, key, 2 * i + 2, cfg.dropout, train, cfg.batch_axis)
+    return h + m, BlockCache(c_n1, c_attn, c_drop1, c_n2, c_fc, c_swiglu, c_fcproj, c_drop2)
+
+
+def block_backward(dh, c: BlockCache):
+    """:func:`block_forward` in reverse: ``(dh at the block's input, the block's gradients)``; ``dh`` goes to each
+    branch unchanged and gets back what the branch sends (the residual add's backward, written inline)."""
+    dm = dh if c.drop2 is None else dropout_backward(dh, c.drop2)[0]  # the MLP branch
+    dm, dfcproj, _ = row_linear_backward(dm, c.fcproj)
+    dm = swiglu_backward(dm, c.swiglu)
+    dm, dfc, _ = column_linear_backward(dm, c.fc)
+    dm, dnorm2 = rmsnorm_backward(dm, c.norm2)
+    dh = dh + dm
+    da = dh if c.drop1 is None else dropout_backward(dh, c.drop1)[0]  # the attention branch
+    da, dqkv, dattproj, *_ = attention_backward(da, c.attn)
+    da, dnorm1 = rmsnorm_backward(da, c.norm1)
+    dblk = Block(dnorm1, Linear(dqkv, None), Linear(dattproj, None), dnorm2, Linear(dfc, None), Linear(dfcproj, None))
+    return dh + da, dblk
+
+
+def split(cfg: LlamaConfig) -> dict:
+    """Megatron's split of a Llama block, as data: ``qkv`` by the columns of each device's query heads and of the
+    key/value heads their groups share, ``fc`` by hidden units (each device's gate and value columns side by side);
+    ``attproj`` and ``fcproj`` by the matching rows."""
+    hs = cfg.head_size
+    q, kv = Part("n_head", cfg.n_head, hs), Part("n_kv_head", cfg.n_kv_head, hs)
+    hidden = Part("the SwiGLU width", cfg.hidden)
+    return {"qkv": Column((q, kv, kv)), "attproj": ROW, "fc": Column((hidden, hidden)), "fcproj": ROW}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class Caches(NamedTuple):
+    """The forward's caches, by name."""
+
+    emb: tuple
+    drop0: jax.Array | None
+    blocks: tuple  # n_layer BlockCaches
+    normf: tuple
+    head: tuple
+
+
 def forward(cfg: LlamaConfig, params: LlamaParams, state, x, train: bool, key=None) -> Forward:
-    """``Forward(logits (B, T, V), (), caches, acts)`` for ``x (B, T)``, ``T <= block_size``; ``acts``: each block's
+    """``Forward(logits (B, T, V), (), Caches, acts)`` for ``x (B, T)``, ``T <= block_size``; ``acts``: each block's
     output, ``(B, T, C)``."""
     check_dropout_key(cfg.dropout, train, key)
     if x.ndim != 2 or not 1 <= x.shape[1] <= cfg.block_size:
         raise ValueError(f"llama: x must have shape (B, T <= {cfg.block_size}), got {x.shape}")
     params = compute_params(params, cfg.precision)  # bfloat16: every layer below computes in it
     h, c_emb = embedding_forward(params.wte, x)
-    h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train)
+    h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train, cfg.batch_axis)
     block_caches, acts = [], []
     for i, blk in enumerate(params.blocks):
-        a, c_n1 = rmsnorm_forward(h, blk.norm1, cfg.norm_eps)
-        a, c_attn = attention_forward(a, blk.qkv.W, blk.attproj.W, cfg.n_head, cfg.n_kv_head, cfg.tiled,
-                                      base=cfg.rope_base)
-        a, c_drop1 = dropout_in_training(a, key, 2 * i + 1, cfg.dropout, train)
-        h = h + a
-        m, c_n2 = rmsnorm_forward(h, blk.norm2, cfg.norm_eps)
-        m, c_fc = linear_forward(m, blk.fc.W)  # (B, T, 2H)
-        m, c_swiglu = swiglu_forward(m)  # (B, T, H)
-        m, c_fcproj = linear_forward(m, blk.fcproj.W)  # (B, T, C)
-        m, c_drop2 = dropout_in_training(m, key, 2 * i + 2, cfg.dropout, train)
-        h = h + m
-        block_caches.append((c_n1, c_attn, c_drop1, c_n2, c_fc, c_swiglu, c_fcproj, c_drop2))
+        h, c_block = block_forward(cfg, blk, h, i, train=train, key=key)
+        block_caches.append(c_block)
         acts.append(h)
     h, c_nf = rmsnorm_forward(h, params.normf, cfg.norm_eps)
     logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)  # (B, T, V), f32 for bf16
-    return Forward(logits, state, (c_emb, c_drop0, tuple(block_caches), c_nf, c_head), tuple(acts))
+    return Forward(logits, state, Caches(c_emb, c_drop0, tuple(block_caches), c_nf, c_head), tuple(acts))
 
 
-def backward(cfg: LlamaConfig, params: LlamaParams, caches, dlogits):
-    """Every gradient by hand, in reverse order of :func:`forward`; ``dh``, the residual stream's gradient, goes to
-    each branch unchanged and gets back what the branch sends (the residual add's backward, written inline)."""
-    c_emb, c_drop0, block_caches, c_nf, c_head = caches
-    dlogits = dlogits.astype(c_head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
-    dh, dlm_head = head_backward(dlogits, c_head, cfg.tie)  # (when tied: the gradient of wte, added below)
-    dh, dnormf = rmsnorm_backward(dh, c_nf)
+def backward(cfg: LlamaConfig, params: LlamaParams, caches: Caches, dlogits):
+    """Every gradient by hand, in reverse order of :func:`forward`: the head, the final RMSNorm, each block's
+    :func:`block_backward` (last first), the embedding."""
+    dlogits = dlogits.astype(caches.head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
+    dh, dlm_head = head_backward(dlogits, caches.head, cfg.tie)  # (when tied: the gradient of wte, added below)
+    dh, dnormf = rmsnorm_backward(dh, caches.normf)
     dblocks, act_grads = [], []
-    for c_n1, c_attn, c_drop1, c_n2, c_fc, c_swiglu, c_fcproj, c_drop2 in reversed(block_caches):
+    for c_block in reversed(caches.blocks):
         act_grads.append(dh)
-        dm = dh if c_drop2 is None else dropout_backward(dh, c_drop2)[0]  # the MLP branch
-        dm, dfcproj, _ = linear_backward(dm, c_fcproj)
-        dm = swiglu_backward(dm, c_swiglu)
-        dm, dfc, _ = linear_backward(dm, c_fc)
-        dm, dnorm2 = rmsnorm_backward(dm, c_n2)
-        dh = dh + dm
-        da = dh if c_drop1 is None else dropout_backward(dh, c_drop1)[0]  # the attention branch
-        da, dqkv, dattproj, *_ = attention_backward(da, c_attn)
-        da, dnorm1 = rmsnorm_backward(da, c_n1)
-        dh = dh + da
-        dblocks.append(Block(dnorm1, Linear(dqkv, None), Linear(dattproj, None), dnorm2, Linear(dfc, None),
-                             Linear(dfcproj, None)))
-    if c_drop0 is not None:
-        dh, _, _ = dropout_backward(dh, c_drop0)
-    dwte, _ = embedding_backward(dh, c_emb)
+        dh, dblk = block_backward(dh, c_block)
+        dblocks.append(dblk)
+    if caches.drop0 is not None:
+        dh, _, _ = dropout_backward(dh, caches.drop0)
+    dwte, _ = embedding_backward(dh, caches.emb)
     if cfg.tie:  # one table, two uses: the gradients add
         dwte, dlm_head = dwte + dlm_head, None
     grads = LlamaParams(dwte, tuple(reversed(dblocks)), dnormf, dlm_head)
@@ -389,35 +479,24 @@ def prefill(cfg: LlamaConfig, params: LlamaParams, x):
     if x.shape[1] != cfg.block_size:
         raise ValueError(f"llama.prefill: x must be (B, {cfg.block_size}), a full context buffer; got {x.shape}")
     out = forward(cfg, params, (), x, train=False)
-    kv = [c[1][-1] for c in out.caches[2]]  # c_attn's last entry: (k rotated, v), (B, nkv, T, hs) each
-    return out.logits, KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv))
+    kvs = [c.attn.kv for c in out.caches.blocks]  # (k rotated, v), (B, nkv, T, hs) each
+    return out.logits, KVCache(tuple(k for k, _ in kvs), tuple(v for _, v in kvs))
 
 
 def decode(cfg: LlamaConfig, params: LlamaParams, cache: KVCache, token, pos):
-    """The next position: ``token (B,)`` at position ``pos`` (traced). Its query and key are rotated by ``pos``, its
-    key and value written into the cache, its query attends over ``0 .. pos``. ``(logits (B, V), cache)``."""
+    """The next position: ``token (B,)`` at position ``pos`` (traced), through each :func:`block_forward` with its
+    layer's cache: its query and key rotated by ``pos``, its key and value written into the cache, its query attending
+    over ``0 .. pos``. ``(logits (B, V), cache)``."""
     pos = jnp.asarray(pos, jnp.int32)
-    rep = cfg.n_head // cfg.n_kv_head
     params = compute_params(params, cfg.precision)
     h = params.wte[token][:, None, :]  # (B, 1, C)
-    ks, vs = [], []
+    kvs = []
     for i, blk in enumerate(params.blocks):
-        a, _ = rmsnorm_forward(h, blk.norm1, cfg.norm_eps)
-        qkv, _ = linear_forward(a, blk.qkv.W)
-        (q, k, v), _ = split_gqa_forward(qkv, cfg.n_head, cfg.n_kv_head)
-        q, _ = rope_forward(q, pos, cfg.rope_base)
-        k, _ = rope_forward(k, pos, cfg.rope_base)
-        K, V = write_kv(cache, i, k, v, pos)  # (B, nkv, T, hs) each
-        y = attend_cached(q, jnp.repeat(K, rep, axis=1), jnp.repeat(V, rep, axis=1), pos)
-        h = h + linear_forward(y, blk.attproj.W)[0]
-        m, _ = rmsnorm_forward(h, blk.norm2, cfg.norm_eps)
-        m = linear_forward(swiglu_forward(linear_forward(m, blk.fc.W)[0])[0], blk.fcproj.W)[0]
-        h = h + m
-        ks.append(K)
-        vs.append(V)
+        h, c_block = block_forward(cfg, blk, h, i, kv=(cache.k[i], cache.v[i], pos))
+        kvs.append(c_block.attn.kv)
     h, _ = rmsnorm_forward(h, params.normf, cfg.norm_eps)
     logits, _ = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)
-    return logits[:, 0], KVCache(tuple(ks), tuple(vs))
+    return logits[:, 0], KVCache(tuple(K for K, _ in kvs), tuple(V for _, V in kvs))
 
 
 def embeddings(params: LlamaParams) -> jax.Array:
@@ -427,4 +506,4 @@ def embeddings(params: LlamaParams) -> jax.Array:
 def llama(cfg: LlamaConfig = LlamaConfig()) -> LanguageModel:
     """The Llama block's model; ``.with_gradients("manual")`` trains it on :func:`backward`."""
     return LanguageModel("llama", cfg, init, forward, backward, stochastic=cfg.dropout > 0, per_position=True,
-                         embeddings_fn=embeddings, prefill_fn=prefill, decode_fn=decode)
+                         embeddings_fn=embeddings, prefill_fn=prefill, decode_fn=decode, split_fn=split)

@@ -209,6 +209,12 @@ def build_for_words(spec: ModelSpec, words, vocab: Vocab, **overrides) -> Langua
     return spec.build(config_for_words(spec, words, vocab, **overrides))
 
 
+def splittable() -> list[str]:
+    """The registered models that declare a tensor-parallel split (``LanguageModel.split_fn``): what
+    ``--model-parallel`` and ``jnnex plan --model`` take."""
+    return [name for name, spec in REGISTRY.items() if spec.fit_fn is None and spec.build(spec.config()).split_fn]
+
+
 def has_manual_backward(name: str) -> bool:
     """Whether the registered model ``name`` has a hand-written backward (``--backward manual``, diagnostics)."""
     spec = get_spec(name)
