@@ -28,6 +28,7 @@ import numpy as np
 
 from jnnex import __version__, parallel, rundir, run, text
 from jnnex.data import CORPORA
+from jnnex.layout import SCHEMES, Parallel
 from jnnex.lm import continue_text, sample_words
 from jnnex.models.registry import REGISTRY, has_manual_backward, splittable
 from jnnex.settings import add_flags
@@ -113,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "FSDP), each device keeping 1/N; the same run, and a checkpoint that resumes on any count")
     dp.add_argument("--model-parallel", type=int, metavar="M",
                     help="with --devices N: split every block over M of them (Megatron's tensor parallelism: a data "
-                         "N/M × model M mesh; the gpt's attention heads and MLP)")
+                         f"N/M × model M mesh; the models with a split: {', '.join(splittable())})")
+    dp.add_argument("--parallel", choices=list(SCHEMES), help="the scheme by name (default: what --devices, "
+                                                               "--shard-params and --model-parallel say: single, dp, "
+                                                               "fsdp, tp)")
     dp.add_argument("--coordinator", help="host:port of process 0, to join several processes (machines) into one "
                                           "run (default $JAX_COORDINATOR_ADDRESS)")
     dp.add_argument("--num-processes", type=int, help="processes in the run (default $JAX_NUM_PROCESSES)")
@@ -234,11 +238,8 @@ def cmd_train(args) -> int:
         raise ValueError("--resume continues the run in --out and --force starts it over: give one of them")
     settings = _settings(args, [*run.model_fields(), *run.TRAIN_FIELDS])
     log = (lambda line: print(line, file=sys.stderr if args.json else sys.stdout, flush=True))
-    if args.shard_params and args.devices is None:
-        raise ValueError("--shard-params splits the parameters over devices: give --devices N too")
-    if args.model_parallel is not None and args.devices is None:
-        raise ValueError("--model-parallel splits each block over devices: give --devices N too (a multiple of it)")
-    common = dict(devices=args.devices, shard_params=args.shard_params, model_parallel=args.model_parallel, progress=not (args.no_progress or args.json), log=log)
+    par = Parallel.from_flags(args.devices, args.shard_params, args.model_parallel, args.parallel)
+    common = dict(parallel=par, progress=not (args.no_progress or args.json), log=log)
     if args.resume:
         if args.out is None:
             raise ValueError("--resume: give the run directory with --out")
@@ -348,7 +349,7 @@ def cmd_diagnose(args) -> int:
     settings = _settings(args, run.model_fields())
     rc = run.RunConfig.new(args.model, args.data, steps=args.steps, eval_every=args.steps, seed=args.seed, **settings)
     model, splits = run.prepare(rc)
-    res = fit(model, splits.train, rc.train, progress=False, eval_train=False, diagnostics=True)
+    res = fit(model, splits.train, rc.train, evals={}, diagnostics=True)
     names = diagnostics.weight_names(res.ts.params)
     print(f"{model.name} {settings or ''} on {args.data}: loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}")
     print(f"\n-- step 0 (initialisation)\n{diagnostics.table(res.metrics, names, 0)}")

@@ -1,6 +1,6 @@
 """Data parallelism over devices and machines, with JAX's own sharding and distributed runtime — two ways to write it.
 
-**The global view** (what :func:`jnnex.train.fit` uses with ``devices=N``). One mesh axis, ``"data"``. The parameters,
+**The global view** (what :func:`jnnex.train.fit` uses with ``parallel=Parallel("dp", N)``). One mesh axis, ``"data"``. The parameters,
 the model state (BatchNorm's running statistics) and the optimiser state are *replicated* on every device; the
 minibatch — and the draw of its example indices — is *sharded* along ``"data"``. The jitted training step is the
 same function as on one device: XLA partitions it, each device computes the forward and backward of its rows, and
@@ -8,7 +8,7 @@ the gradient's sum over the batch becomes an all-reduce. Nothing in the model ch
 included; a BatchNorm's batch mean is a mean over the *global* batch (synchronised BatchNorm, for free). ::
 
     mesh = data_mesh(4)                  # the first 4 of jax.devices()
-    fit(model, train, tcfg, devices=4)   # or: jnnex train --devices 4
+    fit(model, train, tcfg, parallel=Parallel("dp", 4))   # or: jnnex train --devices 4
 
 **The explicit view** (:func:`explicit_step`, for learning how it works). The same step under ``jax.shard_map``: the
 function sees one device's shard of the batch, and the communication is written out — ``psum`` of the local

@@ -54,7 +54,9 @@ from jnnex.lm import GRADIENTS, LanguageModel, count_params, evaluate
 from jnnex.models.registry import REGISTRY, ModelSpec, config_for_words, get_spec, has_manual_backward
 from jnnex.settings import flag, from_json, is_flag
 from jnnex.optim import TrainConfig, check_optimizer, make_optimizer
-from jnnex.train import FitResult, fit
+from jnnex.layout import Parallel
+from jnnex.parallel import is_writer
+from jnnex.train import FitResult, NonFiniteLossError, ProgressBar, TrainState, fit, init_train_state
 
 # ----------------------------------------------------------------------------------------------------------------------
 # What a run is
@@ -440,6 +442,41 @@ def _largest(need_at: Callable[[int], int | None], above: int, need_above: int, 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The run directory's side of training: fit's hooks, and the checkpoint it resumes from
+
+
+class RunWriter:
+    """A :func:`jnnex.train.fit` hook that keeps a run directory: every chunk's row appended to ``metrics.jsonl``,
+    the state checkpointed at every evaluation and, when the loop stops between evaluations (Ctrl-C, SIGTERM), at
+    its last completed chunk — all atomically. ``saved`` is the step of the checkpoint on disk."""
+
+    def __init__(self, out: Path, saved: int = 0):
+        self.out, self.saved = out, saved
+
+    def chunk(self, step: int, row: dict, metrics, here) -> None:
+        rundir.append_metrics(self.out, row)
+        if "time" in row:  # an evaluation: the state too
+            rundir.save_pytree(self.out / rundir.CHECKPOINT, here())
+            self.saved = step
+
+    def end(self, step: int, here) -> None:
+        if step > self.saved:  # interrupted between evaluations: keep the chunks done since
+            rundir.save_pytree(self.out / rundir.CHECKPOINT, here())
+            self.saved = step
+
+
+def load_checkpoint(out: Path, model: LanguageModel, tcfg: TrainConfig) -> TrainState:
+    """The training state in ``out``'s checkpoint (read into the shapes of a fresh one: nothing computed to load); a
+    clear error when it is past the run's steps."""
+    like = jax.eval_shape(lambda k: init_train_state(model, make_optimizer(tcfg), k), jax.random.key(0))
+    ts = rundir.load_pytree(out / rundir.CHECKPOINT, like)
+    if int(ts.step) > tcfg.steps:
+        raise ValueError(f"the checkpoint in {str(out)!r} is at step {int(ts.step):,}, past the run's "
+                         f"{tcfg.steps:,} steps")
+    return ts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The lifecycle
 
 
@@ -466,19 +503,19 @@ class RunResult:
 
 
 @parallel.tells_the_others
-def train(rc: RunConfig, out: str | Path | None = None, *, force: bool = False, devices=None,
-          shard_params: bool = False, model_parallel: int | None = None, progress: bool = True,
-          log: Callable[[str], None] | None = None, on_chunk=None) -> RunResult:
+def train(rc: RunConfig, out: str | Path | None = None, *, force: bool = False, parallel: Parallel = Parallel(),
+          progress: bool = True, log: Callable[[str], None] | None = None, on_chunk=None) -> RunResult:
     """Run ``rc`` into the run directory ``out`` (or nowhere, with ``None``): ``config.json`` first, then
-    ``fit`` (metrics and checkpoints), then ``model.npz`` and ``metrics.json`` with every split's final loss.
+    ``fit`` (its hooks write the metrics and checkpoints), then ``model.npz`` and ``metrics.json`` with every split's
+    final loss.
 
     ``out`` holding a run is an error unless ``force`` (its run files are deleted first; :func:`resume` continues
-    it). ``devices``: data parallel (:func:`jnnex.train.fit`), with ``shard_params`` the parameters and optimiser
-    state split over them too (FSDP), with ``model_parallel`` each block split over that many of them too (tensor
-    parallel); every process calls this alike and only process 0 writes. ``log`` receives one line about the data before training starts.
+    it). ``parallel`` (:class:`jnnex.layout.Parallel`): the scheme and its devices — data parallel, FSDP, tensor
+    parallel; every process calls this alike and only process 0 writes. ``log`` receives one line about the data
+    before training starts; ``on_chunk(step, metrics)`` is called after each chunk.
     """
     out = rundir.check_run_dir(out) if out is not None else None
-    write = out is not None and parallel.is_writer()  # a new run's directory belongs to process 0
+    write = out is not None and is_writer()  # a new run's directory belongs to process 0
     with rundir.lock(out) if write else contextlib.nullcontext():
         if write:
             rundir.remove_temporaries(out)
@@ -487,24 +524,23 @@ def train(rc: RunConfig, out: str | Path | None = None, *, force: bool = False, 
                     raise ValueError(f"--out {str(out)!r} already holds a run: continue it with `jnnex train --resume "
                                      f"--out {out}` (jnnex.run.resume), or start it over with --force")
                 rundir.clear(out)
-        return _execute(rc, out if write else None, resume=False, devices=devices, shard_params=shard_params,
-                        model_parallel=model_parallel, progress=progress, log=log, on_chunk=on_chunk)
+        return _execute(rc, out if write else None, resume=False, par=parallel, progress=progress, log=log,
+                        on_chunk=on_chunk)
 
 
 @parallel.tells_the_others
-def resume(out: str | Path, *, steps: int | None = None, devices=None, shard_params: bool = False,
-           model_parallel: int | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
-           on_chunk=None, **given) -> RunResult:
+def resume(out: str | Path, *, steps: int | None = None, parallel: Parallel = Parallel(), progress: bool = True,
+           log: Callable[[str], None] | None = None, on_chunk=None, **given) -> RunResult:
     """Continue the run in ``out`` from its checkpoint, with the settings of its ``config.json`` — ``given``
     settings (``model``, ``data``, ``split``, ``split_seed``, ``gradients``, model and training fields) must agree
     with them. ``steps`` above the run's continues it to that many steps (module docstring). A run stopped before
-    its first checkpoint starts again from step 0. ``devices``, ``shard_params`` and ``model_parallel`` are this
-    call's: a run saved on any number of devices, split or not, resumes on any other."""
+    its first checkpoint starts again from step 0. ``parallel`` is this call's: a run saved on any number of devices,
+    split or not, resumes on any other."""
     out = rundir.check_run_dir(out)
     missing = ValueError(f"--resume: no run in {str(out)!r} (expected its {rundir.CONFIG})")
     if not out.is_dir():  # (before the lock, which would make the directory)
         raise missing
-    write = parallel.is_writer()
+    write = is_writer()
     with rundir.lock(out) if write else contextlib.nullcontext():  # a run in progress there: an error naming it
         if not (out / rundir.CONFIG).is_file():
             raise missing
@@ -519,8 +555,8 @@ def resume(out: str | Path, *, steps: int | None = None, devices=None, shard_par
         from_checkpoint = (out / rundir.CHECKPOINT).is_file()
         if write and not from_checkpoint:  # stopped before its first checkpoint: the same run again, from step 0
             rundir.clear(out)
-        return _execute(rc, out, resume=from_checkpoint, devices=devices, shard_params=shard_params,
-                        model_parallel=model_parallel, progress=progress, log=log, on_chunk=on_chunk)
+        return _execute(rc, out, resume=from_checkpoint, par=parallel, progress=progress, log=log,
+                        on_chunk=on_chunk)
 
 
 def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
@@ -561,10 +597,10 @@ def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
             raise ValueError(f"unknown setting {name!r}: neither a model setting nor a training setting")
 
 
-def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, shard_params: bool, model_parallel,
-             progress: bool, log, on_chunk) -> RunResult:
+def _execute(rc: RunConfig, out: Path | None, *, resume: bool, par: Parallel, progress: bool, log,
+             on_chunk) -> RunResult:
     """The run itself, once ``out``'s policy is settled: ``out`` is where this process writes (None: nowhere)."""
-    write = out is not None and parallel.is_writer()
+    write = out is not None and is_writer()
     model, splits = prepare(rc, out=out if write else None)
     is_text = rc.corpus == "text"
     if log is not None:
@@ -586,16 +622,23 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, shard_pa
             rundir.save_pytree(out / rundir.MODEL, (params, state))
     else:
         check_fits(rc, len(splits.train[0]))
-        if shard_params and devices is not None and log is not None:
-            log(f"jnnex: {fsdp_summary(model, parallel.data_mesh(devices).size)}")
+        if par.scheme == "fsdp" and log is not None:
+            log(f"jnnex: {fsdp_summary(model, parallel.data_mesh(par.devices).size)}")
         if write:  # a new run's settings, or a continued run's new length
             if rc.tokenizer == "bpe":
                 rc.vocab.save(out / rundir.TOKENIZER)
             rundir.write_json(out / rundir.CONFIG, rc.to_json())
-        dev_name = splits.names[1] if len(splits.names) > 1 else "dev"
-        res = fit(model, splits.train, rc.train, dev=splits.dev, dev_name=dev_name, out=out, resume=resume,
-                  progress=progress and parallel.is_writer(), devices=devices, shard_params=shard_params,
-                  model_parallel=model_parallel, on_chunk=on_chunk)
+        start = load_checkpoint(out, model, rc.train) if resume else None
+        writer = RunWriter(out, 0 if start is None else int(start.step)) if write else None
+        if writer is not None and start is not None:
+            rundir.truncate_metrics(out, writer.saved)  # the rows after the checkpoint will be written again
+        bar = ProgressBar(rc.train.steps, writer.saved if writer else 0) if progress and is_writer() else None
+        try:
+            res = fit(model, splits, rc.train, parallel=par, resume_from=start, hooks=(writer, bar, on_chunk))
+        except NonFiniteLossError as e:  # the run directory's word on it: which checkpoint is kept
+            if bar is not None:
+                bar.end(0, None)
+            raise NonFiniteLossError(e.step, e.loss, writer.saved if writer and writer.saved > 0 else None) from None
         params, state, steps, interrupted = res.ts.params, res.ts.state, int(res.ts.step), res.interrupted
         if write and (steps > res.start or not (out / rundir.MODEL).is_file()):  # (killed after its last checkpoint:
             rundir.save_pytree(out / rundir.MODEL, (params, state))              # no step left, the model unwritten)
@@ -613,9 +656,7 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, devices, shard_pa
     for name, (X, Y) in [] if is_text else zip(splits.names, splits.parts):
         key = f"{name}_loss"
         metrics[key] = last[key] if key in last else evaluate(model, params, state, X, Y)
-    if devices is not None:
-        metrics["devices"], metrics["processes"] = devices, jax.process_count()
-        metrics["shard_params"], metrics["model_parallel"] = bool(shard_params), model_parallel or 1
+    metrics.update(par.record())
     if write:
         rundir.write_json(out / rundir.FINAL_METRICS, metrics)
     result.metrics = metrics
@@ -713,7 +754,7 @@ def ladder(data: str = "census-first", steps: int = 200_000, seed: int = 0) -> l
         rc = RunConfig.new(name, data, steps=steps, eval_every=steps, seed=seed, **settings)
         model, splits = prepare(rc)
         t0 = time.perf_counter()
-        res = fit(model, splits.train, rc.train, dev=splits.dev, progress=False)
+        res = fit(model, splits, rc.train)
         rows.append({"rung": rung, "model": name, **settings, "train": res.evals[-1]["train_loss"],
                      "val": res.evals[-1]["dev_loss"], "lecture_train": lecture[0], "lecture_val": lecture[1],
                      "initial_loss": float(res.losses[0]), "seconds": round(time.perf_counter() - t0, 1)})

@@ -1,7 +1,8 @@
 """The run directory, and checkpoints without pickle: pytrees of arrays as ``.npz``, JSON, every file written
 atomically.
 
-A run directory (``jnnex train --out``, ``fit(out=...)``) holds one run:
+A run directory (``jnnex train --out``, :func:`jnnex.run.train`, whose writer is ``fit``'s hook
+:class:`jnnex.run.RunWriter`) holds one run:
 
 * ``config.json``    — what the run is: model, its config, the training config, the data and its vocabulary;
   written once, when the run starts;

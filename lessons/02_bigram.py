@@ -97,7 +97,7 @@ print(f"counting bigram: NLL {counts_nll:.4f} per character (uniform: {np.log(vo
 neural_spec = REGISTRY["neural-bigram"]
 neural = build_for_words(neural_spec, words, vocab)
 tcfg = neural_spec.train.with_steps(STEPS)
-run = fit(neural, splits.train, tcfg, progress=False)
+run = fit(neural, splits.train, tcfg)
 neural_nll = evaluate(neural, run.ts.params, run.ts.state, *splits.train)
 print(f"neural bigram after {STEPS} steps: NLL {neural_nll:.4f} (counts: {counts_nll:.4f})")
 

@@ -77,7 +77,7 @@ learn.show(fig, "03-lr-sweep")
 
 # %%
 tcfg = spec.train.with_steps(STEPS)
-run = fit(model, splits.train, tcfg, dev=splits.dev, progress=False)
+run = fit(model, splits, tcfg)
 train_loss, dev_loss = run.evals[-1]["train_loss"], run.evals[-1]["dev_loss"]
 print(f"train {train_loss:.4f}, dev {dev_loss:.4f}")
 print("samples:", sample_words(model, run.ts.params, run.ts.state, vocab, jax.random.key(0), n=8))
@@ -97,7 +97,7 @@ learn.show(fig, "03-training")
 
 # %%
 tiny2d = build_for_words(spec, words, vocab, n_embd=2)
-run2d = fit(tiny2d, splits.train, spec.train.with_steps(SMALL), progress=False)
+run2d = fit(tiny2d, splits.train, spec.train.with_steps(SMALL))
 C = np.asarray(run2d.ts.params.C)
 fig, ax = plt.subplots(figsize=(5, 5))
 ax.scatter(C[:, 0], C[:, 1], s=200, color="#cde")
@@ -115,7 +115,7 @@ learn.show(fig, "03-embeddings")
 # %%
 few = make_splits(words[:30], model.block_size, fractions=(1.0,), vocab=vocab)
 over = fit(build_for_words(spec, words, vocab), few.train, TrainConfig(steps=SMALL, eval_every=SMALL),
-           dev=splits.dev, progress=False)
+           evals={"train": few.train, "dev": splits.dev})
 over_train, over_dev = over.evals[-1]["train_loss"], over.evals[-1]["dev_loss"]
 print(f"30 names: train {over_train:.3f}, dev {over_dev:.3f}")
 

@@ -94,8 +94,7 @@ learn.show(fig, "04-tanh-histograms")
 
 # %%
 deep = build_for_words(spec, words, vocab).with_gradients("manual")
-watch = fit(deep, splits.train, TrainConfig(steps=WATCH, eval_every=WATCH, chunk=WATCH), diagnostics=True,
-            progress=False)
+watch = fit(deep, splits.train, TrainConfig(steps=WATCH, eval_every=WATCH, chunk=WATCH), diagnostics=True)
 ratios = np.asarray(watch.metrics["update_data"])  # (steps, weight matrices)
 names = weight_names(watch.ts.params)
 fig, ax = plt.subplots(figsize=(7, 3.5))

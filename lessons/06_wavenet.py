@@ -73,7 +73,7 @@ learn.show(fig, "06-tree")
 model = build_for_words(spec, words, vocab)
 splits = make_splits(words, model.block_size, vocab=vocab)
 print(f"{count_params(model.init(jax.random.key(0))[0]):,} parameters")
-run = fit(model, splits.train, spec.train.with_steps(STEPS), dev=splits.dev, progress=False)
+run = fit(model, splits, spec.train.with_steps(STEPS))
 params, state = run.ts.params, run.ts.state
 test_loss = evaluate(model, params, state, *splits.test)
 print(f"train {run.evals[-1]['train_loss']:.4f}, val {run.evals[-1]['dev_loss']:.4f}, test {test_loss:.4f}")

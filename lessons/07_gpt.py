@@ -98,7 +98,7 @@ model = build_for_words(spec, words, vocab, **learn.pick({}, {"n_layer": 1, "n_e
 splits = make_splits(words, model.block_size, vocab=vocab, per_position=True)
 jax.config.update("jax_enable_x64", False)
 tcfg = spec.train.with_steps(STEPS)
-run = fit(model, splits.train, tcfg, dev=splits.dev, progress=False)
+run = fit(model, splits, tcfg)
 params = run.ts.params
 val = evaluate(model, params, (), *splits.dev)
 print(f"val {val:.4f}; samples:", sample_words(model, params, (), vocab, jax.random.key(0), n=8))

@@ -51,7 +51,7 @@ results = {}
 for name in ("rnn", "gru"):
     model = build_for_words(REGISTRY[name], words, vocab).with_gradients("manual")
     splits = make_splits(words, model.block_size, vocab=vocab, per_position=True)
-    run = fit(model, splits.train, REGISTRY[name].train.with_steps(STEPS), progress=False)
+    run = fit(model, splits.train, REGISTRY[name].train.with_steps(STEPS))
     results[name] = (model, run.ts.params, evaluate(model, run.ts.params, (), *splits.dev))
     print(f"{name}: val {results[name][2]:.4f}")
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 from jnnex import learn, parallel, tensor_parallel  # noqa: E402
 from jnnex.check import randomise  # noqa: E402
 from jnnex.data import Vocab, make_splits  # noqa: E402
+from jnnex.layout import Parallel  # noqa: E402
 from jnnex.models.registry import REGISTRY, build_for_words  # noqa: E402
 from jnnex.optim import TrainConfig, make_optimizer  # noqa: E402
 from jnnex.train import fit, init_train_state, make_step  # noqa: E402
@@ -95,10 +96,11 @@ print(f"explicit shard_map step vs the global view: parameters differ by at most
 # %% [markdown]
 # ## 3. Past one device's memory
 #
-# * **FSDP** (`fit(..., devices=4, shard_params=True)`): every parameter and its optimiser state split 4 ways, gathered
-#   whole only inside the step.
-# * **Tensor parallelism** (`fit(..., devices=4, model_parallel=2)`): every block's heads and MLP split over 2 devices,
-#   the all-reduces of the backward written by hand (`jnnex/tensor_parallel.py`), the batch over the other 2.
+# * **FSDP** (`fit(..., parallel=Parallel("fsdp", 4))`): every parameter and its optimiser state split 4 ways,
+#   gathered whole only inside the step.
+# * **Tensor parallelism** (`fit(..., parallel=Parallel("tp", 4, 2))`): every block's heads and MLP split over 2
+#   devices — the model's own block, its linears column- and row-parallel, the all-reduces of the backward written by
+#   hand (`jnnex/collectives.py`) — the batch over the other 2.
 #
 # Both give the training of one device (float64 rounding apart). The bytes each device holds:
 
@@ -121,8 +123,8 @@ ax.set(title="parameters + AdamW state, the fullest device", xlabel="layout", yl
 learn.show(fig, "10-bytes-per-device")
 
 tcfg = TrainConfig(steps=STEPS, eval_every=STEPS, chunk=min(STEPS, 500), batch_size=16, optimizer="adamw", lr=1e-3)
-one = fit(model, splits.train, tcfg, dev=splits.dev, progress=False)
-tp = fit(model, splits.train, tcfg, dev=splits.dev, progress=False, devices=4, model_parallel=2)
+one = fit(model, splits, tcfg)
+tp = fit(model, splits, tcfg, parallel=Parallel("tp", devices=4, model_parallel=2))
 print(f"dev loss after {STEPS} steps: one device {one.evals[-1]['dev_loss']:.5f}, split 2 x 2 "
       f"{tp.evals[-1]['dev_loss']:.5f}")
 

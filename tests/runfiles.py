@@ -49,3 +49,23 @@ def signal_after_checkpoint(cmd, checkpoint, signum, *, after: int = -1, env=Non
     finally:
         proc.kill()
     return proc.returncode, stderr
+
+
+def fit_saved(model, data, tcfg, out, **kwargs):
+    """``fit`` keeping the run directory ``out`` (metrics.jsonl and checkpoints: the run driver's writer hook)."""
+    from jnnex.run import RunWriter
+    from jnnex.train import fit
+
+    out.mkdir(parents=True, exist_ok=True)
+    return fit(model, data, tcfg, hooks=[RunWriter(out), *kwargs.pop("hooks", ())], **kwargs)
+
+
+def fit_resumed(model, data, tcfg, out, **kwargs):
+    """``fit`` continuing from ``out``'s checkpoint, and keeping ``out`` (what ``jnnex.run.resume`` does for a run)."""
+    from jnnex import rundir
+    from jnnex.run import RunWriter, load_checkpoint
+    from jnnex.train import fit
+
+    start = load_checkpoint(out, model, tcfg)
+    rundir.truncate_metrics(out, int(start.step))
+    return fit(model, data, tcfg, resume_from=start, hooks=[RunWriter(out, int(start.step))], **kwargs)

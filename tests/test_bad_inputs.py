@@ -16,6 +16,7 @@ from jnnex.layers import cross_entropy_forward
 from jnnex.rundir import load_pytree
 from jnnex import run as run_module
 from jnnex.run import RunConfig
+from jnnex.layout import Parallel
 from jnnex.optim import TrainConfig
 
 
@@ -187,12 +188,13 @@ LIBRARY = [
     (lambda: build("mlp", vocab_size=27, n_layers=2), ValueError, "has no config field(s) ['n_layers']"),
     (lambda: build("transformer"), ValueError, "unknown model 'transformer'"),
     (lambda: build("gpt", n_embd=10), ValueError, "n_embd (10) must be divisible by n_head (4)"),
-    (lambda: fit(build("mlp", vocab_size=27), _data().train, TrainConfig(steps=2, batch_size=30), devices=4),
-     ValueError, "batch_size 30 does not divide evenly over 4 devices"),
-    (lambda: fit(build("mlp", vocab_size=27), _data().train, TrainConfig(steps=2), shard_params=True), ValueError,
-     "shard_params: split the parameters over what? give devices too"),
-    (lambda: fit(build("mlp", vocab_size=27), _data().train, TrainConfig(steps=2), devices=5), ValueError,
-     "devices=5 asked for, but only 4 cpu device(s) exist"),
+    (lambda: fit(build("mlp", vocab_size=27), _data().train, TrainConfig(steps=2, batch_size=30),
+                 parallel=Parallel("dp", 4)), ValueError, "batch_size 30 does not divide evenly over 4 devices"),
+    (lambda: Parallel("fsdp"), ValueError, "parallel: fsdp splits over devices: give devices too"),
+    (lambda: Parallel("pipeline", 4), ValueError, "parallel: the scheme must be one of single, dp, fsdp, tp, got "
+                                                  "'pipeline'"),
+    (lambda: fit(build("mlp", vocab_size=27), _data().train, TrainConfig(steps=2), parallel=Parallel("dp", 5)),
+     ValueError, "devices=5 asked for, but only 4 cpu device(s) exist"),
     (lambda: parallel.initialize("127.0.0.1:1", process_id=0), ValueError, "missing ['num_processes']"),
     (lambda: parallel.initialize("127.0.0.1:1", 2, 5), ValueError, "process_id must be in [0, 2)"),
     (lambda: TrainConfig(batch_size=0), ValueError, "batch_size must be an integer >= 1"),

@@ -101,7 +101,7 @@ def test_neural_bigram_converges_to_counting_model(names_txt, optimized):
     assert counting == pytest.approx(2.454577, abs=1e-6)
     model = neural_bigram(BigramConfig(vocab_size=v.size, init="normal"))  # the lecture's random start
     res = fit(model, (X, Y), TrainConfig(steps=500, batch_size=None, lr=50.0, lr_boundaries=(), eval_every=500,
-                                         chunk=100), progress=False, eval_train=False)
+                                         chunk=100), evals={})
     neural = evaluate(model, res.ts.params, (), X, Y)
     assert abs(neural - counting) < 0.01
     assert res.losses[0] > 3.5  # it really started from a random W

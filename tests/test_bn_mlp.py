@@ -70,8 +70,8 @@ def test_training_on_hand_written_gradients_tracks_autodiff():
     sp = make_splits(load_words("census-first"), 3)
     cfg = BNMLPConfig(vocab_size=sp.vocab.size, **BN_MLP_SMALL)
     tcfg = TrainConfig(steps=1000, eval_every=1000, chunk=250)
-    manual = fit(bn_mlp(cfg, "bn-mlp").with_gradients("manual"), sp.train, tcfg, progress=False, eval_train=False)
-    auto = fit(bn_mlp(cfg, "bn-mlp"), sp.train, tcfg, progress=False, eval_train=False)
+    manual = fit(bn_mlp(cfg, "bn-mlp").with_gradients("manual"), sp.train, tcfg, evals={})
+    auto = fit(bn_mlp(cfg, "bn-mlp"), sp.train, tcfg, evals={})
     # float32, same key and batches: step-by-step agreement over the first 1,000 steps.
     np.testing.assert_allclose(manual.losses, auto.losses, rtol=2e-3)
     assert manual.losses[-50:].mean() < manual.losses[:50].mean() - 0.5

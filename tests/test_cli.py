@@ -272,7 +272,7 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, sigint_default):
         if step == second:
             os.kill(os.getpid(), signal.SIGINT)
 
-    unbroken = fit(model, train, tcfg, progress=False, eval_train=False, on_chunk=stop_at_second)
+    unbroken = fit(model, train, tcfg, evals={}, hooks=[stop_at_second])
     assert int(unbroken.ts.step) == second
     saved = rundir.load_pytree(out / "checkpoint.npz", unbroken.ts)
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(unbroken.ts)):

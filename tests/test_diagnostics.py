@@ -56,7 +56,7 @@ def test_in_step_diagnostics_equal_the_same_figures_computed_outside():
 def test_fit_collects_diagnostics_for_the_deep_net():
     sp = make_splits(load_words("census-first")[:800], 3)
     model = bn_mlp(BNMLPConfig(vocab_size=sp.vocab.size, n_layers=3, n_hidden=32))
-    res = fit(model, sp.train, TrainConfig(steps=40, eval_every=40, chunk=20), progress=False, eval_train=False,
+    res = fit(model, sp.train, TrainConfig(steps=40, eval_every=40, chunk=20), evals={},
               diagnostics=True)
     assert res.metrics["act_std"].shape == (40, 3) and res.metrics["update_data"].shape == (40, 5)
     assert np.isfinite(res.metrics["update_data"]).all()

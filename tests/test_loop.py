@@ -79,8 +79,7 @@ def test_fit_updates_batchnorm_running_statistics():
     unbiased variance of the first linear's output over the training set under the initial parameters."""
     model = build("bn-mlp", vocab_size=SPLITS.vocab.size, n_hidden=16, momentum=1.0)
     X, Y = SPLITS.train
-    res = fit(model, SPLITS.train, TrainConfig(steps=1, batch_size=None, eval_every=1), progress=False,
-              eval_train=False)
+    res = fit(model, SPLITS.train, TrainConfig(steps=1, batch_size=None, eval_every=1), evals={})
     params0, _ = model.init(jax.random.split(jax.random.key(0))[0])  # fit's initialisation key for seed 0
     C, (W1, b1) = np.asarray(params0.C, np.float64), params0.dense[0]
     pre = C[X].reshape(len(X), -1) @ np.asarray(W1, np.float64) + np.asarray(b1, np.float64)
@@ -88,8 +87,8 @@ def test_fit_updates_batchnorm_running_statistics():
     np.testing.assert_allclose(res.ts.state[0].var, pre.var(0, ddof=1), rtol=1e-4, atol=1e-5)
     # and they keep moving with the default momentum: each step's state differs from the last
     model = build("bn-mlp", vocab_size=SPLITS.vocab.size, n_hidden=16)
-    a = fit(model, SPLITS.train, TrainConfig(steps=2, eval_every=2), progress=False, eval_train=False)
-    b = fit(model, SPLITS.train, TrainConfig(steps=3, eval_every=3), progress=False, eval_train=False)
+    a = fit(model, SPLITS.train, TrainConfig(steps=2, eval_every=2), evals={})
+    b = fit(model, SPLITS.train, TrainConfig(steps=3, eval_every=3), evals={})
     assert not np.array_equal(a.ts.state[0].mean, b.ts.state[0].mean)
 
 
@@ -131,7 +130,7 @@ def test_cli_train_equals_the_library(tmp_path, capsys):
     sp = make_splits(words, 3)
     assert [len(s) for s in split_words(words)] == [4130, 516, 517]
     model = build("bn-mlp", vocab_size=sp.vocab.size, n_hidden=32)
-    res = fit(model, sp.train, TrainConfig(steps=600, eval_every=300, lr=0.2, seed=4), dev=sp.dev, progress=False)
+    res = fit(model, sp, TrainConfig(steps=600, eval_every=300, lr=0.2, seed=4))
     assert code == 0 and cli["steps"] == 600 and cli["params"] == 27 * 10 + 30 * 32 + 32 + 2 * 32 + 32 * 27 + 27
     assert cli["train_loss"] == res.evals[-1]["train_loss"] and cli["dev_loss"] == res.evals[-1]["dev_loss"]
     assert math.isfinite(cli["test_loss"])

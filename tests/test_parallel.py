@@ -20,8 +20,9 @@ from jnnex.check import randomise
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.models.registry import REGISTRY, build_for_words
 from jnnex.optim import TrainConfig, make_optimizer
+from jnnex.layout import Parallel
 from jnnex.train import fit, init_train_state, make_step
-from runfiles import suite_compile_env
+from runfiles import fit_resumed, fit_saved, suite_compile_env
 
 WORDS = load_words("census-first")[:400]
 VOCAB = Vocab.from_words(WORDS)
@@ -117,9 +118,9 @@ def test_the_sharded_step_splits_the_batch():
 def test_a_1000_step_float32_run_on_four_devices_ends_where_one_device_does():
     model, splits = model_and_data("bn-mlp")
     tcfg = TrainConfig(steps=1000, eval_every=500, chunk=500, batch_size=32)
-    one = fit(model, splits.train, tcfg, dev=splits.dev, progress=False)
-    four = fit(model.with_gradients("manual"), splits.train, tcfg, dev=splits.dev, progress=False, devices=4)
-    one_manual = fit(model.with_gradients("manual"), splits.train, tcfg, dev=splits.dev, progress=False)
+    one = fit(model, splits, tcfg)
+    four = fit(model.with_gradients("manual"), splits, tcfg, parallel=Parallel("dp", 4))
+    one_manual = fit(model.with_gradients("manual"), splits, tcfg)
     assert abs(four.evals[-1]["dev_loss"] - one_manual.evals[-1]["dev_loss"]) < 1e-4
     assert abs(four.evals[-1]["train_loss"] - one_manual.evals[-1]["train_loss"]) < 1e-4
     assert abs(one.evals[-1]["train_loss"] - one_manual.evals[-1]["train_loss"]) < 1e-4
@@ -129,9 +130,9 @@ def test_a_1000_step_float32_run_on_four_devices_ends_where_one_device_does():
 def test_bad_device_requests_are_clear_errors():
     model, splits = model_and_data("bn-mlp")
     with pytest.raises(ValueError, match=r"devices=8 asked for, but only 4 cpu device\(s\) exist"):
-        fit(model, splits.train, TrainConfig(steps=2), progress=False, devices=8)
+        fit(model, splits.train, TrainConfig(steps=2), parallel=Parallel("dp", 8))
     with pytest.raises(ValueError, match="batch_size 30 does not divide evenly over 4 devices"):
-        fit(model, splits.train, TrainConfig(steps=2, batch_size=30), progress=False, devices=4)
+        fit(model, splits.train, TrainConfig(steps=2, batch_size=30), parallel=Parallel("dp", 4))
     with pytest.raises(ValueError, match="devices must be >= 1"):
         parallel.data_mesh(0)
 
@@ -140,10 +141,10 @@ def test_a_checkpoint_from_four_devices_resumes_on_two(tmp_path):
     """100 steps on 4 devices, saved; resumed to 200 on 2 devices: where 200 uninterrupted steps on 1 device end."""
     model, splits = model_and_data("bn-mlp")
     tcfg = TrainConfig(steps=200, eval_every=100, chunk=100, lr_boundaries=())
-    fit(model, splits.train, TrainConfig(steps=100, eval_every=100, chunk=100, lr_boundaries=()), out=tmp_path / "r",
-        progress=False, devices=4)
-    resumed = fit(model, splits.train, tcfg, out=tmp_path / "r", resume=True, progress=False, devices=2)
-    whole = fit(model, splits.train, tcfg, progress=False)
+    fit_saved(model, splits.train, TrainConfig(steps=100, eval_every=100, chunk=100, lr_boundaries=()), tmp_path / "r",
+              parallel=Parallel("dp", 4))
+    resumed = fit_resumed(model, splits.train, tcfg, tmp_path / "r", parallel=Parallel("dp", 2))
+    whole = fit(model, splits.train, tcfg)
     assert int(resumed.ts.step) == 200
     assert max(rel_errors(resumed.ts.params, whole.ts.params)) < 1e-5
     assert abs(resumed.evals[-1]["train_loss"] - whole.evals[-1]["train_loss"]) < 1e-6
@@ -163,6 +164,31 @@ def explicit_vs_global(name, gradients, sync=True, B=8):
     explicit = jax.jit(parallel.explicit_step(model, opt, mesh, sync_batchnorm=sync))
     global_view = jax.jit(make_step(model, opt))
     return model, (ts, x, y), explicit(ts, (x, y), jax.random.key(1)), global_view(ts, (x, y), jax.random.key(1))
+
+
+@pytest.mark.slow
+def test_a_new_scheme_is_its_own_file_and_one_row_and_trains_from_the_cli(tmp_path, monkeypatch, capsys):
+    """``tests/toy_scheme.py`` (explicit data parallel under ``shard_map``) added to the scheme table as one row:
+    ``jnnex train --parallel dp-explicit --devices 4`` trains with it — nothing else in jnnex knows it — ends where one
+    device does (float32: 1e-6 of the loss), records its scheme in ``metrics.json``, and resumes on one device."""
+    import json
+
+    from jnnex import layout
+    from jnnex.cli import main
+    from toy_scheme import ROW
+
+    monkeypatch.setitem(layout.SCHEMES, *next(iter(ROW.items())))
+    common = ["train", "--model", "mlp", "--steps", "200", "--eval-every", "100", "--no-progress", "--json"]
+    assert main([*common, "--parallel", "dp-explicit", "--devices", "4", "--out", str(tmp_path / "x")]) == 0
+    split = json.loads(capsys.readouterr().out)
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert split["parallel"] == "dp-explicit" and split["devices"] == 4 and "parallel" not in one
+    for k in ("train_loss", "dev_loss", "test_loss"):
+        assert abs(split[k] - one[k]) < 1e-6 * one[k], (k, split[k], one[k])
+    assert json.loads((tmp_path / "x" / "metrics.json").read_text())["parallel"] == "dp-explicit"
+    assert main(["train", "--resume", "--out", str(tmp_path / "x"), "--steps", "300", "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 300
 
 
 @pytest.mark.parametrize("gradients", ["autodiff", "manual"])

@@ -85,7 +85,7 @@ def test_the_library_and_the_cli_make_the_same_run(tmp_path, capsys):
     m_cli, m_lib = (rundir.read_json(d / "metrics.json") for d in (cli, lib))
     assert {k: v for k, v in m_cli.items() if k not in strip} == {k: v for k, v in m_lib.items() if k not in strip}
     spec = REGISTRY["wavenet"]
-    plain = fit(result.model, result.splits.train, spec.train.with_steps(300), progress=False, eval_train=False)
+    plain = fit(result.model, result.splits.train, spec.train.with_steps(300), evals={})
     for a, b in zip(jax.tree.leaves((plain.ts.params, plain.ts.state)), jax.tree.leaves(run.load(cli).params)
                     + jax.tree.leaves(run.load(cli).state)):
         np.testing.assert_array_equal(a, b)

@@ -14,6 +14,8 @@ from jax.sharding import PartitionSpec as P
 from jnnex import parallel, rundir
 from jnnex.optim import TrainConfig, make_optimizer
 from jnnex.train import fit, init_train_state, make_run, make_step
+from jnnex.layout import Parallel
+from tests.runfiles import fit_resumed, fit_saved
 from tests.test_parallel import model_and_data, rel_errors
 
 
@@ -56,15 +58,14 @@ def test_a_sharded_checkpoint_from_four_devices_resumes_on_one_and_on_two(tmp_pa
     # (AdamW on 4 devices against 1 differs by 1e-3 after 200 steps, split or not: dividing by tiny √v)
     short = TrainConfig(steps=20, eval_every=20, chunk=20, lr_boundaries=(), optimizer="momentum", lr=0.1)
     tcfg = short.with_steps(40)
-    fit(model, splits.train, short, out=tmp_path / "r", progress=False, devices=4, shard_params=True)
+    fit_saved(model, splits.train, short, tmp_path / "r", parallel=Parallel("fsdp", 4))
     saved = dict(np.load(tmp_path / "r" / rundir.CHECKPOINT))
     whole_fc = model.init(jax.random.key(0))[0].blocks[0].fc.W.shape
     assert any(v.shape == whole_fc for v in saved.values())  # whole arrays, not a device's slice
     shutil.copytree(tmp_path / "r", tmp_path / "r2")
-    on_one = fit(model, splits.train, tcfg, out=tmp_path / "r", resume=True, progress=False)
-    on_two = fit(model, splits.train, tcfg, out=tmp_path / "r2", resume=True, progress=False, devices=2,
-                 shard_params=True)
-    whole = fit(model, splits.train, tcfg, progress=False)
+    on_one = fit_resumed(model, splits.train, tcfg, tmp_path / "r")
+    on_two = fit_resumed(model, splits.train, tcfg, tmp_path / "r2", parallel=Parallel("fsdp", 2))
+    whole = fit(model, splits.train, tcfg)
     for resumed in (on_one, on_two):
         assert int(resumed.ts.step) == 40
         assert max(rel_errors(resumed.ts.params, whole.ts.params)) < 1e-5
@@ -85,9 +86,10 @@ def test_the_run_names_the_tensors_fsdp_leaves_whole():
 
 
 def test_shard_params_needs_devices():
-    model, splits = model_and_data("bn-mlp")
-    with pytest.raises(ValueError, match="shard_params: split the parameters over what"):
-        fit(model, splits.train, TrainConfig(steps=2), progress=False, shard_params=True)
+    with pytest.raises(ValueError, match="parallel: fsdp splits over devices: give devices too"):
+        Parallel("fsdp")
+    with pytest.raises(ValueError, match="--shard-params splits the parameters over devices: give --devices N too"):
+        Parallel.from_flags(shard_params=True)
 
 
 def test_a_state_the_devices_cannot_hold_is_named(tmp_path, monkeypatch):
@@ -102,8 +104,7 @@ def test_a_state_the_devices_cannot_hold_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("JNNEX_MEMORY_LIMIT", "1K")  # the state: ~6 KiB a device
     with pytest.raises(ValueError, match=r"resuming on 2 device\(s\): the parameters and optimiser state take .* per "
                                          r"device .* CPU devices share this machine's memory"):
-        fit(model, splits.train, tcfg.with_steps(40), out=tmp_path / "r", resume=True, progress=False, devices=2,
-            shard_params=True)
+        fit_resumed(model, splits.train, tcfg.with_steps(40), tmp_path / "r", parallel=Parallel("fsdp", 2))
 
     class Device:  # an accelerator, as the check sees one
         platform, process_index = "gpu", 0

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 import jnnex.collectives as C
 import jnnex.tensor_parallel as TP
+from jnnex.layout import Parallel
 from jnnex.collectives import Part
 from jnnex.layers import Linear, linear_forward
 from jnnex.models import gpt as G, llama as L
@@ -359,19 +360,20 @@ def test_the_split_gpt_step_all_reduces_megatrons_count():
 
 
 def test_training_split_over_a_mesh_ends_where_one_device_does(tmp_path):
-    """``fit(..., devices=4, model_parallel=2)`` for 20 steps (SGD with momentum: its state must move to the split
+    """``fit(..., parallel=Parallel("tp", 4, 2))`` for 20 steps (SGD with momentum: its state must move to the split
     layout and back), checkpointed, resumed to 40 on one device: where 40 steps on one device end — so the split
     steps were the unsplit ones, and the checkpoint holds the parameters (and momentum) in their own layout (a qkv
     momentum left in the devices' column order moves the resumed parameters by ~1e-2; float32 rounding of the
     split's other summation order, ~1e-6 after 40 steps)."""
+    from tests.runfiles import fit_resumed, fit_saved
     from tests.test_parallel import model_and_data, rel_errors
     from jnnex.optim import TrainConfig
     from jnnex.train import fit
     model, splits = model_and_data("gpt", n_head=4)
     short = TrainConfig(steps=20, eval_every=20, chunk=20, lr_boundaries=(), optimizer="momentum", lr=0.1)
-    fit(model, splits.train, short, out=tmp_path / "r", progress=False, devices=4, model_parallel=2)
-    resumed = fit(model, splits.train, short.with_steps(40), out=tmp_path / "r", resume=True, progress=False)
-    whole = fit(model, splits.train, short.with_steps(40), progress=False)
+    fit_saved(model, splits.train, short, tmp_path / "r", parallel=Parallel("tp", 4, 2))
+    resumed = fit_resumed(model, splits.train, short.with_steps(40), tmp_path / "r")
+    whole = fit(model, splits.train, short.with_steps(40))
     assert int(resumed.ts.step) == 40
     assert max(rel_errors(resumed.ts.params, whole.ts.params)) < 1e-5
 
@@ -383,17 +385,17 @@ def test_bad_tensor_parallel_settings_are_named():
     model, splits = model_and_data("gpt", n_head=2)
     tcfg = TrainConfig(steps=2, batch_size=8)
     with pytest.raises(ValueError, match=r"n_head \(2\) must be divisible by the model axis \(4 devices\)"):
-        fit(model, splits.train, tcfg, progress=False, devices=4, model_parallel=4)
+        fit(model, splits.train, tcfg, parallel=Parallel("tp", 4, 4))
     rnn, rnn_splits = model_and_data("rnn")
     with pytest.raises(ValueError, match="model 'rnn' has no split across devices .* the models that have one: gpt, "
                                          "llama"):
-        fit(rnn, rnn_splits.train, tcfg, progress=False, devices=4, model_parallel=2)
+        fit(rnn, rnn_splits.train, tcfg, parallel=Parallel("tp", 4, 2))
     with pytest.raises(ValueError, match=r"mesh: data 4 × model 2 = 8 devices, but only 4 exist"):
-        fit(model, splits.train, tcfg, progress=False, devices=8, model_parallel=2)
+        fit(model, splits.train, tcfg, parallel=Parallel("tp", 8, 2))
     with pytest.raises(ValueError, match="give devices as a number that divides by it"):
-        fit(model, splits.train, tcfg, progress=False, devices=3, model_parallel=2)
+        fit(model, splits.train, tcfg, parallel=Parallel("tp", 3, 2))
     with pytest.raises(ValueError, match="FSDP × tensor parallel"):
-        fit(model, splits.train, tcfg, progress=False, devices=4, model_parallel=2, shard_params=True)
+        Parallel.from_flags(devices=4, shard_params=True, model_parallel=2)
     odd, odd_splits = model_and_data("llama", **{**SMALL_LLAMA, "ffn_multiple": 2})  # SwiGLU 42 wide
     with pytest.raises(ValueError, match=r"the SwiGLU width \(42\) must be divisible by the model axis \(4 devices\)"):
-        fit(odd, odd_splits.train, tcfg, progress=False, devices=4, model_parallel=4)
+        fit(odd, odd_splits.train, tcfg, parallel=Parallel("tp", 4, 4))

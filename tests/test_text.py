@@ -143,7 +143,7 @@ def test_a_stream_too_short_or_foreign_is_refused():
         text.check_stream(text.Stream(np.zeros((3, 3))), 1, 10, "x")
     model = gpt(GPTConfig(vocab_size=5, block_size=8))
     with pytest.raises(ValueError, match=r"the train split has 6 tokens, fewer than block_size \+ 1 = 9"):
-        fit(model, text.Stream(np.arange(6) % 5), TrainConfig(steps=1), progress=False)
+        fit(model, text.Stream(np.arange(6) % 5), TrainConfig(steps=1))
 
 
 def test_token_files_are_written_once_and_read_back(tmp_path):
@@ -192,7 +192,7 @@ def test_a_gpt_learns_a_stream(tmp_path):
     model = gpt(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=32))
     tcfg = TrainConfig(steps=300, batch_size=8, lr=1e-2, optimizer="adamw", schedule="cosine", warmup=20,
                        eval_every=300, chunk=100, eval_iters=4)
-    res = fit(model, text.Stream(tokens[:1500]), tcfg, dev=text.Stream(tokens[1500:]), dev_name="val", progress=False)
+    res = fit(model, text.Stream(tokens[:1500]), tcfg, evals={"train": text.Stream(tokens[:1500]), "val": text.Stream(tokens[1500:])})
     last = res.evals[-1]
     assert set(last) >= {"train_loss_estimate", "val_loss", "val_loss_estimate"}
     assert last["val_loss"] < 0.3 and last["val_loss_estimate"] < 0.3, last

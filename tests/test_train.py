@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jnnex import rundir
+from jnnex.run import RunWriter, load_checkpoint
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.lm import evaluate
 from jnnex.models.mlp_lm import MLPConfig, mlp_lm
@@ -80,7 +81,8 @@ def test_resume_is_bit_identical(tmp_path):
     model = mlp_lm(MLPConfig(vocab_size=V, n_hidden=32))
     tcfg = TrainConfig(steps=120, eval_every=40, chunk=20, batch_size=16, lr_boundaries=(60,), seed=5,
                        optimizer="adam", lr=0.01)
-    full = fit(model, SPLITS.train, tcfg, dev=SPLITS.dev, out=tmp_path / "full", progress=False)
+    (tmp_path / "full").mkdir()
+    full = fit(model, SPLITS, tcfg, hooks=[RunWriter(tmp_path / "full")])
     # An interrupted run: stopped after step 40 (its checkpoint), then a resume to the end.
     part = tmp_path / "part"
 
@@ -88,9 +90,11 @@ def test_resume_is_bit_identical(tmp_path):
         if step == 40:
             raise KeyboardInterrupt
 
-    stopped = fit(model, SPLITS.train, tcfg, dev=SPLITS.dev, out=part, progress=False, on_chunk=stop_at_40)
+    part.mkdir()
+    stopped = fit(model, SPLITS, tcfg, hooks=[RunWriter(part), stop_at_40])
     assert stopped.interrupted and int(stopped.ts.step) == 40
-    resumed = fit(model, SPLITS.train, tcfg, dev=SPLITS.dev, out=part, resume=True, progress=False)
+    rundir.truncate_metrics(part, 40)  # (what jnnex.run.resume does: nothing was written past the checkpoint here)
+    resumed = fit(model, SPLITS, tcfg, resume_from=load_checkpoint(part, model, tcfg), hooks=[RunWriter(part, 40)])
     assert int(resumed.ts.step) == 120
     for a, b in zip(jax.tree.leaves(full.ts), jax.tree.leaves(resumed.ts)):
         np.testing.assert_array_equal(a, b)
@@ -107,23 +111,33 @@ def test_resume_is_bit_identical(tmp_path):
 @pytest.mark.slow
 def test_chunking_does_not_change_the_result():
     model = mlp_lm(MLPConfig(vocab_size=V, n_hidden=16))
-    a = fit(model, SPLITS.train, TrainConfig(steps=60, chunk=60, eval_every=60), progress=False, eval_train=False)
-    b = fit(model, SPLITS.train, TrainConfig(steps=60, chunk=7, eval_every=60), progress=False, eval_train=False)
+    a = fit(model, SPLITS.train, TrainConfig(steps=60, chunk=60, eval_every=60), evals={})
+    b = fit(model, SPLITS.train, TrainConfig(steps=60, chunk=7, eval_every=60), evals={})
     np.testing.assert_array_equal(a.losses, b.losses)
 
 
 @pytest.mark.slow
 def test_non_finite_loss_names_the_step_and_keeps_checkpoint(tmp_path):
+    """The loop names the first bad step and calls no hook's ``end`` (so the checkpoint on disk stays the last good
+    one); the run driver names that checkpoint in the error."""
+    from jnnex.run import RunConfig, train as train_run
+
     model = mlp_lm(MLPConfig(vocab_size=V))
     good = TrainConfig(steps=20, eval_every=20, chunk=10, lr_boundaries=())
-    fit(model, SPLITS.train, good, out=tmp_path, progress=False, eval_train=False)
+    fit(model, SPLITS.train, good, evals={}, hooks=[RunWriter(tmp_path)])
     saved = (tmp_path / "checkpoint.npz").read_bytes()
     # Resumed with a learning rate that overflows float32 after one update: step 20 is finite, step 21 is not.
     bad = dataclasses.replace(good, steps=200, lr=1e38)
-    with pytest.raises(NonFiniteLossError, match=r"at step 21; the last good checkpoint \(step 20\) is kept") as info:
-        fit(model, SPLITS.train, bad, out=tmp_path, resume=True, progress=False, eval_train=False)
+    with pytest.raises(NonFiniteLossError, match=r"at step 21\. Lower") as info:
+        fit(model, SPLITS.train, bad, evals={}, resume_from=load_checkpoint(tmp_path, model, bad),
+            hooks=[RunWriter(tmp_path, 20)])
     assert info.value.step == 21
     assert (tmp_path / "checkpoint.npz").read_bytes() == saved
+    # A run whose rate becomes 1e38 at step 20 (the same overflow), through the driver: the checkpoint named.
+    rc = RunConfig.new("mlp", "census-first", steps=200, eval_every=20, chunk=10, lr=1.0, lr_boundaries=(20,),
+                       lr_factor=1e38)
+    with pytest.raises(NonFiniteLossError, match=r"at step 21; the last good checkpoint \(step 20\) is kept"):
+        train_run(rc, tmp_path / "run", progress=False)
 
 
 def test_piecewise_schedule_matches_lecture():
@@ -184,8 +198,8 @@ def test_manual_and_autodiff_training_runs_agree():
 
     cfg = MLPConfig(vocab_size=V)
     tcfg = TrainConfig(steps=300, eval_every=300, chunk=100)
-    a = fit(mlp_lm(cfg), SPLITS.train, tcfg, progress=False, eval_train=False)
-    m = fit(mlp_lm(cfg).with_gradients("manual"), SPLITS.train, tcfg, progress=False, eval_train=False)
+    a = fit(mlp_lm(cfg), SPLITS.train, tcfg, evals={})
+    m = fit(mlp_lm(cfg).with_gradients("manual"), SPLITS.train, tcfg, evals={})
     np.testing.assert_allclose(m.losses, a.losses, rtol=1e-4)  # float32, same key and batches
 
 
@@ -207,7 +221,7 @@ def test_first_ctrl_c_finishes_the_chunk_and_returns(tmp_path, sigint_default):
             sent.append(step)
             os.kill(os.getpid(), signal.SIGINT)
 
-    res = fit(model, SPLITS.train, tcfg, out=tmp_path, progress=False, eval_train=False, on_chunk=interrupt_once)
+    res = fit(model, SPLITS.train, tcfg, evals={}, hooks=[RunWriter(tmp_path), interrupt_once])
     assert sent == [500] and res.interrupted and int(res.ts.step) == 500 and res.losses.shape == (500,)
     # Interrupted between evaluations: the chunk is saved all the same (model.npz is jnnex.run's to write).
     assert res.signal == signal.SIGINT
@@ -326,7 +340,7 @@ def test_initial_params_are_where_fit_starts():
     a step at learning rate 1e-30 leaves them where they began (to 1e-25: zero-initialised biases move by ~1e-31)."""
     model = mlp_lm(MLPConfig(vocab_size=V, n_hidden=16))
     res = fit(model, SPLITS.train, TrainConfig(steps=1, lr=1e-30, lr_boundaries=(), eval_every=1, seed=7),
-              progress=False, eval_train=False)
+              evals={})
     start, _ = initial_params(model, 7)
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(res.ts.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-25)

@@ -1,0 +1,184 @@
+"""One parallel value: how a training run lays itself over devices.
+
+A :class:`Parallel` is what a user asks for — a scheme and its sizes (``jnnex train --devices N``, with
+``--shard-params`` or ``--model-parallel M``, or ``--parallel NAME``). :func:`make_layout` turns it, with the model,
+the optimiser and the shapes of a training state, into a :class:`Layout`: the mesh, the training state's shardings,
+the step, and the moves of the state onto the devices and back. :func:`jnnex.train.fit` takes that one value and
+never branches on the scheme; the run driver records the :class:`Parallel` in ``metrics.json``.
+
+:data:`SCHEMES` is the one place the schemes are listed — a scheme is a function ``(model, optimizer, parallel,
+ts_like, *, diagnostics) -> Layout`` and a row here. A new one (pipeline stages, experts) is its own module and one
+row; ``fit``, the run driver and the command line pick it up by name.
+
+* ``single`` — one device: the step as it is;
+* ``dp`` — data parallel in the global view (:mod:`jnnex.parallel`): the batch split along ``"data"``, everything
+  else replicated;
+* ``fsdp`` — ZeRO-3 / FSDP: the parameters and optimiser state split along ``"data"`` too, gathered for the step;
+* ``tp`` — Megatron's tensor parallelism on a ``data × model`` mesh (:mod:`jnnex.tensor_parallel`): the model's own
+  forward and backward on each device's slices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jnnex import parallel, tensor_parallel
+from jnnex.step import make_run, make_step
+
+
+def _same(ts):
+    return ts
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """What a user asks for: a scheme of :data:`SCHEMES` over ``devices`` (a number, a device list or a mesh; ``None``:
+    one device), with a model axis of ``model_parallel`` devices for the schemes that split the model."""
+
+    scheme: str = "single"
+    devices: int | Sequence | jax.sharding.Mesh | None = None
+    model_parallel: int | None = None
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"parallel: the scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        if self.scheme != "single" and self.devices is None:
+            raise ValueError(f"parallel: {self.scheme} splits over devices: give devices too (--devices N)")
+        if self.model_parallel is not None and self.scheme != "tp":
+            raise ValueError(f"parallel: model_parallel is the model axis of tp, not of {self.scheme}")
+
+    @classmethod
+    def from_flags(cls, devices=None, shard_params: bool = False, model_parallel: int | None = None,
+                   scheme: str | None = None) -> Parallel:
+        """The scheme the command line's flags name: ``--parallel NAME`` as given, else ``--model-parallel M`` (tp),
+        ``--shard-params`` (fsdp), ``--devices N`` alone (dp), nothing (single); a clear error for a mix."""
+        if shard_params and model_parallel is not None:
+            raise ValueError("shard_params and model_parallel together (FSDP × tensor parallel) are not a training "
+                             "mode yet: choose one (jnnex plan shows both on paper)")
+        if shard_params and devices is None:
+            raise ValueError("--shard-params splits the parameters over devices: give --devices N too")
+        if model_parallel is not None and devices is None:
+            raise ValueError("--model-parallel splits each block over devices: give --devices N too (a multiple of "
+                             "it)")
+        implied = "tp" if model_parallel is not None else "fsdp" if shard_params else None
+        if scheme is not None and implied is not None and scheme != implied:
+            raise ValueError(f"--parallel {scheme} and --{'model-parallel' if implied == 'tp' else 'shard-params'} "
+                             "name two schemes: give one")
+        if scheme is None:
+            scheme = implied or ("dp" if devices is not None else "single")
+        return cls(scheme, devices, model_parallel)
+
+    def record(self) -> dict:
+        """What ``metrics.json`` says of the layout a run trained on (nothing for one device)."""
+        if self.scheme == "single":
+            return {}
+        devices = self.devices if isinstance(self.devices, int) else np.size(getattr(self.devices, "devices",
+                                                                                    self.devices))
+        return {"parallel": self.scheme, "devices": devices, "processes": jax.process_count(),
+                "shard_params": self.scheme == "fsdp", "model_parallel": self.model_parallel or 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A training run laid over devices: everything :func:`jnnex.train.fit` needs of the scheme, as one value.
+
+    Attributes:
+        optimizer: the optax optimiser the step applies (``fit`` initialises its state).
+        step: ``step(ts, batch, key) -> (ts, metrics)`` in this layout.
+        mesh: the devices (``None``: one device, nothing placed).
+        shardings: the training state's shardings on ``mesh`` (a tree like the state), or ``None``: replicated.
+        to_devices, to_host: a host training state (the parameters' own layout) to this layout's, and back (a
+            split model reorders its columns; the identity otherwise).
+    """
+
+    optimizer: Any
+    step: Callable
+    mesh: jax.sharding.Mesh | None = None
+    shardings: Any = None
+    to_devices: Callable = _same
+    to_host: Callable = _same
+
+    def run(self, batch_size: int | None, window: int | None = None) -> Callable:
+        """:func:`jnnex.step.make_run` of this layout's step, its batch split over the mesh."""
+        return make_run(self.step, batch_size, mesh=self.mesh, window=window, state_shardings=self.shardings)
+
+    def place(self, ts):
+        """A host training state onto the devices, in this layout (any layout's checkpoint resumes into any other)."""
+        if self.mesh is None:
+            return ts
+        host = self.to_devices(parallel.local(ts))
+        return parallel.replicate(host, self.mesh) if self.shardings is None else parallel.place(host, self.shardings)
+
+    def here(self, ts):
+        """The training state as this process holds it, in the parameters' own layout: what evaluation and files
+        read."""
+        if self.mesh is None:
+            return ts
+        return jax.tree.map(jnp.asarray, self.to_host(parallel.local(ts)))
+
+    def inputs(self, *arrays):
+        """The step's inputs (the data, the key's bits), replicated over the mesh; as they are on one device."""
+        if self.mesh is None:
+            return arrays
+        return parallel.replicate(tuple(np.asarray(a) for a in arrays), self.mesh)
+
+    def check(self, ts_like, batch_size: int | None, n_examples: int, what: str) -> None:
+        """Clear errors, before anything is placed: a batch the data axis does not divide, a state too large for the
+        devices."""
+        if self.mesh is None:
+            return
+        parallel.check_batch_size(batch_size, self.mesh.shape[parallel.DATA], n_examples)
+        parallel.check_state_fits(ts_like, self.shardings, self.mesh, what=what)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The schemes
+
+
+def single(model, optimizer, par: Parallel, ts_like, *, diagnostics: bool = False) -> Layout:
+    """One device: the step as it is."""
+    return Layout(optimizer, make_step(model, optimizer, diagnostics=diagnostics))
+
+
+def data_parallel(model, optimizer, par: Parallel, ts_like, *, diagnostics: bool = False) -> Layout:
+    """Data parallel in the global view: the same step, the batch split along ``"data"``, the state replicated."""
+    return Layout(optimizer, make_step(model, optimizer, diagnostics=diagnostics), parallel.data_mesh(par.devices))
+
+
+def fsdp(model, optimizer, par: Parallel, ts_like, *, diagnostics: bool = False) -> Layout:
+    """ZeRO-3 / FSDP: the parameters and optimiser state split along ``"data"``, gathered whole for each step's
+    forward and backward, the gradients split back (:func:`jnnex.parallel.fsdp_layout`)."""
+    mesh = parallel.data_mesh(par.devices)
+    shardings, step_shardings = parallel.fsdp_layout(ts_like, mesh)
+    return Layout(optimizer, make_step(model, optimizer, diagnostics=diagnostics, shardings=step_shardings), mesh,
+                  shardings)
+
+
+def tensor(model, optimizer, par: Parallel, ts_like, *, diagnostics: bool = False) -> Layout:
+    """Megatron's tensor parallelism on a ``devices / model_parallel × model_parallel`` mesh: the model's split rules
+    lay the parameters out, its own forward and backward run on each device's slices
+    (:func:`jnnex.tensor_parallel.split_step`)."""
+    devices, m = par.devices, par.model_parallel
+    tensor_parallel.rules_of(model)  # (a model without a split: named first)
+    if not (isinstance(devices, int) and isinstance(m, int) and m >= 1 and devices % m == 0):
+        raise ValueError(f"model_parallel {m!r}: give devices as a number that divides by it (the mesh is devices / "
+                         f"model_parallel × model_parallel), got devices {devices!r}")
+    mesh = tensor_parallel.mesh_2d(devices // m, m)
+    to_devices, to_host, shardings = tensor_parallel.train_layout(model, optimizer, mesh, ts_like)
+    step = tensor_parallel.split_step(model, optimizer, mesh, ts_like.params, diagnostics=diagnostics)
+    return Layout(optimizer, step, mesh, shardings, to_devices, to_host)
+
+
+SCHEMES: dict[str, Callable[..., Layout]] = {"single": single, "dp": data_parallel, "fsdp": fsdp, "tp": tensor}
+
+
+def make_layout(par: Parallel, model, optimizer, ts_like, *, diagnostics: bool = False) -> Layout:
+    """The :class:`Layout` of ``par``'s scheme for ``model`` and ``optimizer``; ``ts_like``: the training state's
+    tree (shapes will do)."""
+    return SCHEMES[par.scheme](model, optimizer, par, ts_like, diagnostics=diagnostics)
