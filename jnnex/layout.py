@@ -50,6 +50,12 @@ class Parallel:
             raise ValueError(f"parallel: the scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.scheme != "single" and self.devices is None:
             raise ValueError(f"parallel: {self.scheme} splits over devices: give devices too (--devices N)")
+        if self.scheme == "single" and self.devices is not None:
+            raise ValueError(f"parallel: single is one device, but devices {self.devices!r} were given: drop them, or "
+                             f"name a scheme that splits ({', '.join(s for s in SCHEMES if s != 'single')})")
+        if self.scheme == "tp" and self.model_parallel is None:
+            raise ValueError("parallel: tp splits each block over a model axis: give its size too "
+                             "(model_parallel, --model-parallel M)")
         if self.model_parallel is not None and self.scheme != "tp":
             raise ValueError(f"parallel: model_parallel is the model axis of tp, not of {self.scheme}")
 

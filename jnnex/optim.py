@@ -24,7 +24,46 @@ import optax
 from jnnex.layers import Linear
 from jnnex.settings import check_choice, positive_int, setting
 
-OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "adamw", "muon")  # :data:`OPTIMIZERS`' keys, for the flag's choices
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The optimisers: one function each, of the settings (TrainConfig, below) to an optax transformation
+
+
+def sgd(tcfg: TrainConfig) -> optax.GradientTransformation:
+    """Plain SGD on :func:`lr_schedule` (the lectures')."""
+    return optax.sgd(lr_schedule(tcfg))
+
+
+def momentum(tcfg: TrainConfig) -> optax.GradientTransformation:
+    """SGD with momentum ``sgd_momentum``."""
+    return optax.sgd(lr_schedule(tcfg), momentum=tcfg.sgd_momentum)
+
+
+def adam(tcfg: TrainConfig) -> optax.GradientTransformation:
+    """Adam with ``betas`` and ``adam_eps``."""
+    b1, b2 = tcfg.betas
+    return optax.adam(lr_schedule(tcfg), b1=b1, b2=b2, eps=tcfg.adam_eps)
+
+
+def adamw(tcfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW: Adam plus decoupled weight decay ``weight_decay`` on the parameters ``decay_mask`` names."""
+    b1, b2 = tcfg.betas
+    mask = matrices_only if tcfg.decay_mask == "matrices" else None
+    return optax.adamw(lr_schedule(tcfg), b1=b1, b2=b2, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay, mask=mask)
+
+
+def muon(tcfg: TrainConfig) -> optax.GradientTransformation:
+    """``optax.contrib.muon`` (momentum ``muon_beta``, Nesterov, five Newton–Schulz steps) on the matrices
+    :func:`muon_labels` names, :func:`adamw` exactly as ``optimizer="adamw"`` on the rest, one learning rate and
+    schedule for both: the update of each matrix is scaled to AdamW's typical size (``consistent_rms=0.2``, "Muon is
+    Scalable", Liu et al. 2025), so ``lr`` and ``weight_decay`` carry over from an AdamW run unchanged."""
+    matrices = optax.contrib.muon(lr_schedule(tcfg), beta=tcfg.muon_beta, weight_decay=tcfg.weight_decay,
+                                  consistent_rms=0.2)
+    return optax.partition({"muon": matrices, "adamw": adamw(tcfg)}, muon_labels)
+
+
+OPTIMIZERS = {"sgd": sgd, "momentum": momentum, "adam": adam, "adamw": adamw, "muon": muon}  # name -> tcfg -> optax
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)  # the --optimizer flag's choices
 DECAY_MASKS = ("all", "matrices")
 SCHEDULES = ("steps", "cosine")
 
@@ -195,42 +234,6 @@ def check_optimizer(tcfg: TrainConfig, model) -> None:
     if "muon" not in jax.tree.leaves(muon_labels(params)):
         raise ValueError(f"optimizer muon: it trains the weight matrices of linear layers (jnnex.layers.Linear), and "
                          f"model {model.name!r} has none; choose adamw")
-
-
-def sgd(tcfg: TrainConfig) -> optax.GradientTransformation:
-    """Plain SGD on :func:`lr_schedule` (the lectures')."""
-    return optax.sgd(lr_schedule(tcfg))
-
-
-def momentum(tcfg: TrainConfig) -> optax.GradientTransformation:
-    """SGD with momentum ``sgd_momentum``."""
-    return optax.sgd(lr_schedule(tcfg), momentum=tcfg.sgd_momentum)
-
-
-def adam(tcfg: TrainConfig) -> optax.GradientTransformation:
-    """Adam with ``betas`` and ``adam_eps``."""
-    b1, b2 = tcfg.betas
-    return optax.adam(lr_schedule(tcfg), b1=b1, b2=b2, eps=tcfg.adam_eps)
-
-
-def adamw(tcfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW: Adam plus decoupled weight decay ``weight_decay`` on the parameters ``decay_mask`` names."""
-    b1, b2 = tcfg.betas
-    mask = matrices_only if tcfg.decay_mask == "matrices" else None
-    return optax.adamw(lr_schedule(tcfg), b1=b1, b2=b2, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay, mask=mask)
-
-
-def muon(tcfg: TrainConfig) -> optax.GradientTransformation:
-    """``optax.contrib.muon`` (momentum ``muon_beta``, Nesterov, five Newton–Schulz steps) on the matrices
-    :func:`muon_labels` names, :func:`adamw` exactly as ``optimizer="adamw"`` on the rest, one learning rate and
-    schedule for both: the update of each matrix is scaled to AdamW's typical size (``consistent_rms=0.2``, "Muon is
-    Scalable", Liu et al. 2025), so ``lr`` and ``weight_decay`` carry over from an AdamW run unchanged."""
-    matrices = optax.contrib.muon(lr_schedule(tcfg), beta=tcfg.muon_beta, weight_decay=tcfg.weight_decay,
-                                  consistent_rms=0.2)
-    return optax.partition({"muon": matrices, "adamw": adamw(tcfg)}, muon_labels)
-
-
-OPTIMIZERS = {"sgd": sgd, "momentum": momentum, "adam": adam, "adamw": adamw, "muon": muon}  # name -> tcfg -> optax
 
 
 def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:

@@ -83,6 +83,11 @@ CLI = [
      "model 'rnn' has no split across devices"),
     (["train", "--shard-params", "--steps", "5"], 2, "--shard-params splits the parameters over devices: give "
                                                      "--devices N too"),
+    (["train", "--parallel", "dp", "--steps", "5"], 2, "parallel: dp splits over devices: give devices too "
+                                                       "(--devices N)"),
+    (["train", "--parallel", "fsdp", "--devices", "4", "--model-parallel", "2", "--steps", "5"], 2,
+     "--parallel fsdp and --model-parallel name two schemes: give one"),
+    (["train", "--parallel", "pipeline", "--steps", "5"], 2, "argument --parallel: invalid choice: 'pipeline'"),
     (["train", "--model", "bigram", "--n-hidden", "5"], 2, "--n-hidden does not apply to model 'bigram'"),
     (["train", "--model", "mlp", "--smoothing", "0"], 2, "--smoothing does not apply to model 'mlp'"),
     (["train", "--model", "nope"], 2, "invalid choice: 'nope'"),
@@ -191,6 +196,8 @@ LIBRARY = [
     (lambda: fit(build("mlp", vocab_size=27), _data().train, TrainConfig(steps=2, batch_size=30),
                  parallel=Parallel("dp", 4)), ValueError, "batch_size 30 does not divide evenly over 4 devices"),
     (lambda: Parallel("fsdp"), ValueError, "parallel: fsdp splits over devices: give devices too"),
+    (lambda: Parallel("single", 4), ValueError, "parallel: single is one device, but devices 4 were given"),
+    (lambda: Parallel("tp", 4), ValueError, "parallel: tp splits each block over a model axis: give its size too"),
     (lambda: Parallel("pipeline", 4), ValueError, "parallel: the scheme must be one of single, dp, fsdp, tp, got "
                                                   "'pipeline'"),
     (lambda: fit(build("mlp", vocab_size=27), _data().train, TrainConfig(steps=2), parallel=Parallel("dp", 5)),
