@@ -19,6 +19,7 @@ Shapes use one vocabulary: B batch, T context, C channels, V vocabulary, H hidde
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -103,6 +104,27 @@ def compute_params(params, precision: str):
 def param_grads(grads, params):
     """Gradients in each parameter's own dtype (float32 from a bfloat16 backward: the backward of the cast)."""
     return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
+class Pair(NamedTuple):
+    """A forward/backward pair as the module that holds it declares it, in its ``PAIRS`` (``{name: Pair}``, below its
+    pairs): the property tests check each declared backward against ``jax.vjp`` in float64 over the arguments
+    :data:`jnnex.strategies.PAIR_ARGS` draws for it, and the backward benchmarks time the declared functions. A pair
+    added to a module's ``PAIRS`` without a strategy fails the suite, naming it.
+
+    ``forward(*args) -> (out, cache)``, ``backward(dout, cache) -> grads`` (one per argument, ``None`` for those that
+    get none). ``args`` names the forward's arguments; ``fixed`` those that get no gradient (integer ids, settings
+    such as a head count, a tile or a dilation)."""
+
+    forward: Callable
+    backward: Callable
+    args: tuple[str, ...]
+    fixed: tuple[str, ...] = ()
+
+    @property
+    def diff(self) -> tuple[int, ...]:
+        """The positions of the arguments that get a gradient."""
+        return tuple(i for i, name in enumerate(self.args) if name not in self.fixed)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -414,3 +436,13 @@ def dropout_in_training(x, key, i: int, rate: float, train: bool, batch_axis: st
     if not (train and rate > 0):
         return x, None
     return dropout_forward(x, jax.random.fold_in(key, i), rate, batch_axis)
+
+
+# The pairs two or more models share; a model's own pairs are declared in its module.
+PAIRS = {
+    "linear": Pair(linear_forward, linear_backward, ("x", "W", "b")),
+    "tanh": Pair(tanh_forward, tanh_backward, ("x",)),
+    "embedding": Pair(embedding_forward, embedding_backward, ("C", "ix"), fixed=("ix",)),
+    "cross_entropy": Pair(cross_entropy_forward, cross_entropy_backward, ("logits", "y"), fixed=("y",)),
+    "batchnorm": Pair(batchnorm_forward, batchnorm_backward, ("x", "gamma", "beta")),
+}

@@ -335,3 +335,37 @@ def lm_problems(draw, configs=None, batch=None, dtype=jnp.float64):
     x = draw(indices((B, cfg.block_size), cfg.vocab_size))
     y = draw(indices((B,), cfg.vocab_size, repeat=False))
     return cfg, params, state, x, y
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The arguments drawn for every pair a module declares (its PAIRS: jnnex.layers.Pair), by module and pair name
+
+
+PAIR_ARGS = {
+    "jnnex.layers": {"linear": linear_args, "tanh": tanh_args, "embedding": embedding_args,
+                     "cross_entropy": lambda: st.one_of(cross_entropy_args(), sequence_cross_entropy_args()),
+                     "batchnorm": batchnorm_args},
+    "jnnex.models.gpt": {"token_position_embedding": token_position_embedding_args, "layernorm": layernorm_args,
+                         "gelu": gelu_args, "residual": residual_args, "split_heads": split_heads_args,
+                         "attend": attend_args, "qkv_attention": split_heads_args,
+                         "self_attention": self_attention_args},
+    "jnnex.models.llama": {"rmsnorm": rmsnorm_args, "rope": rope_args, "swiglu": swiglu_args,
+                           "split_gqa": split_gqa_args, "repeat_kv": repeat_kv_args,
+                           "attention": llama_attention_args},
+    "jnnex.models.flash": {"flash_attend": flash_attend_args},
+    "jnnex.models.rnn": {"rnn_cell": rnn_cell_args, "gru_cell": gru_cell_args},
+    "jnnex.models.bow": {"causal_average": causal_average_args},
+    "jnnex.models.wavenet": {"flatten_consecutive": flatten_consecutive_args, "causal_conv": causal_conv_args,
+                             "gated_tanh": gated_tanh_args},
+    "jnnex.micrograd.tensor_mlp": {"relu": tanh_args},
+}
+
+
+def pair_args(module: str, name: str):
+    """The strategy of the arguments of pair ``name`` that ``module`` (its ``__name__``) declares; a clear error for a
+    declared pair no strategy draws for yet."""
+    try:
+        return PAIR_ARGS[module][name]()
+    except KeyError:
+        raise KeyError(f"pair {name!r} of {module} has no strategy: add its *_args to jnnex.strategies.PAIR_ARGS"
+                       f"[{module!r}]") from None

@@ -55,23 +55,37 @@ def ints(seed, shape, high):
     return jnp.asarray(np.random.default_rng(seed).integers(0, high, shape), jnp.int32)
 
 
+def pair_case(name, pair, make_args, **settings):
+    """A declared pair (:class:`jnnex.layers.Pair`, from its module's ``PAIRS``) as a layer case: its forward and
+    backward, the gradients of the arguments it differentiates among those ``make_args`` gives; ``settings`` (a head
+    count, a tile, a dilation) bound by name."""
+    args = [a for a in pair.args if a not in settings]
+
+    def diff(n_inputs):
+        return tuple(i for i, a in enumerate(args[:n_inputs]) if a not in pair.fixed)
+
+    return layer_case(name, lambda *a: pair.forward(*a, **settings), pair.backward, make_args, diff)
+
+
 def layer_case(name, forward, backward, make_args, diff_argnums):
-    """A layer: ``forward(*inputs) -> (out, cache)``; gradients of ``Σ out · dout`` w.r.t. ``diff_argnums``."""
+    """A layer: ``forward(*inputs) -> (out, cache)``; gradients of ``Σ out · dout`` w.r.t. ``diff_argnums`` (or
+    ``diff_argnums(len(inputs))``)."""
 
     def make(batch, dtype, seed):
         inputs = make_args(batch, dtype, seed)
+        diff_argnums_ = diff_argnums(len(inputs)) if callable(diff_argnums) else diff_argnums
         out = jax.eval_shape(lambda *a: forward(*a)[0], *inputs)
         dout = normal(seed + 99, out.shape, dtype)
 
         def manual(dout, *inputs):
             grads = backward(dout, forward(*inputs)[1])
             grads = grads if isinstance(grads, tuple) else (grads,)
-            return tuple(grads[i] for i in diff_argnums)
+            return tuple(grads[i] for i in diff_argnums_)
 
         def pick(*inputs):  # the differentiable inputs as positional arguments, the rest fixed
             def f(*diff):
-                return forward(*merge_args(inputs, diff_argnums, diff))[0]
-            return f, tuple(inputs[i] for i in diff_argnums)
+                return forward(*merge_args(inputs, diff_argnums_, diff))[0]
+            return f, tuple(inputs[i] for i in diff_argnums_)
 
         def grad(dout, *inputs):
             f, diff = pick(*inputs)
@@ -146,11 +160,9 @@ def _width_cases(H: int) -> list[Case]:
         return normal(seed, (b, H), dt, 2.0), 1.0 + normal(seed + 1, (H,), dt, 0.1), normal(seed + 2, (H,), dt, 0.1)
 
     return [
-        layer_case(f"linear {T * N_EMBD}->{H}", layers.linear_forward, layers.linear_backward, linear_args,
-                    (0, 1, 2)),
-        layer_case(f"tanh ({H})", layers.tanh_forward, layers.tanh_backward,
-                    lambda b, dt, seed: (normal(seed, (b, H), dt),), (0,)),
-        layer_case(f"batchnorm ({H})", layers.batchnorm_forward, layers.batchnorm_backward, bn_args, (0, 1, 2)),
+        pair_case(f"linear {T * N_EMBD}->{H}", layers.PAIRS["linear"], linear_args),
+        pair_case(f"tanh ({H})", layers.PAIRS["tanh"], lambda b, dt, seed: (normal(seed, (b, H), dt),)),
+        pair_case(f"batchnorm ({H})", layers.PAIRS["batchnorm"], bn_args),
     ]
 
 
@@ -163,10 +175,8 @@ def cases(widths=WIDTHS) -> list[Case]:
 
     return [
         *(case for H in widths for case in _width_cases(H)),
-        layer_case(f"embedding ({V}x{N_EMBD}, T={T})", layers.embedding_forward, layers.embedding_backward,
-                    emb_args, (0,)),
-        layer_case(f"cross-entropy (V={V})", layers.cross_entropy_forward, layers.cross_entropy_backward, ce_args,
-                    (0,)),
+        pair_case(f"embedding ({V}x{N_EMBD}, T={T})", layers.PAIRS["embedding"], emb_args),
+        pair_case(f"cross-entropy (V={V})", layers.PAIRS["cross_entropy"], ce_args),
         *_wavenet_cases(),
         _moons_case(),
         *(model_case(name) for name in REGISTRY if has_manual_backward(name) and name not in OWN_SUITE),
@@ -192,14 +202,10 @@ def _wavenet_cases(T: int = 8, C: int = 24, H: int = 128) -> list[Case]:
         return normal(seed, (b, L, C), dt), normal(seed + 1, (2 * C, H), dt, (2 * C) ** -0.5)
 
     return [
-        layer_case(f"flatten-consecutive (B,{T},{C})", lambda x: wn.flatten_consecutive_forward(x, 2),
-                    wn.flatten_consecutive_backward, fc_args, (0,)),
-        layer_case(f"linear (B,{T // 2},{2 * C})->{H}", layers.linear_forward, layers.linear_backward, linear3_args,
-                    (0, 1)),
-        layer_case(f"batchnorm (B,{T // 2},{H})", layers.batchnorm_forward, layers.batchnorm_backward, bn3_args,
-                    (0, 1, 2)),
-        layer_case(f"causal-conv d=1 (B,{L},{C})->{H}", lambda x, W: wn.causal_conv_forward(x, W, 1),
-                    wn.causal_conv_backward, conv_args, (0, 1)),
+        pair_case(f"flatten-consecutive (B,{T},{C})", wn.PAIRS["flatten_consecutive"], fc_args, n=2),
+        pair_case(f"linear (B,{T // 2},{2 * C})->{H}", layers.PAIRS["linear"], linear3_args),
+        pair_case(f"batchnorm (B,{T // 2},{H})", layers.PAIRS["batchnorm"], bn3_args),
+        pair_case(f"causal-conv d=1 (B,{L},{C})->{H}", wn.PAIRS["causal_conv"], conv_args, dilation=1),
     ]
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from jnnex import layers
 from jnnex.models import gpt as G
-from jnnex.bench.backward import ACC_COLS, SPEED_COLS, ints, layer_case, measure, model_case, normal
+from jnnex.bench.backward import ACC_COLS, SPEED_COLS, ints, measure, model_case, normal, pair_case
 from jnnex.bench.harness import interleaved, table
 from jnnex.bench.training import matmul_peak, peak_contender
 from jnnex.data import Vocab, load_words, make_splits
@@ -57,20 +57,14 @@ def cases():
         return normal(s, (b, T, V), dt, 2.0), jnp.asarray(y)
 
     return [
-        layer_case(f"token+position embedding (B,{T})->{C}", G.token_position_embedding_forward,
-                   G.token_position_embedding_backward, emb, (0, 1)),
-        layer_case(f"layernorm (B,{T},{C})", G.layernorm_forward, G.layernorm_backward, ln, (0, 1, 2)),
-        layer_case(f"linear qkv (B,{T},{C})->{3 * C}", layers.linear_forward, layers.linear_backward, qkv, (0, 1, 2)),
-        layer_case(f"attention (B,{T},{3 * C}), {NH} heads", lambda q: G.qkv_attention_forward(q, NH),
-                   G.qkv_attention_backward, att, (0,)),
-        layer_case(f"self-attention layer (B,{T},{C})",
-                   lambda *a: G.self_attention_forward(*a, NH), G.self_attention_backward, self_att,
-                   (0, 1, 2, 3, 4)),
-        layer_case(f"gelu (B,{T},{4 * C})", G.gelu_forward, G.gelu_backward, gelu, (0,)),
-        layer_case(f"linear fcproj (B,{T},{4 * C})->{C}", layers.linear_forward, layers.linear_backward, fcproj,
-                   (0, 1, 2)),
-        layer_case(f"cross-entropy (B,{T},{V}), half ignored", layers.cross_entropy_forward,
-                   layers.cross_entropy_backward, ce, (0,)),
+        pair_case(f"token+position embedding (B,{T})->{C}", G.PAIRS["token_position_embedding"], emb),
+        pair_case(f"layernorm (B,{T},{C})", G.PAIRS["layernorm"], ln),
+        pair_case(f"linear qkv (B,{T},{C})->{3 * C}", layers.PAIRS["linear"], qkv),
+        pair_case(f"attention (B,{T},{3 * C}), {NH} heads", G.PAIRS["qkv_attention"], att, n_head=NH),
+        pair_case(f"self-attention layer (B,{T},{C})", G.PAIRS["self_attention"], self_att, n_head=NH),
+        pair_case(f"gelu (B,{T},{4 * C})", G.PAIRS["gelu"], gelu),
+        pair_case(f"linear fcproj (B,{T},{4 * C})->{C}", layers.PAIRS["linear"], fcproj),
+        pair_case(f"cross-entropy (B,{T},{V}), half ignored", layers.PAIRS["cross_entropy"], ce),
         model_case("gpt"),
     ]
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jnnex.bench.backward import ACC_COLS, SPEED_COLS, layer_case, measure, model_case, normal
+from jnnex.bench.backward import ACC_COLS, SPEED_COLS, measure, model_case, normal, pair_case
 from jnnex.bench.harness import interleaved, table
 from jnnex.models import flash as F
 from jnnex.models import gpt as G
@@ -45,17 +45,14 @@ def cases():
         return normal(s, (b, T, C), dt), normal(s + 1, (C, C + kv), dt, 0.1), normal(s + 2, (C, C), dt, 0.1)
 
     return [
-        layer_case(f"rmsnorm (B,{T},{C})", L.rmsnorm_forward, L.rmsnorm_backward, norm, (0, 1)),
-        layer_case(f"rope (B,{NH},{T},{HS})", L.rope_forward, L.rope_backward, heads, (0,)),
-        layer_case(f"swiglu (B,{T},{2 * H})", L.swiglu_forward, L.swiglu_backward, swiglu, (0,)),
-        layer_case(f"repeat kv (B,{NKV},{T},{HS}) x{NH // NKV}", lambda k: L.repeat_kv_forward(k, NH // NKV),
-                   L.repeat_kv_backward, kv_heads, (0,)),
-        layer_case(f"attend plain (B,{NH},{T},{HS})", G.attend_forward, G.attend_backward, qkv_heads, (0, 1, 2)),
-        layer_case(f"attend tiled 8 (B,{NH},{T},{HS})", lambda q, k, v: F.flash_attend_forward(q, k, v, 8),
-                   F.flash_attend_backward, qkv_heads, (0, 1, 2)),
-        layer_case(f"GQA attention layer (B,{T},{C}), {NH}/{NKV} heads",
-                   lambda x, Wqkv, Wproj: L.attention_forward(x, Wqkv, Wproj, NH, NKV), L.attention_backward,
-                   attention, (0, 1, 2)),
+        pair_case(f"rmsnorm (B,{T},{C})", L.PAIRS["rmsnorm"], norm),
+        pair_case(f"rope (B,{NH},{T},{HS})", L.PAIRS["rope"], heads),
+        pair_case(f"swiglu (B,{T},{2 * H})", L.PAIRS["swiglu"], swiglu),
+        pair_case(f"repeat kv (B,{NKV},{T},{HS}) x{NH // NKV}", L.PAIRS["repeat_kv"], kv_heads, n_rep=NH // NKV),
+        pair_case(f"attend plain (B,{NH},{T},{HS})", G.PAIRS["attend"], qkv_heads),
+        pair_case(f"attend tiled 8 (B,{NH},{T},{HS})", F.PAIRS["flash_attend"], qkv_heads, tile=8),
+        pair_case(f"GQA attention layer (B,{T},{C}), {NH}/{NKV} heads", L.PAIRS["attention"], attention, n_head=NH,
+                  n_kv_head=NKV),
         model_case("llama"),
     ]
 

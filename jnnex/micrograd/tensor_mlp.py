@@ -34,6 +34,7 @@ def relu_backward(dy, y):
     return jnp.where(y > 0, dy, jnp.zeros_like(dy))
 
 
+PAIRS = {"relu": layers.Pair(relu_forward, relu_backward, ("x",))}  # this stage's own (the losses: through the net)
 
 
 def hinge_forward(scores, y):

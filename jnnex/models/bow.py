@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jnnex.init import OUTPUT_SCALE, torch_linear
 from jnnex.layers import (
-    Linear, check_shape, embedding_backward, embedding_forward, linear_backward, linear_forward, tanh_backward,
+    Linear, Pair, check_shape, embedding_backward, embedding_forward, linear_backward, linear_forward, tanh_backward,
     tanh_forward,
 )
 from jnnex.lm import Forward, LanguageModel
@@ -47,6 +47,9 @@ def causal_average_backward(dy, x_shape):
     check_shape("causal_average_backward: dy", dy, x_shape)
     counts = jnp.arange(1, dy.shape[1] + 1, dtype=dy.dtype).reshape(1, -1, 1)
     return jnp.cumsum((dy / counts)[:, ::-1], axis=1)[:, ::-1]
+
+
+PAIRS = {"causal_average": Pair(causal_average_forward, causal_average_backward, ("x",))}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jnnex.layers import check_shape, matmul, matmul_nt, matmul_tn, wide
+from jnnex.layers import Pair, check_shape, matmul, matmul_nt, matmul_tn, wide
 
 TILE = 64  # rows and columns of a tile; a setting of the models that use it
 
@@ -151,3 +151,8 @@ def flash_attend_backward(dy, cache):
         return x.transpose(1, 2, 0, 3, 4).reshape(B, nh, n * tile, hs)[:, :, :T].astype(q.dtype)
 
     return dq[:, :, :T].astype(q.dtype), untile(dk), untile(dv), None
+
+
+PAIRS = {"flash_attend": Pair(flash_attend_forward, flash_attend_backward, ("q", "k", "v", "tile"), fixed=("tile",))}
+
+

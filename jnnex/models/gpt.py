@@ -42,7 +42,7 @@ from jnnex.collectives import (
     row_linear_forward,
 )
 from jnnex.layers import (
-    PRECISIONS, Linear, check_dropout_key, check_shape, compute_params, dropout_backward, dropout_in_training,
+    PRECISIONS, Linear, Pair, check_dropout_key, check_shape, compute_params, dropout_backward, dropout_in_training,
     linear_backward, matmul, matmul_nt, matmul_tn, param_grads, per_channel, transpose, wide,
 )
 from jnnex.lm import Forward, LanguageModel
@@ -270,6 +270,20 @@ def self_attention_backward(dout, cache):
     dqkv, _ = split_heads_backward(attend_backward(dy, cache.att), cache.heads)
     dx, dW_qkv, db_qkv = column_linear_backward(dqkv, cache.qkv)
     return dx, dW_qkv, db_qkv, dW_proj, db_proj, None
+
+
+PAIRS = {  # the transformer's own pairs (jnnex.layers.PAIRS: linear, cross-entropy)
+    "token_position_embedding": Pair(token_position_embedding_forward, token_position_embedding_backward,
+                                     ("wte", "wpe", "ix"), fixed=("ix",)),
+    "layernorm": Pair(layernorm_forward, layernorm_backward, ("x", "w", "b")),
+    "gelu": Pair(gelu_forward, gelu_backward, ("x",)),
+    "residual": Pair(residual_forward, residual_backward, ("a", "b")),
+    "split_heads": Pair(split_heads_forward, split_heads_backward, ("qkv", "n_head"), fixed=("n_head",)),
+    "attend": Pair(attend_forward, attend_backward, ("q", "k", "v")),
+    "qkv_attention": Pair(qkv_attention_forward, qkv_attention_backward, ("qkv", "n_head"), fixed=("n_head",)),
+    "self_attention": Pair(self_attention_forward, self_attention_backward,
+                           ("x", "W_qkv", "b_qkv", "W_proj", "b_proj", "n_head"), fixed=("n_head",)),
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ from jnnex.collectives import (
     row_linear_forward,
 )
 from jnnex.layers import (
-    PRECISIONS, Linear, check_dropout_key, check_shape, compute_params, dropout_backward, dropout_in_training,
+    PRECISIONS, Linear, Pair, check_dropout_key, check_shape, compute_params, dropout_backward, dropout_in_training,
     embedding_backward, embedding_forward, param_grads, per_channel, transpose, wide,
 )
 from jnnex.lm import Forward, LanguageModel
@@ -255,6 +255,18 @@ def attention_backward(dout, cache: AttentionCache):
     dqkv, *_ = split_gqa_backward((dq, dk, dv), c.split)
     dx, dW_qkv, _ = column_linear_backward(dqkv, c.qkv)
     return dx, dW_qkv, dW_proj, None, None, None
+
+
+PAIRS = {  # the Llama block's own pairs (the GPT's: attend; jnnex.models.flash: the tiled attention)
+    "rmsnorm": Pair(rmsnorm_forward, rmsnorm_backward, ("x", "g")),
+    "rope": Pair(rope_forward, rope_backward, ("x", "pos0"), fixed=("pos0",)),
+    "swiglu": Pair(swiglu_forward, swiglu_backward, ("h",)),
+    "split_gqa": Pair(split_gqa_forward, split_gqa_backward, ("qkv", "n_head", "n_kv_head"),
+                      fixed=("n_head", "n_kv_head")),
+    "repeat_kv": Pair(repeat_kv_forward, repeat_kv_backward, ("x", "n_rep"), fixed=("n_rep",)),
+    "attention": Pair(attention_forward, attention_backward, ("x", "W_qkv", "W_proj", "n_head", "n_kv_head", "tile"),
+                      fixed=("n_head", "n_kv_head", "tile")),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

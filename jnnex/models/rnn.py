@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jnnex.init import torch_linear
 from jnnex.layers import (
-    Linear, check_shape, embedding_backward, embedding_forward, linear_backward, linear_forward, per_channel,
+    Linear, Pair, check_shape, embedding_backward, embedding_forward, linear_backward, linear_forward, per_channel,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.settings import check_choice, positive_int, setting
@@ -98,6 +98,12 @@ def gru_cell_backward(dh_new, cache):
     dx = dxhr[..., :E] + dxh[..., :E]
     dh = dh + dxh[..., E:]
     return dx, dh, xh.T @ da_z, da_z.sum(0), xh.T @ da_r, da_r.sum(0), xhr.T @ da_h, da_h.sum(0)
+
+
+PAIRS = {  # the recurrent cells
+    "rnn_cell": Pair(rnn_cell_forward, rnn_cell_backward, ("x", "h", "W", "b")),
+    "gru_cell": Pair(gru_cell_forward, gru_cell_backward, ("x", "h", "Wz", "bz", "Wr", "br", "Wh", "bh")),
+}
 
 
 @dataclasses.dataclass(frozen=True)

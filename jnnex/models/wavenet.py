@@ -47,7 +47,7 @@ import jax.numpy as jnp
 
 from jnnex.init import OUTPUT_SCALE, kaiming_scale, normals
 from jnnex.layers import (
-    BatchNormParams, BatchNormState, Linear, batchnorm_backward, batchnorm_step, check_dropout_key, check_shape,
+    BatchNormParams, BatchNormState, Linear, Pair, batchnorm_backward, batchnorm_step, check_dropout_key, check_shape,
     dropout_backward, dropout_in_training, embedding_backward, embedding_forward, linear_backward, linear_forward, tanh_backward, tanh_forward,
 )
 from jnnex.lm import Forward, LanguageModel
@@ -129,6 +129,13 @@ def gated_tanh_backward(dy, cache):
     t, g = cache
     check_shape("gated_tanh_backward: dy", dy, t.shape)
     return jnp.concatenate([dy * g * (1.0 - t) * (1.0 + t), dy * t * g * (1.0 - g)], axis=-1)
+
+
+PAIRS = {  # the WaveNet's own pairs (jnnex.layers.PAIRS: linear, batchnorm, tanh, embedding)
+    "flatten_consecutive": Pair(flatten_consecutive_forward, flatten_consecutive_backward, ("x", "n"), fixed=("n",)),
+    "causal_conv": Pair(causal_conv_forward, causal_conv_backward, ("x", "W", "dilation"), fixed=("dilation",)),
+    "gated_tanh": Pair(gated_tanh_forward, gated_tanh_backward, ("x",)),
+}
 
 
 def depth(window: int, what: str = "block_size") -> int:
