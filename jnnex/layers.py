@@ -127,6 +127,23 @@ class Pair(NamedTuple):
         return tuple(i for i, name in enumerate(self.args) if name not in self.fixed)
 
 
+def partition_static(tree):
+    """``(arrays, static)``: a cache's array leaves (``None`` in place of the rest), and the rest — the shapes, flags
+    and head counts a cache keeps as Python values — with the tree's structure. What ``lax.scan`` can carry from one
+    step to the next (arrays) and what it cannot (the Python values, the same at every step of a scan over blocks of
+    one shape); :func:`combine_static` puts them back together."""
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [leaf if isinstance(leaf, jax.Array) else None for leaf in leaves]
+    static = tuple(None if isinstance(leaf, jax.Array) else leaf for leaf in leaves)
+    return arrays, (treedef, static)
+
+
+def combine_static(arrays, static):
+    """The inverse of :func:`partition_static`."""
+    treedef, values = static
+    return jax.tree.unflatten(treedef, [a if v is None else v for a, v in zip(arrays, values)])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Linear: y = x @ W + b
 

@@ -51,7 +51,7 @@ import numpy as np
 from jnnex import bpe, memory, parallel, rundir, text
 from jnnex.data import CORPORA, Splits, Vocab, load_words, make_splits
 from jnnex.lm import GRADIENTS, LanguageModel, count_params, evaluate
-from jnnex.models.registry import REGISTRY, ModelSpec, config_for_words, get_spec, has_manual_backward
+from jnnex.models.registry import REGISTRY, ModelSpec, config_for_words, get_spec, has_manual_backward, splittable
 from jnnex.settings import flag, from_json, is_flag
 from jnnex.optim import TrainConfig, check_optimizer, make_optimizer
 from jnnex.layout import Parallel
@@ -622,6 +622,9 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, par: Parallel, pr
             rundir.save_pytree(out / rundir.MODEL, (params, state))
     else:
         check_fits(rc, len(splits.train[0]))
+        if par.scheme == "tp" and model.split_fn is None:  # (tensor_parallel's own error cannot name the others)
+            raise ValueError(f"--model-parallel: model {model.name!r} has no split across devices (its layers are not "
+                             f"Megatron's column/row pairs); the models that have one: {', '.join(splittable())}")
         if par.scheme == "fsdp" and log is not None:
             log(f"jnnex: {fsdp_summary(model, parallel.data_mesh(par.devices).size)}")
         if write:  # a new run's settings, or a continued run's new length

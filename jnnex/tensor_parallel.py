@@ -78,13 +78,11 @@ def mesh_2d(data: int, model: int, devices: Sequence | None = None) -> jax.shard
 
 
 def rules_of(model: LanguageModel) -> dict:
-    """The model's split (``{block field: Column | Row}``); a clear error naming the models that have one otherwise."""
+    """The model's split (``{block field: Column | Row}``); a clear error for a model that declares none (the run
+    driver names the registered models that do: :func:`jnnex.models.registry.splittable`)."""
     if model.split_fn is None:
-        from jnnex.models.registry import splittable  # (only to name them: the registry sits above this module)
-
-        names = splittable()
         raise ValueError(f"tensor parallel: model {model.name!r} has no split across devices (its layers are not "
-                         f"Megatron's column/row pairs); the models that have one: {', '.join(names)}")
+                         "Megatron's column/row pairs: it declares no split_fn)")
     return model.split_fn(model.cfg)
 
 

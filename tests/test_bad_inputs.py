@@ -80,7 +80,8 @@ CLI = [
     (["train", "--model", "gpt", "--model-parallel", "2", "--steps", "5"], 2, "--model-parallel splits each block "
                                                                               "over devices: give --devices N too"),
     (["train", "--model", "rnn", "--devices", "2", "--model-parallel", "2", "--steps", "5"], 2,
-     "model 'rnn' has no split across devices"),
+     "--model-parallel: model 'rnn' has no split across devices (its layers are not Megatron's column/row pairs); the "
+     "models that have one: gpt, llama"),
     (["train", "--shard-params", "--steps", "5"], 2, "--shard-params splits the parameters over devices: give "
                                                      "--devices N too"),
     (["train", "--parallel", "dp", "--steps", "5"], 2, "parallel: dp splits over devices: give devices too "

@@ -18,7 +18,7 @@ from jnnex import strategies
 from pairs import f64
 from jnnex.check import compare_model, randomise
 from jnnex.data import Vocab, load_words, make_splits
-from jnnex.layers import linear_forward
+from jnnex.layers import combine_static, linear_forward, partition_static
 from jnnex.lm import count_params, manual_vjp
 from jnnex.models.gpt import GPTConfig, GPTParams, gpt
 from jnnex.models.registry import REGISTRY, build_for_words
@@ -386,3 +386,51 @@ def test_the_shakespeare_gpu_model_per_tensor_float64(record_property):
                              f"tensor {max(errors, key=errors.get)} {max(errors.values()):.1e}, best "
                              f"{min(errors, key=errors.get)} {min(errors.values()):.1e} (of {len(errors)})")
     assert max(errors.values()) <= 1e-10, errors
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_the_blocks_scan_as_one_function_each_way_float64(name):
+    """The blocks are one function each way, so they stack and scan: ``lax.scan`` of ``block_forward`` over the
+    stacked blocks (the block's index traced: its dropout masks ``fold_in`` it) gives the forward's last activation,
+    and a reverse scan of ``block_backward`` over the stacked caches gives every block's gradient the model's backward
+    gives — in training, with dropout — to 1e-12. What a pipeline stage or a scanned deep model builds on."""
+    import jnnex.models.llama as L
+
+    mod = G if name == "gpt" else L
+    cfg_cls, build = (GPTConfig, gpt) if name == "gpt" else (L.LlamaConfig, L.llama)
+    cfg = cfg_cls(vocab_size=11, block_size=6, n_layer=3, n_head=2, n_embd=8, dropout=0.25,
+                  **({} if name == "gpt" else {"n_kv_head": 1}))
+    model = build(cfg)
+    params = randomise(model.init(jax.random.key(0))[0], jax.random.key(1), jnp.float64)
+    x = jax.random.randint(jax.random.key(2), (3, 6), 0, 11, jnp.int32)
+    key = jax.random.key(3)
+
+    @jax.jit
+    def run(params, x, dlast):
+        out = model.forward(params, (), x, train=True, key=key)
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *params.blocks)
+        h0 = out.caches.blocks[0].ln1[0] if name == "gpt" else out.caches.blocks[0].norm1[0]  # the stream in
+        static = []
+
+        def one(h, blk_i):  # a scan carries arrays: the cache's shapes and flags are kept aside (the same each step)
+            blk, i = blk_i
+            h, cache = mod.block_forward(cfg, blk, h, i, train=True, key=key)
+            arrays, kept = partition_static(cache)
+            static.append(kept)
+            return h, arrays
+
+        h, caches = jax.lax.scan(one, h0, (stacked, jnp.arange(cfg.n_layer)))
+        back = lambda dh, c: mod.block_backward(dh, combine_static(c, static[0]))  # noqa: E731
+        dh0, dblocks = jax.lax.scan(back, dlast, caches, reverse=True)
+        dh, wanted = dlast, []  # the model's backward's block loop, from dlast at the last block, last first
+        for c in reversed(out.caches.blocks):
+            dh, dblk = mod.block_backward(dh, c)
+            wanted.append(dblk)
+        return h, out.acts[-1], dblocks, jax.tree.map(lambda *a: jnp.stack(a), *reversed(wanted)), dh0, dh
+
+    dlast = jax.random.normal(jax.random.key(4), (3, 6, 8), jnp.float64)
+    h, want_h, dblocks, want_dblocks, dh0, want_dh0 = run(params, x, dlast)
+    np.testing.assert_allclose(h, want_h, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dh0, want_dh0, rtol=1e-12, atol=1e-12)
+    for got, want in zip(jax.tree.leaves(dblocks), jax.tree.leaves(want_dblocks), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
