@@ -31,8 +31,8 @@ from jnnex.data import CORPORA
 from jnnex.layout import SCHEMES, Parallel
 from jnnex.lm import continue_text, sample_words
 from jnnex.models.registry import REGISTRY, has_manual_backward, splittable
-from jnnex.settings import add_flags
 from jnnex.optim import OPTIMIZER_NAMES, TrainConfig
+from jnnex.settings import add_flags
 from jnnex.train import NonFiniteLossError, ctrl_c_guard, fit, initial_params, lr_find
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--model-parallel", type=int, metavar="M",
                     help="with --devices N: split every block over M of them (Megatron's tensor parallelism: a data "
                          f"N/M × model M mesh; the models with a split: {', '.join(splittable())})")
-    dp.add_argument("--parallel", choices=list(SCHEMES), help="the scheme by name (default: what --devices, "
-                                                               "--shard-params and --model-parallel say: single, dp, "
-                                                               "fsdp, tp)")
+    dp.add_argument("--parallel", choices=list(SCHEMES), help="the scheme by name, one of jnnex.layout.SCHEMES' rows "
+                                                               f"({', '.join(SCHEMES)}; default: what --devices, "
+                                                               "--shard-params and --model-parallel say)")
     dp.add_argument("--coordinator", help="host:port of process 0, to join several processes (machines) into one "
                                           "run (default $JAX_COORDINATOR_ADDRESS)")
     dp.add_argument("--num-processes", type=int, help="processes in the run (default $JAX_NUM_PROCESSES)")

@@ -50,12 +50,12 @@ import numpy as np
 
 from jnnex import bpe, memory, parallel, rundir, text
 from jnnex.data import CORPORA, Splits, Vocab, load_words, make_splits
+from jnnex.layout import Parallel
 from jnnex.lm import GRADIENTS, LanguageModel, count_params, evaluate
 from jnnex.models.registry import REGISTRY, ModelSpec, config_for_words, get_spec, has_manual_backward, splittable
-from jnnex.settings import flag, from_json, is_flag
 from jnnex.optim import TrainConfig, check_optimizer, make_optimizer
-from jnnex.layout import Parallel
 from jnnex.parallel import is_writer
+from jnnex.settings import flag, from_json, is_flag
 from jnnex.train import FitResult, NonFiniteLossError, ProgressBar, TrainState, fit, init_train_state
 
 # ----------------------------------------------------------------------------------------------------------------------
