@@ -117,9 +117,14 @@ def test_lesson_6_wavenet(tmp_path):
 @pytest.mark.lessons
 def test_lesson_7_gpt_names_the_planted_layernorm_slip(tmp_path):
     """The lesson run with the LayerNorm backward's slip (the variance's path left out of dx): the check names dx
-    alone; the GPT trains."""
+    alone; the GPT trains; the page's own arc (section 1) computes what it claims."""
     r, _ = run_lesson("07_gpt", tmp_path, "slip")
     assert r["ln_wrong"] == ["dx"] and r["val_loss"] < math.log(27)
+    # the lecture's arc on the page: the causal average three ways, the scaled scores' softmax less peaked, the
+    # ladder trained rung by rung, and the page's block equal to jnnex's block_forward
+    assert r["average_gap"] < 1e-6 and r["peak_scaled"] < r["peak_raw"] and r["block_gap"] < 1e-5
+    ladder = list(r["ladder"].values())
+    assert len(ladder) == 7 and all(math.isfinite(v) for v in ladder) and ladder[-1] < ladder[0]
 
 
 def test_lesson_7_solution_passes_the_lessons_check():
