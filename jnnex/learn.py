@@ -76,11 +76,11 @@ def show(fig, name: str) -> Path | None:
     return path
 
 
-def result(**values) -> dict:
-    """Print the lesson's figures as one line, ``RESULT {...}`` (floats to 6 significant digits), and return them."""
+def result(**values) -> None:
+    """Print the lesson's figures as one line, ``RESULT {...}`` (floats to 6 significant digits). Returns nothing: a
+    lesson's last cell calls it, and a notebook would show a returned value a second time."""
     clean = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in values.items()}
     print("RESULT " + json.dumps(clean))
-    return clean
 
 
 def read_result(text: str) -> dict:

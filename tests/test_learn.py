@@ -36,8 +36,9 @@ def test_a_picture_is_saved_and_an_unlabelled_one_is_named(tmp_path, monkeypatch
 
 
 def test_the_result_line_round_trips(capsys):
-    learn.result(loss=2.123456789, wrong=["dx"], steps=3)
+    assert learn.result(loss=2.123456789, wrong=["dx"], steps=3) is None  # (a notebook shows the line once)
     out = capsys.readouterr().out
+    assert out.count("RESULT") == 1
     assert learn.read_result("noise\n" + out) == {"loss": 2.12346, "wrong": ["dx"], "steps": 3}
     with pytest.raises(ValueError, match="no RESULT line"):
         learn.read_result("nothing here")
