@@ -63,6 +63,9 @@ def test_lesson_1_micrograd(tmp_path):
 def test_lesson_2_bigram(tmp_path):
     r, _ = run_lesson("02_bigram", tmp_path)
     assert r["counts_nll"] < r["neural_nll"] < math.log(27)  # learning, and not yet at the counts' optimum
+    # the page's own loops: the counts, the NLL and the neural bigram's descent, each equal to jnnex's
+    assert r["counts_equal"] and abs(r["nll_loop"] - r["counts_nll"]) < 1e-5
+    assert abs(r["page_nll"] - r["neural_nll"]) < 1e-5 and r["neural_gap"] < 1e-3
 
 
 @pytest.mark.lessons
