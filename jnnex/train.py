@@ -75,13 +75,20 @@ def fit_data(model: LanguageModel, train, evals: dict, batch_size: int | None) -
     random batches; the training stream's estimate alone: ``train_loss_estimate``)."""
     check_train_data(model, train, batch_size)
     stream = isinstance(train, Stream)
+    if stream:  # the tokens as they are stored (uint16 for a vocabulary up to 65,536): widened row by row in the step
+        X, Y = jnp.asarray(np.asarray(train.tokens)), jnp.zeros((0,), jnp.int32)
+        window, rows = model.block_size, len(train.tokens) - model.block_size
+    else:
+        X, Y = (jnp.asarray(a, jnp.int32) for a in train)
+        window, rows = None, len(train[0])
     scored = []
     for i, (name, part) in enumerate(evals.items()):
-        if isinstance(part, Stream):
+        if part is train:  # checked above, and on the device already
+            scored.append((name, None, X, 1) if stream else (name, (X, Y), None, i))
+        elif isinstance(part, Stream):
             check_stream(part, model.block_size, model.vocab_size, f"the {name} split")
             tokens = jnp.asarray(np.asarray(part.tokens))
-            windows = None if part is train else exact_windows(np.asarray(part.tokens), model.block_size)
-            scored.append((name, windows, tokens, i or 1))
+            scored.append((name, exact_windows(np.asarray(part.tokens), model.block_size), tokens, i or 1))
         else:
             check_batch(model, *part, f"{name} data")
             scored.append((name, part, None, i))
@@ -97,11 +104,7 @@ def fit_data(model: LanguageModel, train, evals: dict, batch_size: int | None) -
                                                              tcfg.batch_size)
         return row
 
-    if stream:  # the tokens as they are stored (uint16 for a vocabulary up to 65,536): widened row by row in the step
-        X, Y = jnp.asarray(np.asarray(train.tokens)), jnp.zeros((0,), jnp.int32)
-        return FitData(X, Y, model.block_size, len(train.tokens) - model.block_size, evaluate_all)
-    X, Y = (jnp.asarray(a, jnp.int32) for a in train)
-    return FitData(X, Y, None, len(train[0]), evaluate_all)
+    return FitData(X, Y, window, rows, evaluate_all)
 
 
 def _parts(data) -> tuple:
