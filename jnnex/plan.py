@@ -156,6 +156,11 @@ def _param_shapes(name: str, cfg):
     return jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))
 
 
+def adamw_if_none(optimizer):
+    """The optimiser a plan is for: the one given, or AdamW at its default settings."""
+    return optim.make_optimizer(optim.TrainConfig(optimizer="adamw")) if optimizer is None else optimizer
+
+
 def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None, batch: int = 1,
          T: int | None = None, optimizer=None) -> Plan:
     """The per-device memory of training ``model`` under ``scheme`` on ``devices`` devices, ``batch`` sequences of
@@ -164,7 +169,7 @@ def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None,
     (:func:`jnnex.optim.state_shapes`: SGD keeps nothing, AdamW two moments, Muon one momentum per matrix)."""
     d, m = axes(scheme, devices, model_parallel)
     T = model.block_size if T is None else T
-    optimizer = optim.adamw(optim.TrainConfig(optimizer="adamw")) if optimizer is None else optimizer
+    optimizer = adamw_if_none(optimizer)
     params = _param_shapes(model.name, model.cfg)
     local_tree = _tp_shapes(model, params, m)
     local, state = jax.tree.leaves(local_tree), jax.tree.leaves(optim.state_shapes(optimizer, local_tree))
@@ -216,7 +221,7 @@ def xla_check(model, scheme: str, devices: int, *, model_parallel: int | None = 
         raise ValueError(f"plan --check: {devices} devices asked for, but only {len(jax.devices())} exist (on CPU, "
                          f"JAX_NUM_CPU_DEVICES={devices})")
     T = model.block_size if T is None else T
-    opt = optim.adamw(optim.TrainConfig(optimizer="adamw")) if optimizer is None else optimizer
+    opt = adamw_if_none(optimizer)
     ts = jax.eval_shape(lambda k: init_train_state(model, opt, k), jax.random.key(0))
     rep_of = lambda mesh: jax.sharding.NamedSharding(mesh, P())  # noqa: E731
     if m > 1:
