@@ -31,6 +31,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jnnex import learn
 from jnnex.check import compare, format_table
@@ -163,7 +164,6 @@ def ladder_init(key, rung, V, T, C):
 
 
 def train_rung(rung, steps, C, seed=0):
-    import optax
     X, Y = (jnp.asarray(a) for a in splits.train)
     params = ladder_init(jax.random.key(seed), rung, vocab.size, X.shape[1], C)
     opt = optax.adamw(1e-3)
