@@ -230,16 +230,17 @@ def attention_forward(x, W_qkv, W_proj, n_head: int, n_kv_head: int, tile: int |
     (q, k, v), c_split = split_gqa_forward(qkv, nh, nkv)
     q, c_rq = rope_forward(q, pos0, base)
     k, c_rk = rope_forward(k, pos0, base)
-    if kv is not None:  # one position: into the cache, then attend over it
-        K, V = write_kv(kv[0], kv[1], k, v, pos0)  # (B, nkv, T, hs) each
-        y = attend_cached(q, jnp.repeat(K, nh // nkv, axis=1), jnp.repeat(V, nh // nkv, axis=1), pos0)
-        out, c_proj = row_linear_forward(y, W_proj, None, axis)
-        return out, AttentionCache(c_qkv, c_split, c_rq, c_rk, None, None, tile, None, c_proj, (K, V))
-    kr, c_rep_k = repeat_kv_forward(k, nh // nkv)
-    vr, c_rep_v = repeat_kv_forward(v, nh // nkv)
-    y, c_att = attend_forward(q, kr, vr) if tile is None else flash.flash_attend_forward(q, kr, vr, tile)
+    if kv is None:
+        kr, c_rep_k = repeat_kv_forward(k, nh // nkv)
+        vr, c_rep_v = repeat_kv_forward(v, nh // nkv)
+        y, c_att = attend_forward(q, kr, vr) if tile is None else flash.flash_attend_forward(q, kr, vr, tile)
+        new_kv = (k, v)
+    else:  # one position: into the cache, then attend over it
+        new_kv = write_kv(kv[0], kv[1], k, v, pos0)  # (B, nkv, T, hs) each
+        K, V = (jnp.repeat(a, nh // nkv, axis=1) for a in new_kv)
+        y, c_att, c_rep_k, c_rep_v = attend_cached(q, K, V, pos0), None, None, None
     out, c_proj = row_linear_forward(y, W_proj, None, axis)
-    return out, AttentionCache(c_qkv, c_split, c_rq, c_rk, c_rep_k, c_rep_v, tile, c_att, c_proj, (k, v))
+    return out, AttentionCache(c_qkv, c_split, c_rq, c_rk, c_rep_k, c_rep_v, tile, c_att, c_proj, new_kv)
 
 
 def attention_backward(dout, cache: AttentionCache):
