@@ -106,6 +106,8 @@ def test_the_gpt2_plan_and_the_largest_that_fits():
     (["--parallel", "tp", "--model-parallel", "4", "--preset", "shakespeare-cpu", "--n-head-x"], "unrecognized"),
     (["--preset", "nope"], "model 'gpt' has no preset 'nope'"),
     (["--devices", "0"], "--devices must be >= 1"),
+    (["--optimizer", "lion"], "argument --optimizer: invalid choice: 'lion'"),
+    (["--model", "rnn"], "argument --model: invalid choice: 'rnn' (choose from 'gpt', 'llama')"),
 ])
 def test_bad_plans_are_named(argv, words, capsys):
     try:
