@@ -32,7 +32,7 @@ from jnnex.layout import SCHEMES, Parallel
 from jnnex.lm import continue_text, sample_words
 from jnnex.models.registry import REGISTRY, has_manual_backward, splittable
 from jnnex.optim import OPTIMIZER_NAMES, TrainConfig
-from jnnex.settings import add_flags
+from jnnex.settings import add_flags, given
 from jnnex.train import NonFiniteLossError, ctrl_c_guard, fit, initial_params, lr_find
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -217,11 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _settings(args, names) -> dict:
-    """The settings among ``names`` given on the command line (an unset flag is ``None``)."""
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Commands
 
@@ -236,7 +231,7 @@ def cmd_train(args) -> int:
                         timeout=args.coordinator_timeout)
     if args.resume and args.force:
         raise ValueError("--resume continues the run in --out and --force starts it over: give one of them")
-    settings = _settings(args, [*run.model_fields(), *run.TRAIN_FIELDS])
+    settings = given(args, [*run.model_fields(), *run.TRAIN_FIELDS])
     log = (lambda line: print(line, file=sys.stderr if args.json else sys.stdout, flush=True))
     par = Parallel.from_flags(args.devices, args.shard_params, args.model_parallel, args.parallel)
     common = dict(parallel=par, progress=not (args.no_progress or args.json), log=log)
@@ -346,7 +341,7 @@ def cmd_diagnose(args) -> int:
 
     if args.out:
         plot.require()  # before training, not after it
-    settings = _settings(args, run.model_fields())
+    settings = given(args, run.model_fields())
     rc = run.RunConfig.new(args.model, args.data, steps=args.steps, eval_every=args.steps, seed=args.seed, **settings)
     model, splits = run.prepare(rc)
     res = fit(model, splits.train, rc.train, evals={}, diagnostics=True)
@@ -387,7 +382,7 @@ def cmd_ladder(args) -> int:
 
 
 def cmd_lr_find(args) -> int:
-    model, splits = run.prepare(run.RunConfig.new(args.model, args.data, **_settings(args, run.model_fields())))
+    model, splits = run.prepare(run.RunConfig.new(args.model, args.data, **given(args, run.model_fields())))
     lrs, losses = lr_find(model, splits.train, lo=args.lo, hi=args.hi, steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed)
     if args.json:

@@ -74,11 +74,11 @@ class TrainConfig:
     step 100,000 of 200,000)."""
 
     steps: int = setting(200_000, "total optimisation steps")
-    batch_size: int | None = setting(32, "minibatch size (None: the whole training set every step)")
+    batch_size: int | None = setting(32, "minibatch size (none: the whole training set every step)", none=None)
     lr: float = setting(0.1, "initial learning rate")
     lr_boundaries: tuple[int, ...] | None = setting(None, "steps at which the learning rate is multiplied by "
                                                           "lr_factor (default: half of steps, the lecture's 100,000 of "
-                                                          "200,000; empty: never)")
+                                                          "200,000; none: never)", none=())
     lr_factor: float = setting(0.1, "the learning rate's factor at each boundary")
     schedule: str = setting("steps", "learning-rate schedule: steps (x lr_factor at each of lr_boundaries) or cosine "
                                      "(linear warmup, then a cosine from lr to min_lr: nanoGPT's)", choices=SCHEDULES)
@@ -94,7 +94,8 @@ class TrainConfig:
     decay_mask: str = setting("all", "adamw: which parameters decay: all (makemore) or matrices (>= 2-D only, "
                                      "nanoGPT's; biases, gains and shifts are not decayed)", choices=DECAY_MASKS)
     muon_beta: float = setting(0.95, "muon: the momentum of the matrices' updates (modded-nanogpt's 0.95)")
-    grad_clip: float | None = setting(None, "clip gradients to this global norm before the update (None: off)")
+    grad_clip: float | None = setting(None, "clip gradients to this global norm before the update (none: off)",
+                                      none=None)
     eval_every: int = setting(20_000, "evaluate train/dev loss (and checkpoint) every this many steps, and at the end")
     eval_iters: int = setting(20, "text streams: random batches averaged in the loss estimate (nanoGPT's eval_iters)")
     chunk: int = setting(1_000, "steps per compiled call; checkpoints fall on multiples of it")

@@ -561,8 +561,8 @@ def resume(out: str | Path, *, steps: int | None = None, parallel: Parallel = Pa
 
 def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
     """A ``ValueError`` naming the flag, the value given and the run's, for each given setting that differs."""
-    def conflict(name, value, saved):
-        if value is not None and value != saved:
+    def conflict(name, value, saved, given=None):  # ``given``: whether ``value`` was given (default: not None)
+        if (value is not None if given is None else given) and value != saved:
             raise ValueError(f"--resume: {name} {value!r} conflicts with the run's {saved!r} (its config.json); "
                              "drop the flag, or start a new run with another --out")
 
@@ -587,10 +587,10 @@ def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
     conflict("--vocab-size", given.pop("vocab_size", None), rc.vocab_size)
     model_own = {f.name for f in dataclasses.fields(rc.model_config) if is_flag(f)}
     for name, value in given.items():
-        if name in TRAIN_FIELDS:
-            conflict(flag(name), value, getattr(rc.train, name))
+        if name in TRAIN_FIELDS:  # (a setting given as none is given: None, compared like any value)
+            conflict(flag(name), value, getattr(rc.train, name), given=True)
         elif name in model_own and name != "vocab_size":
-            conflict(flag(name), value, getattr(rc.model_config, name))
+            conflict(flag(name), value, getattr(rc.model_config, name), given=True)
         elif name in model_fields():
             raise ValueError(f"{flag(name)} does not apply to model {rc.model!r}")
         else:

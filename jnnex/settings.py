@@ -16,10 +16,18 @@ import typing
 import numpy as np
 
 
-def setting(default, help: str, *, choices: tuple | None = None, flag: bool = True):
+_NO_NONE = object()  # a setting whose flag takes no ``none``
+
+
+def setting(default, help: str, *, choices: tuple | None = None, flag: bool = True, none=_NO_NONE):
     """A dataclass field with its help text (and, for strings, the allowed values). ``flag=False``: a field code
-    sets (the mesh axis of a synchronised BatchNorm), not a setting a user chooses — no command-line flag."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+    sets (the mesh axis of a synchronised BatchNorm), not a setting a user chooses — no command-line flag.
+
+    ``none``: the value the flag's word ``none`` sets (``None`` for "no minibatch", ``()`` for "no boundaries"); the
+    help must say what it means. Without it the flag takes no ``none`` — a field whose ``None`` means "the default,
+    worked out from the others" is set by leaving its flag out."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "flag": flag,
+                                                        "none": none})
 
 
 def is_flag(f: dataclasses.Field) -> bool:
@@ -53,12 +61,18 @@ def field_types(cls) -> dict[str, typing.Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _parser_of(annotation, name: str):
+def _parser_of(annotation, name: str, none=_NO_NONE):
     """``(type callable, argparse extras)`` for a field's annotation (``int``, ``float | None``, ``tuple[int, ...]``,
-    ``bool``, ``str``)."""
+    ``bool``, ``str``); ``none``: the value the word ``none`` gives (:func:`setting`)."""
     args = typing.get_args(annotation)
     if annotation is bool or set(args) == {bool, type(None)}:
         return None, {"action": argparse.BooleanOptionalAction}
+    if type(None) in args:  # X | None: parsed as X, and "none" as the setting's ``none`` if it takes one
+        inner, extra = _parser_of(next(a for a in args if a is not type(None)), name)
+        if none is _NO_NONE:
+            return inner, extra
+        metavar = extra.get("metavar", getattr(inner, "__name__", "value").upper())
+        return (lambda text: none if text.strip().lower() == "none" else inner(text)), {"metavar": f"{metavar}|none"}
     if typing.get_origin(annotation) is tuple:
         item = args[0]
 
@@ -70,20 +84,18 @@ def _parser_of(annotation, name: str):
                                                  f"got {text!r}") from None
 
         return items, {"metavar": f"{item.__name__.upper()},..."}
-    if type(None) in args:  # X | None: "none" is None, anything else is parsed as X
-        inner, extra = _parser_of(next(a for a in args if a is not type(None)), name)
-        metavar = extra.get("metavar", getattr(inner, "__name__", "value").upper())
-        return (lambda text: None if text.lower() == "none" else inner(text)), {"metavar": f"{metavar}|none"}
     return annotation, {}
 
 
 def add_flags(parser, cls, applies_to: dict[str, list[str]] | None = None, skip=()) -> None:
-    """One flag per field of ``cls`` (default ``None``: unset), its help from the field's :func:`setting`;
-    ``applies_to`` names, per field, the models it applies to (shown in brackets)."""
+    """One flag per field of ``cls``, its help from the field's :func:`setting`; ``applies_to`` names, per field, the
+    models it applies to (shown in brackets). A flag left out sets no attribute on the parsed namespace (argparse's
+    ``SUPPRESS``), so a flag given as ``none`` (an explicit ``None``) is told apart from one not given:
+    :func:`given`."""
     for f in dataclasses.fields(cls):
         if f.name in skip or not is_flag(f):
             continue
-        kind, extra = _parser_of(field_types(cls)[f.name], f.name)
+        kind, extra = _parser_of(field_types(cls)[f.name], f.name, f.metadata.get("none", _NO_NONE))
         help_text = f.metadata.get("help", "")
         if applies_to is not None:
             help_text += f" [{', '.join(applies_to[f.name])}]"
@@ -91,7 +103,13 @@ def add_flags(parser, cls, applies_to: dict[str, list[str]] | None = None, skip=
             extra["type"] = kind
         if f.metadata.get("choices"):
             extra["choices"] = f.metadata["choices"]
-        parser.add_argument(flag(f.name), dest=f.name, default=None, help=help_text, **extra)
+        parser.add_argument(flag(f.name), dest=f.name, default=argparse.SUPPRESS, help=help_text, **extra)
+
+
+def given(args: argparse.Namespace, names) -> dict:
+    """The settings among ``names`` given on the command line, by :func:`add_flags`' flags — ``None`` included, where
+    a flag was given as ``none``."""
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -106,6 +106,9 @@ CLI = [
     (["train", "--resume", "--out", "{d}/run"], 2, "fitted in closed form"),
     (["train", "--resume", "--out", "{d}/mlp", "--steps", "10"], 2, "--steps 10 conflicts with the run's 20"),
     (["train", "--resume", "--out", "{d}/mlp", "--model", "bn-mlp"], 2, "--model 'bn-mlp' conflicts"),
+    (["train", "--resume", "--out", "{d}/mlp", "--batch-size", "none"], 2, "--batch-size None conflicts with the "
+                                                                          "run's 32"),
+    (["train", "--lr-decay-steps", "none"], 2, "argument --lr-decay-steps: invalid int value: 'none'"),
     (["train", "--resume", "--out", "{d}/mlp", "--n-layers", "2"], 2, "--n-layers does not apply to model 'mlp'"),
     (["train", "--resume", "--out", "{d}/changed"], 2, "changed since the run started"),
     (["train", "--resume", "--out", "{d}/mlp", "--steps", "10"], 2, "never shortened"),

@@ -279,11 +279,47 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, sigint_default):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("text, expected", [("19000", (19000,)), ("100,300", (100, 300)), ("none", None), ("", ())])
+@pytest.mark.parametrize("text, expected", [("19000", (19000,)), ("100,300", (100, 300)), ("none", ()), ("", ())])
 def test_optional_tuple_flags_parse_to_tuples(text, expected):
+    """``--lr-boundaries none`` is "never" (as its help says), not "the default" (half of the steps)."""
     from jnnex.cli import build_parser
 
     assert build_parser().parse_args(["train", "--lr-boundaries", text]).lr_boundaries == expected
+
+
+def test_an_explicit_none_is_what_runs_and_what_config_json_records(tmp_path, capsys):
+    """``--grad-clip none`` switches off the preset's clipping at 1.0, ``--batch-size none`` trains on the whole set
+    and ``--lr-boundaries none`` never decays: each is what the run's config holds, ``config.json`` records it, and
+    resuming with another value is a conflict. A flag left out takes the preset's value."""
+    from jnnex import run as jrun
+    from jnnex.cli import build_parser
+    from jnnex.settings import given
+
+    names = [*jrun.model_fields(), *jrun.TRAIN_FIELDS]
+    args = build_parser().parse_args(["train", "--grad-clip", "none", "--batch-size", "none"])
+    assert given(args, names) == {"grad_clip": None, "batch_size": None}
+    rc = jrun.RunConfig.new("gpt", "census-first", preset="shakespeare-cpu", **given(args, names))
+    assert rc.train.grad_clip is None and rc.train.batch_size is None
+    preset = jrun.RunConfig.new("gpt", "census-first", preset="shakespeare-cpu",
+                                **given(build_parser().parse_args(["train"]), names))
+    assert preset.train.grad_clip == 1.0 and preset.train.batch_size == 12
+    with pytest.raises(SystemExit):  # a setting whose None means "the default" takes no none
+        build_parser().parse_args(["train", "--lr-decay-steps", "none"])
+    capsys.readouterr()
+
+    out = tmp_path / "run"
+    code, _, _ = run(capsys, "train", "--model", "mlp", "--steps", "10", "--eval-every", "10", "--chunk", "10",
+                     "--grad-clip", "none", "--batch-size", "none", "--lr-boundaries", "none", "--out", str(out),
+                     "--no-progress")
+    assert code == 0
+    recorded = json.loads((out / "config.json").read_text())["train_config"]
+    assert (recorded["grad_clip"], recorded["batch_size"], recorded["lr_boundaries"]) == (None, None, [])
+    code, _, err = run(capsys, "train", "--resume", "--out", str(out), "--batch-size", "32")
+    assert code == 2 and "--batch-size 32 conflicts with the run's None" in err
+    code, _, err = run(capsys, "train", "--model", "mlp", "--steps", "10", "--eval-every", "10", "--chunk", "10",
+                       "--out", str(tmp_path / "b"), "--no-progress")
+    code, _, err = run(capsys, "train", "--resume", "--out", str(tmp_path / "b"), "--batch-size", "none")
+    assert code == 2 and "--batch-size None conflicts with the run's 32" in err
 
 
 def test_diagnose_wavenet_per_level(tmp_path, capsys):
