@@ -189,3 +189,28 @@ def test_tiny_shakespeare_at_512(shakespeare_txt):
     ids = tok.encode(text)
     assert tok.decode(ids) == text and len(tok.merges) == 256
     assert 1.9 < len(text.encode()) / len(ids) < 2.2  # bytes per token: (measured 2.04)
+
+
+def test_merges_are_applied_by_rank_not_leftmost_first():
+    """"abc" with merges (b, c) then (a, b): rank 0 comes first, so b c merges and a stays alone — an encoder that
+    merges the leftmost mergeable pair would give (a b) c."""
+    tok = bpe.Tokenizer(merges=((98, 99), (97, 98)), pattern=None)
+    assert tok.encode("abc") == [97, 256]
+    assert tok.encode("ababc") == [257, 97, 256]  # the first "ab" has no "c" after it: rank 1 merges it
+
+
+def test_a_texts_bpe_is_trained_on_its_train_part_only(tmp_path):
+    """The merges never see the validation text: here its last 10 % is one long run of "q", whose pair would be the
+    most frequent in the whole file (99 times; no pair of the train part occurs more than a few times)."""
+    import random
+
+    from jnnex import text
+
+    rng = random.Random(0)
+    train = "".join(rng.choice("abcdefghijklmnop ") for _ in range(900))
+    path = tmp_path / "t.txt"
+    path.write_text(train + "q" * 100)
+    assert bpe.train(train + "q" * 100, 257).merges == ((113, 113),)  # (the leak this test would see)
+    tok = text.make_tokenizer(path, "bpe", 300, val_fraction=0.1)
+    assert not any(b"q" in tok.vocab[i] for i in range(256, tok.vocab_size))
+    assert tok.merges == bpe.train(train, 300).merges
