@@ -64,6 +64,24 @@ def test_rope_rotates_pairs_so_scores_depend_on_distance_only():
     assert not np.allclose(rq[0, 0, 1:], q[0, 0, 1:])
 
 
+def test_rope_is_the_rotate_half_convention_with_frequencies_base_to_the_minus_2i_over_hs():
+    """The rotation pinned to values written out here, not by the helper the model uses: channel i and channel
+    i + hs/2 of a head rotate by pos · base^(-2i/hs) (Llama's, Hugging Face's ``inv_freq = 1 / base^(arange(0, hs,
+    2) / hs)``). With hs 8 and base 10,000 the four frequencies are 1, 0.1, 0.01, 0.001 — a rotation by
+    base^(-i/hs) would turn pair 1 by 10^-0.5 a step instead."""
+    hs, T, base = 8, 5, 10_000.0
+    x = np.asarray(jax.random.normal(jax.random.key(3), (1, 1, T, hs), jnp.float64))
+    want = np.empty_like(x)
+    for pos in range(T):
+        for i in range(hs // 2):
+            theta = (pos + 3) * [1.0, 0.1, 0.01, 0.001][i]
+            a, b = x[0, 0, pos, i], x[0, 0, pos, i + hs // 2]
+            want[0, 0, pos, i] = a * np.cos(theta) - b * np.sin(theta)
+            want[0, 0, pos, i + hs // 2] = b * np.cos(theta) + a * np.sin(theta)
+    got, _ = L.rope_forward(jnp.asarray(x), 3, base)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+
+
 def test_swiglu_width_is_llamas_rule():
     assert L.hidden_width(4096, 256) == 11008  # Llama 2 7B's MLP
     assert L.hidden_width(64, 32) == 192 and LlamaConfig(n_embd=128).hidden == 352
