@@ -335,6 +335,39 @@ def test_muon_orthogonalises_each_linear_matrix_and_adamw_trains_the_rest():
         assert 0.5 < sv[kept].min() and sv.max() < 1.3, (p0.shape, sv, sg)
 
 
+def test_muon_with_the_registrys_settings_decays_what_it_says_and_nothing_else():
+    """The Llama ``improved`` preset's optimiser (Muon, lr 1e-3, weight decay 0.1 on the matrices), one step on a
+    zero gradient: Muon's and Adam's steps are 0, so what moves is the decoupled decay alone — every matrix (the
+    linear layers' under Muon, the embedding table under AdamW) becomes exactly ``(1 − lr·wd) W``; the vectors (the
+    RMSNorm gains) stay where they were. Computed here, not by optax: a Muon without its decay, or its AdamW part
+    without the mask, fails."""
+    import optax
+
+    from jnnex.models import registry
+    from jnnex.run import RunConfig
+
+    rc = RunConfig.new("llama", "census-first", preset="improved", n_embd=16, n_head=2, n_kv_head=1,
+                        n_layer=2)
+    tcfg = rc.train
+    assert (tcfg.optimizer, tcfg.weight_decay, tcfg.decay_mask) == ("muon", 0.1, "matrices")  # the registry's
+    params, _ = registry.REGISTRY["llama"].build(rc.model_config).init(jax.random.key(0))
+    opt = make_optimizer(tcfg)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    with jax.numpy_dtype_promotion("standard"):  # (optax mixes integer counts with float constants, as in the step)
+        updates, _ = opt.update(zero, opt.init(params), params)
+    new = optax.apply_updates(params, updates)
+    labels = jax.tree.leaves(muon_labels(params))
+    kinds = set()
+    for label, p0, p1 in zip(labels, jax.tree.leaves(params), jax.tree.leaves(new), strict=True):
+        p0, p1 = np.asarray(p0, np.float64), np.asarray(p1, np.float64)
+        if p0.ndim >= 2:
+            np.testing.assert_allclose(p1, (1 - tcfg.lr * tcfg.weight_decay) * p0, rtol=1e-6, atol=0)
+        else:
+            np.testing.assert_array_equal(p1, p0)
+        kinds.add((label, p0.ndim >= 2))
+    assert kinds == {("muon", True), ("adamw", True), ("adamw", False)}, kinds  # each case seen
+
+
 def test_initial_params_are_where_fit_starts():
     """`initial_params(model, seed)` (what `jnnex diagnose` profiles as the initialisation) is the run's own start:
     a step at learning rate 1e-30 leaves them where they began (to 1e-25: zero-initialised biases move by ~1e-31)."""
