@@ -50,6 +50,53 @@ def test_the_compiled_fsdp_step_gathers_the_weights_and_scatters_their_gradients
     assert not out.params.blocks[0].fc.W.sharding.is_fully_replicated  # the carry stays split
 
 
+def _constraints(jaxpr):
+    """The ``sharding_constraint`` equations of a jaxpr, inner jaxprs included, in program order."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "sharding_constraint":
+            yield eqn
+        for p in eqn.params.values():
+            inner = getattr(p, "jaxpr", None)
+            if inner is not None:
+                yield from _constraints(getattr(inner, "jaxpr", inner))
+
+
+def test_fsdp_gathers_for_the_step_and_each_device_keeps_and_updates_its_shard_only():
+    """What FSDP promises, read from the step and the state it leaves. The step asks for each parameter whole for
+    the forward and backward and for its gradient back on the parameter's own split (a reduce-scatter), in that
+    order, leaf for leaf — a step that keeps the gradient whole (all-reduced, then sliced) or swaps the two fails
+    here, though it trains the same numbers. After the step each device holds a quarter of every split tensor, and
+    of the state no more than a quarter plus what FSDP leaves whole."""
+    model, splits = model_and_data("gpt", n_embd=16)
+    opt = make_optimizer(TrainConfig(optimizer="adamw"))
+    ts = init_train_state(model, opt, jax.random.key(0))
+    mesh = parallel.data_mesh(4)
+    layout, (gathered, split) = parallel.fsdp_layout(ts, mesh)
+    X, Y = splits.train
+    step = make_step(model, opt, shardings=(gathered, split))
+    specs = [e.params["sharding"].spec for e in _constraints(jax.make_jaxpr(step)(ts, (X[:8], Y[:8]),
+                                                                                  jax.random.key(1)).jaxpr)]
+    n = len(jax.tree.leaves(ts.params))
+    want_split = [s.spec for s in jax.tree.leaves(split)]
+    assert sum(s != P() for s in want_split) >= n // 2  # most parameters split: the test can tell
+    assert specs == [P()] * n + want_split, specs
+
+    run = make_run(step, 8, mesh=mesh, state_shardings=layout)
+    ts4 = parallel.place(parallel.local(ts), layout)
+    Xr, Yr, k = parallel.replicate((X, Y, np.asarray(jax.random.key_data(jax.random.key(1)))), mesh)
+    out, _ = run(ts4, Xr, Yr, k, n_steps=2)
+    whole = sum(np.asarray(a).nbytes for a in jax.tree.leaves((ts.params, ts.opt_state)))
+    left_whole = sum(np.asarray(a).nbytes for a, s in zip(jax.tree.leaves((ts.params, ts.opt_state)),
+                                                          jax.tree.leaves(parallel.fsdp_shardings(
+                                                              (ts.params, ts.opt_state), mesh)))
+                     if s.is_fully_replicated)
+    held = parallel.bytes_per_device((out.params, out.opt_state))
+    assert len(held) == 4 and max(held.values()) <= (whole - left_whole) / 4 + left_whole, (held, whole, left_whole)
+    for a, s in zip(jax.tree.leaves(out.params), want_split):
+        if s != P():
+            assert {sh.data.size for sh in a.addressable_shards} == {a.size // 4}
+
+
 def test_a_sharded_checkpoint_from_four_devices_resumes_on_one_and_on_two(tmp_path):
     """20 steps with the parameters split over 4 devices, saved (plain whole arrays); resumed to 40 on 1 device
     unsplit and on 2 devices split: both end where 40 uninterrupted steps on 1 device do."""
