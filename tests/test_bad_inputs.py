@@ -52,6 +52,7 @@ def files(tmp_path_factory):
         "unknown-field": lambda c: c["train_config"].update(learning_rate=0.1),
         "bad-lr": lambda c: c["train_config"].update(lr=-1),
         "split-sum": lambda c: c.update(split=[0.5, 0.1]),
+        "vocab-size": lambda c: c["model_config"].update(vocab_size=c["model_config"]["vocab_size"] + 1),
         "bn-axis": lambda c: c.update(model="bn-mlp", model_config={"vocab_size": c["model_config"]["vocab_size"],
                                                                     "batch_axis": "data"}),
     }.items():
@@ -143,6 +144,8 @@ CLI = [
     (["train", "--resume", "--out", "{d}/unknown-field"], 2, "unknown-field/config.json: train_config has unknown "
                                                              "field(s) ['learning_rate']"),
     (["train", "--resume", "--out", "{d}/bad-lr"], 2, "bad-lr/config.json: train_config: lr must be a finite number"),
+    (["sample", "--from", "{d}/vocab-size"], 2, "vocab-size/config.json: model_config.vocab_size 27 does not match "
+                                                 "the vocabulary's 26 tokens"),
     (["eval", "--from", "{d}/split-sum"], 2, "split-sum/config.json: split must be a list of fractions that sum to 1"),
     (["sample", "--from", "{d}/top-list"], 2, "top-list/config.json must hold a JSON object"),
     (["sample", "--from", "{d}/bn-axis"], 2, "bn-axis/config.json: model_config.batch_axis is set by code at run time"),

@@ -421,6 +421,12 @@ def test_bad_text_input_is_named(tmp_path, capsys, small_text):
         assert main(["sample", "--from", str(run_dir), *flags]) == 2, flags
         err = capsys.readouterr().err
         assert re.search(message, err) and "Traceback" not in err, (flags, err)
+    from jnnex import bpe
+
+    bpe.train("another text, another tokenizer " * 20, 260).save(out / "tokenizer.bpe")  # valid, the same size
+    assert main(["sample", "--from", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "its tokenizer file is not the one the run was trained with (sha256 differs)" in err, err
     (out / "tokenizer.bpe").write_text("jnnex-bpe 1\npattern null\nspecial 0\nmerges 1\n97\n")
     assert main(["sample", "--from", str(out)]) == 2
     assert "tokenizer.bpe', line 5: expected a merge, two ids, found '97'" in capsys.readouterr().err
