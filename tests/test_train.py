@@ -271,11 +271,13 @@ def test_grad_clip_scales_the_update_to_the_global_norm(clip):
         np.testing.assert_allclose(p1, p0 - 0.5 * scale * g, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("batch_size", [None, 4], ids=["whole-set", "minibatch"])
 @pytest.mark.parametrize("name", ["wavenet", "gpt"])
-def test_consecutive_steps_draw_different_dropout_masks(name):
-    """With the learning rate 0 and the whole (fixed) batch every step, a step's loss can change only through its
-    dropout masks: consecutive steps differ (each step its own key, fold_in(key, step)); with dropout 0 they do not;
-    and a step run after a resume (its own call) draws the mask it drew in the unbroken run."""
+def test_consecutive_steps_draw_different_dropout_masks(name, batch_size):
+    """With the learning rate 0 and the same batch every step — the whole set, or minibatches drawn from a set of one
+    example repeated, so every draw is the same rows — a step's loss can change only through its dropout masks:
+    consecutive steps differ (each step its own key, fold_in(key, step)); with dropout 0 they do not; and a step run
+    after a resume (its own call) draws the mask it drew in the unbroken run."""
     import jnnex.models.registry as registry
 
     words = load_words("census-first")[:16]
@@ -287,8 +289,10 @@ def test_consecutive_steps_draw_different_dropout_masks(name):
         model = registry.build_for_words(spec, words, vocab, dropout=dropout, **small)
         X, Y = (jnp.asarray(a) for a in make_splits(words, model.block_size, (1.0,), vocab=vocab,
                                                     per_position=model.per_position).train)
+        if batch_size is not None:
+            X, Y = jnp.repeat(X[:1], 8, axis=0), jnp.repeat(Y[:1], 8, axis=0)
         optimizer = optax.sgd(0.0)
-        run = make_run(make_step(model, optimizer), None)
+        run = make_run(make_step(model, optimizer), batch_size)
         ts = init_train_state(model, optimizer, jax.random.key(0))
         _, m = run(ts, X, Y, jax.random.key(1), n_steps=3)
         losses[dropout] = np.asarray(m["loss"])
