@@ -115,3 +115,15 @@ def test_bad_plans_are_named(argv, words, capsys):
     except SystemExit as e:  # argparse's own errors
         code = e.code
     assert code == 2 and words in capsys.readouterr().err
+
+
+def test_the_totals_count_every_part_by_name():
+    """A plan's and an estimate's totals are the sums of every part: each part alone, set to one byte, makes a total
+    of one byte — a total that leaves a part out names it."""
+    from jnnex.memory import Estimate
+
+    for cls, parts, rest in ((PL.Plan, PL.Plan._fields[3:], {"scheme": "dp", "data": 1, "model": 1}),
+                             (Estimate, Estimate._fields, {})):
+        for part in parts:
+            one = cls(**rest, **{p: int(p == part) for p in parts})
+            assert one.total == 1, f"{cls.__name__}.total leaves out {part}"

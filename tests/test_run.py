@@ -149,6 +149,20 @@ def test_one_run_per_directory(tmp_path, capsys):
     assert main(["train", "--model", "bigram", "--out", str(out)]) == 0  # released: the run goes ahead
 
 
+def test_a_run_that_fails_releases_its_directory(tmp_path, capsys):
+    """A run that fails inside its lock (its loss turns NaN at lr 1e30) ends with the lock released: the next
+    holder gets it at once, in this very process (a lock left held would refuse it, naming this process)."""
+    out = tmp_path / "r"
+    assert main(["train", "--model", "mlp", "--n-hidden", "8", "--steps", "20", "--chunk", "10", "--lr", "1e30",
+                 "--out", str(out), "--no-progress"]) == 1
+    assert "loss became nan at step 1" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="inside"):
+        with rundir.lock(out):
+            raise RuntimeError("a failure inside the lock")
+    with rundir.lock(out):  # released both times
+        pass
+
+
 @pytest.mark.slow
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, capsys):
     out = tmp_path / "r"
