@@ -16,11 +16,13 @@ Compiled programs are kept in JAX's persistent compilation cache, so a second ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -424,6 +426,8 @@ def cmd_plan(args) -> int:
     return 0
 
 
+TRAINING = ("train", "diagnose", "ladder")  # the commands that run a training loop (signals: main)
+NO_SIGNAL = types.SimpleNamespace(pressed=0)
 COMMANDS = {"train": cmd_train, "moons": cmd_moons, "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot,
             "diagnose": cmd_diagnose, "ladder": cmd_ladder, "lr-find": cmd_lr_find, "plan": cmd_plan}
 
@@ -451,8 +455,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     try:
-        with ctrl_c_guard() as ctrl_c:  # from here on, a first Ctrl-C or SIGTERM never raises inside JAX: see fit
-            args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(argv)
+        # The commands that train: a first Ctrl-C or SIGTERM never raises inside JAX and stops after the chunk in
+        # flight (see fit). The others keep the default signals: SIGTERM ends them at once, Ctrl-C as it would.
+        guard = ctrl_c_guard() if args.command in TRAINING else contextlib.nullcontext(NO_SIGNAL)
+        with guard as ctrl_c:
             try:
                 code = COMMANDS[args.command](args)
             except BaseException as e:  # stopped before training started: the other processes are told why

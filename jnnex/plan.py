@@ -53,6 +53,9 @@ FAMILY = {
 }
 
 
+XLA_COUNTS = 2**60  # the largest per-device plan `--check` compiles: XLA's byte counts are signed 64-bit (2^63)
+
+
 class Plan(NamedTuple):
     scheme: str
     data: int  # devices along "data"
@@ -278,6 +281,11 @@ def report(model, devices: int, *, schemes=SCHEMES, model_parallel: int | None =
         p = plan(model, scheme, devices, model_parallel=m, batch=batch, T=T, optimizer=opt)
         row = p.row()
         if check and scheme != "fsdp+tp":
+            if p.total > XLA_COUNTS:  # (XLA's heap simulator aborts the process past its 64-bit byte counts)
+                raise ValueError(f"plan --check: {scheme} needs about {p.total / GB:,.0f} GB per device (the plan), "
+                                 f"more than XLA's memory analysis can count (its temporaries ran to ~3x the plan's "
+                                 f"figure at these sizes, and it counts bytes in 64 bits): nothing compiled. Without "
+                                 f"--check the plan is printed; or give a smaller --block or --batch-size")
             xla = xla_check(model, scheme, devices, model_parallel=m, batch=batch, T=T, optimizer=opt)
             row.update({"xla_arguments": xla["arguments"] / GB, "xla_temporaries": xla["temporaries"] / GB,
                         "xla_outputs": xla["outputs"] / GB,

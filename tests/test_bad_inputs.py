@@ -163,6 +163,8 @@ CLI = [
     (["diagnose", "--model", "bigram"], 2, "invalid choice: 'bigram'"),
     (["moons", "--steps", "0"], 2, "--steps must be >= 1"),
     (["lr-find", "--lo", "1", "--hi", "0.1", "--steps", "5"], 2, "need 0 < lo < hi"),
+    (["plan", "--check", "--block", "100000000", "--parallel", "dp", "--devices", "4"], 2,
+     "GB per device (the plan), more than XLA's memory analysis can count (its temporaries ran to ~3x"),
 ]
 
 

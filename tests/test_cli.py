@@ -344,3 +344,24 @@ def test_diagnose_shows_the_gradient_through_time_where_there_is_a_state_per_pos
     small = ["--n-layer", "2", "--n-embd", "16", "--n-head", "2"] if model == "gpt" else []
     code, stdout, _ = run(capsys, "diagnose", "--model", model, "--steps", "3", *small)
     assert code == 0 and ("|dL_last/dh_t| for t = 0.." in stdout) == shown
+
+
+def test_only_the_training_commands_hold_back_sigterm(monkeypatch, capsys):
+    """`jnnex eval` (and sample, plan, lr-find) run with the process's own SIGTERM and Ctrl-C handlers: a scheduler's
+    SIGTERM ends them at once, not after an evaluation that ignores it. `train`, `diagnose` and `ladder` install the
+    guard that stops after the chunk in flight. Read inside each command, as it runs."""
+    import signal
+
+    from jnnex import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    seen = {}
+    for name in ("train", "diagnose", "ladder", "eval", "sample", "plan", "lr-find"):
+        monkeypatch.setitem(cli.COMMANDS, name, lambda args, name=name: seen.update({name: signal.getsignal(
+            signal.SIGTERM)}) or 0)
+    for argv in (["train"], ["diagnose"], ["ladder"], ["eval", "--from", "r"], ["sample", "--from", "r"], ["plan"],
+                 ["lr-find"]):
+        assert main(argv) == 0
+    assert all(seen[n] is before for n in ("eval", "sample", "plan", "lr-find")), seen
+    assert all(seen[n] is not before and callable(seen[n]) for n in ("train", "diagnose", "ladder")), seen
+    assert signal.getsignal(signal.SIGTERM) is before
