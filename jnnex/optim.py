@@ -99,6 +99,9 @@ class TrainConfig:
     eval_every: int = setting(20_000, "evaluate train/dev loss (and checkpoint) every this many steps, and at the end")
     eval_iters: int = setting(20, "text streams: random batches averaged in the loss estimate (nanoGPT's eval_iters)")
     chunk: int = setting(1_000, "steps per compiled call; checkpoints fall on multiples of it")
+    save_seconds: float = setting(60.0, "a run directory's checkpoint is also written at the end of the first chunk "
+                                        "this many seconds after the last one (0: every chunk): a kill loses at most "
+                                        "this and a chunk")
     seed: int = setting(0, "seed of initialisation and minibatches")
 
     def __post_init__(self):
@@ -132,6 +135,8 @@ class TrainConfig:
         for name in ("sgd_momentum", "muon_beta"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not (isinstance(self.save_seconds, int | float) and 0 <= self.save_seconds < math.inf):
+            raise ValueError(f"save_seconds must be a number >= 0, got {self.save_seconds!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:

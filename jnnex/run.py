@@ -447,17 +447,26 @@ def _largest(need_at: Callable[[int], int | None], above: int, need_above: int, 
 
 class RunWriter:
     """A :func:`jnnex.train.fit` hook that keeps a run directory: every chunk's row appended to ``metrics.jsonl``,
-    the state checkpointed at every evaluation and, when the loop stops between evaluations (Ctrl-C, SIGTERM), at
-    its last completed chunk — all atomically. ``saved`` is the step of the checkpoint on disk."""
+    the state checkpointed at every evaluation, at the end of the first chunk ``every`` seconds (of ``clock``) after
+    the last checkpoint (``None``: never by time) and, when the loop stops between them (Ctrl-C, SIGTERM), at its
+    last completed chunk — all atomically. ``saved`` is the step of the checkpoint on disk."""
 
-    def __init__(self, out: Path, saved: int = 0):
-        self.out, self.saved = out, saved
+    def __init__(self, out: Path, saved: int = 0, every: float | None = None, clock: Callable[[], float] =
+                 time.monotonic):
+        self.out, self.saved, self.every, self.clock = out, saved, every, clock
+        self.last, self.now_due = clock(), False
+
+    def due(self) -> bool:
+        """Whether this chunk's end is due a checkpoint by time (``fit`` asks before the chunk hooks, so that every
+        process takes part in gathering the state)."""
+        self.now_due = self.every is not None and self.clock() - self.last >= self.every
+        return self.now_due
 
     def chunk(self, step: int, row: dict, metrics, here) -> None:
         rundir.append_metrics(self.out, row)
-        if "time" in row:  # an evaluation: the state too
+        if "time" in row or self.now_due:  # an evaluation, or time: the state too
             rundir.save_pytree(self.out / rundir.CHECKPOINT, here())
-            self.saved = step
+            self.saved, self.last, self.now_due = step, self.clock(), False
 
     def end(self, step: int, here) -> None:
         if step > self.saved:  # interrupted between evaluations: keep the chunks done since
@@ -632,7 +641,7 @@ def _execute(rc: RunConfig, out: Path | None, *, resume: bool, par: Parallel, pr
                 rc.vocab.save(out / rundir.TOKENIZER)
             rundir.write_json(out / rundir.CONFIG, rc.to_json())
         start = load_checkpoint(out, model, rc.train) if resume else None
-        writer = RunWriter(out, 0 if start is None else int(start.step)) if write else None
+        writer = RunWriter(out, 0 if start is None else int(start.step), rc.train.save_seconds) if write else None
         if writer is not None and start is not None:
             rundir.truncate_metrics(out, writer.saved)  # the rows after the checkpoint will be written again
         bar = ProgressBar(rc.train.steps, writer.saved if writer else 0) if progress and is_writer() else None

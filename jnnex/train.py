@@ -148,7 +148,9 @@ def fit(
     ``hooks``: objects called as the loop goes — ``hook.chunk(step, row, metrics, here)`` after each chunk (``row``
     the chunk's metrics row, ``metrics`` its per-step arrays, ``here()`` this process's training state in the
     parameters' own layout) and ``hook.end(step, here)`` once it stops; a method a hook lacks is skipped, and a plain
-    function is called as ``fn(step, metrics)`` after each chunk.
+    function is called as ``fn(step, metrics)`` after each chunk. A hook's ``due()``, if it has one, is asked first
+    each chunk whether it will read the state (a checkpoint due by time): if any process's is, every process makes
+    its copy of the state (``here``), which a state split across processes needs.
     :class:`ProgressBar` is one; the run driver's writers of ``metrics.jsonl`` and checkpoints are others. Ctrl-C or
     SIGTERM — at any moment, compilation included — stops after the chunk in flight and returns with
     ``interrupted=True`` (``FitResult.signal`` says which), after ``end``.
@@ -195,6 +197,8 @@ def fit(
                     row["time"] = time.perf_counter() - t0
                     row.update(fd.evaluate(here().params, here().state, jax.random.fold_in(k_eval, step), tcfg))
                     rows.append(row)
+                if _agreed(any([h.due() for h in hooks if hasattr(h, "due")])):  # a checkpoint due by time
+                    here()  # (every process takes part in gathering a split state; the writer reads it)
                 for hook in hooks:
                     _call(hook, "chunk", step, row, metrics, here)
         except KeyboardInterrupt:  # a second Ctrl-C, or fit() outside the main thread: keep the last completed chunk
@@ -287,6 +291,15 @@ def ctrl_c_guard():
         _GUARDS.pop()
         for s in handled:
             signal.signal(s, previous[s])
+
+
+def _agreed(flag: bool) -> bool:
+    """``flag`` on any process, on all of them (one process: ``flag``): a decision every process must take alike."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.asarray(flag, np.int32)).max())
 
 
 def _stop_requested(flag: _CtrlC) -> int:

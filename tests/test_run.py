@@ -444,3 +444,51 @@ def test_bad_text_input_is_named(tmp_path, capsys, small_text):
     (out / "tokenizer.bpe").write_text("jnnex-bpe 1\npattern null\nspecial 0\nmerges 1\n97\n")
     assert main(["sample", "--from", str(out)]) == 2
     assert "tokenizer.bpe', line 5: expected a merge, two ids, found '97'" in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_due_on_time_as_well_as_at_each_evaluation():
+    """The writer's clock (a stand-in here: no test waits on real time): a checkpoint is due at the end of the first
+    chunk ``every`` seconds after the last one, and the count starts again from each checkpoint written."""
+    now = [0.0]
+    writer = run.RunWriter(None, every=60, clock=lambda: now[0])
+    due = []
+    for t in (10, 59.9, 60, 70, 125, 130):
+        now[0] = t
+        due.append(writer.due())
+        if writer.now_due:  # what chunk() does after writing
+            writer.last, writer.now_due = now[0], False
+    assert due == [False, False, True, False, True, False]
+    assert not run.RunWriter(None, every=None, clock=lambda: 1e12).due()
+
+
+class Killed(Exception):
+    """What a SIGKILL leaves: no end hooks, nothing saved after it."""
+
+
+@pytest.mark.parametrize("save_seconds, kept", [(0.0, 20), (1e9, None)])
+def test_a_run_killed_between_evaluations_keeps_what_its_time_budget_saved(tmp_path, save_seconds, kept):
+    """30 steps in chunks of 10, one evaluation at the end, the run "killed" after its chunk to step 20: with
+    ``save_seconds`` 0 (a checkpoint at every chunk) its checkpoint is at step 20 and ``--resume`` continues from
+    there to the uninterrupted run's model; with a budget never reached, nothing is kept (the old behaviour that lost
+    a text run's first 2,000 steps). ``config.json`` records the budget."""
+    rc = RunConfig.new("mlp", n_hidden=8, steps=30, chunk=10, eval_every=30, save_seconds=save_seconds)
+    out = tmp_path / "r"
+
+    def kill_at_20(step, metrics):
+        if step == 20:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run.train(rc, out, progress=False, on_chunk=kill_at_20)
+    assert json.loads((out / "config.json").read_text())["train_config"]["save_seconds"] == save_seconds
+    ckpt = out / rundir.CHECKPOINT
+    if kept is None:
+        assert not ckpt.is_file()
+        return
+    with np.load(ckpt) as f:
+        assert int(f[".step"]) == kept
+    resumed = run.resume(out, progress=False)
+    whole = run.train(rc, tmp_path / "whole", progress=False)
+    assert resumed.fit.start == 20 and resumed.steps == 30
+    assert_same_arrays(out / rundir.MODEL, tmp_path / "whole" / rundir.MODEL)
+    assert whole.metrics["dev_loss"] == resumed.metrics["dev_loss"]

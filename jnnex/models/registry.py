@@ -135,16 +135,16 @@ REGISTRY: dict[str, ModelSpec] = {
             # 0.1 on the matrices, gradients clipped to norm 1; the loss estimated on 20 random batches a split.
             # The README's CPU command: 4 layers, 4 heads, n_embd 128, block 64, batch 12, 2,000 iterations.
             "shakespeare-cpu": (dict(NANOGPT_LAYOUT, n_layer=4, n_head=4, n_embd=128, block_size=64),
-                                dict(NANOGPT_TRAIN, steps=2_000, batch_size=12, eval_every=2_000, chunk=500)),
+                                dict(NANOGPT_TRAIN, steps=2_000, batch_size=12, eval_every=2_000, chunk=50)),
             # The CPU recipe on BPE tokens (with --tokenizer bpe --vocab-size 512): n_embd 124 keeps the parameter
             # count within 1 % of the character model's (810,588 against 804,096: the larger table of a tied head
             # paid for by a narrower stream); compare the two per byte (val_loss_per_byte).
             "shakespeare-cpu-bpe": (dict(NANOGPT_LAYOUT, n_layer=4, n_head=4, n_embd=124, block_size=64),
-                                    dict(NANOGPT_TRAIN, steps=2_000, batch_size=12, eval_every=2_000, chunk=500)),
+                                    dict(NANOGPT_TRAIN, steps=2_000, batch_size=12, eval_every=2_000, chunk=50)),
             # config/train_shakespeare_char.py (for a GPU): 6 layers, 6 heads, n_embd 384, block 256, batch 64,
             # dropout 0.2, 5,000 iterations: 10.65 M parameters (nanoGPT's count, without the position table).
             "shakespeare": (dict(NANOGPT_LAYOUT, n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
-                            dict(NANOGPT_TRAIN, steps=5_000, batch_size=64, eval_every=500, chunk=250)),
+                            dict(NANOGPT_TRAIN, steps=5_000, batch_size=64, eval_every=500, chunk=25)),
             # GPT-2 small's shape (jnnex.models.gpt.GPT2_SMALL; 124,439,808 parameters at GPT-2's 50,257 tokens,
             # 124,475,904 at nanoGPT's padded 50,304 — the vocabulary comes from the data or --vocab-size) and
             # nanoGPT's train_gpt2.py optimisation: AdamW lr 6e-4, 2,000 warmup steps, a cosine to 6e-5 over 600,000,
@@ -153,7 +153,7 @@ REGISTRY: dict[str, ModelSpec] = {
             # `jnnex plan --preset gpt2-124m` gives its memory per device.
             "gpt2-124m": (dict(GPT2_SMALL),
                           dict(NANOGPT_TRAIN, lr=6e-4, warmup=2_000, min_lr=6e-5, betas=(0.9, 0.95), steps=600_000,
-                               batch_size=12, eval_every=2_000, chunk=100, eval_iters=200)),
+                               batch_size=12, eval_every=2_000, chunk=10, eval_iters=200)),
         },
         summary="GPT-2 transformer (makemore.py's: 4 layers, 4 heads, n_embd 64), every gradient by hand (llm.c)",
     ),
@@ -172,7 +172,7 @@ REGISTRY: dict[str, ModelSpec] = {
             # of 2): 796,928 parameters against the GPT's 804,096 (whose position table the rotary positions drop).
             "shakespeare-cpu": ({"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "tie": True,
                                  "ffn_multiple": 2},
-                                dict(NANOGPT_TRAIN, steps=2_000, batch_size=12, eval_every=2_000, chunk=500)),
+                                dict(NANOGPT_TRAIN, steps=2_000, batch_size=12, eval_every=2_000, chunk=50)),
         },
         summary="Llama block: RMSNorm, rotary positions, SwiGLU, grouped-query attention (plain or tiled), every "
                 "gradient by hand",
