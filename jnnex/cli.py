@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from jnnex import __version__, parallel, rundir, run, text
-from jnnex.data import CORPORA
+from jnnex.data import CORPORA, missing_file
 from jnnex.layout import SCHEMES, Parallel
 from jnnex.lm import continue_text, sample_words
 from jnnex.models.registry import REGISTRY, has_manual_backward, splittable
@@ -226,8 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     # Refused before joining: a process that stops after joining leaves the others waiting for it.
     if args.data is not None and args.data not in CORPORA and not Path(args.data).exists():
-        raise ValueError(f"--data: file {args.data!r} does not exist (expected a UTF-8 text file, or one of "
-                         f"{', '.join(CORPORA)})")
+        raise ValueError(f"--data: {missing_file(args.data, 'a UTF-8 text file, or one of ' + ', '.join(CORPORA))}")
     # Before anything starts JAX's backend: join the other processes, if there are any.
     parallel.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
                         timeout=args.coordinator_timeout)
@@ -266,6 +265,9 @@ def cmd_train(args) -> int:
     m = result.metrics
     print(json.dumps(m) if args.json else "  ".join(f"{k} {v:.4f}" for k, v in m.items() if "_loss" in k)
           + f"  ({m['steps']} steps, {m['seconds']:.1f} s)")
+    if args.out is None:
+        print("jnnex: no --out: the trained model was not saved (give --out DIR to keep it, and sample or evaluate "
+              "it later)", file=sys.stderr)
     return 0
 
 

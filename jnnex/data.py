@@ -57,6 +57,20 @@ def census_last_names() -> list[str]:
     return list(dict.fromkeys(_census_file("dist.all.last")))
 
 
+# Beside the project (../shared/data): where this workplace keeps makemore's names.txt and tiny Shakespeare.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def missing_file(path: str | os.PathLike, expected: str) -> ValueError:
+    """The error for a data file that does not exist; where one of that name is in :data:`SHARED_DATA` (``--data
+    names.txt`` typed in the project's root), it says where."""
+    message = f"data file {str(path)!r} does not exist (expected {expected})"
+    near = SHARED_DATA / Path(path).name
+    if near.is_file() and near.resolve() != Path(path).resolve():
+        message += f"; a file of that name is at {os.path.relpath(near)}: give that path"
+    return ValueError(message)
+
+
 def read_words(path: str | os.PathLike) -> list[str]:
     """Read a UTF-8 text file with one word per line; strips whitespace and skips blank lines.
 
@@ -69,7 +83,7 @@ def read_words(path: str | os.PathLike) -> list[str]:
     if path.is_dir():
         raise ValueError(f"data file {str(path)!r} is a directory (expected a UTF-8 text file, one word per line)")
     if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist (expected a UTF-8 text file, one word per line)")
+        raise missing_file(path, "a UTF-8 text file, one word per line")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is not a word
     except UnicodeDecodeError as e:

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jnnex.settings import positive_int
+from jnnex.data import missing_file
 
 CORPUS_KINDS = ("words", "text")
 TOKENIZERS = ("char", "bpe")
@@ -64,7 +65,7 @@ def check_text_file(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise ValueError(f"data file {str(path)!r} is a directory (expected a UTF-8 text file)")
     if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist (expected a UTF-8 text file)")
+        raise missing_file(path, "a UTF-8 text file")
     if path.stat().st_size == 0:
         raise ValueError(f"data file {str(path)!r} is empty")
     return path

@@ -268,3 +268,23 @@ def test_diagnose_without_matplotlib_fails_before_training(monkeypatch, capsys, 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     code = main(["diagnose", "--model", "mlp", "--out", str(tmp_path)])
     assert code == 2 and "pip install 'jnnex[plot]'" in capsys.readouterr().err and not trained
+
+
+def test_a_missing_data_file_says_where_one_of_that_name_is(tmp_path, monkeypatch, capsys):
+    """`--data names.txt` typed in the project's root, where the file is not: the error says where the workplace's
+    copy is (beside the project, ../shared/data), for train and for every reader of a data file."""
+    import jnnex.data
+
+    shared = tmp_path / "shared" / "data"
+    shared.mkdir(parents=True)
+    (shared / "names.txt").write_text("emma\nolivia\n")
+    monkeypatch.setattr(jnnex.data, "SHARED_DATA", shared)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "names.txt"]) == 2
+    assert "'names.txt' does not exist" in (err := capsys.readouterr().err) and \
+        "a file of that name is at shared/data/names.txt: give that path" in err, err
+    with pytest.raises(ValueError, match="a file of that name is at shared/data/names.txt"):
+        read_words("names.txt")
+    with pytest.raises(ValueError, match=r"'other.txt' does not exist \(expected a UTF-8 text file, one word per "
+                                         r"line\)$"):
+        read_words("other.txt")  # no such file there either: nothing suggested

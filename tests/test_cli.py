@@ -365,3 +365,10 @@ def test_only_the_training_commands_hold_back_sigterm(monkeypatch, capsys):
     assert all(seen[n] is before for n in ("eval", "sample", "plan", "lr-find")), seen
     assert all(seen[n] is not before and callable(seen[n]) for n in ("train", "diagnose", "ladder")), seen
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_run_without_out_says_its_model_is_not_kept(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--model", "bigram")
+    assert code == 0 and "no --out: the trained model was not saved" in err
+    code, _, err = run(capsys, "train", "--model", "bigram", "--out", str(tmp_path / "b"))
+    assert code == 0 and "not saved" not in err
