@@ -278,6 +278,7 @@ _SAMPLE_FLAGS = {"n": "-n", "n_new": "-n", "max_len": "--max-len", "temperature"
 
 def cmd_sample(args) -> int:
     loaded = run.load(args.run)
+    _note_unfinished(loaded, args.run)
     text_run = loaded.config.corpus == "text"
     kind_of = [("--prompt", args.prompt is not None, True), ("--top-p", args.top_p is not None, True),  # (flag,
                ("--no-cache", args.no_cache, True), ("--max-len", args.max_len is not None, False)]  # given, for text)
@@ -313,11 +314,26 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _note_unfinished(loaded, where) -> None:
+    note = loaded.unfinished_note(where)
+    if note:
+        print(f"jnnex: note: {note}", file=sys.stderr)
+
+
 def cmd_eval(args) -> int:
     loaded = run.load(args.run)
+    _note_unfinished(loaded, args.run)
+    rc = loaded.config
+    other = args.data is not None and not run.same_data(rc, args.data)
+    if other:
+        print(f"jnnex: note: evaluated on {args.data}, not the run's data ({rc.data}): its parts below are "
+              f"{args.data}'s, split as the run's ({', '.join(f'{f:g}' for f in rc.split)}"
+              f"{'' if rc.corpus == 'text' else f', seed {rc.split_seed}'})", file=sys.stderr)
     metrics = run.evaluate_run(loaded, args.data)
-    print(json.dumps({"model": loaded.model.name, "data": str(args.data or loaded.config.data), **metrics})
-          if args.json else "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(json.dumps({"model": loaded.model.name, "data": str(args.data or rc.data), "runs_data": not other,
+                      "steps": loaded.steps, **metrics})
+          if args.json else ("" if not other else f"on {args.data}: ")
+          + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
 
 

@@ -568,6 +568,13 @@ def resume(out: str | Path, *, steps: int | None = None, parallel: Parallel = Pa
                         on_chunk=on_chunk)
 
 
+def same_data(rc: RunConfig, data) -> bool:
+    """Whether ``data`` names the run's data: the same file by its absolute path (from any directory), or the same
+    embedded corpus by name."""
+    path = data_file(data)
+    return path == rc.data_path if path is not None and rc.data_path is not None else str(data) == rc.data
+
+
 def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
     """A ``ValueError`` naming the flag, the value given and the run's, for each given setting that differs."""
     def conflict(name, value, saved, given=None):  # ``given``: whether ``value`` was given (default: not None)
@@ -582,11 +589,8 @@ def _check_agrees(rc: RunConfig, steps: int | None, given: dict) -> None:
         raise ValueError("--resume: --preset does not apply (the run's settings are in its config.json)")
     conflict("--model", given.pop("model", None), rc.model)
     data = given.pop("data", None)
-    if data is not None:  # the same file by its absolute path (from any directory), or the same corpus by name
-        path = data_file(data)
-        same = path == rc.data_path if path is not None and rc.data_path is not None else str(data) == rc.data
-        if not same:
-            conflict("--data", str(data), rc.data)
+    if data is not None and not same_data(rc, data):
+        conflict("--data", str(data), rc.data)
     split = given.pop("split", None)
     conflict("--split", None if split is None else tuple(float(f) for f in split), rc.split)
     conflict("--split-seed", given.pop("split_seed", None), rc.split_seed)
@@ -716,10 +720,19 @@ class TrainedRun:
     model: LanguageModel
     params: Any
     state: Any
+    steps: int | None = None  # the step its model was saved at (None: fitted in closed form)
+    finished: bool = True  # False: stopped before its last step (its model is the one it had then)
 
     @property
     def vocab(self) -> Vocab | text.Chars | bpe.Tokenizer:
         return self.config.vocab
+
+    def unfinished_note(self, where) -> str | None:
+        """A line saying the run stopped before its end, and how to finish it; ``None`` for a finished run."""
+        if self.finished:
+            return None
+        return (f"this run stopped at step {self.steps:,} of {self.config.train.steps:,}: its model is the one it had "
+                f"then (finish it with: jnnex train --resume --out {where})")
 
 
 def load(run: str | Path) -> TrainedRun:
@@ -730,7 +743,12 @@ def load(run: str | Path) -> TrainedRun:
     rc = load_config(run)
     model = get_spec(rc.model).build(rc.model_config)
     params, state = rundir.load_pytree(run / rundir.MODEL, jax.eval_shape(model.init, jax.random.key(0)))
-    return TrainedRun(rc, model, params, state)
+    if rc.train is None:
+        return TrainedRun(rc, model, params, state)
+    finished = (run / rundir.FINAL_METRICS).is_file()
+    rows = rundir.read_metrics(run)
+    steps = rc.train.steps if finished else (rows[-1]["step"] if rows else 0)
+    return TrainedRun(rc, model, params, state, steps, finished)
 
 
 def evaluate_run(run: TrainedRun, data: str | None = None) -> dict[str, float]:

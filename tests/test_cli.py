@@ -372,3 +372,32 @@ def test_a_run_without_out_says_its_model_is_not_kept(tmp_path, capsys):
     assert code == 0 and "no --out: the trained model was not saved" in err
     code, _, err = run(capsys, "train", "--model", "bigram", "--out", str(tmp_path / "b"))
     assert code == 0 and "not saved" not in err
+
+
+def test_sample_and_eval_say_when_a_run_stopped_early_or_the_data_is_not_its_own(tmp_path, capsys):
+    """A run interrupted at step 10 of 30 (Ctrl-C: its model is saved as it was): `sample` and `eval` say so and how
+    to finish it; `eval --data` on another corpus says the losses are that corpus's, in the line and in the JSON."""
+    import os
+    import signal
+
+    from jnnex import run as jrun
+
+    out = tmp_path / "r"
+    rc = jrun.RunConfig.new("mlp", n_hidden=8, steps=30, chunk=10, eval_every=30)
+
+    def ctrl_c_at_10(step, metrics):
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert jrun.train(rc, out, progress=False, on_chunk=ctrl_c_at_10).interrupted
+    note = f"this run stopped at step 10 of 30: its model is the one it had then (finish it with: jnnex train " \
+           f"--resume --out {out})"
+    for argv in (["sample", "--from", str(out), "-n", "2"], ["eval", "--from", str(out)]):
+        code, _, err = run(capsys, *argv)
+        assert code == 0 and note in err, err
+    assert jrun.resume(out, progress=False).steps == 30
+    code, stdout, err = run(capsys, "eval", "--from", str(out), "--data", "census-last")
+    assert code == 0 and "stopped at step" not in err
+    assert "evaluated on census-last, not the run's data (census-first)" in err and stdout.startswith("on census-last:")
+    code, stdout, err = run(capsys, "eval", "--from", str(out), "--json")
+    assert json.loads(stdout)["runs_data"] is True and "note" not in err
