@@ -127,7 +127,9 @@ class Vocab:
             raise ValueError(f"boundary must be a single character, got {self.boundary!r}")
         if self.boundary in self.chars:
             raise ValueError(
-                f"the boundary token {self.boundary!r} also occurs in the data; pass another boundary= character"
+                f"the boundary token {self.boundary!r}, which marks where each word starts and ends, also occurs in "
+                f"the words; a text with punctuation is read as a text (--corpus text), a word list without "
+                f"{self.boundary!r} (or, in the library, Vocab.from_words(words, boundary=...) with another character)"
             )
         if len(set(self.chars)) != len(self.chars):
             raise ValueError("chars must not repeat")

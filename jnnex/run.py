@@ -794,6 +794,9 @@ def ladder(data: str = "census-first", steps: int = 200_000, seed: int = 0) -> l
 def fsdp_summary(model, n: int) -> str:
     """The line ``jnnex train --shard-params`` prints: FSDP over ``n`` devices, and the parameters that stay whole on
     each device because no axis of theirs divides by ``n`` (read from the shapes alone: nothing is allocated)."""
+    if n == 1:
+        return ("FSDP on one device: nothing to split the parameters over, every tensor whole (the run is the "
+                "one-device run); give --devices N >= 2 to split them")
     whole = parallel.unsplit(jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0)), n)
     return (f"parameters and optimiser state split over {n} devices (FSDP); "
             + (f"whole on each device (no axis divides by {n}): {', '.join(whole)}" if whole else "every tensor split"))

@@ -380,7 +380,12 @@ def make_tokenizer(path: str | os.PathLike, kind: str = "char", vocab_size: int 
                          f"the 256 bytes), got {size!r}")
     from jnnex import bpe
 
-    return bpe.train("".join(split_pieces(path, split_point(path, val_fraction))[0]), size)
+    tok = bpe.train("".join(split_pieces(path, split_point(path, val_fraction))[0]), size)
+    if tok.vocab_size < size:  # training stopped: no pair left to merge
+        raise ValueError(f"--vocab-size {size:,}: the training part of {str(path)!r} has no pair of tokens left to "
+                         f"merge after {len(tok.merges):,} merges, so its vocabulary stops at {tok.vocab_size:,}; give "
+                         f"--vocab-size {tok.vocab_size} or less")
+    return tok
 
 
 def load_text(path: str | os.PathLike, tokenizer: str = "char", *, vocab_size: int | None = None,

@@ -214,3 +214,17 @@ def test_a_texts_bpe_is_trained_on_its_train_part_only(tmp_path):
     tok = text.make_tokenizer(path, "bpe", 300, val_fraction=0.1)
     assert not any(b"q" in tok.vocab[i] for i in range(256, tok.vocab_size))
     assert tok.merges == bpe.train(train, 300).merges
+
+
+def test_a_vocabulary_the_text_cannot_fill_is_refused_naming_the_largest(tmp_path):
+    """A BPE of 20,000 tokens asked of a text whose training part runs out of pairs long before: an error naming
+    the largest it supports (it was silently smaller), and that size is accepted."""
+    from jnnex import text
+
+    path = tmp_path / "t.txt"
+    path.write_text("the cat sat on the mat, and the dog sat on the log.\n" * 30)
+    with pytest.raises(ValueError, match=r"--vocab-size 20,000: .* no pair of tokens left to merge after (\d+) merges, "
+                                         r"so its vocabulary stops at (\d+); give --vocab-size \2 or less") as e:
+        text.make_tokenizer(path, "bpe", 20_000)
+    largest = int(str(e.value).split("give --vocab-size ")[1].split()[0])
+    assert text.make_tokenizer(path, "bpe", largest).vocab_size == largest

@@ -411,6 +411,11 @@ def test_bad_text_input_is_named(tmp_path, capsys, small_text):
         (["ladder", "--data", str(short), "--steps", "1"], r"read as a text \(its lines hold spaces\)"),
         (["train", "--model", "mlp", "--corpus", "text", "--data", str(words_file), "--steps", "1"],
          r"read as a text \(as --corpus text asks\)"),
+        (["train", "--model", "gpt", "--data", str(small_text), "--tokenizer", "bpe", "--vocab-size", "100000",
+          "--steps", "1"], r"--vocab-size 100,000: the training part of .* has no pair of tokens left to merge after "
+                           r"[\d,]+ merges, so its vocabulary stops at [\d,]+; give --vocab-size \d+ or less"),
+        (["train", "--model", "gpt", "--data", str(small_text), "--corpus", "words", "--steps", "1"],
+         r"a text with punctuation is read as a text \(--corpus text\)"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -130,6 +130,8 @@ def test_the_run_names_the_tensors_fsdp_leaves_whole():
                            "divides by 4): ") and ".C" in line and ".dense[1].b" in line
     gpt, _ = model_and_data("gpt", n_layer=1, n_embd=16, n_head=4)
     assert fsdp_summary(gpt, 4).endswith("every tensor split")
+    one = fsdp_summary(gpt, 1)  # `--devices 1 --shard-params`: said plainly (it read "no axis divides by 1")
+    assert one.startswith("FSDP on one device: nothing to split the parameters over") and "divides" not in one
 
 
 def test_shard_params_needs_devices():
