@@ -46,7 +46,7 @@ def test_read_words_bad_files(tmp_path, content, match):
 
 
 def test_vocab_boundary_conflict_and_custom_boundary():
-    with pytest.raises(ValueError, match="boundary token '.' also occurs"):
+    with pytest.raises(ValueError, match="boundary token '.', which marks where each word starts and ends, also occurs"):
         Vocab.from_words(["a.b"])
     v = Vocab.from_words(["a.b"], boundary="#")
     assert v.itos == "#.ab" and v.encode("a.b") == [2, 1, 3]
