@@ -371,7 +371,7 @@ def test_a_process_that_stops_early_leaves_the_others_a_named_error_not_a_hang(t
     errs = [err for _, err in outs]
     assert [p.returncode for p in procs] == [2, 2, 2, 2], errs
     assert all("Traceback" not in e for e in errs), errs
-    assert "--data: file" in errs[0] and "does not exist" in errs[0]
+    assert "--data: data file" in errs[0] and "does not exist" in errs[0]
     assert "cannot reach the coordinator" in errs[1]
     assert "is not valid UTF-8" in errs[2]
     assert "process 1 of 2: stopping, as process 0 stopped before training:" in errs[3]
