@@ -77,9 +77,11 @@ def test_fsdp_gathers_for_the_step_and_each_device_keeps_and_updates_its_shard_o
     specs = [e.params["sharding"].spec for e in _constraints(jax.make_jaxpr(step)(ts, (X[:8], Y[:8]),
                                                                                   jax.random.key(1)).jaxpr)]
     n = len(jax.tree.leaves(ts.params))
-    want_split = [s.spec for s in jax.tree.leaves(split)]
+    want_split = [s.spec for s in jax.tree.leaves(parallel.fsdp_shardings(ts.params, mesh))]  # each parameter's own
     assert sum(s != P() for s in want_split) >= n // 2  # most parameters split: the test can tell
-    assert specs == [P()] * n + want_split, specs
+    assert specs[:n] == [P()] * n, f"the parameters are not gathered whole for the step: {specs[:n]}"
+    assert specs[n:] == want_split, f"the gradients are not split as their parameters (reduce-scattered): " \
+                                    f"{specs[n:]} against {want_split}"
 
     run = make_run(step, 8, mesh=mesh, state_shardings=layout)
     ts4 = parallel.place(parallel.local(ts), layout)
