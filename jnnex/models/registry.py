@@ -153,7 +153,7 @@ REGISTRY: dict[str, ModelSpec] = {
             # `jnnex plan --preset gpt2-124m` gives its memory per device.
             "gpt2-124m": (dict(GPT2_SMALL),
                           dict(NANOGPT_TRAIN, lr=6e-4, warmup=2_000, min_lr=6e-5, betas=(0.9, 0.95), steps=600_000,
-                               batch_size=12, eval_every=2_000, chunk=10, eval_iters=200)),
+                               batch_size=12, eval_every=2_000, chunk=100, eval_iters=200)),
         },
         summary="GPT-2 transformer (makemore.py's: 4 layers, 4 heads, n_embd 64), every gradient by hand (llm.c)",
     ),
