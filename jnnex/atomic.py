@@ -16,7 +16,8 @@ Numerics: this decomposition is the lecture's, not a stable one. The max-shift k
 whose probability underflows to 0 (a logit ~1e3 below the row's maximum, in float64) gives ``log 0 = -inf`` and an
 infinite loss; the compact cross-entropy (:func:`jnnex.layers.cross_entropy_forward`, via logsumexp) stays finite.
 
-Exercise mode: :func:`exercise` replaces any intermediate gradients with your own expressions and prints the lecture's
+Grading: :func:`grade` judges a learner's expressions for any gradients each on its own, from the right upstream
+gradients (lesson 5's exercises). Exercise mode: :func:`exercise` replaces any intermediate gradients with your own expressions and prints the lecture's
 ``cmp`` table for every gradient against ``jax.grad``::
 
     >>> from jnnex import atomic
@@ -30,13 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jnnex.models.bn_mlp import BN_MLP_SMALL, BNMLPConfig, BNMLPParams, bn_mlp
-from jnnex.check import Row, compare_arrays, format_table, randomise
+from jnnex.check import Grade, Row, compare_arrays, format_table, grade_call, randomise
 from jnnex.layers import check_shape
 
 # The forward's intermediates, in the order they are computed.
@@ -200,6 +201,14 @@ def backward(f: Mapping, dloss=1.0, overrides: Mapping[str, Callable] | None = N
     return g
 
 
+def parameter_gradients(params: BNMLPParams, g: Mapping) -> BNMLPParams:
+    """The parameters' gradients among ``g`` (``dC``, ``dW1``, … by name) in the parameters' own structure: what an
+    optimiser step takes."""
+    (l1, l2), (bn,) = params.dense, params.bn
+    return BNMLPParams(g["dC"], (l1._replace(W=g["dW1"], b=g["db1"]), l2._replace(W=g["dW2"], b=g["db2"])),
+                       (bn._replace(gamma=g["dbngain"], beta=g["dbnbias"]),))
+
+
 def reference(cfg: BNMLPConfig, params: BNMLPParams, x, y) -> dict:
     """The oracle: every gradient of :data:`GRADIENTS` by ``jax.grad`` (intermediates through zero probes)."""
     _, f = forward(cfg, params, x, y)
@@ -220,6 +229,27 @@ def compare(cfg: BNMLPConfig, params: BNMLPParams, x, y, overrides=None, *, rtol
     mine = backward(forward(cfg, params, x, y)[1], overrides=overrides)
     ref = reference(cfg, params, x, y)
     return [compare_arrays(name, mine[name], ref[name], rtol=rtol, atol=atol) for name in GRADIENTS]
+
+
+def grade(problem, answers: Mapping[str, Callable], *, given: Sequence[str] | None = None, rtol=1e-10,
+          atol=1e-12) -> list[Grade]:
+    """Each answer judged on its own: ``answers[name](f, g)`` against ``jax.grad``'s gradient ``name``, where ``g``
+    holds the *right* gradients computed before it in the backward (or only those ``given`` names) — so one run
+    names every mistake, not the first and everything computed from it. A wrong shape, a NaN or an exception is a
+    row saying what was expected (:class:`jnnex.check.Grade`). Rows in the backward's order."""
+    unknown = set(answers) - set(GRADIENTS)
+    if unknown:
+        raise ValueError(f"answers: unknown gradient names {sorted(unknown)}; choose from {GRADIENTS}")
+    cfg, params, x, y = problem
+    _, f = forward(cfg, params, x, y)
+    ref = reference(cfg, params, x, y)
+    p = types.SimpleNamespace(**f)
+    rows = []
+    for k, name in enumerate(GRADIENTS):
+        if name in answers:
+            g = types.SimpleNamespace(**{n: ref[n] for n in (GRADIENTS[:k] if given is None else given)})
+            rows.append(grade_call(name, answers[name], (p, g), ref[name], rtol=rtol, atol=atol))
+    return rows
 
 
 def example_problem(seed: int = 42, batch: int = 32, dtype=jnp.float64):

@@ -9,6 +9,9 @@
   against ``jax.grad``, with one tolerance rule (:data:`MODEL_RTOL` of that tensor's scale); every model's test uses
   it through :func:`assert_model_gradients`, which names *every* tensor that differs.
 * :func:`custom_vjp` — turns a pair into a function whose ``jax.grad`` uses the hand-written backward.
+* :func:`grade_array`, :func:`grade_sequence`, :func:`grade_backward`, :func:`format_grades` — the lessons' graders: a learner's answer
+  judged on its own (a wrong shape, a NaN or an exception is a row of the table saying what was expected, never a
+  traceback), each against the right value.
 
 A pair follows :mod:`jnnex.layers`' convention: ``forward(*args) -> (out, cache)`` and
 ``backward(dout, cache) -> grads`` with one entry per argument (``None`` for integer inputs; a single array when the
@@ -105,6 +108,115 @@ def compare_arrays(name: str, mine, ref, *, rtol: float = 1e-10, atol: float = 1
     m, r = np.asarray(mine), np.asarray(ref)
     return Row(name, bool(np.array_equal(m, r)), bool(np.allclose(m, r, rtol=rtol, atol=atol)),
                float(np.max(np.abs(m - r))) if m.size else 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grade:
+    """One answer of an exercise, judged: ``verdict`` is ``exact`` (bit for bit), ``close`` (within the
+    tolerances), ``wrong``, ``wrong shape``, ``not finite``, ``error`` (the answer raised) or ``to do`` (``None``:
+    not written yet); ``note`` says what was expected or what went wrong."""
+
+    name: str
+    verdict: str
+    maxdiff: float | None = None
+    note: str = ""
+
+    @property
+    def right(self) -> bool:
+        return self.verdict in ("exact", "close")
+
+
+def grade_array(name: str, got, want, *, rtol: float = 1e-10, atol: float = 1e-12) -> Grade:
+    """A learner's array ``got`` against the right one, ``want``."""
+    if got is None:
+        return Grade(name, "to do", note="not written yet")
+    try:
+        mine = np.asarray(got)
+    except Exception as e:  # noqa: BLE001 (whatever the answer is, the grader says so)
+        return Grade(name, "error", note=f"not an array: {type(e).__name__}: {_first_line(e)}")
+    ref = np.asarray(want)
+    if mine.shape != ref.shape:
+        return Grade(name, "wrong shape", note=f"got shape {mine.shape}, want {ref.shape}")
+    if not np.issubdtype(mine.dtype, np.number):
+        return Grade(name, "error", note=f"got dtype {mine.dtype}, want a number like {ref.dtype}")
+    bad = int(np.size(mine) - np.isfinite(mine).sum())
+    if bad:
+        return Grade(name, "not finite", note=f"{bad} of {mine.size} values are NaN or infinite")
+    diff = float(np.max(np.abs(mine - ref))) if mine.size else 0.0
+    if np.array_equal(mine, ref):
+        return Grade(name, "exact", diff)
+    if np.allclose(mine, ref, rtol=rtol, atol=atol):
+        return Grade(name, "close", diff, f"within {rtol:g} relative")
+    return Grade(name, "wrong", diff, f"largest |yours - right| {diff:.3g}, the right values' largest "
+                                      f"{float(np.max(np.abs(ref))) if ref.size else 0.0:.3g}")
+
+
+def grade_sequence(name: str, got, want, what: str = "item") -> Grade:
+    """A learner's sequence (token ids, merges, a string) against the right one: ``exact``, or ``wrong`` with the
+    first place they differ named."""
+    if got is None:
+        return Grade(name, "to do", note="not written yet")
+    try:
+        mine = list(got) if not isinstance(got, str) else got
+    except TypeError:
+        return Grade(name, "error", note=f"got {type(got).__name__}, want a sequence like {type(want).__name__}")
+    ref = list(want) if not isinstance(want, str) else want
+    if isinstance(mine, list) and isinstance(ref, list):
+        mine = [tuple(m) if isinstance(m, list) else m for m in mine]  # a pair written as a list is the pair
+    if mine == ref:
+        return Grade(name, "exact", 0.0, f"{len(ref)} {what}s, all equal")
+    at = next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), min(len(mine), len(ref)))
+    yours = repr(mine[at]) if at < len(mine) else "(ends)"
+    right = repr(ref[at]) if at < len(ref) else "(ends)"
+    return Grade(name, "wrong", None, f"{len(mine)} {what}s against {len(ref)}; first difference at {what} {at}: "
+                                      f"yours {yours}, want {right}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else "")[:160]
+
+
+def grade_call(name: str, answer: Callable, args: Sequence, want, *, grade: Callable = None, **options) -> Grade:
+    """``answer(*args)`` graded against ``want`` by ``grade`` (default :func:`grade_array`; ``options`` go to it); an
+    exception it raises is the row's note."""
+    try:
+        got = answer(*args)
+    except Exception as e:  # noqa: BLE001
+        return Grade(name, "error", note=f"{type(e).__name__}: {_first_line(e)}")
+    return (grade or grade_array)(name, got, want, **options)
+
+
+def grade_backward(forward: Callable, backward: Callable, *args, names: Sequence[str], key=None,
+                   rtol: float | None = None, atol: float | None = None) -> list[Grade]:
+    """A learner's ``backward`` for ``forward``, graded per input (``names``) against ``jax.vjp`` with a random
+    upstream gradient, as :func:`compare` checks — but run eagerly, so that an exception, a missing gradient or a
+    wrong shape is a row naming what was expected."""
+    key = jax.random.key(0) if key is None else key
+    float_idx = [i for i, a in enumerate(args) if a is not None and jnp.issubdtype(jnp.result_type(a), jnp.floating)]
+    out, cache = forward(*args)
+    dout = jax.random.normal(key, jnp.shape(out), jnp.result_type(out))
+    _, vjp = jax.vjp(lambda *fl: forward(*merge_args(list(args), tuple(float_idx), fl))[0],
+                     *(args[i] for i in float_idx))
+    ref = dict(zip(float_idx, vjp(dout)))
+    scale = max(float(np.max(np.abs(np.asarray(dout)))), *(float(np.max(np.abs(np.asarray(r)))) for r in ref.values()))
+    default_rtol, default_atol = tolerances(jnp.result_type(out), scale)
+    tol = dict(rtol=default_rtol if rtol is None else rtol, atol=default_atol if atol is None else atol)
+    try:
+        mine = _as_tuple(backward(dout, cache))
+    except Exception as e:  # noqa: BLE001
+        return [Grade(names[i], "error", note=f"{type(e).__name__}: {_first_line(e)}") for i in float_idx]
+    if len(mine) != len(args):
+        return [Grade(names[i], "error", note=f"the backward returned {len(mine)} gradients, want {len(args)} (one "
+                                              f"per forward argument: {', '.join(names)})") for i in float_idx]
+    return [grade_array(names[i], mine[i], ref[i], **tol) for i in float_idx]
+
+
+def format_grades(grades: Sequence[Grade]) -> str:
+    """The graded answers as a table: ``name | verdict | max diff | note``, one row each."""
+    width = max((len(g.name) for g in grades), default=4)
+    return "\n".join(f"{g.name:<{width}} | {g.verdict:<11} | "
+                     f"{'' if g.maxdiff is None else f'{g.maxdiff:.2g}':>8} | {g.note}".rstrip() for g in grades)
 
 
 MODEL_RTOL = 1e-10  # float64: a hand-written gradient tensor within 1e-10 of the tensor's scale (max |jax.grad|)

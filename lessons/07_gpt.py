@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from jnnex import learn
-from jnnex.check import compare, format_table
+from jnnex.check import compare, format_grades, grade_backward
 from jnnex.data import Vocab, make_splits
 from jnnex.layers import Linear, cross_entropy_backward, cross_entropy_forward
 from jnnex.lm import evaluate, sample_words
@@ -261,10 +261,11 @@ def my_layernorm_backward(dy, cache):
 
 
 mine = learn.answers("07_gpt", {"layernorm_backward": my_layernorm_backward})["layernorm_backward"]
-rows = compare(G.layernorm_forward, mine, r(B, T, C), 1 + r(C), r(C), names=["dx", "dw", "db"])
-print(format_table(rows))
-wrong = [row.name for row in rows if not row.approx]
-print("all right!" if not wrong else f"wrong: {', '.join(wrong)}")
+# Graded per gradient against jax.vjp: a wrong shape, a NaN or an exception is a row saying what was wanted.
+rows = grade_backward(G.layernorm_forward, mine, r(B, T, C), 1 + r(C), r(C), names=["dx", "dw", "db"])
+print(format_grades(rows))
+wrong = [row.name for row in rows if not row.right]
+print("all right!" if not wrong else f"not right yet: {', '.join(wrong)}")
 
 # %% [markdown]
 # ## 4. Train the whole GPT on its hand-written backward

@@ -12,7 +12,7 @@
 # # Lesson 9 — from names to text: tokens, a Shakespeare GPT, and the modern block by hand
 #
 # **What you will learn**: a text as one long stream of tokens; byte-pair encoding (the tokenizer GPT-2 and GPT-4
-# use), merge by merge; nanoGPT's Shakespeare recipe trained on the GPT of lesson 7; and the three parts that turn
+# use), merge by merge, written on the page and then by you in minbpe's three steps, graded against `jnnex.bpe`; nanoGPT's Shakespeare recipe trained on the GPT of lesson 7; and the three parts that turn
 # GPT-2's block into Llama's — RMSNorm, rotary positions, SwiGLU — each a forward and its backward by hand.
 #
 # Lectures: *Let's build the GPT Tokenizer* (<https://www.youtube.com/watch?v=zduSFxRajkE>), *Let's build GPT*
@@ -42,8 +42,134 @@ print(f"{what}: {len(text):,} characters; it begins {text[:60]!r}")
 # %% [markdown]
 # ## 1. Byte-pair encoding, merge by merge
 #
-# Start from the text's UTF-8 bytes (256 tokens); repeatedly merge the most frequent adjacent pair into a new token.
-# The first merges are the commonest pairs of the language; each one shortens the stream.
+# Start from the text's UTF-8 bytes, which are 256 tokens. Then repeatedly find the most frequent adjacent pair and
+# replace it everywhere by a new token. That takes two functions, written here as the lecture writes them:
+
+# %%
+def get_stats(ids, counts):
+    """Add the count of every adjacent pair in ``ids`` to ``counts`` (a dict), and return it."""
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + 1
+    return counts
+
+
+def merge(ids, pair, idx):
+    """``ids`` with every occurrence of ``pair`` replaced by the new token ``idx``, left to right."""
+    out, i = [], 0
+    while i < len(ids):
+        if i < len(ids) - 1 and (ids[i], ids[i + 1]) == pair:
+            out.append(idx)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+ids = list("aaabdaaabac".encode())
+for idx in (256, 257, 258):  # the Wikipedia example: aa, then ab, then (aa)(ab); ties go to the smaller pair
+    counts = get_stats(ids, {})
+    pair = min(counts, key=lambda p: (-counts[p], p))
+    ids = merge(ids, pair, idx)
+    print(f"merge {pair} -> {idx}: {ids}")
+print("jnnex.bpe gives", bpe.train("aaabdaaabac", 259, pattern=None).encode("aaabdaaabac"))
+
+# %% [markdown]
+# ### Your turn: minbpe's exercise, three steps
+#
+# Each step is graded against `jnnex.bpe` on the first part of the text, with 64 merges. Until you write a step,
+# its row reads `to do`. The solutions are in `lessons/solutions/09_text_and_modern_block.py`.
+#
+# 1. **The basic tokenizer.** `train_basic` returns the merges in order (break ties by the smaller pair, as above).
+#    `encode_basic` applies them to a text: at each turn merge the pair **with the lowest rank** (the earliest
+#    learned), not the leftmost one. `decode` turns ids back into text.
+# 2. **The regex split.** Cut the text with GPT-4's pattern (`regex.findall(pattern, text)`) first, and count and
+#    merge pairs only inside each chunk. A merge then never spans a word and the space before the next.
+# 3. **Special tokens.** `encode_special` maps each special token (`<|endoftext|>`) to its own id wherever it occurs,
+#    and encodes the text between them as in step 2.
+
+# %%
+import regex  # noqa: E402,F401  (for step 2: regex.findall(pattern, text); GPT-4's pattern needs its \p{L})
+
+
+def train_basic(text, vocab_size, get_stats, merge):
+    return None  # your code: the merges, a list of pairs in the order learned
+
+
+def encode_basic(text, merges, get_stats, merge):
+    return None  # your code: the ids
+
+
+def decode(ids, merges):
+    return None  # your code: the text
+
+
+def train_regex(text, vocab_size, pattern, get_stats, merge):
+    return None  # your code
+
+
+def encode_regex(text, merges, pattern, get_stats, merge):
+    return None  # your code
+
+
+def encode_special(text, merges, pattern, special, get_stats, merge):
+    return None  # your code; special = {"<|endoftext|>": 320}
+
+
+yours = learn.answers("09_text_and_modern_block", dict(
+    train_basic=train_basic, encode_basic=encode_basic, decode=decode, train_regex=train_regex,
+    encode_regex=encode_regex, encode_special=encode_special))
+
+# %%
+from jnnex.check import format_grades, grade_call, grade_sequence  # noqa: E402
+
+V, part = 256 + 64, text[: learn.pick(20_000, 5_000)]
+probe = "Hello world's café 👋: the tokens of a text round-trip!"
+basic, gpt4 = bpe.train(part, V, pattern=None), bpe.train(part, V)
+eot = {"<|endoftext|>": V}
+special = bpe.Tokenizer(gpt4.merges, gpt4.pattern, special=(("<|endoftext|>", V),))
+joined = part[:300] + "<|endoftext|>" + part[300:600]
+P = bpe.GPT4_SPLIT_PATTERN
+steps = [
+    grade_call("1 train (basic)", yours["train_basic"], (part, V, get_stats, merge), list(basic.merges),
+               grade=grade_sequence, what="merge"),
+    grade_call("1 encode (basic)", yours["encode_basic"], (part, list(basic.merges), get_stats, merge),
+               basic.encode(part), grade=grade_sequence, what="token"),
+    grade_call("1 decode round trip", lambda: yours["decode"](basic.encode(probe), list(basic.merges)), (), probe,
+               grade=grade_sequence, what="character"),
+    grade_call("2 train (regex)", yours["train_regex"], (part, V, P, get_stats, merge), list(gpt4.merges),
+               grade=grade_sequence, what="merge"),
+    grade_call("2 encode (regex)", yours["encode_regex"], (part, list(gpt4.merges), P, get_stats, merge),
+               gpt4.encode(part), grade=grade_sequence, what="token"),
+    grade_call("3 special tokens", yours["encode_special"], (joined, list(gpt4.merges), P, eot, get_stats, merge),
+               special.encode(joined, allowed_special="all"), grade=grade_sequence, what="token"),
+]
+print(format_grades(steps))
+bpe_wrong = [g.name for g in steps if not g.right]
+
+# %% [markdown]
+# The round trip, shown with jnnex's tokenizer: each token is a run of bytes, and decoding joins them back into the
+# text exactly. A character outside ASCII (é, 👋) is several bytes. Where no merge joined them, each byte is a token
+# of its own (shown in hex), and only together do they decode to the character.
+
+# %%
+def show_token(b):
+    """A token's bytes as text, or as hex where they are part of a character (é is the two bytes c3 a9)."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "<" + " ".join(f"{x:02x}" for x in b) + ">"
+
+
+probe_ids = gpt4.encode(probe)
+print(probe_ids)
+print(" | ".join(show_token(gpt4.vocab[i]) for i in probe_ids))
+round_trip = gpt4.decode(probe_ids) == probe
+print("decode(encode(text)) == text:", round_trip)
+
+# %% [markdown]
+# At the lesson's scale: 512 tokens trained on more of the text. The first merges are the language's commonest
+# pairs, and each merge shortens the stream.
 
 # %%
 sample = text[: learn.pick(200_000, 20_000)]
@@ -112,4 +238,5 @@ for name, (fwd, bwd, args, names) in checks.items():
 
 # %%
 learn.result(val_loss=val, merges=len(tok.merges), bytes_per_token=lengths[-1], modern_block_worst=worst,
-             steps=STEPS, data=what)
+             steps=STEPS, data=what, bpe_steps={g.name: g.verdict for g in steps}, bpe_wrong=bpe_wrong,
+             round_trip=round_trip)

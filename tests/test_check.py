@@ -96,3 +96,43 @@ def test_the_readme_recipe_passes_a_correct_pair_and_fails_a_wrong_one(dtype, tm
     lines = proc.stdout.splitlines()
     assert lines[0] == "correct PASSED" and lines[1].startswith("wrong FAILED"), (dtype, proc.stdout,
                                                                                    proc.stderr[-2000:])
+
+
+def test_the_lessons_grader_names_every_kind_of_answer():
+    """What a learner's answer can be, and the row the grader writes for it: never a traceback, never `maxdiff: inf`."""
+    from jnnex.check import format_grades, grade_array, grade_backward
+
+    want = np.arange(6.0).reshape(2, 3)
+    cases = {"to do": None, "wrong shape": want.T, "not finite": want * np.nan, "exact": want.copy(),
+             "close": want + 1e-13, "wrong": want + 1e-3,
+             "error": np.array([[object()] * 3] * 2)}
+    got = {k: grade_array(k, v, want) for k, v in cases.items()}
+    assert {k: g.verdict for k, g in got.items()} == {k: k for k in cases}
+    assert got["wrong shape"].note == "got shape (3, 2), want (2, 3)"
+    assert got["not finite"].note == "6 of 6 values are NaN or infinite" and got["wrong"].maxdiff == pytest.approx(1e-3)
+    table = format_grades(list(got.values()))
+    assert "inf" not in table.replace("infinite", "") and len(table.splitlines()) == len(cases)
+
+    import jnnex.models.gpt as G
+
+    x, w, b = (jnp.asarray(np.random.default_rng(0).normal(size=s)) for s in ((2, 3, 4), (4,), (4,)))
+    with jax.enable_x64(True):
+        x, w, b = (a.astype(jnp.float64) for a in (x, w, b))
+
+        def raises(dy, cache):
+            return dy @ jnp.ones((5, 5))  # a shape error inside the learner's code
+
+        def short(dy, cache):
+            return G.layernorm_backward(dy, cache)[:2]
+
+        def flat_dw(dy, cache):
+            dx, dw, db = G.layernorm_backward(dy, cache)
+            return dx, dw[None, :], db
+
+        names = ["dx", "dw", "db"]
+        assert all(g.right for g in grade_backward(G.layernorm_forward, G.layernorm_backward, x, w, b, names=names))
+        assert {g.verdict for g in grade_backward(G.layernorm_forward, raises, x, w, b, names=names)} == {"error"}
+        assert "returned 2 gradients, want 3" in grade_backward(G.layernorm_forward, short, x, w, b, names=names)[0].note
+        rows = grade_backward(G.layernorm_forward, flat_dw, x, w, b, names=names)
+        assert [g.name for g in rows] == names and rows[0].right and rows[2].right and rows[1].verdict == "wrong shape"
+        assert rows[1].note == "got shape (1, 4), want (4,)"

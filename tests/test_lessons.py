@@ -88,27 +88,48 @@ def solutions(lesson: str) -> dict:
 
 
 @pytest.mark.lessons
-def test_lesson_5_backprop_ninja_names_the_planted_slip(tmp_path):
-    """The lesson run with the solutions and one planted slip (dbnvar without its -1/2): the check names dbnvar
-    first; what the backward computes before it stays right."""
-    r, _ = run_lesson("05_backprop_ninja", tmp_path, "slip")
-    assert r["first_wrong"] == "dbnvar" and "dbnvar_inv" not in r["wrong"] and "dh" not in r["wrong"]
+def test_lesson_5_backprop_ninja_names_every_planted_slip(tmp_path):
+    """The lesson run with the solutions and four planted slips — a wrong value (dbnvar without its -1/2), a wrong
+    shape (dbnvar_inv without keepdims), Bessel's n - 1 in dbndiff2 and in exercise 3: the grader names each of them,
+    each graded from the right upstream gradients (so the other 23 of exercise 1 stay right), the shape as its row;
+    exercise 4 waits for exercise 1. The page's forward is jnnex's, and the n vs n - 1 factor is computed."""
+    r, out = run_lesson("05_backprop_ninja", tmp_path, "slip")
+    v = r["verdicts"]
+    assert (v["dbnvar"], v["dbnvar_inv"], v["dbndiff2"]) == ("wrong", "wrong shape", "wrong")
+    assert sorted(r["wrong"]) == ["dbndiff2", "dbnvar", "dbnvar_inv"] and len(v) == 26
+    assert r["ex2"] in ("exact", "close") and r["ex3"] == "wrong"
+    assert "got shape (64,), want (1, 64)" in out and "Traceback" not in out
+    assert r["train_gap"] is None and r["forward_gap"] == 0.0 and abs(r["bessel_ratio"] - 32 / 31) < 1e-5
     assert set(r["yours"]) == set(solutions("05_backprop_ninja")["SOLUTIONS"])
 
 
-def test_lesson_5_solutions_pass_the_lessons_check():
-    """The same check the lesson runs (``atomic.compare``), on the solutions: every gradient right; and on the
-    lesson's placeholders: each one wrong."""
+def test_lesson_5_solutions_pass_the_lessons_grader():
+    """The lesson's grader (``atomic.grade``) on the solutions: every answer of exercises 1–3 right; the lesson's
+    placeholder (``None``) reads "to do"; an answer that raises is a row naming the error."""
     import jax
     import jax.numpy as jnp
 
     from jnnex import atomic
     with jax.enable_x64(True):
         problem = atomic.example_problem(dtype=jnp.float64)
-        rows = atomic.compare(*problem, overrides=solutions("05_backprop_ninja")["SOLUTIONS"])
-        assert [r.name for r in rows if not r.approx] == []
-        placeholder = {"dprobs": lambda f, g: jnp.zeros_like(f.probs)}
-        assert "dprobs" in [r.name for r in atomic.compare(*problem, overrides=placeholder) if not r.approx]
+        sol = solutions("05_backprop_ninja")["SOLUTIONS"]
+        ex1 = {k: v for k, v in sol.items() if not k.startswith("ex")}
+        assert len(ex1) == len(atomic.GRADIENTS) == 26
+        assert [r.name for r in atomic.grade(problem, ex1) if not r.right] == []
+        assert atomic.grade(problem, {"dlogits": sol["ex2_dlogits"]}, given=())[0].right
+        assert atomic.grade(problem, {"dhprebn": sol["ex3_dhprebn"]}, given=("dhpreact",))[0].right
+        rows = atomic.grade(problem, {"dprobs": lambda f, g: None, "dh": lambda f, g: g.dC})
+        assert [(r.verdict, r.note[:30]) for r in rows] == [("to do", "not written yet"),
+                                                            ("error", "AttributeError: 'types.SimpleN")]
+
+
+@pytest.mark.lessons
+def test_lesson_5_trains_on_the_solutions_backward(tmp_path):
+    """With every answer right, exercise 4 trains on the learner's own chained backward and ends where jax.grad's
+    run does (float64, 200 steps)."""
+    r, _ = run_lesson("05_backprop_ninja", tmp_path, "solutions")
+    assert r["wrong"] == [] and r["ex2"] in ("exact", "close") and r["ex3"] in ("exact", "close")
+    assert r["train_gap"] is not None and r["train_gap"] < 1e-10
 
 
 @pytest.mark.lessons
@@ -155,9 +176,37 @@ def test_lesson_8_rnn(tmp_path):
 
 
 @pytest.mark.lessons
-def test_lesson_9_text_and_modern_block(tmp_path):
-    r, _ = run_lesson("09_text_and_modern_block", tmp_path)
+def test_lesson_9_text_and_modern_block_names_the_planted_bpe_slips(tmp_path):
+    """The lesson run with the BPE solutions and two planted slips (encoding leftmost-first instead of by rank;
+    regex training counting pairs across the chunks): the grader names exactly those two steps, the other four are
+    exact; the round trip holds; the GPT trains and the modern block's pairs agree with jax.vjp."""
+    r, out = run_lesson("09_text_and_modern_block", tmp_path, "slip")
+    assert r["bpe_wrong"] == ["1 encode (basic)", "2 train (regex)"], r["bpe_steps"]
+    assert all(v == "exact" for k, v in r["bpe_steps"].items() if k not in r["bpe_wrong"]), r["bpe_steps"]
+    assert "first difference at" in out and r["round_trip"] is True
     assert r["modern_block_worst"] < 1e-12 and r["bytes_per_token"] > 1.0 and r["merges"] > 0
+
+
+def test_lesson_9_bpe_solutions_equal_jnnex_bpe():
+    """The two solutions the slip replaces, graded as the lesson grades them: equal to jnnex.bpe."""
+    from jnnex import bpe
+
+    sol = solutions("09_text_and_modern_block")["SOLUTIONS"]
+    page = {}
+    exec(compile("\n".join(_page_helpers()), "lesson 9", "exec"), page)
+    text = "The cat sat on the mat; the dog sat on the log. Ünïcödé 👋 too!\n" * 20
+    basic, gpt4 = bpe.train(text, 300, pattern=None), bpe.train(text, 300)
+    assert sol["encode_basic"](text, list(basic.merges), page["get_stats"], page["merge"]) == basic.encode(text)
+    assert sol["train_regex"](text, 300, bpe.GPT4_SPLIT_PATTERN, page["get_stats"], page["merge"]) == \
+        list(gpt4.merges)
+
+
+def _page_helpers() -> list[str]:
+    """Lesson 9's get_stats and merge, as its page writes them."""
+    lines = (LESSONS / "09_text_and_modern_block.py").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("def get_stats"))
+    end = next(i for i, line in enumerate(lines) if i > start and line.startswith("ids = list("))
+    return lines[start:end]
 
 
 @pytest.mark.lessons
