@@ -91,12 +91,27 @@ def read_result(text: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def _inputs_first(root) -> list:
+    """The nodes of a scalar graph (any object with ``_prev``, its inputs), each after its inputs."""
+    order, seen, stack = [], set(), [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+        elif id(node) not in seen:
+            seen.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in node._prev if id(child) not in seen)
+    return order
+
+
 def draw_graph(root, title: str = "the computation graph"):
-    """A picture of a scalar :class:`jnnex.micrograd.engine.Value` graph (what ``to_dot`` describes, drawn with
-    matplotlib alone): one box per value — its ``data`` and ``grad`` — in columns by depth from the inputs, each
-    result's operation written on its box, arrows from inputs to results. Returns the figure."""
+    """A picture of a scalar graph — :class:`jnnex.micrograd.engine.Value`'s, or any value with ``data``, ``grad``,
+    ``_prev`` and ``_op`` (a lesson's own) — drawn with matplotlib alone: one box per value with its name (a
+    ``label`` where the value has one), ``data`` and ``grad``, in columns by depth from the inputs, each result's
+    operation written on its box, arrows from inputs to results. Returns the figure."""
     plt = pyplot()
-    order = root.topological_order()
+    order = _inputs_first(root)
     depth: dict[int, int] = {}
     for node in order:  # inputs first: a node's depth is one more than its deepest input's
         depth[id(node)] = 1 + max((depth[id(c)] for c in node._prev), default=-1)
@@ -113,7 +128,9 @@ def draw_graph(root, title: str = "the computation graph"):
         for child in node._prev:
             cx, cy = where[id(child)]
             ax.annotate("", xy=(x - 0.32, y), xytext=(cx + 0.32, cy), arrowprops={"arrowstyle": "->", "color": "0.5"})
-        label = (f"{node._op}\n" if node._op else "") + f"data {node.data:.3g}\ngrad {node.grad:.3g}"
+        name = getattr(node, "label", "")
+        label = (f"{name}" + (" = " if name and node._op else "") + (node._op if node._op else "") + "\n"
+                 if name or node._op else "") + f"data {node.data:.4g}\ngrad {node.grad:.4g}"
         ax.text(x, y, label, ha="center", va="center", fontsize=8, family="monospace",
                 bbox={"boxstyle": "round", "fc": "#eef" if node._op else "#efe", "ec": "0.4"})
     ax.set(xlim=(-0.6, len(columns) - 0.4), ylim=(min(y for _, y in where.values()) - 0.8,

@@ -11,8 +11,9 @@
 # %% [markdown]
 # # Lesson 1 — backpropagation from first principles (micrograd)
 #
-# **What you will learn**: what a derivative measures; how a scalar autograd engine (`Value`) records a computation
-# and runs the chain rule backwards through it, one local derivative per operation; and how the same engine trains
+# **What you will learn**: what a derivative measures; how a scalar autograd engine (`Value`, written here in thirty
+# lines and shown equal to jnnex's) records a computation and runs the chain rule backwards through it, one local
+# derivative per operation; and how the same engine trains
 # a small neural net to separate two moons — then the same net on whole tensors, with its backward by hand.
 #
 # Lecture: *The spelled-out intro to neural networks and backpropagation: building micrograd*
@@ -29,7 +30,6 @@ import numpy as np
 
 from jnnex import learn
 from jnnex.micrograd import tensor_mlp
-from jnnex.micrograd.engine import Value
 from jnnex.micrograd.nn import MLP, moons_loss, train_moons
 
 plt = learn.pyplot()
@@ -59,29 +59,117 @@ ax.legend()
 learn.show(fig, "01-derivative")
 
 # %% [markdown]
-# ## 2. `Value`: every operation remembers its inputs and its local derivatives
+# ## 2. `Value`, written here: every operation remembers its inputs and how to pass a gradient back
 #
-# `a * b` makes a node whose local derivatives are `(b, a)`; `backward()` visits the nodes from the output back,
-# multiplying each local derivative by the gradient arriving from above and *adding* it into the input's `grad`
-# (the chain rule; a value used twice gets both contributions).
+# This is the lecture's engine, about thirty lines. Each operation makes a new `Value` from its inputs, and sets a
+# `_backward` that knows the operation's **local derivative**. For `out = a * b`, that is `a.grad += b · out.grad`
+# and `b.grad += a · out.grad`. `backward()` orders the graph so that each node comes after its inputs, then calls
+# every `_backward` from the output back. That is the chain rule, applied once per node. Gradients are *added*, so a
+# value used twice receives both contributions.
 
 # %%
-a, b, c, f_ = Value(2.0), Value(-3.0), Value(10.0), Value(-2.0)
-e = a * b
-d = e + c
-L = d * f_
-L.backward()
-for name, v in [("a", a), ("b", b), ("c", c), ("e", e), ("d", d), ("f", f_), ("L", L)]:
-    print(f"{name}: data {v.data:6.1f}   dL/d{name} = {v.grad:6.1f}")
-learn.show(learn.draw_graph(L, "L = (a·b + c)·f, after L.backward()"), "01-graph")
+import math  # noqa: E402
+
+
+class Value:
+    def __init__(self, data, _children=(), _op="", label=""):
+        self.data, self.grad = data, 0.0
+        self._backward = lambda: None  # how this node passes its gradient to its inputs
+        self._prev, self._op, self.label = set(_children), _op, label
+
+    def __add__(self, other):
+        out = Value(self.data + other.data, (self, other), "+")
+
+        def _backward():
+            self.grad += 1.0 * out.grad  # d(a + b)/da = 1
+            other.grad += 1.0 * out.grad
+
+        out._backward = _backward
+        return out
+
+    def __mul__(self, other):
+        out = Value(self.data * other.data, (self, other), "*")
+
+        def _backward():
+            self.grad += other.data * out.grad  # d(a·b)/da = b
+            other.grad += self.data * out.grad
+
+        out._backward = _backward
+        return out
+
+    def tanh(self):
+        t = math.tanh(self.data)
+        out = Value(t, (self,), "tanh")
+
+        def _backward():
+            self.grad += (1 - t**2) * out.grad  # d tanh(x)/dx = 1 − tanh²(x)
+
+        out._backward = _backward
+        return out
+
+    def backward(self):
+        topo, seen = [], set()
+
+        def build(v):  # every node after the nodes it was made from
+            if v not in seen:
+                seen.add(v)
+                for child in v._prev:
+                    build(child)
+                topo.append(v)
+
+        build(self)
+        self.grad = 1.0  # dL/dL
+        for v in reversed(topo):
+            v._backward()
+
+
+# The lecture's neuron: two inputs, two weights, a bias, tanh.
+x1, x2 = Value(2.0, label="x1"), Value(0.0, label="x2")
+w1, w2 = Value(-3.0, label="w1"), Value(1.0, label="w2")
+b = Value(6.8813735870195432, label="b")
+x1w1 = x1 * w1
+x1w1.label = "x1w1"
+x2w2 = x2 * w2
+x2w2.label = "x2w2"
+s_ = x1w1 + x2w2
+s_.label = "x1w1+x2w2"
+n = s_ + b
+n.label = "n"
+o = n.tanh()
+o.label = "o"
+o.backward()
+page = {v.label: (v.data, v.grad) for v in (x1, x2, w1, w2, b, n, o)}
+for name, (data, grad) in page.items():
+    print(f"{name:3}: data {data:8.4f}   do/d{name} = {grad:8.4f}")
+learn.show(learn.draw_graph(o, "the lecture's neuron, o = tanh(x1·w1 + x2·w2 + b), after o.backward()"), "01-graph")
 
 # %% [markdown]
-# Check it against JAX's autodiff on the same function: the gradients are the numbers in the boxes.
+# The same neuron on jnnex's engine (`jnnex.micrograd.engine.Value`, which is built without closures so that big
+# graphs free themselves, and extends the operations to `exp`, `log`, `**` and ReLU). It gives the same data and
+# gradients. Then JAX's autodiff on the same function gives the same gradients once more.
 
 # %%
-grads = jax.grad(lambda a, b, c, f: (a * b + c) * f, argnums=(0, 1, 2, 3))(2.0, -3.0, 10.0, -2.0)
-print("jax.grad:", [float(g) for g in grads], " Value:", [a.grad, b.grad, c.grad, f_.grad])
-assert np.allclose([float(g) for g in grads], [a.grad, b.grad, c.grad, f_.grad])
+from jnnex.micrograd.engine import Value as JValue  # noqa: E402
+
+jx1, jx2, jw1, jw2, jb = (JValue(v) for v in (2.0, 0.0, -3.0, 1.0, 6.8813735870195432))
+jo = (jx1 * jw1 + jx2 * jw2 + jb).tanh()
+jo.backward()
+theirs = {"x1": jx1.grad, "x2": jx2.grad, "w1": jw1.grad, "w2": jw2.grad, "b": jb.grad}
+engine_gap = max(abs(page[k][1] - theirs[k]) for k in theirs) + abs(page["o"][0] - jo.data)
+grads = jax.grad(lambda x1, x2, w1, w2, b: jnp.tanh(x1 * w1 + x2 * w2 + b), argnums=range(5))(
+    2.0, 0.0, -3.0, 1.0, 6.8813735870195432)
+jax_gap = max(abs(float(g) - page[k][1]) for g, k in zip(grads, ("x1", "x2", "w1", "w2", "b")))
+print(f"page vs jnnex engine: largest difference {engine_gap:.1e}; page vs jax.grad (float32): {jax_gap:.1e}")
+
+# %% [markdown]
+# A value used twice: `b = a + a` must give `db/da = 2`. Each use adds its share (this is why `_backward` uses
+# `+=`).
+
+# %%
+a = Value(3.0, label="a")
+twice = a + a
+twice.backward()
+print(f"b = a + a: db/da = {a.grad} (the lecture's bug, with = instead of +=, gives 1.0)")
 
 # %% [markdown]
 # ## 3. A neuron, and a net that separates two moons
@@ -133,4 +221,5 @@ learn.show(fig, "01-decision-boundary")
 # * Read `Value.backward` (ten lines) and explain why it zeroes the grads before accumulating.
 
 # %%
-learn.result(scalar_loss=scalar_loss.data, scalar_accuracy=scalar_acc, tensor_loss=tensor_loss, steps=STEPS)
+learn.result(scalar_loss=scalar_loss.data, scalar_accuracy=scalar_acc, tensor_loss=tensor_loss, steps=STEPS,
+             engine_gap=engine_gap, jax_gap=jax_gap, used_twice=a.grad, neuron_o=page["o"][0])

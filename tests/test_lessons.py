@@ -56,6 +56,9 @@ def test_every_lesson_is_a_jupytext_percent_script_with_a_header_and_a_next_step
 def test_lesson_1_micrograd(tmp_path):
     r, _ = run_lesson("01_micrograd", tmp_path)
     assert abs(r["scalar_loss"] - r["tensor_loss"]) < 1e-4  # the scalar engine and the tensor backward agree
+    # the page's own Value: the lecture's neuron equal to jnnex's engine and to jax.grad; a value used twice adds up
+    assert r["engine_gap"] == 0.0 and r["jax_gap"] < 1e-6 and r["used_twice"] == 2.0
+    assert abs(r["neuron_o"] - 0.7071067811865476) < 1e-6
     assert 0.5 <= r["scalar_accuracy"] <= 1.0
 
 
@@ -73,6 +76,8 @@ def test_lesson_3_mlp(tmp_path):
     r, _ = run_lesson("03_mlp", tmp_path)
     assert r["dev_loss"] < 10  # down from N(0, 1) init's ~27 (at the tiny size, not yet below ln 27)
     assert r["overfit_train"] < r["overfit_dev"] - 0.5  # 30 names memorised
+    # the page's model is jnnex's (loss and every gradient, float32), and the page's loop learns
+    assert r["mlp_gap"] < 1e-5 and r["page_last"] < 0.5 * r["page_first"]
 
 
 @pytest.mark.lessons
