@@ -85,6 +85,12 @@ def test_lesson_4_activations_batchnorm(tmp_path):
     r, _ = run_lesson("04_activations_batchnorm", tmp_path)
     assert r["original_first_loss"] > 10 and abs(r["kaiming_first_loss"] - math.log(27)) < 0.5
     assert -6 < r["final_update_ratio_mean"] < 0
+    # the page's BatchNorm (train, running statistics, eval) is jnnex's; saturation grows with the gain, as the
+    # histograms say; the ratios fall by about log10(10) where the learning rate drops ten times
+    assert r["bn_gap"] < 1e-5 and abs(r["lr_drop"] - 1.0) < 0.2
+    sat = r["saturation"]
+    assert max(sat["1"]) < min(sat["3"]) and sum(sat["1.67"]) < sum(sat["3"])
+    assert set(r["grad_data"]) >= {".C", ".dense[0].W"} and all(v > 0 for v in r["grad_data"].values())
 
 
 def solutions(lesson: str) -> dict:
