@@ -147,6 +147,10 @@ def test_lesson_5_trains_on_the_solutions_backward(tmp_path):
 def test_lesson_6_wavenet(tmp_path):
     r, _ = run_lesson("06_wavenet", tmp_path)
     assert r["tree_vs_conv"] < 1e-5 and r["test_loss"] < math.log(27)
+    # the page's tree (the pairing reshape, BatchNorm over (0, 1)) is jnnex's; the lecture's shapes; three stages
+    assert r["tree_gap"] < 1e-5 and r["shapes"][:3] == [[32, 8, 24], [32, 4, 48], [32, 4, 128]]
+    assert r["shapes"][-1] == [32, 27] and len(r["progression"]) == 3
+    assert all(math.isfinite(v) and v < math.log(27) for v in r["progression"].values())
 
 
 @pytest.mark.lessons
