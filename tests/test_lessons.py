@@ -188,6 +188,8 @@ def test_lesson_7_solution_passes_the_lessons_check():
 def test_lesson_8_rnn(tmp_path):
     r, _ = run_lesson("08_rnn", tmp_path)
     assert r["reach_rnn_init"] < r["reach_gru_init"]  # the plain RNN's gradient vanishes faster going back
+    # the page's cells are jnnex's, and so is its backprop through time
+    assert r["cell_gap"]["rnn"] < 1e-5 and r["cell_gap"]["gru"] < 1e-5 and r["bptt_gap"] < 1e-5
 
 
 @pytest.mark.lessons
