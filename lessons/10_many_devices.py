@@ -78,11 +78,34 @@ print(f"x is split as {[s.data.shape for s in x4.addressable_shards]}; gradients
 mlp = build_for_words(REGISTRY["mlp"], words, vocab)
 mx, my = (jnp.asarray(a[:32]) for a in make_splits(words, 3, vocab=vocab).train)
 mparams = randomise(mlp.init(jax.random.key(0))[0], jax.random.key(1), jnp.float64)
-wrong = jax.jit(parallel.pitfall_step_gradients(mlp, mesh))(mparams, (), mx, my)
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+
+def pitfall(p, x, y):  # under shard_map: x, y are this device's 8 rows; p is whole on every device
+    g = jax.grad(lambda p: mlp.objective(p, (), x, y)[0])(p)  # the gradient of this device's own loss ...
+    return jax.lax.pmean(g, "data")  # ... averaged over the devices: the tempting step
+
+
+def right(p, x, y):
+    n_local = (y >= 0).sum()
+    n = jax.lax.psum(n_local, "data")  # the targets of the whole batch
+
+    def global_loss(p):  # the whole batch's mean loss: each device's mean, weighted by its share, summed
+        return jax.lax.psum(mlp.objective(p, (), x, y)[0] * n_local / n, "data")
+
+    return jax.grad(global_loss)(p)  # replicated p: autodiff sums its cotangent over the devices itself
+
+
+specs = dict(mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P())
+wrong = jax.jit(jax.shard_map(pitfall, **specs))(mparams, mx, my)
+done_right = jax.jit(jax.shard_map(right, **specs))(mparams, mx, my)
 true = jax.grad(lambda p: mlp.objective(p, (), mx, my)[0])(mparams)
 norm = lambda tree: float(jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(tree))))  # noqa: E731
 ratio = norm(wrong) / norm(true)
-print(f"‖pmean of per-device grads‖ ÷ ‖the true gradient‖: {ratio:.6f}")
+right_gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(done_right), jax.tree.leaves(true)))
+lib_wrong = jax.jit(parallel.pitfall_step_gradients(mlp, mesh))(mparams, (), mx, my)  # jnnex keeps the mistake too
+print(f"‖pmean of per-device grads‖ ÷ ‖the true gradient‖: {ratio:.6f} (jnnex's pitfall_step_gradients: "
+      f"{norm(lib_wrong) / norm(true):.6f}); the right step, written above, vs jax.grad on one device: {right_gap:.1e}")
 
 # The right way, written out: each device's local loss weighted by its share of the targets, psum-ed; one SGD step
 sgd = make_optimizer(TrainConfig(optimizer="sgd", lr=0.1))
@@ -136,6 +159,6 @@ print(f"dev loss after {STEPS} steps: one device {one.evals[-1]['dev_loss']:.5f}
 # * Count the all-reduces in `jax.jit(step).lower(...).as_text()` of the split GPT: 4 per block.
 
 # %%
-learn.result(dp_gap=dp_gap, pitfall_ratio=ratio, explicit_gap=explicit_gap, fsdp_fraction=per_device["FSDP over 4"] / per_device["one device"],
+learn.result(dp_gap=dp_gap, pitfall_ratio=ratio, explicit_gap=explicit_gap, right_gap=right_gap, fsdp_fraction=per_device["FSDP over 4"] / per_device["one device"],
              tp_fraction=per_device["TP 2 x 2"] / per_device["one device"],
              one_dev_loss=one.evals[-1]["dev_loss"], tp_dev_loss=tp.evals[-1]["dev_loss"], steps=STEPS)

@@ -230,4 +230,5 @@ def _page_helpers() -> list[str]:
 def test_lesson_10_many_devices(tmp_path):
     r, _ = run_lesson("10_many_devices", tmp_path)
     assert r["dp_gap"] < 1e-12 and abs(r["pitfall_ratio"] - 4) < 1e-9 and r["explicit_gap"] < 1e-12
+    assert r["right_gap"] < 1e-12  # the page's own right step under shard_map is one device's gradient
     assert r["fsdp_fraction"] < 0.26 and abs(r["tp_dev_loss"] - r["one_dev_loss"]) < 1e-4
