@@ -210,12 +210,43 @@ print(rc.vocab.decode(np.asarray(prompt)) + rc.vocab.decode(np.asarray(out[0])))
 #   so `q·k` depends on the distance between positions only;
 # * **SwiGLU**: the MLP's nonlinearity as a gate, `silu(x W₁) ⊙ (x W₃)`.
 #
-# Each against `jax.vjp` of its forward, in float64:
+# Each forward is written here first, and shown equal to jnnex's:
 
 # %%
 jax.config.update("jax_enable_x64", True)
 rng = np.random.default_rng(0)
 r = lambda *s: jnp.asarray(rng.normal(size=s))  # noqa: E731
+
+
+def rmsnorm(x, gain, eps=1e-5):
+    return x / jnp.sqrt((x * x).mean(-1, keepdims=True) + eps) * gain  # no mean subtracted, no bias
+
+
+def rope(x, pos0=0, base=10_000.0):  # x: (B, heads, T, hs); channel i pairs with channel i + hs/2
+    T, hs = x.shape[2], x.shape[3]
+    freq = base ** (-jnp.arange(0, hs, 2) / hs)  # (hs/2,): 1, …, base^(-(hs-2)/hs)
+    angle = (pos0 + jnp.arange(T))[:, None] * freq[None, :]  # (T, hs/2): position × frequency
+    x1, x2 = x[..., : hs // 2], x[..., hs // 2:]
+    return jnp.concatenate([x1 * jnp.cos(angle) - x2 * jnp.sin(angle), x2 * jnp.cos(angle) + x1 * jnp.sin(angle)], -1)
+
+
+def swiglu(h):  # h = [x W1, x W3] side by side (the fused projection)
+    a, b = jnp.split(h, 2, axis=-1)
+    return jax.nn.silu(a) * b  # silu(a) = a · sigmoid(a)
+
+
+xr, gr, xq, xh = r(2, 5, 8), 1 + r(8), r(2, 3, 5, 8), r(2, 5, 16)
+page_gap = max(float(jnp.abs(rmsnorm(xr, gr) - Ll.rmsnorm_forward(xr, gr)[0]).max()),
+               float(jnp.abs(rope(xq, 3) - Ll.rope_forward(xq, 3)[0]).max()),
+               float(jnp.abs(swiglu(xh) - Ll.swiglu_forward(xh)[0]).max()))
+print(f"RMSNorm, rotary positions (from position 3) and SwiGLU: the page's vs jnnex's forwards, largest difference "
+      f"{page_gap:.1e}")
+
+# %% [markdown]
+# jnnex writes each one's backward by hand beside its forward. Here each is checked against `jax.vjp` of its forward,
+# in float64:
+
+# %%
 checks = {
     "RMSNorm": (Ll.rmsnorm_forward, Ll.rmsnorm_backward, (r(2, 5, 8), 1 + r(8)), ["dx", "dgain"]),
     "rotary positions": (Ll.rope_forward, lambda dy, cache: Ll.rope_backward(dy, cache)[0], (r(2, 3, 5, 8),),
@@ -239,4 +270,4 @@ for name, (fwd, bwd, args, names) in checks.items():
 # %%
 learn.result(val_loss=val, merges=len(tok.merges), bytes_per_token=lengths[-1], modern_block_worst=worst,
              steps=STEPS, data=what, bpe_steps={g.name: g.verdict for g in steps}, bpe_wrong=bpe_wrong,
-             round_trip=round_trip)
+             round_trip=round_trip, modern_block_page=page_gap)

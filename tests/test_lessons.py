@@ -202,6 +202,7 @@ def test_lesson_9_text_and_modern_block_names_the_planted_bpe_slips(tmp_path):
     assert all(v == "exact" for k, v in r["bpe_steps"].items() if k not in r["bpe_wrong"]), r["bpe_steps"]
     assert "first difference at" in out and r["round_trip"] is True
     assert r["modern_block_worst"] < 1e-12 and r["bytes_per_token"] > 1.0 and r["merges"] > 0
+    assert r["modern_block_page"] < 1e-12  # the page's RMSNorm, RoPE and SwiGLU are jnnex's (float64)
 
 
 def test_lesson_9_bpe_solutions_equal_jnnex_bpe():
