@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jnnex import atomic, learn
-from jnnex.check import format_grades
+from jnnex.check import Grade, format_grades, grade_array
 
 jax.config.update("jax_enable_x64", True)  # float64: "close" means agreeing to ~1e-12, not ~1e-6
 problem = atomic.example_problem(dtype=jnp.float64)  # bn-mlp: n_embd 10, 64 hidden, block 3, a batch of 32
@@ -224,18 +224,20 @@ def autodiff(params, x, y):
 
 
 ref_params, ref_losses = train(autodiff, steps)
+flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])  # noqa: E731  every parameter
 if wrong:
-    print(f"exercise 4 trains on exercise 1's answers: first make all {len(grades)} right ({len(wrong)} are not); "
-          f"meanwhile, jax.grad's run: loss {ref_losses[:20].mean():.4f} -> {ref_losses[-20:].mean():.4f} over "
+    ex4 = [Grade("trained parameters", "to do", note=f"trains on exercise 1's answers: first make all {len(grades)} "
+                                                     f"right ({len(wrong)} are not)")]
+    print(f"meanwhile, jax.grad's run: loss {ref_losses[:20].mean():.4f} -> {ref_losses[-20:].mean():.4f} over "
           f"{steps} steps")
     train_gap = None
 else:
     my_params, my_losses = train(yours, steps)
-    train_gap = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(my_params),
-                                                              jax.tree.leaves(ref_params)))
+    train_gap = float(np.max(np.abs(flat(my_params) - flat(ref_params))))
+    ex4 = [grade_array("trained parameters", flat(my_params), flat(ref_params), rtol=1e-8, atol=1e-10)]
     print(f"{steps} steps on {source}: loss {my_losses[:20].mean():.4f} -> {my_losses[-20:].mean():.4f} on your "
-          f"backward, {ref_losses[:20].mean():.4f} -> {ref_losses[-20:].mean():.4f} on jax.grad; the parameters' "
-          f"largest difference at the end: {train_gap:.1e}")
+          f"backward, {ref_losses[:20].mean():.4f} -> {ref_losses[-20:].mean():.4f} on jax.grad")
+print(format_grades(ex4))
 
 # %% [markdown]
 # ## A picture of your answers
@@ -270,4 +272,4 @@ learn.show(fig, "05-answers")
 # %%
 learn.result(forward_gap=forward_gap, bessel_ratio=ratio, wrong=wrong,
              verdicts={r.name: r.verdict for r in grades}, ex2=ex2[0].verdict, ex3=ex3[0].verdict,
-             ex3_note=ex3[0].note, train_gap=train_gap, steps=steps, yours=sorted(answers))
+             ex3_note=ex3[0].note, ex4=ex4[0].verdict, train_gap=train_gap, steps=steps, yours=sorted(answers))
