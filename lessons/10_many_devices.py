@@ -20,7 +20,7 @@
 # Code: `jnnex/parallel.py`, `jnnex/tensor_parallel.py`. Background: the JAX sharding tutorial
 # (<https://docs.jax.dev/en/latest/sharded-computation.html>), Megatron-LM (Shoeybi et al. 2019).
 # No GPU needed: JAX splits this CPU into 4 *forced* devices (they share the cores, so nothing gets faster — the
-# point is the arithmetic). **Full size** (`python lessons/10_many_devices.py`, 2 cores, 50 s measured): data
+# point is the arithmetic). **Full size** (`python lessons/10_many_devices.py`, 2 cores, 35 s measured): data
 # parallel on 4 devices equals one device to 1.1e-16 in float64, and so does the explicit `shard_map` step; the
 # pitfall is 4.000000× off; FSDP keeps 0.250 of the GPT's state on each device, tensor parallel 0.55; 2,000 AdamW
 # steps on the 2 × 2 split end at dev 2.21302, one device's to every printed digit.
