@@ -145,6 +145,41 @@ def combine_static(arrays, static):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Activation recomputation: a policy on what a block's forward keeps for its backward
+
+
+RECOMPUTE = ("none", "blocks")  # keep every block's caches; or keep each block's input, and run its forward again
+
+
+class Recompute(NamedTuple):
+    """What a block keeps under ``recompute="blocks"``: its input, its index, the forward's dropout key and mode, from
+    which :func:`recomputed` runs the same forward again in the backward (the same dropout masks: they are drawn from
+    the key and the index)."""
+
+    h: jax.Array
+    i: int
+    key: jax.Array | None
+    train: bool
+
+
+def keep(recompute: str, h_in, i: int, key, train: bool, cache):
+    """What block ``i``'s forward stores for the backward: its ``cache``, or under ``recompute="blocks"`` in training
+    only its input ``h_in`` (an evaluation keeps its caches: nothing runs backward through them)."""
+    return Recompute(h_in, i, key, train) if recompute == "blocks" and train else cache
+
+
+def recomputed(block_forward: Callable, cfg, blk, c, dh):
+    """``(cache, dh)``: the block's cache as stored, or, for a :class:`Recompute`, its forward run again from its
+    input. The input and the arriving gradient ``dh`` pass an optimisation barrier together, so XLA can neither reuse
+    the first forward's values (which would keep them alive) nor run the recomputation before the backward reaches
+    this block."""
+    if not isinstance(c, Recompute):
+        return c, dh
+    h, dh = jax.lax.optimization_barrier((c.h, dh))
+    return block_forward(cfg, blk, h, c.i, train=c.train, key=c.key)[1], dh
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Linear: y = x @ W + b
 
 

@@ -42,8 +42,9 @@ from jnnex.collectives import (
     row_linear_forward,
 )
 from jnnex.layers import (
-    PRECISIONS, Linear, Pair, check_dropout_key, check_shape, compute_params, dropout_backward, dropout_in_training,
-    linear_backward, matmul, matmul_nt, matmul_tn, param_grads, per_channel, transpose, wide,
+    PRECISIONS, RECOMPUTE, Linear, Pair, check_dropout_key, check_shape, compute_params, dropout_backward,
+    dropout_in_training, keep, linear_backward, matmul, matmul_nt, matmul_tn, param_grads, per_channel, recomputed,
+    transpose, wide,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.settings import check_choice, positive_int, setting
@@ -300,6 +301,10 @@ class GPTConfig:
     precision: str = setting("float32", "the forward's and backward's arithmetic: float32 (the parameters' own), or "
                                         "bfloat16 with float32 sums, norms, softmax and loss (parameters stay float32)",
                              choices=PRECISIONS)
+    recompute: str = setting("none", "what the training forward keeps for the backward: none (every block's "
+                                     "activations) or blocks (each block's input alone; its forward runs again in "
+                                     "the backward: about 1/n_layer of the memory, for one more block forward each)",
+                             choices=RECOMPUTE)
     model_axis: str | None = setting(None, "the mesh axis the blocks' heads and MLP split along under jax.shard_map "
                                            "(Megatron's tensor parallelism; set by jnnex.tensor_parallel)", flag=False)
     batch_axis: str | None = setting(None, "the mesh axis the batch's rows split along under jax.shard_map: dropout "
@@ -309,6 +314,7 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             positive_int(name, getattr(self, name))
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("recompute", self.recompute, RECOMPUTE)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
@@ -452,8 +458,9 @@ def forward(cfg: GPTConfig, params: GPTParams, state, x, train: bool, key=None) 
     h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train, cfg.batch_axis)  # the embeddings
     block_caches, acts = [], []
     for i, blk in enumerate(params.blocks):
+        h_in = h
         h, c_block = block_forward(cfg, blk, h, i, train=train, key=key)
-        block_caches.append(c_block)
+        block_caches.append(keep(cfg.recompute, h_in, i, key, train, c_block))  # (recompute: the input alone)
         acts.append(h)
     h, c_lnf = layernorm_forward(h, params.lnf.w, params.lnf.b)
     logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)  # (B, T, V)
@@ -488,8 +495,10 @@ def backward(cfg: GPTConfig, params: GPTParams, caches: Caches, dlogits):
     dh, dlm_head = head_backward(dlogits, caches.head, cfg.tie)  # (when tied: the gradient of wte, added below)
     dh, dlnf_w, dlnf_b = layernorm_backward(dh, caches.lnf)
     dblocks, act_grads = [], []
-    for c_block in reversed(caches.blocks):
+    blocks = compute_params(params, cfg.precision).blocks  # what the forward computed with (for recomputation)
+    for blk, c_block in zip(reversed(blocks), reversed(caches.blocks)):
         act_grads.append(dh)
+        c_block, dh = recomputed(block_forward, cfg, blk, c_block, dh)  # (a kept cache as it is)
         dh, dblk = block_backward(dh, c_block)
         dblocks.append(dblk)
     if caches.drop0 is not None:

@@ -38,8 +38,9 @@ from jnnex.collectives import (
     row_linear_forward,
 )
 from jnnex.layers import (
-    PRECISIONS, Linear, Pair, check_dropout_key, check_shape, compute_params, dropout_backward, dropout_in_training,
-    embedding_backward, embedding_forward, param_grads, per_channel, transpose, wide,
+    PRECISIONS, RECOMPUTE, Linear, Pair, check_dropout_key, check_shape, compute_params, dropout_backward,
+    dropout_in_training, embedding_backward, embedding_forward, keep, param_grads, per_channel, recomputed,
+    transpose, wide,
 )
 from jnnex.lm import Forward, LanguageModel
 from jnnex.models import flash
@@ -296,6 +297,10 @@ class LlamaConfig:
     precision: str = setting("float32", "the forward's and backward's arithmetic: float32 (the parameters' own), or "
                                         "bfloat16 with float32 sums, norms, softmax and loss (parameters stay float32)",
                              choices=PRECISIONS)
+    recompute: str = setting("none", "what the training forward keeps for the backward: none (every block's "
+                                     "activations) or blocks (each block's input alone; its forward runs again in "
+                                     "the backward: about 1/n_layer of the memory, for one more block forward each)",
+                             choices=RECOMPUTE)
     model_axis: str | None = setting(None, "the mesh axis the blocks' heads and SwiGLU split along under "
                                            "jax.shard_map (Megatron's tensor parallelism; set by "
                                            "jnnex.tensor_parallel)", flag=False)
@@ -311,6 +316,7 @@ class LlamaConfig:
         check_head_size(self.n_embd // self.n_head)
         check_choice("attention", self.attention, ATTENTION)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("recompute", self.recompute, RECOMPUTE)
         flash.check_tile(self.tile)
         if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -452,8 +458,9 @@ def forward(cfg: LlamaConfig, params: LlamaParams, state, x, train: bool, key=No
     h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train, cfg.batch_axis)
     block_caches, acts = [], []
     for i, blk in enumerate(params.blocks):
+        h_in = h
         h, c_block = block_forward(cfg, blk, h, i, train=train, key=key)
-        block_caches.append(c_block)
+        block_caches.append(keep(cfg.recompute, h_in, i, key, train, c_block))  # (recompute: the input alone)
         acts.append(h)
     h, c_nf = rmsnorm_forward(h, params.normf, cfg.norm_eps)
     logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)  # (B, T, V), f32 for bf16
@@ -467,8 +474,10 @@ def backward(cfg: LlamaConfig, params: LlamaParams, caches: Caches, dlogits):
     dh, dlm_head = head_backward(dlogits, caches.head, cfg.tie)  # (when tied: the gradient of wte, added below)
     dh, dnormf = rmsnorm_backward(dh, caches.normf)
     dblocks, act_grads = [], []
-    for c_block in reversed(caches.blocks):
+    blocks = compute_params(params, cfg.precision).blocks  # what the forward computed with (for recomputation)
+    for blk, c_block in zip(reversed(blocks), reversed(caches.blocks)):
         act_grads.append(dh)
+        c_block, dh = recomputed(block_forward, cfg, blk, c_block, dh)  # (a kept cache as it is)
         dh, dblk = block_backward(dh, c_block)
         dblocks.append(dblk)
     if caches.drop0 is not None:
