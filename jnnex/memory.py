@@ -29,8 +29,8 @@ GiB = 2**30
 
 
 def nbytes(tree) -> int:
-    """Bytes of every array (or ``ShapeDtypeStruct``) leaf of ``tree``."""
-    return int(sum(np.prod(leaf.shape, dtype=np.float64) * np.dtype(leaf.dtype).itemsize
+    """Bytes of every array (or ``ShapeDtypeStruct``) leaf of ``tree``, a PRNG key's (its key data) included."""
+    return int(sum(np.prod(leaf.shape, dtype=np.float64) * leaf.dtype.itemsize
                    for leaf in jax.tree.leaves(tree) if hasattr(leaf, "shape") and hasattr(leaf, "dtype")))
 
 

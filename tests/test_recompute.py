@@ -85,3 +85,23 @@ def test_recomputation_stores_each_blocks_input_alone(name):
                              if a.ndim)  # (the index and mode a Recompute keeps are Python values, not arrays)
     assert stored["blocks"] == L * B * T * C * 4, stored
     assert stored["blocks"] < stored["none"] / 10, stored
+
+
+def test_a_run_with_recomputed_blocks_trains_to_the_same_bits_and_is_estimated_smaller():
+    """The run driver end to end (`jnnex train --recompute blocks`): its memory estimate reads the smaller caches
+    (a PRNG key among them was an opaque dtype error), and six AdamW steps with dropout end on the same parameters
+    as keeping every cache."""
+    from jnnex import memory
+    from jnnex import run as jrun
+    from jnnex.optim import make_optimizer
+
+    results, estimates = {}, {}
+    for policy in ("none", "blocks"):
+        rc = jrun.RunConfig.new("gpt", recompute=policy, dropout=0.1, n_layer=2, n_embd=16, steps=6, chunk=3,
+                                eval_every=6, gradients="manual")
+        result = jrun.train(rc, None, progress=False)
+        results[policy] = result.params
+        estimates[policy] = memory.training_estimate(result.model, make_optimizer(rc.train), 32, 10).activations
+    for a, b in zip(jax.tree.leaves(results["none"]), jax.tree.leaves(results["blocks"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert estimates["blocks"] < estimates["none"] / 2, estimates
