@@ -17,7 +17,8 @@ whose probability underflows to 0 (a logit ~1e3 below the row's maximum, in floa
 infinite loss; the compact cross-entropy (:func:`jnnex.layers.cross_entropy_forward`, via logsumexp) stays finite.
 
 Grading: :func:`grade` judges a learner's expressions for any gradients each on its own, from the right upstream
-gradients (lesson 5's exercises). Exercise mode: :func:`exercise` replaces any intermediate gradients with your own expressions and prints the lecture's
+gradients (lesson 5's exercises). Exercise mode: :func:`exercise` replaces any intermediate gradients with your own
+expressions and prints the lecture's
 ``cmp`` table for every gradient against ``jax.grad``::
 
     >>> from jnnex import atomic

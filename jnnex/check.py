@@ -9,9 +9,9 @@
   against ``jax.grad``, with one tolerance rule (:data:`MODEL_RTOL` of that tensor's scale); every model's test uses
   it through :func:`assert_model_gradients`, which names *every* tensor that differs.
 * :func:`custom_vjp` — turns a pair into a function whose ``jax.grad`` uses the hand-written backward.
-* :func:`grade_array`, :func:`grade_sequence`, :func:`grade_backward`, :func:`format_grades` — the lessons' graders: a learner's answer
-  judged on its own (a wrong shape, a NaN or an exception is a row of the table saying what was expected, never a
-  traceback), each against the right value.
+* :func:`grade_array`, :func:`grade_sequence`, :func:`grade_backward`, :func:`format_grades` — the lessons'
+  graders: a learner's answer judged on its own against the right value (a wrong shape, a NaN or an exception is a
+  row of the table saying what was expected, never a traceback).
 
 A pair follows :mod:`jnnex.layers`' convention: ``forward(*args) -> (out, cache)`` and
 ``backward(dout, cache) -> grads`` with one entry per argument (``None`` for integer inputs; a single array when the
@@ -177,7 +177,8 @@ def _first_line(e: BaseException) -> str:
     return (text[0] if text else "")[:160]
 
 
-def grade_call(name: str, answer: Callable, args: Sequence, want, *, grade: Callable = None, **options) -> Grade:
+def grade_call(name: str, answer: Callable, args: Sequence, want, *, grade: Callable | None = None,
+               **options) -> Grade:
     """``answer(*args)`` graded against ``want`` by ``grade`` (default :func:`grade_array`; ``options`` go to it); an
     exception it raises is the row's note."""
     try:

@@ -11,9 +11,10 @@
 # %% [markdown]
 # # Lesson 3 — the MLP language model (Bengio et al. 2003)
 #
-# **What you will learn**: characters as learned vectors (an embedding table), a window of three of them into a
-# hidden layer (the model and its training loop written on the page, then shown equal to jnnex's), and the habits that make training work: finding a learning rate, splitting the data into train, dev
-# and test, and telling underfitting from overfitting.
+# **What you will learn**: characters as learned vectors (an embedding table), a window of three of them into a hidden
+# layer (the model and its training loop written on the page, then shown equal to jnnex's), and the habits that make
+# training work: finding a learning rate, splitting the data into train, dev and test, and telling underfitting from
+# overfitting.
 #
 # Lecture: *Building makemore Part 2: MLP* (<https://www.youtube.com/watch?v=TCH_1BHY58I>). Code:
 # `jnnex/models/mlp_lm.py`.

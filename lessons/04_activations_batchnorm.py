@@ -21,12 +21,12 @@
 # Code: `jnnex/models/mlp_lm.py` (the ladder), `jnnex/models/bn_mlp.py`, `jnnex/diagnostics.py`.
 #
 # **Full size** (`python lessons/04_activations_batchnorm.py`, names.txt, 2 cores, 93 s, measured): the lecture's
-# ladder, 200,000 steps a rung (first loss → train / val) — original 26.4 → 2.1248 / 2.1608, softmax fixed 3.29 →
-# 2.0700 / 2.1361, tanh fixed 3.28 → 2.0379 / 2.1000, Kaiming 3.28 → 2.0380 / 2.1027, + BatchNorm 3.31 → **2.0666 /
-# 2.1058** (the lecture: 2.0668 / 2.1048). The page's BatchNorm is jnnex's to 9.5e-7 (float32). Saturated tanh units
-# at init, layers 1–5: 3 %, 0 %, … at gain 1; 17 %, 8 %, 8 %, 6 %, 4 % at 5/3; 43 %, 39 %, 42 %, 39 %, 38 % at 3. The
-# N(0, 1) MLP has 73 % of its units saturated against Kaiming's 26 %, with no unit dead on all 500 examples. The update:data ratios fall by 0.96 where the
-# learning rate drops ×10, and the output matrix moves fastest at the start.
+# ladder, 200,000 steps a rung (first loss → train / val) — original 26.4 → 2.1248 / 2.1608, softmax fixed 3.29 → 2.0700
+# / 2.1361, tanh fixed 3.28 → 2.0379 / 2.1000, Kaiming 3.28 → 2.0380 / 2.1027, + BatchNorm 3.31 → **2.0666 / 2.1058**
+# (the lecture: 2.0668 / 2.1048). The page's BatchNorm is jnnex's to 9.5e-7 (float32). Saturated tanh units at init,
+# layers 1–5: 3 %, 0 %, … at gain 1; 17 %, 8 %, 8 %, 6 %, 4 % at 5/3; 43 %, 39 %, 42 %, 39 %, 38 % at 3. The N(0, 1) MLP
+# has 73 % of its units saturated against Kaiming's 26 %, with no unit dead on all 500 examples. The update:data ratios
+# fall by 0.96 where the learning rate drops ×10, and the output matrix moves fastest at the start.
 
 # %%
 import jax
@@ -110,7 +110,8 @@ bn_gap = max(float(jnp.abs(a - c).max()) for a, c in ((y_page, y_lib), (rm_page,
                                                      (batchnorm_eval(xb, g, b_, rm_page, rv_page), y_eval_lib)))
 print(f"train-mode output, running mean, running variance and eval-mode output: page vs jnnex, largest "
       f"difference {bn_gap:.1e}")
-print(f"after BatchNorm each unit's batch mean is its bias (largest gap {float(jnp.abs(y_page.mean(0) - b_).max()):.1e}) "
+mean_gap = float(jnp.abs(y_page.mean(0) - b_).max())
+print(f"after BatchNorm each unit's batch mean is its bias (largest gap {mean_gap:.1e}) "
       f"and its std its gain (largest relative gap {float(jnp.abs(y_page.std(0) / g - 1).max()):.1e}, from eps)")
 
 # %% [markdown]

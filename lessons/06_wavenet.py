@@ -11,19 +11,20 @@
 # %% [markdown]
 # # Lesson 6 — WaveNet: fusing the context slowly, as a tree and as dilated convolutions
 #
-# **What you will learn**: why squashing 8 characters into one layer at once is wasteful, how a tree fuses them two
-# at a time (van den Oord et al. 2016; written on the page, one reshape at its heart, and shown equal to jnnex's), why BatchNorm over a (batch, position, channel) tensor takes its statistics
-# over two axes, and how the same tree becomes causal dilated convolutions that predict every position at once.
+# **What you will learn**: why squashing 8 characters into one layer at once is wasteful, how a tree fuses them two at a
+# time (van den Oord et al. 2016; written on the page, one reshape at its heart, and shown equal to jnnex's), why
+# BatchNorm over a (batch, position, channel) tensor takes its statistics over two axes, and how the same tree becomes
+# causal dilated convolutions that predict every position at once.
 #
 # Lecture: *Building makemore Part 5: Building a WaveNet* (<https://www.youtube.com/watch?v=t3YJ5hKiMQ0>). Code:
 # `jnnex/models/wavenet.py`.
 #
-# **Full size** (`python lessons/06_wavenet.py`, names.txt, 2 cores, 148 s measured, make lessons): the
-# lecture's WaveNet (76,579 parameters, 200,000 steps of 32, lr 0.1 then 0.01 from step 150,000) reaches train
-# 1.7664, val 1.9928, **test 1.9937** — the lecture's 1.9937; the page's tree is jnnex's to 8.2e-8 and the
-# convolutional form's logits equal the tree's. Flat to tree, 20,000 steps each: dev 2.1947 (3 characters flat),
-# 2.1500 (8 flat), 2.0426 (8 as a tree). The `improved` preset (gated activations, dropout, AdamW) reaches val 1.948 over
-# three seeds: `jnnex train --model wavenet --preset improved --data names.txt` (6–8 minutes a seed; not run here).
+# **Full size** (`python lessons/06_wavenet.py`, names.txt, 2 cores, 148 s measured, make lessons): the lecture's
+# WaveNet (76,579 parameters, 200,000 steps of 32, lr 0.1 then 0.01 from step 150,000) reaches train 1.7664, val 1.9928,
+# **test 1.9937** — the lecture's 1.9937; the page's tree is jnnex's to 8.2e-8 and the convolutional form's logits equal
+# the tree's. Flat to tree, 20,000 steps each: dev 2.1947 (3 characters flat), 2.1500 (8 flat), 2.0426 (8 as a tree).
+# The `improved` preset (gated activations, dropout, AdamW) reaches val 1.948 over three seeds: `jnnex train --model
+# wavenet --preset improved --data names.txt` (6–8 minutes a seed; not run here).
 
 # %%
 import jax

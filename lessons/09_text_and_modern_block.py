@@ -11,9 +11,10 @@
 # %% [markdown]
 # # Lesson 9 — from names to text: tokens, a Shakespeare GPT, and the modern block by hand
 #
-# **What you will learn**: a text as one long stream of tokens; byte-pair encoding (the tokenizer GPT-2 and GPT-4
-# use), merge by merge, written on the page and then by you in minbpe's three steps, graded against `jnnex.bpe`; nanoGPT's Shakespeare recipe trained on the GPT of lesson 7; and the three parts that turn
-# GPT-2's block into Llama's — RMSNorm, rotary positions, SwiGLU — each a forward and its backward by hand.
+# **What you will learn**: a text as one long stream of tokens; byte-pair encoding (the tokenizer GPT-2 and GPT-4 use),
+# merge by merge, written on the page and then by you in minbpe's three steps, graded against `jnnex.bpe`; nanoGPT's
+# Shakespeare recipe trained on the GPT of lesson 7; and the three parts that turn GPT-2's block into Llama's — RMSNorm,
+# rotary positions, SwiGLU — each a forward and its backward by hand.
 #
 # Lectures: *Let's build the GPT Tokenizer* (<https://www.youtube.com/watch?v=zduSFxRajkE>), *Let's build GPT*
 # (<https://www.youtube.com/watch?v=kCc8FmEb1nY>). Code: `jnnex/bpe.py`, `jnnex/text.py`, `jnnex/models/llama.py`.

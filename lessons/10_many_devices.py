@@ -159,6 +159,7 @@ print(f"dev loss after {STEPS} steps: one device {one.evals[-1]['dev_loss']:.5f}
 # * Count the all-reduces in `jax.jit(step).lower(...).as_text()` of the split GPT: 4 per block.
 
 # %%
-learn.result(dp_gap=dp_gap, pitfall_ratio=ratio, explicit_gap=explicit_gap, right_gap=right_gap, fsdp_fraction=per_device["FSDP over 4"] / per_device["one device"],
+learn.result(dp_gap=dp_gap, pitfall_ratio=ratio, explicit_gap=explicit_gap, right_gap=right_gap,
+             fsdp_fraction=per_device["FSDP over 4"] / per_device["one device"],
              tp_fraction=per_device["TP 2 x 2"] / per_device["one device"],
              one_dev_loss=one.evals[-1]["dev_loss"], tp_dev_loss=tp.evals[-1]["dev_loss"], steps=STEPS)

@@ -132,7 +132,8 @@ def test_the_lessons_grader_names_every_kind_of_answer():
         names = ["dx", "dw", "db"]
         assert all(g.right for g in grade_backward(G.layernorm_forward, G.layernorm_backward, x, w, b, names=names))
         assert {g.verdict for g in grade_backward(G.layernorm_forward, raises, x, w, b, names=names)} == {"error"}
-        assert "returned 2 gradients, want 3" in grade_backward(G.layernorm_forward, short, x, w, b, names=names)[0].note
+        rows = grade_backward(G.layernorm_forward, short, x, w, b, names=names)
+        assert "returned 2 gradients, want 3" in rows[0].note
         rows = grade_backward(G.layernorm_forward, flat_dw, x, w, b, names=names)
         assert [g.name for g in rows] == names and rows[0].right and rows[2].right and rows[1].verdict == "wrong shape"
         assert rows[1].note == "got shape (1, 4), want (4,)"
