@@ -14,7 +14,7 @@
 # **What you will learn**: to write a network's backward pass yourself. You go one elementary operation at a time:
 # cross-entropy, softmax, the output layer, tanh, BatchNorm, the linear layer and the embedding. Then you fold the
 # cross-entropy and BatchNorm into one expression each, and finally train the net on nothing but your own gradients.
-# This is the lecture's four exercises.
+# These are the lecture's four exercises.
 #
 # Lecture: *Building makemore Part 4: Becoming a Backprop Ninja* (<https://www.youtube.com/watch?v=q8SA3rM6ckI>).
 # Code: `jnnex/atomic.py` (the same forward, and the reference backward), `jnnex/check.py` (the grader).
