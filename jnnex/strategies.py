@@ -267,6 +267,21 @@ def swiglu_args(draw, dtype=None):
     return (draw(arrays((B, T, 2 * H), dtype=dtype, scale=3.0)),)
 
 
+@st.composite
+def moe_args(draw, dtype=None):
+    """``(x (B, T, C), W_router (C, E), W1 (E, C, H), W2 (E, H, C), top_k)``: 2–4 experts, every top-k from 1 to
+    all, and sometimes two router columns equal — logits that tie exactly, the choice going to the lower index."""
+    B, T, C = draw(st.sampled_from((1, 3))), draw(st.sampled_from((1, 4))), draw(st.sampled_from((2, 4)))
+    E = draw(st.sampled_from((2, 3, 4)))
+    H = draw(st.sampled_from((2, 3)))
+    k = draw(st.integers(1, E))
+    W_router = draw(arrays((C, E), dtype=dtype, scale=C**-0.5))
+    if draw(st.booleans()):  # experts 0 and E - 1 tie for every token
+        W_router = W_router.at[:, E - 1].set(W_router[:, 0])
+    return (draw(arrays((B, T, C), dtype=dtype)), W_router, draw(arrays((E, C, H), dtype=dtype, scale=C**-0.5)),
+            draw(arrays((E, H, C), dtype=dtype, scale=H**-0.5)), k)
+
+
 def _gqa_heads(draw):
     """``(n_head, n_kv_head)``: one shared head, groups of two and three, and plain multi-head."""
     return draw(st.sampled_from(((1, 1), (2, 1), (2, 2), (4, 2), (3, 1), (6, 2))))
@@ -353,6 +368,7 @@ PAIR_ARGS = {
                            "split_gqa": split_gqa_args, "repeat_kv": repeat_kv_args,
                            "attention": llama_attention_args},
     "jnnex.models.flash": {"flash_attend": flash_attend_args},
+    "jnnex.models.moe": {"moe": moe_args},
     "jnnex.models.rnn": {"rnn_cell": rnn_cell_args, "gru_cell": gru_cell_args},
     "jnnex.models.bow": {"causal_average": causal_average_args},
     "jnnex.models.wavenet": {"flatten_consecutive": flatten_consecutive_args, "causal_conv": causal_conv_args,
