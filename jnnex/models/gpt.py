@@ -302,8 +302,8 @@ class GPTConfig:
                                         "bfloat16 with float32 sums, norms, softmax and loss (parameters stay float32)",
                              choices=PRECISIONS)
     recompute: str = setting("none", "what the training forward keeps for the backward: none (every block's "
-                                     "activations) or blocks (each block's input alone; its forward runs again in "
-                                     "the backward: about 1/n_layer of the memory, for one more block forward each)",
+                                     "activations) or blocks (each block's input alone, about 1/20 of its caches; "
+                                     "its forward runs again in the backward, one block's caches at a time)",
                              choices=RECOMPUTE)
     model_axis: str | None = setting(None, "the mesh axis the blocks' heads and MLP split along under jax.shard_map "
                                            "(Megatron's tensor parallelism; set by jnnex.tensor_parallel)", flag=False)
