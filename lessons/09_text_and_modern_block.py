@@ -85,7 +85,7 @@ print("jnnex.bpe gives", bpe.train("aaabdaaabac", 259, pattern=None).encode("aaa
 #    `encode_basic` applies them to a text: at each turn merge the pair **with the lowest rank** (the earliest
 #    learned), not the leftmost one. `decode` turns ids back into text.
 # 2. **The regex split.** Cut the text with GPT-4's pattern (`regex.findall(pattern, text)`) first, and count and
-#    merge pairs only inside each chunk. A merge then never spans a word and the space before the next.
+#    merge pairs only inside each chunk. A merge then never joins the end of one word to the start of the next.
 # 3. **Special tokens.** `encode_special` maps each special token (`<|endoftext|>`) to its own id wherever it occurs,
 #    and encodes the text between them as in step 2.
 
