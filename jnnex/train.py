@@ -197,7 +197,7 @@ def fit(
                     row["time"] = time.perf_counter() - t0
                     row.update(fd.evaluate(here().params, here().state, jax.random.fold_in(k_eval, step), tcfg))
                     rows.append(row)
-                if _agreed(any([h.due() for h in hooks if hasattr(h, "due")])):  # a checkpoint due by time
+                if _agreed(int(any([h.due() for h in hooks if hasattr(h, "due")]))):  # a checkpoint due by time
                     here()  # (every process takes part in gathering a split state; the writer reads it)
                 for hook in hooks:
                     _call(hook, "chunk", step, row, metrics, here)
@@ -293,25 +293,21 @@ def ctrl_c_guard():
             signal.signal(s, previous[s])
 
 
-def _agreed(flag: bool) -> bool:
-    """``flag`` on any process, on all of them (one process: ``flag``): a decision every process must take alike."""
+def _agreed(value: int) -> int:
+    """The largest of ``value`` over the processes, on every process (one process: ``value``): a decision every
+    process must take alike, at the cost of one tiny all-gather."""
     if jax.process_count() == 1:
-        return flag
+        return value
     from jax.experimental import multihost_utils
 
-    return bool(multihost_utils.process_allgather(np.asarray(flag, np.int32)).max())
+    return int(multihost_utils.process_allgather(np.asarray(value, np.int32)).max())  # (processes,) -> ()
 
 
 def _stop_requested(flag: _CtrlC) -> int:
     """The signal that stops training after this chunk (0: none). With several processes they agree — any process's
     signal stops all of them at the same chunk (a process that stopped alone would leave the others waiting in the
-    next step's collectives) — at the cost of one tiny all-gather per chunk."""
-    if jax.process_count() == 1:
-        return flag.pressed
-    from jax.experimental import multihost_utils
-
-    every = multihost_utils.process_allgather(np.asarray(flag.pressed, np.int32))  # (processes,)
-    return int(every.max())
+    next step's collectives)."""
+    return _agreed(flag.pressed)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
