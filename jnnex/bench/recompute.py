@@ -14,15 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from jnnex.bench.harness import interleaved, table
+from jnnex.memory import nbytes
 from jnnex.models.gpt import GPTConfig, gpt
 from jnnex.models.llama import LlamaConfig, llama
 
 BUILD = {"gpt": (gpt, GPTConfig, {}), "llama": (llama, LlamaConfig, {"n_kv_head": 2})}
-
-
-def nbytes(tree) -> int:
-    """The bytes of a tree's arrays (a cache's Python values — a block's index, its mode — count nothing)."""
-    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree) if getattr(a, "ndim", 0))
 
 
 def measure(name: str, n_layer: int, B: int, T: int, C: int, repeats: int) -> list[dict]:
