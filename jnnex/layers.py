@@ -170,13 +170,14 @@ def keep(recompute: str, h_in, i: int, key, train: bool, cache):
 
 def recomputed(block_forward: Callable, cfg, blk, c, dh):
     """``(cache, dh)``: the block's cache as stored, or, for a :class:`Recompute`, its forward run again from its
-    input. The input and the arriving gradient ``dh`` pass an optimisation barrier together, so XLA can neither reuse
-    the first forward's values (which would keep them alive) nor run the recomputation before the backward reaches
-    this block."""
+    input, with the block's parameters ``blk`` cast as the forward computed with them (``cfg.precision``). The input
+    and the arriving gradient ``dh`` pass an optimisation barrier together, so XLA can neither reuse the first
+    forward's values (which would keep them alive) nor run the recomputation before the backward reaches this
+    block."""
     if not isinstance(c, Recompute):
         return c, dh
     h, dh = jax.lax.optimization_barrier((c.h, dh))
-    return block_forward(cfg, blk, h, c.i, train=c.train, key=c.key)[1], dh
+    return block_forward(cfg, compute_params(blk, cfg.precision), h, c.i, train=c.train, key=c.key)[1], dh
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -57,6 +57,41 @@ def test_recomputed_blocks_give_the_same_gradients_bit_for_bit(name, dropout, dt
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
+BF16_CHILD = """
+import sys, jax, numpy as np
+sys.path.insert(0, "tests")
+from test_recompute import batch, make
+for name in ("gpt", "llama", "llama-tiled"):
+    x, y = batch()
+    out = {}
+    for policy in ("none", "blocks"):
+        model = make(name, precision="bfloat16", recompute=policy).with_gradients("manual")
+        params, state = model.init(jax.random.key(0))
+        out[policy] = jax.jit(model.value_and_grad)(params, state, x, y)[:2]
+    same = all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(out["none"]), jax.tree.leaves(out["blocks"]), strict=True))
+    print(name, same)
+"""
+
+
+def test_recomputed_blocks_in_bfloat16_give_the_same_gradients_bit_for_bit():
+    """precision="bfloat16": the recomputed forward casts the block's parameters as the first forward did, and the
+    gradients are the same bits — where XLA rounds every bfloat16 intermediate as written
+    (``--xla_allow_excess_precision=false``, in a child process: XLA reads its flags once). With XLA's default, which
+    lets a fusion keep a bfloat16 intermediate in float32, the two programs fuse differently and differ in the last
+    bfloat16 bits (45 % of one tensor's entries, ~1e-3 relative), as two fusions of any bfloat16 program may."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_allow_excess_precision=false"}
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    proc = subprocess.run([sys.executable, "-c", BF16_CHILD], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["gpt", "True", "llama", "True", "llama-tiled", "True"], proc.stdout
+
+
 def test_evaluation_keeps_its_caches_and_a_bad_policy_is_named():
     """Only a training forward recomputes (an evaluation has no backward); an unknown policy is an error naming it."""
     model = make("gpt", recompute="blocks")

@@ -495,8 +495,7 @@ def backward(cfg: GPTConfig, params: GPTParams, caches: Caches, dlogits):
     dh, dlm_head = head_backward(dlogits, caches.head, cfg.tie)  # (when tied: the gradient of wte, added below)
     dh, dlnf_w, dlnf_b = layernorm_backward(dh, caches.lnf)
     dblocks, act_grads = [], []
-    blocks = compute_params(params, cfg.precision).blocks  # what the forward computed with (for recomputation)
-    for blk, c_block in zip(reversed(blocks), reversed(caches.blocks)):
+    for blk, c_block in zip(reversed(params.blocks), reversed(caches.blocks)):
         act_grads.append(dh)
         c_block, dh = recomputed(block_forward, cfg, blk, c_block, dh)  # (a kept cache as it is)
         dh, dblk = block_backward(dh, c_block)
