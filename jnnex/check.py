@@ -55,13 +55,27 @@ def tolerances(dtype, scale: float) -> tuple[float, float]:
     return 1e-3, 1e-4 * scale
 
 
+def _float_positions(args) -> tuple[int, ...]:
+    """The positions of the arguments a pair differentiates: its floating arrays (``None``, an optional setting left
+    out, would pass for a float to ``result_type``)."""
+    return tuple(i for i, a in enumerate(args) if a is not None and jnp.issubdtype(jnp.result_type(a), jnp.floating))
+
+
+def _chosen_tolerances(dout, refs, rtol: float | None, atol: float | None) -> tuple[float, float]:
+    """``(rtol, atol)`` as given, else :func:`tolerances` of the upstream gradient's dtype at the scale of it and of
+    the reference gradients (numpy: eager ``jnp`` would compile a program per shape)."""
+    scale = max([float(np.max(np.abs(np.asarray(d)))) for d in jax.tree.leaves(dout)]
+                + [float(np.max(np.abs(np.asarray(r)))) for r in refs if np.size(r)])
+    default_rtol, default_atol = tolerances(jnp.result_type(jax.tree.leaves(dout)[0]), scale)
+    return default_rtol if rtol is None else rtol, default_atol if atol is None else atol
+
+
 def compare(forward: Callable, backward: Callable, *args, names: Sequence[str] | None = None, key=None,
             rtol: float | None = None, atol: float | None = None) -> list[Row]:
     """Per differentiable argument: does ``backward`` equal ``jax.vjp`` of ``forward``'s output? ``rtol``/``atol``
     default to :func:`tolerances` of the output's dtype."""
     key = jax.random.key(0) if key is None else key
-    float_idx = tuple(i for i, a in enumerate(args)  # None (an optional setting left out) is a float to result_type
-                      if a is not None and jnp.issubdtype(jnp.result_type(a), jnp.floating))
+    float_idx = _float_positions(args)
     array_idx = tuple(i for i, a in enumerate(args) if isinstance(a, jax.Array | np.ndarray))  # the rest: settings
     statics = tuple((type(a), None if i in array_idx else a) for i, a in enumerate(args))  # typed: 1 is not True
     try:
@@ -71,11 +85,7 @@ def compare(forward: Callable, backward: Callable, *args, names: Sequence[str] |
     dout, mine, ref = run([args[i] for i in array_idx], key)
     if len(mine) != len(args):
         raise ValueError(f"backward returned {len(mine)} gradients for {len(args)} forward arguments")
-    scale = max([float(np.max(np.abs(np.asarray(d)))) for d in jax.tree.leaves(dout)]  # (numpy: eager jnp would
-                + [float(np.max(np.abs(np.asarray(r)))) for r in ref if np.size(r)])  # compile per shape)
-    default_rtol, default_atol = tolerances(jnp.result_type(jax.tree.leaves(dout)[0]), scale)
-    rtol = default_rtol if rtol is None else rtol
-    atol = default_atol if atol is None else atol
+    rtol, atol = _chosen_tolerances(dout, ref, rtol, atol)
     names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]
     return [compare_arrays(names[i], mine[i], r, rtol=rtol, atol=atol) for i, r in zip(float_idx, ref)]
 
@@ -194,15 +204,13 @@ def grade_backward(forward: Callable, backward: Callable, *args, names: Sequence
     upstream gradient, as :func:`compare` checks — but run eagerly, so that an exception, a missing gradient or a
     wrong shape is a row naming what was expected."""
     key = jax.random.key(0) if key is None else key
-    float_idx = [i for i, a in enumerate(args) if a is not None and jnp.issubdtype(jnp.result_type(a), jnp.floating)]
+    float_idx = _float_positions(args)
     out, cache = forward(*args)
     dout = jax.random.normal(key, jnp.shape(out), jnp.result_type(out))
-    _, vjp = jax.vjp(lambda *fl: forward(*merge_args(list(args), tuple(float_idx), fl))[0],
-                     *(args[i] for i in float_idx))
+    _, vjp = jax.vjp(lambda *fl: forward(*merge_args(list(args), float_idx, fl))[0], *(args[i] for i in float_idx))
     ref = dict(zip(float_idx, vjp(dout)))
-    scale = max(float(np.max(np.abs(np.asarray(dout)))), *(float(np.max(np.abs(np.asarray(r)))) for r in ref.values()))
-    default_rtol, default_atol = tolerances(jnp.result_type(out), scale)
-    tol = dict(rtol=default_rtol if rtol is None else rtol, atol=default_atol if atol is None else atol)
+    rtol, atol = _chosen_tolerances(dout, ref.values(), rtol, atol)
+    tol = dict(rtol=rtol, atol=atol)
     try:
         mine = _as_tuple(backward(dout, cache))
     except Exception as e:  # noqa: BLE001
