@@ -120,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--parallel", choices=list(SCHEMES), help="the scheme by name, one of jnnex.layout.SCHEMES' rows "
                                                                f"({', '.join(SCHEMES)}; default: what --devices, "
                                                                "--shard-params and --model-parallel say)")
+    dp.add_argument("--stages", type=int, metavar="P",
+                    help="with --devices N: cut the blocks into P pipeline stages (a data N/(P·M) × stage P × model M "
+                         "mesh, M from --model-parallel or 1; gpt and llama, without dropout)")
+    dp.add_argument("--micro-batches", type=int, metavar="K",
+                    help="with --stages: each data shard's rows cut into K micro-batches")
+    dp.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe"],
+                    help="with --stages: the pipeline's schedule, 1f1b (default; holds at most P micro-batches' "
+                         "activations) or gpipe (every forward, then every backward: holds K)")
     dp.add_argument("--coordinator", help="host:port of process 0, to join several processes (machines) into one "
                                           "run (default $JAX_COORDINATOR_ADDRESS)")
     dp.add_argument("--num-processes", type=int, help="processes in the run (default $JAX_NUM_PROCESSES)")
@@ -234,7 +242,8 @@ def cmd_train(args) -> int:
         raise ValueError("--resume continues the run in --out and --force starts it over: give one of them")
     settings = given(args, [*run.model_fields(), *run.TRAIN_FIELDS])
     log = (lambda line: print(line, file=sys.stderr if args.json else sys.stdout, flush=True))
-    par = Parallel.from_flags(args.devices, args.shard_params, args.model_parallel, args.parallel)
+    par = Parallel.from_flags(args.devices, args.shard_params, args.model_parallel, args.parallel, args.stages,
+                              args.micro_batches, args.pipeline_schedule)
     common = dict(parallel=par, progress=not (args.no_progress or args.json), log=log)
     if args.resume:
         if args.out is None:

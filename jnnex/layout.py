@@ -15,7 +15,10 @@ row; ``fit``, the run driver and the command line pick it up by name.
   else replicated;
 * ``fsdp`` — ZeRO-3 / FSDP: the parameters and optimiser state split along ``"data"`` too, gathered for the step;
 * ``tp`` — Megatron's tensor parallelism on a ``data × model`` mesh (:mod:`jnnex.tensor_parallel`): the model's own
-  forward and backward on each device's slices.
+  forward and backward on each device's slices;
+* ``pp`` — pipeline parallelism on a ``data × stage × model`` mesh (:mod:`jnnex.pipeline`): the blocks cut into
+  ``stages``, each device's rows into ``micro_batches``, run by the ``schedule`` (GPipe or 1F1B); with
+  ``model_parallel`` each stage's blocks split Megatron's way too.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jnnex import parallel, tensor_parallel
+from jnnex import parallel, pipeline, tensor_parallel
 from jnnex.step import make_run, make_step
 
 
@@ -39,11 +42,15 @@ def _same(ts):
 @dataclasses.dataclass(frozen=True)
 class Parallel:
     """What a user asks for: a scheme of :data:`SCHEMES` over ``devices`` (a number, a device list or a mesh; ``None``:
-    one device), with a model axis of ``model_parallel`` devices for the schemes that split the model."""
+    one device), with a model axis of ``model_parallel`` devices for the schemes that split the model (tp, pp), and
+    for a pipeline (pp) its ``stages``, ``micro_batches`` and ``schedule`` (``"1f1b"`` by default, or ``"gpipe"``)."""
 
     scheme: str = "single"
     devices: int | Sequence | jax.sharding.Mesh | None = None
     model_parallel: int | None = None
+    stages: int | None = None
+    micro_batches: int | None = None
+    schedule: str | None = None
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -56,14 +63,39 @@ class Parallel:
         if self.scheme == "tp" and self.model_parallel is None:
             raise ValueError("parallel: tp splits each block over a model axis: give its size too "
                              "(model_parallel, --model-parallel M)")
-        if self.model_parallel is not None and self.scheme != "tp":
-            raise ValueError(f"parallel: model_parallel is the model axis of tp, not of {self.scheme}")
+        if self.model_parallel is not None and self.scheme not in ("tp", "pp"):
+            raise ValueError(f"parallel: model_parallel is the model axis of tp (and pp), not of {self.scheme}")
+        piped = {"stages": self.stages, "micro_batches": self.micro_batches, "schedule": self.schedule}
+        if self.scheme != "pp" and any(v is not None for v in piped.values()):
+            raise ValueError(f"parallel: {', '.join(k for k, v in piped.items() if v is not None)} belong to the "
+                             f"pipeline (pp), not to {self.scheme}")
+        if self.scheme == "pp" and (self.stages is None or self.micro_batches is None):
+            raise ValueError("parallel: pp cuts the blocks into stages and the batch into micro-batches: give both "
+                             "(stages, micro_batches; --stages P --micro-batches M)")
+        if self.scheme == "pp":
+            pipeline.schedule(self.schedule or "1f1b", self.stages, self.micro_batches)  # (named errors)
 
     @classmethod
     def from_flags(cls, devices=None, shard_params: bool = False, model_parallel: int | None = None,
-                   scheme: str | None = None) -> Parallel:
-        """The scheme the command line's flags name: ``--parallel NAME`` as given, else ``--model-parallel M`` (tp),
-        ``--shard-params`` (fsdp), ``--devices N`` alone (dp), nothing (single); a clear error for a mix."""
+                   scheme: str | None = None, stages: int | None = None, micro_batches: int | None = None,
+                   schedule: str | None = None) -> Parallel:
+        """The scheme the command line's flags name: ``--parallel NAME`` as given, else ``--stages P`` (pp, with
+        ``--model-parallel M`` too if given), ``--model-parallel M`` (tp), ``--shard-params`` (fsdp), ``--devices N``
+        alone (dp), nothing (single); a clear error for a mix."""
+        piped = stages is not None or micro_batches is not None or schedule is not None
+        if piped and scheme in (None, "pp"):
+            if shard_params:
+                raise ValueError("--shard-params and --stages together (FSDP × pipeline) are not a training mode yet: "
+                                 "choose one")
+            if devices is None:
+                raise ValueError("--stages cuts the blocks over devices: give --devices N too (a multiple of the "
+                                 "stages)")
+            return cls("pp", devices, model_parallel, stages, micro_batches, schedule)
+        if piped:
+            raise ValueError(f"--parallel {scheme} and --stages/--micro-batches/--pipeline-schedule (a pipeline) "
+                             "name two schemes: give one")
+        if scheme == "pp":
+            return cls("pp", devices, model_parallel)  # (names the missing stages and micro-batches)
         if shard_params and model_parallel is not None:
             raise ValueError("shard_params and model_parallel together (FSDP × tensor parallel) are not a training "
                              "mode yet: choose one (jnnex plan shows both on paper)")
@@ -86,8 +118,11 @@ class Parallel:
             return {}
         devices = self.devices if isinstance(self.devices, int) else np.size(getattr(self.devices, "devices",
                                                                                     self.devices))
-        return {"parallel": self.scheme, "devices": devices, "processes": jax.process_count(),
-                "shard_params": self.scheme == "fsdp", "model_parallel": self.model_parallel or 1}
+        out = {"parallel": self.scheme, "devices": devices, "processes": jax.process_count(),
+               "shard_params": self.scheme == "fsdp", "model_parallel": self.model_parallel or 1}
+        if self.scheme == "pp":
+            out.update(stages=self.stages, micro_batches=self.micro_batches, pipeline_schedule=self.schedule or "1f1b")
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +135,9 @@ class Layout:
         mesh: the devices (``None``: one device, nothing placed).
         shardings: the training state's shardings on ``mesh`` (a tree like the state), or ``None``: replicated.
         to_devices, to_host: a host training state (the parameters' own layout) to this layout's, and back (a
-            split model reorders its columns; the identity otherwise).
+            split model reorders its columns, a pipeline stacks its blocks; the identity otherwise).
+        micro_batches: what each data shard's rows are cut into (a pipeline's; 1 otherwise): the batch must divide
+            by the data axis times this.
     """
 
     optimizer: Any
@@ -109,6 +146,7 @@ class Layout:
     shardings: Any = None
     to_devices: Callable = _same
     to_host: Callable = _same
+    micro_batches: int = 1
 
     def run(self, batch_size: int | None, window: int | None = None) -> Callable:
         """:func:`jnnex.step.make_run` of this layout's step, its batch split over the mesh."""
@@ -139,8 +177,14 @@ class Layout:
         devices."""
         if self.mesh is None:
             return
-        parallel.check_batch_size(batch_size, self.mesh.shape[parallel.DATA], n_examples)
-        parallel.check_state_fits(ts_like, self.shardings, self.mesh, what=what)
+        d, mb = self.mesh.shape[parallel.DATA], self.micro_batches
+        parallel.check_batch_size(batch_size, d, n_examples)
+        rows = n_examples if batch_size is None else batch_size
+        if rows % (d * mb):
+            raise ValueError(f"pipeline: the micro-batches ({mb}) must divide each data shard's rows ({rows // d} of "
+                             f"the {'batch_size' if batch_size is not None else 'full batch'}'s {rows}): choose a "
+                             f"batch that divides by data {d} × micro-batches {mb} = {d * mb}")
+        parallel.check_state_fits(jax.eval_shape(self.to_devices, ts_like), self.shardings, self.mesh, what=what)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -181,7 +225,26 @@ def tensor(model, optimizer, par: Parallel, ts_like, *, diagnostics: bool = Fals
     return Layout(optimizer, step, mesh, shardings, to_devices, to_host)
 
 
-SCHEMES: dict[str, Callable[..., Layout]] = {"single": single, "dp": data_parallel, "fsdp": fsdp, "tp": tensor}
+def pipelined(model, optimizer, par: Parallel, ts_like, *, diagnostics: bool = False) -> Layout:
+    """Pipeline parallelism on a ``devices / (stages · model_parallel) × stages × model_parallel`` mesh: the blocks
+    cut into stages, the rows into micro-batches, run by the schedule (:func:`jnnex.pipeline.pipeline_step`)."""
+    if diagnostics:
+        raise ValueError("pipeline: diagnostics are not read from a pipelined step yet (its activations stay on "
+                         "their stages): train with --parallel tp or dp to read them")
+    devices, m, stages = par.devices, par.model_parallel or 1, par.stages
+    pipeline.check_pipeline(model, stages)
+    if not (isinstance(devices, int) and devices % (stages * m) == 0):
+        raise ValueError(f"pipeline: devices ({devices!r}) must be a number that divides by stages × model_parallel "
+                         f"({stages} × {m}): the mesh is data × stage × model")
+    mesh = pipeline.mesh_3d(devices // (stages * m), stages, m)
+    sched = pipeline.schedule(par.schedule or "1f1b", stages, par.micro_batches)
+    to_devices, to_host, shardings = pipeline.train_layout(model, optimizer, mesh, ts_like)
+    step = pipeline.pipeline_step(model, optimizer, mesh, sched, ts_like.params)
+    return Layout(optimizer, step, mesh, shardings, to_devices, to_host, par.micro_batches)
+
+
+SCHEMES: dict[str, Callable[..., Layout]] = {"single": single, "dp": data_parallel, "fsdp": fsdp, "tp": tensor,
+                                             "pp": pipelined}
 
 
 def make_layout(par: Parallel, model, optimizer, ts_like, *, diagnostics: bool = False) -> Layout:

@@ -47,6 +47,39 @@ class ManualGradients(NamedTuple):
     act_grads: tuple  # the loss gradient w.r.t. each of them (the backward computes them on its way)
 
 
+class Pipe(NamedTuple):
+    """A transformer cut where a pipeline cuts it (:mod:`jnnex.pipeline`): the forward/backward pairs of what comes
+    before the blocks, of one block, and of what comes after — the functions the model's own forward and backward are
+    written with, so a pipeline stage runs them and nothing else.
+
+    * ``embed_forward(cfg, params, x, train, key) -> (h, cache)``; ``embed_backward(cfg, dh, cache) -> {field: grad}``;
+    * ``block_forward(cfg, blk, h, i, *, train, key) -> (h, cache)``; ``block_backward(dh, cache) -> (dh, dblk)``;
+    * ``top_forward(cfg, params, h) -> (logits, cache)``; ``top_backward(cfg, dlogits, cache) -> (dh, {field: grad})``.
+
+    The parameters are a ``NamedTuple`` with a ``blocks`` field (one block each); the other fields are what the
+    embed and top pairs read, and their gradients come back by field name (:func:`merge_grads`)."""
+
+    embed_forward: Callable
+    embed_backward: Callable
+    block_forward: Callable
+    block_backward: Callable
+    top_forward: Callable
+    top_backward: Callable
+
+
+def merge_grads(*parts: dict) -> dict:
+    """Gradients by field from several uses, summed where a field is used twice (a tied table: the embedding's and
+    the head's), in the order given."""
+    out: dict = {}
+    for part in parts:
+        for name, g in part.items():
+            if out.get(name) is None:
+                out[name] = g
+            elif g is not None:
+                out[name] = jax.tree.map(jnp.add, out[name], g)
+    return out
+
+
 GRADIENTS = ("autodiff", "manual")
 
 
@@ -80,6 +113,8 @@ class LanguageModel:
         prefill_fn, decode_fn: optional incremental decoding with a KV cache (a per-position model's):
             ``prefill_fn(cfg, params, x (B, T)) -> (logits (B, T, V), cache)`` and ``decode_fn(cfg, params, cache,
             token (B,), pos) -> (logits (B, V), cache)``; :func:`continue_text` uses them.
+        pipe: optional :class:`Pipe`, the model cut into what comes before its blocks, a block, and what comes after:
+            what a pipeline stage runs (:mod:`jnnex.pipeline`).
         split_fn: optional ``cfg -> {block field: rule}``, the model's tensor-parallel split as data
             (:class:`jnnex.collectives.Column`, :data:`jnnex.collectives.ROW`): which linear of each block splits
             how. A model with one has a ``model_axis`` config field its kernels read; :mod:`jnnex.tensor_parallel`
@@ -100,6 +135,7 @@ class LanguageModel:
     prefill_fn: Callable | None = None
     decode_fn: Callable | None = None
     split_fn: Callable | None = None
+    pipe: Pipe | None = None
 
     def __post_init__(self):
         if self.gradients not in GRADIENTS:

@@ -56,6 +56,12 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
         assert split and all(r["all-reduce model MB"] == r["Megatron 4·L·B_d·T·C MB"] for r in split)
     if suite == "gpt2":
         assert data["worst_f64_rel"] < 1e-12 and {r["step"] for r in data["rows"]} == {"jax.grad", "manual"}
+    if suite == "pipeline":  # the schedules' ticks give the formula's bubble; 1F1B keeps P micro-batches, GPipe M
+        for r in data["rows"]:
+            assert abs(r["tick_bubble"] - r["formula"]) < 1e-12
+            assert r["slots"] == (r["M"] if r["schedule"] == "gpipe" else min(r["P"], r["M"]))
+            assert abs(r["stored_vs_gpipe"] - (r["P/M"] if r["schedule"] == "1f1b" else 1)) < 1e-12
+            assert r["temp_MiB"] > 0 and 0 < r["bubble"] < 1
     if suite == "devices":  # the suite's processes have 4 CPU devices (conftest): measured here, no child process
         assert {r["devices"] for r in data["rows"]} == {"cpu x1", "cpu x2", "cpu x4"}
 

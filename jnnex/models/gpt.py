@@ -46,7 +46,7 @@ from jnnex.layers import (
     dropout_in_training, keep, linear_backward, matmul, matmul_nt, matmul_tn, param_grads, per_channel, recomputed,
     transpose, wide,
 )
-from jnnex.lm import Forward, LanguageModel
+from jnnex.lm import Forward, LanguageModel, Pipe, merge_grads
 from jnnex.settings import check_choice, positive_int, setting
 
 INIT_STD = 0.02  # GPT-2's
@@ -454,17 +454,48 @@ def forward(cfg: GPTConfig, params: GPTParams, state, x, train: bool, key=None) 
     if x.ndim != 2 or not 1 <= x.shape[1] <= cfg.block_size:
         raise ValueError(f"gpt: x must have shape (B, T <= {cfg.block_size}), got {x.shape}")
     params = compute_params(params, cfg.precision)  # bfloat16: every layer below computes in it
-    h, c_emb = token_position_embedding_forward(params.wte, params.wpe, x)
-    h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train, cfg.batch_axis)  # the embeddings
+    h, (c_emb, c_drop0) = embed_forward(cfg, params, x, train, key)
     block_caches, acts = [], []
     for i, blk in enumerate(params.blocks):
         h_in = h
         h, c_block = block_forward(cfg, blk, h, i, train=train, key=key)
         block_caches.append(keep(cfg.recompute, h_in, i, key, train, c_block))  # (recompute: the input alone)
         acts.append(h)
-    h, c_lnf = layernorm_forward(h, params.lnf.w, params.lnf.b)
-    logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)  # (B, T, V)
+    logits, (c_lnf, c_head) = top_forward(cfg, params, h)  # (B, T, V)
     return Forward(logits, state, Caches(c_emb, c_drop0, tuple(block_caches), c_lnf, c_head), tuple(acts))
+
+
+def embed_forward(cfg: GPTConfig, params: GPTParams, x, train: bool, key=None):
+    """What comes before the blocks: token + position embeddings, and their dropout. ``(h (B, T, C), cache)``."""
+    h, c_emb = token_position_embedding_forward(params.wte, params.wpe, x)
+    h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train, cfg.batch_axis)
+    return h, (c_emb, c_drop0)
+
+
+def embed_backward(cfg: GPTConfig, dh, cache) -> dict:
+    """:func:`embed_forward`'s backward: the gradients of the tables it read, by field."""
+    c_emb, c_drop0 = cache
+    if c_drop0 is not None:
+        dh, _, _ = dropout_backward(dh, c_drop0)
+    dwte, dwpe, _ = token_position_embedding_backward(dh, c_emb)
+    return {"wte": dwte, "wpe": dwpe}
+
+
+def top_forward(cfg: GPTConfig, params: GPTParams, h):
+    """What comes after the blocks: the final LayerNorm and the LM head. ``(logits (B, T, V), cache)``."""
+    h, c_lnf = layernorm_forward(h, params.lnf.w, params.lnf.b)
+    logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)
+    return logits, (c_lnf, c_head)
+
+
+def top_backward(cfg: GPTConfig, dlogits, cache):
+    """:func:`top_forward`'s backward: ``(dh, {field: gradient})`` — the final LayerNorm's and the head's (when tied,
+    the token table's, which :func:`embed_backward`'s adds to)."""
+    c_lnf, c_head = cache
+    dlogits = dlogits.astype(c_head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
+    dh, dW = head_backward(dlogits, c_head, cfg.tie)
+    dh, dlnf_w, dlnf_b = layernorm_backward(dh, c_lnf)
+    return dh, {"lnf": LayerNorm(dlnf_w, dlnf_b), **({"wte": dW, "lm_head": None} if cfg.tie else {"lm_head": dW})}
 
 
 def head_forward(h, W):
@@ -491,21 +522,15 @@ def backward(cfg: GPTConfig, params: GPTParams, caches: Caches, dlogits):
     """Every gradient by hand, in reverse order of :func:`forward`: the head, the final LayerNorm, each block's
     :func:`block_backward` (last first), the embeddings. ``act_grads[i]`` is the loss gradient at block ``i``'s
     output."""
-    dlogits = dlogits.astype(caches.head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
-    dh, dlm_head = head_backward(dlogits, caches.head, cfg.tie)  # (when tied: the gradient of wte, added below)
-    dh, dlnf_w, dlnf_b = layernorm_backward(dh, caches.lnf)
+    dh, top = top_backward(cfg, dlogits, (caches.lnf, caches.head))
     dblocks, act_grads = [], []
     for blk, c_block in zip(reversed(params.blocks), reversed(caches.blocks)):
         act_grads.append(dh)
         c_block, dh = recomputed(block_forward, cfg, blk, c_block, dh)  # (a kept cache as it is)
         dh, dblk = block_backward(dh, c_block)
         dblocks.append(dblk)
-    if caches.drop0 is not None:
-        dh, _, _ = dropout_backward(dh, caches.drop0)
-    dwte, dwpe, _ = token_position_embedding_backward(dh, caches.emb)
-    if cfg.tie:  # one table, two uses: the gradients add
-        dwte, dlm_head = dwte + dlm_head, None
-    grads = GPTParams(dwte, dwpe, tuple(reversed(dblocks)), LayerNorm(dlnf_w, dlnf_b), dlm_head)
+    grads = params._replace(blocks=tuple(reversed(dblocks)),
+                            **merge_grads(embed_backward(cfg, dh, (caches.emb, caches.drop0)), top))
     if cfg.precision != "float32":  # the cast's backward: float32 gradients again
         grads = param_grads(grads, params)
     return grads, tuple(reversed(act_grads))
@@ -580,7 +605,11 @@ def attention_maps(cfg: GPTConfig, params: GPTParams, x) -> jax.Array:
     return jnp.stack([c.attn.att.att for c in caches.blocks])
 
 
+PIPE = Pipe(embed_forward, embed_backward, block_forward, block_backward, top_forward, top_backward)
+
+
 def gpt(cfg: GPTConfig = GPTConfig()) -> LanguageModel:
     """makemore.py's transformer; ``.with_gradients("manual")`` trains it on :func:`backward`."""
     return LanguageModel("gpt", cfg, init, forward, backward, stochastic=cfg.dropout > 0, per_position=True,
-                         embeddings_fn=embeddings, prefill_fn=prefill, decode_fn=decode, split_fn=split)
+                         embeddings_fn=embeddings, prefill_fn=prefill, decode_fn=decode, split_fn=split,
+                         pipe=PIPE)

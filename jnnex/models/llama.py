@@ -42,7 +42,7 @@ from jnnex.layers import (
     dropout_in_training, embedding_backward, embedding_forward, keep, param_grads, per_channel, recomputed,
     transpose, wide,
 )
-from jnnex.lm import Forward, LanguageModel
+from jnnex.lm import Forward, LanguageModel, Pipe, merge_grads
 from jnnex.models import flash
 from jnnex.models.gpt import (
     INIT_STD, KVCache, attend_backward, attend_cached, attend_forward, head_backward, head_forward, heads, merge_heads,
@@ -454,40 +454,68 @@ def forward(cfg: LlamaConfig, params: LlamaParams, state, x, train: bool, key=No
     if x.ndim != 2 or not 1 <= x.shape[1] <= cfg.block_size:
         raise ValueError(f"llama: x must have shape (B, T <= {cfg.block_size}), got {x.shape}")
     params = compute_params(params, cfg.precision)  # bfloat16: every layer below computes in it
-    h, c_emb = embedding_forward(params.wte, x)
-    h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train, cfg.batch_axis)
+    h, (c_emb, c_drop0) = embed_forward(cfg, params, x, train, key)
     block_caches, acts = [], []
     for i, blk in enumerate(params.blocks):
         h_in = h
         h, c_block = block_forward(cfg, blk, h, i, train=train, key=key)
         block_caches.append(keep(cfg.recompute, h_in, i, key, train, c_block))  # (recompute: the input alone)
         acts.append(h)
-    h, c_nf = rmsnorm_forward(h, params.normf, cfg.norm_eps)
-    logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)  # (B, T, V), f32 for bf16
+    logits, (c_nf, c_head) = top_forward(cfg, params, h)  # (B, T, V), float32 for bfloat16
     return Forward(logits, state, Caches(c_emb, c_drop0, tuple(block_caches), c_nf, c_head), tuple(acts))
 
 
 def backward(cfg: LlamaConfig, params: LlamaParams, caches: Caches, dlogits):
     """Every gradient by hand, in reverse order of :func:`forward`: the head, the final RMSNorm, each block's
     :func:`block_backward` (last first), the embedding."""
-    dlogits = dlogits.astype(caches.head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
-    dh, dlm_head = head_backward(dlogits, caches.head, cfg.tie)  # (when tied: the gradient of wte, added below)
-    dh, dnormf = rmsnorm_backward(dh, caches.normf)
+    dh, top = top_backward(cfg, dlogits, (caches.normf, caches.head))
     dblocks, act_grads = [], []
     for blk, c_block in zip(reversed(params.blocks), reversed(caches.blocks)):
         act_grads.append(dh)
         c_block, dh = recomputed(block_forward, cfg, blk, c_block, dh)  # (a kept cache as it is)
         dh, dblk = block_backward(dh, c_block)
         dblocks.append(dblk)
-    if caches.drop0 is not None:
-        dh, _, _ = dropout_backward(dh, caches.drop0)
-    dwte, _ = embedding_backward(dh, caches.emb)
-    if cfg.tie:  # one table, two uses: the gradients add
-        dwte, dlm_head = dwte + dlm_head, None
-    grads = LlamaParams(dwte, tuple(reversed(dblocks)), dnormf, dlm_head)
+    grads = params._replace(blocks=tuple(reversed(dblocks)),
+                            **merge_grads(embed_backward(cfg, dh, (caches.emb, caches.drop0)), top))
     if cfg.precision != "float32":  # the cast's backward: float32 gradients again
         grads = param_grads(grads, params)
     return grads, tuple(reversed(act_grads))
+
+
+def embed_forward(cfg: LlamaConfig, params: LlamaParams, x, train: bool, key=None):
+    """What comes before the blocks: the token embedding (no position table: RoPE rotates inside attention) and its
+    dropout. ``(h (B, T, C), cache)``."""
+    h, c_emb = embedding_forward(params.wte, x)
+    h, c_drop0 = dropout_in_training(h, key, 0, cfg.dropout, train, cfg.batch_axis)
+    return h, (c_emb, c_drop0)
+
+
+def embed_backward(cfg: LlamaConfig, dh, cache) -> dict:
+    """:func:`embed_forward`'s backward: the token table's gradient."""
+    c_emb, c_drop0 = cache
+    if c_drop0 is not None:
+        dh, _, _ = dropout_backward(dh, c_drop0)
+    return {"wte": embedding_backward(dh, c_emb)[0]}
+
+
+def top_forward(cfg: LlamaConfig, params: LlamaParams, h):
+    """What comes after the blocks: the final RMSNorm and the LM head. ``(logits (B, T, V), cache)``."""
+    h, c_nf = rmsnorm_forward(h, params.normf, cfg.norm_eps)
+    logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)
+    return logits, (c_nf, c_head)
+
+
+def top_backward(cfg: LlamaConfig, dlogits, cache):
+    """:func:`top_forward`'s backward: ``(dh, {field: gradient})``, the final RMSNorm's and the head's (tied: the
+    token table's)."""
+    c_nf, c_head = cache
+    dlogits = dlogits.astype(c_head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
+    dh, dW = head_backward(dlogits, c_head, cfg.tie)
+    dh, dnormf = rmsnorm_backward(dh, c_nf)
+    return dh, {"normf": dnormf, **({"wte": dW, "lm_head": None} if cfg.tie else {"lm_head": dW})}
+
+
+PIPE = Pipe(embed_forward, embed_backward, block_forward, block_backward, top_forward, top_backward)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -527,4 +555,5 @@ def embeddings(params: LlamaParams) -> jax.Array:
 def llama(cfg: LlamaConfig = LlamaConfig()) -> LanguageModel:
     """The Llama block's model; ``.with_gradients("manual")`` trains it on :func:`backward`."""
     return LanguageModel("llama", cfg, init, forward, backward, stochastic=cfg.dropout > 0, per_position=True,
-                         embeddings_fn=embeddings, prefill_fn=prefill, decode_fn=decode, split_fn=split)
+                         embeddings_fn=embeddings, prefill_fn=prefill, decode_fn=decode, split_fn=split,
+                         pipe=PIPE)

@@ -1,0 +1,147 @@
+"""Pipeline parallelism (:mod:`jnnex.pipeline`): the bubble and each schedule's activation memory per stage, GPipe
+against 1F1B, at P = 2, 4 stages and M = 4, 8 micro-batches.
+
+**The bubble.** ``tick_bubble`` is the schedule's idle fraction counted in ticks (each action one tick); ``bubble``
+is the schedule *replayed with measured durations* (:meth:`jnnex.pipeline.Schedule.replay`): one stage's forward and
+backward of a micro-batch are timed here (its ``n_layer / P`` blocks; the last stage also the head and the loss),
+and each stage runs its actions in order, each as soon as its stage is free and its input or gradient has arrived.
+``formula`` is ``(P − 1) / (M + P − 1)``. A CPU cannot show the bubble in wall-clock time: its forced devices share
+the same two cores, so a stage's idle time is another stage's compute time.
+
+**The memory.** ``stored_MiB``: the caches a stage keeps at once (the schedule's slots × one micro-batch's caches of
+its blocks, read from shapes); ``temp_MiB``: XLA's ``memory_analysis`` temporaries of the compiled pipelined
+gradient program (per device: the SPMD program every device runs). ``*_vs_gpipe``: 1F1B's over GPipe's, beside
+``P / M``. When the process has fewer CPU devices than the stages, the suite runs itself in a child process with 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from jnnex import pipeline as PP
+from jnnex.bench.harness import interleaved, table
+from jnnex.layers import cross_entropy_backward, cross_entropy_forward
+from jnnex.memory import nbytes
+from jnnex.models.gpt import GPTConfig, gpt
+
+DEVICES = 4
+
+
+def _model(n_layer: int, T: int, C: int):
+    return gpt(GPTConfig(vocab_size=65, block_size=T, n_layer=n_layer, n_head=4, n_embd=C, bias=False, tie=True))
+
+
+def stage_times(model, stages: int, rows: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds for one micro-batch of ``rows`` rows: each stage's forward and backward (its blocks; the last stage's
+    forward also the head, the loss and their backward, as :func:`jnnex.pipeline.pipeline_value_and_grad` runs
+    them)."""
+    cfg, pipe = model.cfg, model.pipe
+    params, _ = model.init(jax.random.key(0))
+    Lp = cfg.n_layer // stages
+    blocks = params.blocks[:Lp]
+    h = jax.random.normal(jax.random.key(1), (rows, cfg.block_size, cfg.n_embd), jnp.float32)
+    y = jax.random.randint(jax.random.key(2), (rows, cfg.block_size), 0, cfg.vocab_size)
+
+    def fwd(blocks, h):
+        caches = []
+        for i, blk in enumerate(blocks):
+            h, c = pipe.block_forward(cfg, blk, h, i, train=True)
+            caches.append(c)
+        return h, tuple(caches)
+
+    def bwd(blocks, caches, dh):
+        grads = []
+        for blk, c in zip(reversed(blocks), reversed(caches)):
+            dh, g = pipe.block_backward(dh, c)
+            grads.append(g)
+        return dh, grads
+
+    def top(params, h):
+        logits, c = pipe.top_forward(cfg, params, h)
+        loss, c_ce = cross_entropy_forward(logits, y)
+        return pipe.top_backward(cfg, cross_entropy_backward(jnp.float32(1), c_ce)[0], c)
+
+    def both(blocks, h):  # (a cache holds Python values: it cannot cross a jit boundary, so the backward is timed
+        out, caches = fwd(blocks, h)  # as both minus the forward)
+        return bwd(blocks, caches, out)
+
+    f, fb, t = jax.jit(fwd), jax.jit(both), jax.jit(top)
+    calls = {"forward": lambda: jax.block_until_ready(f(blocks, h)),
+             "both": lambda: jax.block_until_ready(fb(blocks, h)),
+             "top": lambda: jax.block_until_ready(t(params, h))}
+    for call in calls.values():
+        call()
+    timed = {k: v["median"] for k, v in interleaved(calls, repeats).items()}
+    forward = [timed["forward"]] * stages
+    forward[-1] += timed["top"]
+    return forward, [max(timed["both"] - timed["forward"], 0.0)] * stages
+
+
+def memory(model, stages: int, micro: int, rows: int) -> dict:
+    """Per schedule: the stored caches per stage (slots × one micro-batch's) and XLA's temporaries of the compiled
+    pipelined gradient program."""
+    cfg = model.cfg
+    params, _ = model.init(jax.random.key(0))
+    stacked = PP.stack_blocks(params)
+    x = jax.ShapeDtypeStruct((rows * micro, cfg.block_size), jnp.int32)
+    h = jax.ShapeDtypeStruct((rows, cfg.block_size, cfg.n_embd), jnp.float32)
+    Lp = cfg.n_layer // stages
+    stage_blocks = jax.tree.map(lambda a: a[:Lp], stacked.blocks)
+    one = nbytes(jax.eval_shape(lambda b, h: PP.run_stage(model.pipe, cfg, b, h, 0)[1][0], stage_blocks, h))
+    out = {}
+    mesh = PP.mesh_3d(1, stages, 1, jax.devices("cpu")[:stages])
+    for name in ("gpipe", "1f1b"):
+        sched = PP.schedule(name, stages, micro)
+        vg = jax.jit(PP.pipeline_value_and_grad(model, mesh, sched, params))
+        temp = vg.lower(stacked, x, x).compile().memory_analysis().temp_size_in_bytes
+        out[name] = {"slots": sched.slots[0], "stored": sched.slots[0] * one, "temp": temp}
+    return out
+
+
+def run(quick: bool = False) -> dict:
+    if len(jax.devices("cpu")) < DEVICES and not os.environ.get("JNNEX_PIPELINE_CHILD"):
+        env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(DEVICES), "JNNEX_PIPELINE_CHILD": "1"}
+        out = subprocess.run([sys.executable, "-m", "jnnex.bench.pipeline", *(["--quick"] if quick else [])], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(out.splitlines()[-1])
+    size = dict(n_layer=4, T=16, C=32, rows=2) if quick else dict(n_layer=8, T=128, C=128, rows=4)
+    grid = [(2, 4)] if quick else [(2, 4), (2, 8), (4, 4), (4, 8)]
+    repeats = 3 if quick else 7
+    model = _model(size["n_layer"], size["T"], size["C"])
+    rows = []
+    for P, M in grid:
+        forward, backward = stage_times(model, P, size["rows"], repeats)
+        mem = memory(model, P, M, size["rows"])
+        for name in ("gpipe", "1f1b"):
+            sched = PP.schedule(name, P, M)
+            makespan, busy = sched.replay(forward, backward)
+            rows.append({"P": P, "M": M, "schedule": name, "formula": (P - 1) / (M + P - 1),
+                         "tick_bubble": sched.bubble, "bubble": 1 - sum(busy) / (P * makespan),
+                         "F_ms": 1e3 * forward[0], "B_ms": 1e3 * backward[0],
+                         "head_ms": 1e3 * (forward[-1] - forward[0]), "slots": mem[name]["slots"],
+                         "stored_MiB": mem[name]["stored"] / 2**20, "temp_MiB": mem[name]["temp"] / 2**20})
+        gp = rows[-2]
+        for r in rows[-2:]:
+            r["bubble_vs_formula"] = r["bubble"] / r["formula"]
+            r["stored_vs_gpipe"] = r["stored_MiB"] / gp["stored_MiB"]
+            r["temp_vs_gpipe"] = r["temp_MiB"] / gp["temp_MiB"]
+            r["P/M"] = P / M
+    cols = ["P", "M", "schedule", "formula", "tick_bubble", "bubble", "bubble_vs_formula", "F_ms", "B_ms", "head_ms",
+            "slots",
+            "stored_MiB", "stored_vs_gpipe", "temp_MiB", "temp_vs_gpipe", "P/M"]
+    text = (f"Pipeline parallelism, GPT {size['n_layer']} blocks, n_embd {size['C']}, {size['T']} tokens, "
+            f"{size['rows']} rows a micro-batch, float32, on {DEVICES} forced CPU devices: the bubble (ticks; "
+            "replayed with measured stage times) and the activations a stage holds (stored caches; XLA's "
+            "temporaries)\n\n" + table(rows, cols))
+    return {"name": "pipeline", "rows": rows, "device": str(jax.devices()[0]), "table": text,
+            "settings": {**size, "grid": grid, "repeats": repeats}}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv[1:])))

@@ -1,0 +1,539 @@
+"""Pipeline parallelism (GPipe, Huang et al. 2019; 1F1B, PipeDream-Flush, Narayanan et al. 2021), written out on the
+model's one definition.
+
+The ``n_layer`` blocks are cut into ``P`` **stages** of ``n_layer / P`` consecutive blocks, one stage per device of
+the mesh's ``"stage"`` axis; the first stage also embeds the tokens, the last also runs the final norm, the head and
+the loss. Each device's share of the batch is cut into ``M`` **micro-batches**. A micro-batch's activations go
+forward from stage to stage (``jax.lax.ppermute`` to the next device), its gradients come back the same way (to the
+previous device); each stage runs the model's own :class:`jnnex.lm.Pipe` pairs — its blocks' ``block_forward`` and
+``block_backward``, the embedding's and the head's pairs — and nothing else.
+
+**A schedule** (:class:`Schedule`) says what each stage does at each clock tick: the forward of micro-batch ``m``,
+its backward, or nothing (the **bubble**). Both schedules here take ``2 (M + P − 1)`` ticks, each stage busy for
+``2M`` of them, so the idle fraction is ``(P − 1) / (M + P − 1)``; they differ in memory:
+
+* ``gpipe`` — every forward, then every backward: a stage holds the caches of all ``M`` micro-batches at once;
+* ``1f1b`` — stage ``s`` runs ``P − 1 − s`` forwards, then alternates one forward and one backward, then drains the
+  backwards: it never holds more than ``P − s`` micro-batches' caches.
+
+The schedule is data (a table, built by simulating each stage's order of work against the dependencies), and one
+compiled program runs any table: a ``lax.scan`` over the ticks in which each device reads its own action and takes
+that branch (``lax.switch``: an idle stage computes nothing), then every device sends what it produced. A stage keeps
+its micro-batches' caches in a buffer of as many slots as the schedule ever holds at once (:attr:`Schedule.slots`):
+that is where GPipe's ``M`` against 1F1B's ``P`` shows in XLA's memory accounting.
+
+The mesh is ``data × stage × model`` (:func:`mesh_3d`): the batch split along ``"data"``, the blocks along
+``"stage"``, each block along ``"model"`` (Megatron's tensor parallelism, :mod:`jnnex.tensor_parallel`: the model
+runs with ``model_axis="model"``). The loss is the mean over the whole batch: each micro-batch's cross-entropy seeds
+its backward with its share of the batch's targets (``n_m / n``). The block gradients are summed over ``"data"``,
+the embedding's and head's over ``"data"`` and ``"stage"`` (a tied table gets its two uses, first and last stage,
+added: Megatron's embedding all-reduce).
+
+In the devices' layout the blocks are stacked, ``(n_layer, ...)`` per tensor, split along ``"stage"``
+(:func:`stack_blocks`); the optimiser sees the parameters' own tree (:func:`per_block`), so every optimiser and
+mask behaves as on one device. Dropout is not pipelined yet (a clear error): its masks are drawn per batch, and a
+micro-batch would draw different ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from jnnex import tensor_parallel
+from jnnex.collectives import MODEL
+from jnnex.layers import (
+    combine_static, compute_params, cross_entropy_backward, cross_entropy_forward, keep, param_grads, partition_static,
+    recomputed,
+)
+from jnnex.lm import LanguageModel, merge_grads
+from jnnex.parallel import DATA
+
+STAGE = "stage"  # the mesh axis the blocks are cut along
+FORWARD, BACKWARD = "F", "B"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schedules: what each stage does at each tick
+
+
+def _orders_gpipe(P: int, M: int) -> list[list[tuple[str, int]]]:
+    return [[(FORWARD, m) for m in range(M)] + [(BACKWARD, m) for m in range(M)] for _ in range(P)]
+
+
+def _orders_1f1b(P: int, M: int) -> list[list[tuple[str, int]]]:
+    orders = []
+    for s in range(P):
+        warm = min(P - 1 - s, M)  # forwards before the first backward
+        order = [(FORWARD, m) for m in range(warm)]
+        for i in range(M - warm):  # the steady state: one forward, one backward
+            order += [(FORWARD, warm + i), (BACKWARD, i)]
+        orders.append(order + [(BACKWARD, m) for m in range(M - warm, M)])  # the drain
+    return orders
+
+
+ORDERS = {"gpipe": _orders_gpipe, "1f1b": _orders_1f1b}
+
+
+def _simulate(orders, P: int) -> tuple:
+    """The tick table of per-stage ``orders``: at each tick a stage does its next action if what it needs was done at
+    an earlier tick (a forward: the previous stage's forward of the micro-batch; a backward: its own forward and the
+    next stage's backward), else waits."""
+    done: dict = {}
+    pos, table = [0] * P, []
+    while any(pos[s] < len(orders[s]) for s in range(P)):
+        t, row = len(table), []
+        for s in range(P):
+            if pos[s] == len(orders[s]):
+                row.append(None)
+                continue
+            kind, m = orders[s][pos[s]]
+            needs = [(FORWARD, s - 1, m)] if kind == FORWARD and s > 0 else []
+            if kind == BACKWARD:
+                needs = [(FORWARD, s, m)] + ([(BACKWARD, s + 1, m)] if s < P - 1 else [])
+            row.append((kind, m) if all(done.get(n, t) < t for n in needs) else None)
+        for s, action in enumerate(row):
+            if action is not None:
+                done[(action[0], s, action[1])] = t
+                pos[s] += 1
+        table.append(tuple(row))
+    return tuple(table)
+
+
+def _slots(messages) -> int:
+    """The fewest slots ``K`` a buffer needs when message ``m`` goes in slot ``m % K``: ``messages`` is ``[(m, put,
+    taken)]``, put at the end of tick ``put``, taken at the start of tick ``taken``; no message may be put in a slot
+    before the one there is taken."""
+    if not messages:
+        return 1
+    for K in range(1, len(messages) + 1):
+        by_slot: dict = {}
+        for m, put, taken in sorted(messages, key=lambda x: x[1]):
+            by_slot.setdefault(m % K, []).append((put, taken))
+        if all(b[0] >= a[1] for q in by_slot.values() for a, b in zip(q, q[1:])):
+            return K
+    return len(messages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A pipeline schedule: ``table[t][s]`` is stage ``s``'s action at tick ``t`` — ``("F", m)``, ``("B", m)`` or
+    ``None`` (idle)."""
+
+    name: str
+    stages: int
+    micro: int
+    table: tuple
+
+    @property
+    def ticks(self) -> int:
+        return len(self.table)
+
+    def tick_of(self, kind: str, s: int, m: int) -> int:
+        return next(t for t, row in enumerate(self.table) if row[s] == (kind, m))
+
+    @property
+    def bubble(self) -> float:
+        """The idle fraction of the stage-ticks: ``(P − 1) / (M + P − 1)`` for both schedules here."""
+        busy = sum(a is not None for row in self.table for a in row)
+        return 1 - busy / (self.ticks * self.stages)
+
+    def held(self, s: int) -> int:
+        """The most micro-batches whose caches stage ``s`` holds at once (from a forward to its backward)."""
+        F = [self.tick_of(FORWARD, s, m) for m in range(self.micro)]
+        B = [self.tick_of(BACKWARD, s, m) for m in range(self.micro)]
+        return max(sum(F[m] <= t <= B[m] for m in range(self.micro)) for t in range(self.ticks))
+
+    @property
+    def slots(self) -> tuple[int, int, int]:
+        """``(caches, activations in, gradients in)``: the slots each buffer of a stage needs, the most over stages."""
+        Pn, M = self.stages, self.micro
+        cache = max(_slots([(m, self.tick_of(FORWARD, s, m), self.tick_of(BACKWARD, s, m)) for m in range(M)])
+                    for s in range(Pn))
+        acts = max([_slots([(m, self.tick_of(FORWARD, s - 1, m), self.tick_of(FORWARD, s, m)) for m in range(M)])
+                    for s in range(1, Pn)] or [1])
+        grads = max([_slots([(m, self.tick_of(BACKWARD, s + 1, m) if s < Pn - 1 else self.tick_of(FORWARD, s, m),
+                              self.tick_of(BACKWARD, s, m)) for m in range(M)]) for s in range(Pn)])
+        return cache, acts, grads
+
+    def replay(self, forward: Sequence[float], backward: Sequence[float]) -> tuple[float, list[float]]:
+        """The schedule run with durations: stage ``s``'s forward of a micro-batch takes ``forward[s]`` seconds, its
+        backward ``backward[s]``. Each stage does its actions in the table's order, each as soon as the stage is free
+        and what it needs is done (ticks of unequal length: what a device actually waits for). Returns ``(makespan,
+        busy seconds per stage)``; the bubble is ``1 − Σ busy / (P · makespan)``."""
+        end: dict = {}
+        free, busy = [0.0] * self.stages, [0.0] * self.stages
+        for row in self.table:
+            for s, action in enumerate(row):
+                if action is None:
+                    continue
+                kind, m = action
+                needs = [(FORWARD, s - 1, m)] if kind == FORWARD and s > 0 else []
+                if kind == BACKWARD:
+                    needs = [(FORWARD, s, m)] + ([(BACKWARD, s + 1, m)] if s < self.stages - 1 else [])
+                took = forward[s] if kind == FORWARD else backward[s]
+                start = max([free[s]] + [end[n] for n in needs])
+                end[(kind, s, m)] = free[s] = start + took
+                busy[s] += took
+        return max(free), busy
+
+    def draw(self) -> str:
+        """The timeline, one row per stage: ``F3`` a forward of micro-batch 3, ``B3`` its backward, ``·`` idle."""
+        width = len(str(self.micro - 1)) + 1
+        rows = []
+        for s in range(self.stages):
+            cells = [("·" if a is None else f"{a[0]}{a[1]}").rjust(width) for a in (row[s] for row in self.table)]
+            rows.append(f"stage {s}  " + " ".join(cells))
+        return "\n".join(rows)
+
+
+def schedule(name: str, stages: int, micro: int) -> Schedule:
+    """The :class:`Schedule` ``name`` (``"gpipe"`` or ``"1f1b"``) of ``stages`` stages and ``micro`` micro-batches."""
+    if name not in ORDERS:
+        raise ValueError(f"pipeline: the schedule must be one of {', '.join(ORDERS)}, got {name!r}")
+    for what, n in (("stages", stages), ("micro-batches", micro)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"pipeline: {what} must be an integer >= 1, got {n!r}")
+    return Schedule(name, stages, micro, _simulate(ORDERS[name](stages, micro), stages))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The devices' layout: blocks stacked along a leading axis, split by stage
+
+
+def mesh_3d(data: int, stage: int, model: int = 1, devices: Sequence | None = None) -> jax.sharding.Mesh:
+    """A ``("data", "stage", "model")`` mesh of ``data × stage × model`` devices: a device's model-axis neighbours
+    adjacent in the device list (the tensor-parallel all-reduces stay on the fastest links), then its stage
+    neighbours."""
+    for name, size in (("data", data), ("stage", stage), ("model", model)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"mesh: the {name} axis must be an integer >= 1, got {size!r}")
+    available = list(jax.devices()) if devices is None else list(devices)
+    n = data * stage * model
+    if n > len(available):
+        raise ValueError(f"mesh: data {data} × stage {stage} × model {model} = {n} devices, but only "
+                         f"{len(available)} exist (on CPU, start with JAX_NUM_CPU_DEVICES={n} for more)")
+    grid = np.array(available[:n]).reshape(data, stage, model)
+    return jax.sharding.Mesh(grid, (DATA, STAGE, MODEL), axis_types=(AxisType.Auto,) * 3)
+
+
+def check_pipeline(model: LanguageModel, stages: int) -> None:
+    """Clear errors for a model a pipeline cannot cut ``stages`` ways."""
+    if model.pipe is None:
+        raise ValueError(f"pipeline: model {model.name!r} is not cut into stages (it declares no Pipe: the "
+                         "transformers, gpt and llama, do)")
+    L = model.cfg.n_layer
+    if L % stages:
+        raise ValueError(f"pipeline: the stages ({stages}) must divide the blocks (n_layer {L}); it divides by "
+                         f"{[d for d in range(1, L + 1) if L % d == 0]}")
+    if getattr(model.cfg, "dropout", 0) > 0:
+        raise ValueError(f"pipeline: dropout ({model.cfg.dropout}) is not pipelined yet (a micro-batch would draw "
+                         "other masks than its batch's): train with dropout 0, or another scheme")
+
+
+def _is(tree_type):
+    return lambda x: isinstance(x, tree_type)
+
+
+def stack_blocks(tree):
+    """Every node of the parameters' type in ``tree`` (the parameters, their gradients, an optimiser's moments) with
+    its ``blocks`` (a tuple of ``n_layer`` blocks) stacked into one block of ``(n_layer, ...)`` tensors."""
+    def one(node):
+        if not isinstance(node, tuple) or not hasattr(node, "blocks") or type(node.blocks) is not tuple:
+            return node
+        return node._replace(blocks=jax.tree.map(lambda *xs: jnp.stack(xs), *node.blocks))
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: hasattr(x, "blocks"))
+
+
+def unstack_blocks(tree, n_layer: int):
+    """The inverse of :func:`stack_blocks`."""
+    def one(node):
+        if not hasattr(node, "blocks") or type(node.blocks) is tuple:
+            return node
+        return node._replace(blocks=tuple(jax.tree.map(lambda a: a[i], node.blocks) for i in range(n_layer)))
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: hasattr(x, "blocks"))
+
+
+def per_block(optimizer: optax.GradientTransformation, n_layer: int) -> optax.GradientTransformation:
+    """``optimizer`` on stacked parameters (:func:`stack_blocks`), as it is on the parameters' own tree: each block's
+    tensors are handed to it one block at a time (a weight-decay mask by rank, Muon's per-matrix step and a
+    global-norm clip see what they see on one device), its updates and state stacked again."""
+    def init(params):
+        return stack_blocks(optimizer.init(unstack_blocks(params, n_layer)))
+
+    def update(grads, state, params=None):
+        updates, state = optimizer.update(*(unstack_blocks(t, n_layer) for t in (grads, state, params)))
+        return stack_blocks(updates), stack_blocks(state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def specs(model: LanguageModel, params_like, n_model: int):
+    """Each tensor's ``PartitionSpec`` in the devices' layout (stacked blocks): the blocks' leading axis along
+    ``"stage"``, each block's tensors along ``"model"`` as tensor parallelism splits them (with a model axis of
+    more than one device), the rest replicated."""
+    host = params_like if type(params_like.blocks) is tuple else unstack_blocks(params_like, model.cfg.n_layer)
+    one = tensor_parallel.specs(model, host) if n_model > 1 else jax.tree.map(lambda _: P(), host)
+    return one._replace(blocks=jax.tree.map(lambda s: P(STAGE, *s), one.blocks[0], is_leaf=_is(P)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pipelined forward and backward
+
+
+def _branch_codes(sched: Schedule):
+    """The branches the table uses, ``(kind, first, last)`` each, and per tick and stage: the branch, the micro-batch,
+    the micro-batch arriving from the previous stage (``-1``: none) and from the next."""
+    Pn, T = sched.stages, sched.ticks
+    branches, code = [None], np.zeros((T, Pn), np.int32)  # branch 0: idle
+    mb, act_in, grad_in = np.zeros((T, Pn), np.int32), np.full((T, Pn), -1, np.int32), np.full((T, Pn), -1, np.int32)
+    for t, row in enumerate(sched.table):
+        for s, a in enumerate(row):
+            if a is None:
+                continue
+            b = (a[0], s == 0, s == Pn - 1)
+            if b not in branches:
+                branches.append(b)
+            code[t, s], mb[t, s] = branches.index(b), a[1]
+            if a[0] == FORWARD and s < Pn - 1:
+                act_in[t, s + 1] = a[1]
+            if a[0] == BACKWARD and s > 0:
+                grad_in[t, s - 1] = a[1]
+    return branches, code, mb, act_in, grad_in
+
+
+def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched: Schedule, params_like) -> Callable:
+    """``f(params, x, y) -> (loss, grads)`` over ``mesh`` (:func:`mesh_3d`) by the schedule ``sched``: ``params`` and
+    ``grads`` in the devices' layout (:func:`stack_blocks`), ``x, y (B, T)`` whole (split by rows along
+    ``"data"``). ``loss`` is the batch's mean cross-entropy, ``grads`` its gradients, as one device computes them."""
+    cfg = model.cfg
+    Pn, M, n_model = mesh.shape[STAGE], sched.micro, mesh.shape[MODEL]
+    if sched.stages != Pn:
+        raise ValueError(f"pipeline: the schedule has {sched.stages} stages, the mesh's stage axis {Pn} devices")
+    check_pipeline(model, Pn)
+    if n_model > 1:
+        tensor_parallel.check_split(model, n_model)
+    cfg = dataclasses.replace(cfg, model_axis=MODEL if n_model > 1 else None)
+    pipe, Lp = model.pipe, cfg.n_layer // Pn
+    branches, code, mb_of, act_from, grad_from = _branch_codes(sched)
+    K_cache, K_act, K_grad = sched.slots
+    param_specs = specs(model, params_like, n_model)
+
+    def local(params, x, y):
+        if x.shape[0] % M:
+            raise ValueError(f"pipeline: the micro-batches ({M}) must divide each data shard's rows ({x.shape[0]} of "
+                             f"the batch's {x.shape[0] * mesh.shape[DATA]}); choose a batch of data × micro-batches "
+                             f"× k rows")
+        s = jax.lax.axis_index(STAGE)
+        cp = compute_params(params, cfg.precision)  # bfloat16: every layer below computes in it
+        blocks = cp.blocks  # this stage's Lp blocks, stacked
+        xs, ys = x.reshape(M, -1, x.shape[1]), y.reshape(M, -1, y.shape[1])
+        dt = jnp.result_type(float)
+        n = (ys >= 0).sum((1, 2), dtype=jnp.int32)
+        shares = n.astype(dt) / jax.lax.psum(n.sum(), DATA).astype(dt)  # (M,) each micro-batch's part of the mean
+
+        def stage_forward(h):
+            return run_stage(pipe, cfg, blocks, h, s * Lp)
+
+        def stage_backward(dh, caches):
+            dblocks = [None] * Lp
+            for j in reversed(range(Lp)):
+                blk = jax.tree.map(lambda a: a[j], blocks)
+                c, dh = recomputed(pipe.block_forward, cfg, blk, caches[j], dh)
+                dh, dblocks[j] = pipe.block_backward(dh, c)
+            return dh, jax.tree.map(lambda *g: jnp.stack(g), *dblocks)
+
+        def embed(m):
+            return pipe.embed_forward(cfg, cp, jax.lax.dynamic_index_in_dim(xs, m, keepdims=False), True)
+
+        def top(h, m):
+            logits, c_top = pipe.top_forward(cfg, cp, h)
+            loss_m, c_ce = cross_entropy_forward(logits, jax.lax.dynamic_index_in_dim(ys, m, keepdims=False))
+            dlogits, _ = cross_entropy_backward(shares[m].astype(logits.dtype), c_ce)
+            dh, g_top = pipe.top_backward(cfg, dlogits, c_top)
+            return loss_m * shares[m].astype(loss_m.dtype), dh, g_top
+
+        # The shapes of what the branches carry, from one micro-batch traced through every piece (dead code to XLA).
+        h0, c_emb0 = embed(0)
+        h1, packed0 = stage_forward(h0)
+        caches0 = unpack(packed0, blocks)
+        loss0, dh0, g_top0 = top(h1, 0)
+        dh1, dblocks0 = stage_backward(dh0, caches0)
+        g_shared0 = merge_grads(pipe.embed_backward(cfg, dh1, c_emb0), g_top0)
+        cache_arrays0, cache_static = packed0
+
+        def zeros(tree):  # gradient sums over the micro-batches: float32 at least (bfloat16's are summed wide)
+            return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32 if a.dtype == jnp.bfloat16 else a.dtype), tree)
+
+        init = (
+            [None if a is None else jnp.zeros((K_cache,) + a.shape, a.dtype) for a in cache_arrays0],
+            jnp.zeros((K_act,) + h0.shape, h0.dtype),  # activations received, by micro-batch slot
+            jnp.zeros((K_grad,) + h0.shape, h0.dtype),  # gradients received (the last stage's: its own head's)
+            zeros(g_shared0), zeros(dblocks0), jnp.zeros((), loss0.dtype),
+        )
+
+        def run_branch(b, m, carry):
+            kind, first, last = b
+            cache_buf, acts, grads_in, g_shared, g_blocks, loss = carry
+            out_h, out_dh = jnp.zeros_like(h0), jnp.zeros_like(h0)
+            if kind == FORWARD:
+                h = embed(m)[0] if first else acts[m % K_act]
+                h, (arrays, _) = stage_forward(h)
+                cache_buf = [None if buf is None else buf.at[m % K_cache].set(a) for buf, a in zip(cache_buf, arrays)]
+                if last:
+                    loss_m, dh, g_top = top(h, m)
+                    loss = loss + loss_m
+                    g_shared = _accumulate(g_shared, g_top)
+                    grads_in = grads_in.at[m % K_grad].set(dh)
+                else:
+                    out_h = h
+            else:
+                caches = jax.tree.map(lambda buf: buf[m % K_cache], [b for b in cache_buf])
+                dh, dblocks = stage_backward(grads_in[m % K_grad], unpack((caches, cache_static), blocks))
+                g_blocks = _accumulate(g_blocks, dblocks)
+                if first:
+                    g_emb = pipe.embed_backward(cfg, dh, embed(m)[1])
+                    g_shared = _accumulate(g_shared, g_emb)
+                else:
+                    out_dh = dh
+            return (cache_buf, acts, grads_in, g_shared, g_blocks, loss), (out_h, out_dh)
+
+        def idle(m, carry):
+            return carry, (jnp.zeros_like(h0), jnp.zeros_like(h0))
+
+        fns = [idle] + [lambda m, carry, b=b: run_branch(b, m, carry) for b in branches[1:]]
+
+        def tick(carry, row):
+            code_t, mb_t, act_t, grad_t = (r[s] for r in row)
+            carry, (out_h, out_dh) = jax.lax.switch(code_t, fns, mb_t, carry)
+            if Pn > 1:  # the activations to the next stage, the gradients to the previous
+                h_next = jax.lax.ppermute(out_h, STAGE, [(k, k + 1) for k in range(Pn - 1)])
+                dh_prev = jax.lax.ppermute(out_dh, STAGE, [(k + 1, k) for k in range(Pn - 1)])
+                cache_buf, acts, grads_in, *rest = carry
+                acts = _receive(acts, act_t, h_next, K_act)
+                grads_in = _receive(grads_in, grad_t, dh_prev, K_grad)
+                carry = (cache_buf, acts, grads_in, *rest)
+            return carry, None
+
+        rows = tuple(jnp.asarray(a) for a in (code, mb_of, act_from, grad_from))
+        (_, _, _, g_shared, g_blocks, loss), _ = jax.lax.scan(tick, init, rows)
+        loss = jax.lax.psum(loss, (STAGE, DATA))
+        g_shared = jax.lax.psum(g_shared, (STAGE, DATA))
+        grads = cp._replace(blocks=jax.lax.psum(g_blocks, DATA), **g_shared)
+        return loss, param_grads(grads, params) if cfg.precision != "float32" else grads
+
+    rows = P(DATA)
+    return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, rows, rows), out_specs=(P(), param_specs),
+                         check_vma=False)  # (the branches of one tick vary over the stages by design)
+
+
+def _accumulate(total, part):
+    """``total + part``, leaf for leaf, in the sums' dtype; a dict ``part`` (gradients by field) adds to its fields."""
+    if isinstance(part, dict):
+        return {**total, **{k: _accumulate(total[k], g) for k, g in part.items() if g is not None}}
+    return jax.tree.map(lambda a, g: a + g.astype(a.dtype), total, part)
+
+
+def run_stage(pipe, cfg, blocks, h, i0):
+    """A stage's blocks (``blocks``: stacked, ``(Lp, ...)`` per tensor; the first is block ``i0``) on ``h``: ``(h,
+    packed caches)``, the caches as :func:`pack` keeps them for the stage's backward."""
+    caches, blks = [], []
+    for j in range(jax.tree.leaves(blocks)[0].shape[0]):
+        blk = jax.tree.map(lambda a: a[j], blocks)
+        h_in = h
+        h, c = pipe.block_forward(cfg, blk, h, i0 + j, train=True, key=None)
+        caches.append(keep(cfg.recompute, h_in, i0 + j, None, True, c))
+        blks.append(blk)
+    return h, pack(tuple(caches), blks)
+
+
+def pack(caches, blks):
+    """``(arrays, static)``: what a stage keeps of its blocks' caches between a micro-batch's forward and backward —
+    the activations; not the block's own weights, which a layer's cache holds too (a linear's ``W``) and which the
+    stage has already: they are left out, and :func:`unpack` puts the stage's weights back in their place."""
+    where = {id(leaf): (j, k) for j, blk in enumerate(blks) for k, leaf in enumerate(jax.tree.leaves(blk))}
+    arrays, static = partition_static(caches)
+    refs = tuple(None if a is None else where.get(id(a)) for a in arrays)
+    return [None if r is not None else a for a, r in zip(arrays, refs)], (static, refs)
+
+
+def unpack(packed, blocks):
+    """The caches :func:`pack` packed, with the stage's block weights (``blocks``, stacked) back in place."""
+    arrays, (static, refs) = packed
+    leaves = [jax.tree.leaves(jax.tree.map(lambda a: a[j], blocks)) for j in range(jax.tree.leaves(blocks)[0].shape[0])]
+    return combine_static([a if r is None else leaves[r[0]][r[1]] for a, r in zip(arrays, refs)], static)
+
+
+def _receive(buf, m, value, K: int):
+    """``buf`` with ``value`` in micro-batch ``m``'s slot if ``m >= 0`` (something arrived), else as it was."""
+    slot = jnp.maximum(m, 0) % K
+    return buf.at[slot].set(jnp.where(m >= 0, value, buf[slot]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: the step, and the layout jnnex.layout's "pp" row builds
+
+
+def pipeline_step(model: LanguageModel, optimizer, mesh: jax.sharding.Mesh, sched: Schedule, params_like) -> Callable:
+    """``step(ts, batch, key) -> (ts, metrics)`` with the pipelined gradients; the optimiser (:func:`per_block`) in
+    the global view. ``ts`` in the devices' layout."""
+    value_and_grad = pipeline_value_and_grad(model, mesh, sched, params_like)
+    opt = per_block(optimizer, model.cfg.n_layer)
+
+    def step(ts, batch, key):
+        loss, grads = value_and_grad(ts.params, *batch)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = opt.update(grads, ts.opt_state, ts.params)
+        params = optax.apply_updates(ts.params, updates)
+        return type(ts)(params, ts.state, opt_state, ts.step + 1), {"loss": loss}
+
+    return step
+
+
+def train_layout(model: LanguageModel, optimizer, mesh: jax.sharding.Mesh, ts):
+    """For :func:`jnnex.train.fit`: ``(to_devices, to_host, shardings)`` — a host training state (the parameters'
+    own tree) to the devices' layout (stacked blocks, a split model's columns reordered) and back, and its
+    ``NamedSharding``s."""
+    n_model, L = mesh.shape[MODEL], model.cfg.n_layer
+    apply = lambda fn, a: fn(a)  # noqa: E731
+    if n_model > 1:
+        there, back = (tensor_parallel.layout(model, ts.params, n_model, inverse=inv) for inv in (False, True))
+    else:
+        there = back = jax.tree.map(lambda _: (lambda a: a), ts.params)
+
+    def to_devices(ts):
+        params = jax.tree.map(apply, there, ts.params)
+        opt_state = tensor_parallel.optimizer_state_map(optimizer, lambda a, fn: fn(a), ts.opt_state, there)
+        return type(ts)(stack_blocks(params), ts.state, stack_blocks(opt_state), ts.step)
+
+    def to_host(ts):
+        params, opt_state = unstack_blocks(ts.params, L), unstack_blocks(ts.opt_state, L)
+        params = jax.tree.map(apply, back, params)
+        opt_state = tensor_parallel.optimizer_state_map(optimizer, lambda a, fn: fn(a), opt_state, back)
+        return type(ts)(params, ts.state, opt_state, ts.step)
+
+    rep = NamedSharding(mesh, P())
+    param_shardings = tensor_parallel.shardings(mesh, specs(model, ts.params, n_model))
+    host_shardings = param_shardings._replace(blocks=(param_shardings.blocks,) * L)  # (the stacked block's, per block)
+    opt_shardings = stack_blocks_specs(tensor_parallel.optimizer_state_map(
+        optimizer, lambda _, sh: sh, ts.opt_state, host_shardings, other=lambda x: None if x is None else rep))
+    state = type(ts)(param_shardings, jax.tree.map(lambda _: rep, ts.state), opt_shardings, rep)
+    return to_devices, to_host, state
+
+
+def stack_blocks_specs(tree):
+    """:func:`stack_blocks` for a tree of shardings: one block's shardings stand for the stacked block's."""
+    def one(node):
+        if not hasattr(node, "blocks") or type(node.blocks) is not tuple:
+            return node
+        return node._replace(blocks=node.blocks[0])
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: hasattr(x, "blocks"))

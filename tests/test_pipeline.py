@@ -1,0 +1,215 @@
+"""Pipeline parallelism (jnnex.pipeline): the schedules as tables, and the pipelined gradients equal to one device's,
+per tensor, in float64 — on the stage axis alone and with data and tensor parallelism beside it."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jnnex.pipeline as PP
+import jnnex.tensor_parallel as TP
+from jnnex.layout import Parallel
+from jnnex.lm import manual_gradients
+from jnnex.models import gpt as G, llama as L
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The schedules
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(["gpipe", "1f1b"]), P=st.integers(1, 6), M=st.integers(1, 12))
+def test_a_schedule_does_each_forward_and_backward_once_in_order_with_the_bubble_of_the_formula(name, P, M):
+    sched = PP.schedule(name, P, M)
+    done = {}
+    for t, row in enumerate(sched.table):
+        for s, action in enumerate(row):
+            if action is None:
+                continue
+            assert action not in [a for a, stage in done if stage == s], f"stage {s} did {action} twice"
+            done[(action, s)] = t
+    for s in range(P):
+        for m in range(M):
+            F, B = done[(("F", m), s)], done[(("B", m), s)]
+            assert F < B
+            if s > 0:
+                assert done[(("F", m), s - 1)] < F, "a forward before its input arrived"
+            if s < P - 1:
+                assert done[(("B", m), s + 1)] < B, "a backward before its gradient arrived"
+    assert sched.ticks == 2 * (M + P - 1)
+    assert sched.bubble == pytest.approx((P - 1) / (M + P - 1), abs=1e-12)
+    held = [sched.held(s) for s in range(P)]
+    if name == "gpipe":
+        assert held[0] == M
+    else:
+        assert all(h <= min(P - s, M) for s, h in enumerate(held)), held
+    assert sched.slots[0] == max(held)
+
+
+def test_1f1b_holds_p_micro_batches_where_gpipe_holds_m():
+    gpipe, f1b = PP.schedule("gpipe", 4, 8), PP.schedule("1f1b", 4, 8)
+    assert [gpipe.held(s) for s in range(4)] == [8, 8, 8, 8]
+    assert [f1b.held(s) for s in range(4)] == [4, 3, 2, 1]
+    assert gpipe.slots[0] == 8 and f1b.slots[0] == 4
+    assert f1b.draw().splitlines()[3].split()[2:6] == ["·", "·", "·", "F0"]
+    assert f1b.draw().splitlines()[3].split()[6:8] == ["B0", "F1"]  # the last stage: one forward, one backward
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pipelined gradients against one device's
+
+
+def f64(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def pipelined(model, params, x, y, name, data, stages, model_axis, micro):
+    mesh = PP.mesh_3d(data, stages, model_axis)
+    host = params
+    if model_axis > 1:
+        host = jax.tree.map(lambda fn, a: fn(a), TP.layout(model, params, model_axis), params)
+    vg = jax.jit(PP.pipeline_value_and_grad(model, mesh, PP.schedule(name, stages, micro), params))
+    loss, grads = vg(PP.stack_blocks(host), x, y)
+    grads = PP.unstack_blocks(grads, model.cfg.n_layer)
+    if model_axis > 1:
+        grads = jax.tree.map(lambda fn, a: fn(a), TP.layout(model, params, model_axis, inverse=True), grads)
+    return loss, grads
+
+
+def assert_equal_per_tensor(got, want, atol=1e-12):
+    paths = jax.tree_util.tree_leaves_with_path(want)
+    for (path, w), g in zip(paths, jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, w, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
+    assert len(jax.tree.leaves(got)) == len(paths)
+
+
+def tiny_gpt(**kw):
+    return G.gpt(G.GPTConfig(**{"vocab_size": 11, "block_size": 8, "n_layer": 4, "n_head": 2, "n_embd": 16, **kw}))
+
+
+def tiny_llama(**kw):
+    return L.llama(L.LlamaConfig(**{"vocab_size": 11, "block_size": 8, "n_layer": 4, "n_head": 4, "n_kv_head": 2,
+                                    "n_embd": 16, **kw}))
+
+
+def batch(B=8, T=8, V=11):
+    x = jax.random.randint(jax.random.key(1), (B, T), 0, V)
+    y = jax.random.randint(jax.random.key(2), (B, T), -1, V)  # some ignored targets: micro-batches count unequally
+    return x, y
+
+
+@pytest.mark.parametrize("model_name, kw, name, mesh, micro", [
+    ("gpt", {"tie": True}, "gpipe", (1, 4, 1), 4),  # a tied table: its gradient from the first and last stage, added
+    ("gpt", {"bias": False}, "1f1b", (2, 2, 1), 2),
+    ("llama", {}, "1f1b", (1, 2, 2), 4),  # stages × tensor parallel
+    ("llama", {"recompute": "blocks"}, "gpipe", (1, 2, 1), 2),
+])
+def test_the_pipelined_gradients_equal_one_devices_per_tensor_in_float64(model_name, kw, name, mesh, micro):
+    model = (tiny_gpt if model_name == "gpt" else tiny_llama)(**kw)
+    params = f64(model.init(jax.random.key(0))[0])
+    x, y = batch()
+    want = manual_gradients(model, params, (), x, y)
+    loss, grads = pipelined(model, params, x, y, name, *mesh, micro)
+    np.testing.assert_allclose(loss, want.loss, rtol=0, atol=1e-13)
+    assert_equal_per_tensor(grads, want.grads)
+
+
+def test_layout_moves_a_training_state_to_the_stages_and_back_unchanged():
+    from jnnex.step import init_train_state
+    model = tiny_llama()
+    opt = optax.adamw(1e-3)
+    ts = init_train_state(model, opt, jax.random.key(0))
+    to_devices, to_host, shardings = PP.train_layout(model, opt, PP.mesh_3d(1, 2, 2), ts)
+    dev = to_devices(ts)
+    assert dev.params.blocks.qkv.W.shape[0] == 4  # stacked: (n_layer, C, q + k + v)
+    assert jax.tree.structure(dev) == jax.tree.structure(shardings)
+    back = to_host(dev)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(ts)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_optimiser_sees_each_block_as_on_one_device():
+    """Per block: a weight-decay mask by rank (gains stacked are matrices, and must not decay) and a global-norm clip
+    give the one-device update."""
+    from jnnex.optim import matrices_only
+    model = tiny_gpt()
+    params = model.init(jax.random.key(0))[0]
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.5, mask=matrices_only))
+    wrapped = PP.per_block(opt, model.cfg.n_layer)
+    stacked = PP.stack_blocks(params)
+    with jax.numpy_dtype_promotion("standard"):  # (optax's, as the step runs it)
+        want, _ = opt.update(grads, opt.init(params), params)
+        got, _ = wrapped.update(PP.stack_blocks(grads), wrapped.init(stacked), stacked)
+    assert_equal_per_tensor(PP.unstack_blocks(got, model.cfg.n_layer), want, atol=0)
+
+
+def test_a_pipelined_run_checkpoints_and_resumes_where_one_device_ends(tmp_path):
+    """``fit(..., parallel=Parallel("pp", 4, stages=2, micro_batches=2))`` (data 2 × stage 2) for 20 steps with
+    momentum (its state must go to the stacked layout and back), checkpointed, resumed to 40 on one device: where 40
+    steps on one device end (float32 rounding of the micro-batches' other summation order, ~1e-6)."""
+    from tests.runfiles import fit_resumed, fit_saved
+    from tests.test_parallel import model_and_data, rel_errors
+    from jnnex.optim import TrainConfig
+    from jnnex.train import fit
+    model, splits = model_and_data("gpt", n_head=4)
+    short = TrainConfig(steps=20, eval_every=20, chunk=20, lr_boundaries=(), optimizer="momentum", lr=0.1)
+    fit_saved(model, splits.train, short, tmp_path / "r", parallel=Parallel("pp", 4, stages=2, micro_batches=2))
+    resumed = fit_resumed(model, splits.train, short.with_steps(40), tmp_path / "r")
+    whole = fit(model, splits.train, short.with_steps(40))
+    assert int(resumed.ts.step) == 40
+    assert max(rel_errors(resumed.ts.params, whole.ts.params)) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Named errors
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"stages": 3, "micro_batches": 2}, "the stages (3) must divide the blocks (n_layer 4)"),
+    ({"stages": 2, "micro_batches": 0}, "micro-batches must be an integer >= 1, got 0"),
+    ({"stages": 2, "micro_batches": 2, "schedule": "zigzag"}, "the schedule must be one of gpipe, 1f1b, got 'zigzag'"),
+    ({"stages": 2}, "give both"),
+    ({"stages": 4, "micro_batches": 2, "model_parallel": 2}, "devices (4) must be a number that divides by stages × "
+                                                             "model_parallel (4 × 2)"),
+])
+def test_bad_pipelines_are_named(kwargs, message):
+    from jnnex.layout import make_layout
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        par = Parallel("pp", 4, **kwargs)
+        make_layout(par, model, optax.sgd(0.1), init_state(model))
+
+
+def init_state(model):
+    from jnnex.step import init_train_state
+    return init_train_state(model, optax.sgd(0.1), jax.random.key(0))
+
+
+def test_a_pipeline_refuses_dropout_a_model_without_stages_and_a_batch_its_micro_batches_do_not_divide():
+    from jnnex.layout import make_layout
+    from jnnex.models.registry import build
+    with pytest.raises(ValueError, match=r"dropout \(0.1\) is not pipelined yet"):
+        make_layout(Parallel("pp", 2, stages=2, micro_batches=2), tiny_gpt(dropout=0.1), optax.sgd(0.1),
+                    init_state(tiny_gpt()))
+    mlp = build("mlp", vocab_size=27)
+    with pytest.raises(ValueError, match="model 'mlp' is not cut into stages"):
+        make_layout(Parallel("pp", 2, stages=2, micro_batches=2), mlp, optax.sgd(0.1), init_state(mlp))
+    model = tiny_gpt()
+    layout = make_layout(Parallel("pp", 4, stages=2, micro_batches=4), model, optax.sgd(0.1), init_state(model))
+    with pytest.raises(ValueError, match=r"the micro-batches \(4\) must divide each data shard's rows \(6 of the "
+                                         r"batch_size's 12\).*data 2 × micro-batches 4 = 8"):
+        layout.check(init_state(model), 12, 1000, "training")
+    with pytest.raises(ValueError, match="--shard-params and --stages together"):
+        Parallel.from_flags(devices=4, shard_params=True, stages=2, micro_batches=2)
+    with pytest.raises(ValueError, match="--parallel tp and --stages"):
+        Parallel.from_flags(devices=4, model_parallel=2, scheme="tp", stages=2, micro_batches=2)
+    with pytest.raises(ValueError, match="stages, micro_batches belong to the pipeline"):
+        Parallel("dp", 4, stages=2, micro_batches=2)
