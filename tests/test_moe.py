@@ -12,16 +12,16 @@ import jnnex.models.moe as M
 from jnnex.check import compare
 from pairs import f64
 
-FIXED = {"moe": (f64(2, 3, 4), f64(4, 3) * 0.5, f64(3, 4, 2) * 0.5, f64(3, 2, 4) * 0.5, 2)}
+FIXED = {"moe": (f64(2, 3, 4), f64(4, 3) * 0.5, f64(3, 4, 2) * 0.5, f64(3, 2, 4) * 0.5, 2, 2, 2, None)}
 
 test_pair_backward_equals_vjp_float64, test_pair_rejects_a_wrongly_shaped_gradient, test_pairs_are_declared = \
     pairs.tests(M, FIXED)
 
 
 def test_gates_are_the_softmax_of_the_chosen_logits_and_zero_elsewhere():
-    x, Wr, W1, W2, _ = FIXED["moe"]
+    x, Wr, W1, W2 = FIXED["moe"][:4]
     _, cache = M.moe_forward(x, Wr, W1, W2, 2)
-    gates = np.asarray(cache[2])
+    gates = np.asarray(cache[2].gates)
     logits = np.asarray(x.reshape(-1, 4) @ Wr)
     for n in range(len(logits)):
         top = np.argsort(-logits[n], kind="stable")[:2]
@@ -30,15 +30,15 @@ def test_gates_are_the_softmax_of_the_chosen_logits_and_zero_elsewhere():
         np.testing.assert_allclose(gates[n], want, rtol=1e-12)
     # top_k = every expert: the gates are the full softmax; top_k = 1: the output is one expert's alone
     _, c_all = M.moe_forward(x, Wr, W1, W2, 3)
-    np.testing.assert_allclose(np.asarray(c_all[2]), np.asarray(jax.nn.softmax(logits, -1)), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(c_all[2].gates), np.asarray(jax.nn.softmax(logits, -1)), rtol=1e-12)
     _, c1 = M.moe_forward(x, Wr, W1, W2, 1)
-    assert set(np.unique(np.asarray(c1[2]))) == {0.0, 1.0}
+    assert set(np.unique(np.asarray(c1[2].gates))) == {0.0, 1.0}
 
 
 def test_the_balancing_loss_is_one_when_uniform_and_e_when_one_expert_takes_all():
     """A zero router: every token's probabilities uniform, ties everywhere going to experts 0..k-1 — aux = E · Σ f_e
     /E = 1. A router that sends every token to expert 1 with probability → 1: aux → E (here 3), top-1."""
-    x, _, W1, W2, _ = FIXED["moe"]
+    x, _, W1, W2 = FIXED["moe"][:4]
     (_, aux), _ = M.moe_forward(x, jnp.zeros((4, 3), jnp.float64), W1, W2, 2)
     assert float(aux) == pytest.approx(1.0, rel=1e-12)
     Wr = jnp.zeros((4, 3), jnp.float64).at[:, 1].set(50.0)
@@ -50,12 +50,14 @@ def test_the_balancing_loss_is_one_when_uniform_and_e_when_one_expert_takes_all(
 def test_ties_and_every_top_k_against_vjp():
     """Two router columns equal (exact ties for every token) and every top-k: the backward is jax.vjp's, to 1e-10
     in float64, the router's gradient included (the balancing loss reaches it through the full softmax)."""
-    x, Wr, W1, W2, _ = FIXED["moe"]
+    x, Wr, W1, W2 = FIXED["moe"][:4]
     Wr = Wr.at[:, 2].set(Wr[:, 0])
+    names = ["dx", "dWr", "dW1", "dW2", "k", "capacity", "groups", "axis"]
     for k in (1, 2, 3):
-        rows = compare(M.moe_forward, M.moe_backward, x, Wr, W1, W2, k, names=["dx", "dWr", "dW1", "dW2", "k"])
-        assert all(r.approx for r in rows), (k, rows)
-        assert float(np.abs(np.asarray(rows[1].maxdiff))) < 1e-12
+        for capacity, groups in ((None, 1), (1, 2), (2, 3)):  # dropless; 1 slot per expert in each of 2 groups; …
+            rows = compare(M.moe_forward, M.moe_backward, x, Wr, W1, W2, k, capacity, groups, None, names=names)
+            assert all(r.approx for r in rows), (k, capacity, rows)
+            assert float(np.abs(np.asarray(rows[1].maxdiff))) < 1e-12
 
 
 @pytest.mark.parametrize("args, message", [
@@ -67,3 +69,85 @@ def test_ties_and_every_top_k_against_vjp():
 def test_bad_shapes_and_top_k_are_named(args, message):
     with pytest.raises(ValueError, match=message):
         M.moe_forward(*args)
+
+
+def test_tokens_past_an_experts_capacity_are_dropped_and_counted():
+    """Top-1, every token's largest logit on expert 1, 2 slots per expert and group: 3 groups of 2 tokens keep all;
+    1 group of 6 drops 4 — and a dropped token's output is exactly 0 (its only expert lost). Dropless drops none."""
+    x = jnp.abs(FIXED["moe"][0]) + 1.0  # (2, 3, 4): 6 tokens
+    Wr = jnp.zeros((4, 3), jnp.float64).at[:, 1].set(1.0)
+    W1, W2 = FIXED["moe"][2:4]
+    assert int(M.dropped(x, Wr, 1, 2, groups=3)) == 0
+    assert int(M.dropped(x, Wr, 1, 2, groups=1)) == 4
+    assert int(M.dropped(x, Wr, 1, None)) == 0
+    (y, _), _ = M.moe_forward(x, Wr, W1, W2, 1, 2, 1)
+    y = np.asarray(y).reshape(6, 4)
+    assert np.all(y[2:] == 0) and np.all(np.abs(y[:2]) > 0)  # the first two in the queue kept, the rest dropped
+    (y_free, _), _ = M.moe_forward(x, Wr, W1, W2, 1, None)
+    np.testing.assert_array_equal(np.asarray(y_free).reshape(6, 4)[:2], y[:2])
+    assert M.capacity_for(1.0, 6, 3, 1) == 2 and M.capacity_for(1.25, 16, 8, 2) == 5
+
+
+def expert_parallel(n, args, capacity, dtype):
+    """The layer under ``shard_map`` over ``n`` devices (tokens and experts split, the router whole) and its
+    hand-written backward: ``(y, aux, dx, dW_router summed over the devices, dW1, dW2)``, whole."""
+    from jax.sharding import Mesh, PartitionSpec as P
+    x, Wr, W1, W2, k, dy = args
+    mesh = Mesh(np.array(jax.devices()[:n]), ("expert",))
+
+    def local(x, Wr, W1, W2, dy):
+        (y, aux), cache = M.moe_forward(x, Wr, W1, W2, k, capacity, 1, "expert")
+        dx, dWr, dW1, dW2, *_ = M.moe_backward((dy, jnp.asarray(0.7, dtype)), cache)
+        return y, aux, dx, jax.lax.psum(dWr, "expert"), dW1, dW2
+
+    rows, experts = P("expert"), P("expert")
+    f = jax.shard_map(local, mesh=mesh, in_specs=(rows, P(), experts, experts, rows),
+                      out_specs=(rows, P(), rows, P(), experts, experts), check_vma=False)
+    return jax.jit(f)(x, Wr, W1, W2, dy)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
+@pytest.mark.parametrize("E, k, capacity", [(4, 2, None), (8, 2, 2), (8, 3, 1), (4, 2, 1)])
+def test_expert_parallelism_equals_one_device(E, k, capacity, dtype, tol):
+    """4 devices, 4 tokens each (a group each) and E / 4 experts each, against the layer on one device with 4 groups:
+    the outputs, the balancing loss and every gradient, per tensor — dropless and with tokens dropped, with two router
+    columns tied."""
+    n, N, C, H = 4, 16, 6, 5
+    ks = jax.random.split(jax.random.key(E * 10 + k), 5)
+    x = jax.random.normal(ks[0], (N, C), dtype)
+    Wr = (jax.random.normal(ks[1], (C, E), dtype) * C**-0.5).at[:, E - 1].set(0)
+    Wr = Wr.at[:, 1].set(Wr[:, 0])  # ties
+    W1 = jax.random.normal(ks[2], (E, C, H), dtype) * C**-0.5
+    W2 = jax.random.normal(ks[3], (E, H, C), dtype) * H**-0.5
+    dy = jax.random.normal(ks[4], (N, C), dtype)
+    (y, aux), cache = M.moe_forward(x, Wr, W1, W2, k, capacity, n)
+    want = (y, aux, *M.moe_backward((dy, jnp.asarray(0.7, dtype)), cache)[:4])
+    got = expert_parallel(n, (x, Wr, W1, W2, k, dy), capacity, dtype)
+    for name, g, w in zip(["y", "aux", "dx", "dW_router", "dW1", "dW2"], got, want):
+        scale = max(float(jnp.max(jnp.abs(w))), 1e-30)
+        assert float(jnp.max(jnp.abs(g - w))) / scale < tol, name
+    if capacity is not None and k * (N // n) > E * capacity:  # more choices in a group than slots: some dropped
+        assert int(M.dropped(x, Wr, k, capacity, n)) > 0
+
+
+def test_the_token_exchange_is_two_all_to_alls_each_way():
+    """The forward sends the buffers to the experts and the outputs back; the backward the output gradients to the
+    experts and the input gradients back: two ``all_to_all`` each, written out (none in one device's layer)."""
+    from jax.sharding import Mesh, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()[:2]), ("expert",))
+    x, Wr, W1, W2 = f64(4, 6), f64(6, 4), f64(4, 6, 3), f64(4, 3, 6)
+
+    def fwd(x, Wr, W1, W2):
+        return M.moe_forward(x, Wr, W1, W2, 2, None, 1, "expert")[0]
+
+    def both(x, Wr, W1, W2):
+        out, cache = M.moe_forward(x, Wr, W1, W2, 2, None, 1, "expert")
+        return M.moe_backward(out, cache)[:4]
+
+    specs = (P("expert"), P(), P("expert"), P("expert"))
+    count = {}
+    for name, f, out in (("forward", fwd, (P("expert"), P())), ("both", both, (P("expert"),) * 4)):
+        sm = jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)
+        count[name] = str(jax.make_jaxpr(sm)(x, Wr, W1, W2)).count("all_to_all")
+    assert count == {"forward": 2, "both": 4}
+    assert "all_to_all" not in str(jax.make_jaxpr(lambda *a: M.moe_forward(*a, 2)[0])(x, Wr, W1, W2))
