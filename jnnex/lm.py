@@ -35,12 +35,13 @@ class Forward(NamedTuple):
     state: Any  # the new model state (BatchNorm running statistics after a train-mode step); () if none
     caches: Any  # what the model's hand-written backward needs (unused under autodiff: XLA drops it)
     acts: tuple  # the hidden activations, in forward order, for diagnostics: (B, H) or (B, T', H) arrays
+    aux: Any = 0.0  # what the model adds to the training objective (a mixture of experts' balancing loss); 0 if none
 
 
 class ManualGradients(NamedTuple):
     """One train-mode forward and the hand-written backward, with everything diagnostics reads."""
 
-    loss: jax.Array  # () mean cross-entropy over the valid targets
+    loss: jax.Array  # () the objective: the mean cross-entropy over the valid targets, plus the forward's aux loss
     grads: Any  # like params
     state: Any  # the new model state
     acts: tuple  # the forward's hidden activations
@@ -176,8 +177,10 @@ class LanguageModel:
         return cross_entropy_forward(logits, y)[0], new_state
 
     def objective(self, params, state, x, y, key=None):
-        """What training minimises: the cross-entropy plus the penalty, if any. ``(objective, new_state)``."""
-        loss, new_state = self.loss(params, state, x, y, train=True, key=key)
+        """What training minimises: the cross-entropy, plus the forward's auxiliary loss (:attr:`Forward.aux`: a
+        mixture of experts' balancing loss) and the penalty, if any. ``(objective, new_state)``."""
+        out = self.forward(params, state, x, train=True, key=key)
+        loss, new_state = cross_entropy_forward(out.logits, y)[0] + out.aux, out.state
         if self.penalty_fn is not None:
             loss = loss + self.penalty_fn(self.cfg, params)
         return loss, new_state
@@ -204,8 +207,8 @@ def manual_gradients(model: LanguageModel, params, state, x, y, key=None, dloss=
     loss, c_ce = cross_entropy_forward(out.logits, y)
     seed = jnp.ones((), out.logits.dtype) if dloss is None else jnp.asarray(dloss, out.logits.dtype)
     dlogits, _ = cross_entropy_backward(seed, c_ce)  # (B, V) or (B, T, V)
-    grads, act_grads = model.backward_fn(model.cfg, params, out.caches, dlogits)
-    return ManualGradients(loss, grads, out.state, out.acts, tuple(act_grads))
+    grads, act_grads = model.backward_fn(model.cfg, params, out.caches, dlogits)  # (an aux loss's: seeded inside)
+    return ManualGradients(loss + out.aux, grads, out.state, out.acts, tuple(act_grads))
 
 
 def manual_vjp(model: LanguageModel, *, train: bool = True) -> Callable:

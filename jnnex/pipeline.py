@@ -232,6 +232,9 @@ def check_pipeline(model: LanguageModel, stages: int) -> None:
     if L % stages:
         raise ValueError(f"pipeline: the stages ({stages}) must divide the blocks (n_layer {L}); it divides by "
                          f"{[d for d in range(1, L + 1) if L % d == 0]}")
+    if getattr(model.cfg, "n_expert", None) is not None:
+        raise ValueError("pipeline: a mixture of experts is not pipelined yet (its balancing loss is the whole "
+                         "batch's, and a micro-batch's differs): train it on one device, dp or fsdp")
     if getattr(model.cfg, "dropout", 0) > 0:
         raise ValueError(f"pipeline: dropout ({model.cfg.dropout}) is not pipelined yet (a micro-batch would draw "
                          "other masks than its batch's): train with dropout 0, or another scheme")

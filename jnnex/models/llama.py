@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jnnex.collectives import (
     ROW, Column, Part, column_linear_backward, column_linear_forward, local_count, row_linear_backward,
@@ -43,7 +44,7 @@ from jnnex.layers import (
     transpose, wide,
 )
 from jnnex.lm import Forward, LanguageModel, Pipe, merge_grads
-from jnnex.models import flash
+from jnnex.models import flash, moe
 from jnnex.models.gpt import (
     INIT_STD, KVCache, attend_backward, attend_cached, attend_forward, head_backward, head_forward, heads, merge_heads,
     write_kv,
@@ -301,6 +302,16 @@ class LlamaConfig:
                                      "activations) or blocks (each block's input alone, about 1/20 of its caches; "
                                      "its forward runs again in the backward, one block's caches at a time)",
                              choices=RECOMPUTE)
+    n_expert: int | None = setting(None, "experts in each block's MLP (a mixture of experts: jnnex.models.moe, GELU "
+                                         "experts); none: the dense SwiGLU", none=None)
+    expert_top_k: int = setting(2, "experts each token goes to (with n_expert)")
+    expert_hidden: int | None = setting(None, "each expert's hidden width (with n_expert; none: 3·hidden / (2·top_k), "
+                                              "the dense SwiGLU's active parameters)", none=None)
+    expert_capacity: float | None = setting(None, "the capacity factor: slots per expert = factor · tokens · top_k / "
+                                                  "n_expert, the rest dropped (with n_expert; none: dropless)",
+                                            none=None)
+    aux_weight: float = setting(0.01, "the weight of the load-balancing loss in the objective, averaged over the "
+                                      "blocks (with n_expert; Switch's 0.01)")
     model_axis: str | None = setting(None, "the mesh axis the blocks' heads and SwiGLU split along under "
                                            "jax.shard_map (Megatron's tensor parallelism; set by "
                                            "jnnex.tensor_parallel)", flag=False)
@@ -324,6 +335,33 @@ class LlamaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        defaults = {"expert_top_k": 2, "expert_hidden": None, "expert_capacity": None, "aux_weight": 0.01}
+        if self.n_expert is None:
+            given = [k for k, v in defaults.items() if getattr(self, k) != v]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to a mixture of experts: give n_expert too")
+            return
+        positive_int("n_expert", self.n_expert, 2)
+        if isinstance(self.expert_top_k, bool) or not isinstance(self.expert_top_k, int) or \
+                not 1 <= self.expert_top_k <= self.n_expert:
+            raise ValueError(f"expert_top_k must be an integer in [1, n_expert = {self.n_expert}], got "
+                             f"{self.expert_top_k!r}")
+        if self.expert_hidden is not None:
+            positive_int("expert_hidden", self.expert_hidden)
+        for name in ("expert_capacity", "aux_weight"):
+            value = getattr(self, name)
+            if value is None and name == "expert_capacity":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (value > 0 or (
+                    name == "aux_weight" and value == 0)):
+                raise ValueError(f"{name} must be a number > 0{' (or 0)' if name == 'aux_weight' else ''}, got "
+                                 f"{value!r}")
+        if self.precision != "float32":
+            raise ValueError("n_expert with precision bfloat16 is not supported yet (the router's softmax and the "
+                             "balancing loss would run in bfloat16): train the experts in float32")
 
     @property
     def head_size(self) -> int:
@@ -332,6 +370,14 @@ class LlamaConfig:
     @property
     def hidden(self) -> int:
         return hidden_width(self.n_embd, self.ffn_multiple)
+
+    @property
+    def expert_width(self) -> int:
+        """Each expert's hidden width: ``expert_hidden``, or ``3 · hidden / (2 · top_k)`` — a token's ``top_k``
+        GELU experts (two matrices each) then hold the dense SwiGLU's three matrices' parameters."""
+        if self.expert_hidden is not None:
+            return self.expert_hidden
+        return max(1, round(3 * self.hidden / (2 * self.expert_top_k)))
 
     @property
     def tiled(self) -> int | None:
@@ -348,6 +394,22 @@ class Block(NamedTuple):
     fcproj: Linear  # (H, C): W₂
 
 
+class Experts(NamedTuple):
+    router: jax.Array  # (C, E)
+    W1: jax.Array  # (E, C, H): each expert's first layer
+    W2: jax.Array  # (E, H, C)
+
+
+class MoEBlock(NamedTuple):
+    """A block whose MLP is a mixture of experts (``n_expert``)."""
+
+    norm1: jax.Array
+    qkv: Linear
+    attproj: Linear
+    norm2: jax.Array
+    experts: Experts
+
+
 class LlamaParams(NamedTuple):
     wte: jax.Array  # (V, C)
     blocks: tuple  # n_layer Blocks
@@ -359,15 +421,23 @@ def init(key, cfg: LlamaConfig):
     C, V, L, H = cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.hidden
     kv = 2 * cfg.n_kv_head * cfg.head_size
     resid_std = INIT_STD / math.sqrt(2 * L)
-    keys = iter(jax.random.split(key, 2 + 4 * L))
+    keys = iter(jax.random.split(key, 2 + 5 * L))
 
     def linear(n_in, n_out, std=INIT_STD):
         return Linear(std * jax.random.normal(next(keys), (n_in, n_out), jnp.float32), None)
 
     ones = jnp.ones((C,), jnp.float32)
     wte = INIT_STD * jax.random.normal(next(keys), (V, C), jnp.float32)
-    blocks = tuple(Block(ones, linear(C, C + kv), linear(C, C, resid_std), ones, linear(C, 2 * H),
-                         linear(H, C, resid_std)) for _ in range(L))
+    def experts():
+        E, He = cfg.n_expert, cfg.expert_width
+        normal = lambda shape, std: std * jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
+        return Experts(normal((C, E), INIT_STD), normal((E, C, He), INIT_STD), normal((E, He, C), resid_std))
+
+    if cfg.n_expert is None:
+        blocks = tuple(Block(ones, linear(C, C + kv), linear(C, C, resid_std), ones, linear(C, 2 * H),
+                             linear(H, C, resid_std)) for _ in range(L))
+    else:
+        blocks = tuple(MoEBlock(ones, linear(C, C + kv), linear(C, C, resid_std), ones, experts()) for _ in range(L))
     head = None if cfg.tie else INIT_STD * jax.random.normal(next(keys), (C, V), jnp.float32)
     return LlamaParams(wte, blocks, ones, head), ()
 
@@ -387,6 +457,9 @@ class BlockCache(NamedTuple):
     swiglu: jax.Array
     fcproj: tuple  # a row-parallel linear's
     drop2: jax.Array | None
+    moe: tuple | None = None  # with n_expert: the mixture's cache (fc, swiglu and fcproj are None)
+    aux: jax.Array | None = None  # with n_expert: the block's load-balancing loss
+    daux: float = 0.0  # its weight in the objective: the seed of its gradient
 
 
 def block_forward(cfg: LlamaConfig, blk: Block, h, i=0, *, train: bool = False, key=None, kv=None):
@@ -400,6 +473,16 @@ def block_forward(cfg: LlamaConfig, blk: Block, h, i=0, *, train: bool = False, 
     a, c_drop1 = dropout_in_training(a, key, 2 * i + 1, cfg.dropout, train, cfg.batch_axis)
     h = h + a
     m, c_n2 = rmsnorm_forward(h, blk.norm2, cfg.norm_eps)
+    if cfg.n_expert is not None:  # a mixture of experts (dropless, or a capacity per expert over the batch's tokens)
+        m, c_drop2 = m, None
+        ex = blk.experts
+        tokens = int(np.prod(m.shape[:-1]))
+        cap = None if cfg.expert_capacity is None else moe.capacity_for(cfg.expert_capacity, tokens, cfg.n_expert,
+                                                                        cfg.expert_top_k)
+        (m, aux), c_moe = moe.moe_forward(m, ex.router, ex.W1, ex.W2, cfg.expert_top_k, cap)
+        m, c_drop2 = dropout_in_training(m, key, 2 * i + 2, cfg.dropout, train, cfg.batch_axis)
+        return h + m, BlockCache(c_n1, c_attn, c_drop1, c_n2, None, None, None, c_drop2, c_moe, aux,
+                                 cfg.aux_weight / cfg.n_layer)
     m, c_fc = column_linear_forward(m, blk.fc.W, None, cfg.model_axis)  # (B, T, 2H/n)
     m, c_swiglu = swiglu_forward(m)  # (B, T, H/n)
     m, c_fcproj = row_linear_forward(m, blk.fcproj.W, None, cfg.model_axis)  # (B, T, C)
@@ -411,14 +494,20 @@ def block_backward(dh, c: BlockCache):
     """:func:`block_forward` in reverse: ``(dh at the block's input, the block's gradients)``; ``dh`` goes to each
     branch unchanged and gets back what the branch sends (the residual add's backward, written inline)."""
     dm = dh if c.drop2 is None else dropout_backward(dh, c.drop2)[0]  # the MLP branch
-    dm, dfcproj, _ = row_linear_backward(dm, c.fcproj)
-    dm = swiglu_backward(dm, c.swiglu)
-    dm, dfc, _ = column_linear_backward(dm, c.fc)
+    if c.moe is not None:  # the experts, and the balancing loss's share of the objective (its weight: daux)
+        dm, drouter, dW1, dW2, *_ = moe.moe_backward((dm, jnp.asarray(c.daux, c.aux.dtype)), c.moe)
+        experts = Experts(drouter, dW1, dW2)
+    else:
+        dm, dfcproj, _ = row_linear_backward(dm, c.fcproj)
+        dm = swiglu_backward(dm, c.swiglu)
+        dm, dfc, _ = column_linear_backward(dm, c.fc)
     dm, dnorm2 = rmsnorm_backward(dm, c.norm2)
     dh = dh + dm
     da = dh if c.drop1 is None else dropout_backward(dh, c.drop1)[0]  # the attention branch
     da, dqkv, dattproj, *_ = attention_backward(da, c.attn)
     da, dnorm1 = rmsnorm_backward(da, c.norm1)
+    if c.moe is not None:
+        return dh + da, MoEBlock(dnorm1, Linear(dqkv, None), Linear(dattproj, None), dnorm2, experts)
     dblk = Block(dnorm1, Linear(dqkv, None), Linear(dattproj, None), dnorm2, Linear(dfc, None), Linear(dfcproj, None))
     return dh + da, dblk
 
@@ -427,6 +516,9 @@ def split(cfg: LlamaConfig) -> dict:
     """Megatron's split of a Llama block, as data: ``qkv`` by the columns of each device's query heads and of the
     key/value heads their groups share, ``fc`` by hidden units (each device's gate and value columns side by side);
     ``attproj`` and ``fcproj`` by the matching rows."""
+    if cfg.n_expert is not None:
+        raise ValueError("tensor parallel: a mixture of experts is not split Megatron's way (its experts split over "
+                         "devices by expert parallelism: jnnex.models.moe's axis); train it on one device, dp or fsdp")
     hs = cfg.head_size
     q, kv = Part("n_head", cfg.n_head, hs), Part("n_kv_head", cfg.n_kv_head, hs)
     hidden = Part("the SwiGLU width", cfg.hidden)
@@ -455,14 +547,16 @@ def forward(cfg: LlamaConfig, params: LlamaParams, state, x, train: bool, key=No
         raise ValueError(f"llama: x must have shape (B, T <= {cfg.block_size}), got {x.shape}")
     params = compute_params(params, cfg.precision)  # bfloat16: every layer below computes in it
     h, (c_emb, c_drop0) = embed_forward(cfg, params, x, train, key)
-    block_caches, acts = [], []
+    block_caches, acts, auxes = [], [], []
     for i, blk in enumerate(params.blocks):
         h_in = h
         h, c_block = block_forward(cfg, blk, h, i, train=train, key=key)
         block_caches.append(keep(cfg.recompute, h_in, i, key, train, c_block))  # (recompute: the input alone)
         acts.append(h)
+        auxes.append(c_block.aux)
     logits, (c_nf, c_head) = top_forward(cfg, params, h)  # (B, T, V), float32 for bfloat16
-    return Forward(logits, state, Caches(c_emb, c_drop0, tuple(block_caches), c_nf, c_head), tuple(acts))
+    aux = 0.0 if cfg.n_expert is None else cfg.aux_weight * sum(auxes) / cfg.n_layer  # (the balancing loss)
+    return Forward(logits, state, Caches(c_emb, c_drop0, tuple(block_caches), c_nf, c_head), tuple(acts), aux)
 
 
 def backward(cfg: LlamaConfig, params: LlamaParams, caches: Caches, dlogits):

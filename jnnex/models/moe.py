@@ -64,15 +64,18 @@ def capacity_for(factor: float, tokens: int, experts: int, top_k: int) -> int:
 
 
 class Routing(NamedTuple):
-    """Where a group's tokens go: ``gates (N, E)`` (0 off the chosen experts), ``probs (N, E)`` (the full softmax),
-    ``chosen (N, E)`` (1 where chosen), ``kept (G, Ng, E)`` (chosen and within the expert's capacity in the group),
-    ``slot (G, Ng, E, cap)`` (one-hot: the slot of the expert's buffer the token fills, 0 where not kept)."""
+    """Where a group's tokens go. ``gates (N, E)``: the softmax over each token's chosen experts, 0 elsewhere;
+    ``probs (N, E)``: the full softmax; ``chosen (N, E)``: 1 where chosen; ``kept (G, Ng, E)``: chosen and within the
+    expert's capacity in the token's group; ``slot (G, Ng, E)``: the slot of the expert's buffer the token fills (the
+    capacity, one past the last slot, where not kept); ``source (G, E, cap)``: the token in each slot (``Ng``, one past
+    the last token, where the slot is empty)."""
 
     gates: jax.Array
     probs: jax.Array
     chosen: jax.Array
     kept: jax.Array
     slot: jax.Array
+    source: jax.Array
 
 
 def route(xf, W_router, top_k: int, capacity: int | None, groups: int) -> Routing:
@@ -87,11 +90,33 @@ def route(xf, W_router, top_k: int, capacity: int | None, groups: int) -> Routin
     probs = jax.nn.softmax(logits, axis=-1)
     Ng = N // groups
     cap = Ng if capacity is None else capacity
-    queue = chosen.reshape(groups, Ng, E)
+    queue = chosen.reshape(groups, Ng, E).astype(jnp.int32)
     position = jnp.cumsum(queue, axis=1) - 1  # (G, Ng, E): the token's place in the expert's queue, in its group
-    kept = jnp.where(position < cap, queue, 0)
-    slot = jax.nn.one_hot(position.astype(jnp.int32), cap, dtype=xf.dtype) * kept[..., None]  # (G, Ng, E, cap)
-    return Routing(gates, probs, chosen, kept, slot)
+    kept = (queue > 0) & (position < cap)
+    slot = jnp.where(kept, position, cap)  # (G, Ng, E)
+    tokens = jnp.broadcast_to(jnp.arange(Ng, dtype=jnp.int32)[:, None], (Ng, E))
+    experts = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32)[None, :], (Ng, E))
+    source = jax.vmap(lambda sl: jnp.full((E, cap + 1), Ng, jnp.int32).at[experts, sl].set(tokens))(slot)
+    return Routing(gates, probs, chosen, kept.astype(xf.dtype), slot, source[:, :, :cap])
+
+
+def _gather(rows, index):
+    """Per group: ``rows (G, R, C)`` at ``index (G, ...)``, where index ``R`` (one past the last) reads zeros."""
+    return jax.vmap(lambda r, i: jnp.concatenate([r, jnp.zeros_like(r[:1])])[i])(rows, index)
+
+
+def _scatter_add(values, index, R: int):
+    """The transpose of :func:`_gather`: ``values (G, ..., C)`` added into ``R`` rows per group at ``index``
+    (index ``R`` discarded)."""
+    C = values.shape[-1]
+    return jax.vmap(lambda v, i: jnp.zeros((R + 1, C), v.dtype).at[i].add(v)[:R])(values, index)
+
+
+def _flat_slot(slot, cap: int):
+    """``slot (G, Ng, E)`` as a row of the experts' buffers laid end to end, ``(E · cap)`` rows per group: ``e · cap
+    + slot``, and ``E · cap`` (no row: zeros) where the choice was not kept."""
+    E = slot.shape[-1]
+    return jnp.where(slot < cap, slot + cap * jnp.arange(E, dtype=jnp.int32)[None, None, :], E * cap)
 
 
 def _exchange(a, axis: str | None):
@@ -125,18 +150,20 @@ def moe_forward(x, W_router, W1, W2, top_k: int, capacity: int | None = None, gr
         raise ValueError(f"moe: W1 holds {W1.shape[0]} experts on each of {n} device(s), but the router has {E}")
     xf = x.reshape(-1, shape[-1])  # (N, C)
     r = route(xf, W_router, top_k, capacity, groups)
-    G, cap = groups, r.slot.shape[-1]
+    G, cap = groups, r.source.shape[-1]
     total = xf.shape[0] * n  # every device's tokens
     load = _sum(r.chosen.sum(0), axis) / (total * top_k)  # (E,) f_e: the fraction of the choices each expert got
     aux = E * (load * _sum(r.probs.sum(0), axis) / total).sum()
-    xe = jnp.einsum("gnes,gnc->gesc", r.slot, xf.reshape(G, -1, shape[-1]))  # (G, E, cap, C): each expert's buffer
+    Ng = xf.shape[0] // G
+    xe = _gather(xf.reshape(G, Ng, -1), r.source)  # (G, E, cap, C): each expert's buffer, slot by slot
     xe = _exchange(xe.reshape(n, E // n, cap, -1) if axis is not None else xe, axis)  # (S, E_local, cap, C)
     h, c_gelu = gelu_forward(jnp.einsum("gesc,ech->gesh", xe, W1))
     o = jnp.einsum("gesh,ehc->gesc", h, W2)  # (S, E_local, cap, C): each expert's outputs, slot by slot
     o = _exchange(o, axis).reshape(G, E, cap, -1)  # (back to the tokens' devices)
-    combine = r.slot * (r.gates.reshape(G, -1, E) * r.kept)[..., None]  # (G, Ng, E, cap)
-    y = jnp.einsum("gnes,gesc->gnc", combine, o)
-    cache = (xf, shape, r, load, xe, h, c_gelu, o, combine, W_router, W1, W2, axis)
+    o_tok = _gather(o.reshape(G, E * cap, -1), _flat_slot(r.slot, cap))  # (G, Ng, E, C): each choice's output
+    gk = r.gates.reshape(G, Ng, E) * r.kept  # (G, Ng, E): the kept choices' gates
+    y = jnp.einsum("gne,gnec->gnc", gk, o_tok)
+    cache = (xf, shape, r, load, xe, h, c_gelu, o_tok, gk, W_router, W1, W2, axis)
     return (y.reshape(shape), aux), cache
 
 
@@ -157,22 +184,24 @@ def moe_backward(dout, cache):
     dispatch's; the gates' softmax over the chosen experts (``dr = g ⊙ (dg − Σ g dg)``, 0 off them and for dropped
     choices); the balancing loss through the full softmax (``dP_e = daux · E f_e / N``); the router's linear."""
     dy, daux = dout
-    xf, shape, r, load, xe, h, c_gelu, o, combine, W_router, W1, W2, axis = cache
+    xf, shape, r, load, xe, h, c_gelu, o_tok, gk, W_router, W1, W2, axis = cache
     check_shape("moe_backward: dy", dy, shape)
     check_shape("moe_backward: daux", daux, ())
     G, N, E = r.kept.shape[0], xf.shape[0], W_router.shape[1]
     n = 1 if axis is None else jax.lax.axis_size(axis)
-    cap = r.slot.shape[-1]
-    dyg = dy.reshape(G, -1, shape[-1])
-    dcombine = jnp.einsum("gnc,gesc->gnes", dyg, o)
-    do = jnp.einsum("gnes,gnc->gesc", combine, dyg)  # (G, E, cap, C)
+    cap = r.source.shape[-1]
+    Ng = N // G
+    dyg = dy.reshape(G, Ng, shape[-1])
+    dgates = (jnp.einsum("gnc,gnec->gne", dyg, o_tok) * r.kept).reshape(N, E)  # each kept gate's gradient
+    do_tok = gk[..., None] * dyg[:, :, None, :]  # (G, Ng, E, C)
+    do = _scatter_add(do_tok.reshape(G, Ng * E, -1), _flat_slot(r.slot, cap).reshape(G, Ng * E), E * cap)
+    do = do.reshape(G, E, cap, -1)
     do = _exchange(do.reshape(n, E // n, cap, -1) if axis is not None else do, axis)
     dW2 = jnp.einsum("gesh,gesc->ehc", h, do)
     dh = gelu_backward(jnp.einsum("gesc,ehc->gesh", do, W2), c_gelu)
     dW1 = jnp.einsum("gesc,gesh->ech", xe, dh)
     dxe = _exchange(jnp.einsum("gesh,ech->gesc", dh, W1), axis).reshape(G, E, cap, -1)
-    dx = jnp.einsum("gnes,gesc->gnc", r.slot, dxe).reshape(N, -1)
-    dgates = (jnp.einsum("gnes,gnes->gne", dcombine, r.slot) * r.kept).reshape(N, E)
+    dx = _scatter_add(dxe.reshape(G, E * cap, -1), r.source.reshape(G, E * cap), Ng).reshape(N, -1)
     gates, probs = r.gates, r.probs
     dlogits = gates * (dgates - (gates * dgates).sum(-1, keepdims=True))  # the gates' softmax
     dprobs = daux * E * load[None, :] / (N * n)  # (N, E): aux = E Σ_e f_e mean_n p_ne, over every device's tokens
