@@ -16,6 +16,8 @@ row; ``fit``, the run driver and the command line pick it up by name.
 * ``fsdp`` — ZeRO-3 / FSDP: the parameters and optimiser state split along ``"data"`` too, gathered for the step;
 * ``tp`` — Megatron's tensor parallelism on a ``data × model`` mesh (:mod:`jnnex.tensor_parallel`): the model's own
   forward and backward on each device's slices;
+* ``ep`` — expert parallelism (:mod:`jnnex.expert_parallel`): a mixture of experts' experts split over the
+  ``"data"`` axis with the batch, the tokens exchanged with ``all_to_all``;
 * ``pp`` — pipeline parallelism on a ``data × stage × model`` mesh (:mod:`jnnex.pipeline`): the blocks cut into
   ``stages``, each device's rows into ``micro_batches``, run by the ``schedule`` (GPipe or 1F1B); with
   ``model_parallel`` each stage's blocks split Megatron's way too.
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jnnex import parallel, pipeline, tensor_parallel
+from jnnex import expert_parallel, parallel, pipeline, tensor_parallel
 from jnnex.step import make_run, make_step
 
 
@@ -243,8 +245,20 @@ def pipelined(model, optimizer, par: Parallel, ts_like, *, diagnostics: bool = F
     return Layout(optimizer, step, mesh, shardings, to_devices, to_host, par.micro_batches)
 
 
+def experts(model, optimizer, par: Parallel, ts_like, *, diagnostics: bool = False) -> Layout:
+    """Expert parallelism over a ``("data",)`` mesh (:mod:`jnnex.expert_parallel`): each device its rows and
+    ``n_expert / devices`` experts, the tokens exchanged with ``all_to_all``; the rest data parallel."""
+    if not isinstance(par.devices, int):
+        raise ValueError(f"expert parallelism: give devices as a number, got {par.devices!r}")
+    expert_parallel.check_experts(model, par.devices)
+    mesh = parallel.data_mesh(par.devices)
+    shardings = expert_parallel.train_layout(model, optimizer, mesh, ts_like)
+    step = expert_parallel.split_step(model, optimizer, mesh, ts_like.params, diagnostics=diagnostics)
+    return Layout(optimizer, step, mesh, shardings)
+
+
 SCHEMES: dict[str, Callable[..., Layout]] = {"single": single, "dp": data_parallel, "fsdp": fsdp, "tp": tensor,
-                                             "pp": pipelined}
+                                             "pp": pipelined, "ep": experts}
 
 
 def make_layout(par: Parallel, model, optimizer, ts_like, *, diagnostics: bool = False) -> Layout:

@@ -14,7 +14,7 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
     """Each suite on its own (so the two test processes share them): it runs, prints its table and writes JSON with
     no NaN figure."""
     monkeypatch.setitem(sys.modules, "torch", None)  # as on a machine without torch (never a dependency)
-    if suite == "text":
+    if suite in ("text", "moe"):
         request.getfixturevalue("shakespeare_txt")  # skipped, with the reason, where tiny Shakespeare is absent
     assert main(["--quick", "--only", suite, "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
@@ -56,6 +56,11 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
         assert split and all(r["all-reduce model MB"] == r["Megatron 4·L·B_d·T·C MB"] for r in split)
     if suite == "gpt2":
         assert data["worst_f64_rel"] < 1e-12 and {r["step"] for r in data["rows"]} == {"jax.grad", "manual"}
+    if suite == "moe":  # equal active MLP parameters (to the rounding of the expert width), all more in total
+        dense, *mixtures = data["rows"]
+        for r in mixtures:
+            assert abs(r["active_mlp_params_per_block"] / dense["active_mlp_params_per_block"] - 1) < 0.05
+            assert r["total_params"] > dense["total_params"] and r["steps"] == dense["steps"]
     if suite == "pipeline":  # the schedules' ticks give the formula's bubble; 1F1B keeps P micro-batches, GPipe M
         for r in data["rows"]:
             assert abs(r["tick_bubble"] - r["formula"]) < 1e-12

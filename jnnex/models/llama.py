@@ -312,6 +312,9 @@ class LlamaConfig:
                                             none=None)
     aux_weight: float = setting(0.01, "the weight of the load-balancing loss in the objective, averaged over the "
                                       "blocks (with n_expert; Switch's 0.01)")
+    expert_axis: str | None = setting(None, "the mesh axis the experts (and the tokens) split along under "
+                                            "jax.shard_map: expert parallelism, the tokens exchanged with all_to_all "
+                                            "(set by jnnex.expert_parallel)", flag=False)
     model_axis: str | None = setting(None, "the mesh axis the blocks' heads and SwiGLU split along under "
                                            "jax.shard_map (Megatron's tensor parallelism; set by "
                                            "jnnex.tensor_parallel)", flag=False)
@@ -479,7 +482,7 @@ def block_forward(cfg: LlamaConfig, blk: Block, h, i=0, *, train: bool = False, 
         tokens = int(np.prod(m.shape[:-1]))
         cap = None if cfg.expert_capacity is None else moe.capacity_for(cfg.expert_capacity, tokens, cfg.n_expert,
                                                                         cfg.expert_top_k)
-        (m, aux), c_moe = moe.moe_forward(m, ex.router, ex.W1, ex.W2, cfg.expert_top_k, cap)
+        (m, aux), c_moe = moe.moe_forward(m, ex.router, ex.W1, ex.W2, cfg.expert_top_k, cap, axis=cfg.expert_axis)
         m, c_drop2 = dropout_in_training(m, key, 2 * i + 2, cfg.dropout, train, cfg.batch_axis)
         return h + m, BlockCache(c_n1, c_attn, c_drop1, c_n2, None, None, None, c_drop2, c_moe, aux,
                                  cfg.aux_weight / cfg.n_layer)
