@@ -200,16 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="seed of initialisation and minibatches (default 0)")
     f.add_argument("--json", action="store_true", help="print {lrs, losses} as JSON")
     _add_model_flags(f.add_argument_group("model settings"))
-    pl = sub.add_parser("plan", help="memory per device of training a transformer: data parallel, FSDP, tensor "
-                                     "parallel, both; XLA's figures beside (--check)")
+    pl = sub.add_parser("plan", help="memory per device and bytes communicated of training a transformer: data "
+                                     "parallel, FSDP, tensor parallel, both, pipeline, experts; XLA's figures "
+                                     "beside (--check)")
     pl.add_argument("--model", choices=splittable(), default="gpt", help="the model (default gpt): one with a "
                                                                           "tensor-parallel split")
     pl.add_argument("--preset", default="gpt2-124m", help="its preset's shape (default gpt2-124m)")
     pl.add_argument("--vocab-size", type=int, default=50_304, help="tokens in the vocabulary (default 50,304: GPT-2's "
                                                                   "padded)")
     pl.add_argument("--devices", type=int, default=8, help="devices in all (default 8)")
-    pl.add_argument("--parallel", choices=["dp", "fsdp", "tp", "fsdp+tp"], action="append",
-                    help="one scheme (repeatable; default: all four)")
+    pl.add_argument("--parallel", choices=["dp", "fsdp", "tp", "fsdp+tp", "pp", "ep"], action="append",
+                    help="one scheme (repeatable; default: every scheme the model trains under — dp, fsdp, tp, "
+                         "fsdp+tp and pp; with experts dp, fsdp and ep)")
+    pl.add_argument("--stages", type=int, help="pipeline stages of pp (default: the most that divide --devices and "
+                                               "the blocks)")
+    pl.add_argument("--micro-batches", type=int, help="micro-batches of pp (default: --batch-size, a row each)")
     pl.add_argument("--model-parallel", type=int, help="the model axis of tp (default: every device) and fsdp+tp "
                                                       "(default 2)")
     pl.add_argument("--batch-size", type=int, default=1, help="sequences per data shard (default 1)")
@@ -438,7 +443,7 @@ def cmd_moons(args) -> int:
 def cmd_plan(args) -> int:
     from jnnex import plan
 
-    for name in ("devices", "batch_size", "vocab_size", "block"):
+    for name in ("devices", "batch_size", "vocab_size", "block", "stages", "micro_batches"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -446,9 +451,9 @@ def cmd_plan(args) -> int:
         jax.config.update("jax_num_cpu_devices", args.devices)  # (before the backend starts: nothing has run yet)
     over = {"vocab_size": args.vocab_size, **({"block_size": args.block} if args.block else {})}
     model = plan.build_model(args.model, args.preset, **over)
-    result = plan.report(model, args.devices, schemes=args.parallel or plan.SCHEMES,
-                         model_parallel=args.model_parallel, batch=args.batch_size, check=args.check,
-                         optimizer=args.optimizer)
+    result = plan.report(model, args.devices, schemes=args.parallel, model_parallel=args.model_parallel,
+                         batch=args.batch_size, check=args.check, optimizer=args.optimizer, stages=args.stages,
+                         micro_batches=args.micro_batches)
     print(json.dumps({"rows": result["rows"], "family": result["family"]}) if args.json else result["table"])
     return 0
 

@@ -9,7 +9,21 @@ For ``devices`` devices, one of four schemes (``model_parallel`` ``M`` for the l
   as jnnex's global-view step compiles; a layer-by-layer gather (PyTorch FSDP's) would hold one block instead;
 * ``tp``      — Megatron's tensor parallelism over ``M`` devices (``--model-parallel M``; :mod:`jnnex.tensor_parallel`):
   every block's matrices ``1/M``, the embeddings, norms and head whole; activations inside a block split too;
-* ``fsdp+tp`` — on paper only (not a training mode yet): the tensor-parallel slices, split ``1/(N/M)`` again by FSDP.
+* ``fsdp+tp`` — on paper only (not a training mode yet): the tensor-parallel slices, split ``1/(N/M)`` again by FSDP;
+* ``pp``      — pipeline parallelism over ``P`` stages (``--stages P --micro-batches K``; :mod:`jnnex.pipeline`,
+  1F1B): each device ``1/P`` of the blocks and the embedding and head whole; stage 0's ``min(P, K)`` micro-batches'
+  activations (or the last stage's one and its logits, whichever is more);
+* ``ep``      — expert parallelism for a mixture of experts (:mod:`jnnex.expert_parallel`): each device ``1/N`` of
+  every block's experts, the rest whole.
+
+**Communication**: the bytes of the results of one step's collectives on a device (what XLA's program produces,
+:func:`hlo_collectives`), by formula: a data-parallel gradient all-reduce (the gradients' bytes); FSDP's all-gather
+of the parameters and reduce-scatter of the gradients; Megatron's four all-reduces of ``B·T·C`` per block along
+the model axis (Shoeybi et al. 2019, §3); the pipeline's activation and gradient per micro-batch across each stage
+boundary, ``2 · K · (B/K)·T·C`` (jnnex's program sends on every tick of the schedule, ``2 (K + P − 1)`` each way, idle
+ticks sending zeros: ``comm_jnnex``); expert parallelism's four all-to-alls of ``E · cap · C`` per block (two each
+way, forward and backward; ``cap``: a device's tokens, dropless). A ring moves about ``2 (n − 1)/n`` of an
+all-reduce's bytes over each device's link.
 
 Per device, in bytes: **parameters**, **gradients**, **optimizer** (the optimiser's state, read by shape from the
 optimiser: AdamW's two float32 moments by default), **gathered** (FSDP's
@@ -26,17 +40,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import re
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jnnex import optim, parallel, tensor_parallel
 from jnnex.memory import nbytes
 from jnnex.models.registry import get_spec
 
-SCHEMES = ("dp", "fsdp", "tp", "fsdp+tp")
+SCHEMES = ("dp", "fsdp", "tp", "fsdp+tp", "pp", "ep")
 GB = 1e9
 DEVICE_SIZES = {"80 GB (A100/H100)": 80 * GB, "141 GB (H200)": 141 * GB}
 
@@ -65,15 +82,21 @@ class Plan(NamedTuple):
     optimizer: int
     gathered: int  # FSDP's whole copies of parameters and gradients during the step
     activations: int
+    stages: int = 1  # devices along "stage" (pp)
+    comm: int = 0  # bytes of one step's collective results on a device, by formula
+    comm_jnnex: int = 0  # the same for jnnex's program where it differs from the formula (the pipeline's idle ticks)
+
+    PARTS = ("params", "grads", "optimizer", "gathered", "activations")  # what the memory total sums
 
     @property
     def total(self) -> int:
         return self.params + self.grads + self.optimizer + self.gathered + self.activations
 
     def row(self) -> dict:
-        return {"scheme": self.scheme, "mesh": f"{self.data} x {self.model}",
-                **{k: getattr(self, k) / GB for k in ("params", "grads", "optimizer", "gathered", "activations")},
-                "total_GB": self.total / GB}
+        mesh = f"{self.data} x {self.model}" if self.stages == 1 else f"{self.data} x {self.stages} stages"
+        return {"scheme": self.scheme, "mesh": mesh, **{k: getattr(self, k) / GB for k in self.PARTS},
+                "total_GB": self.total / GB, "comm_GB": self.comm / GB,
+                **({"comm_jnnex_GB": self.comm_jnnex / GB} if self.comm_jnnex else {})}
 
 
 def build_model(name: str = "gpt", preset: str | None = "gpt2-124m", **over):
@@ -85,13 +108,18 @@ def build_model(name: str = "gpt", preset: str | None = "gpt2-124m", **over):
     return spec.build(spec.config(**{"vocab_size": 50_304, **shape, **over}))
 
 
-def axes(scheme: str, devices: int, model_parallel: int | None) -> tuple[int, int]:
-    """``(data, model)`` devices of ``scheme`` on ``devices``; a clear error for what does not fit together."""
+def axes(scheme: str, devices: int, model_parallel: int | None, stages: int | None = None) -> tuple[int, int]:
+    """``(data, model)`` devices of ``scheme`` on ``devices`` (``pp``: data = devices / ``stages``); a clear error for
+    what does not fit together."""
     if scheme not in SCHEMES:
         raise ValueError(f"plan: --parallel must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     if not (isinstance(devices, int) and devices >= 1):
         raise ValueError(f"plan: --devices must be an integer >= 1, got {devices!r}")
-    if scheme in ("dp", "fsdp"):
+    if scheme == "pp":
+        if not (isinstance(stages, int) and stages >= 1 and devices % stages == 0):
+            raise ValueError(f"plan: pp needs --stages P dividing --devices {devices}, got {stages!r}")
+        return devices // stages, 1
+    if scheme in ("dp", "fsdp", "ep"):
         return devices, 1
     m = devices if scheme == "tp" and model_parallel is None else model_parallel
     if m is None:
@@ -122,9 +150,16 @@ def activation_bytes(model, batch: int, T: int, m: int) -> int:
     the bytes each row adds to the split forward's caches (the difference between 2 rows and 1: weights held by
     reference cost nothing), plus the logits twice more, times ``batch``. Read off the model with 1 and 2 blocks
     (every block keeps the same), so a 96-block model costs what a 2-block one does."""
-    tensor_parallel.rules_of(model)  # (a model without a split: named)
+    if m > 1:
+        tensor_parallel.rules_of(model)  # (a model without a split: named)
+    return batch * row_bytes(model, T, m, model.cfg.n_layer)
+
+
+def row_bytes(model, T: int, m: int, blocks: int, logits: bool = True) -> int:
+    """The bytes one row of ``T`` tokens adds to the caches of ``blocks`` of the model's blocks (each split ``m``
+    ways), with the logits three times (``logits``) or without."""
     one, two = (_row_bytes(model.name, dataclasses.replace(model.cfg, n_layer=n), T, m) for n in (1, 2))
-    return batch * (one + (model.cfg.n_layer - 1) * (two - one))
+    return one + (blocks - 1) * (two - one) - (0 if logits else 3 * 4 * T * model.cfg.vocab_size // m)
 
 
 @functools.cache
@@ -135,8 +170,10 @@ def _row_bytes(name: str, cfg, T: int, m: int) -> int:
     model = get_spec(name).build(cfg)
     params = _param_shapes(name, cfg)
     local = jax.tree.map(lambda p: jax.ShapeDtypeStruct((m, *p.shape), p.dtype), _tp_shapes(model, params, m))
-    tensor_parallel.check_split(model, m)
-    split = dataclasses.replace(model, cfg=dataclasses.replace(cfg, model_axis=tensor_parallel.MODEL))
+    if m > 1:
+        tensor_parallel.check_split(model, m)
+    split = dataclasses.replace(model, cfg=dataclasses.replace(cfg, model_axis=tensor_parallel.MODEL if m > 1 else
+                                                               None))
 
     def arrays(p, x):
         out = split.forward(p, (), x, train=False)  # the model's own forward, each block split m ways
@@ -164,15 +201,39 @@ def adamw_if_none(optimizer):
     return optim.make_optimizer(optim.TrainConfig(optimizer="adamw")) if optimizer is None else optimizer
 
 
+def check_scheme(model, scheme: str) -> None:
+    """A clear error for a scheme the model cannot train under: ``ep`` needs experts; ``tp``, ``fsdp+tp`` and ``pp``
+    a model without them."""
+    experts = getattr(model.cfg, "n_expert", None) is not None
+    if scheme == "ep" and not experts:
+        raise ValueError(f"plan: ep splits a mixture of experts' experts; model {model.name!r} has none (the llama "
+                         f"with n_expert has: --preset mixtral-8x7b)")
+    if scheme in ("tp", "fsdp+tp", "pp") and experts:
+        raise ValueError(f"plan: {scheme} does not take a mixture of experts yet (plan dp, fsdp or ep)")
+
+
+def schemes_for(model) -> tuple[str, ...]:
+    """The schemes a plan of ``model`` covers by default: those it can train under."""
+    experts = getattr(model.cfg, "n_expert", None) is not None
+    return ("dp", "fsdp", "ep") if experts else ("dp", "fsdp", "tp", "fsdp+tp", "pp")
+
+
 def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None, batch: int = 1,
-         T: int | None = None, optimizer=None) -> Plan:
+         T: int | None = None, optimizer=None, stages: int | None = None, micro_batches: int | None = None) -> Plan:
     """The per-device memory of training ``model`` under ``scheme`` on ``devices`` devices, ``batch`` sequences of
     ``T`` tokens (default: the model's block) per data shard, with ``optimizer`` (an optax transformation; default
     AdamW) — its state read from the optimiser itself, by shape, over a device's slice of the parameters
-    (:func:`jnnex.optim.state_shapes`: SGD keeps nothing, AdamW two moments, Muon one momentum per matrix)."""
-    d, m = axes(scheme, devices, model_parallel)
+    (:func:`jnnex.optim.state_shapes`: SGD keeps nothing, AdamW two moments, Muon one momentum per matrix) — and the
+    bytes its collectives produce in one step, by formula. ``pp``: ``stages`` and ``micro_batches`` (default: the
+    batch, one row each)."""
+    check_scheme(model, scheme)
+    d, m = axes(scheme, devices, model_parallel, stages)
     T = model.block_size if T is None else T
     optimizer = adamw_if_none(optimizer)
+    if scheme == "pp":
+        return _pipeline_plan(model, d, stages, batch, micro_batches or batch, T, optimizer)
+    if scheme == "ep":
+        return _expert_plan(model, d, batch, T, optimizer)
     params = _param_shapes(model.name, model.cfg)
     local_tree = _tp_shapes(model, params, m)
     local, state = jax.tree.leaves(local_tree), jax.tree.leaves(optim.state_shapes(optimizer, local_tree))
@@ -185,7 +246,60 @@ def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None,
 
     held = resident(local)
     gathered = 2 * (whole - held)  # FSDP: the rest of the parameters and of the gradients, during the step
-    return Plan(scheme, d, m, held, held, resident(state), gathered, activation_bytes(model, batch, T, m))
+    cfg = model.cfg
+    megatron = 4 * cfg.n_layer * batch * T * cfg.n_embd * 4 if m > 1 else 0  # 4 all-reduces of (B, T, C) a block
+    if scheme.startswith("fsdp"):
+        comm = megatron + (whole + held if d > 1 else 0)  # all-gather the parameters, reduce-scatter the gradients
+    else:
+        comm = megatron + (whole if d > 1 else 0)  # the gradients' all-reduce over "data"
+    return Plan(scheme, d, m, held, held, resident(state), gathered, activation_bytes(model, batch, T, m), comm=comm)
+
+
+def _pipeline_plan(model, d: int, P: int, batch: int, K: int, T: int, optimizer) -> Plan:
+    """A stage's memory under 1F1B: ``1/P`` of the blocks and the rest whole (jnnex's stages each hold the embedding
+    and head); stage 0's ``min(P, K)`` micro-batches' caches or the last stage's one and its logits, the more."""
+    from jnnex import pipeline
+
+    cfg = model.cfg
+    pipeline.check_pipeline(model, P)
+    if batch % K:
+        raise ValueError(f"plan: --micro-batches {K} must divide --batch-size {batch}")
+    params = _param_shapes(model.name, cfg)
+    stage = params._replace(blocks=params.blocks[:cfg.n_layer // P])
+    held = nbytes(stage)
+    state = nbytes(optim.state_shapes(optimizer, stage))
+    rows, Lp = batch // K, cfg.n_layer // P
+    first = min(P, K) * rows * row_bytes(model, T, 1, Lp, logits=False)
+    last = rows * row_bytes(model, T, 1, Lp)
+    shared = nbytes(params._replace(blocks=()))
+    boundary = rows * T * cfg.n_embd * 4  # one micro-batch's activation (or its gradient) across a stage boundary
+    # the blocks' gradients all-reduced over "data"; the embedding's and head's over "data" and "stage" at once
+    grads = (held - shared if d > 1 else 0) + (shared if d * P > 1 else 0)
+    return Plan("pp", d, 1, held, held, state, 0, max(first, last), stages=P,
+                comm=(2 * K * boundary if P > 1 else 0) + grads,
+                comm_jnnex=(2 * 2 * (K + P - 1) * boundary if P > 1 else 0) + grads)
+
+
+def _expert_plan(model, d: int, batch: int, T: int, optimizer) -> Plan:
+    """Expert parallelism on ``d`` devices: each ``1/d`` of every block's experts, the rest whole; the activations as
+    one device's forward caches them for ``batch`` rows (its dispatch buffers included)."""
+    from jnnex import expert_parallel
+
+    cfg = model.cfg
+    expert_parallel.check_experts(model, d)
+    params = _param_shapes(model.name, cfg)
+    specs = expert_parallel.specs(params)
+    local = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(((p.shape[0] // d,) + p.shape[1:]) if s == P(
+        parallel.DATA) else p.shape, p.dtype), params, specs)
+    held = nbytes(local)
+    state = nbytes(optim.state_shapes(optimizer, local))
+    non_expert = nbytes(jax.tree.map(lambda p, s: None if s == P(parallel.DATA) else p, params, specs))
+    tokens = batch * T
+    cap = tokens if cfg.expert_capacity is None else math.ceil(cfg.expert_capacity * tokens * cfg.expert_top_k /
+                                                                 cfg.n_expert)
+    all_to_all = 4 * cfg.n_layer * cfg.n_expert * cap * cfg.n_embd * 4 if d > 1 else 0
+    return Plan("ep", d, 1, held, held, state, 0, batch * row_bytes(model, T, 1, cfg.n_layer),
+                comm=all_to_all + (non_expert if d > 1 else 0))
 
 
 def largest_fitting(devices: int, scheme: str, size: float, *, model_parallel: int | None = None,
@@ -196,16 +310,17 @@ def largest_fitting(devices: int, scheme: str, size: float, *, model_parallel: i
 
 
 def largest_fitting_each(devices: int, scheme: str, sizes, *, model_parallel: int | None = None, batch: int = 1,
-                         T: int = 1024, vocab: int = 50_304, optimizer=None) -> list[str | None]:
+                         T: int = 1024, vocab: int = 50_304, optimizer=None, stages: int | None = None,
+                         micro_batches: int | None = None) -> list[str | None]:
     """:func:`largest_fitting` for each of ``sizes``, each family member planned once."""
     best = [None] * len(sizes)
-    m = axes(scheme, devices, model_parallel)[1]
+    m = axes(scheme, devices, model_parallel, stages)[1]
     for name, shape in FAMILY.items():
-        if shape["n_head"] % m or (4 * shape["n_embd"]) % m:
+        if shape["n_head"] % m or (4 * shape["n_embd"]) % m or (scheme == "pp" and shape["n_layer"] % stages):
             continue
         model = build_model("gpt", None, vocab_size=vocab, block_size=T, bias=True, tie=True, **shape)
         total = plan(model, scheme, devices, model_parallel=model_parallel, batch=batch, T=T,
-                     optimizer=optimizer).total
+                     optimizer=optimizer, stages=stages, micro_batches=micro_batches).total
         best = [name if total <= size else b for b, size in zip(best, sizes)]
     return best
 
@@ -248,6 +363,52 @@ def xla_check(model, scheme: str, devices: int, *, model_parallel: int | None = 
             "temporaries": int(mem.temp_size_in_bytes)}
 
 
+OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_SHAPE = re.compile(r"(f64|f32|bf16|f16|s32|u32|s64|pred)\[([0-9,]*)\]")
+_BYTES = {"f64": 8, "s64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1}
+
+
+def hlo_collectives(text: str, mesh) -> list[dict]:
+    """Every collective of a compiled program's text: its kind, the mesh axis its replica groups span, and the bytes
+    of its result(s)."""
+    axis_of = {}
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    for i, name in enumerate(mesh.axis_names):
+        moved = np.moveaxis(ids, i, -1).reshape(-1, ids.shape[i])
+        axis_of[frozenset(tuple(sorted(g)) for g in moved.tolist())] = name
+    found = []
+    for line in text.splitlines():
+        m = re.search(r"=\s*(.*?)\s(" + "|".join(OPS) + r")(-start)?\(", line)
+        if not m or "-done" in line:
+            continue
+        result, op = m.group(1), m.group(2)
+        size = sum(_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                   for t, dims in _SHAPE.findall(result))
+        groups = re.search(r"replica_groups=\{(\{[0-9,{} ]*\})\}", line)
+        named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+        axis = "?"
+        if named:  # XLA's mesh form: mesh['axis_0'=2,'axis_1'=2] {'axis_1'}: its non-trivial axes are ours, in order
+            sizes = [(a, int(n)) for a, n in re.findall(r"'([^']+)'=(\d+)", named.group(1))]
+            theirs = [a for a, n in sizes if n > 1]
+            ours = [a for a in mesh.axis_names if mesh.shape[a] > 1]
+            reduced = [a for a in re.findall(r"'([^']+)'", named.group(2)) if a in theirs]
+            if not reduced:
+                continue  # over axes of one device: moves nothing
+            if len(theirs) == len(ours) and [dict(sizes)[a] for a in theirs] == [mesh.shape[a] for a in ours]:
+                names = [ours[theirs.index(a)] for a in reduced]
+                axis = names[0] if len(names) == 1 else "all" if len(names) == len(ours) else "+".join(names)
+        elif groups:
+            sets = frozenset(tuple(sorted(int(x) for x in g.split(",") if x.strip()))
+                             for g in re.findall(r"\{([0-9, ]*)\}", groups.group(1)))
+            if all(len(g) <= 1 for g in sets):
+                continue  # groups of one device: moves nothing
+            axis = axis_of.get(sets, "all" if len(sets) == 1 else "?")
+        elif "replica_groups={}" in line:
+            axis = "all"
+        found.append({"op": op, "axis": axis, "bytes": size})
+    return found
+
+
 def describe(plans: list[Plan], extra: list[dict] | None = None) -> list[dict]:
     rows = [p.row() for p in plans]
     for row, more in zip(rows, extra or []):
@@ -262,8 +423,14 @@ def widest_split(model, devices: int, most: int | None = None) -> int:
     return max(m for m in range(1, (most or devices) + 1) if devices % m == 0 and all(s % m == 0 for s in sizes))
 
 
-def report(model, devices: int, *, schemes=SCHEMES, model_parallel: int | None = None, batch: int = 1,
-           T: int | None = None, check: bool = False, optimizer: str = "adamw") -> dict:
+def default_stages(model, devices: int) -> int:
+    """The most pipeline stages that divide both ``devices`` and the model's blocks."""
+    return max(p for p in range(1, devices + 1) if devices % p == 0 and model.cfg.n_layer % p == 0)
+
+
+def report(model, devices: int, *, schemes=None, model_parallel: int | None = None, batch: int = 1,
+           T: int | None = None, check: bool = False, optimizer: str = "adamw", stages: int | None = None,
+           micro_batches: int | None = None) -> dict:
     """Every scheme's plan on ``devices`` (``tp``: ``model_parallel``, default the widest split of the heads that
     divides ``devices``; ``fsdp+tp``: ``model_parallel``, default the widest up to 2), XLA's figures beside the plans
     that compile (``check``), and the largest model of :data:`FAMILY` that fits each device size under each scheme.
@@ -275,12 +442,15 @@ def report(model, devices: int, *, schemes=SCHEMES, model_parallel: int | None =
 
     rows, family = [], []
     T = model.block_size if T is None else T
+    schemes = schemes_for(model) if schemes is None else schemes
+    stages = default_stages(model, devices) if stages is None else stages
     for scheme in schemes:
-        m = None if scheme in ("dp", "fsdp") else (model_parallel or widest_split(model, devices,
-                                                                                  None if scheme == "tp" else 2))
-        p = plan(model, scheme, devices, model_parallel=m, batch=batch, T=T, optimizer=opt)
+        m = None if scheme in ("dp", "fsdp", "pp", "ep") else (model_parallel or widest_split(
+            model, devices, None if scheme == "tp" else 2))
+        p = plan(model, scheme, devices, model_parallel=m, batch=batch, T=T, optimizer=opt, stages=stages,
+                 micro_batches=micro_batches)
         row = p.row()
-        if check and scheme != "fsdp+tp":
+        if check and scheme in ("dp", "fsdp", "tp"):
             if p.total > XLA_COUNTS:  # (XLA's heap simulator aborts the process past its 64-bit byte counts)
                 raise ValueError(f"plan --check: {scheme} needs about {p.total / GB:,.0f} GB per device (the plan), "
                                  f"more than XLA's memory analysis can count (its temporaries ran to ~3x the plan's "
@@ -292,11 +462,15 @@ def report(model, devices: int, *, schemes=SCHEMES, model_parallel: int | None =
                         "resident/xla_args": (p.params + p.optimizer) / xla["arguments"],
                         "step/xla_temp": (p.grads + p.gathered + p.activations) / xla["temporaries"]})
         rows.append(row)
+        if scheme == "ep":  # (the family is dense GPTs)
+            continue
         fits = largest_fitting_each(devices, scheme, DEVICE_SIZES.values(), model_parallel=m, batch=batch, T=T,
-                                    optimizer=opt)
+                                    optimizer=opt, stages=stages, micro_batches=micro_batches)
         family.append({"scheme": scheme, "mesh": row["mesh"],
                        **{label: name or "none" for label, name in zip(DEVICE_SIZES, fits)}})
-    cols = ["scheme", "mesh", "params", "grads", "optimizer", "gathered", "activations", "total_GB"]
+    cols = ["scheme", "mesh", "params", "grads", "optimizer", "gathered", "activations", "total_GB", "comm_GB"]
+    if "pp" in schemes:
+        cols.append("comm_jnnex_GB")
     if check:
         cols += ["xla_arguments", "xla_temporaries", "resident/xla_args", "step/xla_temp"]
     n = sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))))

@@ -87,7 +87,7 @@ def test_the_llamas_tensor_parallel_split_divides_its_swiglu_width_too(capsys):
     assert main(["plan", "--model", "llama", "--preset", "shakespeare-cpu", "--vocab-size", "64", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [(r["scheme"], r["mesh"]) for r in rows] == [("dp", "8 x 1"), ("fsdp", "8 x 1"), ("tp", "4 x 2"),
-                                                        ("fsdp+tp", "4 x 2")]
+                                                        ("fsdp+tp", "4 x 2"), ("pp", "2 x 4 stages")]
 
 
 def test_the_gpt2_plan_and_the_largest_that_fits():
@@ -108,6 +108,11 @@ def test_the_gpt2_plan_and_the_largest_that_fits():
     (["--devices", "0"], "--devices must be >= 1"),
     (["--optimizer", "lion"], "argument --optimizer: invalid choice: 'lion'"),
     (["--model", "rnn"], "argument --model: invalid choice: 'rnn' (choose from 'gpt', 'llama')"),
+    (["--parallel", "pp", "--stages", "3"], "pp needs --stages P dividing --devices 4, got 3"),
+    (["--parallel", "pp", "--stages", "4", "--preset", "shakespeare-cpu", "--vocab-size", "64", "--batch-size", "3",
+      "--micro-batches", "2"], "--micro-batches 2 must divide --batch-size 3"),
+    (["--parallel", "ep"], "ep splits a mixture of experts' experts; model 'gpt' has none"),
+    (["--stages", "0"], "--stages must be >= 1"),
 ])
 def test_bad_plans_are_named(argv, words, capsys):
     try:
@@ -122,8 +127,61 @@ def test_the_totals_count_every_part_by_name():
     of one byte — a total that leaves a part out names it."""
     from jnnex.memory import Estimate
 
-    for cls, parts, rest in ((PL.Plan, PL.Plan._fields[3:], {"scheme": "dp", "data": 1, "model": 1}),
+    for cls, parts, rest in ((PL.Plan, PL.Plan.PARTS, {"scheme": "dp", "data": 1, "model": 1}),
                              (Estimate, Estimate._fields, {})):
         for part in parts:
             one = cls(**rest, **{p: int(p == part) for p in parts})
             assert one.total == 1, f"{cls.__name__}.total leaves out {part}"
+
+
+def test_a_pipeline_stage_holds_its_blocks_and_sends_what_xla_compiles():
+    """``pp`` on data 2 × stage 2, 4 micro-batches of one row: a stage's parameters are its two blocks and the
+    embedding and head (to the byte); its collectives are the formula's — the two sends of a tick (an activation and
+    a gradient of one micro-batch) on every one of the schedule's ticks, the blocks' gradients all-reduced over
+    "data", the embedding's and head's over both axes — in the program XLA compiles (its few scalars aside)."""
+    import jnnex.pipeline as PP
+    from jnnex.memory import nbytes
+    model = PL.build_model("gpt", "shakespeare-cpu", vocab_size=64, block_size=32)
+    p = PL.plan(model, "pp", 4, batch=4, stages=2, micro_batches=4)
+    params = jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))
+    assert p.params == nbytes(params._replace(blocks=params.blocks[:2])) and (p.data, p.stages) == (2, 2)
+    mesh = PP.mesh_3d(2, 2, 1)
+    sched = PP.schedule("1f1b", 2, 4)
+    stacked = jax.eval_shape(PP.stack_blocks, params)
+    x = jax.ShapeDtypeStruct((8, 32), jax.numpy.int32)
+    text = jax.jit(PP.pipeline_value_and_grad(model, mesh, sched, params)).lower(stacked, x, x).compile().as_text()
+    found = PL.hlo_collectives(text, mesh)
+    boundary = 1 * 32 * 128 * 4  # one row of 32 tokens, n_embd 128, float32
+    permutes = sum(f["bytes"] for f in found if f["op"] == "collective-permute")
+    assert permutes == 2 * boundary  # per tick, in the scan's body
+    reduced = sum(f["bytes"] for f in found if f["op"] == "all-reduce")
+    grads = p.comm - 2 * 4 * boundary
+    assert 0 <= reduced - grads <= 64
+    assert p.comm_jnnex - grads == sched.ticks * permutes and sched.ticks == 2 * (4 + 2 - 1)
+
+
+def test_expert_parallelism_holds_a_share_of_the_experts_and_its_all_to_alls_are_the_formulas():
+    """``ep`` on 4 devices, the Llama with 4 experts top-2 (dropless): each device one expert of each block and the
+    rest whole; its all-to-alls — four a block of ``E · cap · C``, ``cap`` the device's tokens — and its all-reduces
+    (what is not an expert) in the program XLA compiles."""
+    import jnnex.expert_parallel as EP
+    from jnnex.memory import nbytes
+    from jnnex.parallel import data_mesh
+    model = PL.build_model("llama", "shakespeare-cpu", vocab_size=64, block_size=16, n_expert=4, expert_top_k=2)
+    p = PL.plan(model, "ep", 4, batch=2)
+    params = jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))
+    experts = sum(nbytes(b.experts.W1) + nbytes(b.experts.W2) for b in params.blocks)
+    assert p.params == nbytes(params) - experts * 3 // 4
+    mesh = data_mesh(4)
+    x = jax.ShapeDtypeStruct((8, 16), jax.numpy.int32)
+    f = jax.jit(EP.split_value_and_grad(model, mesh, params))
+    text = f.lower(params, (), x, x, jax.random.key(0)).compile().as_text()
+    found = PL.hlo_collectives(text, mesh)
+    a2a = sum(f["bytes"] for f in found if f["op"] == "all-to-all")
+    assert a2a == 4 * model.cfg.n_layer * 4 * (2 * 16) * 128 * 4  # 4 a block, E · cap · C float32, cap = 32 tokens
+    reduced = sum(f["bytes"] for f in found if f["op"] == "all-reduce")
+    assert 0 <= reduced - (p.comm - a2a) <= 256  # (the loss's, the counts' and the balancing loss's sums)
+    with pytest.raises(ValueError, match="ep splits a mixture of experts' experts; model 'gpt' has none"):
+        PL.plan(PL.build_model("gpt", "shakespeare-cpu", vocab_size=64), "ep", 4)
+    with pytest.raises(ValueError, match="pp does not take a mixture of experts yet"):
+        PL.plan(model, "pp", 4, stages=2)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -32,6 +31,7 @@ from jnnex import parallel, tensor_parallel
 from jnnex.bench.harness import table
 from jnnex.lm import count_params
 from jnnex.models.registry import REGISTRY
+from jnnex.plan import OPS, hlo_collectives
 from jnnex.optim import TrainConfig, make_optimizer
 from jnnex.train import init_train_state, make_step
 
@@ -96,52 +96,6 @@ def fsdp_memory(models: dict, counts) -> list[dict]:
                          "1/N": 1 / n})
             del placed
     return rows
-
-
-OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_SHAPE = re.compile(r"(f64|f32|bf16|f16|s32|u32|s64|pred)\[([0-9,]*)\]")
-_BYTES = {"f64": 8, "s64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1}
-
-
-def hlo_collectives(text: str, mesh) -> list[dict]:
-    """Every collective of a compiled program's text: its kind, the mesh axis its replica groups span, and the bytes
-    of its result(s)."""
-    axis_of = {}
-    ids = np.vectorize(lambda d: d.id)(mesh.devices)
-    for i, name in enumerate(mesh.axis_names):
-        moved = np.moveaxis(ids, i, -1).reshape(-1, ids.shape[i])
-        axis_of[frozenset(tuple(sorted(g)) for g in moved.tolist())] = name
-    found = []
-    for line in text.splitlines():
-        m = re.search(r"=\s*(.*?)\s(" + "|".join(OPS) + r")(-start)?\(", line)
-        if not m or "-done" in line:
-            continue
-        result, op = m.group(1), m.group(2)
-        size = sum(_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-                   for t, dims in _SHAPE.findall(result))
-        groups = re.search(r"replica_groups=\{(\{[0-9,{} ]*\})\}", line)
-        named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
-        axis = "?"
-        if named:  # XLA's mesh form: mesh['axis_0'=2,'axis_1'=2] {'axis_1'}: its non-trivial axes are ours, in order
-            sizes = [(a, int(n)) for a, n in re.findall(r"'([^']+)'=(\d+)", named.group(1))]
-            theirs = [a for a, n in sizes if n > 1]
-            ours = [a for a in mesh.axis_names if mesh.shape[a] > 1]
-            reduced = [a for a in re.findall(r"'([^']+)'", named.group(2)) if a in theirs]
-            if not reduced:
-                continue  # over axes of one device: moves nothing
-            if len(theirs) == len(ours) and [dict(sizes)[a] for a in theirs] == [mesh.shape[a] for a in ours]:
-                names = [ours[theirs.index(a)] for a in reduced]
-                axis = names[0] if len(names) == 1 else "all" if len(names) == len(ours) else "+".join(names)
-        elif groups:
-            sets = frozenset(tuple(sorted(int(x) for x in g.split(",") if x.strip()))
-                             for g in re.findall(r"\{([0-9, ]*)\}", groups.group(1)))
-            if all(len(g) <= 1 for g in sets):
-                continue  # groups of one device: moves nothing
-            axis = axis_of.get(sets, "all" if len(sets) == 1 else "?")
-        elif "replica_groups={}" in line:
-            axis = "all"
-        found.append({"op": op, "axis": axis, "bytes": size})
-    return found
 
 
 def collectives(quick: bool) -> list[dict]:

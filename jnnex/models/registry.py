@@ -154,6 +154,11 @@ REGISTRY: dict[str, ModelSpec] = {
             "gpt2-124m": (dict(GPT2_SMALL),
                           dict(NANOGPT_TRAIN, lr=6e-4, warmup=2_000, min_lr=6e-5, betas=(0.9, 0.95), steps=600_000,
                                batch_size=12, eval_every=2_000, chunk=100, eval_iters=200)),
+            # GPT-3 XL's shape (Brown et al. 2020, table 2.1: 24 layers, d_model 2,048, 16 heads of 128, context
+            # 2,048; 1.3 B parameters), GPT-2's layout and optimisation: a shape for `jnnex plan`.
+            "gpt3-1.3b": (dict(GPT2_SMALL, n_layer=24, n_head=16, n_embd=2048, block_size=2048),
+                          dict(NANOGPT_TRAIN, lr=2e-4, warmup=2_000, min_lr=2e-5, betas=(0.9, 0.95), steps=600_000,
+                               batch_size=4, eval_every=2_000, chunk=100, eval_iters=200)),
         },
         summary="GPT-2 transformer (makemore.py's: 4 layers, 4 heads, n_embd 64), every gradient by hand (llm.c)",
     ),
@@ -173,6 +178,23 @@ REGISTRY: dict[str, ModelSpec] = {
             "shakespeare-cpu": ({"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "tie": True,
                                  "ffn_multiple": 2},
                                 dict(NANOGPT_TRAIN, steps=2_000, batch_size=12, eval_every=2_000, chunk=50)),
+            # Shapes for `jnnex plan`. Llama 3 8B (Meta 2024): 32 layers, 4,096 wide, 32 query heads sharing 8
+            # key/value heads, SwiGLU 14,336 wide (ffn_multiple 14,336: 8/3 · 4,096 rounded up to it), RoPE base
+            # 500,000, context 8,192 (its vocabulary, 128,256, from --vocab-size). Mixtral 8x7B's shape (Jiang et al.
+            # 2024): the same attention, each MLP 8 experts, 2 a token; jnnex's experts are GELU MLPs (two matrices),
+            # 21,504 wide to hold a SwiGLU expert's 3 · 4,096 · 14,336 parameters; context 8,192 here (Mixtral's
+            # 32,768 would make the plan's activations four times Llama 3's). Mixtral is dropless (block-sparse
+            # kernels); jnnex's dropless buffers hold every token for every expert, E / k times a capacity factor
+            # 1's, so the shape plans Switch's capacity factor, 1.25.
+            "llama3-8b": ({"n_layer": 32, "n_head": 32, "n_kv_head": 8, "n_embd": 4096, "ffn_multiple": 14_336,
+                           "rope_base": 500_000.0, "block_size": 8192},
+                          dict(NANOGPT_TRAIN, lr=3e-4, warmup=2_000, min_lr=3e-5, betas=(0.9, 0.95), steps=600_000,
+                               batch_size=1, eval_every=2_000, chunk=100, eval_iters=200)),
+            "mixtral-8x7b": ({"n_layer": 32, "n_head": 32, "n_kv_head": 8, "n_embd": 4096, "ffn_multiple": 14_336,
+                              "rope_base": 1_000_000.0, "block_size": 8192, "n_expert": 8, "expert_top_k": 2,
+                              "expert_hidden": 21_504, "expert_capacity": 1.25},
+                             dict(NANOGPT_TRAIN, lr=3e-4, warmup=2_000, min_lr=3e-5, betas=(0.9, 0.95),
+                                  steps=600_000, batch_size=1, eval_every=2_000, chunk=100, eval_iters=200)),
         },
         summary="Llama block: RMSNorm, rotary positions, SwiGLU, grouped-query attention (plain or tiled), every "
                 "gradient by hand",
