@@ -44,7 +44,7 @@ def test_every_lesson_is_a_jupytext_percent_script_with_a_header_and_a_next_step
     names = sorted(p.stem for p in LESSONS.glob("[0-9][0-9]_*.py"))
     assert names == [f"{i:02d}_{n}" for i, n in enumerate(
         ["micrograd", "bigram", "mlp", "activations_batchnorm", "backprop_ninja", "wavenet", "gpt", "rnn",
-         "text_and_modern_block", "many_devices"], start=1)]
+         "text_and_modern_block", "many_devices", "pipelines_experts_rings"], start=1)]
     for name in names:
         text = (LESSONS / f"{name}.py").read_text()
         assert "formats: py:percent" in text and "# %% [markdown]" in text, name
@@ -234,3 +234,18 @@ def test_lesson_10_many_devices(tmp_path):
     assert r["dp_gap"] < 1e-12 and abs(r["pitfall_ratio"] - 4) < 1e-9 and r["explicit_gap"] < 1e-12
     assert r["right_gap"] < 1e-12  # the page's own right step under shard_map is one device's gradient
     assert r["fsdp_fraction"] < 0.26 and abs(r["tp_dev_loss"] - r["one_dev_loss"]) < 1e-4
+
+
+@pytest.mark.lessons
+def test_lesson_11_pipelines_experts_rings(tmp_path):
+    """The page's schedules are jnnex's, with the formula's bubble and 1F1B holding P where GPipe holds M; the page's
+    micro-batched gradients, jnnex's pipeline, the page's router and ring, and jnnex's ring equal their references;
+    the balancing loss evens the trained router's load (the busiest expert's share over the mean, seed 0)."""
+    r, _ = run_lesson("11_pipelines_experts_rings", tmp_path)
+    assert r["same_tables"] is True and r["bubble_gpipe"] == r["bubble_1f1b"] == r["bubble_formula"]
+    assert (r["held_gpipe"], r["held_1f1b"]) == (8, 4)
+    assert max(r["page_pipeline_gap"], r["jnnex_pipeline_gap"], r["page_loss_gap"]) < 1e-12
+    assert r["aux_gap"] < 1e-12 and abs(r["load_sum"] - 1) < 1e-12
+    assert max(r["page_ring_gap"], r["jnnex_ring_gap"]) < 1e-12
+    assert r["balance"]["striped"] < r["balance"]["contiguous"]
+    assert r["spread"]["aux_weight 0.5"] < r["spread"]["no balancing loss"]
