@@ -116,6 +116,9 @@ class LanguageModel:
             token (B,), pos) -> (logits (B, V), cache)``; :func:`continue_text` uses them.
         pipe: optional :class:`Pipe`, the model cut into what comes before its blocks, a block, and what comes after:
             what a pipeline stage runs (:mod:`jnnex.pipeline`).
+        lr_scale_fn: optional ``(cfg, params) -> tree of floats like params, or None``: per-tensor learning-rate
+            multipliers the parametrisation asks for (μP's ``1/r`` on the hidden matrices);
+            :func:`jnnex.optim.make_optimizer` applies them to the optimiser's updates.
         split_fn: optional ``cfg -> {block field: rule}``, the model's tensor-parallel split as data
             (:class:`jnnex.collectives.Column`, :data:`jnnex.collectives.ROW`): which linear of each block splits
             how. A model with one has a ``model_axis`` config field its kernels read; :mod:`jnnex.tensor_parallel`
@@ -137,6 +140,7 @@ class LanguageModel:
     decode_fn: Callable | None = None
     split_fn: Callable | None = None
     pipe: Pipe | None = None
+    lr_scale_fn: Callable | None = None
 
     def __post_init__(self):
         if self.gradients not in GRADIENTS:

@@ -242,10 +242,30 @@ def check_optimizer(tcfg: TrainConfig, model) -> None:
                          f"model {model.name!r} has none; choose adamw")
 
 
-def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
-    """The optax optimiser ``tcfg`` names (:data:`OPTIMIZERS`), after global-norm clipping if ``grad_clip`` asks."""
+def make_optimizer(tcfg: TrainConfig, model=None) -> optax.GradientTransformation:
+    """The optax optimiser ``tcfg`` names (:data:`OPTIMIZERS`), after global-norm clipping if ``grad_clip`` asks;
+    with a ``model`` whose parametrisation scales learning rates per tensor (``lr_scale_fn``: μP's), its updates
+    scaled so (:func:`scale_updates`)."""
     opt = OPTIMIZERS[tcfg.optimizer](tcfg)
-    return opt if tcfg.grad_clip is None else optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), opt)
+    opt = opt if tcfg.grad_clip is None else optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), opt)
+    if model is None or getattr(model, "lr_scale_fn", None) is None:
+        return opt
+    if model.lr_scale_fn(model.cfg, jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))) is None:
+        return opt
+    return optax.chain(opt, scale_updates(lambda tree: model.lr_scale_fn(model.cfg, tree)))
+
+
+def scale_updates(multipliers) -> optax.GradientTransformation:
+    """Each update times its tensor's multiplier (``multipliers(updates)``: a tree of floats like the updates): a
+    per-tensor learning rate, weight decay included (AdamW's decay is part of its update). Keeps no state."""
+    def init(params):
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        scales = multipliers(updates)
+        return jax.tree.map(lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype), updates, scales), state
+
+    return optax.GradientTransformation(init, update)
 
 
 def state_shapes(optimizer: optax.GradientTransformation, params) -> object:

@@ -477,7 +477,7 @@ class RunWriter:
 def load_checkpoint(out: Path, model: LanguageModel, tcfg: TrainConfig) -> TrainState:
     """The training state in ``out``'s checkpoint (read into the shapes of a fresh one: nothing computed to load); a
     clear error when it is past the run's steps."""
-    like = jax.eval_shape(lambda k: init_train_state(model, make_optimizer(tcfg), k), jax.random.key(0))
+    like = jax.eval_shape(lambda k: init_train_state(model, make_optimizer(tcfg, model), k), jax.random.key(0))
     ts = rundir.load_pytree(out / rundir.CHECKPOINT, like)
     if int(ts.step) > tcfg.steps:
         raise ValueError(f"the checkpoint in {str(out)!r} is at step {int(ts.step):,}, past the run's "

@@ -166,7 +166,7 @@ def fit(
     with ctrl_c_guard() as ctrl_c:  # in place before the first compile: the first Ctrl-C never raises
         k_init, k_train = seed_keys(tcfg.seed)
         k_eval = jax.random.fold_in(k_train, 0x7FFFFFFF)  # the loss estimates' batches: fixed per step, resumable
-        optimizer = make_optimizer(tcfg)
+        optimizer = make_optimizer(tcfg, model)
         ts = init_train_state(model, optimizer, k_init) if resume_from is None else resume_from
         if int(ts.step) > tcfg.steps:
             raise ValueError(f"resume: the training state is at step {int(ts.step):,}, past the run's "

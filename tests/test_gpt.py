@@ -176,7 +176,7 @@ def test_a_wrong_attention_backward_is_caught_per_tensor(monkeypatch, row_sum):
     per-tensor check names exactly the tensors the slip reaches (below the attention), not the ones above it. With the
     term, the same rewritten backward passes (so the failure is the slip's)."""
     def attend_backward(dy, cache):
-        q, k, v, att = cache
+        q, k, v, att, _ = cache
         B, nh, T, hs = q.shape
         dyh = dy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)
         datt = jnp.einsum("bhtd,bhsd->bhts", dyh, v)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 import time
 
 from jnnex.bench.harness import RESULTS, write
 
-SUITES = ["moons", "backward", "training", "wavenet", "gpt", "llama", "recompute", "pipeline", "moe", "devices", "text",
-          "sharding", "gpt2"]
+SUITES = ["moons", "backward", "training", "wavenet", "gpt", "llama", "recompute", "pipeline", "moe", "mup", "devices",
+          "text", "sharding", "gpt2"]
 
 
 def main(argv=None) -> int:
@@ -25,7 +26,8 @@ def main(argv=None) -> int:
     for name in args.only or SUITES:
         t0 = time.perf_counter()
         module = importlib.import_module(f"jnnex.bench.{name}")
-        result = module.run(quick=args.quick)
+        takes_out = "out" in inspect.signature(module.run).parameters  # (a suite that keeps its runs beside the JSON)
+        result = module.run(quick=args.quick, **({"out": args.out} if takes_out else {}))
         path = write(name + ("-quick" if args.quick else ""), {**result, "quick": args.quick}, args.out)
         print(f"\n## {name} ({time.perf_counter() - t0:.1f} s) -> {path}\n\n{result['table']}")
         if args.png and hasattr(module, "plot"):

@@ -184,34 +184,38 @@ class AttendCache(NamedTuple):
     k: jax.Array  # (B, nh, T, hs): the keys attended over (a KV cache's keys, for prefill)
     v: jax.Array  # (B, nh, T, hs)
     att: jax.Array  # (B, nh, T, T), exactly 0 above the diagonal
+    scale: float | None = None  # the scores' factor; None: 1/√hs
 
 
-def attend_forward(q, k, v):
+def attend_forward(q, k, v, scale: float | None = None):
     """Causal attention per head (llm.c's ``attention_forward`` after the split): ``att = softmax(q kᵀ / √hs)`` over
     the positions ``t' <= t`` (later ones get exactly 0), then ``y = att v``, the heads merged: ``q, k, v (B, nh, T,
     hs) -> y (B, T, nh·hs)``. Caches ``q, k, v`` and ``att (B, nh, T, T)``: the softmax's backward needs its output
-    only. Rows are shifted by their maximum, so logits of ±1e4 stay finite."""
+    only. Rows are shifted by their maximum, so logits of ±1e4 stay finite. ``scale`` replaces ``1/√hs`` (μP's
+    ``√hs₀ / hs``: :func:`attention_scale`)."""
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attend: q, k, v must all be (B, nh, T, hs), got {q.shape}, {k.shape}, {v.shape}")
     T, hs = q.shape[2], q.shape[3]
     causal = jnp.tril(jnp.ones((T, T), bool))[None, None]  # (1, 1, T, T): position t sees t' <= t
-    preatt = jnp.where(causal, matmul_nt(q, k) * hs**-0.5, -jnp.inf)  # softmax: float32 for bf16
+    preatt = jnp.where(causal, matmul_nt(q, k) * (hs**-0.5 if scale is None else scale), -jnp.inf)  # (f32 for bf16)
     e = jnp.exp(preatt - preatt.max(-1, keepdims=True))  # the diagonal is never masked: a finite maximum per row
     att = e / e.sum(-1, keepdims=True)  # (B, nh, T, T), exactly 0 above the diagonal
-    return merge_heads(matmul(att.astype(v.dtype), v).astype(q.dtype)), AttendCache(q, k, v, att)
+    return merge_heads(matmul(att.astype(v.dtype), v).astype(q.dtype)), AttendCache(q, k, v, att, scale)
 
 
 def attend_backward(dy, cache):
     """In reverse: the value mix (``datt = dy vᵀ``, ``dv = attᵀ dy``); the softmax in vector form,
     ``dpreatt = att ⊙ (datt − ⟨att, datt⟩)`` per row (0 wherever ``att`` is, so the masked positions get nothing);
-    the scaled ``q kᵀ`` (``dq = dpreatt k / √hs``, ``dk = dpreattᵀ q / √hs``). Returns ``(dq, dk, dv)``."""
-    q, k, v, att = cache
+    the scaled ``q kᵀ`` (``dq = dpreatt k / √hs``, ``dk = dpreattᵀ q / √hs``; or the cache's scale). Returns ``(dq, dk,
+    dv)``."""
+    q, k, v, att, scale = cache
     B, nh, T, hs = q.shape
     check_shape("attend_backward: dy", dy, (B, T, nh * hs))
     dyh = heads(dy, nh)  # (B, nh, T, hs)
     datt = matmul_nt(dyh, v)  # (B, nh, T, T), as wide as att
     dv = matmul_tn(att.astype(dy.dtype), dyh).astype(dy.dtype)
-    dpreatt = (att * (datt - (att * datt).sum(-1, keepdims=True)) * hs**-0.5).astype(dy.dtype)
+    scale = hs**-0.5 if scale is None else scale
+    dpreatt = (att * (datt - (att * datt).sum(-1, keepdims=True)) * scale).astype(dy.dtype)
     return (matmul(dpreatt, k).astype(dy.dtype), matmul_tn(dpreatt, q).astype(dy.dtype), dv)
 
 
@@ -239,7 +243,8 @@ class AttentionCache(NamedTuple):
     kv: tuple | None  # decoding: the layer's keys and values after this position's were written, (B, nh, T, hs)
 
 
-def self_attention_forward(x, W_qkv, b_qkv, W_proj, b_proj, n_head: int, axis: str | None = None, kv=None):
+def self_attention_forward(x, W_qkv, b_qkv, W_proj, b_proj, n_head: int, axis: str | None = None, kv=None,
+                           scale: float | None = None):
     """The whole attention layer: the fused projection ``x (B, T, C) @ W_qkv (C, 3C)``, the heads, causal attention,
     the output projection ``(C, C)``.
 
@@ -250,17 +255,17 @@ def self_attention_forward(x, W_qkv, b_qkv, W_proj, b_proj, n_head: int, axis: s
 
     ``kv = (K, V, pos)`` decodes one position (``x (B, 1, C)``) against a KV cache: its key and value are written at
     ``pos`` and its query attends over positions ``0 .. pos`` (:func:`attend_cached`); the cache's ``kv`` holds the
-    updated ``(K, V)``. Eval mode only (no backward)."""
+    updated ``(K, V)``. Eval mode only (no backward). ``scale``: the attention scores' factor (default ``1/√hs``)."""
     n_local = local_count("n_head", n_head, axis)
     qkv, c_qkv = column_linear_forward(x, W_qkv, b_qkv, axis)  # (B, T, 3C/n)
     (q, k, v), c_heads = split_heads_forward(qkv, n_local)  # (B, nh/n, T, hs) each
     if kv is None:
-        y, c_att = attend_forward(q, k, v)  # (B, T, C/n)
+        y, c_att = attend_forward(q, k, v, scale)  # (B, T, C/n)
         new_kv = None
     else:
         K, V, pos = kv
         new_kv = write_kv(K, V, k, v, pos)  # (B, nh/n, T, hs) each
-        y, c_att = attend_cached(q, *new_kv, pos), None
+        y, c_att = attend_cached(q, *new_kv, pos, scale), None
     out, c_proj = row_linear_forward(y, W_proj, b_proj, axis)  # (B, T, C)
     return out, AttentionCache(c_qkv, c_heads, c_att, c_proj, new_kv)
 
@@ -287,6 +292,63 @@ PAIRS = {  # the transformer's own pairs (jnnex.layers.PAIRS: linear, cross-entr
 }
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# μP (the maximal update parametrisation; Yang et al. 2022, "Tensor Programs V"): what changes with the width
+
+
+PARAMETRISATIONS = ("standard", "mup")
+
+
+def check_parametrisation(cfg) -> None:
+    """Clear errors for a parametrisation that cannot be: an unknown name, a base width given without μP, or one
+    that its heads do not divide (μP's attention scale is √(base_width / n_head) / head size)."""
+    check_choice("param", cfg.param, PARAMETRISATIONS)
+    if cfg.base_width is None:
+        return
+    if cfg.param != "mup":
+        raise ValueError("base_width is μP's base: give param mup too (or drop base_width)")
+    positive_int("base_width", cfg.base_width)
+    if cfg.base_width % cfg.n_head:
+        raise ValueError(f"base_width ({cfg.base_width}) must be divisible by n_head ({cfg.n_head}): μP's attention "
+                         f"scale is √(base head size) / head size")
+
+
+def width_ratio(cfg) -> float:
+    """μP's ``r = n_embd / base_width`` (1 under the standard parametrisation)."""
+    if cfg.param != "mup" or cfg.base_width is None:
+        return 1.0
+    return cfg.n_embd / cfg.base_width
+
+
+def attention_scale(cfg) -> float | None:
+    """The attention scores' factor: ``None`` (``1/√hs``) under the standard parametrisation; μP's ``√hs₀ / hs``
+    (``hs₀`` the base head size), which is ``1/√hs`` at the base width and ``∝ 1/hs`` as it grows."""
+    if width_ratio(cfg) == 1.0:
+        return None
+    hs, hs0 = cfg.n_embd // cfg.n_head, cfg.base_width // cfg.n_head
+    return hs0**0.5 / hs
+
+
+def readout_scale(cfg) -> float:
+    """μP's readout multiplier ``1/r`` on the logits (1: none)."""
+    return 1.0 / width_ratio(cfg)
+
+
+HIDDEN = ("qkv", "attproj", "fc", "fcproj")  # the blocks' matrices: μP's hidden weights (the GPT's; the Llama's too)
+
+
+def lr_scales(cfg, params):
+    """μP's learning-rate multipliers for Adam, a tree like ``params``: ``1/r`` for the blocks' hidden matrices, 1
+    for everything else (embeddings, the readout, gains and biases). ``None`` under the standard parametrisation."""
+    r = width_ratio(cfg)
+    if r == 1.0:
+        return None
+    ones = jax.tree.map(lambda _: 1.0, params)
+    blocks = tuple(b._replace(**{name: getattr(b, name)._replace(W=1.0 / r) for name in HIDDEN})
+                   for b in ones.blocks)
+    return ones._replace(blocks=blocks)
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int = setting(27, "V: tokens in the vocabulary (set from the data)")
@@ -305,6 +367,11 @@ class GPTConfig:
                                      "activations) or blocks (each block's input alone, about 1/20 of its caches; "
                                      "its forward runs again in the backward, one block's caches at a time)",
                              choices=RECOMPUTE)
+    param: str = setting("standard", "the parametrisation: standard (GPT-2's) or mup (μP, Tensor Programs V: hidden "
+                                     "matrices initialised and trained 1/r, the readout multiplied by 1/r, attention "
+                                     "√hs₀/hs, r = n_embd / base_width)", choices=PARAMETRISATIONS)
+    base_width: int | None = setting(None, "μP's base n_embd, where it equals standard (param mup; none: n_embd)",
+                                     none=None)
     model_axis: str | None = setting(None, "the mesh axis the blocks' heads and MLP split along under jax.shard_map "
                                            "(Megatron's tensor parallelism; set by jnnex.tensor_parallel)", flag=False)
     batch_axis: str | None = setting(None, "the mesh axis the batch's rows split along under jax.shard_map: dropout "
@@ -319,6 +386,7 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_parametrisation(self)
 
 
 class LayerNorm(NamedTuple):
@@ -344,8 +412,11 @@ class GPTParams(NamedTuple):
 
 
 def init(key, cfg: GPTConfig):
+    """GPT-2's initialisation; under μP the blocks' matrices' standard deviations are divided by ``√r`` (variance
+    ``∝ 1/fan-in``), the embeddings and the readout kept."""
     C, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
-    resid_std = INIT_STD / math.sqrt(2 * L)
+    hidden_std = INIT_STD / math.sqrt(width_ratio(cfg))
+    resid_std = hidden_std / math.sqrt(2 * L)
     keys = iter(jax.random.split(key, 3 + 4 * L))
 
     def normal(shape, std=INIT_STD):
@@ -358,7 +429,7 @@ def init(key, cfg: GPTConfig):
         return Linear(normal((n_in, n_out), std), jnp.zeros((n_out,), jnp.float32) if cfg.bias else None)
 
     wte, wpe = normal((V, C)), normal((cfg.block_size, C))
-    blocks = tuple(Block(ln(), linear(C, 3 * C), linear(C, C, resid_std), ln(), linear(C, 4 * C),
+    blocks = tuple(Block(ln(), linear(C, 3 * C, hidden_std), linear(C, C, resid_std), ln(), linear(C, 4 * C, hidden_std),
                          linear(4 * C, C, resid_std)) for _ in range(L))
     return GPTParams(wte, wpe, blocks, ln(), None if cfg.tie else normal((C, V))), ()
 
@@ -389,7 +460,7 @@ def block_forward(cfg: GPTConfig, blk: Block, h, i=0, *, train: bool = False, ke
     row-parallel); ``kv = (K, V, pos)`` decodes one position against a KV cache. Returns ``(h, BlockCache)``."""
     a, c_ln1 = layernorm_forward(h, blk.ln1.w, blk.ln1.b)
     a, c_attn = self_attention_forward(a, blk.qkv.W, blk.qkv.b, blk.attproj.W, blk.attproj.b, cfg.n_head,
-                                       cfg.model_axis, kv)  # (B, T, C)
+                                       cfg.model_axis, kv, attention_scale(cfg))  # (B, T, C)
     a, c_drop1 = dropout_in_training(a, key, 2 * i + 1, cfg.dropout, train, cfg.batch_axis)
     h, c_res1 = residual_forward(h, a)
     m, c_ln2 = layernorm_forward(h, blk.ln2.w, blk.ln2.b)
@@ -485,14 +556,16 @@ def top_forward(cfg: GPTConfig, params: GPTParams, h):
     """What comes after the blocks: the final LayerNorm and the LM head. ``(logits (B, T, V), cache)``."""
     h, c_lnf = layernorm_forward(h, params.lnf.w, params.lnf.b)
     logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)
-    return logits, (c_lnf, c_head)
+    mult = readout_scale(cfg)
+    return (logits if mult == 1.0 else logits * mult), (c_lnf, c_head)  # (μP: the readout's 1/r)
 
 
 def top_backward(cfg: GPTConfig, dlogits, cache):
     """:func:`top_forward`'s backward: ``(dh, {field: gradient})`` — the final LayerNorm's and the head's (when tied,
     the token table's, which :func:`embed_backward`'s adds to)."""
     c_lnf, c_head = cache
-    dlogits = dlogits.astype(c_head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
+    mult = readout_scale(cfg)
+    dlogits = (dlogits if mult == 1.0 else dlogits * mult).astype(c_head[0].dtype)  # (bfloat16: computes in it)
     dh, dW = head_backward(dlogits, c_head, cfg.tie)
     dh, dlnf_w, dlnf_b = layernorm_backward(dh, c_lnf)
     return dh, {"lnf": LayerNorm(dlnf_w, dlnf_b), **({"wte": dW, "lm_head": None} if cfg.tie else {"lm_head": dW})}
@@ -566,11 +639,11 @@ def prefill(cfg: GPTConfig, params: GPTParams, x):
     return out.logits, KVCache(tuple(a.k for a in atts), tuple(a.v for a in atts))
 
 
-def attend_cached(q, K, V, pos):
+def attend_cached(q, K, V, pos, scale: float | None = None):
     """One query position against the cache: ``q (B, nh, 1, hs)``, ``K, V (B, nh, T, hs)`` valid up to ``pos``
     (included) -> ``y (B, 1, nh·hs)``. The same softmax as :func:`attend_forward`, one row of it."""
     T, hs = K.shape[2], K.shape[3]
-    scores = matmul_nt(q, K) * hs**-0.5  # (B, nh, 1, T)
+    scores = matmul_nt(q, K) * (hs**-0.5 if scale is None else scale)  # (B, nh, 1, T)
     scores = jnp.where((jnp.arange(T, dtype=jnp.int32) <= pos)[None, None, None, :], scores, -jnp.inf)
     e = jnp.exp(scores - scores.max(-1, keepdims=True))
     return merge_heads(matmul((e / e.sum(-1, keepdims=True)).astype(V.dtype), V).astype(q.dtype))
@@ -588,8 +661,7 @@ def decode(cfg: GPTConfig, params: GPTParams, cache: KVCache, token, pos):
     for i, blk in enumerate(params.blocks):
         h, c_block = block_forward(cfg, blk, h, i, kv=(cache.k[i], cache.v[i], pos))
         kvs.append(c_block.attn.kv)
-    h, _ = layernorm_forward(h, params.lnf.w, params.lnf.b)
-    logits, _ = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)  # (B, 1, V)
+    logits, _ = top_forward(cfg, params, h)  # (B, 1, V)
     return logits[:, 0], KVCache(tuple(K for K, _ in kvs), tuple(V for _, V in kvs))
 
 
@@ -612,4 +684,4 @@ def gpt(cfg: GPTConfig = GPTConfig()) -> LanguageModel:
     """makemore.py's transformer; ``.with_gradients("manual")`` trains it on :func:`backward`."""
     return LanguageModel("gpt", cfg, init, forward, backward, stochastic=cfg.dropout > 0, per_position=True,
                          embeddings_fn=embeddings, prefill_fn=prefill, decode_fn=decode, split_fn=split,
-                         pipe=PIPE)
+                         pipe=PIPE, lr_scale_fn=lr_scales)

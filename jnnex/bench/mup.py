@@ -1,0 +1,122 @@
+"""μP on this machine: the coordinate check, and learning-rate transfer on tiny Shakespeare.
+
+**Coordinate check** (:func:`jnnex.scale.coord_check`): the GPT at widths 32 … 256 (8×; 2 blocks, 4 heads, μP's base
+width 32), 5 Adam steps at 3e-3 on one batch of 32 names, then each block's output's and the logits' root mean square
+against width; the log–log slopes, standard against μP.
+
+**Learning-rate transfer** (:func:`jnnex.scale.lr_transfer`): the GPT in nanoGPT's Shakespeare layout (no biases,
+the head tied; 2 blocks, 4 heads, block 64) at widths 32, 64, 128, 256, each trained 400 steps of 12 × 64 characters
+(AdamW, the recipe's cosine schedule and warmup) at learning rates 2⁻¹² … 2⁻⁵ (a factor of 2 apart), under the
+standard parametrisation and under μP (base width 32): the validation loss of every run, and each width's best rate.
+The wider models trained at the narrowest one's best rate are read from the same grid (it is one of its rates).
+Runs append to ``transfer.jsonl`` beside the JSON as they finish; a suite started again resumes the sweep.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from jnnex import run as runs
+from jnnex.bench.harness import RESULTS, table
+from jnnex.bench.text import shakespeare
+from jnnex.data import Vocab, load_words, make_splits
+from jnnex.models.gpt import GPTConfig, gpt
+from jnnex.scale import coord_check, lr_transfer
+
+
+def coordinates(quick: bool) -> dict:
+    words = load_words("census-first")
+    X, Y = make_splits(words, 16, vocab=Vocab.from_words(words), per_position=True).train
+    x, y = jnp.asarray(X[:32]), jnp.asarray(Y[:32])
+    widths = [32, 64] if quick else [32, 64, 128, 256]
+    out = {}
+    for param in ("standard", "mup"):
+        def build(width, param=param):
+            return gpt(GPTConfig(vocab_size=27, block_size=16, n_layer=2, n_head=4, n_embd=width, param=param,
+                                 base_width=32 if param == "mup" else None)).with_gradients("manual")
+
+        out[param] = coord_check(build, widths, x, y, steps=2 if quick else 5, lr=3e-3)
+    return out
+
+
+def transfer(quick: bool, out_dir: Path) -> dict:
+    path = shakespeare()
+    widths = [32, 64] if quick else [32, 64, 128, 256]
+    lrs = [2.0**k for k in ((-9, -7) if quick else range(-12, -4))]
+    steps = 10 if quick else 400
+    base = {"n_layer": 1 if quick else 2, "n_head": 4, "block_size": 16 if quick else 64}
+    rc = runs.RunConfig.new("gpt", str(path), preset="shakespeare-cpu", gradients="manual", steps=steps,
+                            batch_size=12, eval_every=steps, chunk=steps, warmup=min(100, steps // 4), **base)
+    model, splits = runs.prepare(rc)
+
+    def build(param, width):
+        cfg = rc.model_config
+        return gpt(GPTConfig(**{**{f: getattr(cfg, f) for f in ("vocab_size", "block_size", "n_layer", "n_head",
+                                                                 "bias", "tie", "dropout")},
+                                "n_embd": width, "param": param, "base_width": 32 if param == "mup" else None})
+                   ).with_gradients("manual")
+
+    result = lr_transfer(build, splits, rc.train, widths, lrs, out=out_dir / ("mup-quick" if quick else "mup"),
+                         log=print)
+    return {**result, "steps": steps, "model": base}
+
+
+def run(quick: bool = False, out=RESULTS) -> dict:
+    coords = coordinates(quick)
+    moved = transfer(quick, Path(out))
+    crow = [{"layer": layer, "standard slope": coords["standard"]["slopes"][layer],
+             "μP slope": coords["mup"]["slopes"][layer]} for layer in coords["mup"]["slopes"]]
+    rows = []
+    for param in ("standard", "mup"):
+        best = moved["best"][param]
+        narrow = best[min(best)]
+        for width, lr in best.items():
+            grid = {r["lr"]: r["val_loss"] for r in moved["rows"] if r["param"] == param and r["width"] == width}
+            rows.append({"param": param, "width": width, "best lr": lr, "best val": grid[lr],
+                         "steps from the narrowest's best": round(math.log2(lr / narrow)),
+                         "val at the narrowest's best lr": grid.get(narrow, float("nan")),
+                         "loss lost by transferring": grid.get(narrow, float("nan")) - grid[lr]})
+    text = ("Coordinate check (GPT, widths " + ", ".join(map(str, coords["mup"]["widths"])) + "; log–log slope of "
+            "each layer's RMS against width)\n\n" + table(crow, ["layer", "standard slope", "μP slope"])
+            + f"\n\nLearning-rate transfer on tiny Shakespeare ({moved['steps']} steps, rates 2^k apart)\n\n"
+            + table(rows, ["param", "width", "best lr", "best val", "steps from the narrowest's best",
+                           "val at the narrowest's best lr", "loss lost by transferring"]))
+    return {"name": "mup", "rows": rows, "coordinates": crow, "coord_runs": coords, "transfer": moved,
+            "table": text}
+
+
+def plot(result: dict, path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, param in zip(axes[:2], ("standard", "mup")):
+        runs_ = result["coord_runs"][param]
+        last = [r for r in runs_["rows"] if r["step"] == runs_["steps"]]
+        for layer in runs_["slopes"]:
+            pts = [(r["width"], r["rms"]) for r in last if r["layer"] == layer]
+            ax.loglog(*zip(*pts), "o-", label=f"{layer} (slope {runs_['slopes'][layer]:+.2f})")
+        ax.set(title=f"coordinate check: {param}", xlabel="width (n_embd)", ylabel="RMS after the steps")
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    for param, style in (("standard", "--"), ("mup", "-")):
+        for width in result["transfer"]["widths"]:
+            pts = sorted((r["lr"], r["val_loss"]) for r in result["transfer"]["rows"]
+                         if r["param"] == param and r["width"] == width)
+            ax.semilogx(*zip(*pts), style, marker="o", ms=3, label=f"{param} {width}")
+    ax.set(title="validation loss against learning rate", xlabel="learning rate", ylabel="val loss")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    print(json.dumps(run(quick="--quick" in sys.argv[1:]), default=float))
