@@ -147,9 +147,9 @@ def test_a_wrong_tiled_backward_is_caught():
     """The classic slip in FlashAttention's backward — ``D`` left out of ``ds`` — fails the comparison."""
     @jax.jit  # one program (the loops compiled once, not op by op)
     def grads(q, k, v, dy):
-        _, (q_, k_, v_, o, lse, tile) = F.flash_attend_forward(q, k, v, 2)
-        good = F.flash_attend_backward(dy, (q_, k_, v_, o, lse, tile))
-        wrong = F.flash_attend_backward(dy, (q_, k_, v_, jnp.zeros_like(o), lse, tile))  # D = rowsum(dO ⊙ 0) = 0
+        _, (q_, k_, v_, o, lse, tile, scale) = F.flash_attend_forward(q, k, v, 2)
+        good = F.flash_attend_backward(dy, (q_, k_, v_, o, lse, tile, scale))
+        wrong = F.flash_attend_backward(dy, (q_, k_, v_, jnp.zeros_like(o), lse, tile, scale))  # D = rowsum(dO ⊙ 0) = 0
         return good, wrong, attend_backward(dy, attend_forward(q, k, v)[1])
 
     q, k, v = (jax.random.normal(jax.random.key(i), (1, 2, 5, 4), jnp.float64) for i in range(3))

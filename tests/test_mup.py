@@ -121,3 +121,26 @@ def test_the_scale_updates_transform_keeps_no_state():
     assert t.init({"a": jnp.ones(3)}) == optax.EmptyState()
     u, _ = t.update({"a": jnp.ones(3)}, optax.EmptyState())
     np.testing.assert_array_equal(u["a"], 0.5 * np.ones(3))
+
+
+@pytest.mark.parametrize("attention", ["plain", "tiled"])
+def test_the_llama_under_mup_base_equals_standard_and_its_gradients_by_hand_equal_jax_grad(attention):
+    """The Llama: at its base width the standard model to the bit; at 4× it (plain or tiled attention, the tiled
+    pair carrying μP's scale too) its hand-written gradients equal ``jax.grad`` per tensor in float64."""
+    from jnnex.models.llama import LlamaConfig, llama
+    kw = {"vocab_size": 11, "block_size": 8, "n_layer": 2, "n_head": 2, "n_kv_head": 1, "attention": attention,
+          "tile": 4}
+    std, base = llama(LlamaConfig(n_embd=16, **kw)), llama(LlamaConfig(n_embd=16, param="mup", base_width=16, **kw))
+    x, y = batch()
+    p = std.init(jax.random.key(0))[0]
+    a, b = manual_gradients(std, p, (), x, y), manual_gradients(base, p, (), x, y)
+    for u, v in zip(jax.tree.leaves(a.grads), jax.tree.leaves(b.grads)):
+        np.testing.assert_array_equal(u, v)
+    wide = llama(LlamaConfig(n_embd=32, param="mup", base_width=8, **kw))
+    params = jax.tree.map(lambda t: t.astype(jnp.float64), wide.init(jax.random.key(0))[0])
+    (_, _), want = jax.value_and_grad(wide.objective, has_aux=True)(params, (), x, y)
+    got = manual_gradients(wide, params, (), x, y)
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got.grads)):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-12, err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match="param mup with n_expert is not supported yet"):
+        LlamaConfig(param="mup", n_expert=4)

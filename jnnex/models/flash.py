@@ -56,10 +56,10 @@ def _rows(x, i, tile: int):
     return jax.lax.dynamic_slice_in_dim(x, i * tile, tile, axis=2)
 
 
-def _scores(qi, kj, i, j, tile: int):
-    """``q_i k_jᵀ / √hs`` of tiles ``i`` and ``j``, ``-inf`` where the key comes after the query: ``(B, nh, tile,
-    tile)``."""
-    s = matmul_nt(qi, kj) * qi.shape[-1] ** -0.5  # float32 for bfloat16
+def _scores(qi, kj, i, j, tile: int, scale: float | None = None):
+    """``q_i k_jᵀ / √hs`` (or ``· scale``) of tiles ``i`` and ``j``, ``-inf`` where the key comes after the query:
+    ``(B, nh, tile, tile)``."""
+    s = matmul_nt(qi, kj) * (qi.shape[-1] ** -0.5 if scale is None else scale)  # float32 for bfloat16
     rows = i * tile + jnp.arange(tile)
     cols = j * tile + jnp.arange(tile)
     return jnp.where(rows[:, None] >= cols[None, :], s, -jnp.inf)
@@ -73,10 +73,11 @@ def _varying_as(x, ref):
     return jax.lax.pcast(x, vma, to="varying") if vma else x
 
 
-def flash_attend_forward(q, k, v, tile: int = TILE):
+def flash_attend_forward(q, k, v, tile: int = TILE, scale: float | None = None):
     """Causal attention per head, tile by tile: ``q, k, v (B, nh, T, hs) -> y (B, T, nh·hs)``, equal to
-    :func:`jnnex.models.gpt.attend_forward`'s. Caches ``(q, k, v, o, lse, tile)``: the output and the log-sum-exp
-    of each row, ``(B, nh, T)``, instead of the ``(B, nh, T, T)`` probabilities."""
+    :func:`jnnex.models.gpt.attend_forward`'s (``scale``: its scores' factor, default ``1/√hs``). Caches ``(q, k, v,
+    o, lse, tile, scale)``: the output and the log-sum-exp of each row, ``(B, nh, T)``, instead of the ``(B, nh, T,
+    T)`` probabilities."""
     check_tile(tile)
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attend: q, k, v must all be (B, nh, T, hs), got {q.shape}, {k.shape}, {v.shape}")
@@ -89,7 +90,7 @@ def flash_attend_forward(q, k, v, tile: int = TILE):
 
         def key_tile(j, carry):
             m, l, acc = carry
-            s = _scores(qi, _rows(kp, j, tile), i, j, tile)
+            s = _scores(qi, _rows(kp, j, tile), i, j, tile, scale)
             m_new = jnp.maximum(m, s.max(-1))  # finite: tile j <= i has a key at or before every query row
             p = jnp.exp(s - m_new[..., None])
             shrink = jnp.exp(m - m_new)  # 0 on the first tile (m = -inf)
@@ -110,13 +111,13 @@ def flash_attend_forward(q, k, v, tile: int = TILE):
     o = o.transpose(1, 2, 0, 3, 4).reshape(B, nh, n * tile, hs)[:, :, :T]
     lse = lse.transpose(1, 2, 0, 3).reshape(B, nh, n * tile)[:, :, :T]
     y = o.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)
-    return y, (q, k, v, o, lse, tile)
+    return y, (q, k, v, o, lse, tile, scale)
 
 
 def flash_attend_backward(dy, cache):
     """FlashAttention-2's backward: ``(dq, dk, dv, None)``, each of the three ``(B, nh, T, hs)``; the tile size gets
     ``None``. Never forms more than a ``(tile, tile)`` block of probabilities per head."""
-    q, k, v, o, lse, tile = cache
+    q, k, v, o, lse, tile, scale = cache
     B, nh, T, hs = q.shape
     check_shape("attend_backward: dy", dy, (B, T, nh * hs))
     do = dy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
@@ -125,7 +126,7 @@ def flash_attend_backward(dy, cache):
     qp, kp, vp, dop = _tiles(q, tile), _tiles(k, tile), _tiles(v, tile), _tiles(do, tile)
     lsep, Dp = _tiles(lse, tile), _tiles(D, tile)  # padded rows: lse 0, dO 0, D 0 -> they contribute nothing
     n = qp.shape[2] // tile
-    scale = hs ** -0.5
+    scale = hs ** -0.5 if scale is None else scale
 
     def key_tile(dq, j):
         kj, vj = _rows(kp, j, tile), _rows(vp, j, tile)
@@ -133,7 +134,7 @@ def flash_attend_backward(dy, cache):
         def query_tile(i, carry):
             dq, dk, dv = carry
             qi, doi = _rows(qp, i, tile), _rows(dop, i, tile)
-            p = jnp.exp(_scores(qi, kj, i, j, tile) - _rows(lsep, i, tile)[..., None])  # (B, nh, tile, tile)
+            p = jnp.exp(_scores(qi, kj, i, j, tile, scale) - _rows(lsep, i, tile)[..., None])  # (B, nh, tile, tile)
             dv = dv + matmul_tn(p.astype(doi.dtype), doi)
             ds = p * (matmul_nt(doi, vj) - _rows(Dp, i, tile)[..., None]) * scale
             ds = ds.astype(q.dtype)

@@ -46,7 +46,8 @@ from jnnex.layers import (
 from jnnex.lm import Forward, LanguageModel, Pipe, merge_grads
 from jnnex.models import flash, moe
 from jnnex.models.gpt import (
-    INIT_STD, KVCache, attend_backward, attend_cached, attend_forward, head_backward, head_forward, heads, merge_heads,
+    INIT_STD, PARAMETRISATIONS, KVCache, attend_backward, attend_cached, attend_forward, attention_scale,
+    check_parametrisation, head_backward, head_forward, heads, lr_scales, merge_heads, readout_scale, width_ratio,
     write_kv,
 )
 from jnnex.settings import check_choice, positive_int, setting
@@ -218,14 +219,15 @@ class AttentionCache(NamedTuple):
 
 
 def attention_forward(x, W_qkv, W_proj, n_head: int, n_kv_head: int, tile: int | None = None, pos0=0,
-                      base: float = ROPE_BASE, axis: str | None = None, kv=None):
+                      base: float = ROPE_BASE, axis: str | None = None, kv=None, scale: float | None = None):
     """``x (B, T, C) -> (B, T, C)``; ``tile=None``: the plain attention pair, else the tiled one with tiles of
     ``tile``. The cache holds the rotated keys and values too (what a KV cache keeps).
 
     ``axis`` (inside ``shard_map``; Megatron's split by heads): each device its ``n_head / n`` query heads and the
     ``n_kv_head / n`` key/value heads their groups share (:func:`jnnex.tensor_parallel.for_devices` lays ``W_qkv``
     out), ``W_proj`` the matching rows, the projection's partial sums all-reduced. ``kv = (K, V, pos)`` decodes one
-    position against a KV cache: rotated by ``pos``, written there, its query attending over ``0 .. pos``."""
+    position against a KV cache: rotated by ``pos``, written there, its query attending over ``0 .. pos``. ``scale``:
+    the scores' factor (default ``1/√hs``; μP's ``√hs₀/hs``)."""
     nh, nkv = local_count("n_head", n_head, axis), local_count("n_kv_head", n_kv_head, axis)
     pos0 = pos0 if kv is None else kv[2]
     qkv, c_qkv = column_linear_forward(x, W_qkv, None, axis)
@@ -235,12 +237,13 @@ def attention_forward(x, W_qkv, W_proj, n_head: int, n_kv_head: int, tile: int |
     if kv is None:
         kr, c_rep_k = repeat_kv_forward(k, nh // nkv)
         vr, c_rep_v = repeat_kv_forward(v, nh // nkv)
-        y, c_att = attend_forward(q, kr, vr) if tile is None else flash.flash_attend_forward(q, kr, vr, tile)
+        y, c_att = attend_forward(q, kr, vr, scale) if tile is None else flash.flash_attend_forward(q, kr, vr, tile,
+                                                                                                     scale)
         new_kv = (k, v)
     else:  # one position: into the cache, then attend over it
         new_kv = write_kv(kv[0], kv[1], k, v, pos0)  # (B, nkv, T, hs) each
         K, V = (jnp.repeat(a, nh // nkv, axis=1) for a in new_kv)
-        y, c_att, c_rep_k, c_rep_v = attend_cached(q, K, V, pos0), None, None, None
+        y, c_att, c_rep_k, c_rep_v = attend_cached(q, K, V, pos0, scale), None, None, None
     out, c_proj = row_linear_forward(y, W_proj, None, axis)
     return out, AttentionCache(c_qkv, c_split, c_rq, c_rk, c_rep_k, c_rep_v, tile, c_att, c_proj, new_kv)
 
@@ -312,6 +315,11 @@ class LlamaConfig:
                                             none=None)
     aux_weight: float = setting(0.01, "the weight of the load-balancing loss in the objective, averaged over the "
                                       "blocks (with n_expert; Switch's 0.01)")
+    param: str = setting("standard", "the parametrisation: standard or mup (μP, as the GPT's: hidden matrices "
+                                     "initialised and trained 1/r, the readout 1/r, attention √hs₀/hs)",
+                         choices=PARAMETRISATIONS)
+    base_width: int | None = setting(None, "μP's base n_embd, where it equals standard (param mup; none: n_embd)",
+                                     none=None)
     expert_axis: str | None = setting(None, "the mesh axis the experts (and the tokens) split along under "
                                             "jax.shard_map: expert parallelism, the tokens exchanged with all_to_all "
                                             "(set by jnnex.expert_parallel)", flag=False)
@@ -339,6 +347,10 @@ class LlamaConfig:
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
         self._check_experts()
+        check_parametrisation(self)
+        if self.param == "mup" and self.n_expert is not None:
+            raise ValueError("param mup with n_expert is not supported yet (μP's multipliers for the router and the "
+                             "experts are not written): use one of them")
 
     def _check_experts(self) -> None:
         defaults = {"expert_top_k": 2, "expert_hidden": None, "expert_capacity": None, "aux_weight": 0.01}
@@ -421,9 +433,12 @@ class LlamaParams(NamedTuple):
 
 
 def init(key, cfg: LlamaConfig):
+    """N(0, 0.02) matrices (the two residual projections /√(2L)), RMSNorm gains 1; under μP the blocks' matrices
+    /√r."""
     C, V, L, H = cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.hidden
     kv = 2 * cfg.n_kv_head * cfg.head_size
-    resid_std = INIT_STD / math.sqrt(2 * L)
+    hidden_std = INIT_STD / math.sqrt(width_ratio(cfg))
+    resid_std = hidden_std / math.sqrt(2 * L)
     keys = iter(jax.random.split(key, 2 + 5 * L))
 
     def linear(n_in, n_out, std=INIT_STD):
@@ -437,8 +452,8 @@ def init(key, cfg: LlamaConfig):
         return Experts(normal((C, E), INIT_STD), normal((E, C, He), INIT_STD), normal((E, He, C), resid_std))
 
     if cfg.n_expert is None:
-        blocks = tuple(Block(ones, linear(C, C + kv), linear(C, C, resid_std), ones, linear(C, 2 * H),
-                             linear(H, C, resid_std)) for _ in range(L))
+        blocks = tuple(Block(ones, linear(C, C + kv, hidden_std), linear(C, C, resid_std), ones,
+                             linear(C, 2 * H, hidden_std), linear(H, C, resid_std)) for _ in range(L))
     else:
         blocks = tuple(MoEBlock(ones, linear(C, C + kv), linear(C, C, resid_std), ones, experts()) for _ in range(L))
     head = None if cfg.tie else INIT_STD * jax.random.normal(next(keys), (C, V), jnp.float32)
@@ -472,7 +487,7 @@ def block_forward(cfg: LlamaConfig, blk: Block, h, i=0, *, train: bool = False, 
     ``(h, BlockCache)``."""
     a, c_n1 = rmsnorm_forward(h, blk.norm1, cfg.norm_eps)
     a, c_attn = attention_forward(a, blk.qkv.W, blk.attproj.W, cfg.n_head, cfg.n_kv_head, cfg.tiled,
-                                  base=cfg.rope_base, axis=cfg.model_axis, kv=kv)
+                                  base=cfg.rope_base, axis=cfg.model_axis, kv=kv, scale=attention_scale(cfg))
     a, c_drop1 = dropout_in_training(a, key, 2 * i + 1, cfg.dropout, train, cfg.batch_axis)
     h = h + a
     m, c_n2 = rmsnorm_forward(h, blk.norm2, cfg.norm_eps)
@@ -599,14 +614,16 @@ def top_forward(cfg: LlamaConfig, params: LlamaParams, h):
     """What comes after the blocks: the final RMSNorm and the LM head. ``(logits (B, T, V), cache)``."""
     h, c_nf = rmsnorm_forward(h, params.normf, cfg.norm_eps)
     logits, c_head = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)
-    return logits, (c_nf, c_head)
+    mult = readout_scale(cfg)
+    return (logits if mult == 1.0 else logits * mult), (c_nf, c_head)  # (μP: the readout's 1/r)
 
 
 def top_backward(cfg: LlamaConfig, dlogits, cache):
     """:func:`top_forward`'s backward: ``(dh, {field: gradient})``, the final RMSNorm's and the head's (tied: the
     token table's)."""
     c_nf, c_head = cache
-    dlogits = dlogits.astype(c_head[0].dtype)  # bfloat16: the backward computes in it, as the forward did
+    mult = readout_scale(cfg)
+    dlogits = (dlogits if mult == 1.0 else dlogits * mult).astype(c_head[0].dtype)  # (bfloat16: computes in it)
     dh, dW = head_backward(dlogits, c_head, cfg.tie)
     dh, dnormf = rmsnorm_backward(dh, c_nf)
     return dh, {"normf": dnormf, **({"wte": dW, "lm_head": None} if cfg.tie else {"lm_head": dW})}
@@ -640,8 +657,7 @@ def decode(cfg: LlamaConfig, params: LlamaParams, cache: KVCache, token, pos):
     for i, blk in enumerate(params.blocks):
         h, c_block = block_forward(cfg, blk, h, i, kv=(cache.k[i], cache.v[i], pos))
         kvs.append(c_block.attn.kv)
-    h, _ = rmsnorm_forward(h, params.normf, cfg.norm_eps)
-    logits, _ = head_forward(h, transpose(params.wte) if cfg.tie else params.lm_head)
+    logits, _ = top_forward(cfg, params, h)
     return logits[:, 0], KVCache(tuple(K for K, _ in kvs), tuple(V for _, V in kvs))
 
 
@@ -653,4 +669,4 @@ def llama(cfg: LlamaConfig = LlamaConfig()) -> LanguageModel:
     """The Llama block's model; ``.with_gradients("manual")`` trains it on :func:`backward`."""
     return LanguageModel("llama", cfg, init, forward, backward, stochastic=cfg.dropout > 0, per_position=True,
                          embeddings_fn=embeddings, prefill_fn=prefill, decode_fn=decode, split_fn=split,
-                         pipe=PIPE)
+                         pipe=PIPE, lr_scale_fn=lr_scales)
