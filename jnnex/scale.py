@@ -14,6 +14,7 @@ and the one optimiser (:func:`jnnex.optim.make_optimizer`, which applies μP's l
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -120,3 +121,101 @@ def lr_transfer(build: Callable, splits, tcfg: TrainConfig, widths: Sequence[int
             if cands:
                 best[param][width] = min(cands, key=lambda r: r["val_loss"])["lr"]
     return {"rows": rows, "best": best, "widths": list(widths), "lrs": [float(v) for v in lrs]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A scaling law: L(N, D) = E + A / N^α + B / D^β (Hoffmann et al. 2022, "Chinchilla", approach 3)
+
+
+def fit_law(N, D, L) -> dict:
+    """The law fitted to losses ``L`` of models of ``N`` parameters trained on ``D`` tokens, as Chinchilla fits it:
+    in log space (``log L`` against the log of the law's sum, ``logsumexp(e, a − α log N, b − β log D)``) with a
+    Huber loss (δ = 10⁻³), from a grid of starting points, the best kept. ``{"E", "A", "B", "alpha", "beta",
+    "residual"}``."""
+    from scipy.optimize import least_squares
+
+    N, D, L = (np.asarray(v, float) for v in (N, D, L))
+    if not (len(N) == len(D) == len(L) >= 5):
+        raise ValueError(f"fit_law: give at least 5 runs (N, D, L of equal length), got {len(N)}, {len(D)}, {len(L)}")
+
+    def residuals(theta):
+        e, a, b, alpha, beta = theta
+        terms = np.stack([np.full_like(N, e), a - alpha * np.log(N), b - beta * np.log(D)])
+        return np.logaddexp.reduce(terms, axis=0) - np.log(L)
+
+    best = None
+    for alpha in (0.2, 0.5, 1.0):
+        for beta in (0.2, 0.5, 1.0):
+            for e in (-1.0, 0.0, 0.5):
+                for a in (0.0, 5.0, 10.0):
+                    fit = least_squares(residuals, [e, a, a, alpha, beta], loss="huber", f_scale=1e-3,
+                                        bounds=([-5, -10, -10, 0.0, 0.0], [5, 40, 40, 3.0, 3.0]))
+                    if best is None or fit.cost < best.cost:
+                        best = fit
+    e, a, b, alpha, beta = best.x
+    return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)), "alpha": float(alpha),
+            "beta": float(beta), "residual": float(np.sqrt(np.mean(residuals(best.x) ** 2)))}
+
+
+def law(fit: dict, N, D):
+    """The fitted law's loss at ``N`` parameters and ``D`` tokens."""
+    return fit["E"] + fit["A"] / np.asarray(N, float) ** fit["alpha"] + fit["B"] / np.asarray(D, float) ** fit["beta"]
+
+
+def compute_optimal(fit: dict) -> dict:
+    """Under ``C = 6 N D``, the ``N`` minimising the law for each budget: ``N_opt ∝ C^a`` with ``a = β / (α + β)``
+    (and ``D_opt ∝ C^b``, ``b = α / (α + β)``); Chinchilla's fit gives ``a ≈ b ≈ 0.5``."""
+    a = fit["beta"] / (fit["alpha"] + fit["beta"])
+    return {"a": a, "b": 1 - a}
+
+
+def isoflop(rows: list[dict], budgets: Sequence[float]) -> list[dict]:
+    """Chinchilla's approach 2 on measured runs: for each compute budget ``C`` (FLOPs, ``6 N D``), the runs whose
+    ``6 N D`` is within a factor √2 of it, a parabola in ``log N`` through their losses, and its minimum: the
+    compute-optimal ``N`` at that budget (``None`` where fewer than 3 runs fall near it or the parabola opens down)."""
+    out = []
+    for C in budgets:
+        near = [r for r in rows if abs(math.log(6 * r["N"] * r["D"] / C)) <= math.log(2) / 2]
+        if len({r["N"] for r in near}) < 3:
+            out.append({"C": C, "N_opt": None, "runs": len(near)})
+            continue
+        x = np.log([r["N"] for r in near])
+        c2, c1, c0 = np.polyfit(x, [r["loss"] for r in near], 2)
+        n_opt = float(np.exp(-c1 / (2 * c2))) if c2 > 0 else None
+        out.append({"C": C, "N_opt": n_opt, "runs": len(near), "loss_at_opt": (c0 - c1**2 / (4 * c2)) if c2 > 0
+                    else None})
+    return out
+
+
+def sweep(specs: Sequence[dict], run: Callable[[dict], dict], *, out=None, name: str = "sweep",
+          log: Callable[[str], None] | None = None) -> list[dict]:
+    """``run(spec)`` for every spec, each finished run's row (the spec and what ``run`` returned) appended to
+    ``out/name.jsonl`` as it ends; a sweep started again reads the rows back and runs only the specs missing — an
+    interruption anywhere loses at most the run in flight. Returns the rows in the specs' order."""
+    import json
+    from pathlib import Path
+
+    path = None if out is None else Path(out) / f"{name}.jsonl"
+    done: dict = {}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # (a line torn by a kill: that run runs again)
+                    continue
+                done[json.dumps(row["spec"], sort_keys=True)] = row
+    rows = []
+    for i, spec in enumerate(specs, 1):
+        key = json.dumps(spec, sort_keys=True)
+        if key not in done:
+            done[key] = {"spec": spec, **run(spec)}
+            if path is not None:
+                with path.open("a") as f:
+                    f.write(json.dumps(done[key]) + "\n")
+            if log is not None:
+                log(f"[{i}/{len(specs)}] {spec}: " + ", ".join(f"{k} {v:.4g}" for k, v in done[key].items()
+                                                               if isinstance(v, float)))
+        rows.append(done[key])
+    return rows

@@ -223,8 +223,8 @@ LIBRARY = [
     (lambda: Parallel("fsdp"), ValueError, "parallel: fsdp splits over devices: give devices too"),
     (lambda: Parallel("single", 4), ValueError, "parallel: single is one device, but devices 4 were given"),
     (lambda: Parallel("tp", 4), ValueError, "parallel: tp splits each block over a model axis: give its size too"),
-    (lambda: Parallel("pipeline", 4), ValueError, "parallel: the scheme must be one of single, dp, fsdp, tp, got "
-                                                  "'pipeline'"),
+    (lambda: Parallel("pipeline", 4), ValueError, "parallel: the scheme must be one of single, dp, fsdp, tp, pp, "
+                                                  "ep, got 'pipeline'"),
     (lambda: fit(build("mlp", vocab_size=27), _data().train, TrainConfig(steps=2), parallel=Parallel("dp", 5)),
      ValueError, "devices=5 asked for, but only 4 cpu device(s) exist"),
     (lambda: parallel.initialize("127.0.0.1:1", process_id=0), ValueError, "missing ['num_processes']"),
