@@ -14,7 +14,7 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
     """Each suite on its own (so the two test processes share them): it runs, prints its table and writes JSON with
     no NaN figure."""
     monkeypatch.setitem(sys.modules, "torch", None)  # as on a machine without torch (never a dependency)
-    if suite in ("text", "moe", "mup"):
+    if suite in ("text", "moe", "mup", "scaling"):
         request.getfixturevalue("shakespeare_txt")  # skipped, with the reason, where tiny Shakespeare is absent
     assert main(["--quick", "--only", suite, "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
@@ -56,10 +56,14 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
         assert split and all(r["all-reduce model MB"] == r["Megatron 4·L·B_d·T·C MB"] for r in split)
     if suite == "gpt2":
         assert data["worst_f64_rel"] < 1e-12 and {r["step"] for r in data["rows"]} == {"jax.grad", "manual"}
+    if suite == "scaling":  # every run kept for a resume, the law fitted, the held-out run predicted and measured
+        assert len(data["rows"]) == 6 and len((tmp_path / "scaling-quick" / "sweep.jsonl").read_text().splitlines()) == 6
+        assert data["held_out"]["measured"] > 0 and data["held_out"]["predicted"] > 0
+        assert all(0 < r["6ND / XLA"] < 10 for r in data["flops"])
     if suite == "mup":  # every grid point ran and was kept for a resume; the coordinate check's two slopes a layer
         rows = data["transfer"]["rows"]
-        assert len(rows) == 2 * 2 * 2 and all(r["val_loss"] > 0 for r in rows)
-        assert len((tmp_path / "mup-quick" / "transfer.jsonl").read_text().splitlines()) == 8
+        assert len(rows) == 2 * 2 and all(r["val_loss"] > 0 for r in rows)  # 2 widths × 1 rate × 2 parametrisations
+        assert len((tmp_path / "mup-quick" / "transfer.jsonl").read_text().splitlines()) == 4
         assert {r["layer"] for r in data["coordinates"]} == {"block 0", "block 1", "logits"}
     if suite == "moe":  # equal active MLP parameters (to the rounding of the expert width), all more in total
         dense, *mixtures = data["rows"]

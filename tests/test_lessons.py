@@ -44,7 +44,7 @@ def test_every_lesson_is_a_jupytext_percent_script_with_a_header_and_a_next_step
     names = sorted(p.stem for p in LESSONS.glob("[0-9][0-9]_*.py"))
     assert names == [f"{i:02d}_{n}" for i, n in enumerate(
         ["micrograd", "bigram", "mlp", "activations_batchnorm", "backprop_ninja", "wavenet", "gpt", "rnn",
-         "text_and_modern_block", "many_devices", "pipelines_experts_rings"], start=1)]
+         "text_and_modern_block", "many_devices", "pipelines_experts_rings", "toy_to_large"], start=1)]
     for name in names:
         text = (LESSONS / f"{name}.py").read_text()
         assert "formats: py:percent" in text and "# %% [markdown]" in text, name
@@ -249,3 +249,18 @@ def test_lesson_11_pipelines_experts_rings(tmp_path):
     assert max(r["page_ring_gap"], r["jnnex_ring_gap"]) < 1e-12
     assert r["balance"]["striped"] < r["balance"]["contiguous"]
     assert r["spread"]["aux_weight 0.5"] < r["spread"]["no balancing loss"]
+
+
+@pytest.mark.lessons
+def test_lesson_12_toy_to_large(tmp_path):
+    """One Adam step moves a hidden layer's output in proportion to the width, and not at 1/width the rate; μP at its
+    base width is the standard model; the coordinate check is flat under μP and grows under the standard
+    parametrisation; the page's scaling-law fit is as good as jnnex's (jnnex's, from many starts, no worse), and the
+    held-out run is predicted and measured."""
+    r, _ = run_lesson("12_toy_to_large", tmp_path)
+    assert abs(r["page_slopes"]["lr fixed"] - 1) < 0.1 and abs(r["page_slopes"]["lr / width (μP)"]) < 0.1
+    assert r["base_equal"] is True
+    assert all(abs(s) <= 0.1 for s in r["slopes"]["mup"].values()), r["slopes"]
+    assert r["slopes"]["standard"]["block 0"] > 0.5
+    assert r["jnnex_rms"] <= r["page_rms"] + 1e-9 and r["runs"] >= 5
+    assert r["predicted"] > 0 and r["measured"] > 0

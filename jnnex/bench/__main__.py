@@ -12,8 +12,8 @@ import time
 
 from jnnex.bench.harness import RESULTS, write
 
-SUITES = ["moons", "backward", "training", "wavenet", "gpt", "llama", "recompute", "pipeline", "moe", "mup", "devices",
-          "text", "sharding", "gpt2"]
+SUITES = ["moons", "backward", "training", "wavenet", "gpt", "llama", "recompute", "pipeline", "moe", "mup", "scaling",
+          "devices", "text", "sharding", "gpt2"]
 
 
 def main(argv=None) -> int:

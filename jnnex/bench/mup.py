@@ -6,7 +6,7 @@ against width; the log–log slopes, standard against μP.
 
 **Learning-rate transfer** (:func:`jnnex.scale.lr_transfer`): the GPT in nanoGPT's Shakespeare layout (no biases,
 the head tied; 2 blocks, 4 heads, block 64) at widths 32, 64, 128, 256, each trained 400 steps of 12 × 64 characters
-(AdamW, the recipe's cosine schedule and warmup) at learning rates 2⁻¹² … 2⁻⁵ (a factor of 2 apart), under the
+(AdamW, the recipe's cosine schedule and warmup) at learning rates 2⁻¹² … 2⁻⁴ (a factor of 2 apart), under the
 standard parametrisation and under μP (base width 32): the validation loss of every run, and each width's best rate.
 The wider models trained at the narrowest one's best rate are read from the same grid (it is one of its rates).
 Runs append to ``transfer.jsonl`` beside the JSON as they finish; a suite started again resumes the sweep.
@@ -45,7 +45,7 @@ def coordinates(quick: bool) -> dict:
 def transfer(quick: bool, out_dir: Path) -> dict:
     path = shakespeare()
     widths = [32, 64] if quick else [32, 64, 128, 256]
-    lrs = [2.0**k for k in ((-9, -7) if quick else range(-12, -4))]
+    lrs = [2.0**k for k in ((-7,) if quick else range(-12, -3))]
     steps = 10 if quick else 400
     base = {"n_layer": 1 if quick else 2, "n_head": 4, "block_size": 16 if quick else 64}
     rc = runs.RunConfig.new("gpt", str(path), preset="shakespeare-cpu", gradients="manual", steps=steps,
