@@ -172,7 +172,8 @@ def compute_optimal(fit: dict) -> dict:
 def isoflop(rows: list[dict], budgets: Sequence[float]) -> list[dict]:
     """Chinchilla's approach 2 on measured runs: for each compute budget ``C`` (FLOPs, ``6 N D``), the runs whose
     ``6 N D`` is within a factor √2 of it, a parabola in ``log N`` through their losses, and its minimum: the
-    compute-optimal ``N`` at that budget (``None`` where fewer than 3 runs fall near it or the parabola opens down)."""
+    compute-optimal ``N`` at that budget (``None`` where fewer than 3 runs fall near it, the parabola opens down, or
+    its minimum lies outside the runs' ``N``: an extrapolation, not a measurement)."""
     out = []
     for C in budgets:
         near = [r for r in rows if abs(math.log(6 * r["N"] * r["D"] / C)) <= math.log(2) / 2]
@@ -182,6 +183,8 @@ def isoflop(rows: list[dict], budgets: Sequence[float]) -> list[dict]:
         x = np.log([r["N"] for r in near])
         c2, c1, c0 = np.polyfit(x, [r["loss"] for r in near], 2)
         n_opt = float(np.exp(-c1 / (2 * c2))) if c2 > 0 else None
+        if n_opt is not None and not min(r["N"] for r in near) <= n_opt <= max(r["N"] for r in near):
+            n_opt = None
         out.append({"C": C, "N_opt": n_opt, "runs": len(near), "loss_at_opt": (c0 - c1**2 / (4 * c2)) if c2 > 0
                     else None})
     return out

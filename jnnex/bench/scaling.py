@@ -89,7 +89,7 @@ def run(quick: bool = False, out=RESULTS) -> dict:
     optimal = compute_optimal(fitted)
     found = [r for r in iso if r["N_opt"]]
     iso_slope = float(np.polyfit(np.log([r["C"] for r in found]), np.log([r["N_opt"] for r in found]), 1)[0]) \
-        if len(found) >= 2 else None
+        if len(found) >= 3 else None  # (fewer than 3 budgets with a minimum inside the runs: not determined)
     summary = [{"E": fitted["E"], "A": fitted["A"], "alpha": fitted["alpha"], "B": fitted["B"],
                 "beta": fitted["beta"], "fit residual (log)": fitted["residual"],
                 "N_opt ∝ C^a: a from the fit": optimal["a"], "a from IsoFLOP minima": iso_slope}]
