@@ -399,7 +399,7 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
                 else:
                     out_h = h
             else:
-                caches = jax.tree.map(lambda buf: buf[m % K_cache], [b for b in cache_buf])
+                caches = jax.tree.map(lambda buf: buf[m % K_cache], list(cache_buf))
                 dh, dblocks = stage_backward(grads_in[m % K_grad], unpack((caches, cache_static), blocks))
                 g_blocks = _accumulate(g_blocks, dblocks)
                 if first:

@@ -19,7 +19,9 @@
 #
 # Code: `jnnex/scale.py` (`coord_check`, `lr_transfer`, `fit_law`), the GPT's `param="mup"` (`jnnex/models/gpt.py`),
 # `jnnex bench --only mup` and `--only scaling` for the full sweeps. **Full size** (`python
-# lessons/12_toy_to_large.py`, 2 cores): see the README's μP section for the measured figures of this lesson.
+# lessons/12_toy_to_large.py`, 2 cores, 501 s): coordinate-check slopes under μP 0.02 / −0.01 / −0.05, standard 1.67 /
+# 1.76 / 0.77; the best rate (300 steps on names) moves 2⁻⁹ → 2⁻¹⁰ under the standard parametrisation and 2⁻⁹ → 2⁻⁸
+# under μP; the held-out run (width 128, 2,000 steps) predicted at 2.1676 and measured at 2.1456 (1.0 % off).
 
 # %%
 import math
