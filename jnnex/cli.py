@@ -48,6 +48,54 @@ def _fractions(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated fractions like 0.8,0.1,0.1, got {text!r}") from None
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 32,64,128, got {text!r}") from None
+    if any(v < 1 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct positive integers, got {text!r}")
+    return values
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    """Comma-separated rates, each a number (``1e-3``), a power of two (``2^-8``) or a range of them (``2^-12:-4``:
+    every power of two from 2⁻¹² to 2⁻⁴)."""
+    values = []
+    for item in text.split(","):
+        try:
+            if item.startswith("2^") and ":" in item:
+                lo, hi = (int(v) for v in item[2:].split(":"))
+                if lo > hi:
+                    raise argparse.ArgumentTypeError(f"expected the lower exponent first, like 2^-12:-4, got {item!r}")
+                values += [2.0**k for k in range(lo, hi + 1)]
+            else:
+                values.append(2.0 ** int(item[2:]) if item.startswith("2^") else float(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated rates like 1e-3,2e-3, 2^-8 or 2^-12:-4, got "
+                                             f"{text!r}") from None
+    if not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive finite rates, got {text!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def _params(text: str) -> tuple[str, ...]:
+    values = tuple(dict.fromkeys(text.split(",")))
+    if not set(values) <= {"standard", "mup"}:
+        raise argparse.ArgumentTypeError(f"expected standard, mup or standard,mup, got {text!r}")
+    return values
+
+
+def _width_steps(text: str) -> dict:
+    try:
+        width, steps = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTH:STEPS like 192:3000, got {text!r}") from None
+    if width < 1 or steps < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive width and steps, got {text!r}")
+    return {"width": width, "steps": steps}
+
+
 def _add_data(p, default="census-first"):
     p.add_argument("--data", default=default, metavar="PATH|" + "|".join(CORPORA),
                    help=f"a UTF-8 text file — a word list, one word a line, or a text (the guess: --corpus) — "
@@ -226,6 +274,39 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also compile each step (shapes only, on CPU devices forced to --devices) and print XLA's "
                          "memory analysis beside the plan")
     pl.add_argument("--json", action="store_true", help="print the rows as JSON")
+    sc = sub.add_parser("scale", help="sweeps from toy to large: μP's coordinate check, learning-rate transfer, a "
+                                      "scaling law (resumable; JSON, a table and --png pictures in --out)",
+                        description="Sweep a transformer over widths (n_embd) and learning rates or step counts. "
+                                    "coord: μP's coordinate check (each layer's RMS after a few Adam steps on one "
+                                    "batch, against width; --steps, default 5, at --lr, default 3e-3). transfer: "
+                                    "validation loss for every width, rate and parametrisation (--params) at the "
+                                    "model's training settings; each width's best rate. law: each width trained each "
+                                    "of --step-counts, fitted to L(N, D) = E + A/N^α + B/D^β; --predict W:S predicts "
+                                    "that run before making it. Every finished run is appended to --out/<sweep>.jsonl "
+                                    "and a sweep started again runs only what is missing; every width's memory is "
+                                    "estimated before the first run. Model and training flags as for `jnnex train`.")
+    sc.add_argument("sweep", choices=["coord", "transfer", "law"], help="which sweep")
+    sc.add_argument("--model", choices=["gpt", "llama"], default="gpt", help="the transformer (default gpt)")
+    sc.add_argument("--data", metavar="PATH|" + "|".join(CORPORA),
+                    help="a word list or a text, or an embedded corpus (default: census-first)")
+    sc.add_argument("--corpus", choices=text.CORPUS_KINDS, help="read --data as a word list or as a text (default: "
+                                                                 "guessed, as for `jnnex train`)")
+    sc.add_argument("--preset", help="the model's named settings (as for `jnnex train`)")
+    sc.add_argument("--backward", choices=["autodiff", "manual"], help="jax.grad (default) or the hand-written "
+                                                                         "backward")
+    sc.add_argument("--out", required=True, help="directory for the runs' rows (<sweep>.jsonl), <sweep>.json, the "
+                                                 "table and the picture")
+    sc.add_argument("--widths", type=_ints, required=True, help="the widths (n_embd), e.g. 32,64,128,256")
+    sc.add_argument("--params", type=_params, default=("standard", "mup"),
+                    help="coord and transfer: the parametrisations, standard and/or mup (default both)")
+    sc.add_argument("--lrs", type=_rates, help="transfer: the learning rates, e.g. 1e-3,2e-3 or 2^-12:-4 (the powers "
+                                               "of two from 2⁻¹² to 2⁻⁴)")
+    sc.add_argument("--step-counts", type=_ints, help="law: the training lengths, e.g. 250,500,1000,2000")
+    sc.add_argument("--predict", type=_width_steps, metavar="WIDTH:STEPS",
+                    help="law: predict this run's loss from the fit, then make it and compare")
+    sc.add_argument("--png", action="store_true", help="also draw <sweep>.png (needs matplotlib)")
+    _add_model_flags(sc.add_argument_group("model settings"))
+    add_flags(sc.add_argument_group("training settings"), TrainConfig)
     sub.add_parser("bench", add_help=False,
                    help="the benchmarks: hand-written backwards vs autodiff, training throughput "
                         "(`jnnex bench --help`)")
@@ -431,6 +512,58 @@ def cmd_lr_find(args) -> int:
     return 0
 
 
+def cmd_scale(args) -> int:
+    from jnnex import scale
+
+    if args.data is not None and args.data not in CORPORA and not Path(args.data).exists():
+        raise ValueError(f"--data: {missing_file(args.data, 'a UTF-8 text file, or one of ' + ', '.join(CORPORA))}")
+    settings = given(args, [*run.model_fields(), *run.TRAIN_FIELDS])
+    refused = {"n_embd": "--n-embd: the widths are --widths"}
+    if args.sweep in ("coord", "transfer"):
+        refused.update(param="--param: a coord or transfer sweep takes --params (default standard,mup)")
+    if args.sweep == "transfer":
+        refused.update(lr="--lr: a transfer sweep takes its rates from --lrs")
+    if args.sweep == "law":
+        refused.update(steps="--steps: a law sweep takes its lengths from --step-counts")
+    for name, message in refused.items():
+        if name in settings:
+            raise ValueError(message)
+    wrong_sweep = [(flag, value) for flag, value, kinds in [("--lrs", args.lrs, ("transfer",)),
+                                                          ("--step-counts", args.step_counts, ("law",)),
+                                                          ("--predict", args.predict, ("law",))]
+                   if value is not None and args.sweep not in kinds]
+    if wrong_sweep:
+        raise ValueError(f"{wrong_sweep[0][0]} does not apply to a {args.sweep} sweep")
+    base_width = settings.pop("base_width", None)
+    coord = {}
+    if args.sweep == "coord":  # a few steps on one batch, at a rate of its own
+        coord = {"coord_steps": settings.pop("steps", 5), "coord_lr": settings.pop("lr", 3e-3)}
+    rc = run.RunConfig.new(args.model, args.data or "census-first", preset=args.preset,
+                           gradients=args.backward or "autodiff", corpus=args.corpus,
+                           **({**settings, "base_width": base_width} if args.sweep == "law" else settings))
+    if args.png:
+        from jnnex import plot
+        plot.require()  # before hours of runs
+    out = Path(args.out)
+    try:
+        done = scale.run_sweep(args.sweep, rc, widths=args.widths, params=args.params,
+                               base_width=None if args.sweep == "law" else base_width, lrs=args.lrs,
+                               step_counts=args.step_counts, predict=args.predict, out=out,
+                               log=lambda line: print(line, flush=True), **coord)
+    except KeyboardInterrupt:
+        print(f"jnnex: scale stopped; the finished runs are kept in {out}: the same command continues the sweep",
+              file=sys.stderr)
+        return 130
+    rundir.write_json(out / f"{args.sweep}.json", {k: v for k, v in done.items() if k != "table"})
+    rundir.write_text(out / f"{args.sweep}.md", done["table"] + "\n")
+    print(done["table"])
+    print(f"\n-> {out / (args.sweep + '.json')}")
+    if args.png:
+        from jnnex import plot
+        print(f"-> {plot.plot_sweep(args.sweep, done['result'], out / (args.sweep + '.png'))}")
+    return 0
+
+
 def cmd_moons(args) -> int:
     from jnnex.micrograd.nn import moons_demo
 
@@ -458,10 +591,11 @@ def cmd_plan(args) -> int:
     return 0
 
 
-TRAINING = ("train", "diagnose", "ladder")  # the commands that run a training loop (signals: main)
+TRAINING = ("train", "diagnose", "ladder", "scale")  # the commands that run a training loop (signals: main)
 NO_SIGNAL = types.SimpleNamespace(pressed=0)
 COMMANDS = {"train": cmd_train, "moons": cmd_moons, "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot,
-            "diagnose": cmd_diagnose, "ladder": cmd_ladder, "lr-find": cmd_lr_find, "plan": cmd_plan}
+            "diagnose": cmd_diagnose, "ladder": cmd_ladder, "lr-find": cmd_lr_find, "plan": cmd_plan,
+            "scale": cmd_scale}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -100,3 +100,74 @@ def plot_diagnostics(metrics: dict, names: list[str], acts, act_grads, out_dir: 
     ax.legend(fontsize=8)
     written.append(_save(fig, out_dir / "update_ratio.png", plt))
     return written
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sweeps of jnnex.scale (``jnnex scale``, ``jnnex bench --only mup scaling``)
+
+
+def coord_axes(ax, check: dict, title: str) -> None:
+    """A coordinate check (:func:`jnnex.scale.coord_check`): each layer's RMS after the last step against width."""
+    last = [r for r in check["rows"] if r["step"] == check["steps"]]
+    for layer, slope in check["slopes"].items():
+        pts = [(r["width"], r["rms"]) for r in last if r["layer"] == layer]
+        ax.loglog(*zip(*pts), "o-", label=f"{layer} (slope {slope:+.2f})")
+    ax.set(title=title, xlabel="width (n_embd)", ylabel="RMS after the steps")
+    ax.legend(fontsize=7)
+
+
+def transfer_axes(ax, transfer: dict) -> None:
+    """A learning-rate sweep (:func:`jnnex.scale.lr_transfer`): validation loss against rate, a line per width and
+    parametrisation (dashed: standard)."""
+    for param in dict.fromkeys(r["param"] for r in transfer["rows"]):
+        for width in transfer["widths"]:
+            pts = sorted((r["lr"], r["val_loss"]) for r in transfer["rows"]
+                         if r["param"] == param and r["width"] == width)
+            if pts:
+                ax.semilogx(*zip(*pts), "--" if param == "standard" else "-", marker="o", ms=3,
+                            label=f"{param} {width}")
+    ax.set(title="validation loss against learning rate", xlabel="learning rate", ylabel="val loss")
+    ax.legend(fontsize=6, ncol=2)
+
+
+def law_axes(ax, rows: list[dict], fit: dict, held_out: dict | None = None) -> None:
+    """A scaling-law sweep (:func:`jnnex.scale.law_sweep`): loss against compute (6ND), a colour per width, the
+    fitted law's curve through each; the predicted run's prediction and measurement."""
+    import numpy as np
+
+    from jnnex.scale import law
+
+    widths = sorted({r["width"] for r in rows})
+    for i, width in enumerate(widths):
+        pts = sorted((r["flops_6ND"], r["loss"], r["N"], r["D"]) for r in rows if r["width"] == width)
+        C, L, N, D = (np.array(v) for v in zip(*pts))
+        color = _pyplot().cm.viridis(i / max(1, len(widths)))
+        ax.loglog(C, L, "o", color=color, label=f"width {width}")
+        Ds = np.geomspace(D.min() / 2, D.max() * 2, 50)
+        ax.loglog(6 * N[0] * Ds, law(fit, N[0], Ds), "-", color=color, lw=0.8)
+    if held_out:
+        C = 6 * held_out["N"] * held_out["D"]
+        ax.loglog([C], [held_out["measured"]], "k*", ms=12, label="predicted run: measured")
+        ax.loglog([C], [held_out["predicted"]], "rx", ms=10, label="predicted run: predicted")
+    ax.set(title=f"L = {fit['E']:.2f} + {fit['A']:.3g}/N^{fit['alpha']:.2f} + {fit['B']:.3g}/D^{fit['beta']:.2f}",
+           xlabel="compute, 6ND (FLOPs)", ylabel="val loss")
+    ax.legend(fontsize=7)
+
+
+def panels(path: str | Path, draws: list, figsize: tuple[float, float]) -> Path:
+    """A PNG of one row of axes, ``draws[i](ax)`` drawing the i-th."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(draws), figsize=figsize, squeeze=False)
+    for ax, draw in zip(axes[0], draws):
+        draw(ax)
+    return _save(fig, path, plt)
+
+
+def plot_sweep(kind: str, result: dict, path: str | Path) -> Path:
+    """``jnnex scale``'s picture of a ``coord``, ``transfer`` or ``law`` result, as a PNG."""
+    if kind == "coord":
+        return panels(path, [lambda ax, p=p, c=c: coord_axes(ax, c, f"coordinate check: {p}") for p, c in result.items()],
+                      (5.5 * len(result), 3.8))
+    if kind == "transfer":
+        return panels(path, [lambda ax: transfer_axes(ax, result)], (6.5, 4))
+    return panels(path, [lambda ax: law_axes(ax, result["rows"], result["fit"], result.get("held_out"))], (6.5, 4))

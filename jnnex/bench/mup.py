@@ -89,31 +89,11 @@ def run(quick: bool = False, out=RESULTS) -> dict:
 
 
 def plot(result: dict, path) -> Path:
-    import matplotlib
+    from jnnex.plot import coord_axes, panels, transfer_axes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, param in zip(axes[:2], ("standard", "mup")):
-        runs_ = result["coord_runs"][param]
-        last = [r for r in runs_["rows"] if r["step"] == runs_["steps"]]
-        for layer in runs_["slopes"]:
-            pts = [(r["width"], r["rms"]) for r in last if r["layer"] == layer]
-            ax.loglog(*zip(*pts), "o-", label=f"{layer} (slope {runs_['slopes'][layer]:+.2f})")
-        ax.set(title=f"coordinate check: {param}", xlabel="width (n_embd)", ylabel="RMS after the steps")
-        ax.legend(fontsize=7)
-    ax = axes[2]
-    for param, style in (("standard", "--"), ("mup", "-")):
-        for width in result["transfer"]["widths"]:
-            pts = sorted((r["lr"], r["val_loss"]) for r in result["transfer"]["rows"]
-                         if r["param"] == param and r["width"] == width)
-            ax.semilogx(*zip(*pts), style, marker="o", ms=3, label=f"{param} {width}")
-    ax.set(title="validation loss against learning rate", xlabel="learning rate", ylabel="val loss")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return panels(path, [lambda ax: coord_axes(ax, result["coord_runs"]["standard"], "coordinate check: standard"),
+                         lambda ax: coord_axes(ax, result["coord_runs"]["mup"], "coordinate check: mup"),
+                         lambda ax: transfer_axes(ax, result["transfer"])], (13, 3.6))
 
 
 if __name__ == "__main__":
