@@ -65,6 +65,12 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
         assert len(rows) == 2 * 2 and all(r["val_loss"] > 0 for r in rows)  # 2 widths × 1 rate × 2 parametrisations
         assert len((tmp_path / "mup-quick" / "transfer.jsonl").read_text().splitlines()) == 4
         assert {r["layer"] for r in data["coordinates"]} == {"block 0", "block 1", "logits"}
+    if suite == "names_goal":  # the narrow sweep, then the wide run at its best rate, each a resumable run directory
+        narrow, wide = data["rows"][:2], data["rows"][2:]
+        assert [r["width"] for r in narrow] == [32, 32] and [r["width"] for r in wide] == [64]
+        assert wide[0]["lr"] == data["best_lr"] == min(narrow, key=lambda r: r["dev"])["lr"]
+        assert len((tmp_path / "names-goal-quick" / "sweep.jsonl").read_text().splitlines()) == 3
+        assert all((d / "metrics.json").is_file() for d in (tmp_path / "names-goal-quick").glob("w*"))
     if suite == "moe":  # equal active MLP parameters (to the rounding of the expert width), all more in total
         dense, *mixtures = data["rows"]
         for r in mixtures:

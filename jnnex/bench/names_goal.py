@@ -1,0 +1,113 @@
+"""The names goal revisited with μP: the learning rate found on a narrow Llama, used on wide ones.
+
+The best names model so far is the Llama ``improved`` preset (n_embd 128, dropout 0.3, 30,000 steps, the lr × 0.1 at
+18,000 and 27,000): dev 1.9255 ± 0.0034 over three seeds under Muon, 1.9335 under AdamW (seed 0). The issue's goal
+is dev ≤ 1.90. This suite asks whether μP's transfer finds a better rate cheaply and whether width then helps:
+
+1. **The sweep, narrow**: the preset's Llama under μP at its base width (n_embd 32: there μP *is* the standard
+   model), AdamW (μP's multipliers are AdamW's; ``jnnex bench --only mup`` and the README say how Muon relates), at
+   rates 2⁻¹¹ … 2⁻⁵, each for ``SWEEP_STEPS`` steps with the preset's schedule scaled to them (the drops at 60 % and
+   90 %), every other setting the preset's.
+2. **The transfer, wide**: the same model at widths ``WIDTHS`` (4× and 8× the base) at the sweep's best rate,
+   untouched, for the preset's full 30,000 steps: the dev curve every 3,000 steps, dev and test at the end.
+
+Every run is a run directory under ``names-goal/`` (``config.json``, checkpoints every minute and at every
+evaluation, ``metrics.jsonl``), so a suite stopped anywhere loses at most a minute of the run in flight; a finished
+run's row goes to ``names-goal/sweep.jsonl`` and is not run again. Reads makemore's ``names.txt`` (``$JNNEX_NAMES_TXT``
+or ``../shared/data/names.txt``); ``--quick`` uses the embedded census names and a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from jnnex import rundir
+from jnnex import run as runs
+from jnnex.bench.harness import RESULTS, table
+from jnnex.data import SHARED_DATA
+from jnnex.scale import sweep
+
+BASE_WIDTH = 32
+LRS = tuple(2.0**k for k in range(-11, -4))
+SWEEP_STEPS = 10_000
+WIDTHS = (128, 256)
+STEPS = 30_000  # the preset's
+
+
+def names_txt() -> Path:
+    path = Path(os.environ.get("JNNEX_NAMES_TXT", SHARED_DATA / "names.txt"))
+    if not path.is_file():
+        raise ValueError(f"the names-goal suite reads makemore's names.txt from {path} (set JNNEX_NAMES_TXT)")
+    return path
+
+
+def config(data: str, width: int, lr: float, steps: int, quick: bool) -> runs.RunConfig:
+    """The Llama ``improved`` preset under μP (base width 32) with AdamW at ``width`` and ``lr``, its schedule
+    scaled to ``steps`` (the preset's own at 30,000); ten evaluations a run."""
+    extra = {"n_layer": 1, "eval_iters": None} if quick else {}
+    return runs.RunConfig.new("llama", data, preset="improved", gradients="manual", optimizer="adamw",
+                              param="mup", base_width=BASE_WIDTH, n_embd=width, lr=lr, steps=steps,
+                              lr_boundaries=(steps * 6 // 10, steps * 9 // 10), eval_every=max(1, steps // 10),
+                              chunk=min(500, max(1, steps // 10)), **{k: v for k, v in extra.items() if v is not None})
+
+
+def trained(rc: runs.RunConfig, where: Path) -> dict:
+    """Run ``rc`` in the directory ``where``, continuing it from its checkpoint if one is there; its final metrics
+    and its dev curve (``metrics.jsonl``'s evaluations)."""
+    if (where / rundir.CHECKPOINT).is_file():
+        res = runs.resume(where, progress=False)
+    else:
+        res = runs.train(rc, where, force=True, progress=False)
+    if res.interrupted:
+        raise KeyboardInterrupt(f"stopped; `jnnex bench --only names_goal` again continues {where}")
+    rows = [json.loads(line) for line in (where / rundir.METRICS).read_text().splitlines() if line.strip()]
+    curve = [[r["step"], r["dev_loss"]] for r in rows if "dev_loss" in r]
+    return {"dev": float(res.metrics["dev_loss"]), "test": float(res.metrics["test_loss"]),
+            "train": float(res.metrics["train_loss"]), "params": int(res.metrics["params"]),
+            "seconds": float(res.metrics["seconds"]), "curve": curve}
+
+
+def run(quick: bool = False, out=RESULTS) -> dict:
+    data = "census-first" if quick else str(names_txt())
+    lrs = (2.0**-8, 2.0**-6) if quick else LRS
+    sweep_steps, steps, widths = (20, 30, (64,)) if quick else (SWEEP_STEPS, STEPS, WIDTHS)
+    home = Path(out) / ("names-goal-quick" if quick else "names-goal")
+
+    def one(spec):
+        rc = config(data, spec["width"], spec["lr"], spec["steps"], quick)
+        return trained(rc, home / f"w{spec['width']}-lr{spec['lr']:.6g}-s{spec['steps']}")
+
+    narrow = sweep([{"width": BASE_WIDTH, "lr": lr, "steps": sweep_steps} for lr in lrs], one, out=home, log=print)
+    best = min(narrow, key=lambda r: r["dev"])
+    wide = sweep([{"width": w, "lr": best["spec"]["lr"], "steps": steps} for w in widths], one, out=home, log=print)
+    rows = [{"width": r["spec"]["width"], "lr": r["spec"]["lr"], "steps": r["spec"]["steps"], "params": r["params"],
+             "train": r["train"], "dev": r["dev"], "test": r["test"], "seconds": r["seconds"]} for r in narrow + wide]
+    curves = [{"width": r["spec"]["width"], **{f"dev at {s:,}": d for s, d in r["curve"]}} for r in wide]
+    text = (f"The sweep at the base width ({BASE_WIDTH}; {sweep_steps:,} steps) and the transfer to "
+            + ", ".join(map(str, widths)) + f" at its best rate ({best['spec']['lr']:.6g}; {steps:,} steps)\n\n"
+            + table(rows, list(rows[0])) + "\n\nThe wide runs' dev curves\n\n" + table(curves, list(curves[0])))
+    return {"name": "names_goal", "rows": rows, "best_lr": best["spec"]["lr"], "curves": [r["curve"] for r in wide],
+            "table": text, "data": data}
+
+
+def plot(result: dict, path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    sweep_rows = [r for r in result["rows"] if r["width"] == BASE_WIDTH]
+    a.semilogx([r["lr"] for r in sweep_rows], [r["dev"] for r in sweep_rows], "o-", base=2)
+    a.set(title=f"width {BASE_WIDTH} (μP's base): dev against learning rate", xlabel="learning rate", ylabel="dev")
+    for r, curve in zip([r for r in result["rows"] if r["width"] != BASE_WIDTH], result["curves"]):
+        b.plot(*zip(*curve), "o-", label=f"width {r['width']} ({r['params']:,} parameters)")
+    b.axhline(1.90, color="k", ls=":", label="the goal, 1.90")
+    b.axhline(1.9255, color="gray", ls="--", label="Llama improved (Muon), 1.9255")
+    b.set(title=f"μP, lr {result['best_lr']:.4g} from the sweep: dev", xlabel="step", ylabel="dev")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
