@@ -33,6 +33,11 @@ In the devices' layout the blocks are stacked, ``(n_layer, ...)`` per tensor, sp
 (:func:`stack_blocks`); the optimiser sees the parameters' own tree (:func:`per_block`), so every optimiser and
 mask behaves as on one device. Dropout is not pipelined yet (a clear error): its masks are drawn per batch, and a
 micro-batch would draw different ones.
+
+A mixture of experts (the Llama's ``n_expert``) routes, fills its capacity and counts its balancing loss per
+micro-batch on each data shard, the balancing losses averaged over them: Megatron-LM's objective under a pipeline,
+since under 1F1B the first backward starts before the batch's last forward, when the whole batch's expert loads are
+not yet known. On one device that objective is :func:`micro_batched_objective`, and the pipeline equals it.
 """
 
 from __future__ import annotations
@@ -232,9 +237,6 @@ def check_pipeline(model: LanguageModel, stages: int) -> None:
     if L % stages:
         raise ValueError(f"pipeline: the stages ({stages}) must divide the blocks (n_layer {L}); it divides by "
                          f"{[d for d in range(1, L + 1) if L % d == 0]}")
-    if getattr(model.cfg, "n_expert", None) is not None:
-        raise ValueError("pipeline: a mixture of experts is not pipelined yet (its balancing loss is the whole "
-                         "batch's, and a micro-batch's differs): train it on one device, dp or fsdp")
     if getattr(model.cfg, "dropout", 0) > 0:
         raise ValueError(f"pipeline: dropout ({model.cfg.dropout}) is not pipelined yet (a micro-batch would draw "
                          "other masks than its batch's): train with dropout 0, or another scheme")
@@ -316,7 +318,12 @@ def _branch_codes(sched: Schedule):
 def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched: Schedule, params_like) -> Callable:
     """``f(params, x, y) -> (loss, grads)`` over ``mesh`` (:func:`mesh_3d`) by the schedule ``sched``: ``params`` and
     ``grads`` in the devices' layout (:func:`stack_blocks`), ``x, y (B, T)`` whole (split by rows along
-    ``"data"``). ``loss`` is the batch's mean cross-entropy, ``grads`` its gradients, as one device computes them."""
+    ``"data"``). ``loss`` is the batch's mean cross-entropy, ``grads`` its gradients, as one device computes them.
+
+    A mixture of experts' balancing loss (and its capacity) is each micro-batch's on each data shard, averaged over
+    them — the objective Megatron-LM's pipeline trains too: under 1F1B a micro-batch's backward starts before the
+    batch's last forward, so the whole batch's expert loads are not known then. It equals one device running the model
+    on each of those row groups (:func:`micro_batched_objective`)."""
     cfg = model.cfg
     Pn, M, n_model = mesh.shape[STAGE], sched.micro, mesh.shape[MODEL]
     if sched.stages != Pn:
@@ -325,6 +332,8 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
     if n_model > 1:
         tensor_parallel.check_split(model, n_model)
     cfg = dataclasses.replace(cfg, model_axis=MODEL if n_model > 1 else None)
+    if getattr(cfg, "n_expert", None) is not None:  # each (data shard, micro-batch)'s balancing loss, averaged
+        cfg = dataclasses.replace(cfg, aux_weight=cfg.aux_weight / (M * mesh.shape[DATA]))
     pipe, Lp = model.pipe, cfg.n_layer // Pn
     branches, code, mb_of, act_from, grad_from = _branch_codes(sched)
     K_cache, K_act, K_grad = sched.slots
@@ -366,7 +375,7 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
 
         # The shapes of what the branches carry, from one micro-batch traced through every piece (dead code to XLA).
         h0, c_emb0 = embed(0)
-        h1, packed0 = stage_forward(h0)
+        h1, packed0, _ = stage_forward(h0)
         caches0 = unpack(packed0, blocks)
         loss0, dh0, g_top0 = top(h1, 0)
         dh1, dblocks0 = stage_backward(dh0, caches0)
@@ -389,7 +398,8 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
             out_h, out_dh = jnp.zeros_like(h0), jnp.zeros_like(h0)
             if kind == FORWARD:
                 h = embed(m)[0] if first else acts[m % K_act]
-                h, (arrays, _) = stage_forward(h)
+                h, (arrays, _), aux = stage_forward(h)
+                loss = loss + aux  # (a mixture of experts' balancing loss, weighted: 0 without experts)
                 cache_buf = [None if buf is None else buf.at[m % K_cache].set(a) for buf, a in zip(cache_buf, arrays)]
                 if last:
                     loss_m, dh, g_top = top(h, m)
@@ -438,6 +448,25 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
                          check_vma=False)  # (the branches of one tick vary over the stages by design)
 
 
+def micro_batched_objective(model: LanguageModel, params, state, x, y, groups: int):
+    """What a pipeline of ``groups`` = data shards × micro-batches trains, on one device: the batch's mean
+    cross-entropy, with each group of rows (contiguous, in order) run through the model on its own — so that a mixture
+    of experts routes, fills its capacity and counts its balancing loss per group — plus the groups' balancing losses
+    averaged. Without experts it is the model's own objective."""
+    B = x.shape[0]
+    if B % groups:
+        raise ValueError(f"micro_batched_objective: the groups ({groups}) must divide the batch's rows ({B})")
+    xs, ys = x.reshape(groups, B // groups, -1), y.reshape(groups, B // groups, -1)
+    total = (y >= 0).sum()
+    loss = 0.0
+    for g in range(groups):
+        out = model.forward(params, state, xs[g], train=True, key=None)
+        ce = cross_entropy_forward(out.logits, ys[g])[0]
+        share = ((ys[g] >= 0).sum() / total).astype(ce.dtype)
+        loss = loss + ce * share + out.aux / groups
+    return loss
+
+
 def _accumulate(total, part):
     """``total + part``, leaf for leaf, in the sums' dtype; a dict ``part`` (gradients by field) adds to its fields."""
     if isinstance(part, dict):
@@ -447,15 +476,19 @@ def _accumulate(total, part):
 
 def run_stage(pipe, cfg, blocks, h, i0):
     """A stage's blocks (``blocks``: stacked, ``(Lp, ...)`` per tensor; the first is block ``i0``) on ``h``: ``(h,
-    packed caches)``, the caches as :func:`pack` keeps them for the stage's backward."""
-    caches, blks = [], []
+    packed caches, aux)``, the caches as :func:`pack` keeps them for the stage's backward, ``aux`` the blocks'
+    auxiliary losses as the objective weighs them (a mixture of experts' balancing loss, times the weight its
+    backward is seeded with; 0 for blocks without one)."""
+    caches, blks, aux = [], [], 0.0
     for j in range(jax.tree.leaves(blocks)[0].shape[0]):
         blk = jax.tree.map(lambda a: a[j], blocks)
         h_in = h
         h, c = pipe.block_forward(cfg, blk, h, i0 + j, train=True, key=None)
+        if getattr(c, "aux", None) is not None:
+            aux = aux + c.aux * c.daux
         caches.append(keep(cfg.recompute, h_in, i0 + j, None, True, c))
         blks.append(blk)
-    return h, pack(tuple(caches), blks)
+    return h, pack(tuple(caches), blks), aux
 
 
 def pack(caches, blks):

@@ -66,10 +66,11 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
         assert len((tmp_path / "mup-quick" / "transfer.jsonl").read_text().splitlines()) == 4
         assert {r["layer"] for r in data["coordinates"]} == {"block 0", "block 1", "logits"}
     if suite == "names_goal":  # the narrow sweep, then the wide run at its best rate, each a resumable run directory
-        narrow, wide = data["rows"][:2], data["rows"][2:]
+        narrow, checked, wide = data["rows"][:2], data["rows"][2:5], data["rows"][5:]
         assert [r["width"] for r in narrow] == [32, 32] and [r["width"] for r in wide] == [64]
         assert wide[0]["lr"] == data["best_lr"] == min(narrow, key=lambda r: r["dev"])["lr"]
-        assert len((tmp_path / "names-goal-quick" / "sweep.jsonl").read_text().splitlines()) == 3
+        assert [r["lr"] / data["best_lr"] for r in checked] == [0.5, 1, 2] and {r["width"] for r in checked} == {48}
+        assert len((tmp_path / "names-goal-quick" / "sweep.jsonl").read_text().splitlines()) == 6
         assert all((d / "metrics.json").is_file() for d in (tmp_path / "names-goal-quick").glob("w*"))
     if suite == "moe":  # equal active MLP parameters (to the rounding of the expert width), all more in total
         dense, *mixtures = data["rows"]

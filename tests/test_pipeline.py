@@ -122,6 +122,27 @@ def test_the_pipelined_gradients_equal_one_devices_per_tensor_in_float64(model_n
     assert_equal_per_tensor(grads, want.grads)
 
 
+@pytest.mark.parametrize("kw, name, mesh, micro", [
+    ({}, "1f1b", (2, 2, 1), 2),  # dropless: data 2 × stage 2, 4 row groups
+    ({"expert_capacity": 0.5, "expert_top_k": 1, "tie": True}, "gpipe", (1, 4, 1), 4),  # tokens dropped in each group
+    ({"recompute": "blocks"}, "1f1b", (1, 2, 1), 4),
+])
+def test_a_pipelined_mixture_of_experts_equals_one_device_running_each_micro_batch(kw, name, mesh, micro):
+    """With experts, a pipeline trains each (data shard, micro-batch)'s routing, capacity and balancing loss, the
+    balancing losses averaged (Megatron-LM's objective: under 1F1B a backward starts before the batch's last forward):
+    equal, per tensor in float64, to ``jax.grad`` of :func:`micro_batched_objective` on one device."""
+    model = tiny_llama(n_expert=4, aux_weight=0.5, **kw)
+    params = f64(model.init(jax.random.key(0))[0])
+    x, y = batch()
+    groups = mesh[0] * micro
+    want_loss, want = jax.value_and_grad(PP.micro_batched_objective, argnums=1)(model, params, (), x, y, groups)
+    loss, grads = pipelined(model, params, x, y, name, *mesh, micro)
+    np.testing.assert_allclose(loss, want_loss, rtol=0, atol=1e-13)
+    assert_equal_per_tensor(grads, want)
+    whole = model.objective(params, (), x, y)[0]  # (the whole batch's balancing loss is another objective)
+    assert abs(float(whole) - float(want_loss)) > 1e-6
+
+
 def test_layout_moves_a_training_state_to_the_stages_and_back_unchanged():
     from jnnex.step import init_train_state
     model = tiny_llama()

@@ -8,8 +8,11 @@ is dev ≤ 1.90. This suite asks whether μP's transfer finds a better rate chea
    model), AdamW (μP's multipliers are AdamW's; ``jnnex bench --only mup`` and the README say how Muon relates), at
    rates 2⁻¹¹ … 2⁻⁵, each for ``SWEEP_STEPS`` steps with the preset's schedule scaled to them (the drops at 60 % and
    90 %), every other setting the preset's.
-2. **The transfer, wide**: the same model at widths ``WIDTHS`` (4× and 8× the base) at the sweep's best rate,
-   untouched, for the preset's full 30,000 steps: the dev curve every 3,000 steps, dev and test at the end.
+2. **The transfer, checked**: the same model at ``CHECK_WIDTH`` (4× the base) for the sweep's length at the best
+   rate and the rates a factor of 2 either side: does the best rate stay put, as μP says it should?
+3. **The transfer, wide**: the model at widths ``WIDTHS`` at the sweep's best rate, untouched, for the preset's full
+   30,000 steps: the dev curve every 3,000 steps, dev and test at the end. (Width 256 runs at ~3 steps a second
+   here beside other work, 30,000 steps in ~2.5 hours: add it to ``WIDTHS`` where there is the time.)
 
 Every run is a run directory under ``names-goal/`` (``config.json``, checkpoints every minute and at every
 evaluation, ``metrics.jsonl``), so a suite stopped anywhere loses at most a minute of the run in flight; a finished
@@ -27,12 +30,13 @@ from jnnex import rundir
 from jnnex import run as runs
 from jnnex.bench.harness import RESULTS, table
 from jnnex.data import SHARED_DATA
-from jnnex.scale import sweep
+from jnnex.scale import check_sweep_fits, sweep
 
 BASE_WIDTH = 32
 LRS = tuple(2.0**k for k in range(-11, -4))
 SWEEP_STEPS = 10_000
-WIDTHS = (128, 256)
+CHECK_WIDTH = 128
+WIDTHS = (128,)
 STEPS = 30_000  # the preset's
 
 
@@ -79,17 +83,32 @@ def run(quick: bool = False, out=RESULTS) -> dict:
         rc = config(data, spec["width"], spec["lr"], spec["steps"], quick)
         return trained(rc, home / f"w{spec['width']}-lr{spec['lr']:.6g}-s{spec['steps']}")
 
-    narrow = sweep([{"width": BASE_WIDTH, "lr": lr, "steps": sweep_steps} for lr in lrs], one, out=home, log=print)
+    check_width = 48 if quick else CHECK_WIDTH
+
+    def fits(specs):  # every width's memory, before the first run
+        made = {s["width"]: runs.prepare(config(data, s["width"], s["lr"], s["steps"], quick)) for s in specs}
+        check_sweep_fits([(f"width {w}", m.model, config(data, w, lrs[0], steps, quick).train)
+                          for w, m in made.items()], next(iter(made.values())).splits)
+
+    narrow = sweep([{"width": BASE_WIDTH, "lr": lr, "steps": sweep_steps} for lr in lrs], one, out=home, log=print,
+                   check=lambda pending: fits(pending + [{"width": w, "lr": lrs[0], "steps": steps}
+                                                         for w in (check_width, *widths)]))
     best = min(narrow, key=lambda r: r["dev"])
-    wide = sweep([{"width": w, "lr": best["spec"]["lr"], "steps": steps} for w in widths], one, out=home, log=print)
+    lr = best["spec"]["lr"]
+    checked = sweep([{"width": check_width, "lr": v, "steps": sweep_steps} for v in (lr / 2, lr, lr * 2)], one,
+                    out=home, log=print)
+    wide = sweep([{"width": w, "lr": lr, "steps": steps} for w in widths], one, out=home, log=print)
     rows = [{"width": r["spec"]["width"], "lr": r["spec"]["lr"], "steps": r["spec"]["steps"], "params": r["params"],
-             "train": r["train"], "dev": r["dev"], "test": r["test"], "seconds": r["seconds"]} for r in narrow + wide]
+             "train": r["train"], "dev": r["dev"], "test": r["test"], "seconds": r["seconds"]}
+            for r in narrow + checked + wide]
     curves = [{"width": r["spec"]["width"], **{f"dev at {s:,}": d for s, d in r["curve"]}} for r in wide]
-    text = (f"The sweep at the base width ({BASE_WIDTH}; {sweep_steps:,} steps) and the transfer to "
-            + ", ".join(map(str, widths)) + f" at its best rate ({best['spec']['lr']:.6g}; {steps:,} steps)\n\n"
+    check_best = min(checked, key=lambda r: r["dev"])["spec"]["lr"]
+    text = (f"The sweep at the base width ({BASE_WIDTH}; {sweep_steps:,} steps), the check at width {check_width} "
+            f"(best {check_best:.6g} against the base width's {lr:.6g}) and the transfer to "
+            + ", ".join(map(str, widths)) + f" at the base width's best rate ({steps:,} steps)\n\n"
             + table(rows, list(rows[0])) + "\n\nThe wide runs' dev curves\n\n" + table(curves, list(curves[0])))
-    return {"name": "names_goal", "rows": rows, "best_lr": best["spec"]["lr"], "curves": [r["curve"] for r in wide],
-            "table": text, "data": data}
+    return {"name": "names_goal", "rows": rows, "best_lr": lr, "check_best_lr": check_best,
+            "curves": [r["curve"] for r in wide], "table": text, "data": data}
 
 
 def plot(result: dict, path) -> Path:

@@ -536,7 +536,8 @@ def split(cfg: LlamaConfig) -> dict:
     ``attproj`` and ``fcproj`` by the matching rows."""
     if cfg.n_expert is not None:
         raise ValueError("tensor parallel: a mixture of experts is not split Megatron's way (its experts split over "
-                         "devices by expert parallelism: jnnex.models.moe's axis); train it on one device, dp or fsdp")
+                         "devices by expert parallelism: jnnex.models.moe's axis); train it on one device, dp, fsdp, ep, or pp "
+                         "without --model-parallel")
     hs = cfg.head_size
     q, kv = Part("n_head", cfg.n_head, hs), Part("n_kv_head", cfg.n_kv_head, hs)
     hidden = Part("the SwiGLU width", cfg.hidden)
