@@ -10,9 +10,8 @@ is dev ≤ 1.90. This suite asks whether μP's transfer finds a better rate chea
    90 %), every other setting the preset's.
 2. **The transfer, checked**: the same model at ``CHECK_WIDTH`` (4× the base) for the sweep's length at the best
    rate and the rates a factor of 2 either side: does the best rate stay put, as μP says it should?
-3. **The transfer, wide**: the model at widths ``WIDTHS`` at the sweep's best rate, untouched, for the preset's full
-   30,000 steps: the dev curve every 3,000 steps, dev and test at the end. (Width 256 runs at ~3 steps a second
-   here beside other work, 30,000 steps in ~2.5 hours: add it to ``WIDTHS`` where there is the time.)
+3. **The transfer, wide**: the model at widths ``WIDTHS`` (4× and 8× the base) at the sweep's best rate,
+   untouched, for the preset's full 30,000 steps: the dev curve every 3,000 steps, dev and test at the end.
 
 Every run is a run directory under ``names-goal/`` (``config.json``, checkpoints every minute and at every
 evaluation, ``metrics.jsonl``), so a suite stopped anywhere loses at most a minute of the run in flight; a finished
@@ -36,7 +35,7 @@ BASE_WIDTH = 32
 LRS = tuple(2.0**k for k in range(-11, -4))
 SWEEP_STEPS = 10_000
 CHECK_WIDTH = 128
-WIDTHS = (128,)
+WIDTHS = (128, 256)
 STEPS = 30_000  # the preset's
 
 
