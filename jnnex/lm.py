@@ -476,3 +476,22 @@ def continue_text(model: LanguageModel, params, state, prompt, n_new: int, key, 
     toks, logits = _continue(model, params, state, jnp.asarray(window), jnp.int32(len(prompt)), key, n_new,
                              jnp.float32(temperature), top_k, jnp.float32(top_p), bool(cache), bool(with_logits))
     return (np.asarray(toks), np.asarray(logits)) if with_logits else np.asarray(toks)
+
+
+def grouped_objective(model: LanguageModel, params, state, x, y, groups: int):
+    """The objective a scheme that runs the model on ``groups`` row groups of the batch trains — a pipeline's data
+    shards × micro-batches, tensor parallelism's data shards — on one device: the batch's mean cross-entropy, with
+    each group of rows (contiguous, in order) run through the model on its own (so that a mixture of experts routes,
+    fills its capacity and counts its balancing loss per group), plus the groups' auxiliary losses averaged. Without
+    an auxiliary loss or a capacity it is the model's own objective."""
+    B = x.shape[0]
+    if B % groups:
+        raise ValueError(f"grouped_objective: the groups ({groups}) must divide the batch's rows ({B})")
+    xs, ys = x.reshape(groups, B // groups, -1), y.reshape(groups, B // groups, -1)
+    total = (y >= 0).sum()
+    loss = 0.0
+    for g in range(groups):
+        out = model.forward(params, state, xs[g], train=True, key=None)
+        ce = cross_entropy_forward(out.logits, ys[g])[0]
+        loss = loss + ce * ((ys[g] >= 0).sum() / total).astype(ce.dtype) + out.aux / groups
+    return loss

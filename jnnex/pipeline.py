@@ -37,7 +37,7 @@ micro-batch would draw different ones.
 A mixture of experts (the Llama's ``n_expert``) routes, fills its capacity and counts its balancing loss per
 micro-batch on each data shard, the balancing losses averaged over them: Megatron-LM's objective under a pipeline,
 since under 1F1B the first backward starts before the batch's last forward, when the whole batch's expert loads are
-not yet known. On one device that objective is :func:`micro_batched_objective`, and the pipeline equals it.
+not yet known. On one device that objective is :func:`jnnex.lm.grouped_objective`, and the pipeline equals it.
 """
 
 from __future__ import annotations
@@ -323,7 +323,7 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
     A mixture of experts' balancing loss (and its capacity) is each micro-batch's on each data shard, averaged over
     them — the objective Megatron-LM's pipeline trains too: under 1F1B a micro-batch's backward starts before the
     batch's last forward, so the whole batch's expert loads are not known then. It equals one device running the model
-    on each of those row groups (:func:`micro_batched_objective`)."""
+    on each of those row groups (:func:`jnnex.lm.grouped_objective`)."""
     cfg = model.cfg
     Pn, M, n_model = mesh.shape[STAGE], sched.micro, mesh.shape[MODEL]
     if sched.stages != Pn:
@@ -446,25 +446,6 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
     rows = P(DATA)
     return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, rows, rows), out_specs=(P(), param_specs),
                          check_vma=False)  # (the branches of one tick vary over the stages by design)
-
-
-def micro_batched_objective(model: LanguageModel, params, state, x, y, groups: int):
-    """What a pipeline of ``groups`` = data shards × micro-batches trains, on one device: the batch's mean
-    cross-entropy, with each group of rows (contiguous, in order) run through the model on its own — so that a mixture
-    of experts routes, fills its capacity and counts its balancing loss per group — plus the groups' balancing losses
-    averaged. Without experts it is the model's own objective."""
-    B = x.shape[0]
-    if B % groups:
-        raise ValueError(f"micro_batched_objective: the groups ({groups}) must divide the batch's rows ({B})")
-    xs, ys = x.reshape(groups, B // groups, -1), y.reshape(groups, B // groups, -1)
-    total = (y >= 0).sum()
-    loss = 0.0
-    for g in range(groups):
-        out = model.forward(params, state, xs[g], train=True, key=None)
-        ce = cross_entropy_forward(out.logits, ys[g])[0]
-        share = ((ys[g] >= 0).sum() / total).astype(ce.dtype)
-        loss = loss + ce * share + out.aux / groups
-    return loss
 
 
 def _accumulate(total, part):

@@ -183,9 +183,14 @@ def split_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, params_l
     y (B, T)`` split by rows along ``"data"``. Each device runs the model's own forward (:func:`on_mesh`) on its rows
     and slices, seeds the cross-entropy's backward with its share of the global mean (``n_d / n``: its valid targets
     over the batch's), runs the model's backward and sums the gradients over ``"data"`` (``psum``). ``acts`` and
-    ``act_grads`` (``diagnostics``; else ``()``) come back whole, the batch's rows put together."""
+    ``act_grads`` (``diagnostics``; else ``()``) come back whole, the batch's rows put together. A mixture of
+    experts routes and counts its balancing loss on each data shard's rows, the shards' losses averaged: on one
+    device, :func:`jnnex.lm.grouped_objective` with a group a data shard."""
     check_split(model, mesh.shape[MODEL])
     local_model = on_mesh(model)
+    if getattr(model.cfg, "n_expert", None) is not None:  # each data shard's balancing loss, averaged over them
+        local_model = dataclasses.replace(local_model, cfg=dataclasses.replace(
+            local_model.cfg, aux_weight=model.cfg.aux_weight / mesh.shape[DATA]))
     param_specs = specs(model, params_like)
 
     def local(params, state, x, y, key):
@@ -197,7 +202,7 @@ def split_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, params_l
         dlogits, _ = cross_entropy_backward(share.astype(out.logits.dtype), c_ce)
         grads, act_grads = local_model.backward_fn(local_model.cfg, params, out.caches, dlogits)
         grads = jax.lax.psum(grads, DATA)
-        loss = jax.lax.psum(loss_d * share.astype(loss_d.dtype), DATA)
+        loss = jax.lax.psum(loss_d * share.astype(loss_d.dtype) + out.aux, DATA)  # (aux: experts' balancing loss)
         return loss, grads, (out.acts, tuple(act_grads)) if diagnostics else ((), ())
 
     rows = P(DATA)

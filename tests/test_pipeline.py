@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import jnnex.pipeline as PP
 import jnnex.tensor_parallel as TP
 from jnnex.layout import Parallel
-from jnnex.lm import manual_gradients
+from jnnex.lm import grouped_objective, manual_gradients
 from jnnex.models import gpt as G, llama as L
 
 
@@ -126,16 +126,17 @@ def test_the_pipelined_gradients_equal_one_devices_per_tensor_in_float64(model_n
     ({}, "1f1b", (2, 2, 1), 2),  # dropless: data 2 × stage 2, 4 row groups
     ({"expert_capacity": 0.5, "expert_top_k": 1, "tie": True}, "gpipe", (1, 4, 1), 4),  # tokens dropped in each group
     ({"recompute": "blocks"}, "1f1b", (1, 2, 1), 4),
+    ({}, "1f1b", (1, 2, 2), 2),  # stages × tensor parallel: the attention split, the experts replicated on the axis
 ])
 def test_a_pipelined_mixture_of_experts_equals_one_device_running_each_micro_batch(kw, name, mesh, micro):
     """With experts, a pipeline trains each (data shard, micro-batch)'s routing, capacity and balancing loss, the
     balancing losses averaged (Megatron-LM's objective: under 1F1B a backward starts before the batch's last forward):
-    equal, per tensor in float64, to ``jax.grad`` of :func:`micro_batched_objective` on one device."""
+    equal, per tensor in float64, to ``jax.grad`` of :func:`jnnex.lm.grouped_objective` on one device."""
     model = tiny_llama(n_expert=4, aux_weight=0.5, **kw)
     params = f64(model.init(jax.random.key(0))[0])
     x, y = batch()
     groups = mesh[0] * micro
-    want_loss, want = jax.value_and_grad(PP.micro_batched_objective, argnums=1)(model, params, (), x, y, groups)
+    want_loss, want = jax.value_and_grad(grouped_objective, argnums=1)(model, params, (), x, y, groups)
     loss, grads = pipelined(model, params, x, y, name, *mesh, micro)
     np.testing.assert_allclose(loss, want_loss, rtol=0, atol=1e-13)
     assert_equal_per_tensor(grads, want)

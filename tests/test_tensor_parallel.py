@@ -313,6 +313,31 @@ def test_the_split_step_on_a_data_by_model_mesh_equals_one_device_float64(name, 
     assert max(rel_errors(got.opt_state, want.opt_state)) <= 1e-12
 
 
+@pytest.mark.parametrize("data, model_axis, kw", [(2, 2, {}), (1, 4, {"expert_capacity": 0.5, "expert_top_k": 1,
+                                                                   "n_kv_head": 4})],
+                         ids=["dropless-2x2", "dropping-1x4"])
+def test_a_mixture_of_experts_on_a_data_by_model_mesh_equals_one_device_per_data_shard_float64(data, model_axis, kw):
+    """The attention split Megatron's way, the experts and router replicated on the model axis (each device runs its
+    rows' tokens through them): the loss and every gradient equal, per tensor in float64, ``jax.grad`` on one device of
+    :func:`jnnex.lm.grouped_objective` with a group a data shard — each shard's routing, capacity and balancing loss,
+    the shards' balancing losses averaged."""
+    from jnnex.lm import grouped_objective
+
+    model = L.llama(L.LlamaConfig(**{"vocab_size": 11, "block_size": 8, "n_layer": 2, "n_head": 4, "n_kv_head": 2,
+                                     "n_embd": 16, "n_expert": 4, "aux_weight": 0.5, **kw}))
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0))[0])
+    x = jax.random.randint(jax.random.key(1), (8, 8), 0, 11)
+    y = jax.random.randint(jax.random.key(2), (8, 8), -1, 11)
+    want_loss, want = jax.value_and_grad(grouped_objective, argnums=1)(model, params, (), x, y, data)
+    mesh = TP.mesh_2d(data, model_axis)
+    placed = jax.tree.map(lambda fn, a: fn(a), TP.layout(model, params, model_axis), params)
+    loss, grads, *_ = jax.jit(TP.split_value_and_grad(model, mesh, params))(placed, (), x, y, jax.random.key(0))
+    grads = jax.tree.map(lambda fn, a: fn(a), TP.layout(model, params, model_axis, inverse=True), grads)
+    np.testing.assert_allclose(loss, want_loss, rtol=0, atol=1e-13)
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-12, err_msg=jax.tree_util.keystr(path))
+
+
 def test_the_split_step_reads_diagnostics_as_one_device_does_float64():
     """``diagnostics`` on a 2 × 2 mesh: every per-layer figure (activation and gradient means and spreads, grad:data
     and update:data ratios) equals one device's to 1e-10 — the activations come back whole from the devices' rows, and

@@ -533,13 +533,14 @@ def block_backward(dh, c: BlockCache):
 def split(cfg: LlamaConfig) -> dict:
     """Megatron's split of a Llama block, as data: ``qkv`` by the columns of each device's query heads and of the
     key/value heads their groups share, ``fc`` by hidden units (each device's gate and value columns side by side);
-    ``attproj`` and ``fcproj`` by the matching rows."""
-    if cfg.n_expert is not None:
-        raise ValueError("tensor parallel: a mixture of experts is not split Megatron's way (its experts split over "
-                         "devices by expert parallelism: jnnex.models.moe's axis); train it on one device, dp, fsdp, ep, or pp "
-                         "without --model-parallel")
+    ``attproj`` and ``fcproj`` by the matching rows. A mixture of experts' block splits its attention only: the
+    experts and their router are replicated on the model axis, each device routing and running every token of its
+    rows through them (the block's input is whole there, after the attention's all-reduce) — the same result, no
+    collective, the experts' work not divided (expert parallelism divides it: ``--parallel ep``)."""
     hs = cfg.head_size
     q, kv = Part("n_head", cfg.n_head, hs), Part("n_kv_head", cfg.n_kv_head, hs)
+    if cfg.n_expert is not None:
+        return {"qkv": Column((q, kv, kv)), "attproj": ROW}
     hidden = Part("the SwiGLU width", cfg.hidden)
     return {"qkv": Column((q, kv, kv)), "attproj": ROW, "fc": Column((hidden, hidden)), "fcproj": ROW}
 
