@@ -207,6 +207,15 @@ def compute_optimal(fit: dict) -> dict:
     return {"a": a, "b": 1 - a}
 
 
+def optimal_size(fit: dict, C) -> tuple:
+    """The law's compute-optimal ``(N, D)`` at ``C`` FLOPs (``C = 6 N D``): ``N_opt = G (C/6)^a``, ``G = (α A /
+    (β B))^(1/(α+β))`` (Hoffmann et al. 2022, eq. 4)."""
+    a = compute_optimal(fit)["a"]
+    G = (fit["alpha"] * fit["A"] / (fit["beta"] * fit["B"])) ** (1 / (fit["alpha"] + fit["beta"]))
+    N = G * (np.asarray(C, float) / 6) ** a
+    return N, np.asarray(C, float) / (6 * N)
+
+
 def isoflop(rows: list[dict], budgets: Sequence[float]) -> list[dict]:
     """Chinchilla's approach 2 on measured runs: for each compute budget ``C`` (FLOPs, ``6 N D``), the runs whose
     ``6 N D`` is within a factor √2 of it, a parabola in ``log N`` through their losses, and its minimum: the
@@ -333,6 +342,8 @@ def law_sweep(build: Callable[[int], object], splits, tcfg: TrainConfig, widths:
     result = {"rows": rows, "fit": fitted, "compute_optimal": compute_optimal(fitted)}
     budgets = sorted({round(math.log10(r["flops_6ND"]) * 4) / 4 for r in rows})
     result["isoflop"] = iso = isoflop(rows, [10**b for b in budgets])
+    for r in iso:  # where the law puts each budget's optimum: inside the runs' sizes, or not
+        r["N_opt_law"], r["D_opt_law"] = (float(v) for v in optimal_size(fitted, r["C"]))
     found = [r for r in iso if r["N_opt"]]
     result["isoflop_a"] = float(np.polyfit(np.log([r["C"] for r in found]), np.log([r["N_opt"] for r in found]), 1)[0]) \
         if len(found) >= 3 else None  # (fewer than 3 budgets with a minimum inside the runs: not determined)

@@ -27,7 +27,11 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         module = importlib.import_module(f"jnnex.bench.{name}")
         takes_out = "out" in inspect.signature(module.run).parameters  # (a suite that keeps its runs beside the JSON)
-        result = module.run(quick=args.quick, **({"out": args.out} if takes_out else {}))
+        try:
+            result = module.run(quick=args.quick, **({"out": args.out} if takes_out else {}))
+        except KeyboardInterrupt as e:  # (Ctrl-C; a sweep's own stop says what continues it)
+            print(f"jnnex bench: {name} stopped{f': {e}' if str(e) else ''}", file=sys.stderr)
+            return 130
         path = write(name + ("-quick" if args.quick else ""), {**result, "quick": args.quick}, args.out)
         print(f"\n## {name} ({time.perf_counter() - t0:.1f} s) -> {path}\n\n{result['table']}")
         if args.png and hasattr(module, "plot"):

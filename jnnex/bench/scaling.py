@@ -51,15 +51,21 @@ def run(quick: bool = False, out=RESULTS) -> dict:
                 "beta": fitted["beta"], "fit residual (log)": fitted["residual"],
                 "N_opt ∝ C^a: a from the fit": swept["compute_optimal"]["a"], "a from IsoFLOP minima": swept["isoflop_a"]}]
     held_row = [swept["held_out"]]
+    iso_rows = [{"C (6ND)": r["C"], "runs near it": r["runs"], "N_opt from minima": r["N_opt"],
+                 "N_opt from the law": r["N_opt_law"], "D_opt from the law": r["D_opt_law"],
+                 "smallest N run": min(x["N"] for x in rows)} for r in iso]
     flops = [{"width": r["width"], "steps": r["steps"], "N": r["N"], "6ND / XLA": r["flops_6ND"] / r["flops_xla"]}
              for r in rows if r["steps"] == steps_list[-1]]
     text = ("Runs (val loss, every window)\n\n" + table(rows, ["width", "steps", "N", "D", "loss"])
             + "\n\nThe fit L(N, D) = E + A/N^α + B/D^β\n\n" + table(summary, list(summary[0]))
+            + "\n\nIsoFLOP: each budget's compute-optimal size, from the runs' minima and from the law\n\n"
+            + table(iso_rows, list(iso_rows[0]))
             + "\n\nThe held-out run, predicted before it ran\n\n"
             + table(held_row, ["width", "steps", "N", "D", "predicted", "measured", "error"])
             + "\n\n6ND against XLA's FLOP count of the step (forward, backward and AdamW)\n\n"
             + table(flops, list(flops[0])))
-    return {"name": "scaling", "rows": rows, "fit": fitted, "isoflop": iso, "held_out": held_row[0],
+    return {"name": "scaling", "rows": rows, "fit": fitted, "isoflop": iso, "isoflop_rows": iso_rows,
+            "held_out": held_row[0],
             "summary": summary[0], "flops": flops, "table": text, "lr": LR}
 
 
