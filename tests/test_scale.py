@@ -17,6 +17,7 @@ def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_transfer_sweep_writes_every_run_resumes_and_grows(tmp_path, capsys, monkeypatch):
     out = tmp_path / "tr"
     argv = ["scale", "transfer", "--widths", "16,32", "--lrs", "2^-8:-7", "--base-width", "16", "--out", str(out), *TINY]
@@ -80,6 +81,7 @@ def test_the_coordinate_check_from_the_command_line(tmp_path, capsys):
     assert result["standard"]["slopes"]["block 0"] > 0.3 > abs(result["mup"]["slopes"]["block 0"])
 
 
+@pytest.mark.slow
 def test_the_law_is_predicted_before_its_run_is_made(tmp_path, capsys):
     out = tmp_path / "law"
     assert main(["scale", "law", "--widths", "16,24,32", "--step-counts", "4,8", "--predict", "48:8", "--param", "mup",
