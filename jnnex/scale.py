@@ -427,8 +427,8 @@ def _recorded(out, settings: dict) -> None:
         kept = {k: v for k, v in before.items() if k not in grid}
         differ = _differences(kept, {k: v for k, v in settings.items() if k not in grid})
         if differ:
-            said = "; ".join(f"{where} {json.dumps(_at(before, where))[:80]} there, {json.dumps(_at(settings, where))[:80]}"
-                             f" here" for where in differ[:4])
+            said = "; ".join(f"{where} {json.dumps(_at(before, where))[:80]} there, "
+                             f"{json.dumps(_at(settings, where))[:80]} here" for where in differ[:4])
             raise ValueError(f"--out {str(out)!r} holds a sweep made with other settings ({path.name}: {said}"
                              f"{'; …' if len(differ) > 4 else ''}); give another --out, or the same settings (a sweep "
                              f"continued may add widths, rates and step counts)")
@@ -469,8 +469,8 @@ def run_sweep(kind: str, rc, *, widths: Sequence[int], params: Sequence[str] = (
             try:
                 build(param, width)
             except ValueError as e:
-                raise ValueError(f"--{'predict' if predict and width == predict['width'] and width not in widths else 'widths'}"
-                                 f": width {width} ({param}): {e}") from None
+                flag = "--widths" if width in widths else "--predict"
+                raise ValueError(f"{flag}: width {width} ({param}): {e}") from None
     _recorded(out, settings)
     model, splits = prepare(rc)
     if kind == "coord":
