@@ -66,3 +66,8 @@ def write(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     path = out_dir / f"{name}.json"
     write_json(path, {"machine": machine(), **payload})
     return path
+
+
+def progress(line: str) -> None:
+    """A sweep's progress line, printed at once (a suite's output is often a file or a pipe: buffered otherwise)."""
+    print(line, flush=True)

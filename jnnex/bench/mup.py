@@ -20,7 +20,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jnnex import run as runs
-from jnnex.bench.harness import RESULTS, table
+from jnnex.bench.harness import RESULTS, progress, table
 from jnnex.bench.text import shakespeare
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.models.gpt import GPTConfig, gpt
@@ -60,7 +60,7 @@ def transfer(quick: bool, out_dir: Path) -> dict:
                    ).with_gradients("manual")
 
     result = lr_transfer(build, splits, rc.train, widths, lrs, out=out_dir / ("mup-quick" if quick else "mup"),
-                         log=print)
+                         log=progress)
     return {**result, "steps": steps, "model": base}
 
 

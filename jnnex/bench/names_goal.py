@@ -27,7 +27,7 @@ from pathlib import Path
 
 from jnnex import rundir
 from jnnex import run as runs
-from jnnex.bench.harness import RESULTS, table
+from jnnex.bench.harness import RESULTS, progress, table
 from jnnex.data import SHARED_DATA
 from jnnex.scale import check_sweep_fits, sweep
 
@@ -89,14 +89,14 @@ def run(quick: bool = False, out=RESULTS) -> dict:
         check_sweep_fits([(f"width {w}", m.model, config(data, w, lrs[0], steps, quick).train)
                           for w, m in made.items()], next(iter(made.values())).splits)
 
-    narrow = sweep([{"width": BASE_WIDTH, "lr": lr, "steps": sweep_steps} for lr in lrs], one, out=home, log=print,
+    narrow = sweep([{"width": BASE_WIDTH, "lr": lr, "steps": sweep_steps} for lr in lrs], one, out=home, log=progress,
                    check=lambda pending: fits(pending + [{"width": w, "lr": lrs[0], "steps": steps}
                                                          for w in (check_width, *widths)]))
     best = min(narrow, key=lambda r: r["dev"])
     lr = best["spec"]["lr"]
     checked = sweep([{"width": check_width, "lr": v, "steps": sweep_steps} for v in (lr / 2, lr, lr * 2)], one,
-                    out=home, log=print)
-    wide = sweep([{"width": w, "lr": lr, "steps": steps} for w in widths], one, out=home, log=print)
+                    out=home, log=progress)
+    wide = sweep([{"width": w, "lr": lr, "steps": steps} for w in widths], one, out=home, log=progress)
     rows = [{"width": r["spec"]["width"], "lr": r["spec"]["lr"], "steps": r["spec"]["steps"], "params": r["params"],
              "train": r["train"], "dev": r["dev"], "test": r["test"], "seconds": r["seconds"]}
             for r in narrow + checked + wide]

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jnnex import run as runs
-from jnnex.bench.harness import RESULTS, table
+from jnnex.bench.harness import RESULTS, progress, table
 from jnnex.bench.text import shakespeare
 from jnnex.models.gpt import GPTConfig, gpt
 from jnnex.scale import law_sweep
@@ -45,7 +45,7 @@ def run(quick: bool = False, out=RESULTS) -> dict:
                                 "n_embd": width, "param": "mup", "base_width": 32})).with_gradients("manual")
 
     swept = law_sweep(build, splits, rc.train, widths, steps_list, predict=held,
-                      out=Path(out) / ("scaling-quick" if quick else "scaling"), log=print)
+                      out=Path(out) / ("scaling-quick" if quick else "scaling"), log=progress)
     rows, fitted, iso = swept["rows"], swept["fit"], swept["isoflop"]
     summary = [{"E": fitted["E"], "A": fitted["A"], "alpha": fitted["alpha"], "B": fitted["B"],
                 "beta": fitted["beta"], "fit residual (log)": fitted["residual"],
