@@ -302,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--lrs", type=_rates, help="transfer: the learning rates, e.g. 1e-3,2e-3 or 2^-12:-4 (the powers "
                                                "of two from 2⁻¹² to 2⁻⁴)")
     sc.add_argument("--step-counts", type=_ints, help="law: the training lengths, e.g. 250,500,1000,2000")
+    sc.add_argument("--budgets", type=_rates, metavar="FLOPS,...",
+                    help="law: IsoFLOP profiles — for each compute budget (6ND FLOPs, e.g. 1e11,3e11,1e12) every "
+                         "width trained for the steps that spend it; each budget's compute-optimal size from the "
+                         "minimum of a parabola in log N")
     sc.add_argument("--predict", type=_width_steps, metavar="WIDTH:STEPS",
                     help="law: predict this run's loss from the fit, then make it and compare")
     sc.add_argument("--png", action="store_true", help="also draw <sweep>.png (needs matplotlib)")
@@ -530,7 +534,8 @@ def cmd_scale(args) -> int:
             raise ValueError(message)
     wrong_sweep = [(flag, value) for flag, value, kinds in [("--lrs", args.lrs, ("transfer",)),
                                                           ("--step-counts", args.step_counts, ("law",)),
-                                                          ("--predict", args.predict, ("law",))]
+                                                          ("--predict", args.predict, ("law",)),
+                                                          ("--budgets", args.budgets, ("law",))]
                    if value is not None and args.sweep not in kinds]
     if wrong_sweep:
         raise ValueError(f"{wrong_sweep[0][0]} does not apply to a {args.sweep} sweep")
@@ -548,7 +553,7 @@ def cmd_scale(args) -> int:
     try:
         done = scale.run_sweep(args.sweep, rc, widths=args.widths, params=args.params,
                                base_width=None if args.sweep == "law" else base_width, lrs=args.lrs,
-                               step_counts=args.step_counts, predict=args.predict, out=out,
+                               step_counts=args.step_counts, budgets=args.budgets, predict=args.predict, out=out,
                                log=lambda line: print(line, flush=True), **coord)
     except KeyboardInterrupt:
         print(f"jnnex: scale stopped; the finished runs are kept in {out}: the same command continues the sweep",

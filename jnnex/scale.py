@@ -301,10 +301,13 @@ def step_flops(model, tcfg: TrainConfig, batch: int) -> float:
 
 
 def law_sweep(build: Callable[[int], object], splits, tcfg: TrainConfig, widths: Sequence[int],
-              step_counts: Sequence[int], *, predict: dict | None = None, out=None, name: str = "sweep",
-              log: Callable[[str], None] | None = None, available: int | None = None) -> dict:
+              step_counts: Sequence[int] = (), *, budgets: Sequence[float] = (), predict: dict | None = None,
+              out=None, name: str = "sweep", log: Callable[[str], None] | None = None,
+              available: int | None = None) -> dict:
     """Train ``build(width)`` for ``steps`` steps of ``tcfg`` (its schedule fitted to each run's own end, warmup at
-    most a quarter of it) for every width and step count; fit the law to the final validation losses
+    most a quarter of it) for every width and step count — and, for each compute budget ``C`` of ``budgets``
+    (FLOPs), every width for the steps that spend it (``C / (6 N · tokens a step)``, rounded): an IsoFLOP profile,
+    whose parabola's minimum is that budget's compute-optimal size; fit the law to the final validation losses
     (:func:`fit_law`), read IsoFLOP minima (:func:`isoflop`), and — when ``predict`` (``{"width", "steps"}``) is
     given — predict that run's loss from the fit, then run it. Each run's row goes to ``out/name.jsonl`` as it ends
     (:func:`sweep`; ``held_out.jsonl`` for the predicted run), so a sweep started again runs only what is missing;
@@ -334,22 +337,29 @@ def law_sweep(build: Callable[[int], object], splits, tcfg: TrainConfig, widths:
         check_sweep_fits([(f"width {w}", build(w), tcfg) for w in dict.fromkeys(s["width"] for s in specs)], splits,
                          available=available)
 
+    def n_params(width):
+        return float(count_params(jax.eval_shape(lambda k: build(width).init(k)[0], jax.random.key(0))))
+
     specs = [{"width": w, "steps": s} for w in widths for s in step_counts]
+    for C in budgets:
+        for w in widths:
+            spec = {"width": w, "steps": max(1, round(C / (6 * n_params(w) * per_step)))}
+            if spec not in specs:
+                specs.append(spec)
     rows = [{**r["spec"], **{k: v for k, v in r.items() if k != "spec"}}
             for r in sweep(specs, train_one, out=out, name=name, log=log,
                            check=lambda pending: fits(pending + ([predict] if predict else [])))]
     fitted = fit_law([r["N"] for r in rows], [r["D"] for r in rows], [r["loss"] for r in rows])
     result = {"rows": rows, "fit": fitted, "compute_optimal": compute_optimal(fitted)}
-    budgets = sorted({round(math.log10(r["flops_6ND"]) * 4) / 4 for r in rows})
-    result["isoflop"] = iso = isoflop(rows, [10**b for b in budgets])
+    budgets = list(budgets) or [10**b for b in sorted({round(math.log10(r["flops_6ND"]) * 4) / 4 for r in rows})]
+    result["isoflop"] = iso = isoflop(rows, budgets)
     for r in iso:  # where the law puts each budget's optimum: inside the runs' sizes, or not
         r["N_opt_law"], r["D_opt_law"] = (float(v) for v in optimal_size(fitted, r["C"]))
     found = [r for r in iso if r["N_opt"]]
     result["isoflop_a"] = float(np.polyfit(np.log([r["C"] for r in found]), np.log([r["N_opt"] for r in found]), 1)[0]) \
         if len(found) >= 3 else None  # (fewer than 3 budgets with a minimum inside the runs: not determined)
     if predict:
-        N = float(count_params(jax.eval_shape(lambda k: build(predict["width"]).init(k)[0], jax.random.key(0))))
-        D = float(predict["steps"] * per_step)
+        N, D = n_params(predict["width"]), float(predict["steps"] * per_step)
         predicted = float(law(fitted, N, D))  # before the run
         if log is not None:
             log(f"predicted before the run: width {predict['width']}, {predict['steps']:,} steps (N {N:,.0f}, "
@@ -423,7 +433,7 @@ def _recorded(out, settings: dict) -> None:
             before = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{str(path)!r} is not JSON ({e}); it records the sweep made in that directory") from None
-        grid = ("widths", "lrs", "step_counts", "params", "predict")
+        grid = ("widths", "lrs", "step_counts", "budgets", "params", "predict")
         kept = {k: v for k, v in before.items() if k not in grid}
         differ = _differences(kept, {k: v for k, v in settings.items() if k not in grid})
         if differ:
@@ -437,7 +447,8 @@ def _recorded(out, settings: dict) -> None:
 
 def run_sweep(kind: str, rc, *, widths: Sequence[int], params: Sequence[str] = ("standard", "mup"),
               base_width: int | None = None, lrs: Sequence[float] | None = None,
-              step_counts: Sequence[int] | None = None, predict: dict | None = None, coord_steps: int = 5,
+              step_counts: Sequence[int] | None = None, budgets: Sequence[float] | None = None,
+              predict: dict | None = None, coord_steps: int = 5,
               coord_lr: float = 3e-3, out, log: Callable[[str], None] | None = None,
               available: int | None = None) -> dict:
     """The sweep ``kind`` (``coord``, ``transfer`` or ``law``) of the run ``rc``'s model at ``widths``, kept in the
@@ -454,14 +465,15 @@ def run_sweep(kind: str, rc, *, widths: Sequence[int], params: Sequence[str] = (
     base_width = min(widths) if base_width is None else base_width
     if kind == "transfer" and not lrs:
         raise ValueError("--lrs: a transfer sweep needs the learning rates (e.g. 2^-12:-4)")
-    if kind == "law" and (not step_counts or len(widths) * len(step_counts) < 5):
-        raise ValueError(f"--step-counts: a law needs at least 5 runs (widths × step counts), got "
-                         f"{len(widths)} × {len(step_counts or ())}")
+    if kind == "law" and len(widths) * (len(step_counts or ()) + len(budgets or ())) < 5:
+        raise ValueError(f"--step-counts: a law needs at least 5 runs (widths × (step counts + budgets)), got "
+                         f"{len(widths)} × ({len(step_counts or ())} + {len(budgets or ())})")
     if kind == "law":
         params, base_width = (rc.model_config.param,), rc.model_config.base_width
     settings = {"sweep": kind, "run": rc.to_json(), "base_width": base_width, "widths": widths,
                 "params": list(params), "lrs": None if lrs is None else [float(v) for v in lrs],
-                "step_counts": None if step_counts is None else list(step_counts), "predict": predict,
+                "step_counts": None if step_counts is None else list(step_counts),
+                "budgets": None if budgets is None else [float(v) for v in budgets], "predict": predict,
                 **({"coord_steps": coord_steps, "coord_lr": coord_lr} if kind == "coord" else {})}
     build = widths_of(rc, base_width)
     for param in params:  # every width's config is checked (a width the heads do not divide) before anything runs
@@ -493,13 +505,17 @@ def run_sweep(kind: str, rc, *, widths: Sequence[int], params: Sequence[str] = (
                              "steps of 2 from the narrowest's best": None if narrow is None
                              else round(math.log2(lr / narrow))})
         return {"result": result, "rows": rows, "table": table(rows, list(rows[0]))}
-    result = law_sweep(lambda w: build(params[0], w), splits, rc.train, widths, step_counts, predict=predict,
-                       out=out, name="law", log=log, available=available)
+    result = law_sweep(lambda w: build(params[0], w), splits, rc.train, widths, step_counts or (),
+                       budgets=budgets or (), predict=predict, out=out, name="law", log=log, available=available)
     fitted = result["fit"]
     rows = [{"E": fitted["E"], "A": fitted["A"], "alpha": fitted["alpha"], "B": fitted["B"], "beta": fitted["beta"],
              "fit error (log rms)": fitted["residual"], "N_opt ∝ C^a: a": result["compute_optimal"]["a"],
              "a from IsoFLOP minima": result["isoflop_a"]}]
     text_ = table(result["rows"], ["width", "steps", "N", "D", "loss"]) + "\n\n" + table(rows, list(rows[0]))
+    if budgets:
+        iso = [{"C": r["C"], "runs": r["runs"], "N_opt (IsoFLOP minimum)": r["N_opt"],
+                "N_opt (the law)": r["N_opt_law"]} for r in result["isoflop"]]
+        text_ += "\n\n" + table(iso, list(iso[0])) + f"\n\nN_opt ∝ C^a from the minima: a = {result['isoflop_a']}"
     if predict:
         held = result["held_out"]
         text_ += "\n\n" + table([held], ["width", "steps", "N", "D", "predicted", "measured", "error"])

@@ -84,14 +84,18 @@ def test_the_coordinate_check_from_the_command_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_the_law_is_predicted_before_its_run_is_made(tmp_path, capsys):
     out = tmp_path / "law"
-    assert main(["scale", "law", "--widths", "16,24,32", "--step-counts", "4,8", "--predict", "48:8", "--param", "mup",
+    assert main(["scale", "law", "--widths", "16,24,32", "--step-counts", "4,8", "--budgets", "1e9", "--predict", "48:8",
+                 "--param", "mup",
                  "--base-width", "16", "--out", str(out), "--n-layer", "1", "--batch-size", "8"]) == 0
     printed = capsys.readouterr().out
     assert printed.index("predicted before the run") < printed.index("{'width': 48, 'steps': 8}")
     result = json.loads((out / "law.json").read_text())["result"]
     held = result["held_out"]
-    assert len(result["rows"]) == 6 and len(rows(out / "law.jsonl")) == 6 and len(rows(out / "held_out.jsonl")) == 1
+    assert len(result["rows"]) == 9 and len(rows(out / "law.jsonl")) == 9 and len(rows(out / "held_out.jsonl")) == 1
+    iso = [r for r in result["rows"] if r["steps"] not in (4, 8)]  # the IsoFLOP profile: each width spends 1e9
+    assert sorted(r["width"] for r in iso) == [16, 24, 32] and result["isoflop"][0]["C"] == 1e9
+    assert all(abs(r["flops_6ND"] - 1e9) <= 6 * r["N"] * r["D"] / r["steps"] / 2 for r in iso)  # to half a step
     assert held["error"] == pytest.approx(held["predicted"] / held["measured"] - 1)
     assert held["N"] > max(r["N"] for r in result["rows"])
-    D = {(r["width"], r["steps"]): r["D"] for r in result["rows"]}
+    D = {(r["width"], r["steps"]): r["D"] for r in result["rows"] if r["steps"] in (4, 8)}
     assert all(D[w, 8] == 2 * D[w, 4] > 0 for w in (16, 24, 32))  # tokens: steps × the tokens a step predicts
