@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "batch, against width; --steps, default 5, at --lr, default 3e-3). transfer: "
                                     "validation loss for every width, rate and parametrisation (--params) at the "
                                     "model's training settings; each width's best rate. law: each width trained each "
-                                    "of --step-counts, fitted to L(N, D) = E + A/N^α + B/D^β; --predict W:S predicts "
+                                    "of --step-counts (and, with --budgets, for the steps that spend each budget: "
+                                    "IsoFLOP profiles), fitted to L(N, D) = E + A/N^α + B/D^β; --predict W:S predicts "
                                     "that run before making it. Every finished run is appended to --out/<sweep>.jsonl "
                                     "and a sweep started again runs only what is missing; every width's memory is "
                                     "estimated before the first run. Model and training flags as for `jnnex train`.")
@@ -297,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", required=True, help="directory for the runs' rows (<sweep>.jsonl), <sweep>.json, the "
                                                  "table and the picture")
     sc.add_argument("--widths", type=_ints, required=True, help="the widths (n_embd), e.g. 32,64,128,256")
-    sc.add_argument("--params", type=_params, default=("standard", "mup"),
+    sc.add_argument("--params", type=_params,
                     help="coord and transfer: the parametrisations, standard and/or mup (default both)")
     sc.add_argument("--lrs", type=_rates, help="transfer: the learning rates, e.g. 1e-3,2e-3 or 2^-12:-4 (the powers "
                                                "of two from 2⁻¹² to 2⁻⁴)")
@@ -535,7 +536,8 @@ def cmd_scale(args) -> int:
     wrong_sweep = [(flag, value) for flag, value, kinds in [("--lrs", args.lrs, ("transfer",)),
                                                           ("--step-counts", args.step_counts, ("law",)),
                                                           ("--predict", args.predict, ("law",)),
-                                                          ("--budgets", args.budgets, ("law",))]
+                                                          ("--budgets", args.budgets, ("law",)),
+                                                          ("--params", args.params, ("coord", "transfer"))]
                    if value is not None and args.sweep not in kinds]
     if wrong_sweep:
         raise ValueError(f"{wrong_sweep[0][0]} does not apply to a {args.sweep} sweep")
@@ -551,7 +553,7 @@ def cmd_scale(args) -> int:
         plot.require()  # before hours of runs
     out = Path(args.out)
     try:
-        done = scale.run_sweep(args.sweep, rc, widths=args.widths, params=args.params,
+        done = scale.run_sweep(args.sweep, rc, widths=args.widths, params=args.params or ("standard", "mup"),
                                base_width=None if args.sweep == "law" else base_width, lrs=args.lrs,
                                step_counts=args.step_counts, budgets=args.budgets, predict=args.predict, out=out,
                                log=lambda line: print(line, flush=True), **coord)

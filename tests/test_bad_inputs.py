@@ -203,6 +203,8 @@ CLI = [
      "--lrs does not apply to a coord sweep"),
     (["scale", "transfer", "--widths", "32,64", "--lrs", "1e-3", "--budgets", "1e11", "--out", "{d}/sc"], 2,
      "--budgets does not apply to a transfer sweep"),
+    (["scale", "law", "--widths", "32,64,96", "--step-counts", "10,20", "--params", "mup", "--out", "{d}/sc"], 2,
+     "--params does not apply to a law sweep"),
     (["scale", "law", "--widths", "32,64", "--step-counts", "10,20", "--out", "{d}/sc"], 2,
      "--step-counts: a law needs at least 5 runs (widths × (step counts + budgets)), got 2 × (2 + 0)"),
     (["scale", "law", "--widths", "32,64,96", "--step-counts", "10,20", "--steps", "5", "--out", "{d}/sc"], 2,
