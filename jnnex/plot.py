@@ -154,6 +154,26 @@ def law_axes(ax, rows: list[dict], fit: dict, held_out: dict | None = None) -> N
     ax.legend(fontsize=7)
 
 
+def isoflop_axes(ax, rows: list[dict], iso: list[dict]) -> None:
+    """IsoFLOP profiles (:func:`jnnex.scale.isoflop`): for each budget, the loss of the runs that spend it against
+    their size, the parabola in ``log N`` through them and its minimum."""
+    import math
+
+    import numpy as np
+
+    for i, r in enumerate(x for x in iso if x.get("parabola")):
+        near = sorted((x["N"], x["loss"]) for x in rows
+                      if abs(math.log(6 * x["N"] * x["D"] / r["C"])) <= math.log(2) / 2)
+        color = _pyplot().cm.plasma(i / max(1, len(iso)))
+        ax.semilogx(*zip(*near), "o", color=color, label=f"C = {r['C']:.0e}")
+        Ns = np.geomspace(*r["N_range"], 50)
+        ax.semilogx(Ns, np.polyval(r["parabola"], np.log(Ns)), "-", color=color, lw=0.8)
+        if r["N_opt"]:
+            ax.semilogx([r["N_opt"]], [r["loss_at_opt"]], "k*", ms=9)
+    ax.set(title="IsoFLOP profiles (★: each budget's optimum)", xlabel="parameters N", ylabel="val loss")
+    ax.legend(fontsize=7)
+
+
 def panels(path: str | Path, draws: list, figsize: tuple[float, float]) -> Path:
     """A PNG of one row of axes, ``draws[i](ax)`` drawing the i-th."""
     plt = _pyplot()
@@ -170,4 +190,7 @@ def plot_sweep(kind: str, result: dict, path: str | Path) -> Path:
                       (5.5 * len(result), 3.8))
     if kind == "transfer":
         return panels(path, [lambda ax: transfer_axes(ax, result)], (6.5, 4))
-    return panels(path, [lambda ax: law_axes(ax, result["rows"], result["fit"], result.get("held_out"))], (6.5, 4))
+    draws = [lambda ax: law_axes(ax, result["rows"], result["fit"], result.get("held_out"))]
+    if any(r.get("N_opt") for r in result.get("isoflop", ())):
+        draws.append(lambda ax: isoflop_axes(ax, result["rows"], result["isoflop"]))
+    return panels(path, draws, (6.5 * len(draws), 4))

@@ -233,7 +233,8 @@ def isoflop(rows: list[dict], budgets: Sequence[float]) -> list[dict]:
         if n_opt is not None and not min(r["N"] for r in near) <= n_opt <= max(r["N"] for r in near):
             n_opt = None
         out.append({"C": C, "N_opt": n_opt, "runs": len(near), "loss_at_opt": (c0 - c1**2 / (4 * c2)) if c2 > 0
-                    else None})
+                    else None, "parabola": [float(c2), float(c1), float(c0)],
+                    "N_range": [min(r["N"] for r in near), max(r["N"] for r in near)]})
     return out
 
 

@@ -37,3 +37,23 @@ def test_a_text_runs_tokens_are_labelled(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         with pytest.raises(ValueError, match=f"expected an embedding table \\(V={V}"):
             plot.plot_embeddings(np.zeros((V + 1, 2)), tok, tmp_path / "bad.png")
+
+
+def test_the_sweeps_pictures_draw_from_their_results(tmp_path):
+    """``jnnex scale``'s pictures from kept results: the law with its IsoFLOP profiles (two panels), the coordinate
+    check and the learning-rate sweep (the μP bench's)."""
+    pytest.importorskip("matplotlib")
+    from pathlib import Path
+
+    from jnnex import plot
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    law = json.loads((results / "isoflop" / "law.json").read_text())["result"]
+    assert sum(r["N_opt"] is not None for r in law["isoflop"]) == 4  # each budget's minimum inside the runs' sizes
+    two = plot.plot_sweep("law", law, tmp_path / "law.png")
+    mup = json.loads((results / "mup.json").read_text())
+    one = plot.plot_sweep("law", {**law, "isoflop": []}, tmp_path / "law1.png")
+    import matplotlib.image
+    assert matplotlib.image.imread(two).shape[1] > 1.8 * matplotlib.image.imread(one).shape[1]  # the profiles' panel
+    for kind, result in [("coord", mup["coord_runs"]), ("transfer", mup["transfer"])]:
+        assert plot.plot_sweep(kind, result, tmp_path / f"{kind}.png").stat().st_size > 1000
