@@ -436,7 +436,8 @@ def _recorded(out, settings: dict) -> None:
             raise ValueError(f"{str(path)!r} is not JSON ({e}); it records the sweep made in that directory") from None
         grid = ("widths", "lrs", "step_counts", "budgets", "params", "predict")
         kept = {k: v for k, v in before.items() if k not in grid}
-        differ = _differences(kept, {k: v for k, v in settings.items() if k not in grid})
+        differ = [d for d in _differences(kept, {k: v for k, v in settings.items() if k not in grid})
+                  if d not in ("run.data", "run.data_path")]  # (where the data is may differ: its sha256 may not)
         if differ:
             said = "; ".join(f"{where} {json.dumps(_at(before, where))[:80]} there, "
                              f"{json.dumps(_at(settings, where))[:80]} here" for where in differ[:4])
