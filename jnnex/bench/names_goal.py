@@ -49,11 +49,10 @@ def names_txt() -> Path:
 def config(data: str, width: int, lr: float, steps: int, quick: bool) -> runs.RunConfig:
     """The Llama ``improved`` preset under μP (base width 32) with AdamW at ``width`` and ``lr``, its schedule
     scaled to ``steps`` (the preset's own at 30,000); ten evaluations a run."""
-    extra = {"n_layer": 1, "eval_iters": None} if quick else {}
     return runs.RunConfig.new("llama", data, preset="improved", gradients="manual", optimizer="adamw",
                               param="mup", base_width=BASE_WIDTH, n_embd=width, lr=lr, steps=steps,
                               lr_boundaries=(steps * 6 // 10, steps * 9 // 10), eval_every=max(1, steps // 10),
-                              chunk=min(500, max(1, steps // 10)), **{k: v for k, v in extra.items() if v is not None})
+                              chunk=min(500, max(1, steps // 10)), **({"n_layer": 1} if quick else {}))
 
 
 def trained(rc: runs.RunConfig, where: Path) -> dict:
@@ -111,21 +110,25 @@ def run(quick: bool = False, out=RESULTS) -> dict:
 
 
 def plot(result: dict, path) -> Path:
-    import matplotlib
+    from jnnex.plot import panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    full = max(r["steps"] for r in result["rows"])
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
-    sweep_rows = [r for r in result["rows"] if r["width"] == BASE_WIDTH]
-    a.semilogx([r["lr"] for r in sweep_rows], [r["dev"] for r in sweep_rows], "o-", base=2)
-    a.set(title=f"width {BASE_WIDTH} (μP's base): dev against learning rate", xlabel="learning rate", ylabel="dev")
-    for r, curve in zip([r for r in result["rows"] if r["width"] != BASE_WIDTH], result["curves"]):
-        b.plot(*zip(*curve), "o-", label=f"width {r['width']} ({r['params']:,} parameters)")
-    b.axhline(1.90, color="k", ls=":", label="the goal, 1.90")
-    b.axhline(1.9255, color="gray", ls="--", label="Llama improved (Muon), 1.9255")
-    b.set(title=f"μP, lr {result['best_lr']:.4g} from the sweep: dev", xlabel="step", ylabel="dev")
-    b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    def sweep_panel(ax):
+        short = [r for r in result["rows"] if r["steps"] < full]
+        for width in dict.fromkeys(r["width"] for r in short):
+            pts = [(r["lr"], r["dev"]) for r in short if r["width"] == width]
+            ax.semilogx(*zip(*pts), "o-", base=2, label=f"width {width}")
+        ax.set(title="dev against learning rate (the sweep's length)", xlabel="learning rate", ylabel="dev")
+        ax.legend(fontsize=7)
+
+    def curve_panel(ax):
+        wide = result["rows"][-len(result["curves"]):]  # (the full-length runs come last, in the curves' order)
+        for r, curve in zip(wide, result["curves"]):
+            ax.plot(*zip(*curve), "o-", label=f"width {r['width']} ({r['params']:,} parameters)")
+        ax.axhline(1.90, color="k", ls=":", label="the goal, 1.90")
+        ax.axhline(1.9255, color="gray", ls="--", label="Llama improved (Muon), 1.9255")
+        ax.set(title=f"μP at the sweep's best rate, {result['best_lr']:.4g}: dev", xlabel="step", ylabel="dev")
+        ax.legend(fontsize=7)
+
+    return panels(path, [sweep_panel, curve_panel], (11, 3.8))
