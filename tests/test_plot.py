@@ -41,7 +41,7 @@ def test_a_text_runs_tokens_are_labelled(tmp_path):
 
 def test_the_sweeps_pictures_draw_from_their_results(tmp_path):
     """``jnnex scale``'s pictures from kept results: the law with its IsoFLOP profiles (two panels), the coordinate
-    check and the learning-rate sweep (the μP bench's)."""
+    check and the learning-rate sweep (the μP bench's), and the names goal's."""
     pytest.importorskip("matplotlib")
     from pathlib import Path
 
@@ -57,3 +57,6 @@ def test_the_sweeps_pictures_draw_from_their_results(tmp_path):
     assert matplotlib.image.imread(two).shape[1] > 1.8 * matplotlib.image.imread(one).shape[1]  # the profiles' panel
     for kind, result in [("coord", mup["coord_runs"]), ("transfer", mup["transfer"])]:
         assert plot.plot_sweep(kind, result, tmp_path / f"{kind}.png").stat().st_size > 1000
+    from jnnex.bench import names_goal
+    assert names_goal.plot(json.loads((results / "names_goal.json").read_text()), tmp_path / "ng.png").stat().st_size \
+        > 1000
