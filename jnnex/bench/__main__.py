@@ -12,7 +12,8 @@ import time
 
 from jnnex.bench.harness import RESULTS, write
 
-SUITES = ["moons", "backward", "training", "wavenet", "gpt", "llama", "recompute", "pipeline", "moe", "mup", "scaling", "names_goal",
+SUITES = ["moons", "backward", "training", "wavenet", "gpt", "llama", "recompute", "pipeline", "moe", "mup", "scaling",
+          "names_goal",
           "devices", "text", "sharding", "gpt2"]
 
 
