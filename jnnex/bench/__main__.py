@@ -13,8 +13,7 @@ import time
 from jnnex.bench.harness import RESULTS, write
 
 SUITES = ["moons", "backward", "training", "wavenet", "gpt", "llama", "recompute", "pipeline", "moe", "mup", "scaling",
-          "names_goal",
-          "devices", "text", "sharding", "gpt2"]
+          "names_goal", "devices", "text", "sharding", "gpt2"]
 
 
 def main(argv=None) -> int:
