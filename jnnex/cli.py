@@ -322,10 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands
 
 
+def _check_data(data: str | None) -> None:
+    """``--data`` that is neither an embedded corpus nor an existing file: an error naming it (and where a file of
+    that name is), before anything starts."""
+    if data is not None and data not in CORPORA and not Path(data).exists():
+        raise ValueError(f"--data: {missing_file(data, 'a UTF-8 text file, or one of ' + ', '.join(CORPORA))}")
+
+
 def cmd_train(args) -> int:
-    # Refused before joining: a process that stops after joining leaves the others waiting for it.
-    if args.data is not None and args.data not in CORPORA and not Path(args.data).exists():
-        raise ValueError(f"--data: {missing_file(args.data, 'a UTF-8 text file, or one of ' + ', '.join(CORPORA))}")
+    _check_data(args.data)  # refused before joining: a process that stops after joining leaves the others waiting
     # Before anything starts JAX's backend: join the other processes, if there are any.
     parallel.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
                         timeout=args.coordinator_timeout)
@@ -520,8 +525,7 @@ def cmd_lr_find(args) -> int:
 def cmd_scale(args) -> int:
     from jnnex import scale
 
-    if args.data is not None and args.data not in CORPORA and not Path(args.data).exists():
-        raise ValueError(f"--data: {missing_file(args.data, 'a UTF-8 text file, or one of ' + ', '.join(CORPORA))}")
+    _check_data(args.data)
     settings = given(args, [*run.model_fields(), *run.TRAIN_FIELDS])
     refused = {"n_embd": "--n-embd: the widths are --widths"}
     if args.sweep in ("coord", "transfer"):

@@ -478,6 +478,15 @@ def continue_text(model: LanguageModel, params, state, prompt, n_new: int, key, 
     return (np.asarray(toks), np.asarray(logits)) if with_logits else np.asarray(toks)
 
 
+def grouped_config(cfg, groups: int):
+    """The model config each of ``groups`` row groups runs under a scheme that trains :func:`grouped_objective`: a
+    mixture of experts' balancing-loss weight divided by ``groups`` (the groups' losses averaged when their
+    gradients are summed); a config without experts unchanged."""
+    if getattr(cfg, "n_expert", None) is None:
+        return cfg
+    return dataclasses.replace(cfg, aux_weight=cfg.aux_weight / groups)
+
+
 def grouped_objective(model: LanguageModel, params, state, x, y, groups: int):
     """The objective a scheme that runs the model on ``groups`` row groups of the batch trains — a pipeline's data
     shards × micro-batches, tensor parallelism's data shards — on one device: the batch's mean cross-entropy, with

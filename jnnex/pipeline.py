@@ -57,7 +57,7 @@ from jnnex.layers import (
     combine_static, compute_params, cross_entropy_backward, cross_entropy_forward, keep, param_grads, partition_static,
     recomputed,
 )
-from jnnex.lm import LanguageModel, merge_grads
+from jnnex.lm import LanguageModel, grouped_config, merge_grads
 from jnnex.parallel import DATA
 
 STAGE = "stage"  # the mesh axis the blocks are cut along
@@ -332,8 +332,7 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
     if n_model > 1:
         tensor_parallel.check_split(model, n_model)
     cfg = dataclasses.replace(cfg, model_axis=MODEL if n_model > 1 else None)
-    if getattr(cfg, "n_expert", None) is not None:  # each (data shard, micro-batch)'s balancing loss, averaged
-        cfg = dataclasses.replace(cfg, aux_weight=cfg.aux_weight / (M * mesh.shape[DATA]))
+    cfg = grouped_config(cfg, M * mesh.shape[DATA])  # each (data shard, micro-batch)'s balancing loss, averaged
     pipe, Lp = model.pipe, cfg.n_layer // Pn
     branches, code, mb_of, act_from, grad_from = _branch_codes(sched)
     K_cache, K_act, K_grad = sched.slots

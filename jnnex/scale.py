@@ -338,6 +338,7 @@ def law_sweep(build: Callable[[int], object], splits, tcfg: TrainConfig, widths:
         check_sweep_fits([(f"width {w}", build(w), tcfg) for w in dict.fromkeys(s["width"] for s in specs)], splits,
                          available=available)
 
+    @functools.cache
     def n_params(width):
         return float(count_params(jax.eval_shape(lambda k: build(width).init(k)[0], jax.random.key(0))))
 
@@ -395,11 +396,8 @@ def _first_batch(splits, rows: int, block: int):
     """The train split's first ``rows`` examples (a text's first windows), as arrays."""
     from jnnex import text
 
-    if isinstance(splits, text.TextSplits):
-        tokens = np.asarray(splits.train.tokens[: rows * block + 1], np.int32)
-        rows = min(rows, (len(tokens) - 1) // block)
-        x = tokens[: rows * block].reshape(rows, block)
-        y = tokens[1: rows * block + 1].reshape(rows, block)
+    if isinstance(splits, text.TextSplits):  # the first whole windows, end to end: every target scored
+        x, y = text.exact_windows(np.asarray(splits.train.tokens[: rows * block + 1]), block, stride=block)
         return jnp.asarray(x), jnp.asarray(y)
     X, Y = splits.train
     return jnp.asarray(X[:rows]), jnp.asarray(Y[:rows])

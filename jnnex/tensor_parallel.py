@@ -40,7 +40,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from jnnex.collectives import MODEL, Column, Row, check_divides
 from jnnex.diagnostics import step_diagnostics
 from jnnex.layers import Linear, cross_entropy_backward, cross_entropy_forward
-from jnnex.lm import LanguageModel
+from jnnex.lm import LanguageModel, grouped_config
 from jnnex.parallel import DATA
 
 
@@ -187,10 +187,8 @@ def split_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, params_l
     experts routes and counts its balancing loss on each data shard's rows, the shards' losses averaged: on one
     device, :func:`jnnex.lm.grouped_objective` with a group a data shard."""
     check_split(model, mesh.shape[MODEL])
-    local_model = on_mesh(model)
-    if getattr(model.cfg, "n_expert", None) is not None:  # each data shard's balancing loss, averaged over them
-        local_model = dataclasses.replace(local_model, cfg=dataclasses.replace(
-            local_model.cfg, aux_weight=model.cfg.aux_weight / mesh.shape[DATA]))
+    local_model = on_mesh(model)  # (and each data shard's balancing loss, averaged over them)
+    local_model = dataclasses.replace(local_model, cfg=grouped_config(local_model.cfg, mesh.shape[DATA]))
     param_specs = specs(model, params_like)
 
     def local(params, state, x, y, key):

@@ -29,7 +29,7 @@ from jnnex import rundir
 from jnnex import run as runs
 from jnnex.bench.harness import RESULTS, progress, table
 from jnnex.data import SHARED_DATA
-from jnnex.scale import check_sweep_fits, sweep
+from jnnex.scale import check_sweep_fits, sweep, widths_of
 
 BASE_WIDTH = 32
 LRS = tuple(2.0**k for k in range(-11, -4))
@@ -83,10 +83,11 @@ def run(quick: bool = False, out=RESULTS) -> dict:
 
     check_width = 48 if quick else CHECK_WIDTH
 
-    def fits(specs):  # every width's memory, before the first run
-        made = {s["width"]: runs.prepare(config(data, s["width"], s["lr"], s["steps"], quick)) for s in specs}
-        check_sweep_fits([(f"width {w}", m.model, config(data, w, lrs[0], steps, quick).train)
-                          for w, m in made.items()], next(iter(made.values())).splits)
+    def fits(specs):  # every width's memory, before the first run (the data read once, the models from shapes)
+        rc = config(data, BASE_WIDTH, lrs[0], steps, quick)
+        build = widths_of(rc, BASE_WIDTH)
+        check_sweep_fits([(f"width {w}", build("mup", w), rc.train) for w in dict.fromkeys(s["width"] for s in specs)],
+                         runs.prepare(rc).splits)
 
     narrow = sweep([{"width": BASE_WIDTH, "lr": lr, "steps": sweep_steps} for lr in lrs], one, out=home, log=progress,
                    check=lambda pending: fits(pending + [{"width": w, "lr": lrs[0], "steps": steps}
