@@ -8,7 +8,8 @@ For ``devices`` devices, one of four schemes (``model_parallel`` ``M`` for the l
   (:func:`jnnex.parallel.fsdp_spec`), and during the step the whole parameters and gradients *gathered* — at once,
   as jnnex's global-view step compiles; a layer-by-layer gather (PyTorch FSDP's) would hold one block instead;
 * ``tp``      — Megatron's tensor parallelism over ``M`` devices (``--model-parallel M``; :mod:`jnnex.tensor_parallel`):
-  every block's matrices ``1/M``, the embeddings, norms and head whole; activations inside a block split too;
+  every block's matrices ``1/M``, the embeddings, norms and head whole (and a mixture of experts' experts and
+  router: replicated on the model axis); activations inside a block split too;
 * ``fsdp+tp`` — on paper only (not a training mode yet): the tensor-parallel slices, split ``1/(N/M)`` again by FSDP;
 * ``pp``      — pipeline parallelism over ``P`` stages (``--stages P --micro-batches K``; :mod:`jnnex.pipeline`,
   1F1B): each device ``1/P`` of the blocks and the embedding and head whole; stage 0's ``min(P, K)`` micro-batches'
@@ -19,7 +20,7 @@ For ``devices`` devices, one of four schemes (``model_parallel`` ``M`` for the l
 **Communication**: the bytes of the results of one step's collectives on a device (what XLA's program produces,
 :func:`hlo_collectives`), by formula: a data-parallel gradient all-reduce (the gradients' bytes); FSDP's all-gather
 of the parameters and reduce-scatter of the gradients; Megatron's four all-reduces of ``B·T·C`` per block along
-the model axis (Shoeybi et al. 2019, §3); the pipeline's activation and gradient per micro-batch across each stage
+the model axis (Shoeybi et al. 2019, §3; two in a block of experts, whose MLP is not split); the pipeline's activation and gradient per micro-batch across each stage
 boundary, ``2 · K · (B/K)·T·C`` (jnnex's program sends on every tick of the schedule, ``2 (K + P − 1)`` each way, idle
 ticks sending zeros: ``comm_jnnex``); expert parallelism's four all-to-alls of ``E · cap · C`` per block (two each
 way, forward and backward; ``cap``: a device's tokens, dropless). A ring moves about ``2 (n − 1)/n`` of an
@@ -202,20 +203,26 @@ def adamw_if_none(optimizer):
 
 
 def check_scheme(model, scheme: str) -> None:
-    """A clear error for a scheme the model cannot train under: ``ep`` needs experts; ``tp``, ``fsdp+tp`` and ``pp``
-    a model without them."""
-    experts = getattr(model.cfg, "n_expert", None) is not None
-    if scheme == "ep" and not experts:
+    """A clear error for a scheme the model cannot train under: ``ep`` needs experts."""
+    if scheme == "ep" and not _has_experts(model):
         raise ValueError(f"plan: ep splits a mixture of experts' experts; model {model.name!r} has none (the llama "
                          f"with n_expert has: --preset mixtral-8x7b)")
-    if scheme in ("tp", "fsdp+tp", "pp") and experts:
-        raise ValueError(f"plan: {scheme} does not take a mixture of experts yet (plan dp, fsdp or ep)")
+
+
+def _has_experts(model) -> bool:
+    return getattr(model.cfg, "n_expert", None) is not None
 
 
 def schemes_for(model) -> tuple[str, ...]:
-    """The schemes a plan of ``model`` covers by default: those it can train under."""
-    experts = getattr(model.cfg, "n_expert", None) is not None
-    return ("dp", "fsdp", "ep") if experts else ("dp", "fsdp", "tp", "fsdp+tp", "pp")
+    """The schemes a plan of ``model`` covers by default: those it can train under (and ``fsdp+tp``, on paper)."""
+    return SCHEMES if _has_experts(model) else tuple(s for s in SCHEMES if s != "ep")
+
+
+def megatron_all_reduces(model) -> int:
+    """The all-reduces of ``(B, T, C)`` a block that Megatron's split makes along the model axis in one step: the
+    attention's ``g`` (forward) and ``f`` (backward), and the MLP's — but a mixture of experts is replicated on the
+    model axis (:mod:`jnnex.tensor_parallel`), so its block makes the attention's two alone."""
+    return 2 if _has_experts(model) else 4
 
 
 def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None, batch: int = 1,
@@ -247,7 +254,7 @@ def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None,
     held = resident(local)
     gathered = 2 * (whole - held)  # FSDP: the rest of the parameters and of the gradients, during the step
     cfg = model.cfg
-    megatron = 4 * cfg.n_layer * batch * T * cfg.n_embd * 4 if m > 1 else 0  # 4 all-reduces of (B, T, C) a block
+    megatron = megatron_all_reduces(model) * cfg.n_layer * batch * T * cfg.n_embd * 4 if m > 1 else 0  # of (B, T, C)
     if scheme.startswith("fsdp"):
         comm = megatron + (whole + held if d > 1 else 0)  # all-gather the parameters, reduce-scatter the gradients
     else:

@@ -183,5 +183,38 @@ def test_expert_parallelism_holds_a_share_of_the_experts_and_its_all_to_alls_are
     assert 0 <= reduced - (p.comm - a2a) <= 256  # (the loss's, the counts' and the balancing loss's sums)
     with pytest.raises(ValueError, match="ep splits a mixture of experts' experts; model 'gpt' has none"):
         PL.plan(PL.build_model("gpt", "shakespeare-cpu", vocab_size=64), "ep", 4)
-    with pytest.raises(ValueError, match="pp does not take a mixture of experts yet"):
-        PL.plan(model, "pp", 4, stages=2)
+
+
+def test_tensor_parallelism_keeps_the_experts_whole_and_all_reduces_the_attention_alone():
+    """``tp`` on data 2 × model 2, the Llama with 4 experts top-2: a device holds the attention's slices and every
+    expert whole (to the byte); along "model" the program XLA compiles all-reduces the attention's two ``B_d·T·C`` a
+    block — the experts, replicated there, add none — and along "data" the device's gradients (its few scalars
+    aside)."""
+    from jnnex import tensor_parallel as TP
+    from jnnex.memory import nbytes
+    model = PL.build_model("llama", "shakespeare-cpu", vocab_size=64, block_size=16, n_expert=4, expert_top_k=2)
+    p = PL.plan(model, "tp", 4, model_parallel=2, batch=2)
+    params = jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))
+    experts = sum(nbytes(b.experts) for b in params.blocks)
+    attention = sum(nbytes((b.qkv, b.attproj)) for b in params.blocks)
+    assert p.params == nbytes(params) - attention // 2 and experts > attention  # (the experts: none of the half)
+    mesh = TP.mesh_2d(2, 2)
+    x = jax.ShapeDtypeStruct((4, 16), jax.numpy.int32)
+    text = jax.jit(TP.split_value_and_grad(model, mesh, params)).lower(params, (), x, x, jax.random.key(0)) \
+        .compile().as_text()
+    found = PL.hlo_collectives(text, mesh)
+    along = {axis: sum(f["bytes"] for f in found if f["op"] == "all-reduce" and f["axis"] == axis)
+             for axis in ("model", "data")}
+    megatron = 2 * model.cfg.n_layer * 2 * 16 * model.cfg.n_embd * 4
+    assert PL.megatron_all_reduces(model) == 2 and 0 <= along["model"] - megatron <= 64
+    assert 0 <= along["data"] - (p.comm - megatron) <= 256 and p.comm - megatron == p.params
+    assert {f["op"] for f in found} <= {"all-reduce"}  # (no all-to-all: the experts do not move)
+
+
+def test_a_mixture_of_experts_is_planned_under_every_scheme(capsys):
+    """Every scheme the Llama with experts trains under (and fsdp+tp on paper) is in its plan by default."""
+    model = PL.build_model("llama", "shakespeare-cpu", vocab_size=64, block_size=16, n_expert=4, expert_top_k=2)
+    assert PL.schemes_for(model) == PL.SCHEMES
+    assert "ep" not in PL.schemes_for(PL.build_model("gpt", "shakespeare-cpu", vocab_size=64))
+    rows = PL.report(model, 4, batch=2)["rows"]
+    assert [r["scheme"] for r in rows] == list(PL.SCHEMES) and all(r["total_GB"] > 0 for r in rows)

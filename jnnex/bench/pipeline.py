@@ -2,10 +2,12 @@
 against 1F1B, at P = 2, 4 stages and M = 4, 8 micro-batches.
 
 **The bubble.** ``tick_bubble`` is the schedule's idle fraction counted in ticks (each action one tick); ``bubble``
-is the schedule *replayed with measured durations* (:meth:`jnnex.pipeline.Schedule.replay`): one stage's forward and
-backward of a micro-batch are timed here (its ``n_layer / P`` blocks; the last stage also the head and the loss),
-and each stage runs its actions in order, each as soon as its stage is free and its input or gradient has arrived.
-``formula`` is ``(P − 1) / (M + P − 1)``. A CPU cannot show the bubble in wall-clock time: its forced devices share
+is the schedule *replayed with measured durations* (:meth:`jnnex.pipeline.Schedule.replay`): each stage's forward and
+backward of a micro-batch are timed here, each compiled as the one program its tick runs (its ``n_layer / P``
+blocks; the first stage also the embedding and its backward, the last the head, the loss and their backward, in its
+forward tick), and each stage runs its actions in order, each as soon as its stage is free and its input or gradient
+has arrived. ``formula`` is ``(P − 1) / (M + P − 1)``, which counts equal stages; ``slowest_vs_mean`` is the
+busiest stage's seconds per micro-batch over the stages' mean, the imbalance it leaves out. A CPU cannot show the bubble in wall-clock time: its forced devices share
 the same two cores, so a stage's idle time is another stage's compute time.
 
 **The memory.** ``stored_MiB``: the caches a stage keeps at once (the schedule's slots × one micro-batch's caches of
@@ -38,49 +40,68 @@ def _model(n_layer: int, T: int, C: int):
 
 
 def stage_times(model, stages: int, rows: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds for one micro-batch of ``rows`` rows: each stage's forward and backward (its blocks; the last stage's
-    forward also the head, the loss and their backward, as :func:`jnnex.pipeline.pipeline_value_and_grad` runs
-    them)."""
+    """Seconds for one micro-batch of ``rows`` rows, per stage: its forward and its backward, each the work that
+    :func:`jnnex.pipeline.pipeline_value_and_grad` does in that stage's tick, compiled as one program — every stage's
+    blocks; the first stage's forward also the embedding, its backward the embedding's backward; the last stage's
+    forward also the head, the loss and their backward. The forwards are timed as they are; a backward as the forward
+    and backward together, minus the forward (a cache holds Python values: it cannot cross a jit boundary)."""
     cfg, pipe = model.cfg, model.pipe
     params, _ = model.init(jax.random.key(0))
-    Lp = cfg.n_layer // stages
-    blocks = params.blocks[:Lp]
-    h = jax.random.normal(jax.random.key(1), (rows, cfg.block_size, cfg.n_embd), jnp.float32)
+    blocks = params.blocks[:cfg.n_layer // stages]
+    x = jax.random.randint(jax.random.key(1), (rows, cfg.block_size), 0, cfg.vocab_size)
     y = jax.random.randint(jax.random.key(2), (rows, cfg.block_size), 0, cfg.vocab_size)
+    h = jax.random.normal(jax.random.key(3), (rows, cfg.block_size, cfg.n_embd), jnp.float32)
 
-    def fwd(blocks, h):
+    def blocks_forward(blocks, h):
         caches = []
         for i, blk in enumerate(blocks):
             h, c = pipe.block_forward(cfg, blk, h, i, train=True)
             caches.append(c)
-        return h, tuple(caches)
+        return h, caches
 
-    def bwd(blocks, caches, dh):
+    def blocks_backward(blocks, caches, dh):
         grads = []
-        for blk, c in zip(reversed(blocks), reversed(caches)):
+        for c in reversed(caches):
             dh, g = pipe.block_backward(dh, c)
             grads.append(g)
         return dh, grads
 
-    def top(params, h):
+    def top(params, h):  # the head, the loss and their backward: in the last stage's forward tick
         logits, c = pipe.top_forward(cfg, params, h)
-        loss, c_ce = cross_entropy_forward(logits, y)
+        _, c_ce = cross_entropy_forward(logits, y)
         return pipe.top_backward(cfg, cross_entropy_backward(jnp.float32(1), c_ce)[0], c)
 
-    def both(blocks, h):  # (a cache holds Python values: it cannot cross a jit boundary, so the backward is timed
-        out, caches = fwd(blocks, h)  # as both minus the forward)
-        return bwd(blocks, caches, out)
+    def middle_f(params, blocks):
+        return blocks_forward(blocks, h)[0]
 
-    f, fb, t = jax.jit(fwd), jax.jit(both), jax.jit(top)
-    calls = {"forward": lambda: jax.block_until_ready(f(blocks, h)),
-             "both": lambda: jax.block_until_ready(fb(blocks, h)),
-             "top": lambda: jax.block_until_ready(t(params, h))}
-    for call in calls.values():
-        call()
-    timed = {k: v["median"] for k, v in interleaved(calls, repeats).items()}
-    forward = [timed["forward"]] * stages
-    forward[-1] += timed["top"]
-    return forward, [max(timed["both"] - timed["forward"], 0.0)] * stages
+    def middle_fb(params, blocks):
+        out, caches = blocks_forward(blocks, h)
+        return blocks_backward(blocks, caches, out)
+
+    def first_f(params, blocks):
+        return blocks_forward(blocks, pipe.embed_forward(cfg, params, x, True)[0])[0]
+
+    def first_fb(params, blocks):
+        h0, c_emb = pipe.embed_forward(cfg, params, x, True)
+        out, caches = blocks_forward(blocks, h0)
+        dh, grads = blocks_backward(blocks, caches, out)
+        return pipe.embed_backward(cfg, dh, c_emb), grads
+
+    def last_f(params, blocks):
+        return top(params, blocks_forward(blocks, h)[0])
+
+    programs = {"middle_f": middle_f, "middle_fb": middle_fb, "first_f": first_f, "first_fb": first_fb,
+                "last_f": last_f}
+    calls = {}
+    for name, fn in programs.items():
+        jitted = jax.jit(fn)
+        calls[name] = lambda jitted=jitted: jax.block_until_ready(jitted(params, blocks))
+        calls[name]()
+    t = {k: v["median"] for k, v in interleaved(calls, repeats).items()}
+    middle_b = max(t["middle_fb"] - t["middle_f"], 0.0)
+    forward = [t["first_f"]] + [t["middle_f"]] * (stages - 2) + [t["last_f"]]
+    backward = [max(t["first_fb"] - t["first_f"], 0.0)] + [middle_b] * (stages - 1)
+    return forward, backward
 
 
 def memory(model, stages: int, micro: int, rows: int) -> dict:
@@ -112,19 +133,21 @@ def run(quick: bool = False) -> dict:
         return json.loads(out.splitlines()[-1])
     size = dict(n_layer=4, T=16, C=32, rows=2) if quick else dict(n_layer=8, T=128, C=128, rows=4)
     grid = [(2, 4)] if quick else [(2, 4), (2, 8), (4, 4), (4, 8)]
-    repeats = 3 if quick else 7
+    repeats = 3 if quick else 41
     model = _model(size["n_layer"], size["T"], size["C"])
     rows = []
     for P, M in grid:
         forward, backward = stage_times(model, P, size["rows"], repeats)
+        work = [f + b for f, b in zip(forward, backward)]  # a stage's seconds per micro-batch
         mem = memory(model, P, M, size["rows"])
         for name in ("gpipe", "1f1b"):
             sched = PP.schedule(name, P, M)
             makespan, busy = sched.replay(forward, backward)
             rows.append({"P": P, "M": M, "schedule": name, "formula": (P - 1) / (M + P - 1),
                          "tick_bubble": sched.bubble, "bubble": 1 - sum(busy) / (P * makespan),
-                         "F_ms": 1e3 * forward[0], "B_ms": 1e3 * backward[0],
-                         "head_ms": 1e3 * (forward[-1] - forward[0]), "slots": mem[name]["slots"],
+                         "F_first_ms": 1e3 * forward[0], "F_last_ms": 1e3 * forward[-1],
+                         "B_first_ms": 1e3 * backward[0], "B_last_ms": 1e3 * backward[-1],
+                         "slowest_vs_mean": max(work) / (sum(work) / P), "slots": mem[name]["slots"],
                          "stored_MiB": mem[name]["stored"] / 2**20, "temp_MiB": mem[name]["temp"] / 2**20})
         gp = rows[-2]
         for r in rows[-2:]:
@@ -132,8 +155,8 @@ def run(quick: bool = False) -> dict:
             r["stored_vs_gpipe"] = r["stored_MiB"] / gp["stored_MiB"]
             r["temp_vs_gpipe"] = r["temp_MiB"] / gp["temp_MiB"]
             r["P/M"] = P / M
-    cols = ["P", "M", "schedule", "formula", "tick_bubble", "bubble", "bubble_vs_formula", "F_ms", "B_ms", "head_ms",
-            "slots",
+    cols = ["P", "M", "schedule", "formula", "tick_bubble", "bubble", "bubble_vs_formula", "F_first_ms", "F_last_ms",
+            "B_first_ms", "B_last_ms", "slowest_vs_mean", "slots",
             "stored_MiB", "stored_vs_gpipe", "temp_MiB", "temp_vs_gpipe", "P/M"]
     text = (f"Pipeline parallelism, GPT {size['n_layer']} blocks, n_embd {size['C']}, {size['T']} tokens, "
             f"{size['rows']} rows a micro-batch, float32, on {DEVICES} forced CPU devices: the bubble (ticks; "
