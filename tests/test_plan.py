@@ -211,10 +211,15 @@ def test_tensor_parallelism_keeps_the_experts_whole_and_all_reduces_the_attentio
     assert {f["op"] for f in found} <= {"all-reduce"}  # (no all-to-all: the experts do not move)
 
 
-def test_a_mixture_of_experts_is_planned_under_every_scheme(capsys):
-    """Every scheme the Llama with experts trains under (and fsdp+tp on paper) is in its plan by default."""
+def test_a_mixture_of_experts_is_planned_under_every_scheme():
+    """Every scheme the Llama with experts trains under (and fsdp+tp on paper) is in its plan by default, each
+    holding the experts it keeps: tp and fsdp+tp's model axis none of them, pp a stage's blocks' share."""
+    from jnnex.memory import nbytes
     model = PL.build_model("llama", "shakespeare-cpu", vocab_size=64, block_size=16, n_expert=4, expert_top_k=2)
     assert PL.schemes_for(model) == PL.SCHEMES
     assert "ep" not in PL.schemes_for(PL.build_model("gpt", "shakespeare-cpu", vocab_size=64))
-    rows = PL.report(model, 4, batch=2)["rows"]
-    assert [r["scheme"] for r in rows] == list(PL.SCHEMES) and all(r["total_GB"] > 0 for r in rows)
+    params = jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))
+    plans = {s: PL.plan(model, s, 4, batch=2, model_parallel=2 if "tp" in s else None, stages=2 if s == "pp" else
+                        None) for s in PL.schemes_for(model)}
+    assert plans["pp"].params == nbytes(params._replace(blocks=params.blocks[:model.cfg.n_layer // 2]))
+    assert plans["fsdp+tp"].params * 2 == plans["tp"].params < plans["dp"].params  # (every tensor here halves)

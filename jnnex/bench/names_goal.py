@@ -48,11 +48,12 @@ def names_txt() -> Path:
 
 def config(data: str, width: int, lr: float, steps: int, quick: bool) -> runs.RunConfig:
     """The Llama ``improved`` preset under μP (base width 32) with AdamW at ``width`` and ``lr``, its schedule
-    scaled to ``steps`` (the preset's own at 30,000); ten evaluations a run."""
+    scaled to ``steps`` (the preset's own at 30,000); ten evaluations a run (``quick``: two, and one block)."""
+    every = max(1, steps // (2 if quick else 10))
     return runs.RunConfig.new("llama", data, preset="improved", gradients="manual", optimizer="adamw",
                               param="mup", base_width=BASE_WIDTH, n_embd=width, lr=lr, steps=steps,
-                              lr_boundaries=(steps * 6 // 10, steps * 9 // 10), eval_every=max(1, steps // 10),
-                              chunk=min(500, max(1, steps // 10)), **({"n_layer": 1} if quick else {}))
+                              lr_boundaries=(steps * 6 // 10, steps * 9 // 10), eval_every=every,
+                              chunk=min(500, every), **({"n_layer": 1} if quick else {}))
 
 
 def trained(rc: runs.RunConfig, where: Path) -> dict:
