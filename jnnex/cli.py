@@ -173,9 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "mesh, M from --model-parallel or 1; gpt and llama, without dropout)")
     dp.add_argument("--micro-batches", type=int, metavar="K",
                     help="with --stages: each data shard's rows cut into K micro-batches")
-    dp.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe"],
+    dp.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe", "alternating"],
                     help="with --stages: the pipeline's schedule, 1f1b (default; holds at most P micro-batches' "
-                         "activations) or gpipe (every forward, then every backward: holds K)")
+                         "activations), gpipe (every forward, then every backward: holds K) or alternating "
+                         "(forwards and backwards in turn on every stage: holds 2P - 1, and idles no more than gpipe "
+                         "where 1f1b's lockstep ticks wait on the slower of a forward and a backward)")
     dp.add_argument("--coordinator", help="host:port of process 0, to join several processes (machines) into one "
                                           "run (default $JAX_COORDINATOR_ADDRESS)")
     dp.add_argument("--num-processes", type=int, help="processes in the run (default $JAX_NUM_PROCESSES)")

@@ -19,7 +19,7 @@ row; ``fit``, the run driver and the command line pick it up by name.
 * ``ep`` — expert parallelism (:mod:`jnnex.expert_parallel`): a mixture of experts' experts split over the
   ``"data"`` axis with the batch, the tokens exchanged with ``all_to_all``;
 * ``pp`` — pipeline parallelism on a ``data × stage × model`` mesh (:mod:`jnnex.pipeline`): the blocks cut into
-  ``stages``, each device's rows into ``micro_batches``, run by the ``schedule`` (GPipe or 1F1B); with
+  ``stages``, each device's rows into ``micro_batches``, run by the ``schedule`` (GPipe, 1F1B or alternating); with
   ``model_parallel`` each stage's blocks split Megatron's way too.
 """
 
@@ -45,7 +45,8 @@ def _same(ts):
 class Parallel:
     """What a user asks for: a scheme of :data:`SCHEMES` over ``devices`` (a number, a device list or a mesh; ``None``:
     one device), with a model axis of ``model_parallel`` devices for the schemes that split the model (tp, pp), and
-    for a pipeline (pp) its ``stages``, ``micro_batches`` and ``schedule`` (``"1f1b"`` by default, or ``"gpipe"``)."""
+    for a pipeline (pp) its ``stages``, ``micro_batches`` and ``schedule`` (``"1f1b"`` by default, ``"gpipe"`` or
+    ``"alternating"``)."""
 
     scheme: str = "single"
     devices: int | Sequence | jax.sharding.Mesh | None = None

@@ -9,12 +9,22 @@ previous device); each stage runs the model's own :class:`jnnex.lm.Pipe` pairs �
 ``block_backward``, the embedding's and the head's pairs — and nothing else.
 
 **A schedule** (:class:`Schedule`) says what each stage does at each clock tick: the forward of micro-batch ``m``,
-its backward, or nothing (the **bubble**). Both schedules here take ``2 (M + P − 1)`` ticks, each stage busy for
-``2M`` of them, so the idle fraction is ``(P − 1) / (M + P − 1)``; they differ in memory:
+its backward, or nothing (the **bubble**). GPipe and 1F1B take ``2 (M + P − 1)`` ticks, each stage busy for ``2M``
+of them, so the idle fraction is ``(P − 1) / (M + P − 1)``; they differ in memory:
 
 * ``gpipe`` — every forward, then every backward: a stage holds the caches of all ``M`` micro-batches at once;
 * ``1f1b`` — stage ``s`` runs ``P − 1 − s`` forwards, then alternates one forward and one backward, then drains the
-  backwards: it never holds more than ``P − s`` micro-batches' caches.
+  backwards: it never holds more than ``P − s`` micro-batches' caches;
+* ``alternating`` — 1F1B for a lockstep program: every stage's forwards at even ticks and backwards at odd ones,
+  ``2 (P − 1 − s) + 1`` forwards before the first backward; stage 0 holds ``2P − 1`` micro-batches.
+
+The program below is one SPMD program, and every tick ends in a ``ppermute`` between neighbouring stages, so a tick
+lasts as long as the slowest work among a stage and its neighbours (:meth:`Schedule.replay` with ``lockstep``). With
+equal stages GPipe idles the formula's fraction in lockstep too (a tick is all forwards or all backwards), and so
+does ``alternating``; 1F1B, whose steady state pairs one stage's forward with its neighbour's backward, idles more —
+its ticks last a backward each. Devices that each run their own program (MPMD: Megatron-LM's processes) would run
+1F1B at the formula's bubble; one SPMD program cannot, and ``alternating`` trades ``2P − 1`` micro-batches' memory
+for the formula's bubble.
 
 The schedule is data (a table, built by simulating each stage's order of work against the dependencies), and one
 compiled program runs any table: a ``lax.scan`` over the ticks in which each device reads its own action and takes
@@ -83,13 +93,29 @@ def _orders_1f1b(P: int, M: int) -> list[list[tuple[str, int]]]:
     return orders
 
 
-ORDERS = {"gpipe": _orders_gpipe, "1f1b": _orders_1f1b}
+def _orders_alternating(P: int, M: int) -> list[list[tuple[str, int]]]:
+    """1F1B's order with the warm-up a lockstep program needs: stage ``s`` runs ``2 (P − 1 − s) + 1`` forwards before
+    its first backward — the ticks a micro-batch takes to reach the last stage and its gradient to come back, when
+    forwards and backwards take turns (:func:`_simulate`'s ``alternate``)."""
+    orders = []
+    for s in range(P):
+        warm = min(2 * (P - 1 - s) + 1, M)
+        order = [(FORWARD, m) for m in range(warm)]
+        for i in range(M - warm):
+            order += [(BACKWARD, i), (FORWARD, warm + i)]
+        orders.append(order + [(BACKWARD, m) for m in range(M - warm, M)])
+    return orders
 
 
-def _simulate(orders, P: int) -> tuple:
+ORDERS = {"gpipe": _orders_gpipe, "1f1b": _orders_1f1b, "alternating": _orders_alternating}
+ALTERNATE = {"alternating"}  # the schedules whose ticks take turns: every stage's forwards even, backwards odd
+
+
+def _simulate(orders, P: int, alternate: bool = False) -> tuple:
     """The tick table of per-stage ``orders``: at each tick a stage does its next action if what it needs was done at
     an earlier tick (a forward: the previous stage's forward of the micro-batch; a backward: its own forward and the
-    next stage's backward), else waits."""
+    next stage's backward), else waits. ``alternate``: forwards only at even ticks, backwards only at odd ones (a
+    tick's work is then all forwards or all backwards, on every stage at once)."""
     done: dict = {}
     pos, table = [0] * P, []
     while any(pos[s] < len(orders[s]) for s in range(P)):
@@ -102,7 +128,8 @@ def _simulate(orders, P: int) -> tuple:
             needs = [(FORWARD, s - 1, m)] if kind == FORWARD and s > 0 else []
             if kind == BACKWARD:
                 needs = [(FORWARD, s, m)] + ([(BACKWARD, s + 1, m)] if s < P - 1 else [])
-            row.append((kind, m) if all(done.get(n, t) < t for n in needs) else None)
+            turn = not alternate or (t % 2 == 0) == (kind == FORWARD)
+            row.append((kind, m) if turn and all(done.get(n, t) < t for n in needs) else None)
         for s, action in enumerate(row):
             if action is not None:
                 done[(action[0], s, action[1])] = t
@@ -145,7 +172,9 @@ class Schedule:
 
     @property
     def bubble(self) -> float:
-        """The idle fraction of the stage-ticks: ``(P − 1) / (M + P − 1)`` for both schedules here."""
+        """The idle fraction of the stage-ticks: ``(P − 1) / (M + P − 1)`` for ``gpipe`` and ``1f1b``;
+        ``alternating``'s ticks are ``2 (M + 2P − 2)``, its fill's backward ticks and its drain's forward ticks idle on
+        every stage at once (they take no time: :meth:`replay`)."""
         busy = sum(a is not None for row in self.table for a in row)
         return 1 - busy / (self.ticks * self.stages)
 
@@ -167,25 +196,34 @@ class Schedule:
                               self.tick_of(BACKWARD, s, m)) for m in range(M)]) for s in range(Pn)])
         return cache, acts, grads
 
-    def replay(self, forward: Sequence[float], backward: Sequence[float]) -> tuple[float, list[float]]:
+    def replay(self, forward: Sequence[float], backward: Sequence[float],
+               lockstep: bool = False) -> tuple[float, list[float]]:
         """The schedule run with durations: stage ``s``'s forward of a micro-batch takes ``forward[s]`` seconds, its
-        backward ``backward[s]``. Each stage does its actions in the table's order, each as soon as the stage is free
-        and what it needs is done (ticks of unequal length: what a device actually waits for). Returns ``(makespan,
-        busy seconds per stage)``; the bubble is ``1 − Σ busy / (P · makespan)``."""
-        end: dict = {}
-        free, busy = [0.0] * self.stages, [0.0] * self.stages
+        backward ``backward[s]``. Returns ``(makespan, busy seconds per stage)``; the bubble is ``1 − Σ busy / (P ·
+        makespan)``.
+
+        * ``lockstep=False`` — each stage does its actions in the table's order, each as soon as the stage is free
+          and what it needs is done: a runtime whose devices each run their own program (MPMD, Megatron's processes).
+        * ``lockstep=True`` — jnnex's program (:func:`pipeline_value_and_grad`): every tick ends in the ``ppermute``
+          that trades a stage's output with its neighbours, so a device leaves tick ``t`` when it and both its
+          neighbours have finished their work of tick ``t``: a tick where one stage runs a forward and its neighbour a
+          backward lasts the longer of the two."""
+        P, end = self.stages, {}
+        free, busy = [0.0] * P, [0.0] * P
         for row in self.table:
+            reached = list(free)
             for s, action in enumerate(row):
                 if action is None:
                     continue
                 kind, m = action
                 needs = [(FORWARD, s - 1, m)] if kind == FORWARD and s > 0 else []
                 if kind == BACKWARD:
-                    needs = [(FORWARD, s, m)] + ([(BACKWARD, s + 1, m)] if s < self.stages - 1 else [])
+                    needs = [(FORWARD, s, m)] + ([(BACKWARD, s + 1, m)] if s < P - 1 else [])
                 took = forward[s] if kind == FORWARD else backward[s]
                 start = max([free[s]] + [end[n] for n in needs])
-                end[(kind, s, m)] = free[s] = start + took
+                end[(kind, s, m)] = reached[s] = start + took
                 busy[s] += took
+            free = [max(reached[max(s - 1, 0):s + 2]) for s in range(P)] if lockstep else reached
         return max(free), busy
 
     def draw(self) -> str:
@@ -199,13 +237,14 @@ class Schedule:
 
 
 def schedule(name: str, stages: int, micro: int) -> Schedule:
-    """The :class:`Schedule` ``name`` (``"gpipe"`` or ``"1f1b"``) of ``stages`` stages and ``micro`` micro-batches."""
+    """The :class:`Schedule` ``name`` (``"gpipe"``, ``"1f1b"`` or ``"alternating"``) of ``stages`` stages and
+    ``micro`` micro-batches."""
     if name not in ORDERS:
         raise ValueError(f"pipeline: the schedule must be one of {', '.join(ORDERS)}, got {name!r}")
     for what, n in (("stages", stages), ("micro-batches", micro)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"pipeline: {what} must be an integer >= 1, got {n!r}")
-    return Schedule(name, stages, micro, _simulate(ORDERS[name](stages, micro), stages))
+    return Schedule(name, stages, micro, _simulate(ORDERS[name](stages, micro), stages, name in ALTERNATE))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -132,6 +132,89 @@ fig.tight_layout()
 learn.show(fig, "11-pipeline-timelines")
 
 # %% [markdown]
+# ## 1b. One program in lockstep
+#
+# The tick bubble counts every tick as equally long. Give the actions times — a forward `F`, a backward `B`, here
+# twice as long — and replay the table two ways. **Each device its own program** (Megatron-LM's processes): a stage
+# starts its next action as soon as it is free and its input has arrived. **One SPMD program** (jnnex's): every tick
+# ends in a `ppermute` with the neighbouring stages, so a device leaves tick `t` only when it and its neighbours have
+# finished their work of tick `t`. 1F1B's steady state pairs one stage's forward with its neighbour's backward, so in
+# lockstep each of those ticks lasts a backward.
+#
+# The fix is a table whose ticks are all forwards or all backwards: forwards only at even ticks, backwards only at odd
+# ones, and `2 (P − 1 − s) + 1` forwards before stage `s`'s first backward — the ticks a micro-batch needs to reach
+# the last stage and come back. A tick where no stage works takes no time.
+
+# %%
+def replay(table, F, B, lockstep):
+    P, end = len(table[0]), {}
+    free, busy = [0.0] * P, 0.0
+    for row in table:
+        reached = list(free)
+        for s, a in enumerate(row):
+            if a is None:
+                continue
+            kind, m = a
+            needs = [("F", s - 1, m)] if kind == "F" and s > 0 else []
+            if kind == "B":
+                needs = [("F", s, m)] + ([("B", s + 1, m)] if s < P - 1 else [])
+            start = max([free[s]] + [end[n] for n in needs])
+            end[(kind, s, m)] = reached[s] = start + (F if kind == "F" else B)
+            busy += F if kind == "F" else B
+        free = [max(reached[max(s - 1, 0):s + 2]) for s in range(P)] if lockstep else reached
+    return 1 - busy / (P * max(free))
+
+
+def alternating_orders(P, M):
+    orders = []
+    for s in range(P):
+        warm = min(2 * (P - 1 - s) + 1, M)
+        order = [("F", m) for m in range(warm)]
+        for i in range(M - warm):
+            order += [("B", i), ("F", warm + i)]
+        orders.append(order + [("B", m) for m in range(M - warm, M)])
+    return orders
+
+
+def simulate_in_turns(orders, P):  # simulate's rule, plus: forwards at even ticks, backwards at odd ones
+    done, pos, table = {}, [0] * P, []
+    while any(pos[s] < len(orders[s]) for s in range(P)):
+        t, row = len(table), []
+        for s in range(P):
+            if pos[s] == len(orders[s]):
+                row.append(None)
+                continue
+            kind, m = orders[s][pos[s]]
+            needs = [("F", s - 1, m)] if kind == "F" and s > 0 else []
+            if kind == "B":
+                needs = [("F", s, m)] + ([("B", s + 1, m)] if s < P - 1 else [])
+            turn = (t % 2 == 0) == (kind == "F")
+            row.append((kind, m) if turn and all(done.get(n, t) < t for n in needs) else None)
+        for s, a in enumerate(row):
+            if a is not None:
+                done[(a[0], s, a[1])] = t
+                pos[s] += 1
+        table.append(tuple(row))
+    return tuple(table)
+
+
+tables["alternating"] = simulate_in_turns(alternating_orders(Pn, M), Pn)
+same_alternating = tables["alternating"] == pipeline.schedule("alternating", Pn, M).table
+lockstep = {name: {mode: replay(t, 1.0, 2.0, mode == "lockstep") for mode in ("own programs", "lockstep")}
+            for name, t in tables.items()}
+jnnex_lockstep = {name: 1 - sum(b) / (Pn * mk) for name in tables
+                  for mk, b in [pipeline.schedule(name, Pn, M).replay([1.0] * Pn, [2.0] * Pn, lockstep=True)]}
+formula = (Pn - 1) / (M + Pn - 1)
+excess = {name: {mode: b - formula for mode, b in by_mode.items()} for name, by_mode in lockstep.items()}
+lockstep_gap = max(abs(lockstep[name]["lockstep"] - jnnex_lockstep[name]) for name in tables)
+print(f"the page's alternating table is jnnex's: {same_alternating}; stage 0 holds "
+      f"{held(tables['alternating'], 0)} micro-batches")
+for name, by_mode in lockstep.items():
+    print(f"{name:12s} bubble with B = 2F: " + ", ".join(f"{k} {v:.4f}" for k, v in by_mode.items())
+          + f" (jnnex's replay in lockstep: {jnnex_lockstep[name]:.4f})")
+print(pipeline.schedule("alternating", Pn, M).draw())
+
+# %% [markdown]
 # ## 2. A pipeline's gradient, by hand
 #
 # The stages are slices of the model's own blocks. Run the micro-batches through them in GPipe's order on one
@@ -318,7 +401,9 @@ learn.show(fig, "11-ring")
 # * `jnnex bench --only pipeline`: the bubble replayed with measured stage times, and 1F1B's memory against GPipe's.
 
 # %%
-learn.result(same_tables=same_tables, bubble_gpipe=bubbles["gpipe"], bubble_1f1b=bubbles["1f1b"],
+learn.result(same_tables=same_tables, same_alternating=same_alternating, excess=excess, lockstep_gap=lockstep_gap,
+             held_alternating=held(tables["alternating"], 0),
+             bubble_gpipe=bubbles["gpipe"], bubble_1f1b=bubbles["1f1b"],
              bubble_formula=(Pn - 1) / (M + Pn - 1), held_gpipe=held(tables["gpipe"], 0),
              held_1f1b=held(tables["1f1b"], 0), page_pipeline_gap=page_pipeline_gap,
              jnnex_pipeline_gap=jnnex_pipeline_gap, page_loss_gap=abs(float(page_loss - whole.loss)),

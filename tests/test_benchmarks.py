@@ -77,12 +77,13 @@ def test_quick_benchmarks_run_and_write_json(suite, tmp_path, capsys, monkeypatc
         for r in mixtures:
             assert abs(r["active_mlp_params_per_block"] / dense["active_mlp_params_per_block"] - 1) < 0.05
             assert r["total_params"] > dense["total_params"] and r["steps"] == dense["steps"]
-    if suite == "pipeline":  # the schedules' ticks give the formula's bubble; 1F1B keeps P micro-batches, GPipe M
-        for r in data["rows"]:
-            assert abs(r["tick_bubble"] - r["formula"]) < 1e-12
-            assert r["slots"] == (r["M"] if r["schedule"] == "gpipe" else min(r["P"], r["M"]))
-            assert abs(r["stored_vs_gpipe"] - (r["P/M"] if r["schedule"] == "1f1b" else 1)) < 1e-12
-            assert r["temp_MiB"] > 0 and 0 < r["bubble"] < 1
+    if suite == "pipeline":  # GPipe's and 1F1B's ticks give the formula's bubble; 1F1B keeps P micro-batches, GPipe
+        for r in data["rows"]:  # M, the alternating schedule 2P - 1; jnnex's lockstep program never idles less
+            P, M = r["P"], r["M"]
+            assert r["schedule"] == "alternating" or abs(r["tick_bubble"] - r["formula"]) < 1e-12
+            assert r["slots"] == {"gpipe": M, "1f1b": min(P, M), "alternating": min(2 * P - 1, M)}[r["schedule"]]
+            assert abs(r["stored_vs_gpipe"] - r["slots"] / M) < 1e-12
+            assert r["temp_MiB"] > 0 and 0 < r["bubble_mpmd"] <= r["bubble_jnnex"] + 1e-12 < 1
     if suite == "devices":  # the suite's processes have 4 CPU devices (conftest): measured here, no child process
         assert {r["devices"] for r in data["rows"]} == {"cpu x1", "cpu x2", "cpu x4"}
 

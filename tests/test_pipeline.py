@@ -26,7 +26,7 @@ from jnnex.models import gpt as G, llama as L
 
 
 @settings(max_examples=60, deadline=None)
-@given(name=st.sampled_from(["gpipe", "1f1b"]), P=st.integers(1, 6), M=st.integers(1, 12))
+@given(name=st.sampled_from(["gpipe", "1f1b", "alternating"]), P=st.integers(1, 6), M=st.integers(1, 12))
 def test_a_schedule_does_each_forward_and_backward_once_in_order_with_the_bubble_of_the_formula(name, P, M):
     sched = PP.schedule(name, P, M)
     done = {}
@@ -44,14 +44,53 @@ def test_a_schedule_does_each_forward_and_backward_once_in_order_with_the_bubble
                 assert done[(("F", m), s - 1)] < F, "a forward before its input arrived"
             if s < P - 1:
                 assert done[(("B", m), s + 1)] < B, "a backward before its gradient arrived"
-    assert sched.ticks == 2 * (M + P - 1)
-    assert sched.bubble == pytest.approx((P - 1) / (M + P - 1), abs=1e-12)
     held = [sched.held(s) for s in range(P)]
+    if name == "alternating":  # forwards at even ticks, backwards at odd; 2 (P - 1 - s) + 1 in flight
+        assert all(a is None or (a[0] == "F") == (t % 2 == 0) for t, row in enumerate(sched.table) for a in row)
+        assert sched.ticks == 2 * (M + 2 * P - 2) and held == [min(2 * (P - 1 - s) + 1, M) for s in range(P)]
+    else:
+        assert sched.ticks == 2 * (M + P - 1)
+        assert sched.bubble == pytest.approx((P - 1) / (M + P - 1), abs=1e-12)
     if name == "gpipe":
         assert held[0] == M
-    else:
+    elif name == "1f1b":
         assert all(h <= min(P - s, M) for s, h in enumerate(held)), held
     assert sched.slots[0] == max(held)
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(["gpipe", "1f1b", "alternating"]), P=st.integers(1, 5), M=st.integers(1, 10),
+       F=st.floats(0.1, 10), B=st.floats(0.1, 10), extra=st.floats(0, 5))
+def test_the_replays_bubbles_in_lockstep_and_not(name, P, M, F, B, extra):
+    """With equal stages, a schedule replayed as devices that each run their own program (no lockstep) idles the
+    formula's fraction, whatever the forward and backward take; so does jnnex's lockstep program (a tick as long as
+    the slowest of a stage and its neighbours) running GPipe or the alternating schedule — but not 1F1B, whose ticks
+    pair one stage's forward with its neighbour's backward. A lockstep replay is never faster, and a slower last
+    stage (the head, ``extra``) never shortens either."""
+    sched, formula = PP.schedule(name, P, M), (P - 1) / (M + P - 1)
+    bubble = {}
+    for lockstep in (False, True):
+        makespan, busy = sched.replay([F] * P, [B] * P, lockstep=lockstep)
+        assert busy == pytest.approx([M * (F + B)] * P)
+        bubble[lockstep] = 1 - sum(busy) / (P * makespan)
+        uneven = sched.replay([F] * (P - 1) + [F + extra], [B] * P, lockstep=lockstep)[0]
+        assert uneven >= makespan - 1e-9
+    assert bubble[False] == pytest.approx(formula, abs=1e-9)
+    assert bubble[True] >= bubble[False] - 1e-9
+    if name != "1f1b":
+        assert bubble[True] == pytest.approx(formula, abs=1e-9)
+    elif P > 1 and M > 1 and abs(F - B) > 0.1:
+        assert bubble[True] > formula + 1e-6
+
+
+def test_jnnex_s_lockstep_program_idles_in_1f1b_where_the_alternating_schedule_does_not():
+    """P = 2, M = 8, a backward twice a forward: 1F1B's lockstep ticks last a backward each in the steady state
+    (a bubble of 1 - 8·3 / (2·(2 + 16·2)), not 1/9); the alternating schedule's last the forward or the backward."""
+    f1b, alt = PP.schedule("1f1b", 2, 8), PP.schedule("alternating", 2, 8)
+    makespan, busy = f1b.replay([1.0, 1.0], [2.0, 2.0], lockstep=True)
+    assert makespan == 2 * 1 + 16 * 2 and 1 - sum(busy) / (2 * makespan) == pytest.approx(1 - 48 / 68)
+    assert alt.replay([1.0, 1.0], [2.0, 2.0], lockstep=True)[0] == (8 + 1) * 3
+    assert [alt.held(s) for s in range(2)] == [3, 1] and alt.slots[0] == 3
 
 
 def test_1f1b_holds_p_micro_batches_where_gpipe_holds_m():
@@ -111,6 +150,7 @@ def batch(B=8, T=8, V=11):
     ("gpt", {"bias": False}, "1f1b", (2, 2, 1), 2),
     ("llama", {}, "1f1b", (1, 2, 2), 4),  # stages × tensor parallel
     ("llama", {"recompute": "blocks"}, "gpipe", (1, 2, 1), 2),
+    ("gpt", {}, "alternating", (1, 4, 1), 8),  # stage 0 holding 7 micro-batches, forwards and backwards in turn
 ])
 def test_the_pipelined_gradients_equal_one_devices_per_tensor_in_float64(model_name, kw, name, mesh, micro):
     model = (tiny_gpt if model_name == "gpt" else tiny_llama)(**kw)
@@ -198,7 +238,7 @@ def test_a_pipelined_run_checkpoints_and_resumes_where_one_device_ends(tmp_path)
 @pytest.mark.parametrize("kwargs, message", [
     ({"stages": 3, "micro_batches": 2}, "the stages (3) must divide the blocks (n_layer 4)"),
     ({"stages": 2, "micro_batches": 0}, "micro-batches must be an integer >= 1, got 0"),
-    ({"stages": 2, "micro_batches": 2, "schedule": "zigzag"}, "the schedule must be one of gpipe, 1f1b, got 'zigzag'"),
+    ({"stages": 2, "micro_batches": 2, "schedule": "zigzag"}, "the schedule must be one of gpipe, 1f1b, alternating, got 'zigzag'"),
     ({"stages": 2}, "give both"),
     ({"stages": 4, "micro_batches": 2, "model_parallel": 2}, "devices (4) must be a number that divides by stages × "
                                                              "model_parallel (4 × 2)"),

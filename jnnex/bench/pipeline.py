@@ -1,18 +1,20 @@
 """Pipeline parallelism (:mod:`jnnex.pipeline`): the bubble and each schedule's activation memory per stage, GPipe
-against 1F1B, at P = 2, 4 stages and M = 4, 8 micro-batches.
+against 1F1B and the alternating schedule, at P = 2, 4 stages and M = 4, 8 micro-batches.
 
-**The bubble.** ``tick_bubble`` is the schedule's idle fraction counted in ticks (each action one tick); ``bubble``
-is the schedule *replayed with measured durations* (:meth:`jnnex.pipeline.Schedule.replay`): each stage's forward and
-backward of a micro-batch are timed here, each compiled as the one program its tick runs (its ``n_layer / P``
+**The bubble.** ``tick_bubble`` is the schedule's idle fraction counted in ticks (each action one tick); the
+others replay the schedule *with measured durations* (:meth:`jnnex.pipeline.Schedule.replay`): each stage's forward
+and backward of a micro-batch are timed here, each compiled as the one program its tick runs (its ``n_layer / P``
 blocks; the first stage also the embedding and its backward, the last the head, the loss and their backward, in its
-forward tick), and each stage runs its actions in order, each as soon as its stage is free and its input or gradient
-has arrived. ``formula`` is ``(P − 1) / (M + P − 1)``, which counts equal stages; ``slowest_vs_mean`` is the
-busiest stage's seconds per micro-batch over the stages' mean, the imbalance it leaves out. A CPU cannot show the bubble in wall-clock time: its forced devices share
-the same two cores, so a stage's idle time is another stage's compute time.
+forward tick). ``bubble_mpmd``: each stage runs its actions in order, each as soon as its stage is free and its input
+or gradient has arrived (devices that each run their own program). ``bubble_jnnex``: jnnex's one SPMD program, whose
+ticks end in a ``ppermute`` between neighbouring stages, so a device leaves a tick when it and its neighbours are done.
+``formula`` is ``(P − 1) / (M + P − 1)``, which counts equal stages; ``slowest_vs_mean`` is the busiest stage's
+seconds per micro-batch over the stages' mean, the imbalance it leaves out. A CPU cannot show the bubble in
+wall-clock time: its forced devices share the same two cores, so a stage's idle time is another stage's compute time.
 
 **The memory.** ``stored_MiB``: the caches a stage keeps at once (the schedule's slots × one micro-batch's caches of
 its blocks, read from shapes); ``temp_MiB``: XLA's ``memory_analysis`` temporaries of the compiled pipelined
-gradient program (per device: the SPMD program every device runs). ``*_vs_gpipe``: 1F1B's over GPipe's, beside
+gradient program (per device: the SPMD program every device runs). ``*_vs_gpipe``: a schedule's over GPipe's, beside
 ``P / M``. When the process has fewer CPU devices than the stages, the suite runs itself in a child process with 4.
 """
 
@@ -33,6 +35,7 @@ from jnnex.memory import nbytes
 from jnnex.models.gpt import GPTConfig, gpt
 
 DEVICES = 4
+SCHEDULES = ("gpipe", "1f1b", "alternating")
 
 
 def _model(n_layer: int, T: int, C: int):
@@ -117,7 +120,7 @@ def memory(model, stages: int, micro: int, rows: int) -> dict:
     one = nbytes(jax.eval_shape(lambda b, h: PP.run_stage(model.pipe, cfg, b, h, 0)[1][0], stage_blocks, h))
     out = {}
     mesh = PP.mesh_3d(1, stages, 1, jax.devices("cpu")[:stages])
-    for name in ("gpipe", "1f1b"):
+    for name in SCHEDULES:
         sched = PP.schedule(name, stages, micro)
         vg = jax.jit(PP.pipeline_value_and_grad(model, mesh, sched, params))
         temp = vg.lower(stacked, x, x).compile().memory_analysis().temp_size_in_bytes
@@ -140,27 +143,32 @@ def run(quick: bool = False) -> dict:
         forward, backward = stage_times(model, P, size["rows"], repeats)
         work = [f + b for f, b in zip(forward, backward)]  # a stage's seconds per micro-batch
         mem = memory(model, P, M, size["rows"])
-        for name in ("gpipe", "1f1b"):
+        for name in SCHEDULES:
             sched = PP.schedule(name, P, M)
-            makespan, busy = sched.replay(forward, backward)
+            bubble = {}
+            for lockstep in (False, True):
+                makespan, busy = sched.replay(forward, backward, lockstep=lockstep)
+                bubble[lockstep] = 1 - sum(busy) / (P * makespan)
             rows.append({"P": P, "M": M, "schedule": name, "formula": (P - 1) / (M + P - 1),
-                         "tick_bubble": sched.bubble, "bubble": 1 - sum(busy) / (P * makespan),
+                         "tick_bubble": sched.bubble, "bubble_mpmd": bubble[False], "bubble_jnnex": bubble[True],
                          "F_first_ms": 1e3 * forward[0], "F_last_ms": 1e3 * forward[-1],
                          "B_first_ms": 1e3 * backward[0], "B_last_ms": 1e3 * backward[-1],
                          "slowest_vs_mean": max(work) / (sum(work) / P), "slots": mem[name]["slots"],
                          "stored_MiB": mem[name]["stored"] / 2**20, "temp_MiB": mem[name]["temp"] / 2**20})
-        gp = rows[-2]
-        for r in rows[-2:]:
-            r["bubble_vs_formula"] = r["bubble"] / r["formula"]
+        gp = rows[-len(SCHEDULES)]
+        for r in rows[-len(SCHEDULES):]:
+            r["mpmd_vs_formula"] = r["bubble_mpmd"] / r["formula"]
+            r["jnnex_vs_formula"] = r["bubble_jnnex"] / r["formula"]
             r["stored_vs_gpipe"] = r["stored_MiB"] / gp["stored_MiB"]
             r["temp_vs_gpipe"] = r["temp_MiB"] / gp["temp_MiB"]
             r["P/M"] = P / M
-    cols = ["P", "M", "schedule", "formula", "tick_bubble", "bubble", "bubble_vs_formula", "F_first_ms", "F_last_ms",
-            "B_first_ms", "B_last_ms", "slowest_vs_mean", "slots",
+    cols = ["P", "M", "schedule", "formula", "tick_bubble", "bubble_mpmd", "mpmd_vs_formula", "bubble_jnnex",
+            "jnnex_vs_formula", "F_first_ms", "F_last_ms", "B_first_ms", "B_last_ms", "slowest_vs_mean", "slots",
             "stored_MiB", "stored_vs_gpipe", "temp_MiB", "temp_vs_gpipe", "P/M"]
     text = (f"Pipeline parallelism, GPT {size['n_layer']} blocks, n_embd {size['C']}, {size['T']} tokens, "
             f"{size['rows']} rows a micro-batch, float32, on {DEVICES} forced CPU devices: the bubble (ticks; "
-            "replayed with measured stage times) and the activations a stage holds (stored caches; XLA's "
+            "replayed with measured stage times, devices each running their own program and jnnex's lockstep one) "
+            "and the activations a stage holds (stored caches; XLA's "
             "temporaries)\n\n" + table(rows, cols))
     return {"name": "pipeline", "rows": rows, "device": str(jax.devices()[0]), "table": text,
             "settings": {**size, "grid": grid, "repeats": repeats}}
