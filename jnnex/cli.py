@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--devices", type=int, default=8, help="devices in all (default 8)")
     pl.add_argument("--parallel", choices=["dp", "fsdp", "tp", "fsdp+tp", "pp", "ep"], action="append",
                     help="one scheme (repeatable; default: every scheme the model trains under — dp, fsdp, tp, "
-                         "fsdp+tp and pp; with experts dp, fsdp and ep)")
+                         "fsdp+tp and pp; with experts ep too)")
     pl.add_argument("--stages", type=int, help="pipeline stages of pp (default: the most that divide --devices and "
                                                "the blocks)")
     pl.add_argument("--micro-batches", type=int, help="micro-batches of pp (default: --batch-size, a row each)")

@@ -32,9 +32,10 @@ transient whole copies), **activations** (one step's forward caches at the devic
 ``jax.eval_shape`` of the very forward that trains — the split one under ``jax.vmap`` over a stand-in model axis — and
 the logits three times: themselves, their softmax, their gradient). Everything is float32 (the parameters' dtype).
 
-:func:`xla_check` compiles the step for the scheme (on forced CPU devices; never run, nothing allocated: its
-arguments are shapes) and reads ``memory_analysis()``: arguments (parameters + optimiser state + batch), outputs
-(the new state: a step does not donate its input), temporaries (gradients, gathered copies, activations).
+:func:`xla_check` compiles the step for the scheme — the step ``fit`` runs, from the same layout (on forced CPU
+devices; never run, nothing allocated: its arguments are shapes) — and reads ``memory_analysis()``: arguments
+(parameters + optimiser state + batch), outputs (the new state: a step does not donate its input), temporaries
+(gradients, gathered copies, activations); and the bytes its collectives produce, a loop's counted each time it runs.
 """
 
 from __future__ import annotations
@@ -259,6 +260,8 @@ def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None,
         comm = megatron + (whole + held if d > 1 else 0)  # all-gather the parameters, reduce-scatter the gradients
     else:
         comm = megatron + (whole if d > 1 else 0)  # the gradients' all-reduce over "data"
+        if scheme == "dp" and d > 1 and getattr(cfg, "tie", False):  # the global-view step all-reduces a tied
+            comm += nbytes(params.wte)  # table's two gradients (the embedding's, the head's) apiece, then adds them
     return Plan(scheme, d, m, held, held, resident(state), gathered, activation_bytes(model, batch, T, m), comm=comm)
 
 
@@ -333,41 +336,40 @@ def largest_fitting_each(devices: int, scheme: str, sizes, *, model_parallel: in
 
 
 def xla_check(model, scheme: str, devices: int, *, model_parallel: int | None = None, batch: int = 1,
-              T: int | None = None, optimizer=None) -> dict:
-    """XLA's memory analysis of the training step for ``scheme`` with ``optimizer`` (default AdamW), compiled for
-    ``devices`` of ``jax.devices()`` from shapes alone: ``{"arguments", "outputs", "temporaries"}`` bytes per
-    device."""
-    from jnnex.train import init_train_state, make_step
+              T: int | None = None, optimizer=None, stages: int | None = None,
+              micro_batches: int | None = None) -> dict:
+    """XLA's figures for the training step of ``scheme`` with ``optimizer`` (default AdamW), compiled for ``devices``
+    of ``jax.devices()`` from shapes alone — the step :func:`jnnex.train.fit` runs, from the same
+    :class:`jnnex.layout.Layout` (``pp``: 1F1B, ``stages`` and ``micro_batches``, default the batch a row each):
+    ``{"arguments", "outputs", "temporaries"}``, its memory analysis in bytes per device, and ``"comm"``, the bytes
+    its collectives produce on a device in one step (:func:`hlo_collectives`, a loop's counted each time it runs)."""
+    from jnnex.layout import Parallel, make_layout
+    from jnnex.train import init_train_state
 
-    d, m = axes(scheme, devices, model_parallel)
+    d, m = axes(scheme, devices, model_parallel, stages)
     if scheme == "fsdp+tp":
         raise ValueError("plan: fsdp+tp is on paper only (not a training mode yet): nothing to compile")
+    check_scheme(model, scheme)
     if devices > len(jax.devices()):
         raise ValueError(f"plan --check: {devices} devices asked for, but only {len(jax.devices())} exist (on CPU, "
                          f"JAX_NUM_CPU_DEVICES={devices})")
     T = model.block_size if T is None else T
     opt = adamw_if_none(optimizer)
     ts = jax.eval_shape(lambda k: init_train_state(model, opt, k), jax.random.key(0))
-    rep_of = lambda mesh: jax.sharding.NamedSharding(mesh, P())  # noqa: E731
-    if m > 1:
-        mesh = tensor_parallel.mesh_2d(d, m)
-        _, _, layout = tensor_parallel.train_layout(model, opt, mesh, ts)
-        step = tensor_parallel.split_step(model, opt, mesh, ts.params)
-    else:
-        mesh = parallel.data_mesh(devices)
-        rep = rep_of(mesh)
-        if scheme == "fsdp":
-            layout, step_shardings = parallel.fsdp_layout(ts, mesh)
-            step = make_step(model, opt, shardings=step_shardings)
-        else:
-            layout = jax.tree.map(lambda _: rep, ts)
-            step = make_step(model, opt)
-    shaped = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), ts, layout)
+    par = Parallel(scheme, devices, m if scheme == "tp" else None, stages if scheme == "pp" else None,
+                   (micro_batches or batch) if scheme == "pp" else None, "1f1b" if scheme == "pp" else None)
+    layout = make_layout(par, model, opt, ts)
+    mesh = layout.mesh
+    rep = jax.sharding.NamedSharding(mesh, P())
+    there = jax.eval_shape(layout.to_devices, ts)
+    shardings = jax.tree.map(lambda _: rep, there) if layout.shardings is None else layout.shardings
+    shaped = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), there, shardings)
     rows = jax.ShapeDtypeStruct((batch * d, T), jnp.int32, sharding=parallel.batch_sharded(mesh))
-    compiled = jax.jit(step, out_shardings=(layout, rep_of(mesh))).lower(shaped, (rows, rows), None).compile()
+    compiled = jax.jit(layout.step, out_shardings=(shardings, rep)).lower(shaped, (rows, rows), None).compile()
     mem = compiled.memory_analysis()
     return {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
-            "temporaries": int(mem.temp_size_in_bytes)}
+            "temporaries": int(mem.temp_size_in_bytes),
+            "comm": collective_bytes(hlo_collectives(compiled.as_text(), mesh))}
 
 
 OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -375,9 +377,45 @@ _SHAPE = re.compile(r"(f64|f32|bf16|f16|s32|u32|s64|pred)\[([0-9,]*)\]")
 _BYTES = {"f64": 8, "s64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1}
 
 
+def _computation_counts(text: str) -> dict:
+    """How many times each computation of a compiled program's text runs in one call of the program: the entry once,
+    a ``while`` loop's body its ``known_trip_count`` times its caller's count (a loop of unknown count: once), any
+    other computation it calls (a branch, a fusion, a call) its caller's count."""
+    calls, entry, current = {}, None, None
+    for line in text.splitlines():
+        head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if head:
+            current = head.group(2)
+            entry = current if head.group(1) else entry
+            calls.setdefault(current, [])
+            continue
+        if current is None:
+            continue
+        trip = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
+        body = re.search(r"body=%?([\w.\-]+)", line) if " while(" in line else None
+        for callee in re.findall(r"(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)",
+                                 line) + [c for group in re.findall(r"branch_computations=\{([^}]*)\}", line)
+                                          for c in re.findall(r"%?([\w.\-]+)", group)]:
+            times = int(trip.group(1)) if body and callee == body.group(1) and trip else 1
+            calls[current].append((callee, times))
+    counts = {entry: 1} if entry else {}
+    pending = [entry] if entry else []
+    while pending:
+        caller = pending.pop()
+        for callee, times in calls.get(caller, []):
+            n = counts[caller] * times
+            if counts.get(callee, 0) < n:
+                counts[callee] = n
+                pending.append(callee)
+    return counts
+
+
 def hlo_collectives(text: str, mesh) -> list[dict]:
-    """Every collective of a compiled program's text: its kind, the mesh axis its replica groups span, and the bytes
-    of its result(s)."""
+    """Every collective of a compiled program's text: its kind, the mesh axis its replica groups span, the bytes of
+    its result(s), and how many times one call of the program runs it (``times``: a loop's trip count — a pipeline's
+    sends, once a tick)."""
+    counts = _computation_counts(text)
+    current = None
     axis_of = {}
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
     for i, name in enumerate(mesh.axis_names):
@@ -385,6 +423,10 @@ def hlo_collectives(text: str, mesh) -> list[dict]:
         axis_of[frozenset(tuple(sorted(g)) for g in moved.tolist())] = name
     found = []
     for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if head:
+            current = head.group(1)
+            continue
         m = re.search(r"=\s*(.*?)\s(" + "|".join(OPS) + r")(-start)?\(", line)
         if not m or "-done" in line:
             continue
@@ -412,8 +454,13 @@ def hlo_collectives(text: str, mesh) -> list[dict]:
             axis = axis_of.get(sets, "all" if len(sets) == 1 else "?")
         elif "replica_groups={}" in line:
             axis = "all"
-        found.append({"op": op, "axis": axis, "bytes": size})
+        found.append({"op": op, "axis": axis, "bytes": size, "times": counts.get(current, 1)})
     return found
+
+
+def collective_bytes(found: list[dict]) -> int:
+    """The bytes :func:`hlo_collectives`' collectives produce in one call of their program (each times it runs)."""
+    return sum(f["bytes"] * f["times"] for f in found)
 
 
 def describe(plans: list[Plan], extra: list[dict] | None = None) -> list[dict]:
@@ -457,17 +504,20 @@ def report(model, devices: int, *, schemes=None, model_parallel: int | None = No
         p = plan(model, scheme, devices, model_parallel=m, batch=batch, T=T, optimizer=opt, stages=stages,
                  micro_batches=micro_batches)
         row = p.row()
-        if check and scheme in ("dp", "fsdp", "tp"):
+        if check and scheme != "fsdp+tp":
             if p.total > XLA_COUNTS:  # (XLA's heap simulator aborts the process past its 64-bit byte counts)
                 raise ValueError(f"plan --check: {scheme} needs about {p.total / GB:,.0f} GB per device (the plan), "
                                  f"more than XLA's memory analysis can count (its temporaries ran to ~3x the plan's "
                                  f"figure at these sizes, and it counts bytes in 64 bits): nothing compiled. Without "
                                  f"--check the plan is printed; or give a smaller --block or --batch-size")
-            xla = xla_check(model, scheme, devices, model_parallel=m, batch=batch, T=T, optimizer=opt)
+            xla = xla_check(model, scheme, devices, model_parallel=m, batch=batch, T=T, optimizer=opt,
+                            stages=stages, micro_batches=micro_batches)
             row.update({"xla_arguments": xla["arguments"] / GB, "xla_temporaries": xla["temporaries"] / GB,
                         "xla_outputs": xla["outputs"] / GB,
                         "resident/xla_args": (p.params + p.optimizer) / xla["arguments"],
-                        "step/xla_temp": (p.grads + p.gathered + p.activations) / xla["temporaries"]})
+                        "step/xla_temp": (p.grads + p.gathered + p.activations) / xla["temporaries"],
+                        "xla_comm_GB": xla["comm"] / GB,
+                        **({"comm/xla_comm": (p.comm_jnnex or p.comm) / xla["comm"]} if xla["comm"] else {})})
         rows.append(row)
         if scheme == "ep":  # (the family is dense GPTs)
             continue
@@ -479,15 +529,19 @@ def report(model, devices: int, *, schemes=None, model_parallel: int | None = No
     if "pp" in schemes:
         cols.append("comm_jnnex_GB")
     if check:
-        cols += ["xla_arguments", "xla_temporaries", "resident/xla_args", "step/xla_temp"]
+        cols += ["xla_arguments", "xla_temporaries", "resident/xla_args", "step/xla_temp", "xla_comm_GB",
+                 "comm/xla_comm"]
     n = sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))))
     text = (f"{model.name}, {n:,} parameters, on {devices} devices: GB per device, float32, {optimizer}, {batch} x "
-            f"{T} tokens per data shard\n\n{table(rows, cols)}\n\nThe largest of the GPT-2/GPT-3 shapes that fits one device"
-            f" (this micro-batch, vocabulary 50,304):\n\n{table(family, ['scheme', 'mesh', *DEVICE_SIZES])}")
+            f"{T} tokens per data shard\n\n{table(rows, cols)}")
+    if family:  # (none for ep alone: the family is dense GPTs)
+        text += (f"\n\nThe largest of the GPT-2/GPT-3 shapes that fits one device (this micro-batch, vocabulary "
+                 f"50,304):\n\n{table(family, ['scheme', 'mesh', *DEVICE_SIZES])}")
     if check:
         text += ("\n\nxla_*: XLA's memory analysis of the compiled step (arguments: parameters, optimiser state, batch; "
                  "temporaries: gradients, gathered copies, activations, the optimiser's intermediates). The plan's "
                  "resident bytes are the arguments to the batch's; its step bytes are what the hand-written step keeps, which "
                  "XLA's temporaries exceed where it holds intermediates of its own and undercut where it fuses a cache "
-                 "away.")
+                 "away. xla_comm: the bytes the compiled step's collectives produce on a device (a loop's each time it "
+                 "runs), against the formula's (jnnex's program's, for pp).")
     return {"rows": rows, "family": family, "table": text}

@@ -59,6 +59,56 @@ def test_the_resident_bytes_are_xlas_arguments(small, scheme, devices, optimizer
         assert p.optimizer <= 16  # (a step count at most)
 
 
+def test_a_collective_in_nested_loops_counts_each_time_it_runs():
+    """A program's text by hand: an all-reduce in a loop of 3 inside a loop of 5 runs 15 times a call, one in a
+    branch of the outer loop's body 5 times, one at the top once."""
+    from jnnex.parallel import data_mesh
+    text = """HloModule m, entry_computation_layout={()->f32[]}
+
+%inner_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %ar.0 = f32[4]{0} all-reduce(%x), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add
+}
+
+%branch (q: f32[2]) -> f32[2] {
+  %ar.1 = f32[2]{0} all-reduce(%q), channel_id=2, replica_groups={{0,1,2,3}}, to_apply=%add
+}
+
+%outer_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %w.0 = (s32[], f32[4]) while(%p), condition=%inner_cond, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+  %c.0 = f32[2]{0} conditional(%i, %q), branch_computations={%branch, %other}
+}
+
+ENTRY %main (a: f32[8]) -> f32[] {
+  %w.1 = (s32[], f32[4]) while(%t), condition=%outer_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"5"}}
+  %ar.2 = f32[8]{0} all-reduce(%a), channel_id=3, replica_groups={{0,1,2,3}}, to_apply=%add
+}
+"""
+    found = PL.hlo_collectives(text, data_mesh(4))
+    assert [(f["bytes"], f["times"]) for f in found] == [(16, 15), (8, 5), (32, 1)]
+    assert PL.collective_bytes(found) == 16 * 15 + 8 * 5 + 32
+
+
+def test_every_scheme_compiles_and_its_collectives_are_counted():
+    """``plan --check`` on 4 devices for every scheme that trains: the step ``fit`` runs, compiled from shapes. Its
+    resident bytes are the plan's; the bytes its collectives produce in one step (a loop's counted each tick) are the
+    formula's for dp (a tied table's two gradients all-reduced apiece), tp and ep. FSDP's global-view step
+    all-reduces the gradients where the formula reduce-scatters them, and the pipeline's step adds its optimiser's
+    resharding to the pipeline's sends: more than their formulas, never less (the loss's and counters' scalars aside,
+    1 kB)."""
+    gpt = PL.build_model("gpt", "shakespeare-cpu", vocab_size=64, block_size=16, n_layer=2, tie=True)
+    llama = PL.build_model("llama", "shakespeare-cpu", vocab_size=64, block_size=16, n_layer=1, n_expert=4,
+                           expert_top_k=2)
+    cases = [(gpt, "dp", {}), (gpt, "fsdp", {}), (gpt, "tp", {}), (gpt, "pp", {"stages": 2, "micro_batches": 2}),
+             (llama, "ep", {}), (llama, "tp", {"model_parallel": 2})]
+    for model, scheme, kw in cases:
+        p = PL.plan(model, scheme, 4, batch=4, **kw)
+        xla = PL.xla_check(model, scheme, 4, batch=4, **kw)
+        formula = p.comm_jnnex or p.comm
+        assert xla["comm"] >= formula and 0 <= xla["arguments"] - (p.params + p.optimizer) <= 2 * 4 * 4 * 16 + 64
+        if scheme in ("dp", "tp", "ep"):
+            assert xla["comm"] - formula <= 1024, (scheme, xla["comm"], formula)
+
+
 def test_the_planned_optimiser_state_is_the_optimisers_own(small):
     """SGD plans no state, Muon less than AdamW (one momentum for each matrix where AdamW keeps two moments),
     AdamW twice the parameters; the command names the optimiser it planned."""
@@ -76,6 +126,15 @@ def test_the_command_prints_the_schemes_asked_for_and_the_family(capsys):
     assert [r["mesh"] for r in out["rows"]] == ["4 x 1", "2 x 2"]
     assert all(r["total_GB"] > 0 for r in out["rows"])
     assert [r["scheme"] for r in out["family"]] == ["fsdp", "fsdp+tp"]
+
+
+def test_the_command_plans_expert_parallelism_alone(capsys):
+    """``--parallel ep`` alone: its table, and no family table (the family is dense GPTs; an empty one used to stop
+    the command with "'int' object is not iterable")."""
+    assert main(["plan", "--model", "llama", "--preset", "mixtral-8x7b", "--vocab-size", "64", "--block", "16",
+                 "--devices", "4", "--parallel", "ep"]) == 0
+    out = capsys.readouterr().out
+    assert "| ep " in out and "The largest of the GPT-2/GPT-3 shapes" not in out
 
 
 def test_the_llamas_tensor_parallel_split_divides_its_swiglu_width_too(capsys):
@@ -153,7 +212,9 @@ def test_a_pipeline_stage_holds_its_blocks_and_sends_what_xla_compiles():
     found = PL.hlo_collectives(text, mesh)
     boundary = 1 * 32 * 128 * 4  # one row of 32 tokens, n_embd 128, float32
     permutes = sum(f["bytes"] for f in found if f["op"] == "collective-permute")
-    assert permutes == 2 * boundary  # per tick, in the scan's body
+    assert permutes == 2 * boundary  # per tick, in the scan's body: run once a tick
+    assert {f["times"] for f in found if f["op"] == "collective-permute"} == {sched.ticks}
+    assert {f["times"] for f in found if f["op"] == "all-reduce"} == {1}
     reduced = sum(f["bytes"] for f in found if f["op"] == "all-reduce")
     grads = p.comm - 2 * 4 * boundary
     assert 0 <= reduced - grads <= 64
