@@ -14,6 +14,8 @@ The training loop (:mod:`jnnex.train`) and the model registry both import this m
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 
@@ -247,12 +249,40 @@ def make_optimizer(tcfg: TrainConfig, model=None) -> optax.GradientTransformatio
     with a ``model`` whose parametrisation scales learning rates per tensor (``lr_scale_fn``: μP's), its updates
     scaled so (:func:`scale_updates`)."""
     opt = OPTIMIZERS[tcfg.optimizer](tcfg)
-    opt = opt if tcfg.grad_clip is None else optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), opt)
+    opt = opt if tcfg.grad_clip is None else optax.chain(clip_by_global_norm(tcfg.grad_clip), opt)
     if model is None or getattr(model, "lr_scale_fn", None) is None:
         return opt
     if model.lr_scale_fn(model.cfg, jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))) is None:
         return opt
     return optax.chain(opt, scale_updates(lambda tree: model.lr_scale_fn(model.cfg, tree)))
+
+
+_SQUARED_NORM = contextvars.ContextVar("jnnex_squared_norm", default=None)
+
+
+@contextlib.contextmanager
+def global_norm_by(squared_norm):
+    """Within this block, :func:`clip_by_global_norm` takes its tree's squared norm from ``squared_norm(tree)``: for an
+    update traced on a part of the parameters (a pipeline stage's blocks), the squared norm of the whole (its parts
+    summed over the devices that hold them)."""
+    token = _SQUARED_NORM.set(squared_norm)
+    try:
+        yield
+    finally:
+        _SQUARED_NORM.reset(token)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm``, step for step (the same norm, comparison and scaling), but for the norm: inside
+    :func:`global_norm_by`, that of the whole parameters where the update sees a part of them."""
+    def update(updates, state, params=None):
+        squared = _SQUARED_NORM.get()
+        g_norm = optax.tree.norm(updates) if squared is None else jnp.sqrt(squared(updates))
+        trigger = jnp.squeeze(g_norm < max_norm)
+        updates = jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm), updates)
+        return updates, state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def scale_updates(multipliers) -> optax.GradientTransformation:

@@ -40,8 +40,10 @@ the embedding's and head's over ``"data"`` and ``"stage"`` (a tied table gets it
 added: Megatron's embedding all-reduce).
 
 In the devices' layout the blocks are stacked, ``(n_layer, ...)`` per tensor, split along ``"stage"``
-(:func:`stack_blocks`); the optimiser sees the parameters' own tree (:func:`per_block`), so every optimiser and
-mask behaves as on one device. Dropout is not pipelined yet (a clear error): its masks are drawn per batch, and a
+(:func:`stack_blocks`). Each device runs the optimiser on its own stage's blocks, one block at a time
+(:func:`stage_update`: a global-norm clip's norm summed over the stages), so every optimiser and mask behaves as on
+one device and no block leaves its stage; with a model axis the optimiser sees the parameters' own tree in the
+global view (:func:`per_block`), where Muon sees whole matrices. Dropout is not pipelined yet (a clear error): its masks are drawn per batch, and a
 micro-batch would draw different ones.
 
 A mixture of experts (the Llama's ``n_expert``) routes, fills its capacity and counts its balancing loss per
@@ -537,16 +539,53 @@ def _receive(buf, m, value, K: int):
 # Training: the step, and the layout jnnex.layout's "pp" row builds
 
 
+def stage_update(model: LanguageModel, optimizer, mesh: jax.sharding.Mesh, params_like) -> Callable:
+    """``update(grads, opt_state, params) -> (updates, opt_state)`` in the devices' layout, each device running
+    ``optimizer`` on what it holds: its stage's blocks, one block at a time (a weight-decay mask by rank and Muon's
+    per-matrix step see each block as on one device), and the embedding and head, which every device holds whole and
+    updates alike. Nothing is sent but a global-norm clip's one number (:func:`jnnex.optim.clip_by_global_norm`: the
+    stages' block norms summed, the shared tensors' once). For a ``"model"`` axis of one device."""
+    from jnnex import optim
+
+    L, Lp = model.cfg.n_layer, model.cfg.n_layer // mesh.shape[STAGE]
+    host = params_like if type(params_like.blocks) is tuple else unstack_blocks(params_like, L)
+    param_specs = specs(model, host, 1)
+    with jax.numpy_dtype_promotion("standard"):
+        state_like = jax.eval_shape(optimizer.init, host)
+    state_specs = stack_blocks_specs(tensor_parallel.optimizer_state_map(
+        optimizer, lambda _, spec: spec, state_like, param_specs._replace(blocks=(param_specs.blocks,) * L),
+        other=lambda x: None if x is None else P()))
+
+    def squared_norm(tree):
+        if not hasattr(tree, "blocks"):
+            raise ValueError("pipeline: a global-norm clip must see the whole parameters' tree (put it first in the "
+                             "optimiser's chain, as jnnex.optim.make_optimizer does)")
+        sq = lambda t: optax.tree.norm(t, squared=True)  # noqa: E731
+        return jax.lax.psum(sq(tree.blocks), STAGE) + sq(tree._replace(blocks=()))
+
+    def local(grads, state, params):
+        g, st, p = (unstack_blocks(t, Lp) for t in (grads, state, params))
+        with optim.global_norm_by(squared_norm), jax.numpy_dtype_promotion("standard"):
+            updates, st = optimizer.update(g, st, p)
+        return stack_blocks(updates), stack_blocks(st)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, state_specs, param_specs),
+                         out_specs=(param_specs, state_specs), check_vma=False)
+
+
 def pipeline_step(model: LanguageModel, optimizer, mesh: jax.sharding.Mesh, sched: Schedule, params_like) -> Callable:
-    """``step(ts, batch, key) -> (ts, metrics)`` with the pipelined gradients; the optimiser (:func:`per_block`) in
-    the global view. ``ts`` in the devices' layout."""
+    """``step(ts, batch, key) -> (ts, metrics)`` with the pipelined gradients. ``ts`` in the devices' layout. The
+    optimiser runs on each stage's own blocks (:func:`stage_update`); with a ``"model"`` axis of more than one device
+    it runs in the global view (:func:`per_block`), where Muon sees whole matrices — and XLA gathers each block to
+    every device for it."""
     value_and_grad = pipeline_value_and_grad(model, mesh, sched, params_like)
-    opt = per_block(optimizer, model.cfg.n_layer)
+    update = (stage_update(model, optimizer, mesh, params_like) if mesh.shape[MODEL] == 1
+              else per_block(optimizer, model.cfg.n_layer).update)
 
     def step(ts, batch, key):
         loss, grads = value_and_grad(ts.params, *batch)
         with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = opt.update(grads, ts.opt_state, ts.params)
+            updates, opt_state = update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
         return type(ts)(params, ts.state, opt_state, ts.step + 1), {"loss": loss}
 

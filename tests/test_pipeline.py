@@ -214,6 +214,30 @@ def test_the_optimiser_sees_each_block_as_on_one_device():
     assert_equal_per_tensor(PP.unstack_blocks(got, model.cfg.n_layer), want, atol=0)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_each_stage_updates_its_own_blocks_as_one_device_updates_them(optimizer):
+    """The step's optimiser on data 2 × stage 2, each device on its stage's blocks (:func:`jnnex.pipeline.stage_update`):
+    a global-norm clip that bites (the norm summed over the stages), AdamW's weight decay masked by rank, Muon's
+    per-matrix step — the one-device update and state, per tensor, in float64; and XLA's program sends nothing but
+    the clip's one number."""
+    from jnnex.optim import TrainConfig, make_optimizer
+    from jnnex.plan import hlo_collectives
+    model = tiny_gpt()
+    params = f64(model.init(jax.random.key(0))[0])
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(7), p.shape, p.dtype), params)
+    opt = make_optimizer(TrainConfig(optimizer=optimizer, lr=1e-2, grad_clip=0.5))
+    with jax.numpy_dtype_promotion("standard"):
+        state = opt.update(grads, opt.init(params), params)[1]  # (a second step: moments that are not zero)
+        want, want_state = opt.update(grads, state, params)
+    mesh = PP.mesh_3d(2, 2, 1)
+    update = jax.jit(PP.stage_update(model, opt, mesh, params))
+    got, got_state = update(PP.stack_blocks(grads), PP.stack_blocks(state), PP.stack_blocks(params))
+    assert_equal_per_tensor(PP.unstack_blocks(got, model.cfg.n_layer), want, atol=1e-15)
+    assert_equal_per_tensor(PP.unstack_blocks(got_state, model.cfg.n_layer), want_state, atol=1e-15)
+    text = update.lower(*(PP.stack_blocks(t) for t in (grads, state, params))).compile().as_text()
+    assert [(f["op"], f["bytes"]) for f in hlo_collectives(text, mesh)] == [("all-reduce", 8)]
+
+
 def test_a_pipelined_run_checkpoints_and_resumes_where_one_device_ends(tmp_path):
     """``fit(..., parallel=Parallel("pp", 4, stages=2, micro_batches=2))`` (data 2 × stage 2) for 20 steps with
     momentum (its state must go to the stacked layout and back), checkpointed, resumed to 40 on one device: where 40
