@@ -43,8 +43,8 @@ In the devices' layout the blocks are stacked, ``(n_layer, ...)`` per tensor, sp
 (:func:`stack_blocks`). Each device runs the optimiser on its own stage's blocks, one block at a time
 (:func:`stage_update`: a global-norm clip's norm summed over the stages), so every optimiser and mask behaves as on
 one device and no block leaves its stage; with a model axis the optimiser sees the parameters' own tree in the
-global view (:func:`per_block`), where Muon sees whole matrices. Dropout is not pipelined yet (a clear error): its masks are drawn per batch, and a
-micro-batch would draw different ones.
+global view (:func:`per_block`), where Muon sees whole matrices. Dropout is not pipelined yet (a clear error): its
+masks are drawn per batch, and a micro-batch would draw different ones.
 
 A mixture of experts (the Llama's ``n_expert``) routes, fills its capacity and counts its balancing loss per
 micro-batch on each data shard, the balancing losses averaged over them: Megatron-LM's objective under a pipeline,

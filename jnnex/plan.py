@@ -1,7 +1,7 @@
 """A memory plan: what training a transformer holds on each device under each way of splitting it, before anything
 is allocated — and XLA's own figures for the same step beside it, where it compiles.
 
-For ``devices`` devices, one of four schemes (``model_parallel`` ``M`` for the last two):
+For ``devices`` devices, one of six schemes (``model_parallel`` ``M`` for ``tp`` and ``fsdp+tp``):
 
 * ``dp``      — data parallel: every device a whole copy of the parameters, gradients and optimiser state;
 * ``fsdp``    — ZeRO-3 / FSDP (``jnnex train --shard-params``): parameters, gradients and moments split ``1/N``
@@ -18,13 +18,14 @@ For ``devices`` devices, one of four schemes (``model_parallel`` ``M`` for the l
   every block's experts, the rest whole.
 
 **Communication**: the bytes of the results of one step's collectives on a device (what XLA's program produces,
-:func:`hlo_collectives`), by formula: a data-parallel gradient all-reduce (the gradients' bytes); FSDP's all-gather
-of the parameters and reduce-scatter of the gradients; Megatron's four all-reduces of ``B·T·C`` per block along
-the model axis (Shoeybi et al. 2019, §3; two in a block of experts, whose MLP is not split); the pipeline's activation and gradient per micro-batch across each stage
-boundary, ``2 · K · (B/K)·T·C`` (jnnex's program sends on every tick of the schedule, ``2 (K + P − 1)`` each way, idle
-ticks sending zeros: ``comm_jnnex``); expert parallelism's four all-to-alls of ``E · cap · C`` per block (two each
-way, forward and backward; ``cap``: a device's tokens, dropless). A ring moves about ``2 (n − 1)/n`` of an
-all-reduce's bytes over each device's link.
+:func:`hlo_collectives`), by formula: a data-parallel gradient all-reduce (the gradients' bytes, a tied table's
+twice: the global-view step all-reduces its two gradients apiece); FSDP's all-gather of the parameters and
+reduce-scatter of the gradients; Megatron's four all-reduces of ``B·T·C`` per block along the model axis (Shoeybi et
+al. 2019, §3; two in a block of experts, whose MLP is not split); the pipeline's activation and gradient per
+micro-batch across each stage boundary, ``2 · K · (B/K)·T·C`` (jnnex's program sends on every tick of the schedule,
+``2 (K + P − 1)`` each way, idle ticks sending zeros: ``comm_jnnex``); expert parallelism's four all-to-alls of
+``E · cap · C`` per block (two each way, forward and backward; ``cap``: a device's tokens, dropless). A ring moves
+about ``2 (n − 1)/n`` of an all-reduce's bytes over each device's link.
 
 Per device, in bytes: **parameters**, **gradients**, **optimizer** (the optimiser's state, read by shape from the
 optimiser: AdamW's two float32 moments by default), **gathered** (FSDP's
@@ -378,9 +379,10 @@ _BYTES = {"f64": 8, "s64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
 
 
 def _computation_counts(text: str) -> dict:
-    """How many times each computation of a compiled program's text runs in one call of the program: the entry once,
-    a ``while`` loop's body its ``known_trip_count`` times its caller's count (a loop of unknown count: once), any
-    other computation it calls (a branch, a fusion, a call) its caller's count."""
+    """How many times each computation of a compiled program's text runs in one call of the program, summed over
+    the places that call it: the entry once, a ``while`` loop's body its ``known_trip_count`` times its caller's
+    count (a loop of unknown count: once), any other computation it calls (a fusion, a call, a conditional's every
+    branch, as if taken) its caller's count."""
     calls, entry, current = {}, None, None
     for line in text.splitlines():
         head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
@@ -398,16 +400,16 @@ def _computation_counts(text: str) -> dict:
                                           for c in re.findall(r"%?([\w.\-]+)", group)]:
             times = int(trip.group(1)) if body and callee == body.group(1) and trip else 1
             calls[current].append((callee, times))
-    counts = {entry: 1} if entry else {}
-    pending = [entry] if entry else []
-    while pending:
-        caller = pending.pop()
-        for callee, times in calls.get(caller, []):
-            n = counts[caller] * times
-            if counts.get(callee, 0) < n:
-                counts[callee] = n
-                pending.append(callee)
-    return counts
+    callers: dict = {}
+    for caller, callees in calls.items():
+        for callee, times in callees:
+            callers.setdefault(callee, []).append((caller, times))
+
+    @functools.cache
+    def runs(name) -> int:  # (an HLO module's calls form no cycle)
+        return 1 if name == entry else sum(runs(c) * t for c, t in callers.get(name, []))
+
+    return {name: runs(name) for name in calls}
 
 
 def hlo_collectives(text: str, mesh) -> list[dict]:
