@@ -174,12 +174,17 @@ def test_the_llama_with_experts_hand_written_gradients_equal_jax_grad_per_tensor
     params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0))[0])
     x = jax.random.randint(jax.random.key(1), (4, 8), 0, 11)
     y = jax.random.randint(jax.random.key(2), (4, 8), -1, 11)
-    (want_loss, _), want = jax.value_and_grad(model.objective, has_aux=True)(params, (), x, y)
-    got = manual_gradients(model, params, (), x, y)
-    np.testing.assert_allclose(got.loss, want_loss, rtol=1e-13)
-    ce = model.loss(params, (), x, y)[0]
-    assert float(got.loss - ce) > 0  # the balancing loss is in the objective
-    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got.grads)):
+
+    @jax.jit  # (one compiled program each, not an eager op at a time)
+    def both(params, x, y):
+        (want_loss, _), want = jax.value_and_grad(model.objective, has_aux=True)(params, (), x, y)
+        got = manual_gradients(model, params, (), x, y)
+        return want_loss, want, got.loss, got.grads, model.loss(params, (), x, y)[0]
+
+    want_loss, want, got_loss, got_grads, ce = both(params, x, y)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-13)
+    assert float(got_loss - ce) > 0  # the balancing loss is in the objective
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got_grads)):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-12, err_msg=jax.tree_util.keystr(path))
     if "expert_capacity" in kw:
         blk = params.blocks[0]

@@ -208,9 +208,15 @@ def test_the_optimiser_sees_each_block_as_on_one_device():
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.5, mask=matrices_only))
     wrapped = PP.per_block(opt, model.cfg.n_layer)
     stacked = PP.stack_blocks(params)
-    with jax.numpy_dtype_promotion("standard"):  # (optax's, as the step runs it)
-        want, _ = opt.update(grads, opt.init(params), params)
-        got, _ = wrapped.update(PP.stack_blocks(grads), wrapped.init(stacked), stacked)
+
+    @jax.jit  # (each update one compiled program, not an eager op at a time)
+    def both(grads, params, stacked):
+        with jax.numpy_dtype_promotion("standard"):  # (optax's, as the step runs it)
+            want, _ = opt.update(grads, opt.init(params), params)
+            got, _ = wrapped.update(PP.stack_blocks(grads), wrapped.init(stacked), stacked)
+        return want, got
+
+    want, got = both(grads, params, stacked)
     assert_equal_per_tensor(PP.unstack_blocks(got, model.cfg.n_layer), want, atol=0)
 
 
@@ -226,16 +232,21 @@ def test_each_stage_updates_its_own_blocks_as_one_device_updates_them(optimizer)
     params = f64(model.init(jax.random.key(0))[0])
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(7), p.shape, p.dtype), params)
     opt = make_optimizer(TrainConfig(optimizer=optimizer, lr=1e-2, grad_clip=0.5))
-    with jax.numpy_dtype_promotion("standard"):
-        state = opt.update(grads, opt.init(params), params)[1]  # (a second step: moments that are not zero)
-        want, want_state = opt.update(grads, state, params)
+
+    @jax.jit
+    def one_device(grads, params):
+        with jax.numpy_dtype_promotion("standard"):
+            state = opt.update(grads, opt.init(params), params)[1]  # (a second step: moments that are not zero)
+            return state, opt.update(grads, state, params)
+
+    state, (want, want_state) = one_device(grads, params)
     mesh = PP.mesh_3d(2, 2, 1)
-    update = jax.jit(PP.stage_update(model, opt, mesh, params))
-    got, got_state = update(PP.stack_blocks(grads), PP.stack_blocks(state), PP.stack_blocks(params))
+    stacked = [PP.stack_blocks(t) for t in (grads, state, params)]
+    update = jax.jit(PP.stage_update(model, opt, mesh, params)).lower(*stacked).compile()
+    got, got_state = update(*stacked)
     assert_equal_per_tensor(PP.unstack_blocks(got, model.cfg.n_layer), want, atol=1e-15)
     assert_equal_per_tensor(PP.unstack_blocks(got_state, model.cfg.n_layer), want_state, atol=1e-15)
-    text = update.lower(*(PP.stack_blocks(t) for t in (grads, state, params))).compile().as_text()
-    assert [(f["op"], f["bytes"]) for f in hlo_collectives(text, mesh)] == [("all-reduce", 8)]
+    assert [(f["op"], f["bytes"]) for f in hlo_collectives(update.as_text(), mesh)] == [("all-reduce", 8)]
 
 
 def test_a_pipelined_run_checkpoints_and_resumes_where_one_device_ends(tmp_path):

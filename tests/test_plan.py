@@ -41,9 +41,8 @@ def test_the_unsplit_activations_are_the_forwards_caches(small):
         == est.activations
 
 
-@pytest.mark.parametrize("scheme,devices,optimizer", [
-    ("dp", 4, "adamw"), ("fsdp", 4, "adamw"), ("tp", 4, "adamw"), ("tp", 2, "adamw"),
-    ("fsdp", 4, "sgd"), ("tp", 2, "sgd"), ("fsdp", 4, "muon"), ("tp", 2, "muon"),
+@pytest.mark.parametrize("scheme,devices,optimizer", [  # (AdamW on dp, fsdp and tp over 4: the every-scheme test)
+    ("tp", 2, "adamw"), ("fsdp", 4, "sgd"), ("tp", 2, "sgd"), ("fsdp", 4, "muon"), ("tp", 2, "muon"),
 ])
 def test_the_resident_bytes_are_xlas_arguments(small, scheme, devices, optimizer):
     """The plan's parameters + optimiser state per device against XLA's argument bytes of the compiled step (which
