@@ -13,10 +13,11 @@
 #
 # **What you will learn**: the three ways large models split what tensor parallelism does not. **Pipeline
 # parallelism** cuts the blocks into stages and the batch into micro-batches, and a schedule says who works when —
-# you will write the schedules, draw their bubbles and accumulate a pipeline's gradients by hand. **A mixture of
-# experts** gives each token a few of many MLPs, chosen by a router; you will route tokens, count each expert's
-# load and watch the balancing loss even it out. **Ring attention** splits a long sequence over devices and passes
-# the keys and values round a ring; you will run the ring with the online softmax and see why the chunks are striped.
+# you will write the schedules, draw their bubbles, replay them as one lockstep program and accumulate a
+# pipeline's gradients by hand. **A mixture of experts** gives each token a few of many MLPs, chosen by a router;
+# you will route tokens, count each expert's load and watch the balancing loss even it out. **Ring attention**
+# splits a long sequence over devices and passes the keys and values round a ring; you will run the ring with the
+# online softmax and see why the chunks are striped.
 # Each mechanism is written on the page first, then shown equal to jnnex's.
 #
 # Code: `jnnex/pipeline.py`, `jnnex/models/moe.py`, `jnnex/expert_parallel.py`, `jnnex/models/ring.py`. Background:
@@ -24,7 +25,8 @@
 # Ring Attention (Liu et al. 2023), striped attention (Brandon et al. 2023). No GPU needed: 4 *forced* CPU devices.
 # **Full size** (`python lessons/11_pipelines_experts_rings.py`, 2 cores, 114 s measured): the page's schedules
 # are jnnex's tick for tick, bubble 0.2727 = (P − 1)/(M + P − 1) at P = 4, M = 8, stage 0 holding 8 micro-batches
-# under GPipe and 4 under 1F1B; the page's micro-batched gradients and jnnex's 4-stage 1F1B equal the whole batch's to
+# under GPipe and 4 under 1F1B; with a backward twice a forward, in lockstep 1F1B idles 0.4000 and the alternating
+# schedule 0.2727 (holding 7); the page's micro-batched gradients and jnnex's 4-stage 1F1B equal the whole batch's to
 # 1.1e-16 in float64; the page's router gives jnnex's balancing loss exactly; after 600 steps the busiest expert takes
 # 2.82× the mean load without the balancing loss and 1.10× with it (dev 2.2342 against 2.2444); the page's ring and
 # jnnex's equal plain causal attention to 4.4e-16, the busiest device doing 1.05× the mean work striped, 1.74×
@@ -398,7 +400,8 @@ learn.show(fig, "11-ring")
 # * `jnnex train --model gpt --devices 8 --stages 2 --model-parallel 2 --micro-batches 2` (with
 #   `JAX_NUM_CPU_DEVICES=8`): data × stage × model, the same run as one device.
 # * `jnnex plan --model llama --preset mixtral-8x7b --vocab-size 32000 --devices 8`: the experts on paper.
-# * `jnnex bench --only pipeline`: the bubble replayed with measured stage times, and 1F1B's memory against GPipe's.
+# * `jnnex bench --only pipeline`: the bubble replayed with measured stage times, as separate programs and in
+#   lockstep, and each schedule's memory against GPipe's.
 
 # %%
 learn.result(same_tables=same_tables, same_alternating=same_alternating, excess=excess, lockstep_gap=lockstep_gap,
