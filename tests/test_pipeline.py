@@ -85,7 +85,7 @@ def test_the_replays_bubbles_in_lockstep_and_not(name, P, M, F, B, extra):
 
 def test_jnnex_s_lockstep_program_idles_in_1f1b_where_the_alternating_schedule_does_not():
     """P = 2, M = 8, a backward twice a forward: 1F1B's lockstep ticks last a backward each in the steady state
-    (a bubble of 1 - 8·3 / (2·(2 + 16·2)), not 1/9); the alternating schedule's last the forward or the backward."""
+    (a bubble of 1 - 8·3 / (2 + 16·2), not 1/9); the alternating schedule's last the forward or the backward."""
     f1b, alt = PP.schedule("1f1b", 2, 8), PP.schedule("alternating", 2, 8)
     makespan, busy = f1b.replay([1.0, 1.0], [2.0, 2.0], lockstep=True)
     assert makespan == 2 * 1 + 16 * 2 and 1 - sum(busy) / (2 * makespan) == pytest.approx(1 - 48 / 68)
@@ -273,7 +273,8 @@ def test_a_pipelined_run_checkpoints_and_resumes_where_one_device_ends(tmp_path)
 @pytest.mark.parametrize("kwargs, message", [
     ({"stages": 3, "micro_batches": 2}, "the stages (3) must divide the blocks (n_layer 4)"),
     ({"stages": 2, "micro_batches": 0}, "micro-batches must be an integer >= 1, got 0"),
-    ({"stages": 2, "micro_batches": 2, "schedule": "zigzag"}, "the schedule must be one of gpipe, 1f1b, alternating, got 'zigzag'"),
+    ({"stages": 2, "micro_batches": 2, "schedule": "zigzag"},
+     "the schedule must be one of gpipe, 1f1b, alternating, got 'zigzag'"),
     ({"stages": 2}, "give both"),
     ({"stages": 4, "micro_batches": 2, "model_parallel": 2}, "devices (4) must be a number that divides by stages × "
                                                              "model_parallel (4 × 2)"),
