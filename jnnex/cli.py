@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--stages", type=int, help="pipeline stages of pp (default: the most that divide --devices and "
                                                "the blocks)")
     pl.add_argument("--micro-batches", type=int, help="micro-batches of pp (default: --batch-size, a row each)")
+    pl.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe", "alternating"], default="1f1b",
+                    help="the schedule of pp (default 1f1b): what a stage holds and how many ticks send")
     pl.add_argument("--model-parallel", type=int, help="the model axis of tp (default: every device) and fsdp+tp "
                                                       "(default 2)")
     pl.add_argument("--batch-size", type=int, default=1, help="sequences per data shard (default 1)")
@@ -599,7 +601,7 @@ def cmd_plan(args) -> int:
     model = plan.build_model(args.model, args.preset, **over)
     result = plan.report(model, args.devices, schemes=args.parallel, model_parallel=args.model_parallel,
                          batch=args.batch_size, check=args.check, optimizer=args.optimizer, stages=args.stages,
-                         micro_batches=args.micro_batches)
+                         micro_batches=args.micro_batches, schedule=args.pipeline_schedule)
     print(json.dumps({"rows": result["rows"], "family": result["family"]}) if args.json else result["table"])
     return 0
 

@@ -12,8 +12,9 @@ For ``devices`` devices, one of six schemes (``model_parallel`` ``M`` for ``tp``
   router: replicated on the model axis); activations inside a block split too;
 * ``fsdp+tp`` — on paper only (not a training mode yet): the tensor-parallel slices, split ``1/(N/M)`` again by FSDP;
 * ``pp``      — pipeline parallelism over ``P`` stages (``--stages P --micro-batches K``; :mod:`jnnex.pipeline`,
-  1F1B): each device ``1/P`` of the blocks and the embedding and head whole; stage 0's ``min(P, K)`` micro-batches'
-  activations (or the last stage's one and its logits, whichever is more);
+  1F1B by default, ``--pipeline-schedule``): each device ``1/P`` of the blocks and the embedding and head whole; the
+  activations of the micro-batches the busiest stage holds (1F1B: stage 0's ``min(P, K)``; GPipe ``K``; alternating
+  ``min(2P − 1, K)``), the last stage's with one micro-batch's logits;
 * ``ep``      — expert parallelism for a mixture of experts (:mod:`jnnex.expert_parallel`): each device ``1/N`` of
   every block's experts, the rest whole.
 
@@ -228,19 +229,21 @@ def megatron_all_reduces(model) -> int:
 
 
 def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None, batch: int = 1,
-         T: int | None = None, optimizer=None, stages: int | None = None, micro_batches: int | None = None) -> Plan:
+         T: int | None = None, optimizer=None, stages: int | None = None, micro_batches: int | None = None,
+         schedule: str = "1f1b") -> Plan:
     """The per-device memory of training ``model`` under ``scheme`` on ``devices`` devices, ``batch`` sequences of
     ``T`` tokens (default: the model's block) per data shard, with ``optimizer`` (an optax transformation; default
     AdamW) — its state read from the optimiser itself, by shape, over a device's slice of the parameters
     (:func:`jnnex.optim.state_shapes`: SGD keeps nothing, AdamW two moments, Muon one momentum per matrix) — and the
-    bytes its collectives produce in one step, by formula. ``pp``: ``stages`` and ``micro_batches`` (default: the
-    batch, one row each)."""
+    bytes its collectives produce in one step, by formula. ``pp``: ``stages``, ``micro_batches`` (default: the
+    batch, one row each) and the ``schedule`` (:func:`jnnex.pipeline.schedule`: what a stage holds, how many ticks
+    send)."""
     check_scheme(model, scheme)
     d, m = axes(scheme, devices, model_parallel, stages)
     T = model.block_size if T is None else T
     optimizer = adamw_if_none(optimizer)
     if scheme == "pp":
-        return _pipeline_plan(model, d, stages, batch, micro_batches or batch, T, optimizer)
+        return _pipeline_plan(model, d, stages, batch, micro_batches or batch, T, optimizer, schedule)
     if scheme == "ep":
         return _expert_plan(model, d, batch, T, optimizer)
     params = _param_shapes(model.name, model.cfg)
@@ -266,29 +269,34 @@ def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None,
     return Plan(scheme, d, m, held, held, resident(state), gathered, activation_bytes(model, batch, T, m), comm=comm)
 
 
-def _pipeline_plan(model, d: int, P: int, batch: int, K: int, T: int, optimizer) -> Plan:
-    """A stage's memory under 1F1B: ``1/P`` of the blocks and the rest whole (jnnex's stages each hold the embedding
-    and head); stage 0's ``min(P, K)`` micro-batches' caches or the last stage's one and its logits, the more."""
+def _pipeline_plan(model, d: int, P: int, batch: int, K: int, T: int, optimizer, schedule: str = "1f1b") -> Plan:
+    """A stage's memory under ``schedule``: ``1/P`` of the blocks and the rest whole (jnnex's stages each hold the
+    embedding and head); the caches of the micro-batches the busiest stage holds at once (the schedule's slots: 1F1B
+    ``min(P, K)``, GPipe ``K``, alternating ``min(2P − 1, K)``), and on the last stage one micro-batch's logits (its
+    head's forward and backward share a tick), whichever stage holds more. Its sends: one activation and one gradient
+    each way on every tick of the schedule (``comm_jnnex``; the formula's, only those that carry a micro-batch)."""
     from jnnex import pipeline
 
     cfg = model.cfg
     pipeline.check_pipeline(model, P)
     if batch % K:
         raise ValueError(f"plan: --micro-batches {K} must divide --batch-size {batch}")
+    sched = pipeline.schedule(schedule, P, K)
     params = _param_shapes(model.name, cfg)
     stage = params._replace(blocks=params.blocks[:cfg.n_layer // P])
     held = nbytes(stage)
     state = nbytes(optim.state_shapes(optimizer, stage))
     rows, Lp = batch // K, cfg.n_layer // P
-    first = min(P, K) * rows * row_bytes(model, T, 1, Lp, logits=False)
-    last = rows * row_bytes(model, T, 1, Lp)
+    caches = rows * row_bytes(model, T, 1, Lp, logits=False)  # one micro-batch's, on one stage
+    logits = rows * row_bytes(model, T, 1, Lp) - caches
+    activations = max(sched.held(s) * caches + (logits if s == P - 1 else 0) for s in range(P))
     shared = nbytes(params._replace(blocks=()))
     boundary = rows * T * cfg.n_embd * 4  # one micro-batch's activation (or its gradient) across a stage boundary
     # the blocks' gradients all-reduced over "data"; the embedding's and head's over "data" and "stage" at once
     grads = (held - shared if d > 1 else 0) + (shared if d * P > 1 else 0)
-    return Plan("pp", d, 1, held, held, state, 0, max(first, last), stages=P,
+    return Plan("pp", d, 1, held, held, state, 0, activations, stages=P,
                 comm=(2 * K * boundary if P > 1 else 0) + grads,
-                comm_jnnex=(2 * 2 * (K + P - 1) * boundary if P > 1 else 0) + grads)
+                comm_jnnex=(2 * sched.ticks * boundary if P > 1 else 0) + grads)
 
 
 def _expert_plan(model, d: int, batch: int, T: int, optimizer) -> Plan:
@@ -322,7 +330,7 @@ def largest_fitting(devices: int, scheme: str, size: float, *, model_parallel: i
 
 def largest_fitting_each(devices: int, scheme: str, sizes, *, model_parallel: int | None = None, batch: int = 1,
                          T: int = 1024, vocab: int = 50_304, optimizer=None, stages: int | None = None,
-                         micro_batches: int | None = None) -> list[str | None]:
+                         micro_batches: int | None = None, schedule: str = "1f1b") -> list[str | None]:
     """:func:`largest_fitting` for each of ``sizes``, each family member planned once."""
     best = [None] * len(sizes)
     m = axes(scheme, devices, model_parallel, stages)[1]
@@ -331,17 +339,17 @@ def largest_fitting_each(devices: int, scheme: str, sizes, *, model_parallel: in
             continue
         model = build_model("gpt", None, vocab_size=vocab, block_size=T, bias=True, tie=True, **shape)
         total = plan(model, scheme, devices, model_parallel=model_parallel, batch=batch, T=T,
-                     optimizer=optimizer, stages=stages, micro_batches=micro_batches).total
+                     optimizer=optimizer, stages=stages, micro_batches=micro_batches, schedule=schedule).total
         best = [name if total <= size else b for b, size in zip(best, sizes)]
     return best
 
 
 def xla_check(model, scheme: str, devices: int, *, model_parallel: int | None = None, batch: int = 1,
               T: int | None = None, optimizer=None, stages: int | None = None,
-              micro_batches: int | None = None) -> dict:
+              micro_batches: int | None = None, schedule: str = "1f1b") -> dict:
     """XLA's figures for the training step of ``scheme`` with ``optimizer`` (default AdamW), compiled for ``devices``
     of ``jax.devices()`` from shapes alone — the step :func:`jnnex.train.fit` runs, from the same
-    :class:`jnnex.layout.Layout` (``pp``: 1F1B, ``stages`` and ``micro_batches``, default the batch a row each):
+    :class:`jnnex.layout.Layout` (``pp``: ``stages``, ``micro_batches``, default the batch a row each, ``schedule``):
     ``{"arguments", "outputs", "temporaries"}``, its memory analysis in bytes per device, and ``"comm"``, the bytes
     its collectives produce on a device in one step (:func:`hlo_collectives`, a loop's counted each time it runs)."""
     from jnnex.layout import Parallel, make_layout
@@ -358,7 +366,7 @@ def xla_check(model, scheme: str, devices: int, *, model_parallel: int | None = 
     opt = adamw_if_none(optimizer)
     ts = jax.eval_shape(lambda k: init_train_state(model, opt, k), jax.random.key(0))
     par = Parallel(scheme, devices, m if scheme == "tp" else None, stages if scheme == "pp" else None,
-                   (micro_batches or batch) if scheme == "pp" else None, "1f1b" if scheme == "pp" else None)
+                   (micro_batches or batch) if scheme == "pp" else None, schedule if scheme == "pp" else None)
     layout = make_layout(par, model, opt, ts)
     mesh = layout.mesh
     rep = jax.sharding.NamedSharding(mesh, P())
@@ -486,12 +494,12 @@ def default_stages(model, devices: int) -> int:
 
 def report(model, devices: int, *, schemes=None, model_parallel: int | None = None, batch: int = 1,
            T: int | None = None, check: bool = False, optimizer: str = "adamw", stages: int | None = None,
-           micro_batches: int | None = None) -> dict:
+           micro_batches: int | None = None, schedule: str = "1f1b") -> dict:
     """Every scheme's plan on ``devices`` (``tp``: ``model_parallel``, default the widest split of the heads that
     divides ``devices``; ``fsdp+tp``: ``model_parallel``, default the widest up to 2), XLA's figures beside the plans
     that compile (``check``), and the largest model of :data:`FAMILY` that fits each device size under each scheme.
     ``optimizer``: the name of the optimiser (:data:`jnnex.optim.OPTIMIZERS`, at its default settings) whose state is
-    planned and compiled. ``{"rows", "family", "table"}``."""
+    planned and compiled; ``schedule``: the pipeline's (pp). ``{"rows", "family", "table"}``."""
     from jnnex.bench.harness import table
 
     opt = optim.make_optimizer(optim.TrainConfig(optimizer=optimizer))
@@ -504,7 +512,7 @@ def report(model, devices: int, *, schemes=None, model_parallel: int | None = No
         m = None if scheme in ("dp", "fsdp", "pp", "ep") else (model_parallel or widest_split(
             model, devices, None if scheme == "tp" else 2))
         p = plan(model, scheme, devices, model_parallel=m, batch=batch, T=T, optimizer=opt, stages=stages,
-                 micro_batches=micro_batches)
+                 micro_batches=micro_batches, schedule=schedule)
         row = p.row()
         if check and scheme != "fsdp+tp":
             if p.total > XLA_COUNTS:  # (XLA's heap simulator aborts the process past its 64-bit byte counts)
@@ -513,7 +521,7 @@ def report(model, devices: int, *, schemes=None, model_parallel: int | None = No
                                  f"figure at these sizes, and it counts bytes in 64 bits): nothing compiled. Without "
                                  f"--check the plan is printed; or give a smaller --block or --batch-size")
             xla = xla_check(model, scheme, devices, model_parallel=m, batch=batch, T=T, optimizer=opt,
-                            stages=stages, micro_batches=micro_batches)
+                            stages=stages, micro_batches=micro_batches, schedule=schedule)
             row.update({"xla_arguments": xla["arguments"] / GB, "xla_temporaries": xla["temporaries"] / GB,
                         "xla_outputs": xla["outputs"] / GB,
                         "resident/xla_args": (p.params + p.optimizer) / xla["arguments"],
@@ -524,7 +532,7 @@ def report(model, devices: int, *, schemes=None, model_parallel: int | None = No
         if scheme == "ep":  # (the family is dense GPTs)
             continue
         fits = largest_fitting_each(devices, scheme, DEVICE_SIZES.values(), model_parallel=m, batch=batch, T=T,
-                                    optimizer=opt, stages=stages, micro_batches=micro_batches)
+                                    optimizer=opt, stages=stages, micro_batches=micro_batches, schedule=schedule)
         family.append({"scheme": scheme, "mesh": row["mesh"],
                        **{label: name or "none" for label, name in zip(DEVICE_SIZES, fits)}})
     cols = ["scheme", "mesh", "params", "grads", "optimizer", "gathered", "activations", "total_GB", "comm_GB"]

@@ -98,6 +98,7 @@ def test_every_scheme_compiles_and_its_collectives_are_counted():
     llama = PL.build_model("llama", "shakespeare-cpu", vocab_size=64, block_size=16, n_layer=1, n_expert=4,
                            expert_top_k=2)
     cases = [(gpt, "dp", {}), (gpt, "fsdp", {}), (gpt, "tp", {}), (gpt, "pp", {"stages": 2, "micro_batches": 2}),
+             (gpt, "pp", {"stages": 2, "micro_batches": 4, "schedule": "alternating"}),
              (llama, "ep", {}), (llama, "tp", {"model_parallel": 2})]
     for model, scheme, kw in cases:
         p = PL.plan(model, scheme, 4, batch=4, **kw)
@@ -218,6 +219,23 @@ def test_a_pipeline_stage_holds_its_blocks_and_sends_what_xla_compiles():
     grads = p.comm - 2 * 4 * boundary
     assert 0 <= reduced - grads <= 64
     assert p.comm_jnnex - grads == sched.ticks * permutes and sched.ticks == 2 * (4 + 2 - 1)
+
+
+def test_a_pipeline_stage_holds_what_its_schedule_holds():
+    """``pp`` on data 2 × stage 2, 8 micro-batches of a row: the busiest stage's activations are the caches of the
+    micro-batches its schedule holds at once (GPipe 8, alternating 3, 1F1B 2), and jnnex's sends one each way a
+    tick of the schedule (1F1B and GPipe 2 (8 + 1), alternating 2 (8 + 2))."""
+    import jnnex.pipeline as PP
+    model = PL.build_model("gpt", "shakespeare-cpu", vocab_size=64, block_size=32)
+    plans = {name: PL.plan(model, "pp", 4, batch=8, stages=2, micro_batches=8, schedule=name)
+             for name in ("gpipe", "alternating", "1f1b")}
+    one = PL.row_bytes(model, 32, 1, model.cfg.n_layer // 2, logits=False)  # one row's caches on a stage
+    logits = PL.row_bytes(model, 32, 1, model.cfg.n_layer // 2) - one
+    assert [p.activations for p in plans.values()] == [8 * one + logits, 3 * one, 2 * one]
+    boundary = 32 * 128 * 4
+    grads = plans["1f1b"].comm - 2 * 8 * boundary
+    assert {name: (p.comm_jnnex - grads) // (2 * boundary) for name, p in plans.items()} == {
+        name: PP.schedule(name, 2, 8).ticks for name in plans} == {"gpipe": 18, "alternating": 20, "1f1b": 18}
 
 
 def test_expert_parallelism_holds_a_share_of_the_experts_and_its_all_to_alls_are_the_formulas():
