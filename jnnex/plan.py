@@ -89,6 +89,7 @@ class Plan(NamedTuple):
     stages: int = 1  # devices along "stage" (pp)
     comm: int = 0  # bytes of one step's collective results on a device, by formula
     comm_jnnex: int = 0  # the same for jnnex's program where it differs from the formula (the pipeline's idle ticks)
+    bubble: float | None = None  # pp: the idle fraction of jnnex's lockstep program, equal stages, a backward 2F
 
     PARTS = ("params", "grads", "optimizer", "gathered", "activations")  # what the memory total sums
 
@@ -100,7 +101,8 @@ class Plan(NamedTuple):
         mesh = f"{self.data} x {self.model}" if self.stages == 1 else f"{self.data} x {self.stages} stages"
         return {"scheme": self.scheme, "mesh": mesh, **{k: getattr(self, k) / GB for k in self.PARTS},
                 "total_GB": self.total / GB, "comm_GB": self.comm / GB,
-                **({"comm_jnnex_GB": self.comm_jnnex / GB} if self.comm_jnnex else {})}
+                **({"comm_jnnex_GB": self.comm_jnnex / GB} if self.comm_jnnex else {}),
+                **({"bubble": self.bubble} if self.bubble is not None else {})}
 
 
 def build_model(name: str = "gpt", preset: str | None = "gpt2-124m", **over):
@@ -274,7 +276,9 @@ def _pipeline_plan(model, d: int, P: int, batch: int, K: int, T: int, optimizer,
     embedding and head); the caches of the micro-batches the busiest stage holds at once (the schedule's slots: 1F1B
     ``min(P, K)``, GPipe ``K``, alternating ``min(2P − 1, K)``), and on the last stage one micro-batch's logits (its
     head's forward and backward share a tick), whichever stage holds more. Its sends: one activation and one gradient
-    each way on every tick of the schedule (``comm_jnnex``; the formula's, only those that carry a micro-batch)."""
+    each way on every tick of the schedule (``comm_jnnex``; the formula's, only those that carry a micro-batch). Its
+    ``bubble``: the idle fraction of jnnex's lockstep program running it, with equal stages and a backward twice a
+    forward (:meth:`jnnex.pipeline.Schedule.replay`)."""
     from jnnex import pipeline
 
     cfg = model.cfg
@@ -294,9 +298,10 @@ def _pipeline_plan(model, d: int, P: int, batch: int, K: int, T: int, optimizer,
     boundary = rows * T * cfg.n_embd * 4  # one micro-batch's activation (or its gradient) across a stage boundary
     # the blocks' gradients all-reduced over "data"; the embedding's and head's over "data" and "stage" at once
     grads = (held - shared if d > 1 else 0) + (shared if d * P > 1 else 0)
+    makespan, busy = sched.replay([1.0] * P, [2.0] * P, lockstep=True)  # (a backward's FLOPs: twice a forward's)
     return Plan("pp", d, 1, held, held, state, 0, activations, stages=P,
                 comm=(2 * K * boundary if P > 1 else 0) + grads,
-                comm_jnnex=(2 * sched.ticks * boundary if P > 1 else 0) + grads)
+                comm_jnnex=(2 * sched.ticks * boundary if P > 1 else 0) + grads, bubble=1 - sum(busy) / (P * makespan))
 
 
 def _expert_plan(model, d: int, batch: int, T: int, optimizer) -> Plan:
@@ -537,7 +542,7 @@ def report(model, devices: int, *, schemes=None, model_parallel: int | None = No
                        **{label: name or "none" for label, name in zip(DEVICE_SIZES, fits)}})
     cols = ["scheme", "mesh", "params", "grads", "optimizer", "gathered", "activations", "total_GB", "comm_GB"]
     if "pp" in schemes:
-        cols.append("comm_jnnex_GB")
+        cols += ["comm_jnnex_GB", "bubble"]
     if check:
         cols += ["xla_arguments", "xla_temporaries", "resident/xla_args", "step/xla_temp", "xla_comm_GB",
                  "comm/xla_comm"]

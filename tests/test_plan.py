@@ -223,8 +223,9 @@ def test_a_pipeline_stage_holds_its_blocks_and_sends_what_xla_compiles():
 
 def test_a_pipeline_stage_holds_what_its_schedule_holds():
     """``pp`` on data 2 × stage 2, 8 micro-batches of a row: the busiest stage's activations are the caches of the
-    micro-batches its schedule holds at once (GPipe 8, alternating 3, 1F1B 2), and jnnex's sends one each way a
-    tick of the schedule (1F1B and GPipe 2 (8 + 1), alternating 2 (8 + 2))."""
+    micro-batches its schedule holds at once (GPipe 8, alternating 3, 1F1B 2); jnnex's sends one each way a tick of
+    the schedule (1F1B and GPipe 2 (8 + 1), alternating 2 (8 + 2)); and its lockstep program idles as the schedule's
+    replay says."""
     import jnnex.pipeline as PP
     model = PL.build_model("gpt", "shakespeare-cpu", vocab_size=64, block_size=32)
     plans = {name: PL.plan(model, "pp", 4, batch=8, stages=2, micro_batches=8, schedule=name)
@@ -236,6 +237,8 @@ def test_a_pipeline_stage_holds_what_its_schedule_holds():
     grads = plans["1f1b"].comm - 2 * 8 * boundary
     assert {name: (p.comm_jnnex - grads) // (2 * boundary) for name, p in plans.items()} == {
         name: PP.schedule(name, 2, 8).ticks for name in plans} == {"gpipe": 18, "alternating": 20, "1f1b": 18}
+    # jnnex's lockstep program, a backward twice a forward: GPipe and alternating the formula's 1/9, 1F1B 1 - 48/68
+    assert [round(p.bubble, 12) for p in plans.values()] == [round(1 / 9, 12)] * 2 + [round(1 - 48 / 68, 12)]
 
 
 def test_expert_parallelism_holds_a_share_of_the_experts_and_its_all_to_alls_are_the_formulas():
