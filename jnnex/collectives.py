@@ -160,3 +160,14 @@ class Row(NamedTuple):
 
 
 ROW = Row()
+
+
+class ExpertsSplit(NamedTuple):
+    """A mixture of experts split inside each expert (Megatron's expert tensor parallelism): every expert's hidden
+    units over the model axis — its first layer ``column`` ``(E, C, H)`` by its last axis, its second ``row``
+    ``(E, H, C)`` by its middle one — the router replicated (:func:`jnnex.models.moe.moe_forward`'s ``model_axis``).
+    ``hidden``: the units split, for the error when they do not divide."""
+
+    hidden: Part
+    column: str = "W1"
+    row: str = "W2"

@@ -8,8 +8,8 @@ For ``devices`` devices, one of six schemes (``model_parallel`` ``M`` for ``tp``
   (:func:`jnnex.parallel.fsdp_spec`), and during the step the whole parameters and gradients *gathered* — at once,
   as jnnex's global-view step compiles; a layer-by-layer gather (PyTorch FSDP's) would hold one block instead;
 * ``tp``      — Megatron's tensor parallelism over ``M`` devices (``--model-parallel M``; :mod:`jnnex.tensor_parallel`):
-  every block's matrices ``1/M``, the embeddings, norms and head whole (and a mixture of experts' experts and
-  router: replicated on the model axis); activations inside a block split too;
+  every block's matrices ``1/M`` (a mixture of experts' every expert by its hidden units, the router whole), the
+  embeddings, norms and head whole; activations inside a block split too;
 * ``fsdp+tp`` — on paper only (not a training mode yet): the tensor-parallel slices, split ``1/(N/M)`` again by FSDP;
 * ``pp``      — pipeline parallelism over ``P`` stages (``--stages P --micro-batches K``; :mod:`jnnex.pipeline`,
   1F1B by default, ``--pipeline-schedule``): each device ``1/P`` of the blocks and the embedding and head whole; the
@@ -22,7 +22,7 @@ For ``devices`` devices, one of six schemes (``model_parallel`` ``M`` for ``tp``
 :func:`hlo_collectives`), by formula: a data-parallel gradient all-reduce (the gradients' bytes, a tied table's
 twice: the global-view step all-reduces its two gradients apiece); FSDP's all-gather of the parameters and
 reduce-scatter of the gradients; Megatron's four all-reduces of ``B·T·C`` per block along the model axis (Shoeybi et
-al. 2019, §3; two in a block of experts, whose MLP is not split); the pipeline's activation and gradient per
+al. 2019, §3; a block of experts adds its gates' gradients, ``B·T·E``: :func:`model_axis_bytes`); the pipeline's activation and gradient per
 micro-batch across each stage boundary, ``2 · K · (B/K)·T·C`` (jnnex's program sends on every tick of the schedule,
 ``2 (K + P − 1)`` each way, idle ticks sending zeros: ``comm_jnnex``); expert parallelism's four all-to-alls of
 ``E · cap · C`` per block (two each way, forward and backward; ``cap``: a device's tokens, dropless). A ring moves
@@ -223,11 +223,16 @@ def schemes_for(model) -> tuple[str, ...]:
     return SCHEMES if _has_experts(model) else tuple(s for s in SCHEMES if s != "ep")
 
 
-def megatron_all_reduces(model) -> int:
-    """The all-reduces of ``(B, T, C)`` a block that Megatron's split makes along the model axis in one step: the
-    attention's ``g`` (forward) and ``f`` (backward), and the MLP's — but a mixture of experts is replicated on the
-    model axis (:mod:`jnnex.tensor_parallel`), so its block makes the attention's two alone."""
-    return 2 if _has_experts(model) else 4
+def model_axis_bytes(model, batch: int, T: int) -> int:
+    """The bytes Megatron's split all-reduces along the model axis in one step, a device's ``batch`` rows of ``T``
+    tokens: four ``(B, T, C)`` a block — the attention's ``g`` (forward) and ``f`` (backward), and the MLP's; in a
+    block of experts split by their hidden units the MLP's are the gated outputs' and the inputs' gradients, and the
+    gates' gradients ``(B, T, E)`` are summed too (each device's hidden units give a part of each expert's output)."""
+    cfg = model.cfg
+    per_block = 4 * batch * T * cfg.n_embd * 4
+    if _has_experts(model):
+        per_block += batch * T * cfg.n_expert * 4
+    return cfg.n_layer * per_block
 
 
 def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None, batch: int = 1,
@@ -261,7 +266,7 @@ def plan(model, scheme: str, devices: int, *, model_parallel: int | None = None,
     held = resident(local)
     gathered = 2 * (whole - held)  # FSDP: the rest of the parameters and of the gradients, during the step
     cfg = model.cfg
-    megatron = megatron_all_reduces(model) * cfg.n_layer * batch * T * cfg.n_embd * 4 if m > 1 else 0  # of (B, T, C)
+    megatron = model_axis_bytes(model, batch, T) if m > 1 else 0
     if scheme.startswith("fsdp"):
         comm = megatron + (whole + held if d > 1 else 0)  # all-gather the parameters, reduce-scatter the gradients
     else:

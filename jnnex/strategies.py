@@ -269,7 +269,7 @@ def swiglu_args(draw, dtype=None):
 
 @st.composite
 def moe_args(draw, dtype=None):
-    """``(x (B, T, C), W_router (C, E), W1 (E, C, H), W2 (E, H, C), top_k, capacity, groups, None)``: 2–4 experts,
+    """``(x (B, T, C), W_router (C, E), W1 (E, C, H), W2 (E, H, C), top_k, capacity, groups, None, None)``: 2–4 experts,
     every top-k from 1 to all, sometimes two router columns equal — logits that tie exactly, the choice going to the
     lower index — and a capacity of 1 slot up to dropless (``None``) over 1 or more groups: dropped tokens."""
     B, T, C = draw(st.sampled_from((1, 3))), draw(st.sampled_from((1, 4))), draw(st.sampled_from((2, 4)))
@@ -282,7 +282,7 @@ def moe_args(draw, dtype=None):
     groups = draw(st.sampled_from([g for g in (1, 2, 3) if (B * T) % g == 0]))
     capacity = draw(st.one_of(st.none(), st.integers(1, max(1, B * T // groups))))
     return (draw(arrays((B, T, C), dtype=dtype)), W_router, draw(arrays((E, C, H), dtype=dtype, scale=C**-0.5)),
-            draw(arrays((E, H, C), dtype=dtype, scale=H**-0.5)), k, capacity, groups, None)
+            draw(arrays((E, H, C), dtype=dtype, scale=H**-0.5)), k, capacity, groups, None, None)
 
 
 def _gqa_heads(draw):

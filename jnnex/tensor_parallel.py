@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jnnex.collectives import MODEL, Column, Row, check_divides
+from jnnex.collectives import MODEL, Column, ExpertsSplit, Row, check_divides
 from jnnex.diagnostics import step_diagnostics
 from jnnex.layers import Linear, cross_entropy_backward, cross_entropy_forward
 from jnnex.lm import LanguageModel, grouped_config
@@ -92,6 +92,8 @@ def check_split(model: LanguageModel, n: int) -> None:
         if isinstance(rule, Column):
             for part in rule.parts:
                 check_divides(part.name, part.count, n)
+        if isinstance(rule, ExpertsSplit):
+            check_divides(rule.hidden.name, rule.hidden.count, n)
 
 
 def for_devices(W, parts, n: int):
@@ -143,6 +145,9 @@ def specs(model: LanguageModel, params):
     :class:`jnnex.collectives.Column` layers' weights by columns (their biases with them), :class:`~jnnex.collectives.
     Row` layers' by rows (their biases replicated), everything else replicated."""
     def linear(layer, rule):
+        if isinstance(rule, ExpertsSplit):  # (every expert's hidden units; the router replicated)
+            return jax.tree.map(lambda _: P(), layer)._replace(**{rule.column: P(None, None, MODEL),
+                                                                   rule.row: P(None, MODEL, None)})
         if isinstance(rule, Row):
             return Linear(P(MODEL, None), None if layer.b is None else P())
         return Linear(P(None, MODEL), None if layer.b is None else P(MODEL))
@@ -157,6 +162,8 @@ def layout(model: LanguageModel, params_like, n: int, inverse: bool = False):
     move = from_devices if inverse else for_devices
 
     def linear(layer, rule):
+        if isinstance(rule, ExpertsSplit):  # (one part: contiguous units, nothing to reorder)
+            return jax.tree.map(lambda _: (lambda a: a), layer)
         if isinstance(rule, Row):
             return Linear(lambda a: a, None if layer.b is None else (lambda a: a))
         fn = lambda a: move(a, rule.parts, n)  # noqa: E731

@@ -12,7 +12,7 @@ import jnnex.models.moe as M
 from jnnex.check import compare
 from pairs import f64
 
-FIXED = {"moe": (f64(2, 3, 4), f64(4, 3) * 0.5, f64(3, 4, 2) * 0.5, f64(3, 2, 4) * 0.5, 2, 2, 2, None)}
+FIXED = {"moe": (f64(2, 3, 4), f64(4, 3) * 0.5, f64(3, 4, 2) * 0.5, f64(3, 2, 4) * 0.5, 2, 2, 2, None, None)}
 
 test_pair_backward_equals_vjp_float64, test_pair_rejects_a_wrongly_shaped_gradient, test_pairs_are_declared = \
     pairs.tests(M, FIXED)
@@ -52,10 +52,11 @@ def test_ties_and_every_top_k_against_vjp():
     in float64, the router's gradient included (the balancing loss reaches it through the full softmax)."""
     x, Wr, W1, W2 = FIXED["moe"][:4]
     Wr = Wr.at[:, 2].set(Wr[:, 0])
-    names = ["dx", "dWr", "dW1", "dW2", "k", "capacity", "groups", "axis"]
+    names = ["dx", "dWr", "dW1", "dW2", "k", "capacity", "groups", "axis", "model_axis"]
     for k in (1, 2, 3):
         for capacity, groups in ((None, 1), (1, 2), (2, 3)):  # dropless; 1 slot per expert in each of 2 groups; …
-            rows = compare(M.moe_forward, M.moe_backward, x, Wr, W1, W2, k, capacity, groups, None, names=names)
+            rows = compare(M.moe_forward, M.moe_backward, x, Wr, W1, W2, k, capacity, groups, None, None,
+                           names=names)
             assert all(r.approx for r in rows), (k, capacity, rows)
             assert float(np.abs(np.asarray(rows[1].maxdiff))) < 1e-12
 
@@ -202,7 +203,11 @@ def test_expert_width_matches_the_dense_swiglus_active_parameters_and_bad_settin
                           ({"n_expert": 4, "precision": "bfloat16"}, "not supported yet")]:
         with pytest.raises(ValueError, match=message):
             L.LlamaConfig(**over)
-    assert set(moe_llama().split_fn(moe_llama().cfg)) == {"qkv", "attproj"}  # tensor parallel: the attention only
+    rules = moe_llama().split_fn(moe_llama().cfg)  # tensor parallel: the attention, and each expert's hidden units
+    assert set(rules) == {"qkv", "attproj", "experts"} and rules["experts"].hidden.count == moe_llama().cfg.expert_width
+    from jnnex.tensor_parallel import check_split
+    with pytest.raises(ValueError, match=r"expert_width \(6\) must be divisible by the model axis \(4 devices\)"):
+        check_split(moe_llama(n_head=4, n_kv_head=4, expert_hidden=6), 4)
 
 
 def test_expert_parallel_gradients_equal_one_devices_per_tensor_in_float64():

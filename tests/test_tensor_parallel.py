@@ -317,8 +317,8 @@ def test_the_split_step_on_a_data_by_model_mesh_equals_one_device_float64(name, 
                                                                    "n_kv_head": 4})],
                          ids=["dropless-2x2", "dropping-1x4"])
 def test_a_mixture_of_experts_on_a_data_by_model_mesh_equals_one_device_per_data_shard_float64(data, model_axis, kw):
-    """The attention split Megatron's way, the experts and router replicated on the model axis (each device runs its
-    rows' tokens through them): the loss and every gradient equal, per tensor in float64, ``jax.grad`` on one device of
+    """The attention split Megatron's way and every expert by its hidden units (``W1`` by columns, ``W2`` by rows), the
+    router replicated: the loss and every gradient equal, per tensor in float64, ``jax.grad`` on one device of
     :func:`jnnex.lm.grouped_objective` with a group a data shard — each shard's routing, capacity and balancing loss,
     the shards' balancing losses averaged."""
     from jnnex.lm import grouped_objective

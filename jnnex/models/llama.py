@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jnnex.collectives import (
-    ROW, Column, Part, column_linear_backward, column_linear_forward, local_count, row_linear_backward,
+    ROW, Column, ExpertsSplit, Part, column_linear_backward, column_linear_forward, local_count, row_linear_backward,
     row_linear_forward,
 )
 from jnnex.layers import (
@@ -323,9 +323,9 @@ class LlamaConfig:
     expert_axis: str | None = setting(None, "the mesh axis the experts (and the tokens) split along under "
                                             "jax.shard_map: expert parallelism, the tokens exchanged with all_to_all "
                                             "(set by jnnex.expert_parallel)", flag=False)
-    model_axis: str | None = setting(None, "the mesh axis the blocks' heads and SwiGLU split along under "
-                                           "jax.shard_map (Megatron's tensor parallelism; set by "
-                                           "jnnex.tensor_parallel)", flag=False)
+    model_axis: str | None = setting(None, "the mesh axis the blocks' heads and SwiGLU (or each expert's hidden "
+                                           "units) split along under jax.shard_map (Megatron's tensor parallelism; "
+                                           "set by jnnex.tensor_parallel)", flag=False)
     batch_axis: str | None = setting(None, "the mesh axis the batch's rows split along under jax.shard_map: dropout "
                                            "masks drawn for the whole batch (set by jnnex.tensor_parallel)", flag=False)
 
@@ -497,7 +497,8 @@ def block_forward(cfg: LlamaConfig, blk: Block, h, i=0, *, train: bool = False, 
         tokens = int(np.prod(m.shape[:-1]))
         cap = None if cfg.expert_capacity is None else moe.capacity_for(cfg.expert_capacity, tokens, cfg.n_expert,
                                                                         cfg.expert_top_k)
-        (m, aux), c_moe = moe.moe_forward(m, ex.router, ex.W1, ex.W2, cfg.expert_top_k, cap, axis=cfg.expert_axis)
+        (m, aux), c_moe = moe.moe_forward(m, ex.router, ex.W1, ex.W2, cfg.expert_top_k, cap, axis=cfg.expert_axis,
+                                          model_axis=cfg.model_axis)
         m, c_drop2 = dropout_in_training(m, key, 2 * i + 2, cfg.dropout, train, cfg.batch_axis)
         return h + m, BlockCache(c_n1, c_attn, c_drop1, c_n2, None, None, None, c_drop2, c_moe, aux,
                                  cfg.aux_weight / cfg.n_layer)
@@ -533,14 +534,16 @@ def block_backward(dh, c: BlockCache):
 def split(cfg: LlamaConfig) -> dict:
     """Megatron's split of a Llama block, as data: ``qkv`` by the columns of each device's query heads and of the
     key/value heads their groups share, ``fc`` by hidden units (each device's gate and value columns side by side);
-    ``attproj`` and ``fcproj`` by the matching rows. A mixture of experts' block splits its attention only: the
-    experts and their router are replicated on the model axis, each device routing and running every token of its
-    rows through them (the block's input is whole there, after the attention's all-reduce) — the same result, no
-    collective, the experts' work not divided (expert parallelism divides it: ``--parallel ep``)."""
+    ``attproj`` and ``fcproj`` by the matching rows. A mixture of experts' block splits its attention so, and every
+    expert by its hidden units (Megatron's expert tensor parallelism: ``W1`` by columns, ``W2`` by rows), the router
+    replicated: each device routes every token of its rows (the block's input is whole there, after the attention's
+    all-reduce) and runs them through its share of every expert's hidden units; the gated outputs are summed over the
+    model axis."""
     hs = cfg.head_size
     q, kv = Part("n_head", cfg.n_head, hs), Part("n_kv_head", cfg.n_kv_head, hs)
     if cfg.n_expert is not None:
-        return {"qkv": Column((q, kv, kv)), "attproj": ROW}
+        hidden = Part("expert_width", cfg.expert_width)
+        return {"qkv": Column((q, kv, kv)), "attproj": ROW, "experts": ExpertsSplit(hidden)}
     hidden = Part("the SwiGLU width", cfg.hidden)
     return {"qkv": Column((q, kv, kv)), "attproj": ROW, "fc": Column((hidden, hidden)), "fcproj": ROW}
 

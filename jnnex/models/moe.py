@@ -128,7 +128,7 @@ def _exchange(a, axis: str | None):
 
 
 def moe_forward(x, W_router, W1, W2, top_k: int, capacity: int | None = None, groups: int = 1,
-                axis: str | None = None):
+                axis: str | None = None, model_axis: str | None = None):
     """``x (..., C)`` to ``(y (..., C), aux ())``: each token through its ``top_k`` experts, gated, and the
     load-balancing loss. Caches what :func:`moe_backward` needs.
 
@@ -140,7 +140,12 @@ def moe_forward(x, W_router, W1, W2, top_k: int, capacity: int | None = None, gr
     ``W2`` its ``E / n`` experts, ``W_router`` whole; each device sends every expert's buffer to the device holding
     it and gets the outputs back (:func:`_exchange`, ``all_to_all``), and the balancing loss counts every device's
     tokens (``psum``). The router's gradient is this device's tokens' part (the caller sums it over ``axis``, as any
-    replicated weight's); the experts' gradients are whole."""
+    replicated weight's); the experts' gradients are whole.
+
+    ``model_axis`` (inside ``jax.shard_map``): **tensor parallelism inside each expert** (Megatron's expert tensor
+    parallelism) — ``W1 (E, C, H/m)`` and ``W2 (E, H/m, C)`` are this device's hidden units of every expert, ``x``
+    and the router whole; each expert's output is then this device's part of the sum over hidden units, and the
+    gated combine is summed over ``model_axis`` (one all-reduce of ``(N, C)``, the dense MLP's ``g``)."""
     check_moe(x, W_router, W1, W2, top_k, capacity, groups)
     if axis is not None and groups != 1:
         raise ValueError("moe: under expert parallelism each device's tokens are one group; groups must be 1")
@@ -162,8 +167,8 @@ def moe_forward(x, W_router, W1, W2, top_k: int, capacity: int | None = None, gr
     o = _exchange(o, axis).reshape(G, E, cap, -1)  # (back to the tokens' devices)
     o_tok = _gather(o.reshape(G, E * cap, -1), _flat_slot(r.slot, cap))  # (G, Ng, E, C): each choice's output
     gk = r.gates.reshape(G, Ng, E) * r.kept  # (G, Ng, E): the kept choices' gates
-    y = jnp.einsum("gne,gnec->gnc", gk, o_tok)
-    cache = (xf, shape, r, load, xe, h, c_gelu, o_tok, gk, W_router, W1, W2, axis)
+    y = _sum(jnp.einsum("gne,gnec->gnc", gk, o_tok), model_axis)  # (model_axis: each device's hidden units' part)
+    cache = (xf, shape, r, load, xe, h, c_gelu, o_tok, gk, W_router, W1, W2, axis, model_axis)
     return (y.reshape(shape), aux), cache
 
 
@@ -178,13 +183,13 @@ def dropped(x, W_router, top_k: int, capacity: int | None = None, groups: int = 
 
 
 def moe_backward(dout, cache):
-    """``(dy, daux)`` to ``(dx, dW_router, dW1, dW2, None, None, None, None)``. The combine's backward (each slot's
+    """``(dy, daux)`` to ``(dx, dW_router, dW1, dW2, None, None, None, None, None)``. The combine's backward (each slot's
     output weighted by its gate, and each kept gate's gradient); the exchange back (``all_to_all``: the gradients
     return to the experts' devices); each expert's MLP backward; the exchange again (to the tokens' devices); the
     dispatch's; the gates' softmax over the chosen experts (``dr = g ⊙ (dg − Σ g dg)``, 0 off them and for dropped
     choices); the balancing loss through the full softmax (``dP_e = daux · E f_e / N``); the router's linear."""
     dy, daux = dout
-    xf, shape, r, load, xe, h, c_gelu, o_tok, gk, W_router, W1, W2, axis = cache
+    xf, shape, r, load, xe, h, c_gelu, o_tok, gk, W_router, W1, W2, axis, model_axis = cache
     check_shape("moe_backward: dy", dy, shape)
     check_shape("moe_backward: daux", daux, ())
     G, N, E = r.kept.shape[0], xf.shape[0], W_router.shape[1]
@@ -193,6 +198,7 @@ def moe_backward(dout, cache):
     Ng = N // G
     dyg = dy.reshape(G, Ng, shape[-1])
     dgates = (jnp.einsum("gnc,gnec->gne", dyg, o_tok) * r.kept).reshape(N, E)  # each kept gate's gradient
+    dgates = _sum(dgates, model_axis)  # (model_axis: o_tok is each device's hidden units' part of the outputs)
     do_tok = gk[..., None] * dyg[:, :, None, :]  # (G, Ng, E, C)
     do = _scatter_add(do_tok.reshape(G, Ng * E, -1), _flat_slot(r.slot, cap).reshape(G, Ng * E), E * cap)
     do = do.reshape(G, E, cap, -1)
@@ -202,16 +208,18 @@ def moe_backward(dout, cache):
     dW1 = jnp.einsum("gesc,gesh->ech", xe, dh)
     dxe = _exchange(jnp.einsum("gesh,ech->gesc", dh, W1), axis).reshape(G, E, cap, -1)
     dx = _scatter_add(dxe.reshape(G, E * cap, -1), r.source.reshape(G, E * cap), Ng).reshape(N, -1)
+    dx = _sum(dx, model_axis)  # (model_axis: each device's hidden units' part; the dense MLP's f)
     gates, probs = r.gates, r.probs
     dlogits = gates * (dgates - (gates * dgates).sum(-1, keepdims=True))  # the gates' softmax
     dprobs = daux * E * load[None, :] / (N * n)  # (N, E): aux = E Σ_e f_e mean_n p_ne, over every device's tokens
     dlogits = dlogits + probs * (dprobs - (probs * dprobs).sum(-1, keepdims=True))  # the full softmax
     dW_router = xf.T @ dlogits
     dx = dx + dlogits @ W_router.T
-    return dx.reshape(shape), dW_router, dW1, dW2, None, None, None, None
+    return dx.reshape(shape), dW_router, dW1, dW2, None, None, None, None, None
 
 
 PAIRS = {
-    "moe": Pair(moe_forward, moe_backward, ("x", "W_router", "W1", "W2", "top_k", "capacity", "groups", "axis"),
-                fixed=("top_k", "capacity", "groups", "axis")),
+    "moe": Pair(moe_forward, moe_backward, ("x", "W_router", "W1", "W2", "top_k", "capacity", "groups", "axis",
+                                            "model_axis"),
+                fixed=("top_k", "capacity", "groups", "axis", "model_axis")),
 }
