@@ -84,10 +84,12 @@ def _orders_gpipe(P: int, M: int) -> list[list[tuple[str, int]]]:
     return [[(FORWARD, m) for m in range(M)] + [(BACKWARD, m) for m in range(M)] for _ in range(P)]
 
 
-def _orders_1f1b(P: int, M: int) -> list[list[tuple[str, int]]]:
+def _orders_1f1b(P: int, M: int, warm_up: Callable[[int], int] | None = None) -> list[list[tuple[str, int]]]:
+    """Stage ``s``: ``warm_up(s)`` forwards (1F1B's ``P − 1 − s``), then one forward and one backward in turn, then
+    the backwards left."""
     orders = []
     for s in range(P):
-        warm = min(P - 1 - s, M)  # forwards before the first backward
+        warm = min(P - 1 - s if warm_up is None else warm_up(s), M)  # forwards before the steady state
         order = [(FORWARD, m) for m in range(warm)]
         for i in range(M - warm):  # the steady state: one forward, one backward
             order += [(FORWARD, warm + i), (BACKWARD, i)]
@@ -99,18 +101,19 @@ def _orders_alternating(P: int, M: int) -> list[list[tuple[str, int]]]:
     """1F1B's order with the warm-up a lockstep program needs: stage ``s`` runs ``2 (P − 1 − s) + 1`` forwards before
     its first backward — the ticks a micro-batch takes to reach the last stage and its gradient to come back, when
     forwards and backwards take turns (:func:`_simulate`'s ``alternate``)."""
-    orders = []
-    for s in range(P):
-        warm = min(2 * (P - 1 - s) + 1, M)
-        order = [(FORWARD, m) for m in range(warm)]
-        for i in range(M - warm):
-            order += [(BACKWARD, i), (FORWARD, warm + i)]
-        orders.append(order + [(BACKWARD, m) for m in range(M - warm, M)])
-    return orders
+    return _orders_1f1b(P, M, lambda s: 2 * (P - 1 - s))
 
 
 ORDERS = {"gpipe": _orders_gpipe, "1f1b": _orders_1f1b, "alternating": _orders_alternating}
 ALTERNATE = {"alternating"}  # the schedules whose ticks take turns: every stage's forwards even, backwards odd
+
+
+def _needs(kind: str, s: int, m: int, P: int) -> list[tuple[str, int, int]]:
+    """What stage ``s``'s ``kind`` of micro-batch ``m`` waits for, as ``(kind, stage, micro-batch)``: a forward, the
+    previous stage's forward; a backward, its own forward and the next stage's backward."""
+    if kind == FORWARD:
+        return [(FORWARD, s - 1, m)] if s > 0 else []
+    return [(FORWARD, s, m)] + ([(BACKWARD, s + 1, m)] if s < P - 1 else [])
 
 
 def _simulate(orders, P: int, alternate: bool = False) -> tuple:
@@ -127,11 +130,8 @@ def _simulate(orders, P: int, alternate: bool = False) -> tuple:
                 row.append(None)
                 continue
             kind, m = orders[s][pos[s]]
-            needs = [(FORWARD, s - 1, m)] if kind == FORWARD and s > 0 else []
-            if kind == BACKWARD:
-                needs = [(FORWARD, s, m)] + ([(BACKWARD, s + 1, m)] if s < P - 1 else [])
             turn = not alternate or (t % 2 == 0) == (kind == FORWARD)
-            row.append((kind, m) if turn and all(done.get(n, t) < t for n in needs) else None)
+            row.append((kind, m) if turn and all(done.get(n, t) < t for n in _needs(kind, s, m, P)) else None)
         for s, action in enumerate(row):
             if action is not None:
                 done[(action[0], s, action[1])] = t
@@ -218,11 +218,8 @@ class Schedule:
                 if action is None:
                     continue
                 kind, m = action
-                needs = [(FORWARD, s - 1, m)] if kind == FORWARD and s > 0 else []
-                if kind == BACKWARD:
-                    needs = [(FORWARD, s, m)] + ([(BACKWARD, s + 1, m)] if s < P - 1 else [])
                 took = forward[s] if kind == FORWARD else backward[s]
-                start = max([free[s]] + [end[n] for n in needs])
+                start = max([free[s]] + [end[n] for n in _needs(kind, s, m, P)])
                 end[(kind, s, m)] = reached[s] = start + took
                 busy[s] += took
             free = [max(reached[max(s - 1, 0):s + 2]) for s in range(P)] if lockstep else reached

@@ -75,10 +75,10 @@ def gpipe_orders(P, M):
     return [[("F", m) for m in range(M)] + [("B", m) for m in range(M)] for _ in range(P)]
 
 
-def one_f_one_b_orders(P, M):
+def one_f_one_b_orders(P, M, warm_up=None):  # (warm_up(s): another warm-up, for section 1b)
     orders = []
     for s in range(P):
-        warm = min(P - 1 - s, M)
+        warm = min(P - 1 - s if warm_up is None else warm_up(s), M)
         order = [("F", m) for m in range(warm)]
         for i in range(M - warm):
             order += [("F", warm + i), ("B", i)]
@@ -86,7 +86,13 @@ def one_f_one_b_orders(P, M):
     return orders
 
 
-def simulate(orders, P):
+def needs(kind, s, m, P):  # a forward waits for the previous stage's; a backward for its forward and the next's
+    if kind == "F":
+        return [("F", s - 1, m)] if s > 0 else []
+    return [("F", s, m)] + ([("B", s + 1, m)] if s < P - 1 else [])
+
+
+def simulate(orders, P, alternate=False):  # (alternate: section 1b)
     done, pos, table = {}, [0] * P, []
     while any(pos[s] < len(orders[s]) for s in range(P)):
         t, row = len(table), []
@@ -95,10 +101,8 @@ def simulate(orders, P):
                 row.append(None)
                 continue
             kind, m = orders[s][pos[s]]
-            needs = [("F", s - 1, m)] if kind == "F" and s > 0 else []
-            if kind == "B":
-                needs = [("F", s, m)] + ([("B", s + 1, m)] if s < P - 1 else [])
-            row.append((kind, m) if all(done.get(n, t) < t for n in needs) else None)
+            turn = not alternate or (t % 2 == 0) == (kind == "F")
+            row.append((kind, m) if turn and all(done.get(n, t) < t for n in needs(kind, s, m, P)) else None)
         for s, a in enumerate(row):
             if a is not None:
                 done[(a[0], s, a[1])] = t
@@ -143,9 +147,10 @@ learn.show(fig, "11-pipeline-timelines")
 # finished their work of tick `t`. 1F1B's steady state pairs one stage's forward with its neighbour's backward, so in
 # lockstep each of those ticks lasts a backward.
 #
-# The fix is a table whose ticks are all forwards or all backwards: forwards only at even ticks, backwards only at odd
-# ones, and `2 (P − 1 − s) + 1` forwards before stage `s`'s first backward — the ticks a micro-batch needs to reach
-# the last stage and come back. A tick where no stage works takes no time.
+# The fix is a table whose ticks are all forwards or all backwards: `simulate(..., alternate=True)` lets forwards run
+# only at even ticks and backwards only at odd ones, and 1F1B's order warms up longer, `2 (P − 1 − s)` forwards, so
+# that stage `s` runs `2 (P − 1 − s) + 1` before its first backward — the ticks a micro-batch needs to reach the last
+# stage and come back. A tick where no stage works takes no time.
 
 # %%
 def replay(table, F, B, lockstep):
@@ -157,50 +162,14 @@ def replay(table, F, B, lockstep):
             if a is None:
                 continue
             kind, m = a
-            needs = [("F", s - 1, m)] if kind == "F" and s > 0 else []
-            if kind == "B":
-                needs = [("F", s, m)] + ([("B", s + 1, m)] if s < P - 1 else [])
-            start = max([free[s]] + [end[n] for n in needs])
+            start = max([free[s]] + [end[n] for n in needs(kind, s, m, P)])
             end[(kind, s, m)] = reached[s] = start + (F if kind == "F" else B)
             busy += F if kind == "F" else B
         free = [max(reached[max(s - 1, 0):s + 2]) for s in range(P)] if lockstep else reached
     return 1 - busy / (P * max(free))
 
 
-def alternating_orders(P, M):
-    orders = []
-    for s in range(P):
-        warm = min(2 * (P - 1 - s) + 1, M)
-        order = [("F", m) for m in range(warm)]
-        for i in range(M - warm):
-            order += [("B", i), ("F", warm + i)]
-        orders.append(order + [("B", m) for m in range(M - warm, M)])
-    return orders
-
-
-def simulate_in_turns(orders, P):  # simulate's rule, plus: forwards at even ticks, backwards at odd ones
-    done, pos, table = {}, [0] * P, []
-    while any(pos[s] < len(orders[s]) for s in range(P)):
-        t, row = len(table), []
-        for s in range(P):
-            if pos[s] == len(orders[s]):
-                row.append(None)
-                continue
-            kind, m = orders[s][pos[s]]
-            needs = [("F", s - 1, m)] if kind == "F" and s > 0 else []
-            if kind == "B":
-                needs = [("F", s, m)] + ([("B", s + 1, m)] if s < P - 1 else [])
-            turn = (t % 2 == 0) == (kind == "F")
-            row.append((kind, m) if turn and all(done.get(n, t) < t for n in needs) else None)
-        for s, a in enumerate(row):
-            if a is not None:
-                done[(a[0], s, a[1])] = t
-                pos[s] += 1
-        table.append(tuple(row))
-    return tuple(table)
-
-
-tables["alternating"] = simulate_in_turns(alternating_orders(Pn, M), Pn)
+tables["alternating"] = simulate(one_f_one_b_orders(Pn, M, lambda s: 2 * (Pn - 1 - s)), Pn, alternate=True)
 same_alternating = tables["alternating"] == pipeline.schedule("alternating", Pn, M).table
 lockstep = {name: {mode: replay(t, 1.0, 2.0, mode == "lockstep") for mode in ("own programs", "lockstep")}
             for name, t in tables.items()}
