@@ -157,13 +157,12 @@ def law_axes(ax, rows: list[dict], fit: dict, held_out: dict | None = None) -> N
 def isoflop_axes(ax, rows: list[dict], iso: list[dict]) -> None:
     """IsoFLOP profiles (:func:`jnnex.scale.isoflop`): for each budget, the loss of the runs that spend it against
     their size, the parabola in ``log N`` through them and its minimum."""
-    import math
-
     import numpy as np
 
+    from jnnex.scale import near_budget
+
     for i, r in enumerate(x for x in iso if x.get("parabola")):
-        near = sorted((x["N"], x["loss"]) for x in rows
-                      if abs(math.log(6 * x["N"] * x["D"] / r["C"])) <= math.log(2) / 2)
+        near = sorted((x["N"], x["loss"]) for x in near_budget(rows, r["C"]))
         color = _pyplot().cm.plasma(i / max(1, len(iso)))
         ax.semilogx(*zip(*near), "o", color=color, label=f"C = {r['C']:.0e}")
         Ns = np.geomspace(*r["N_range"], 50)

@@ -216,6 +216,12 @@ def optimal_size(fit: dict, C) -> tuple:
     return N, np.asarray(C, float) / (6 * N)
 
 
+def near_budget(rows: list[dict], C: float) -> list[dict]:
+    """The runs (``{"N", "D", ...}``) whose ``6 N D`` is within a factor √2 of the budget ``C``: its IsoFLOP
+    profile."""
+    return [r for r in rows if abs(math.log(6 * r["N"] * r["D"] / C)) <= math.log(2) / 2]
+
+
 def isoflop(rows: list[dict], budgets: Sequence[float]) -> list[dict]:
     """Chinchilla's approach 2 on measured runs: for each compute budget ``C`` (FLOPs, ``6 N D``), the runs whose
     ``6 N D`` is within a factor √2 of it, a parabola in ``log N`` through their losses, and its minimum: the
@@ -223,7 +229,7 @@ def isoflop(rows: list[dict], budgets: Sequence[float]) -> list[dict]:
     its minimum lies outside the runs' ``N``: an extrapolation, not a measurement)."""
     out = []
     for C in budgets:
-        near = [r for r in rows if abs(math.log(6 * r["N"] * r["D"] / C)) <= math.log(2) / 2]
+        near = near_budget(rows, C)
         if len({r["N"] for r in near}) < 3:
             out.append({"C": C, "N_opt": None, "runs": len(near)})
             continue
