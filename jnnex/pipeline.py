@@ -548,10 +548,7 @@ def stage_update(model: LanguageModel, optimizer, mesh: jax.sharding.Mesh, param
     host = params_like if type(params_like.blocks) is tuple else unstack_blocks(params_like, L)
     param_specs = specs(model, host, 1)
     with jax.numpy_dtype_promotion("standard"):
-        state_like = jax.eval_shape(optimizer.init, host)
-    state_specs = stack_blocks_specs(tensor_parallel.optimizer_state_map(
-        optimizer, lambda _, spec: spec, state_like, param_specs._replace(blocks=(param_specs.blocks,) * L),
-        other=lambda x: None if x is None else P()))
+        opt_specs = state_specs(model, optimizer, host, jax.eval_shape(optimizer.init, host), 1)
 
     def squared_norm(tree):
         if not hasattr(tree, "blocks"):
@@ -566,8 +563,8 @@ def stage_update(model: LanguageModel, optimizer, mesh: jax.sharding.Mesh, param
             updates, st = optimizer.update(g, st, p)
         return stack_blocks(updates), stack_blocks(st)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, state_specs, param_specs),
-                         out_specs=(param_specs, state_specs), check_vma=False)
+    return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, opt_specs, param_specs),
+                         out_specs=(param_specs, opt_specs), check_vma=False)
 
 
 def pipeline_step(model: LanguageModel, optimizer, mesh: jax.sharding.Mesh, sched: Schedule, params_like) -> Callable:
@@ -613,11 +610,19 @@ def train_layout(model: LanguageModel, optimizer, mesh: jax.sharding.Mesh, ts):
 
     rep = NamedSharding(mesh, P())
     param_shardings = tensor_parallel.shardings(mesh, specs(model, ts.params, n_model))
-    host_shardings = param_shardings._replace(blocks=(param_shardings.blocks,) * L)  # (the stacked block's, per block)
-    opt_shardings = stack_blocks_specs(tensor_parallel.optimizer_state_map(
-        optimizer, lambda _, sh: sh, ts.opt_state, host_shardings, other=lambda x: None if x is None else rep))
+    opt_shardings = tensor_parallel.shardings(mesh, state_specs(model, optimizer, ts.params, ts.opt_state, n_model))
     state = type(ts)(param_shardings, jax.tree.map(lambda _: rep, ts.state), opt_shardings, rep)
     return to_devices, to_host, state
+
+
+def state_specs(model: LanguageModel, optimizer, params_like, opt_state_like, n_model: int):
+    """Each tensor of the optimiser's state (``opt_state_like``, for the parameters' own tree ``params_like``) in the
+    devices' layout: a parameter-shaped one as its parameter (:func:`specs`: the blocks' stacked along ``"stage"``),
+    the rest (step counts) replicated."""
+    one = specs(model, params_like, n_model)
+    per_block = one._replace(blocks=(one.blocks,) * model.cfg.n_layer)  # (the stacked block's, for each block)
+    return stack_blocks_specs(tensor_parallel.optimizer_state_map(
+        optimizer, lambda _, spec: spec, opt_state_like, per_block, other=lambda x: None if x is None else P()))
 
 
 def stack_blocks_specs(tree):

@@ -396,6 +396,9 @@ _SHAPE = re.compile(r"(f64|f32|bf16|f16|s32|u32|s64|pred)\[([0-9,]*)\]")
 _BYTES = {"f64": 8, "s64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1}
 
 
+_COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$")  # a computation's first line in XLA's text
+
+
 def _computation_counts(text: str) -> dict:
     """How many times each computation of a compiled program's text runs in one call of the program, summed over
     the places that call it: the entry once, a ``while`` loop's body its ``known_trip_count`` times its caller's
@@ -403,7 +406,7 @@ def _computation_counts(text: str) -> dict:
     branch, as if taken) its caller's count."""
     calls, entry, current = {}, None, None
     for line in text.splitlines():
-        head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        head = _COMPUTATION.match(line)
         if head:
             current = head.group(2)
             entry = current if head.group(1) else entry
@@ -443,9 +446,9 @@ def hlo_collectives(text: str, mesh) -> list[dict]:
         axis_of[frozenset(tuple(sorted(g)) for g in moved.tolist())] = name
     found = []
     for line in text.splitlines():
-        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        head = _COMPUTATION.match(line)
         if head:
-            current = head.group(1)
+            current = head.group(2)
             continue
         m = re.search(r"=\s*(.*?)\s(" + "|".join(OPS) + r")(-start)?\(", line)
         if not m or "-done" in line:

@@ -183,11 +183,12 @@ def dropped(x, W_router, top_k: int, capacity: int | None = None, groups: int = 
 
 
 def moe_backward(dout, cache):
-    """``(dy, daux)`` to ``(dx, dW_router, dW1, dW2, None, None, None, None, None)``. The combine's backward (each slot's
-    output weighted by its gate, and each kept gate's gradient); the exchange back (``all_to_all``: the gradients
-    return to the experts' devices); each expert's MLP backward; the exchange again (to the tokens' devices); the
-    dispatch's; the gates' softmax over the chosen experts (``dr = g ⊙ (dg − Σ g dg)``, 0 off them and for dropped
-    choices); the balancing loss through the full softmax (``dP_e = daux · E f_e / N``); the router's linear."""
+    """``(dy, daux)`` to ``(dx, dW_router, dW1, dW2, None, None, None, None, None)``. The combine's backward (each
+    slot's output weighted by its gate, and each kept gate's gradient); the exchange back (``all_to_all``: the
+    gradients return to the experts' devices); each expert's MLP backward; the exchange again (to the tokens'
+    devices); the dispatch's; the gates' softmax over the chosen experts (``dr = g ⊙ (dg − Σ g dg)``, 0 off them and
+    for dropped choices); the balancing loss through the full softmax (``dP_e = daux · E f_e / N``); the router's
+    linear. Under ``model_axis`` the gates' and the inputs' gradients are summed over it."""
     dy, daux = dout
     xf, shape, r, load, xe, h, c_gelu, o_tok, gk, W_router, W1, W2, axis, model_axis = cache
     check_shape("moe_backward: dy", dy, shape)
