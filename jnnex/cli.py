@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--stages", type=int, help="pipeline stages of pp (default: the most that divide --devices and "
                                                "the blocks)")
     pl.add_argument("--micro-batches", type=int, help="micro-batches of pp (default: --batch-size, a row each)")
-    pl.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe", "alternating"], default="1f1b",
+    pl.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe", "alternating"],
                     help="the schedule of pp (default 1f1b): what a stage holds and how many ticks send")
     pl.add_argument("--model-parallel", type=int, help="the model axis of tp (default: every device) and fsdp+tp "
                                                       "(default 2)")
@@ -595,13 +595,18 @@ def cmd_plan(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    piped = [flag for flag, value in (("--stages", args.stages), ("--micro-batches", args.micro_batches),
+                                      ("--pipeline-schedule", args.pipeline_schedule)) if value is not None]
+    if piped and args.parallel is not None and "pp" not in args.parallel:
+        raise ValueError(f"{piped[0]} applies to pp, which is not planned here ({', '.join(args.parallel)}): add "
+                         f"--parallel pp")
     if args.check and jax.config.jax_platforms in (None, "", "cpu") and "JAX_NUM_CPU_DEVICES" not in os.environ:
         jax.config.update("jax_num_cpu_devices", args.devices)  # (before the backend starts: nothing has run yet)
     over = {"vocab_size": args.vocab_size, **({"block_size": args.block} if args.block else {})}
     model = plan.build_model(args.model, args.preset, **over)
     result = plan.report(model, args.devices, schemes=args.parallel, model_parallel=args.model_parallel,
                          batch=args.batch_size, check=args.check, optimizer=args.optimizer, stages=args.stages,
-                         micro_batches=args.micro_batches, schedule=args.pipeline_schedule)
+                         micro_batches=args.micro_batches, schedule=args.pipeline_schedule or "1f1b")
     print(json.dumps({"rows": result["rows"], "family": result["family"]}) if args.json else result["table"])
     return 0
 

@@ -172,6 +172,10 @@ def test_the_gpt2_plan_and_the_largest_that_fits():
       "--micro-batches", "2"], "--micro-batches 2 must divide --batch-size 3"),
     (["--parallel", "ep"], "ep splits a mixture of experts' experts; model 'gpt' has none"),
     (["--stages", "0"], "--stages must be >= 1"),
+    (["--parallel", "dp", "--stages", "2"], "--stages applies to pp, which is not planned here (dp): add --parallel pp"),
+    (["--parallel", "tp", "--parallel", "dp", "--pipeline-schedule", "gpipe"],
+     "--pipeline-schedule applies to pp, which is not planned here (tp, dp)"),
+    (["--parallel", "pp", "--pipeline-schedule", "zigzag"], "argument --pipeline-schedule: invalid choice: 'zigzag'"),
 ])
 def test_bad_plans_are_named(argv, words, capsys):
     try:
