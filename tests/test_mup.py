@@ -47,8 +47,8 @@ def test_wider_mup_gradients_by_hand_equal_jax_grad_per_tensor_in_float64(tie):
     model = tiny(tie=tie, n_embd=32, param="mup", base_width=8)
     params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0))[0])
     x, y = batch()
-    (loss, _), want = jax.value_and_grad(model.objective, has_aux=True)(params, (), x, y)
-    got = manual_gradients(model, params, (), x, y)
+    (loss, _), want = jax.jit(jax.value_and_grad(model.objective, has_aux=True))(params, (), x, y)
+    got = jax.jit(lambda p: manual_gradients(model, p, (), x, y))(params)  # (each one program, not op by op)
     np.testing.assert_allclose(got.loss, loss, rtol=1e-14)
     for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got.grads)):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-12, err_msg=jax.tree_util.keystr(path))
@@ -138,8 +138,8 @@ def test_the_llama_under_mup_base_equals_standard_and_its_gradients_by_hand_equa
         np.testing.assert_array_equal(u, v)
     wide = llama(LlamaConfig(n_embd=32, param="mup", base_width=8, **kw))
     params = jax.tree.map(lambda t: t.astype(jnp.float64), wide.init(jax.random.key(0))[0])
-    (_, _), want = jax.value_and_grad(wide.objective, has_aux=True)(params, (), x, y)
-    got = manual_gradients(wide, params, (), x, y)
+    (_, _), want = jax.jit(jax.value_and_grad(wide.objective, has_aux=True))(params, (), x, y)
+    got = jax.jit(lambda p: manual_gradients(wide, p, (), x, y))(params)  # (each one program, not op by op)
     for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got.grads)):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-12, err_msg=jax.tree_util.keystr(path))
     with pytest.raises(ValueError, match="param mup with n_expert is not supported yet"):

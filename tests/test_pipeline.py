@@ -156,7 +156,7 @@ def test_the_pipelined_gradients_equal_one_devices_per_tensor_in_float64(model_n
     model = (tiny_gpt if model_name == "gpt" else tiny_llama)(**kw)
     params = f64(model.init(jax.random.key(0))[0])
     x, y = batch()
-    want = manual_gradients(model, params, (), x, y)
+    want = jax.jit(lambda p: manual_gradients(model, p, (), x, y))(params)  # (one program, not op by op)
     loss, grads = pipelined(model, params, x, y, name, *mesh, micro)
     np.testing.assert_allclose(loss, want.loss, rtol=0, atol=1e-13)
     assert_equal_per_tensor(grads, want.grads)
@@ -176,11 +176,12 @@ def test_a_pipelined_mixture_of_experts_equals_one_device_running_each_micro_bat
     params = f64(model.init(jax.random.key(0))[0])
     x, y = batch()
     groups = mesh[0] * micro
-    want_loss, want = jax.value_and_grad(grouped_objective, argnums=1)(model, params, (), x, y, groups)
+    # (the one-device references each compiled as one program, not run an eager op at a time)
+    want_loss, want = jax.jit(jax.value_and_grad(lambda p: grouped_objective(model, p, (), x, y, groups)))(params)
     loss, grads = pipelined(model, params, x, y, name, *mesh, micro)
     np.testing.assert_allclose(loss, want_loss, rtol=0, atol=1e-13)
     assert_equal_per_tensor(grads, want)
-    whole = model.objective(params, (), x, y)[0]  # (the whole batch's balancing loss is another objective)
+    whole = jax.jit(lambda p: model.objective(p, (), x, y)[0])(params)  # (the whole batch's loss: another objective)
     assert abs(float(whole) - float(want_loss)) > 1e-6
 
 

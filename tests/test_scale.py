@@ -99,3 +99,16 @@ def test_the_law_is_predicted_before_its_run_is_made(tmp_path, capsys):
     assert held["N"] > max(r["N"] for r in result["rows"])
     per_step = [r["D"] / r["steps"] for r in result["rows"]] + [held["D"] / held["steps"]]
     assert per_step == pytest.approx([per_step[0]] * 7, rel=1e-12) and per_step[0] > 0  # D: steps × a step's tokens
+
+
+def test_the_law_fitted_to_losses_it_made_gives_back_its_five_numbers():
+    """Noise-free losses of Chinchilla's published law (Hoffmann et al. 2022: E 1.69, A 406.4, B 410.7, α 0.34,
+    β 0.28) on a 3 × 3 grid of sizes and token counts: the fit finds the law again, and its residual is nil."""
+    import numpy as np
+
+    N, D = (a.ravel() for a in np.meshgrid([1e4, 3e4, 1e5], [2e5, 1e6, 5e6]))
+    want = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+    fit = scale.fit_law(N, D, scale.law(want, N, D))
+    assert fit["residual"] < 1e-9
+    for k, v in want.items():
+        assert fit[k] == pytest.approx(v, rel=1e-6), (k, fit)

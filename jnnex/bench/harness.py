@@ -6,6 +6,7 @@ every benchmark times its contenders round-robin (A B C A B C …) and reports m
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import statistics
 import time
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 
 from jnnex.rundir import write_json
+from jnnex.text import Stream
 
 RESULTS = Path(".")  # the current directory, unless --out says otherwise
 
@@ -71,3 +73,9 @@ def write(name: str, payload: dict, out_dir: Path | None = None) -> Path:
 def progress(line: str) -> None:
     """A sweep's progress line, printed at once (a suite's output is often a file or a pipe: buffered otherwise)."""
     print(line, flush=True)
+
+
+def quick_splits(splits, val_tokens: int = 8192):
+    """A quick run's text (:class:`jnnex.text.TextSplits`): the validation stream cut to its first ``val_tokens``
+    tokens, so that evaluating every window of it takes a fraction of a second (a full run evaluates all of it)."""
+    return dataclasses.replace(splits, parts=(splits.train, Stream(splits.parts[1].tokens[:val_tokens])))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jnnex import run as runs
-from jnnex.bench.harness import interleaved, table
+from jnnex.bench.harness import interleaved, quick_splits, table
 from jnnex.bench.text import shakespeare
 from jnnex.lm import count_params
 from jnnex.optim import make_optimizer
@@ -37,6 +37,7 @@ def run(quick: bool = False) -> dict:
     for name, extra in VARIANTS.items():
         rc = runs.RunConfig.new("llama", str(path), preset="shakespeare-cpu", gradients="manual", **small, **extra)
         model, splits = runs.prepare(rc)
+        splits = quick_splits(splits) if quick else splits
         result = fit(model, splits, rc.train)
         params = result.ts.params
         cfg = model.cfg

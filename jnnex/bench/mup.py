@@ -20,7 +20,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jnnex import run as runs
-from jnnex.bench.harness import RESULTS, progress, table
+from jnnex.bench.harness import RESULTS, progress, quick_splits, table
 from jnnex.bench.text import shakespeare
 from jnnex.data import Vocab, load_words, make_splits
 from jnnex.models.gpt import GPTConfig, gpt
@@ -51,6 +51,7 @@ def transfer(quick: bool, out_dir: Path) -> dict:
     rc = runs.RunConfig.new("gpt", str(path), preset="shakespeare-cpu", gradients="manual", steps=steps,
                             batch_size=12, eval_every=steps, chunk=steps, warmup=min(100, steps // 4), **base)
     model, splits = runs.prepare(rc)
+    splits = quick_splits(splits) if quick else splits
 
     def build(param, width):
         cfg = rc.model_config

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jnnex import run as runs
-from jnnex.bench.harness import RESULTS, progress, table
+from jnnex.bench.harness import RESULTS, progress, quick_splits, table
 from jnnex.bench.text import shakespeare
 from jnnex.models.gpt import GPTConfig, gpt
 from jnnex.scale import law_sweep
@@ -37,6 +37,7 @@ def run(quick: bool = False, out=RESULTS) -> dict:
     rc = runs.RunConfig.new("gpt", str(path), preset="shakespeare-cpu", gradients="manual", batch_size=12, lr=LR,
                             **base)
     _, splits = runs.prepare(rc)
+    splits = quick_splits(splits) if quick else splits
 
     def build(width):
         cfg = rc.model_config
