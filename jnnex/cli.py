@@ -86,6 +86,17 @@ def _params(text: str) -> tuple[str, ...]:
     return values
 
 
+def schedule_flag(text: str) -> str:
+    """``--pipeline-schedule``: a schedule's name, or ``NAME/J`` (a backward in J ticks), as typed."""
+    from jnnex.pipeline import parse_schedule
+    try:
+        parse_schedule(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1f1b, gpipe or alternating, or 1f1b/J or gpipe/J for a backward "
+                                         f"in J ticks, got {text!r}") from None
+    return text
+
+
 def _width_steps(text: str) -> dict:
     try:
         width, steps = (int(v) for v in text.split(":"))
@@ -173,11 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "mesh, M from --model-parallel or 1; gpt and llama, without dropout)")
     dp.add_argument("--micro-batches", type=int, metavar="K",
                     help="with --stages: each data shard's rows cut into K micro-batches")
-    dp.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe", "alternating"],
+    dp.add_argument("--pipeline-schedule", type=schedule_flag, metavar="SCHEDULE",
                     help="with --stages: the pipeline's schedule, 1f1b (default; holds at most P micro-batches' "
                          "activations), gpipe (every forward, then every backward: holds K) or alternating "
                          "(forwards and backwards in turn on every stage: holds 2P - 1, and idles no more than gpipe "
-                         "where 1f1b's lockstep ticks wait on the slower of a forward and a backward)")
+                         "where 1f1b's lockstep ticks wait on the slower of a forward and a backward); gpipe/J or "
+                         "1f1b/J: each backward in J ticks of 1/J of a stage's blocks (1f1b/2: 1f1b's memory at "
+                         "gpipe's bubble where a backward takes twice a forward)")
     dp.add_argument("--coordinator", help="host:port of process 0, to join several processes (machines) into one "
                                           "run (default $JAX_COORDINATOR_ADDRESS)")
     dp.add_argument("--num-processes", type=int, help="processes in the run (default $JAX_NUM_PROCESSES)")
@@ -265,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--stages", type=int, help="pipeline stages of pp (default: the most that divide --devices and "
                                                "the blocks)")
     pl.add_argument("--micro-batches", type=int, help="micro-batches of pp (default: --batch-size, a row each)")
-    pl.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe", "alternating"],
-                    help="the schedule of pp (default 1f1b): what a stage holds and how many ticks send")
+    pl.add_argument("--pipeline-schedule", type=schedule_flag, metavar="SCHEDULE",
+                    help="the schedule of pp (default 1f1b; gpipe, alternating, or 1f1b/J and gpipe/J for a backward "
+                         "in J ticks): what a stage holds and how many ticks send")
     pl.add_argument("--model-parallel", type=int, help="the model axis of tp (default: every device) and fsdp+tp "
                                                       "(default 2)")
     pl.add_argument("--batch-size", type=int, default=1, help="sequences per data shard (default 1)")

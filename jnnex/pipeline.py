@@ -116,13 +116,16 @@ def _needs(kind: str, s: int, m: int, P: int) -> list[tuple[str, int, int]]:
     return [(FORWARD, s, m)] + ([(BACKWARD, s + 1, m)] if s < P - 1 else [])
 
 
-def _simulate(orders, P: int, alternate: bool = False) -> tuple:
+def _simulate(orders, P: int, alternate: bool = False, parts: int = 1) -> tuple:
     """The tick table of per-stage ``orders``: at each tick a stage does its next action if what it needs was done at
     an earlier tick (a forward: the previous stage's forward of the micro-batch; a backward: its own forward and the
     next stage's backward), else waits. ``alternate``: forwards only at even ticks, backwards only at odd ones (a
-    tick's work is then all forwards or all backwards, on every stage at once)."""
+    tick's work is then all forwards or all backwards, on every stage at once). ``parts``: a backward takes that many
+    ticks, one after another (:class:`Schedule`'s ``parts``); it is done when its last is."""
     done: dict = {}
     pos, table = [0] * P, []
+    orders = [[a for a in order for _ in range(parts if a[0] == BACKWARD else 1)] for order in orders]
+    begun: dict = {}  # (stage, micro-batch): (the backward's parts done, the tick of the last)
     while any(pos[s] < len(orders[s]) for s in range(P)):
         t, row = len(table), []
         for s in range(P):
@@ -131,11 +134,22 @@ def _simulate(orders, P: int, alternate: bool = False) -> tuple:
                 continue
             kind, m = orders[s][pos[s]]
             turn = not alternate or (t % 2 == 0) == (kind == FORWARD)
-            row.append((kind, m) if turn and all(done.get(n, t) < t for n in _needs(kind, s, m, P)) else None)
+            if kind == BACKWARD and (s, m) in begun:  # a later part: the one before it done at an earlier tick
+                ready = begun[(s, m)][1] < t
+            else:
+                ready = all(done.get(n, t) < t for n in _needs(kind, s, m, P))
+            row.append((kind, m) if turn and ready else None)
         for s, action in enumerate(row):
-            if action is not None:
-                done[(action[0], s, action[1])] = t
-                pos[s] += 1
+            if action is None:
+                continue
+            pos[s] += 1
+            kind, m = action
+            if kind == BACKWARD:
+                n_done = begun.get((s, m), (0, t))[0] + 1
+                begun[(s, m)] = (n_done, t)
+                if n_done < parts:
+                    continue
+            done[(kind, s, m)] = t
         table.append(tuple(row))
     return tuple(table)
 
@@ -158,19 +172,37 @@ def _slots(messages) -> int:
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """A pipeline schedule: ``table[t][s]`` is stage ``s``'s action at tick ``t`` — ``("F", m)``, ``("B", m)`` or
-    ``None`` (idle)."""
+    ``None`` (idle). ``parts``: the ticks a backward takes, one after another — the stage's blocks cut into ``parts``
+    groups, the last first (``("B", m)`` appears ``parts`` times, the ``j``-th its ``j``-th group): in a lockstep
+    program a tick lasts its slowest work, and a backward that is ``k`` times a forward fits ``k`` ticks of a
+    forward's length."""
 
     name: str
     stages: int
     micro: int
     table: tuple
+    parts: int = 1
 
     @property
     def ticks(self) -> int:
         return len(self.table)
 
+    @property
+    def label(self) -> str:
+        """The name, and the ticks of a backward where they are more than one (``1f1b/2``)."""
+        return self.name if self.parts == 1 else f"{self.name}/{self.parts}"
+
     def tick_of(self, kind: str, s: int, m: int) -> int:
+        """The tick of stage ``s``'s forward or backward of micro-batch ``m`` (a backward's first part)."""
         return next(t for t, row in enumerate(self.table) if row[s] == (kind, m))
+
+    def end_of(self, kind: str, s: int, m: int) -> int:
+        """The tick where stage ``s``'s forward or backward of micro-batch ``m`` ends (a backward's last part)."""
+        return max(t for t, row in enumerate(self.table) if row[s] == (kind, m))
+
+    def part_of(self, t: int, s: int) -> int:
+        """Which part of its backward stage ``s`` runs at tick ``t`` (0 for a forward, or a backward of one part)."""
+        return sum(row[s] == self.table[t][s] for row in self.table[:t])
 
     @property
     def bubble(self) -> float:
@@ -183,19 +215,20 @@ class Schedule:
     def held(self, s: int) -> int:
         """The most micro-batches whose caches stage ``s`` holds at once (from a forward to its backward)."""
         F = [self.tick_of(FORWARD, s, m) for m in range(self.micro)]
-        B = [self.tick_of(BACKWARD, s, m) for m in range(self.micro)]
+        B = [self.end_of(BACKWARD, s, m) for m in range(self.micro)]
         return max(sum(F[m] <= t <= B[m] for m in range(self.micro)) for t in range(self.ticks))
 
     @property
     def slots(self) -> tuple[int, int, int]:
         """``(caches, activations in, gradients in)``: the slots each buffer of a stage needs, the most over stages."""
         Pn, M = self.stages, self.micro
-        cache = max(_slots([(m, self.tick_of(FORWARD, s, m), self.tick_of(BACKWARD, s, m)) for m in range(M)])
+        cache = max(_slots([(m, self.tick_of(FORWARD, s, m), self.end_of(BACKWARD, s, m)) for m in range(M)])
                     for s in range(Pn))
         acts = max([_slots([(m, self.tick_of(FORWARD, s - 1, m), self.tick_of(FORWARD, s, m)) for m in range(M)])
                     for s in range(1, Pn)] or [1])
-        grads = max([_slots([(m, self.tick_of(BACKWARD, s + 1, m) if s < Pn - 1 else self.tick_of(FORWARD, s, m),
-                              self.tick_of(BACKWARD, s, m)) for m in range(M)]) for s in range(Pn)])
+        # (a gradient's slot holds a backward's partial gradient between its parts: it is free after the last)
+        grads = max([_slots([(m, self.end_of(BACKWARD, s + 1, m) if s < Pn - 1 else self.tick_of(FORWARD, s, m),
+                              self.end_of(BACKWARD, s, m)) for m in range(M)]) for s in range(Pn)])
         return cache, acts, grads
 
     def replay(self, forward: Sequence[float], backward: Sequence[float],
@@ -218,8 +251,9 @@ class Schedule:
                 if action is None:
                     continue
                 kind, m = action
-                took = forward[s] if kind == FORWARD else backward[s]
-                start = max([free[s]] + [end[n] for n in _needs(kind, s, m, P)])
+                took = forward[s] if kind == FORWARD else backward[s] / self.parts  # (a backward's part: its share)
+                later = kind == BACKWARD and (kind, s, m) in end  # a backward's later part: after the one before
+                start = max([free[s]] + ([end[(kind, s, m)]] if later else [end[n] for n in _needs(kind, s, m, P)]))
                 end[(kind, s, m)] = reached[s] = start + took
                 busy[s] += took
             free = [max(reached[max(s - 1, 0):s + 2]) for s in range(P)] if lockstep else reached
@@ -235,15 +269,33 @@ class Schedule:
         return "\n".join(rows)
 
 
-def schedule(name: str, stages: int, micro: int) -> Schedule:
-    """The :class:`Schedule` ``name`` (``"gpipe"``, ``"1f1b"`` or ``"alternating"``) of ``stages`` stages and
-    ``micro`` micro-batches."""
+def parse_schedule(text: str) -> tuple[str, int]:
+    """A schedule as a user types it (``--pipeline-schedule``): its name, then ``/K`` for a backward in ``K`` ticks —
+    ``"1f1b"`` is ``("1f1b", 1)``, ``"1f1b/2"`` is ``("1f1b", 2)``; a ``ValueError`` naming what is wrong."""
+    name, slash, k = str(text).partition("/")
+    if name not in ORDERS or (slash and not (k.isdigit() and int(k) >= 1)):
+        raise ValueError(f"pipeline: the schedule must be one of {', '.join(ORDERS)}, optionally with /K for a "
+                         f"backward in K ticks (1f1b/2), got {text!r}")
+    return name, int(k) if slash else 1
+
+
+def schedule(name: str, stages: int, micro: int, parts: int = 1) -> Schedule:
+    """The :class:`Schedule` ``name`` (``"gpipe"``, ``"1f1b"`` or ``"alternating"``; or with ``/K``, for ``parts=K``:
+    :func:`parse_schedule`) of ``stages`` stages and ``micro`` micro-batches, each backward taking ``parts`` ticks (its
+    stage's blocks in ``parts`` groups: 1F1B with a backward twice a forward keeps the formula's bubble in jnnex's
+    lockstep program at ``parts=2``)."""
+    if isinstance(name, str) and "/" in name:
+        name, parts = parse_schedule(name)
     if name not in ORDERS:
         raise ValueError(f"pipeline: the schedule must be one of {', '.join(ORDERS)}, got {name!r}")
-    for what, n in (("stages", stages), ("micro-batches", micro)):
+    for what, n in (("stages", stages), ("micro-batches", micro), ("a backward's ticks (parts)", parts)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"pipeline: {what} must be an integer >= 1, got {n!r}")
-    return Schedule(name, stages, micro, _simulate(ORDERS[name](stages, micro), stages, name in ALTERNATE))
+    if name in ALTERNATE and parts > 1:
+        raise ValueError(f"pipeline: the {name} schedule's backward takes one tick (its ticks are all forwards or all "
+                         f"backwards in turn), got parts {parts}: cut a backward into ticks with gpipe or 1f1b")
+    return Schedule(name, stages, micro, _simulate(ORDERS[name](stages, micro), stages, name in ALTERNATE, parts),
+                    parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -266,8 +318,8 @@ def mesh_3d(data: int, stage: int, model: int = 1, devices: Sequence | None = No
     return jax.sharding.Mesh(grid, (DATA, STAGE, MODEL), axis_types=(AxisType.Auto,) * 3)
 
 
-def check_pipeline(model: LanguageModel, stages: int) -> None:
-    """Clear errors for a model a pipeline cannot cut ``stages`` ways."""
+def check_pipeline(model: LanguageModel, stages: int, parts: int = 1) -> None:
+    """Clear errors for a model a pipeline cannot cut ``stages`` ways, each stage's backward in ``parts`` ticks."""
     if model.pipe is None:
         raise ValueError(f"pipeline: model {model.name!r} is not cut into stages (it declares no Pipe: the "
                          "transformers, gpt and llama, do)")
@@ -275,6 +327,9 @@ def check_pipeline(model: LanguageModel, stages: int) -> None:
     if L % stages:
         raise ValueError(f"pipeline: the stages ({stages}) must divide the blocks (n_layer {L}); it divides by "
                          f"{[d for d in range(1, L + 1) if L % d == 0]}")
+    if (L // stages) % parts:
+        raise ValueError(f"pipeline: a backward's ticks ({parts}) must divide each stage's blocks ({L // stages} = "
+                         f"n_layer {L} / {stages} stages): each tick runs the backward of an equal group of them")
     if getattr(model.cfg, "dropout", 0) > 0:
         raise ValueError(f"pipeline: dropout ({model.cfg.dropout}) is not pipelined yet (a micro-batch would draw "
                          "other masks than its batch's): train with dropout 0, or another scheme")
@@ -333,8 +388,9 @@ def specs(model: LanguageModel, params_like, n_model: int):
 
 
 def _branch_codes(sched: Schedule):
-    """The branches the table uses, ``(kind, first, last)`` each, and per tick and stage: the branch, the micro-batch,
-    the micro-batch arriving from the previous stage (``-1``: none) and from the next."""
+    """The branches the table uses, ``(kind, first, last, part)`` each (``part``: which of a backward's parts), and
+    per tick and stage: the branch, the micro-batch, the micro-batch arriving from the previous stage (``-1``: none)
+    and from the next (after a backward's last part)."""
     Pn, T = sched.stages, sched.ticks
     branches, code = [None], np.zeros((T, Pn), np.int32)  # branch 0: idle
     mb, act_in, grad_in = np.zeros((T, Pn), np.int32), np.full((T, Pn), -1, np.int32), np.full((T, Pn), -1, np.int32)
@@ -342,13 +398,14 @@ def _branch_codes(sched: Schedule):
         for s, a in enumerate(row):
             if a is None:
                 continue
-            b = (a[0], s == 0, s == Pn - 1)
+            part = sched.part_of(t, s) if a[0] == BACKWARD else 0
+            b = (a[0], s == 0, s == Pn - 1, part)
             if b not in branches:
                 branches.append(b)
             code[t, s], mb[t, s] = branches.index(b), a[1]
             if a[0] == FORWARD and s < Pn - 1:
                 act_in[t, s + 1] = a[1]
-            if a[0] == BACKWARD and s > 0:
+            if a[0] == BACKWARD and s > 0 and part == sched.parts - 1:
                 grad_in[t, s - 1] = a[1]
     return branches, code, mb, act_in, grad_in
 
@@ -366,12 +423,12 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
     Pn, M, n_model = mesh.shape[STAGE], sched.micro, mesh.shape[MODEL]
     if sched.stages != Pn:
         raise ValueError(f"pipeline: the schedule has {sched.stages} stages, the mesh's stage axis {Pn} devices")
-    check_pipeline(model, Pn)
+    check_pipeline(model, Pn, sched.parts)
     if n_model > 1:
         tensor_parallel.check_split(model, n_model)
     cfg = dataclasses.replace(cfg, model_axis=MODEL if n_model > 1 else None)
     cfg = grouped_config(cfg, M * mesh.shape[DATA])  # each (data shard, micro-batch)'s balancing loss, averaged
-    pipe, Lp = model.pipe, cfg.n_layer // Pn
+    pipe, Lp, parts = model.pipe, cfg.n_layer // Pn, sched.parts
     branches, code, mb_of, act_from, grad_from = _branch_codes(sched)
     K_cache, K_act, K_grad = sched.slots
     param_specs = specs(model, params_like, n_model)
@@ -392,12 +449,12 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
         def stage_forward(h):
             return run_stage(pipe, cfg, blocks, h, s * Lp)
 
-        def stage_backward(dh, caches):
-            dblocks = [None] * Lp
-            for j in reversed(range(Lp)):
+        def stage_backward(dh, caches, lo=0, hi=Lp):  # blocks lo .. hi - 1, the last first
+            dblocks = [None] * (hi - lo)
+            for j in reversed(range(lo, hi)):
                 blk = jax.tree.map(lambda a: a[j], blocks)
                 c, dh = recomputed(pipe.block_forward, cfg, blk, caches[j], dh)
-                dh, dblocks[j] = pipe.block_backward(dh, c)
+                dh, dblocks[j - lo] = pipe.block_backward(dh, c)
             return dh, jax.tree.map(lambda *g: jnp.stack(g), *dblocks)
 
         def embed(m):
@@ -430,7 +487,7 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
         )
 
         def run_branch(b, m, carry):
-            kind, first, last = b
+            kind, first, last, part = b
             cache_buf, acts, grads_in, g_shared, g_blocks, loss = carry
             out_h, out_dh = jnp.zeros_like(h0), jnp.zeros_like(h0)
             if kind == FORWARD:
@@ -445,11 +502,15 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
                     grads_in = grads_in.at[m % K_grad].set(dh)
                 else:
                     out_h = h
-            else:
+            else:  # the backward's part `part`: its group of blocks, the last group first
                 caches = jax.tree.map(lambda buf: buf[m % K_cache], list(cache_buf))
-                dh, dblocks = stage_backward(grads_in[m % K_grad], unpack((caches, cache_static), blocks))
-                g_blocks = _accumulate(g_blocks, dblocks)
-                if first:
+                lo, hi = Lp - (part + 1) * (Lp // parts), Lp - part * (Lp // parts)
+                dh, dblocks = stage_backward(grads_in[m % K_grad], unpack((caches, cache_static), blocks), lo, hi)
+                g_blocks = _accumulate(g_blocks, dblocks) if parts == 1 else jax.tree.map(
+                    lambda a, g: a.at[lo:hi].add(g.astype(a.dtype)), g_blocks, dblocks)
+                if part < parts - 1:  # the gradient so far waits in its slot for the next part
+                    grads_in = grads_in.at[m % K_grad].set(dh)
+                elif first:
                     g_emb = pipe.embed_backward(cfg, dh, embed(m)[1])
                     g_shared = _accumulate(g_shared, g_emb)
                 else:

@@ -283,14 +283,14 @@ def _pipeline_plan(model, d: int, P: int, batch: int, K: int, T: int, optimizer,
     head's forward and backward share a tick), whichever stage holds more. Its sends: one activation and one gradient
     each way on every tick of the schedule (``comm_jnnex``; the formula's, only those that carry a micro-batch). Its
     ``bubble``: the idle fraction of jnnex's lockstep program running it, with equal stages and a backward twice a
-    forward (:meth:`jnnex.pipeline.Schedule.replay`)."""
+    forward (:meth:`jnnex.pipeline.Schedule.replay`; ``1f1b/2``, its backward in two ticks, idles the formula's)."""
     from jnnex import pipeline
 
     cfg = model.cfg
-    pipeline.check_pipeline(model, P)
+    sched = pipeline.schedule(schedule, P, K)
+    pipeline.check_pipeline(model, P, sched.parts)
     if batch % K:
         raise ValueError(f"plan: --micro-batches {K} must divide --batch-size {batch}")
-    sched = pipeline.schedule(schedule, P, K)
     params = _param_shapes(model.name, cfg)
     stage = params._replace(blocks=params.blocks[:cfg.n_layer // P])
     held = nbytes(stage)

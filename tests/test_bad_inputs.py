@@ -105,7 +105,12 @@ CLI = [
     (["train", "--model", "gpt", "--devices", "4", "--stages", "2", "--micro-batches", "2", "--shard-params",
       "--steps", "5"], 2, "--shard-params and --stages together (FSDP × pipeline) are not a training mode yet"),
     (["train", "--model", "gpt", "--devices", "4", "--stages", "2", "--micro-batches", "2", "--pipeline-schedule",
-      "zigzag"], 2, "argument --pipeline-schedule: invalid choice: 'zigzag'"),
+      "zigzag"], 2, "argument --pipeline-schedule: expected 1f1b, gpipe or alternating, or 1f1b/J or gpipe/J for "
+                    "a backward in J ticks, got 'zigzag'"),
+    (["train", "--model", "gpt", "--devices", "4", "--stages", "2", "--micro-batches", "2", "--pipeline-schedule",
+      "alternating/2"], 2, "the alternating schedule's backward takes one tick"),
+    (["train", "--model", "gpt", "--devices", "2", "--stages", "2", "--micro-batches", "2", "--pipeline-schedule",
+      "1f1b/3", "--steps", "5"], 2, "a backward's ticks (3) must divide each stage's blocks (2 = n_layer 4 / 2 stages)"),
     (["train", "--model", "bigram", "--n-hidden", "5"], 2, "--n-hidden does not apply to model 'bigram'"),
     (["train", "--model", "mlp", "--smoothing", "0"], 2, "--smoothing does not apply to model 'mlp'"),
     (["train", "--model", "nope"], 2, "invalid choice: 'nope'"),
