@@ -24,7 +24,10 @@ equal stages GPipe idles the formula's fraction in lockstep too (a tick is all f
 does ``alternating``; 1F1B, whose steady state pairs one stage's forward with its neighbour's backward, idles more —
 its ticks last a backward each. Devices that each run their own program (MPMD: Megatron-LM's processes) would run
 1F1B at the formula's bubble; one SPMD program cannot, and ``alternating`` trades ``2P − 1`` micro-batches' memory
-for the formula's bubble.
+for the formula's bubble. Or a backward is cut into ticks (``parts``, ``--pipeline-schedule 1f1b/2``): each tick the
+backward of ``1/parts`` of the stage's blocks, the gradient so far kept in its slot between them; a backward twice a
+forward then fits two ticks of a forward's length, and 1F1B idles the formula's fraction in lockstep at its own
+memory (more ticks: more sends).
 
 The schedule is data (a table, built by simulating each stage's order of work against the dependencies), and one
 compiled program runs any table: a ``lax.scan`` over the ticks in which each device reads its own action and takes

@@ -26,8 +26,8 @@
 # **Full size** (`python lessons/11_pipelines_experts_rings.py`, 2 cores, 114 s measured): the page's schedules
 # are jnnex's tick for tick, bubble 0.2727 = (P − 1)/(M + P − 1) at P = 4, M = 8, stage 0 holding 8 micro-batches
 # under GPipe and 4 under 1F1B; with a backward twice a forward, in lockstep 1F1B idles 0.4000 and the alternating
-# schedule 0.2727 (holding 7); the page's micro-batched gradients and jnnex's 4-stage 1F1B equal the whole batch's to
-# 1.1e-16 in float64; the page's router gives jnnex's balancing loss exactly; after 600 steps the busiest expert takes
+# schedule 0.2727 (holding 7), and 1F1B with its backward in two ticks 0.2727 (holding 4); the page's
+# micro-batched gradients and jnnex's 4-stage 1F1B equal the whole batch's to 1.1e-16 in float64; the page's router gives jnnex's balancing loss exactly; after 600 steps the busiest expert takes
 # 2.82× the mean load without the balancing loss and 1.10× with it (dev 2.2342 against 2.2444); the page's ring and
 # jnnex's equal plain causal attention to 4.4e-16, the busiest device doing 1.05× the mean work striped, 1.74×
 # contiguous.
@@ -92,7 +92,7 @@ def needs(kind, s, m, P):  # a forward waits for the previous stage's; a backwar
     return [("F", s, m)] + ([("B", s + 1, m)] if s < P - 1 else [])
 
 
-def simulate(orders, P, alternate=False):  # (alternate: section 1b)
+def simulate(orders, P, alternate=False, needs=needs):  # (alternate, and other needs: section 1b)
     done, pos, table = {}, [0] * P, []
     while any(pos[s] < len(orders[s]) for s in range(P)):
         t, row = len(table), []
@@ -153,7 +153,7 @@ learn.show(fig, "11-pipeline-timelines")
 # stage and come back. A tick where no stage works takes no time.
 
 # %%
-def replay(table, F, B, lockstep):
+def replay(table, F, B, lockstep, needs=needs):
     P, end = len(table[0]), {}
     free, busy = [0.0] * P, 0.0
     for row in table:
@@ -184,6 +184,36 @@ for name, by_mode in lockstep.items():
     print(f"{name:12s} bubble with B = 2F: " + ", ".join(f"{k} {v:.4f}" for k, v in by_mode.items())
           + f" (jnnex's replay in lockstep: {jnnex_lockstep[name]:.4f})")
 print(pipeline.schedule("alternating", Pn, M).draw())
+
+# %% [markdown]
+# The alternating schedule pays for its bubble with `2P − 1` micro-batches held. The other way to even the ticks
+# keeps 1F1B's memory: cut each backward in two ticks of half the stage's blocks — `B`, the last half first, then
+# `b`. The previous stage now waits for `b`. With a backward twice a forward, every tick lasts a forward's time, and
+# lockstep costs nothing (jnnex's `--pipeline-schedule 1f1b/2`).
+
+# %%
+def halves(orders):  # each backward in two ticks: "B" the stage's last half of its blocks, then "b" the first
+    return [[x for a in order for x in ([a] if a[0] == "F" else [("B", a[1]), ("b", a[1])])] for order in orders]
+
+
+def needs_halves(kind, s, m, P):
+    if kind == "b":
+        return [("B", s, m)]
+    if kind == "B":
+        return [("F", s, m)] + ([("b", s + 1, m)] if s < P - 1 else [])
+    return needs(kind, s, m, P)
+
+
+tables["1f1b/2"] = simulate(halves(one_f_one_b_orders(Pn, M)), Pn, needs=needs_halves)
+as_jnnex = tuple(tuple(None if a is None else ("B" if a[0] == "b" else a[0], a[1]) for a in row)
+                 for row in tables["1f1b/2"])
+same_halves = as_jnnex == pipeline.schedule("1f1b", Pn, M, parts=2).table
+halves_bubble = {mode: replay(tables["1f1b/2"], 1.0, 1.0, mode == "lockstep", needs_halves)  # (each half: B/2 = F)
+                 for mode in ("own programs", "lockstep")}
+held_halves = held(tuple(tuple(None if a is None or a[0] == "B" else ("B", a[1]) if a[0] == "b" else a for a in row)
+                         for row in tables["1f1b/2"]), 0)  # (held until the backward's second tick)
+print(f"1f1b/2: the page's table is jnnex's: {same_halves}; bubble with B = 2F: "
+      + ", ".join(f"{k} {v:.4f}" for k, v in halves_bubble.items()) + f"; stage 0 holds {held_halves}")
 
 # %% [markdown]
 # ## 2. A pipeline's gradient, by hand
@@ -374,6 +404,8 @@ learn.show(fig, "11-ring")
 
 # %%
 learn.result(same_tables=same_tables, same_alternating=same_alternating, excess=excess, lockstep_gap=lockstep_gap,
+             same_halves=same_halves, halves_excess={k: v - formula for k, v in halves_bubble.items()},
+             held_halves=held_halves,
              held_alternating=held(tables["alternating"], 0),
              bubble_gpipe=bubbles["gpipe"], bubble_1f1b=bubbles["1f1b"],
              bubble_formula=(Pn - 1) / (M + Pn - 1), held_gpipe=held(tables["gpipe"], 0),

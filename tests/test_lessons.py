@@ -239,7 +239,8 @@ def test_lesson_10_many_devices(tmp_path):
 @pytest.mark.lessons
 def test_lesson_11_pipelines_experts_rings(tmp_path):
     """The page's schedules are jnnex's, with the formula's bubble and 1F1B holding P where GPipe holds M (the
-    alternating one 2P - 1, and the formula's bubble in lockstep, where 1F1B's is larger); the page's
+    alternating one 2P - 1, and the formula's bubble in lockstep, where 1F1B's is larger, but not with its backward
+    in two ticks); the page's
     micro-batched gradients, jnnex's pipeline, the page's router and ring, and jnnex's ring equal their references;
     the balancing loss evens the trained router's load (the busiest expert's share over the mean, seed 0)."""
     r, _ = run_lesson("11_pipelines_experts_rings", tmp_path)
@@ -249,6 +250,9 @@ def test_lesson_11_pipelines_experts_rings(tmp_path):
     assert r["lockstep_gap"] < 1e-12 and all(abs(e["own programs"]) < 1e-12 for e in excess.values())
     assert excess["1f1b"]["lockstep"] > 0.05 and abs(excess["gpipe"]["lockstep"]) < 1e-12
     assert abs(excess["alternating"]["lockstep"]) < 1e-12
+    # the backward in two ticks: jnnex's table, the formula's bubble in lockstep too, and 1F1B's memory
+    assert r["same_halves"] is True and r["held_halves"] == 4
+    assert all(abs(e) < 1e-12 for e in r["halves_excess"].values())
     assert max(r["page_pipeline_gap"], r["jnnex_pipeline_gap"], r["page_loss_gap"]) < 1e-12
     assert r["aux_gap"] < 1e-12 and abs(r["load_sum"] - 1) < 1e-12
     assert max(r["page_ring_gap"], r["jnnex_ring_gap"]) < 1e-12
