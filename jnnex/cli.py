@@ -34,6 +34,7 @@ from jnnex.layout import SCHEMES, Parallel
 from jnnex.lm import continue_text, sample_words
 from jnnex.models.registry import REGISTRY, has_manual_backward, splittable
 from jnnex.optim import OPTIMIZER_NAMES, TrainConfig
+from jnnex.pipeline import parse_schedule
 from jnnex.settings import add_flags, given
 from jnnex.train import NonFiniteLossError, ctrl_c_guard, fit, initial_params, lr_find
 
@@ -88,7 +89,6 @@ def _params(text: str) -> tuple[str, ...]:
 
 def schedule_flag(text: str) -> str:
     """``--pipeline-schedule``: a schedule's name, or ``NAME/J`` (a backward in J ticks), as typed."""
-    from jnnex.pipeline import parse_schedule
     try:
         parse_schedule(text)
     except ValueError:

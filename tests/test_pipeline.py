@@ -56,8 +56,7 @@ def test_a_schedule_does_each_forward_and_backward_once_in_order_with_the_bubble
     held = [sched.held(s) for s in range(P)]
     if name == "alternating":  # forwards at even ticks, backwards at odd; 2 (P - 1 - s) + 1 in flight
         assert all(a is None or (a[0] == "F") == (t % 2 == 0) for t, row in enumerate(sched.table) for a in row)
-        if parts == 1:
-            assert sched.ticks == 2 * (M + 2 * P - 2) and held == [min(2 * (P - 1 - s) + 1, M) for s in range(P)]
+        assert sched.ticks == 2 * (M + 2 * P - 2) and held == [min(2 * (P - 1 - s) + 1, M) for s in range(P)]
     else:
         assert sched.ticks == (1 + parts) * (M + P - 1)
         assert sched.bubble == pytest.approx((P - 1) / (M + P - 1), abs=1e-12)
