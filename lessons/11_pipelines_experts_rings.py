@@ -27,10 +27,10 @@
 # are jnnex's tick for tick, bubble 0.2727 = (P − 1)/(M + P − 1) at P = 4, M = 8, stage 0 holding 8 micro-batches
 # under GPipe and 4 under 1F1B; with a backward twice a forward, in lockstep 1F1B idles 0.4000 and the alternating
 # schedule 0.2727 (holding 7), and 1F1B with its backward in two ticks 0.2727 (holding 4); the page's
-# micro-batched gradients and jnnex's 4-stage 1F1B equal the whole batch's to 1.1e-16 in float64; the page's router gives jnnex's balancing loss exactly; after 600 steps the busiest expert takes
-# 2.82× the mean load without the balancing loss and 1.10× with it (dev 2.2342 against 2.2444); the page's ring and
-# jnnex's equal plain causal attention to 4.4e-16, the busiest device doing 1.05× the mean work striped, 1.74×
-# contiguous.
+# micro-batched gradients and jnnex's 4-stage 1F1B equal the whole batch's to 1.1e-16 in float64; the page's router
+# gives jnnex's balancing loss exactly; after 600 steps the busiest expert takes 2.82× the mean load without the
+# balancing loss and 1.10× with it (dev 2.2342 against 2.2444); the page's ring and jnnex's equal plain causal
+# attention to 4.4e-16, the busiest device doing 1.05× the mean work striped, 1.74× contiguous.
 
 # %%
 import jax

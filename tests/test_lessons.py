@@ -240,9 +240,9 @@ def test_lesson_10_many_devices(tmp_path):
 def test_lesson_11_pipelines_experts_rings(tmp_path):
     """The page's schedules are jnnex's, with the formula's bubble and 1F1B holding P where GPipe holds M (the
     alternating one 2P - 1, and the formula's bubble in lockstep, where 1F1B's is larger, but not with its backward
-    in two ticks); the page's
-    micro-batched gradients, jnnex's pipeline, the page's router and ring, and jnnex's ring equal their references;
-    the balancing loss evens the trained router's load (the busiest expert's share over the mean, seed 0)."""
+    in two ticks); the page's micro-batched gradients, jnnex's pipeline, the page's router and ring, and jnnex's ring
+    equal their references; the balancing loss evens the trained router's load (the busiest expert's share over the
+    mean, seed 0)."""
     r, _ = run_lesson("11_pipelines_experts_rings", tmp_path)
     assert r["same_tables"] is True and r["bubble_gpipe"] == r["bubble_1f1b"] == r["bubble_formula"]
     assert (r["held_gpipe"], r["held_1f1b"], r["held_alternating"]) == (8, 4, 7) and r["same_alternating"] is True

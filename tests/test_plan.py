@@ -175,12 +175,11 @@ def test_the_gpt2_plan_and_the_largest_that_fits():
     (["--parallel", "dp", "--stages", "2"], "--stages applies to pp, which is not planned here (dp): add --parallel pp"),
     (["--parallel", "tp", "--parallel", "dp", "--pipeline-schedule", "gpipe"],
      "--pipeline-schedule applies to pp, which is not planned here (tp, dp)"),
-    (["--parallel", "pp", "--pipeline-schedule", "zigzag"], "argument --pipeline-schedule: expected 1f1b, gpipe or "
-                                                            "alternating, or 1f1b/J or gpipe/J for a backward in J ticks, "
-                                                            "got 'zigzag'"),
-    (["--parallel", "pp", "--stages", "4", "--pipeline-schedule", "1f1b/2"], "a backward's ticks (2) must divide each "
-                                                                              "stage's blocks (3 = n_layer 12 / 4 "
-                                                                              "stages)"),
+    (["--parallel", "pp", "--pipeline-schedule", "zigzag"],
+     "argument --pipeline-schedule: expected 1f1b, gpipe or alternating, or 1f1b/J or gpipe/J for a backward in J "
+     "ticks, got 'zigzag'"),
+    (["--parallel", "pp", "--stages", "4", "--pipeline-schedule", "1f1b/2"],
+     "a backward's ticks (2) must divide each stage's blocks (3 = n_layer 12 / 4 stages)"),
 ])
 def test_bad_plans_are_named(argv, words, capsys):
     try:
