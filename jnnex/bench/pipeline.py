@@ -47,26 +47,26 @@ def _model(n_layer: int, T: int, C: int):
 
 def stage_times(model, stages: int, rows: int, repeats: int) -> tuple[list[float], list[float]]:
     """Seconds for one micro-batch of ``rows`` rows, per stage: its forward and its backward, each the work that
-    :func:`jnnex.pipeline.pipeline_value_and_grad` does in that stage's tick, compiled as one program — every stage's
-    blocks; the first stage's forward also the embedding, its backward the embedding's backward; the last stage's
-    forward also the head, the loss and their backward. The forwards are timed as they are; a backward as the forward
-    and backward together, minus the forward (a cache holds Python values: it cannot cross a jit boundary)."""
+    :func:`jnnex.pipeline.pipeline_value_and_grad` does in that stage's tick, compiled as one program and timed on its
+    own — the forward runs the stage's blocks (:func:`jnnex.pipeline.run_stage`) and returns the caches it keeps
+    (:func:`jnnex.pipeline.pack`), the backward reads them back (:func:`jnnex.pipeline.unpack`); the first stage's
+    forward also embeds, its backward also runs the embedding's; the last stage's forward also runs the head, the loss
+    and their backward. (The backwards were once timed as forward + backward minus the forward: a difference of two
+    medians, whose noise put the first stage's backward below the others' in half the runs.)"""
     cfg, pipe = model.cfg, model.pipe
     params, _ = model.init(jax.random.key(0))
-    blocks = params.blocks[:cfg.n_layer // stages]
+    blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *params.blocks[:cfg.n_layer // stages])  # one stage's, stacked
     x = jax.random.randint(jax.random.key(1), (rows, cfg.block_size), 0, cfg.vocab_size)
     y = jax.random.randint(jax.random.key(2), (rows, cfg.block_size), 0, cfg.vocab_size)
     h = jax.random.normal(jax.random.key(3), (rows, cfg.block_size, cfg.n_embd), jnp.float32)
+    static = {}  # the caches' Python part, from the forward's trace: only their arrays cross the jit boundary
 
-    def blocks_forward(blocks, h):
-        caches = []
-        for i, blk in enumerate(blocks):
-            h, c = pipe.block_forward(cfg, blk, h, i, train=True)
-            caches.append(c)
-        return h, caches
+    def stage_forward(blocks, h):
+        out, (arrays, static["caches"]), _ = PP.run_stage(pipe, cfg, blocks, h, 0)
+        return out, arrays
 
-    def blocks_backward(blocks, caches, dh):
-        grads = []
+    def blocks_backward(blocks, arrays, dh):
+        caches, grads = PP.unpack((arrays, static["caches"]), blocks), []
         for c in reversed(caches):
             dh, g = pipe.block_backward(dh, c)
             grads.append(g)
@@ -77,36 +77,34 @@ def stage_times(model, stages: int, rows: int, repeats: int) -> tuple[list[float
         _, c_ce = cross_entropy_forward(logits, y)
         return pipe.top_backward(cfg, cross_entropy_backward(jnp.float32(1), c_ce)[0], c)
 
-    def middle_f(params, blocks):
-        return blocks_forward(blocks, h)[0]
+    def middle_f(params, blocks, arrays, dh):
+        return stage_forward(blocks, h)
 
-    def middle_fb(params, blocks):
-        out, caches = blocks_forward(blocks, h)
-        return blocks_backward(blocks, caches, out)
+    def first_f(params, blocks, arrays, dh):
+        return stage_forward(blocks, pipe.embed_forward(cfg, params, x, True)[0])
 
-    def first_f(params, blocks):
-        return blocks_forward(blocks, pipe.embed_forward(cfg, params, x, True)[0])[0]
+    def last_f(params, blocks, arrays, dh):
+        out, arrays = stage_forward(blocks, h)
+        return top(params, out), arrays
 
-    def first_fb(params, blocks):
-        h0, c_emb = pipe.embed_forward(cfg, params, x, True)
-        out, caches = blocks_forward(blocks, h0)
-        dh, grads = blocks_backward(blocks, caches, out)
-        return pipe.embed_backward(cfg, dh, c_emb), grads
+    def middle_b(params, blocks, arrays, dh):  # (the last stage's backward too: its head's ran in its forward)
+        return blocks_backward(blocks, arrays, dh)
 
-    def last_f(params, blocks):
-        return top(params, blocks_forward(blocks, h)[0])
+    def first_b(params, blocks, arrays, dh):  # the embedding's cache made again, as the pipeline's backward tick does
+        dh, grads = blocks_backward(blocks, arrays, dh)
+        return pipe.embed_backward(cfg, dh, pipe.embed_forward(cfg, params, x, True)[1]), grads
 
-    programs = {"middle_f": middle_f, "middle_fb": middle_fb, "first_f": first_f, "first_fb": first_fb,
-                "last_f": last_f}
+    _, arrays = jax.jit(stage_forward)(blocks, h)
+    dh = jax.random.normal(jax.random.key(4), h.shape, h.dtype)
+    programs = {"middle_f": middle_f, "first_f": first_f, "last_f": last_f, "middle_b": middle_b, "first_b": first_b}
     calls = {}
     for name, fn in programs.items():
         jitted = jax.jit(fn)
-        calls[name] = lambda jitted=jitted: jax.block_until_ready(jitted(params, blocks))
+        calls[name] = lambda jitted=jitted: jax.block_until_ready(jitted(params, blocks, arrays, dh))
         calls[name]()
     t = {k: v["median"] for k, v in interleaved(calls, repeats).items()}
-    middle_b = max(t["middle_fb"] - t["middle_f"], 0.0)
     forward = [t["first_f"]] + [t["middle_f"]] * (stages - 2) + [t["last_f"]]
-    backward = [max(t["first_fb"] - t["first_f"], 0.0)] + [middle_b] * (stages - 1)
+    backward = [t["first_b"]] + [t["middle_b"]] * (stages - 1)
     return forward, backward
 
 
