@@ -216,7 +216,8 @@ class Schedule:
         return 1 - busy / (self.ticks * self.stages)
 
     def held(self, s: int) -> int:
-        """The most micro-batches whose caches stage ``s`` holds at once (from a forward to its backward)."""
+        """The most micro-batches whose caches stage ``s`` holds at once (from a forward to its backward's last
+        tick)."""
         F = [self.tick_of(FORWARD, s, m) for m in range(self.micro)]
         B = [self.end_of(BACKWARD, s, m) for m in range(self.micro)]
         return max(sum(F[m] <= t <= B[m] for m in range(self.micro)) for t in range(self.ticks))
