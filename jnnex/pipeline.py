@@ -453,14 +453,6 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
         def stage_forward(h):
             return run_stage(pipe, cfg, blocks, h, s * Lp)
 
-        def stage_backward(dh, caches, lo=0, hi=Lp):  # blocks lo .. hi - 1, the last first
-            dblocks = [None] * (hi - lo)
-            for j in reversed(range(lo, hi)):
-                blk = jax.tree.map(lambda a: a[j], blocks)
-                c, dh = recomputed(pipe.block_forward, cfg, blk, caches[j], dh)
-                dh, dblocks[j - lo] = pipe.block_backward(dh, c)
-            return dh, jax.tree.map(lambda *g: jnp.stack(g), *dblocks)
-
         def embed(m):
             return pipe.embed_forward(cfg, cp, jax.lax.dynamic_index_in_dim(xs, m, keepdims=False), True)
 
@@ -476,7 +468,7 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
         h1, packed0, _ = stage_forward(h0)
         caches0 = unpack(packed0, blocks)
         loss0, dh0, g_top0 = top(h1, 0)
-        dh1, dblocks0 = stage_backward(dh0, caches0)
+        dh1, dblocks0 = run_stage_backward(pipe, cfg, blocks, caches0, dh0)
         g_shared0 = merge_grads(pipe.embed_backward(cfg, dh1, c_emb0), g_top0)
         cache_arrays0, cache_static = packed0
 
@@ -509,7 +501,8 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
             else:  # the backward's part `part`: its group of blocks, the last group first
                 caches = jax.tree.map(lambda buf: buf[m % K_cache], list(cache_buf))
                 lo, hi = Lp - (part + 1) * (Lp // parts), Lp - part * (Lp // parts)
-                dh, dblocks = stage_backward(grads_in[m % K_grad], unpack((caches, cache_static), blocks), lo, hi)
+                dh, dblocks = run_stage_backward(pipe, cfg, blocks, unpack((caches, cache_static), blocks),
+                                                 grads_in[m % K_grad], lo, hi)
                 g_blocks = _accumulate(g_blocks, dblocks) if parts == 1 else jax.tree.map(
                     lambda a, g: a.at[lo:hi].add(g.astype(a.dtype)), g_blocks, dblocks)
                 if part < parts - 1:  # the gradient so far waits in its slot for the next part
@@ -572,6 +565,19 @@ def run_stage(pipe, cfg, blocks, h, i0):
         caches.append(keep(cfg.recompute, h_in, i0 + j, None, True, c))
         blks.append(blk)
     return h, pack(tuple(caches), blks), aux
+
+
+def run_stage_backward(pipe, cfg, blocks, caches, dh, lo: int = 0, hi: int | None = None):
+    """:func:`run_stage`'s backward for blocks ``lo .. hi − 1`` of the stage (default all of them), the last first:
+    ``(dh, dblocks)``, ``dblocks`` stacked ``(hi − lo, ...)``; ``caches`` as :func:`unpack` gives them back, a
+    recomputed block's forward run again here (:func:`jnnex.layers.recomputed`)."""
+    hi = jax.tree.leaves(blocks)[0].shape[0] if hi is None else hi
+    dblocks = [None] * (hi - lo)
+    for j in reversed(range(lo, hi)):
+        blk = jax.tree.map(lambda a: a[j], blocks)
+        c, dh = recomputed(pipe.block_forward, cfg, blk, caches[j], dh)
+        dh, dblocks[j - lo] = pipe.block_backward(dh, c)
+    return dh, jax.tree.map(lambda *g: jnp.stack(g), *dblocks)
 
 
 def pack(caches, blks):

@@ -22,9 +22,10 @@ For ``devices`` devices, one of six schemes (``model_parallel`` ``M`` for ``tp``
 :func:`hlo_collectives`), by formula: a data-parallel gradient all-reduce (the gradients' bytes, a tied table's
 twice: the global-view step all-reduces its two gradients apiece); FSDP's all-gather of the parameters and
 reduce-scatter of the gradients; Megatron's four all-reduces of ``B·T·C`` per block along the model axis (Shoeybi et
-al. 2019, §3; a block of experts adds its gates' gradients, ``B·T·E``: :func:`model_axis_bytes`); the pipeline's activation and gradient per
-micro-batch across each stage boundary, ``2 · K · (B/K)·T·C`` (jnnex's program sends on every tick of the schedule,
-``2 (K + P − 1)`` each way, idle ticks sending zeros: ``comm_jnnex``); expert parallelism's four all-to-alls of
+al. 2019, §3; a block of experts adds its gates' gradients, ``B·T·E``: :func:`model_axis_bytes`); the pipeline's
+activation and gradient per micro-batch across each stage boundary, ``2 · K · (B/K)·T·C`` (jnnex's program sends on
+every tick of the schedule, idle ticks sending zeros: ``comm_jnnex`` — ``2 (K + P − 1)`` ticks for GPipe and 1F1B,
+more for the alternating schedule and a backward cut into ticks); expert parallelism's four all-to-alls of
 ``E · cap · C`` per block (two each way, forward and backward; ``cap``: a device's tokens, dropless). A ring moves
 about ``2 (n − 1)/n`` of an all-reduce's bytes over each device's link.
 

@@ -49,9 +49,9 @@ def stage_times(model, stages: int, rows: int, repeats: int) -> tuple[list[float
     """Seconds for one micro-batch of ``rows`` rows, per stage: its forward and its backward, each the work that
     :func:`jnnex.pipeline.pipeline_value_and_grad` does in that stage's tick, compiled as one program and timed on its
     own — the forward runs the stage's blocks (:func:`jnnex.pipeline.run_stage`) and returns the caches it keeps
-    (:func:`jnnex.pipeline.pack`), the backward reads them back (:func:`jnnex.pipeline.unpack`); the first stage's
-    forward also embeds, its backward also runs the embedding's; the last stage's forward also runs the head, the loss
-    and their backward. (The backwards were once timed as forward + backward minus the forward: a difference of two
+    (:func:`jnnex.pipeline.pack`), the backward reads them back (:func:`jnnex.pipeline.unpack`) and runs
+    :func:`jnnex.pipeline.run_stage_backward`; the first stage's forward also embeds, its backward also runs the
+    embedding's; the last stage's forward also runs the head, the loss and their backward. (The backwards were once timed as forward + backward minus the forward: a difference of two
     medians, whose noise put the first stage's backward below the others' in half the runs.)"""
     cfg, pipe = model.cfg, model.pipe
     params, _ = model.init(jax.random.key(0))
@@ -66,11 +66,7 @@ def stage_times(model, stages: int, rows: int, repeats: int) -> tuple[list[float
         return out, arrays
 
     def blocks_backward(blocks, arrays, dh):
-        caches, grads = PP.unpack((arrays, static["caches"]), blocks), []
-        for c in reversed(caches):
-            dh, g = pipe.block_backward(dh, c)
-            grads.append(g)
-        return dh, grads
+        return PP.run_stage_backward(pipe, cfg, blocks, PP.unpack((arrays, static["caches"]), blocks), dh)
 
     def top(params, h):  # the head, the loss and their backward: in the last stage's forward tick
         logits, c = pipe.top_forward(cfg, params, h)
