@@ -22,12 +22,13 @@ The program below is one SPMD program, and every tick ends in a ``ppermute`` bet
 lasts as long as the slowest work among a stage and its neighbours (:meth:`Schedule.replay` with ``lockstep``). With
 equal stages GPipe idles the formula's fraction in lockstep too (a tick is all forwards or all backwards), and so
 does ``alternating``; 1F1B, whose steady state pairs one stage's forward with its neighbour's backward, idles more —
-its ticks last a backward each. Devices that each run their own program (MPMD: Megatron-LM's processes) would run
-1F1B at the formula's bubble; one SPMD program cannot, and ``alternating`` trades ``2P − 1`` micro-batches' memory
-for the formula's bubble. Or a backward is cut into ticks (``parts``, ``--pipeline-schedule 1f1b/2``): each tick the
-backward of ``1/parts`` of the stage's blocks, the gradient so far kept in its slot between them; a backward twice a
-forward then fits two ticks of a forward's length, and 1F1B idles the formula's fraction in lockstep at its own
-memory (more ticks: more sends).
+its ticks last a backward each. ``alternating`` trades ``2P − 1`` micro-batches' memory for the formula's bubble.
+Or a backward is cut into ticks (``parts``, ``--pipeline-schedule 1f1b/2``): each tick the backward of ``1/parts``
+of the stage's blocks, the gradient so far kept in its slot between them; a backward twice a forward then fits two
+ticks of a forward's length, and 1F1B idles the formula's fraction in lockstep at its own memory (more ticks: more
+sends). Devices that each run their own programs (MPMD: Megatron-LM's processes) run 1F1B at the formula's bubble
+whatever a forward and a backward take: :func:`host_value_and_grad` is that runtime, the same stage functions as
+each stage's own compiled programs on its device, dispatched by the host in the table's order.
 
 The schedule is data (a table, built by simulating each stage's order of work against the dependencies), and one
 compiled program runs any table: a ``lax.scan`` over the ticks in which each device reads its own action and takes
@@ -58,7 +59,9 @@ not yet known. On one device that objective is :func:`jnnex.lm.grouped_objective
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -601,6 +604,156 @@ def _receive(buf, m, value, K: int):
     """``buf`` with ``value`` in micro-batch ``m``'s slot if ``m >= 0`` (something arrived), else as it was."""
     slot = jnp.maximum(m, 0) % K
     return buf.at[slot].set(jnp.where(m >= 0, value, buf[slot]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The host-driven runtime: each stage's programs on its own device (MPMD)
+
+
+class StagePrograms(NamedTuple):
+    """Stage ``s``'s two compiled programs, as the host-driven runtime (:func:`host_value_and_grad`) runs them on the
+    stage's device — the same work as the lockstep program's forward and backward branches for that stage:
+
+    * ``forward(params, x, y, h, share) -> (out, arrays, loss, g_top)`` — the first stage embeds the micro-batch's
+      tokens ``x`` (the others read ``h``, the previous stage's activation); the stage's blocks run
+      (:func:`run_stage`) and keep their caches (:func:`pack`'s ``arrays``). The last stage also runs the head, the
+      cross-entropy on ``y`` and their backward, seeded with ``share`` (the micro-batch's part of the batch's mean):
+      ``out`` is then the gradient into its blocks and ``g_top`` the head's gradients by field; elsewhere ``out`` is
+      the activation for the next stage and ``g_top`` ``None``. ``loss``: the micro-batch's weighted cross-entropy
+      (last stage) plus the blocks' balancing losses as the objective weighs them.
+    * ``backward(params, arrays, dh, x) -> (out, dblocks, g_emb)`` — the stage's blocks' backward
+      (:func:`run_stage_backward`) on the caches ``arrays``: ``out`` the gradient for the previous stage; on the first
+      stage the embedding's backward too (its cache made again from ``x``, as the lockstep program does), ``g_emb``
+      its gradients by field (``None`` elsewhere).
+
+    ``params`` is what the stage's device holds: the parameters' tree with only the stage's blocks, stacked."""
+
+    forward: Callable
+    backward: Callable
+
+
+def stage_programs(model: LanguageModel, stages: int, s: int, micro: int = 1) -> StagePrograms:
+    """:class:`StagePrograms` for stage ``s`` of ``stages``; ``micro``: the micro-batches a batch is cut into (a mixture
+    of experts' balancing loss is each micro-batch's, weighted ``1 / micro``: :func:`jnnex.lm.grouped_config`)."""
+    cfg = grouped_config(model.cfg, micro)
+    pipe, Lp = model.pipe, cfg.n_layer // stages
+    first, last = s == 0, s == stages - 1
+    static = {}  # the caches' Python part, from the forward's trace: only their arrays cross the program's boundary
+
+    def forward(params, x, y, h, share):
+        cp = compute_params(params, cfg.precision)
+        if first:
+            h = pipe.embed_forward(cfg, cp, x, True)[0]
+        h, (arrays, static["caches"]), aux = run_stage(pipe, cfg, cp.blocks, h, s * Lp)
+        if not last:
+            return h, arrays, aux, None
+        logits, c_top = pipe.top_forward(cfg, cp, h)
+        loss, c_ce = cross_entropy_forward(logits, y)
+        dlogits, _ = cross_entropy_backward(share.astype(logits.dtype), c_ce)
+        dh, g_top = pipe.top_backward(cfg, dlogits, c_top)
+        return dh, arrays, aux + loss * share.astype(loss.dtype), g_top
+
+    def backward(params, arrays, dh, x):
+        cp = compute_params(params, cfg.precision)
+        dh, dblocks = run_stage_backward(pipe, cfg, cp.blocks, unpack((arrays, static["caches"]), cp.blocks), dh)
+        if not first:
+            return dh, dblocks, None
+        return None, dblocks, pipe.embed_backward(cfg, dh, pipe.embed_forward(cfg, cp, x, True)[1])
+
+    return StagePrograms(jax.jit(forward), jax.jit(backward))
+
+
+def _wide(tree):
+    """A gradient sum's first term: float32 at least (bfloat16's are summed wide, as the lockstep program's)."""
+    return jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, tree)
+
+
+@jax.jit
+def _add(total, part):
+    return _accumulate(total, part)
+
+
+def host_value_and_grad(model: LanguageModel, sched: Schedule, devices: Sequence | None = None) -> Callable:
+    """``f(params, x, y, trace=None) -> (loss, grads)`` by the schedule ``sched``, run from the host: stage ``s``'s
+    forward and backward are its own compiled programs (:func:`stage_programs`) on ``devices[s]`` (default the first
+    ``P`` devices), and the host walks the schedule's table dispatching each action. JAX dispatches without waiting, so
+    each device runs its own queue of programs in its stage's order, each waiting only for the arrays it reads; an
+    activation or a gradient goes to the neighbour's device as it is made (``jax.device_put``). There is no lockstep:
+    this is MPMD (Megatron-LM's processes, JaxPP's runtime), and 1F1B runs at the formula's bubble holding ``P − s``
+    micro-batches (:meth:`Schedule.replay` without ``lockstep``).
+
+    ``params``, ``grads``: the parameters' own tree (``blocks`` a tuple), ``grads`` on ``devices[0]``; ``x, y (B,
+    T)``. The loss is the batch's mean cross-entropy (a mixture of experts: each micro-batch's balancing loss, averaged,
+    as :func:`pipeline_value_and_grad`). The stage axis alone: each stage one device, no data or model axis.
+
+    ``trace``: a list, to which each action appends ``{"stage", "kind", "micro", "seconds", "held_bytes"}`` — the
+    host then waits for each action before the next (its seconds: from its dispatch to its output on the neighbour's
+    device, its gradients summed), and ``held_bytes`` is what the stage's device holds of caches after it (the arrays
+    themselves, summed)."""
+    Pn, M = sched.stages, sched.micro
+    check_pipeline(model, Pn)
+    if sched.parts > 1:
+        raise ValueError(f"pipeline: the host-driven runtime runs each backward whole, got {sched.label} (a backward "
+                         f"in ticks is for the lockstep program, pipeline_value_and_grad)")
+    devices = list(jax.devices())[:Pn] if devices is None else list(devices)
+    if len(devices) < Pn:
+        raise ValueError(f"pipeline: {Pn} stages need {Pn} devices, got {len(devices)} (on CPU, start with "
+                         f"JAX_NUM_CPU_DEVICES={Pn} for more)")
+    Lp = model.cfg.n_layer // Pn
+    programs = [stage_programs(model, Pn, s, M) for s in range(Pn)]
+
+    def value_and_grad(params, x, y, trace: list | None = None):
+        if type(params.blocks) is not tuple:
+            raise ValueError("pipeline: host_value_and_grad takes the parameters' own tree (blocks a tuple of "
+                             "n_layer blocks), got stacked blocks (pipeline.unstack_blocks gives them back)")
+        if x.shape[0] % M:
+            raise ValueError(f"pipeline: the micro-batches ({M}) must divide the batch's rows ({x.shape[0]})")
+        on = [jax.device_put(params._replace(blocks=jax.tree.map(lambda *a: jnp.stack(a),
+                                                                 *params.blocks[s * Lp:(s + 1) * Lp])), devices[s])
+              for s in range(Pn)]
+        xs = jax.device_put(x.reshape(M, -1, x.shape[1]), devices[0])
+        ys = jax.device_put(y.reshape(M, -1, y.shape[1]), devices[-1])
+        n = np.asarray(y >= 0).reshape(M, -1).sum(1)
+        shares = (n / n.sum()).astype(jnp.result_type(float))  # each micro-batch's part of the batch's mean
+        held = [{} for _ in range(Pn)]  # stage: {micro-batch: the caches it keeps for its backward}
+        inbox: dict = {}  # (stage, kind, micro-batch): the activation or gradient that stage's action reads
+        g_blocks, g_ends, losses = [None] * Pn, {}, []  # g_ends: the embedding's sums (first stage), the head's (last)
+        for row in sched.table:
+            for s, action in enumerate(row):
+                if action is None:
+                    continue
+                kind, m = action
+                start, sent = time.perf_counter(), None
+                if kind == FORWARD:
+                    out, held[s][m], loss, g_top = programs[s].forward(
+                        on[s], xs[m] if s == 0 else None, ys[m] if s == Pn - 1 else None, inbox.pop((s, kind, m), None),
+                        shares[m])
+                    losses.append(loss)
+                    if s == Pn - 1:
+                        inbox[(s, BACKWARD, m)] = out
+                        g_ends["top"] = _wide(g_top) if "top" not in g_ends else _add(g_ends["top"], g_top)
+                    else:
+                        sent = inbox[(s + 1, kind, m)] = jax.device_put(out, devices[s + 1])
+                else:
+                    out, dblocks, g_emb = programs[s].backward(on[s], held[s].pop(m), inbox.pop((s, kind, m)),
+                                                               xs[m] if s == 0 else None)
+                    g_blocks[s] = _wide(dblocks) if g_blocks[s] is None else _add(g_blocks[s], dblocks)
+                    if s == 0:
+                        g_ends["emb"] = _wide(g_emb) if "emb" not in g_ends else _add(g_ends["emb"], g_emb)
+                    else:
+                        sent = inbox[(s - 1, kind, m)] = jax.device_put(out, devices[s - 1])
+                if trace is not None:
+                    jax.block_until_ready((sent, g_blocks[s], g_ends, losses[-1], held[s]))
+                    trace.append({"stage": s, "kind": kind, "micro": m, "seconds": time.perf_counter() - start,
+                                  "held_bytes": sum(a.nbytes for c in held[s].values() for a in c if a is not None)})
+        home = devices[0]
+        loss = sum(jax.device_put(v, home) for v in losses)
+        shared = merge_grads(*(jax.device_put(g_ends[k], home) for k in ("emb", "top")))  # (a tied table's two, added)
+        blocks = tuple(jax.tree.map(lambda a, j=j: jax.device_put(a[j], home), g_blocks[s])
+                       for s in range(Pn) for j in range(Lp))
+        return loss, param_grads(params._replace(blocks=blocks, **shared), params)
+
+    return value_and_grad
 
 
 # ----------------------------------------------------------------------------------------------------------------------

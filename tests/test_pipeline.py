@@ -18,6 +18,7 @@ import jnnex.pipeline as PP
 import jnnex.tensor_parallel as TP
 from jnnex.layout import Parallel
 from jnnex.lm import grouped_objective, manual_gradients
+from jnnex.memory import nbytes
 from jnnex.models import gpt as G, llama as L
 
 
@@ -225,6 +226,63 @@ def test_a_pipelined_mixture_of_experts_equals_one_device_running_each_micro_bat
     assert_equal_per_tensor(grads, want)
     whole = jax.jit(lambda p: model.objective(p, (), x, y)[0])(params)  # (the whole batch's loss: another objective)
     assert abs(float(whole) - float(want_loss)) > 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The host-driven runtime: each stage's programs on its own device
+
+
+@pytest.mark.parametrize("model_name, kw, name, P, M", [
+    ("gpt", {"tie": True}, "1f1b", 2, 4),  # a tied table: the embedding's sum (device 0) and the head's (device 1)
+    ("gpt", {}, "gpipe", 4, 2),
+    ("llama", {"n_expert": 4, "aux_weight": 0.5, "expert_capacity": 0.5, "expert_top_k": 1, "recompute": "blocks"},
+     "alternating", 2, 4),  # each micro-batch's routing, dropped tokens and balancing loss; the blocks recomputed
+])
+def test_the_host_driven_runtime_equals_one_device_per_tensor_and_holds_what_its_schedule_holds(model_name, kw, name,
+                                                                                                P, M):
+    """Each stage's programs on its own device, dispatched by the host in the schedule's order: the loss and every
+    gradient equal one device's in float64 (with experts: :func:`jnnex.lm.grouped_objective` over the micro-batches);
+    after each action a stage holds the caches of the micro-batches it has run forward and not yet backward — its
+    own arrays, summed — and at most what the schedule says (1F1B: P − s)."""
+    model = (tiny_gpt if model_name == "gpt" else tiny_llama)(**kw)
+    params = f64(model.init(jax.random.key(0))[0])
+    x, y = batch()
+    if "n_expert" in kw:
+        want_loss, want = jax.jit(jax.value_and_grad(lambda p: grouped_objective(model, p, (), x, y, M)))(params)
+    else:
+        manual = jax.jit(lambda p: manual_gradients(model, p, (), x, y))(params)
+        want_loss, want = manual.loss, manual.grads
+    sched, trace = PP.schedule(name, P, M), []
+    loss, grads = PP.host_value_and_grad(model, sched)(params, x, y, trace=trace)
+    np.testing.assert_allclose(loss, want_loss, rtol=0, atol=1e-13)
+    assert_equal_per_tensor(grads, want)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    # what one micro-batch's caches of a stage's blocks weigh, from shapes (the runtime's arrays are summed below)
+    Lp, h = model.cfg.n_layer // P, jax.ShapeDtypeStruct((x.shape[0] // M, x.shape[1], model.cfg.n_embd), jnp.float64)
+    blocks = jax.tree.map(lambda *a: jnp.stack(a), *params.blocks[:Lp])
+    one = nbytes(jax.eval_shape(lambda b, h: PP.run_stage(model.pipe, model.cfg, b, h, 0)[1][0], blocks, h))
+    assert [r["stage"] for r in trace] == [s for row in sched.table for s, a in enumerate(row) if a is not None]
+    open_ = [0] * P
+    for r in trace:
+        open_[r["stage"]] += 1 if r["kind"] == "F" else -1
+        assert r["held_bytes"] == open_[r["stage"]] * one and r["seconds"] > 0
+    assert [max(r["held_bytes"] for r in trace if r["stage"] == s) for s in range(P)] == [
+        sched.held(s) * one for s in range(P)]
+
+
+def test_the_host_driven_runtime_refuses_what_it_cannot_run():
+    model = tiny_gpt()
+    params, _ = model.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"the host-driven runtime runs each backward whole, got 1f1b/2"):
+        PP.host_value_and_grad(model, PP.schedule("1f1b", 2, 2, 2))
+    with pytest.raises(ValueError, match=r"4 stages need 4 devices, got 2 .*JAX_NUM_CPU_DEVICES=4"):
+        PP.host_value_and_grad(model, PP.schedule("1f1b", 4, 2), jax.devices()[:2])
+    with pytest.raises(ValueError, match=r"the stages \(3\) must divide the blocks \(n_layer 4\)"):
+        PP.host_value_and_grad(model, PP.schedule("1f1b", 3, 2))
+    with pytest.raises(ValueError, match=r"the micro-batches \(3\) must divide the batch's rows \(8\)"):
+        PP.host_value_and_grad(model, PP.schedule("1f1b", 2, 3))(params, *batch())
+    with pytest.raises(ValueError, match=r"takes the parameters' own tree .* got stacked blocks"):
+        PP.host_value_and_grad(model, PP.schedule("1f1b", 2, 2))(PP.stack_blocks(params), *batch())
 
 
 def test_layout_moves_a_training_state_to_the_stages_and_back_unchanged():
