@@ -399,8 +399,9 @@ learn.show(fig, "11-ring")
 # * `jnnex train --model gpt --devices 8 --stages 2 --model-parallel 2 --micro-batches 2` (with
 #   `JAX_NUM_CPU_DEVICES=8`): data × stage × model, the same run as one device.
 # * `jnnex plan --model llama --preset mixtral-8x7b --vocab-size 32000 --devices 8`: the experts on paper.
-# * `jnnex bench --only pipeline`: the bubble replayed with measured stage times, as separate programs and in
-#   lockstep, and each schedule's memory against GPipe's.
+# * `jnnex bench --only pipeline`: the bubble replayed with measured stage times, as jnnex's host-driven runtime
+#   runs a schedule (`pipeline.host_value_and_grad`: each stage's programs on its own device) and in lockstep, and
+#   each schedule's memory against GPipe's.
 
 # %%
 learn.result(same_tables=same_tables, same_alternating=same_alternating, excess=excess, lockstep_gap=lockstep_gap,
