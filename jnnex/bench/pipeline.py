@@ -65,7 +65,9 @@ def stage_times(model, stages: int, micro: int, rows: int, repeats: int) -> tupl
     trace: list = []
     for _ in range(repeats):
         run(params, x, y, trace=trace)
-    median = lambda s, kind: float(np.median([r["seconds"] for r in trace if (r["stage"], r["kind"]) == (s, kind)]))  # noqa: E731
+    def median(s, kind):
+        return float(np.median([r["seconds"] for r in trace if (r["stage"], r["kind"]) == (s, kind)]))
+
     return [median(s, PP.FORWARD) for s in range(stages)], [median(s, PP.BACKWARD) for s in range(stages)]
 
 
