@@ -460,11 +460,7 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
             return pipe.embed_forward(cfg, cp, jax.lax.dynamic_index_in_dim(xs, m, keepdims=False), True)
 
         def top(h, m):
-            logits, c_top = pipe.top_forward(cfg, cp, h)
-            loss_m, c_ce = cross_entropy_forward(logits, jax.lax.dynamic_index_in_dim(ys, m, keepdims=False))
-            dlogits, _ = cross_entropy_backward(shares[m].astype(logits.dtype), c_ce)
-            dh, g_top = pipe.top_backward(cfg, dlogits, c_top)
-            return loss_m * shares[m].astype(loss_m.dtype), dh, g_top
+            return run_top(pipe, cfg, cp, h, jax.lax.dynamic_index_in_dim(ys, m, keepdims=False), shares[m])
 
         # The shapes of what the branches carry, from one micro-batch traced through every piece (dead code to XLA).
         h0, c_emb0 = embed(0)
@@ -475,8 +471,8 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
         g_shared0 = merge_grads(pipe.embed_backward(cfg, dh1, c_emb0), g_top0)
         cache_arrays0, cache_static = packed0
 
-        def zeros(tree):  # gradient sums over the micro-batches: float32 at least (bfloat16's are summed wide)
-            return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32 if a.dtype == jnp.bfloat16 else a.dtype), tree)
+        def zeros(tree):  # gradient sums over the micro-batches
+            return jax.tree.map(lambda a: jnp.zeros(a.shape, _sum_dtype(a.dtype)), tree)
 
         init = (
             [None if a is None else jnp.zeros((K_cache,) + a.shape, a.dtype) for a in cache_arrays0],
@@ -546,6 +542,11 @@ def pipeline_value_and_grad(model: LanguageModel, mesh: jax.sharding.Mesh, sched
                          check_vma=False)  # (the branches of one tick vary over the stages by design)
 
 
+def _sum_dtype(dtype):
+    """A gradient sum's dtype: float32 at least (bfloat16's gradients are summed wide)."""
+    return jnp.float32 if dtype == jnp.bfloat16 else dtype
+
+
 def _accumulate(total, part):
     """``total + part``, leaf for leaf, in the sums' dtype; a dict ``part`` (gradients by field) adds to its fields."""
     if isinstance(part, dict):
@@ -568,6 +569,16 @@ def run_stage(pipe, cfg, blocks, h, i0):
         caches.append(keep(cfg.recompute, h_in, i0 + j, None, True, c))
         blks.append(blk)
     return h, pack(tuple(caches), blks), aux
+
+
+def run_top(pipe, cfg, params, h, y, share):
+    """The last stage's head, its cross-entropy on ``y`` and their backward, seeded with ``share`` (the micro-batch's
+    part of the batch's mean): ``(loss × share, dh, the head's gradients by field)``."""
+    logits, c_top = pipe.top_forward(cfg, params, h)
+    loss, c_ce = cross_entropy_forward(logits, y)
+    dlogits, _ = cross_entropy_backward(share.astype(logits.dtype), c_ce)
+    dh, g_top = pipe.top_backward(cfg, dlogits, c_top)
+    return loss * share.astype(loss.dtype), dh, g_top
 
 
 def run_stage_backward(pipe, cfg, blocks, caches, dh, lo: int = 0, hi: int | None = None):
@@ -647,11 +658,8 @@ def stage_programs(model: LanguageModel, stages: int, s: int, micro: int = 1) ->
         h, (arrays, static["caches"]), aux = run_stage(pipe, cfg, cp.blocks, h, s * Lp)
         if not last:
             return h, arrays, aux, None
-        logits, c_top = pipe.top_forward(cfg, cp, h)
-        loss, c_ce = cross_entropy_forward(logits, y)
-        dlogits, _ = cross_entropy_backward(share.astype(logits.dtype), c_ce)
-        dh, g_top = pipe.top_backward(cfg, dlogits, c_top)
-        return dh, arrays, aux + loss * share.astype(loss.dtype), g_top
+        loss, dh, g_top = run_top(pipe, cfg, cp, h, y, share)
+        return dh, arrays, aux + loss, g_top
 
     def backward(params, arrays, dh, x):
         cp = compute_params(params, cfg.precision)
@@ -663,14 +671,16 @@ def stage_programs(model: LanguageModel, stages: int, s: int, micro: int = 1) ->
     return StagePrograms(jax.jit(forward), jax.jit(backward))
 
 
-def _wide(tree):
-    """A gradient sum's first term: float32 at least (bfloat16's are summed wide, as the lockstep program's)."""
-    return jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, tree)
-
-
 @jax.jit
 def _add(total, part):
     return _accumulate(total, part)
+
+
+def _add_to(total, part):
+    """A gradient sum with ``part`` added (on ``part``'s device); ``total`` ``None``: the sum's first term."""
+    if total is None:
+        return jax.tree.map(lambda a: a.astype(_sum_dtype(a.dtype)), part)
+    return _add(total, part)
 
 
 def host_value_and_grad(model: LanguageModel, sched: Schedule, devices: Sequence | None = None) -> Callable:
@@ -708,8 +718,7 @@ def host_value_and_grad(model: LanguageModel, sched: Schedule, devices: Sequence
                              "n_layer blocks), got stacked blocks (pipeline.unstack_blocks gives them back)")
         if x.shape[0] % M:
             raise ValueError(f"pipeline: the micro-batches ({M}) must divide the batch's rows ({x.shape[0]})")
-        on = [jax.device_put(params._replace(blocks=jax.tree.map(lambda *a: jnp.stack(a),
-                                                                 *params.blocks[s * Lp:(s + 1) * Lp])), devices[s])
+        on = [jax.device_put(stack_blocks(params._replace(blocks=params.blocks[s * Lp:(s + 1) * Lp])), devices[s])
               for s in range(Pn)]
         xs = jax.device_put(x.reshape(M, -1, x.shape[1]), devices[0])
         ys = jax.device_put(y.reshape(M, -1, y.shape[1]), devices[-1])
@@ -731,15 +740,15 @@ def host_value_and_grad(model: LanguageModel, sched: Schedule, devices: Sequence
                     losses.append(loss)
                     if s == Pn - 1:
                         inbox[(s, BACKWARD, m)] = out
-                        g_ends["top"] = _wide(g_top) if "top" not in g_ends else _add(g_ends["top"], g_top)
+                        g_ends["top"] = _add_to(g_ends.get("top"), g_top)
                     else:
                         sent = inbox[(s + 1, kind, m)] = jax.device_put(out, devices[s + 1])
                 else:
                     out, dblocks, g_emb = programs[s].backward(on[s], held[s].pop(m), inbox.pop((s, kind, m)),
                                                                xs[m] if s == 0 else None)
-                    g_blocks[s] = _wide(dblocks) if g_blocks[s] is None else _add(g_blocks[s], dblocks)
+                    g_blocks[s] = _add_to(g_blocks[s], dblocks)
                     if s == 0:
-                        g_ends["emb"] = _wide(g_emb) if "emb" not in g_ends else _add(g_ends["emb"], g_emb)
+                        g_ends["emb"] = _add_to(g_ends.get("emb"), g_emb)
                     else:
                         sent = inbox[(s - 1, kind, m)] = jax.device_put(out, devices[s - 1])
                 if trace is not None:
@@ -749,9 +758,8 @@ def host_value_and_grad(model: LanguageModel, sched: Schedule, devices: Sequence
         home = devices[0]
         loss = sum(jax.device_put(v, home) for v in losses)
         shared = merge_grads(*(jax.device_put(g_ends[k], home) for k in ("emb", "top")))  # (a tied table's two, added)
-        blocks = tuple(jax.tree.map(lambda a, j=j: jax.device_put(a[j], home), g_blocks[s])
-                       for s in range(Pn) for j in range(Lp))
-        return loss, param_grads(params._replace(blocks=blocks, **shared), params)
+        blocks = tuple(b for g in g_blocks for b in unstack_blocks(params._replace(blocks=g), Lp).blocks)
+        return loss, param_grads(jax.device_put(params._replace(blocks=blocks, **shared), home), params)
 
     return value_and_grad
 

@@ -259,7 +259,7 @@ def test_the_host_driven_runtime_equals_one_device_per_tensor_and_holds_what_its
     assert jax.tree.structure(grads) == jax.tree.structure(params)
     # what one micro-batch's caches of a stage's blocks weigh, from shapes (the runtime's arrays are summed below)
     Lp, h = model.cfg.n_layer // P, jax.ShapeDtypeStruct((x.shape[0] // M, x.shape[1], model.cfg.n_embd), jnp.float64)
-    blocks = jax.tree.map(lambda *a: jnp.stack(a), *params.blocks[:Lp])
+    blocks = PP.stack_blocks(params._replace(blocks=params.blocks[:Lp])).blocks
     one = nbytes(jax.eval_shape(lambda b, h: PP.run_stage(model.pipe, model.cfg, b, h, 0)[1][0], blocks, h))
     assert [r["stage"] for r in trace] == [s for row in sched.table for s, a in enumerate(row) if a is not None]
     open_ = [0] * P
